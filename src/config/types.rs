@@ -1,0 +1,777 @@
+//! The configuration file's shape (SPEC §3), as serde types with their defaults.
+//!
+//! Every struct rejects unknown keys so that a typo fails `mediagate check` instead of
+//! silently falling back to a default. Values that need parsing beyond serde (addresses,
+//! port ranges, server references, durations) have their own small types here.
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Deserializer};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Admin HTTP API. Default: listen on 127.0.0.1:8086, no token.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Logging. Default: `info`, `text`.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Client-facing listeners, each forwarding to one upstream.
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    /// Named upstreams, in written order.
+    #[serde(default)]
+    pub upstreams: IndexMap<String, UpstreamConfig>,
+    /// The optional STUN/TURN service.
+    #[serde(default)]
+    pub turn: Option<TurnConfig>,
+    /// DNS and Kubernetes discovery settings.
+    #[serde(default)]
+    pub discovery: DiscoveryConfig,
+    /// Graceful shutdown.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+}
+
+/// `admin:` — the HTTP API with /metrics, /status and the POST endpoints.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Default `127.0.0.1:8086` (loopback: the API can change server states).
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// When set, POST endpoints need `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8086))
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+            token: None,
+        }
+    }
+}
+
+/// `log:` — level and format; `RUST_LOG` overrides the level.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Default `info`.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// Default `text`.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+fn default_log_level() -> String {
+    "info".to_string()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_log_level(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Transport of a listener.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// One entry of `listeners:`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Unique; used in metrics labels.
+    pub name: String,
+    pub protocol: Protocol,
+    /// `ip:port` or `ip:first-last`.
+    pub listen: ListenAddr,
+    /// Name of an entry of `upstreams:`.
+    pub upstream: String,
+    /// UDP session limits. Default: 60s idle timeout, 100000 sessions.
+    #[serde(default)]
+    pub session: SessionConfig,
+}
+
+/// `listeners[].session:`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    /// UDP: a session with no packet either way for this long is removed. Default 60s.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Dur,
+    /// New sessions beyond this are dropped and counted. Default 100000.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+}
+
+fn default_idle_timeout() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+fn default_max_sessions() -> usize {
+    100_000
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            idle_timeout: default_idle_timeout(),
+            max_sessions: default_max_sessions(),
+        }
+    }
+}
+
+/// A listen address: one IP and an inclusive port range (a single port is `first == last`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ListenAddr {
+    pub ip: IpAddr,
+    pub first_port: u16,
+    pub last_port: u16,
+}
+
+impl ListenAddr {
+    /// Every socket address this listener binds, in port order.
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        (self.first_port..=self.last_port).map(move |p| SocketAddr::new(self.ip, p))
+    }
+
+    /// Whether the two listen addresses share a port on an overlapping IP.
+    pub fn overlaps(&self, other: &ListenAddr) -> bool {
+        let ips_overlap = self.ip == other.ip || self.ip.is_unspecified() || other.ip.is_unspecified();
+        ips_overlap && self.first_port <= other.last_port && other.first_port <= self.last_port
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ip = match self.ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        };
+        if self.first_port == self.last_port {
+            write!(f, "{ip}:{}", self.first_port)
+        } else {
+            write!(f, "{ip}:{}-{}", self.first_port, self.last_port)
+        }
+    }
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid listen address {s:?} (expected ip:port or ip:first-last)");
+        let (ip_part, port_part) = s.rsplit_once(':').ok_or_else(bad)?;
+        let ip_part = ip_part
+            .strip_prefix('[')
+            .and_then(|p| p.strip_suffix(']'))
+            .unwrap_or(ip_part);
+        let ip: IpAddr = ip_part.parse().map_err(|_| bad())?;
+        let parse_port = |p: &str| -> Result<u16, String> {
+            match p.parse::<u16>() {
+                Ok(0) | Err(_) => Err(format!("invalid port {p:?} in listen address {s:?}")),
+                Ok(n) => Ok(n),
+            }
+        };
+        let (first_port, last_port) = match port_part.split_once('-') {
+            Some((a, b)) => (parse_port(a)?, parse_port(b)?),
+            None => {
+                let p = parse_port(port_part)?;
+                (p, p)
+            }
+        };
+        if first_port > last_port {
+            return Err(format!(
+                "invalid port range {port_part:?} in listen address {s:?} (first port above last)"
+            ));
+        }
+        Ok(ListenAddr {
+            ip,
+            first_port,
+            last_port,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Selection policy within the active tier (SPEC §4).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Strict active-passive: the single first eligible server.
+    #[default]
+    First,
+    /// Rendezvous hashing of the client IP over the first tier with an eligible server.
+    Hash,
+    RoundRobin,
+    LeastSessions,
+}
+
+impl Balance {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Balance::First => "first",
+            Balance::Hash => "hash",
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastSessions => "least_sessions",
+        }
+    }
+}
+
+/// What happens when a higher-priority server becomes eligible again (SPEC §4).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Failback {
+    /// New sessions go to the recovered server; existing ones stay.
+    #[default]
+    NewSessions,
+    /// Existing sessions move back too.
+    All,
+    /// Nothing moves until `POST /upstreams/NAME/failback` or the server in use fails.
+    Manual,
+}
+
+impl Failback {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Failback::NewSessions => "new-sessions",
+            Failback::All => "all",
+            Failback::Manual => "manual",
+        }
+    }
+}
+
+/// One entry of `upstreams:`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    #[serde(default)]
+    pub primary: Vec<ServerRef>,
+    #[serde(default)]
+    pub backup: Vec<ServerRef>,
+    /// Default `first`.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Default `new-sessions`.
+    #[serde(default)]
+    pub failback: Failback,
+    /// A recovered server must stay up this long before it is used again. Default 0s.
+    #[serde(default)]
+    pub failback_delay: Dur,
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// ICMP unreachable / connection refused marks a server down at once. Default true.
+    #[serde(default = "default_true")]
+    pub passive: bool,
+    /// TCP connect timeout; a timeout is a passive failure. Default 1s.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Needed by `node/NAME` and `node/*` servers.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesRef>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_connect_timeout() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+
+/// `upstreams.NAME.kubernetes:` — the Service whose endpoints `node/…` servers refer to.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesRef {
+    pub namespace: String,
+    pub service: String,
+    /// Port to send traffic to; default: the listener's port.
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+/// Kind of active health probe.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthType {
+    /// TCP connect.
+    #[default]
+    Tcp,
+    /// Send `send`, expect a reply containing `expect`.
+    Udp,
+    /// RFC 5389 Binding request.
+    Stun,
+    /// GET `path`, expect `expect_status`.
+    Http,
+    /// Passive signals and discovery readiness only.
+    None,
+}
+
+impl HealthType {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HealthType::Tcp => "tcp",
+            HealthType::Udp => "udp",
+            HealthType::Stun => "stun",
+            HealthType::Http => "http",
+            HealthType::None => "none",
+        }
+    }
+}
+
+/// `upstreams.NAME.health:` (SPEC §5).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Default `tcp`.
+    #[serde(rename = "type", default)]
+    pub kind: HealthType,
+    /// Default 1s.
+    #[serde(default = "default_interval")]
+    pub interval: Dur,
+    /// Default 500ms; must not exceed `interval`.
+    #[serde(default = "default_timeout")]
+    pub timeout: Dur,
+    /// Failed probes in a row that mark a server down. Default 1 (zero tolerance).
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// Good probes in a row that bring a server back. Default 2.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Probe this port of the server's host instead of the traffic port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// http: request path. Default `/`.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// http: expected status. Default 200.
+    #[serde(default = "default_expect_status")]
+    pub expect_status: u16,
+    /// udp: payload to send. Default `ping`.
+    #[serde(default = "default_send")]
+    pub send: String,
+    /// udp: the reply must contain this; default: any reply.
+    #[serde(default)]
+    pub expect: Option<String>,
+}
+
+fn default_interval() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_timeout() -> Dur {
+    Dur(Duration::from_millis(500))
+}
+fn default_fall() -> u32 {
+    1
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_path() -> String {
+    "/".to_string()
+}
+fn default_expect_status() -> u16 {
+    200
+}
+fn default_send() -> String {
+    "ping".to_string()
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            kind: HealthType::default(),
+            interval: default_interval(),
+            timeout: default_timeout(),
+            fall: default_fall(),
+            rise: default_rise(),
+            port: None,
+            path: default_path(),
+            expect_status: default_expect_status(),
+            send: default_send(),
+            expect: None,
+        }
+    }
+}
+
+/// A server as written in a `primary` / `backup` list.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ServerRef {
+    /// `10.0.0.1:5004` or `[fd00::1]:5004`.
+    Static(SocketAddr),
+    /// `10.0.0.1`: the port is the listener's (or each port of its range).
+    StaticIp(IpAddr),
+    /// `janus.media.svc.cluster.local:5004` or a bare host name.
+    Dns { host: String, port: Option<u16> },
+    /// `node/NAME`: the ready endpoint on that node.
+    Node(String),
+    /// `node/*`: every other node with an endpoint, sorted by node name.
+    AllNodes,
+}
+
+impl fmt::Display for ServerRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerRef::Static(a) => write!(f, "{a}"),
+            ServerRef::StaticIp(ip) => write!(f, "{ip}"),
+            ServerRef::Dns {
+                host,
+                port: Some(p),
+            } => write!(f, "{host}:{p}"),
+            ServerRef::Dns { host, port: None } => write!(f, "{host}"),
+            ServerRef::Node(n) => write!(f, "node/{n}"),
+            ServerRef::AllNodes => write!(f, "node/*"),
+        }
+    }
+}
+
+impl std::str::FromStr for ServerRef {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("empty server address".to_string());
+        }
+        if let Some(node) = s.strip_prefix("node/") {
+            return match node {
+                "*" => Ok(ServerRef::AllNodes),
+                "" => Err(format!("invalid server {s:?}: node name missing")),
+                n if n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') => {
+                    Ok(ServerRef::Node(n.to_string()))
+                }
+                _ => Err(format!("invalid server {s:?}: bad node name")),
+            };
+        }
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            if sa.port() == 0 {
+                return Err(format!("invalid server {s:?}: port 0"));
+            }
+            return Ok(ServerRef::Static(sa));
+        }
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(ServerRef::StaticIp(ip));
+        }
+        let (host, port) = match s.rsplit_once(':') {
+            Some((h, p)) => match p.parse::<u16>() {
+                Ok(0) | Err(_) => return Err(format!("invalid server {s:?}: bad port {p:?}")),
+                Ok(n) => (h, Some(n)),
+            },
+            None => (s, None),
+        };
+        let host_ok = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            })
+            // A name made only of digits and dots is a mistyped IP address, not a host name.
+            && !host.chars().all(|c| c.is_ascii_digit() || c == '.');
+        if !host_ok {
+            return Err(format!("invalid server address {s:?}"));
+        }
+        Ok(ServerRef::Dns {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for ServerRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A duration written as `250ms`, `5s`, `2m` (humantime).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim())
+            .map(Dur)
+            .map_err(|_| serde::de::Error::custom(format!("invalid duration {s:?}")))
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+/// `turn:` — the gateway's own STUN/TURN service (SPEC §7).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TurnConfig {
+    /// Default `mediagate`.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+    /// Advertised in ICE configurations; an IP or a host name.
+    pub public_address: String,
+    pub listeners: Vec<TurnListenerConfig>,
+    pub auth: TurnAuthConfig,
+    #[serde(default)]
+    pub relay: RelayConfig,
+    #[serde(default)]
+    pub quota: QuotaConfig,
+}
+
+fn default_realm() -> String {
+    "mediagate".to_string()
+}
+
+/// `turn.listeners[]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TurnListenerConfig {
+    pub protocol: Protocol,
+    pub listen: SocketAddr,
+}
+
+/// `turn.auth.type`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TurnAuthType {
+    Static,
+    Ephemeral,
+}
+
+/// `turn.auth:`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TurnAuthConfig {
+    #[serde(rename = "type")]
+    pub kind: TurnAuthType,
+    /// ephemeral: shared secret (coturn `static-auth-secret`).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// ephemeral: lifetime of credentials handed out by /ice. Default 24h.
+    #[serde(default = "default_ttl")]
+    pub ttl: Dur,
+    /// static: the users.
+    #[serde(default)]
+    pub users: Vec<TurnUser>,
+}
+
+fn default_ttl() -> Dur {
+    Dur(Duration::from_secs(24 * 3600))
+}
+
+/// `turn.auth.users[]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TurnUser {
+    pub username: String,
+    pub password: String,
+}
+
+/// `turn.relay:`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Where relay sockets bind. Default 0.0.0.0.
+    #[serde(default = "default_relay_address")]
+    pub address: IpAddr,
+    /// Default 49152-65535.
+    #[serde(default = "default_port_range")]
+    pub port_range: PortRange,
+    /// `upstreams`, `self`, or CIDRs. Default `[upstreams]`.
+    #[serde(default = "default_peers")]
+    pub peers: Vec<String>,
+}
+
+fn default_relay_address() -> IpAddr {
+    IpAddr::from([0, 0, 0, 0])
+}
+fn default_port_range() -> PortRange {
+    PortRange {
+        first: 49152,
+        last: 65535,
+    }
+}
+fn default_peers() -> Vec<String> {
+    vec!["upstreams".to_string()]
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            address: default_relay_address(),
+            port_range: default_port_range(),
+            peers: default_peers(),
+        }
+    }
+}
+
+/// An inclusive port range `first-last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid port range {s:?} (expected first-last)");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let first: u16 = a.trim().parse().map_err(|_| bad())?;
+        let last: u16 = b.trim().parse().map_err(|_| bad())?;
+        if first == 0 || first > last {
+            return Err(bad());
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `turn.quota:`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// Default 10.
+    #[serde(default = "default_allocations_per_user")]
+    pub allocations_per_user: usize,
+}
+
+fn default_allocations_per_user() -> usize {
+    10
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig {
+            allocations_per_user: default_allocations_per_user(),
+        }
+    }
+}
+
+/// `discovery:`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    #[serde(default)]
+    pub dns: DnsConfig,
+    #[serde(default)]
+    pub kubernetes: KubernetesDiscoveryConfig,
+}
+
+/// `discovery.dns:`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Default: the system resolver.
+    #[serde(default)]
+    pub nameservers: Vec<SocketAddr>,
+    /// Default 1s.
+    #[serde(default = "default_min_ttl")]
+    pub min_ttl: Dur,
+    /// Default 30s.
+    #[serde(default = "default_max_ttl")]
+    pub max_ttl: Dur,
+}
+
+fn default_min_ttl() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_max_ttl() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            min_ttl: default_min_ttl(),
+            max_ttl: default_max_ttl(),
+        }
+    }
+}
+
+/// `discovery.kubernetes:`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesDiscoveryConfig {
+    /// Default false. In-cluster config, else KUBECONFIG.
+    #[serde(default)]
+    pub enabled: bool,
+}
+
+/// `shutdown:`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Default 30s.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Dur,
+}
+
+fn default_drain_timeout() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Placeholder: semantic checks of SPEC §3.

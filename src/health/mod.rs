@@ -1,0 +1,117 @@
+//! Health probing (SPEC §5): the probe trait, one file per probe type, the per-server
+//! state machine (`state`), and the prober task that runs a probe on its own timer.
+//!
+//! A probe answers one question — is this target healthy right now? — and knows nothing
+//! about fall/rise, timers or failover. The caller bounds every probe with the configured
+//! `timeout`, so a probe may simply wait.
+
+pub mod http;
+pub mod prober;
+pub mod state;
+pub mod stun;
+pub mod tcp;
+pub mod udp;
+
+use crate::config::{HealthConfig, HealthType};
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+/// Why a server was marked down (or left the active set). The strings are the
+/// `reason` label values of SPEC §10.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    ProbeFailed,
+    ProbeTimeout,
+    IcmpUnreachable,
+    ConnectRefused,
+    ConnectTimeout,
+    EndpointNotReady,
+    NodeNotReady,
+    Admin,
+    Removed,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 9] = [
+        Reason::ProbeFailed,
+        Reason::ProbeTimeout,
+        Reason::IcmpUnreachable,
+        Reason::ConnectRefused,
+        Reason::ConnectTimeout,
+        Reason::EndpointNotReady,
+        Reason::NodeNotReady,
+        Reason::Admin,
+        Reason::Removed,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Reason::ProbeFailed => "probe_failed",
+            Reason::ProbeTimeout => "probe_timeout",
+            Reason::IcmpUnreachable => "icmp_unreachable",
+            Reason::ConnectRefused => "connect_refused",
+            Reason::ConnectTimeout => "connect_timeout",
+            Reason::EndpointNotReady => "endpoint_not_ready",
+            Reason::NodeNotReady => "node_not_ready",
+            Reason::Admin => "admin",
+            Reason::Removed => "removed",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed probe: the label-friendly reason plus a human-readable detail for `/status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeError {
+    pub reason: Reason,
+    pub detail: String,
+}
+
+impl ProbeError {
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        ProbeError {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason, self.detail)
+    }
+}
+
+/// Boxed future returned by [`HealthCheck::check`].
+pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ProbeError>> + Send + 'a>>;
+
+/// One kind of active probe. Implementations hold their settings (path, payload…) and
+/// probe whatever target they are given; the prober applies the timeout.
+pub trait HealthCheck: Send + Sync {
+    /// Probe `target` once.
+    fn check(&self, target: SocketAddr) -> CheckFuture<'_>;
+}
+
+/// Builds the probe the configuration asks for; `None` for `type: none`.
+pub fn build(cfg: &HealthConfig) -> Option<Box<dyn HealthCheck>> {
+    match cfg.kind {
+        HealthType::Tcp => Some(Box::new(tcp::TcpCheck)),
+        HealthType::Udp => Some(Box::new(udp::UdpCheck::new(
+            cfg.send.clone().into_bytes(),
+            cfg.expect.clone().map(String::into_bytes),
+        ))),
+        HealthType::Stun => Some(Box::new(stun::StunCheck)),
+        HealthType::Http => Some(Box::new(http::HttpCheck::new(
+            cfg.path.clone(),
+            cfg.expect_status,
+        ))),
+        HealthType::None => None,
+    }
+}

@@ -1,0 +1,1 @@
+//! Per-server health state machine (fall/rise). 

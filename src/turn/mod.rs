@@ -1,0 +1,1 @@
+//! STUN/TURN service (SPEC §7).

@@ -9,3 +9,5 @@
 pub mod config;
 pub mod health;
 pub mod turn;
+pub mod metrics;
+pub mod upstream;

@@ -1,0 +1,230 @@
+//! Prometheus metrics (SPEC §10) on one prometheus-client registry.
+//!
+//! Label values are resolved once, when a listener or server is created: the data plane
+//! holds plain `Counter`/`Gauge` handles (one atomic each) and never builds a label set
+//! per packet.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A label set: `[("listener", "janus-rtp"), ...]`.
+pub type Labels = Vec<(String, String)>;
+
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn detection_histogram() -> Histogram {
+    Histogram::new([
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0,
+    ])
+}
+
+/// Builds a label set from pairs.
+pub fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The child of `family` for `labels`, cloned. Going through this function matters:
+/// `get_or_create` returns a read guard, and a guard kept alive until the end of a longer
+/// expression deadlocks the next insert into the same family.
+pub fn child<M, C>(family: &Family<Labels, M, C>, labels: &Labels) -> M
+where
+    M: Clone + prometheus_client::metrics::TypedMetric,
+    C: prometheus_client::metrics::family::MetricConstructor<M>,
+{
+    family.get_or_create(labels).clone()
+}
+
+/// Every metric family of the process.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Mutex<Registry>>,
+    pub server_up: Family<Labels, Gauge>,
+    pub upstream_active: Family<Labels, Gauge>,
+    pub failovers: Family<Labels, Counter>,
+    pub failbacks: Family<Labels, Counter>,
+    pub detection: HistogramFamily,
+    pub probes: Family<Labels, Counter>,
+    pub sessions: Family<Labels, Gauge>,
+    pub sessions_created: Family<Labels, Counter>,
+    pub sessions_migrated: Family<Labels, Counter>,
+    pub sessions_rejected: Family<Labels, Counter>,
+    pub packets: Family<Labels, Counter>,
+    pub bytes: Family<Labels, Counter>,
+    pub dropped: Family<Labels, Counter>,
+    pub config_reloads: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let build_info = Family::<Labels, Gauge>::default();
+        r.register(
+            "mediagate_build_info",
+            "Build information",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION"))]))
+            .set(1);
+
+        macro_rules! fam {
+            ($name:literal, $help:literal) => {{
+                let f = Family::default();
+                r.register($name, $help, f.clone());
+                f
+            }};
+        }
+        let detection = HistogramFamily::new_with_constructor(detection_histogram);
+        r.register(
+            "mediagate_failover_detection_seconds",
+            "Time from a failed server's last good probe or packet to it being marked down",
+            detection.clone(),
+        );
+        let server_up = fam!("mediagate_server_up", "1 when the server is healthy");
+        let upstream_active = fam!(
+                "mediagate_upstream_active",
+                "1 when the server is in its upstream's active set"
+            );
+        let failovers = fam!("mediagate_failovers", "Failovers, by upstream and reason");
+        let failbacks = fam!("mediagate_failbacks", "Failbacks, by upstream");
+        let probes = fam!("mediagate_probes", "Health probes, by result");
+        let sessions = fam!("mediagate_sessions", "Live sessions, by listener");
+        let sessions_created = fam!("mediagate_sessions_created", "Sessions created");
+        let sessions_migrated = fam!(
+                "mediagate_sessions_migrated",
+                "Sessions moved to another server"
+            );
+        let sessions_rejected = fam!(
+                "mediagate_sessions_rejected",
+                "Sessions refused, by reason"
+            );
+        let packets = fam!("mediagate_packets", "Datagrams forwarded, by direction");
+        let bytes = fam!("mediagate_bytes", "Bytes forwarded, by direction");
+        let dropped = fam!("mediagate_dropped_packets", "Datagrams dropped, by reason");
+        let config_reloads = fam!(
+                "mediagate_config_reloads",
+                "Configuration reloads, by result"
+            );
+        Metrics {
+            registry: Arc::new(Mutex::new(r)),
+            server_up,
+            upstream_active,
+            failovers,
+            failbacks,
+            detection,
+            probes,
+            sessions,
+            sessions_created,
+            sessions_migrated,
+            sessions_rejected,
+            packets,
+            bytes,
+            dropped,
+            config_reloads,
+        }
+    }
+
+    /// The registry, for subsystems that register their own families (TURN).
+    pub fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry());
+        out
+    }
+
+    /// Handles for one listener.
+    pub fn listener(&self, name: &str) -> ListenerMetrics {
+        let l = |extra: &[(&str, &str)]| {
+            let mut v = labels(&[("listener", name)]);
+            v.extend(labels(extra));
+            v
+        };
+        let dropped = |reason| child(&self.dropped, &l(&[("reason", reason)]));
+        let rejected = |reason| child(&self.sessions_rejected, &l(&[("reason", reason)]));
+        let packets = |direction| child(&self.packets, &l(&[("direction", direction)]));
+        let bytes = |direction| child(&self.bytes, &l(&[("direction", direction)]));
+        ListenerMetrics {
+            sessions: child(&self.sessions, &l(&[])),
+            created: child(&self.sessions_created, &l(&[])),
+            packets_to_server: packets("to_server"),
+            packets_to_client: packets("to_client"),
+            bytes_to_server: bytes("to_server"),
+            bytes_to_client: bytes("to_client"),
+            dropped_no_server: dropped("no_server"),
+            dropped_max_sessions: dropped("max_sessions"),
+            dropped_draining: dropped("draining"),
+            dropped_send_error: dropped("send_error"),
+            dropped_stale_server: dropped("stale_server"),
+            rejected_no_server: rejected("no_server"),
+            rejected_max_sessions: rejected("max_sessions"),
+            rejected_draining: rejected("draining"),
+        }
+    }
+}
+
+/// Per-listener handles, resolved once.
+#[derive(Clone, Debug)]
+pub struct ListenerMetrics {
+    pub sessions: Gauge,
+    pub created: Counter,
+    pub packets_to_server: Counter,
+    pub packets_to_client: Counter,
+    pub bytes_to_server: Counter,
+    pub bytes_to_client: Counter,
+    pub dropped_no_server: Counter,
+    pub dropped_max_sessions: Counter,
+    pub dropped_draining: Counter,
+    pub dropped_send_error: Counter,
+    /// Replies from a server the session has already left.
+    pub dropped_stale_server: Counter,
+    pub rejected_no_server: Counter,
+    pub rejected_max_sessions: Counter,
+    pub rejected_draining: Counter,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_spec_names() {
+        let m = Metrics::new();
+        let l = m.listener("rtp");
+        l.packets_to_server.inc();
+        m.failovers
+            .get_or_create(&labels(&[("upstream", "u"), ("reason", "probe_timeout")]))
+            .inc();
+        m.detection
+            .get_or_create(&labels(&[("upstream", "u")]))
+            .observe(0.1);
+        let text = m.encode();
+        for name in [
+            "mediagate_build_info{version=",
+            "mediagate_packets_total{listener=\"rtp\",direction=\"to_server\"} 1",
+            "mediagate_failovers_total{upstream=\"u\",reason=\"probe_timeout\"} 1",
+            "mediagate_failover_detection_seconds_bucket",
+            "mediagate_dropped_packets_total{listener=\"rtp\",reason=\"no_server\"} 0",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

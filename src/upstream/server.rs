@@ -1,0 +1,148 @@
+//! [`ServerHandle`]: what the data plane knows about one server, shared between every
+//! session pinned to it and the control plane.
+//!
+//! Moving sessions off a server is one atomic increment (`evict`): each UDP session
+//! remembers the epoch it was pinned under and re-pins on its next datagram when the epoch
+//! moved; each TCP connection waits on the cancellation token of its epoch.
+
+use arc_swap::ArcSwap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use tokio_util::sync::CancellationToken;
+
+/// Position of a server in its upstream's list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Primary,
+    Backup,
+}
+
+impl Tier {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Tier::Primary => "primary",
+            Tier::Backup => "backup",
+        }
+    }
+}
+
+/// One server of one upstream, as the data plane sees it.
+#[derive(Debug)]
+pub struct ServerHandle {
+    /// The server's IP.
+    pub ip: IpAddr,
+    /// Explicit port; `None` means "the port the client used" (listener port or range).
+    pub port: Option<u16>,
+    /// `ip:port` as shown in `/status` and metric labels (port-less servers show the
+    /// upstream's first listener port).
+    pub label: String,
+    pub tier: Tier,
+    sessions: AtomicUsize,
+    epoch: AtomicU64,
+    token: ArcSwap<CancellationToken>,
+    passive_reported: AtomicBool,
+}
+
+impl ServerHandle {
+    pub fn new(ip: IpAddr, port: Option<u16>, label_port: u16, tier: Tier) -> Self {
+        let label = SocketAddr::new(ip, port.unwrap_or(label_port)).to_string();
+        ServerHandle {
+            ip,
+            port,
+            label,
+            tier,
+            sessions: AtomicUsize::new(0),
+            epoch: AtomicU64::new(0),
+            token: ArcSwap::from_pointee(CancellationToken::new()),
+            passive_reported: AtomicBool::new(false),
+        }
+    }
+
+    /// Where a datagram or connection that arrived on `local_port` goes.
+    #[inline]
+    pub fn dest(&self, local_port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip, self.port.unwrap_or(local_port))
+    }
+
+    /// Current eviction epoch; a session pinned under an older epoch must move.
+    #[inline]
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Token cancelled when the sessions pinned now must leave (TCP connections wait on it).
+    pub fn eviction_token(&self) -> CancellationToken {
+        (**self.token.load()).clone()
+    }
+
+    /// Moves every session off this server: bumps the epoch and cancels the token.
+    pub fn evict(&self) {
+        let old = self.token.swap(Arc::new(CancellationToken::new()));
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        old.cancel();
+    }
+
+    /// Live sessions pinned here.
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    pub fn session_opened(&self) {
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn session_closed(&self) {
+        // Saturating: a close can never push the gauge below zero.
+        let _ = self
+            .sessions
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(1)));
+    }
+
+    /// True for the first caller after the server was last healthy: lets a burst of
+    /// refused datagrams send one passive signal, not thousands.
+    pub fn claim_passive_report(&self) -> bool {
+        !self.passive_reported.swap(true, Ordering::AcqRel)
+    }
+
+    /// Re-arms passive reporting (the control plane calls it when the server is back up).
+    pub fn rearm_passive_report(&self) {
+        self.passive_reported.store(false, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evict_moves_epoch_and_cancels_only_old_token() {
+        let s = ServerHandle::new("10.0.0.1".parse().unwrap(), None, 5004, Tier::Primary);
+        assert_eq!(s.label, "10.0.0.1:5004");
+        assert_eq!(s.dest(5006), "10.0.0.1:5006".parse().unwrap());
+        let t = s.eviction_token();
+        let e = s.epoch();
+        s.evict();
+        assert!(t.is_cancelled());
+        assert_ne!(s.epoch(), e);
+        assert!(!s.eviction_token().is_cancelled());
+    }
+
+    #[test]
+    fn passive_report_is_claimed_once() {
+        let s = ServerHandle::new("10.0.0.1".parse().unwrap(), Some(1), 1, Tier::Backup);
+        assert!(s.claim_passive_report());
+        assert!(!s.claim_passive_report());
+        s.rearm_passive_report();
+        assert!(s.claim_passive_report());
+    }
+
+    #[test]
+    fn session_count_never_underflows() {
+        let s = ServerHandle::new("10.0.0.1".parse().unwrap(), Some(1), 1, Tier::Backup);
+        s.session_closed();
+        assert_eq!(s.sessions(), 0);
+        s.session_opened();
+        assert_eq!(s.sessions(), 1);
+    }
+}

@@ -7,6 +7,9 @@ pub mod types;
 pub mod validate;
 mod yaml;
 
+#[cfg(test)]
+mod tests;
+
 pub use load::{ConfigError, ConfigErrors, load_file, load_str, load_str_with_env};
 pub use types::*;
 pub use validate::{Issue, validate};

@@ -1,9 +1,15 @@
 //! Configuration: the file's types (`types`), loading with `${VAR}` expansion and
-//! positions (`load`), and the semantic checks of SPEC §3 (`validate`).
+//! positions (`load`, over the positioned YAML tree of `yaml`), and the semantic checks
+//! of SPEC §3 (`validate`).
 
 pub mod load;
 pub mod types;
 pub mod validate;
+mod yaml;
 
-pub use load::{load_file, load_str, ConfigError, ConfigErrors};
+#[cfg(test)]
+mod tests;
+
+pub use load::{ConfigError, ConfigErrors, load_file, load_str, load_str_with_env};
 pub use types::*;
+pub use validate::{Issue, validate};

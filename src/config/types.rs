@@ -91,8 +91,10 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// Human-readable lines (the default).
     #[default]
     Text,
+    /// One JSON object per line, for log collectors.
     Json,
 }
 
@@ -100,7 +102,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    /// Each accepted connection is a session.
     Tcp,
+    /// Each client `ip:port` is a session.
     Udp,
 }
 
@@ -117,12 +121,13 @@ impl fmt::Display for Protocol {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
-    /// Unique; used in metrics labels.
+    /// Required, unique; letters, digits, `.`, `-`, `_` (used in metrics labels).
     pub name: String,
+    /// Required: `tcp` or `udp`.
     pub protocol: Protocol,
-    /// `ip:port` or `ip:first-last`.
+    /// Required: `ip:port` or `ip:first-last`.
     pub listen: ListenAddr,
-    /// Name of an entry of `upstreams:`.
+    /// Required: name of an entry of `upstreams:`.
     pub upstream: String,
     /// UDP session limits. Default: 60s idle timeout, 100000 sessions.
     #[serde(default)]
@@ -160,8 +165,11 @@ impl Default for SessionConfig {
 /// A listen address: one IP and an inclusive port range (a single port is `first == last`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ListenAddr {
+    /// Address to bind; `0.0.0.0` / `::` overlap every address of the host.
     pub ip: IpAddr,
+    /// First port of the range (never 0).
     pub first_port: u16,
+    /// Last port, inclusive (`>= first_port`).
     pub last_port: u16,
 }
 
@@ -173,7 +181,8 @@ impl ListenAddr {
 
     /// Whether the two listen addresses share a port on an overlapping IP.
     pub fn overlaps(&self, other: &ListenAddr) -> bool {
-        let ips_overlap = self.ip == other.ip || self.ip.is_unspecified() || other.ip.is_unspecified();
+        let ips_overlap =
+            self.ip == other.ip || self.ip.is_unspecified() || other.ip.is_unspecified();
         ips_overlap && self.first_port <= other.last_port && other.first_port <= self.last_port
     }
 }
@@ -244,11 +253,14 @@ pub enum Balance {
     First,
     /// Rendezvous hashing of the client IP over the first tier with an eligible server.
     Hash,
+    /// Rotate over the eligible servers of the first tier that has one.
     RoundRobin,
+    /// The eligible server of the first tier with the fewest sessions.
     LeastSessions,
 }
 
 impl Balance {
+    /// The name as written in the file.
     pub fn as_str(&self) -> &'static str {
         match self {
             Balance::First => "first",
@@ -273,6 +285,7 @@ pub enum Failback {
 }
 
 impl Failback {
+    /// The name as written in the file.
     pub fn as_str(&self) -> &'static str {
         match self {
             Failback::NewSessions => "new-sessions",
@@ -286,8 +299,10 @@ impl Failback {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
+    /// Preferred servers, in order. Default empty (but primary + backup must not be).
     #[serde(default)]
     pub primary: Vec<ServerRef>,
+    /// Used when no primary server is eligible, in order. Default empty.
     #[serde(default)]
     pub backup: Vec<ServerRef>,
     /// Default `first`.
@@ -299,6 +314,7 @@ pub struct UpstreamConfig {
     /// A recovered server must stay up this long before it is used again. Default 0s.
     #[serde(default)]
     pub failback_delay: Dur,
+    /// Active probing. Default: `tcp` every 1s, timeout 500ms, fall 1, rise 2.
     #[serde(default)]
     pub health: HealthConfig,
     /// ICMP unreachable / connection refused marks a server down at once. Default true.
@@ -307,7 +323,7 @@ pub struct UpstreamConfig {
     /// TCP connect timeout; a timeout is a passive failure. Default 1s.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Dur,
-    /// Needed by `node/NAME` and `node/*` servers.
+    /// Needed by `node/NAME` and `node/*` servers. Default none.
     #[serde(default)]
     pub kubernetes: Option<KubernetesRef>,
 }
@@ -323,7 +339,9 @@ fn default_connect_timeout() -> Dur {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesRef {
+    /// Required: namespace of the Service.
     pub namespace: String,
+    /// Required: the Service whose EndpointSlices list the workers.
     pub service: String,
     /// Port to send traffic to; default: the listener's port.
     #[serde(default)]
@@ -348,6 +366,7 @@ pub enum HealthType {
 }
 
 impl HealthType {
+    /// The name as written in the file.
     pub fn as_str(&self) -> &'static str {
         match self {
             HealthType::Tcp => "tcp",
@@ -378,7 +397,7 @@ pub struct HealthConfig {
     /// Good probes in a row that bring a server back. Default 2.
     #[serde(default = "default_rise")]
     pub rise: u32,
-    /// Probe this port of the server's host instead of the traffic port.
+    /// Probe this port of the server's host instead of the traffic port. Default none.
     #[serde(default)]
     pub port: Option<u16>,
     /// http: request path. Default `/`.
@@ -476,7 +495,10 @@ impl std::str::FromStr for ServerRef {
             return match node {
                 "*" => Ok(ServerRef::AllNodes),
                 "" => Err(format!("invalid server {s:?}: node name missing")),
-                n if n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') => {
+                n if n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') =>
+                {
                     Ok(ServerRef::Node(n.to_string()))
                 }
                 _ => Err(format!("invalid server {s:?}: bad node name")),
@@ -488,7 +510,11 @@ impl std::str::FromStr for ServerRef {
             }
             return Ok(ServerRef::Static(sa));
         }
-        if let Ok(ip) = s.parse::<IpAddr>() {
+        let unbracketed = s
+            .strip_prefix('[')
+            .and_then(|r| r.strip_suffix(']'))
+            .unwrap_or(s);
+        if let Ok(ip) = unbracketed.parse::<IpAddr>() {
             return Ok(ServerRef::StaticIp(ip));
         }
         let (host, port) = match s.rsplit_once(':') {
@@ -531,6 +557,7 @@ impl<'de> Deserialize<'de> for ServerRef {
 pub struct Dur(pub Duration);
 
 impl Dur {
+    /// The duration itself.
     pub fn get(self) -> Duration {
         self.0
     }
@@ -558,12 +585,16 @@ pub struct TurnConfig {
     /// Default `mediagate`.
     #[serde(default = "default_realm")]
     pub realm: String,
-    /// Advertised in ICE configurations; an IP or a host name.
+    /// Required: advertised in ICE configurations; an IP or a host name, no port.
     pub public_address: String,
+    /// Required, at least one.
     pub listeners: Vec<TurnListenerConfig>,
+    /// Required.
     pub auth: TurnAuthConfig,
+    /// Default: bind 0.0.0.0, ports 49152-65535, peers `[upstreams]`.
     #[serde(default)]
     pub relay: RelayConfig,
+    /// Default: 10 allocations per user.
     #[serde(default)]
     pub quota: QuotaConfig,
 }
@@ -576,7 +607,9 @@ fn default_realm() -> String {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TurnListenerConfig {
+    /// Required: `udp` or `tcp`.
     pub protocol: Protocol,
+    /// Required: `ip:port`.
     pub listen: SocketAddr,
 }
 
@@ -584,7 +617,9 @@ pub struct TurnListenerConfig {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum TurnAuthType {
+    /// Fixed long-term credentials from `users`.
     Static,
+    /// TURN REST API credentials derived from `secret`.
     Ephemeral,
 }
 
@@ -592,15 +627,16 @@ pub enum TurnAuthType {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TurnAuthConfig {
+    /// Required: `static` or `ephemeral`.
     #[serde(rename = "type")]
     pub kind: TurnAuthType,
-    /// ephemeral: shared secret (coturn `static-auth-secret`).
+    /// ephemeral: shared secret (coturn `static-auth-secret`). Default none.
     #[serde(default)]
     pub secret: Option<String>,
     /// ephemeral: lifetime of credentials handed out by /ice. Default 24h.
     #[serde(default = "default_ttl")]
     pub ttl: Dur,
-    /// static: the users.
+    /// static: the users. Default empty.
     #[serde(default)]
     pub users: Vec<TurnUser>,
 }
@@ -613,7 +649,9 @@ fn default_ttl() -> Dur {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TurnUser {
+    /// Required, non-empty, unique.
     pub username: String,
+    /// Required, non-empty.
     pub password: String,
 }
 
@@ -658,7 +696,9 @@ impl Default for RelayConfig {
 /// An inclusive port range `first-last`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortRange {
+    /// First port (never 0).
     pub first: u16,
+    /// Last port, inclusive (`>= first`).
     pub last: u16,
 }
 
@@ -708,8 +748,10 @@ impl Default for QuotaConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryConfig {
+    /// Default: system resolver, TTL clamped to 1s..30s.
     #[serde(default)]
     pub dns: DnsConfig,
+    /// Default: disabled.
     #[serde(default)]
     pub kubernetes: KubernetesDiscoveryConfig,
 }

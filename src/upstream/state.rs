@@ -430,7 +430,7 @@ impl UpstreamState {
                 entry.ready_at = (first_round_done && !delay.is_zero()).then(|| now + delay);
                 let handle = entry.handle.clone();
                 let mut step = self.reconcile(now, wall, None);
-                step.publish = true;
+                step.publish = first_round_done;
                 step.came_up.push(handle);
                 step
             }
@@ -438,7 +438,7 @@ impl UpstreamState {
                 entry.last_change = wall;
                 entry.ready_at = None;
                 let mut step = self.reconcile(now, wall, Some(Cause { reason, detection }));
-                step.publish = true;
+                step.publish = first_round_done;
                 step
             }
         }
@@ -702,7 +702,7 @@ mod tests {
         assert!(s.event.is_none());
         let s = f.st.manual_failback(f.at(40), f.wall);
         assert_eq!(f.active(), vec![P1]);
-        assert_eq!(labels(&s), vec![B1]);
+        assert_eq!(labels(&s), vec![B1, B2], "every session moves to the primary");
         assert_eq!(s.event.map(|e| e.kind), Some(EventKind::Failback));
 
         // Or the backup in use fails: the best server takes over.

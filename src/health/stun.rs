@@ -11,9 +11,12 @@
 //! ignored and the probe keeps waiting (the caller's timeout bounds it): such datagrams
 //! say nothing about this probe. A Binding error response fails the probe at once.
 //!
-//! Note for ICE ports: an ICE agent requires short-term credentials (USERNAME and
-//! MESSAGE-INTEGRITY) that a load balancer cannot know, so libnice answers this
-//! unauthenticated request with a 400 error response, i.e. `ProbeFailed`.
+//! ICE ports: an ICE agent requires short-term credentials (USERNAME and
+//! MESSAGE-INTEGRITY) that a load balancer cannot know, so libnice (Janus) answers this
+//! unauthenticated request with a 400 error response, and a TURN server that insists on
+//! authentication may answer 401. Such an answer carries our transaction id, so a live
+//! STUN stack produced it: errors 400 and 401 count as healthy. Any other error code
+//! (500 Server Error, 503…) fails the probe.
 
 use super::udp::{RECV_BUF, connected_socket, socket_error};
 use super::{CheckFuture, HealthCheck, ProbeError, Reason};
@@ -56,7 +59,7 @@ impl HealthCheck for StunCheck {
                     .await
                     .map_err(|e| socket_error("recv", &e))?;
                 match classify(&buf[..n], &txid) {
-                    Reply::Success => return Ok(()),
+                    Reply::Success | Reply::AliveButRefused => return Ok(()),
                     Reply::Error(detail) => {
                         return Err(ProbeError::new(Reason::ProbeFailed, detail));
                     }
@@ -73,7 +76,9 @@ impl HealthCheck for StunCheck {
 #[derive(Debug, PartialEq, Eq)]
 enum Reply {
     Success,
-    /// A Binding error response; the text goes to `ProbeError::detail`.
+    /// A Binding error response proving the agent alive (400/401: it wants credentials).
+    AliveButRefused,
+    /// Any other Binding error response; the text goes to `ProbeError::detail`.
     Error(String),
     /// Not an answer to our request; keep waiting.
     Ignore(&'static str),
@@ -149,6 +154,7 @@ fn classify(datagram: &[u8], txid: &TransactionId) -> Reply {
 
     match msg_type {
         BINDING_SUCCESS => Reply::Success,
+        BINDING_ERROR if matches!(error_code, Some((400 | 401, _))) => Reply::AliveButRefused,
         BINDING_ERROR => Reply::Error(match error_code {
             Some((code, reason)) if reason.is_empty() => format!("binding error {code}"),
             Some((code, reason)) => format!("binding error {code} {reason}"),
@@ -304,7 +310,7 @@ mod tests {
         );
         assert_eq!(
             classify(&err, &TXID),
-            Reply::Error("binding error 400 Bad Request".into())
+            Reply::AliveButRefused
         );
         let bare_err = message(BINDING_ERROR, &TXID, &[], false);
         assert_eq!(
@@ -390,14 +396,27 @@ mod tests {
             vec![message(
                 BINDING_ERROR,
                 txid,
-                &[(ATTR_ERROR_CODE, b"\0\0\x04\x00Bad Request")],
+                &[(ATTR_ERROR_CODE, b"\0\0\x05\x00Server Error")],
                 true,
             )]
         })
         .await;
         let err = probe(target).await.unwrap_err();
         assert_eq!(err.reason, Reason::ProbeFailed);
-        assert_eq!(err.detail, "binding error 400 Bad Request");
+        assert_eq!(err.detail, "binding error 500 Server Error");
+    }
+
+    #[tokio::test]
+    async fn stun_credential_errors_prove_the_agent_alive() {
+        // libnice answers an unauthenticated Binding request with 400; TURN servers may 401.
+        for code in [b"\0\0\x04\x00Bad Request".as_slice(), b"\0\0\x04\x01Unauthorized"] {
+            let code = code.to_vec();
+            let target = fake_server(move |txid| {
+                vec![message(BINDING_ERROR, txid, &[(ATTR_ERROR_CODE, &code)], true)]
+            })
+            .await;
+            assert_eq!(probe(target).await, Ok(()));
+        }
     }
 
     #[tokio::test]

@@ -160,6 +160,7 @@ impl UpstreamRuntime {
             server_metrics,
             generation: 0,
             first_round_deadline: now + health_cfg.timeout.get() + health_cfg.interval.get(),
+            pending_reply: None,
         };
         tokio::spawn(controller.run(rx, cancel.clone()));
 
@@ -237,6 +238,7 @@ struct Controller {
     server_metrics: Vec<ServerMetrics>,
     generation: u64,
     first_round_deadline: Instant,
+    pending_reply: Option<oneshot::Sender<Result<(), String>>>,
 }
 
 impl Controller {
@@ -310,7 +312,7 @@ impl Controller {
             } => match self.state.set_admin(&server, state, Instant::now(), wall) {
                 Ok(step) => {
                     tracing::info!(upstream = %self.state.name, %server, state = state.as_str(), "admin state changed");
-                    let _ = reply.send(Ok(()));
+                    self.pending_reply = Some(reply);
                     step
                 }
                 Err(e) => {
@@ -319,9 +321,8 @@ impl Controller {
                 }
             },
             Control::Failback { reply } => {
-                let step = self.state.manual_failback(Instant::now(), wall);
-                let _ = reply.send(Ok(()));
-                step
+                self.pending_reply = Some(reply);
+                self.state.manual_failback(Instant::now(), wall)
             }
         }
     }
@@ -394,5 +395,9 @@ impl Controller {
             let _ = self.ready.send(true);
         }
         self.view.store(Arc::new(self.state.view()));
+        // Answer commands only now, so the caller sees their effect in the view.
+        if let Some(reply) = self.pending_reply.take() {
+            let _ = reply.send(Ok(()));
+        }
     }
 }

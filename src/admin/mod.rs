@@ -1,0 +1,163 @@
+//! The admin HTTP API (SPEC §9, axum): health, readiness, metrics, status and the POST
+//! endpoints that send commands to upstream controllers. It only reads snapshots and sends
+//! messages; it never sits on the data path.
+
+pub mod client;
+pub mod status;
+
+use crate::app::AppState;
+use crate::upstream::AdminState;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+struct Ctx {
+    app: Arc<AppState>,
+    token: Option<Arc<str>>,
+}
+
+/// The router, without a listener (tests use it directly).
+pub fn router(app: Arc<AppState>, token: Option<String>) -> Router {
+    let ctx = Ctx {
+        app,
+        token: token.map(Arc::from),
+    };
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status_handler))
+        .route("/upstreams/{name}/servers/{server}/state", post(set_state))
+        .route("/upstreams/{name}/failback", post(failback))
+        .with_state(ctx)
+}
+
+/// Serves the API on `listener` until `stop` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Arc<AppState>,
+    token: Option<String>,
+    stop: CancellationToken,
+) {
+    let router = router(app, token);
+    let r = axum::serve(listener, router)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+    if let Err(e) = r {
+        tracing::error!(error = %e, "admin API stopped");
+    }
+}
+
+async fn readyz(State(ctx): State<Ctx>) -> Response {
+    if ctx.app.draining.load(Ordering::Acquire) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if ctx.app.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
+}
+
+async fn metrics(State(ctx): State<Ctx>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        ctx.app.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn status_handler(State(ctx): State<Ctx>) -> Response {
+    Json(status::build(&ctx.app)).into_response()
+}
+
+#[derive(Deserialize)]
+struct StateBody {
+    state: String,
+}
+
+fn error(code: StatusCode, msg: impl Into<String>) -> Response {
+    (code, Json(serde_json::json!({ "error": msg.into() }))).into_response()
+}
+
+/// Checks `Authorization: Bearer <token>` when a token is configured.
+fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(want) = &ctx.token else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if constant_time_eq(t.as_bytes(), want.as_bytes()) => Ok(()),
+        _ => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token",
+        )),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn set_state(
+    State(ctx): State<Ctx>,
+    Path((name, server)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Json<StateBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = authorize(&ctx, &headers) {
+        return r;
+    }
+    let Ok(Json(body)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "body must be JSON: {\"state\":\"enable\"|\"drain\"|\"maint\"}",
+        );
+    };
+    let state: AdminState = match body.state.parse() {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let Some(up) = ctx.app.upstreams.get(&name) else {
+        return error(StatusCode::NOT_FOUND, format!("no upstream {name}"));
+    };
+    match up.set_admin(&server, state).await {
+        Ok(()) => Json(serde_json::json!({
+            "upstream": name, "server": server, "state": state.as_str()
+        }))
+        .into_response(),
+        Err(e) => error(StatusCode::NOT_FOUND, e),
+    }
+}
+
+async fn failback(
+    State(ctx): State<Ctx>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = authorize(&ctx, &headers) {
+        return r;
+    }
+    let Some(up) = ctx.app.upstreams.get(&name) else {
+        return error(StatusCode::NOT_FOUND, format!("no upstream {name}"));
+    };
+    match up.failback_now().await {
+        Ok(()) => Json(serde_json::json!({
+            "upstream": name, "active": up.view().active
+        }))
+        .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}

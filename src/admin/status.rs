@@ -1,0 +1,151 @@
+//! The `/status` document (SPEC §9). Field names are a contract: add, never rename.
+
+use crate::app::AppState;
+use crate::upstream::state::{Event, serialize_time};
+use serde::{Deserialize, Serialize};
+use std::time::SystemTime;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub uptime_seconds: f64,
+    pub ready: bool,
+    pub config: ConfigStatus,
+    pub listeners: Vec<ListenerStatus>,
+    pub upstreams: Vec<UpstreamStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ConfigStatus {
+    pub path: String,
+    pub loaded_at: String,
+    pub last_reload_error: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    pub protocol: String,
+    pub listen: String,
+    pub upstream: String,
+    pub sessions: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UpstreamStatus {
+    pub name: String,
+    pub balance: String,
+    pub failback: String,
+    pub active: Vec<String>,
+    pub failovers: u64,
+    pub servers: Vec<ServerStatus>,
+    pub events: Vec<EventStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ServerStatus {
+    pub address: String,
+    pub tier: String,
+    pub health: String,
+    pub admin_state: String,
+    pub sessions: usize,
+    pub last_change: String,
+    pub last_error: Option<String>,
+}
+
+/// An event as JSON; mirrors [`Event`] so that the CLI can read it back.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EventStatus {
+    pub at: String,
+    pub kind: String,
+    pub from: Vec<String>,
+    pub to: Vec<String>,
+    pub reason: Option<String>,
+    pub detection_ms: Option<u64>,
+    pub sessions_moved: usize,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+impl From<&Event> for EventStatus {
+    fn from(e: &Event) -> Self {
+        // Reuse the event's own serialisation for the time format.
+        let at = serde_json::to_value(TimeOnly(e.at))
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        EventStatus {
+            at,
+            kind: match e.kind {
+                crate::upstream::EventKind::Failover => "failover",
+                crate::upstream::EventKind::Failback => "failback",
+            }
+            .to_string(),
+            from: e.from.clone(),
+            to: e.to.clone(),
+            reason: e.reason.map(str::to_string),
+            detection_ms: e.detection_ms,
+            sessions_moved: e.sessions_moved,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct TimeOnly(#[serde(serialize_with = "serialize_time")] SystemTime);
+
+/// Builds the document from the live state.
+pub fn build(app: &AppState) -> Status {
+    let listeners = app
+        .listeners
+        .iter()
+        .map(|l| ListenerStatus {
+            name: l.name().to_string(),
+            protocol: l.protocol().to_string(),
+            listen: l.listen().to_string(),
+            upstream: l.upstream().to_string(),
+            sessions: l.sessions(),
+        })
+        .collect();
+    let upstreams = app
+        .upstreams
+        .values()
+        .map(|u| {
+            let view = u.view();
+            UpstreamStatus {
+                name: u.name.clone(),
+                balance: u.balance.as_str().to_string(),
+                failback: u.failback.as_str().to_string(),
+                active: view.active.clone(),
+                failovers: view.failovers,
+                servers: view
+                    .servers
+                    .iter()
+                    .map(|s| ServerStatus {
+                        address: s.handle.label.clone(),
+                        tier: s.handle.tier.as_str().to_string(),
+                        health: s.health.to_string(),
+                        admin_state: s.admin_state.as_str().to_string(),
+                        sessions: s.handle.sessions(),
+                        last_change: rfc3339(s.last_change),
+                        last_error: s.last_error.clone(),
+                    })
+                    .collect(),
+                events: view.events.iter().map(EventStatus::from).collect(),
+            }
+        })
+        .collect();
+    Status {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_seconds: (app.started.elapsed().as_millis() as f64) / 1000.0,
+        ready: app.ready.load(std::sync::atomic::Ordering::Acquire),
+        config: ConfigStatus {
+            path: app.config_path.clone(),
+            loaded_at: rfc3339(**app.loaded_at.load()),
+            last_reload_error: (**app.last_reload_error.load()).clone(),
+        },
+        listeners,
+        upstreams,
+    }
+}

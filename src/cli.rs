@@ -1,0 +1,159 @@
+//! Client-side subcommands that talk to a running balancer's admin API: `status` (a table
+//! read from `/status`) and `server` (admin state changes).
+
+use crate::admin::client;
+use crate::admin::status::Status;
+use anyhow::{Context, Result, bail};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// `mediagate status [--watch]`.
+pub async fn status(admin: String, watch: bool) -> Result<()> {
+    loop {
+        let (code, body) = client::request(&admin, "GET", "/status", None, None).await?;
+        if code != 200 {
+            bail!("GET /status answered {code}: {}", body.trim());
+        }
+        let st: Status = serde_json::from_str(&body).context("unexpected /status document")?;
+        let table = render(&st);
+        if watch {
+            // Clear the screen and home the cursor, then redraw in place.
+            print!("\x1b[2J\x1b[H{table}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        } else {
+            print!("{table}");
+            return Ok(());
+        }
+    }
+}
+
+/// `mediagate server STATE UPSTREAM SERVER`.
+pub async fn set_server_state(
+    admin: String,
+    token: Option<String>,
+    state: String,
+    upstream: String,
+    server: String,
+) -> Result<()> {
+    if !matches!(state.as_str(), "enable" | "drain" | "maint") {
+        bail!("unknown state {state:?} (expected enable, drain or maint)");
+    }
+    let path = format!(
+        "/upstreams/{}/servers/{}/state",
+        encode_segment(&upstream),
+        encode_segment(&server)
+    );
+    let body = serde_json::json!({ "state": state }).to_string();
+    let (code, resp) = client::request(&admin, "POST", &path, Some(body), token.as_deref()).await?;
+    expect_ok(code, &resp)?;
+    println!("{upstream} {server}: {state}");
+    Ok(())
+}
+
+/// Turns a non-2xx answer into an error carrying the API's message.
+pub fn expect_ok(code: u16, body: &str) -> Result<()> {
+    if (200..300).contains(&code) {
+        return Ok(());
+    }
+    let msg = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| body.trim().to_string());
+    bail!("admin API answered {code}: {msg}")
+}
+
+/// Percent-encodes a path segment (IPv6 brackets and colons stay readable to axum).
+fn encode_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// The status table.
+pub fn render(st: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "mediagate {}  up {:.0}s  {}  config {}{}",
+        st.version,
+        st.uptime_seconds,
+        if st.ready { "ready" } else { "not ready" },
+        st.config.path,
+        st.config
+            .last_reload_error
+            .as_ref()
+            .map(|e| format!("  (last reload failed: {e})"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<20} {:<24} {:<8} {:<8} {:<7} {:>8}  {}",
+        "UPSTREAM", "SERVER", "TIER", "HEALTH", "ADMIN", "SESSIONS", "ACTIVE"
+    );
+    for u in &st.upstreams {
+        for s in &u.servers {
+            let active = if u.active.contains(&s.address) { "*" } else { "" };
+            let _ = writeln!(
+                out,
+                "{:<20} {:<24} {:<8} {:<8} {:<7} {:>8}  {}",
+                u.name, s.address, s.tier, s.health, s.admin_state, s.sessions, active
+            );
+        }
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<20} {:<5} {:<24} {:<20} {:>8}",
+        "LISTENER", "PROTO", "LISTEN", "UPSTREAM", "SESSIONS"
+    );
+    for l in &st.listeners {
+        let _ = writeln!(
+            out,
+            "{:<20} {:<5} {:<24} {:<20} {:>8}",
+            l.name, l.protocol, l.listen, l.upstream, l.sessions
+        );
+    }
+    let mut events: Vec<_> = st
+        .upstreams
+        .iter()
+        .flat_map(|u| u.events.iter().map(move |e| (u.name.as_str(), e)))
+        .collect();
+    events.sort_by(|a, b| a.1.at.cmp(&b.1.at));
+    if !events.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "RECENT EVENTS");
+        for (name, e) in events.iter().rev().take(10).rev() {
+            let mut line = format!(
+                "{}  {:<8} {:<20} {} -> {}",
+                e.at,
+                e.kind,
+                name,
+                list(&e.from),
+                list(&e.to)
+            );
+            if let Some(r) = &e.reason {
+                let _ = write!(line, "  reason={r}");
+            }
+            if let Some(d) = e.detection_ms {
+                let _ = write!(line, " detected_in={d}ms");
+            }
+            let _ = write!(line, " sessions_moved={}", e.sessions_moved);
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    out
+}
+
+fn list(v: &[String]) -> String {
+    if v.is_empty() {
+        "(none)".to_string()
+    } else {
+        v.join(",")
+    }
+}

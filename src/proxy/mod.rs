@@ -1,0 +1,5 @@
+//! The data plane: UDP and TCP listeners that forward client traffic to the server the
+//! routing snapshot picks. Start reading at `udp.rs`.
+
+pub mod tcp;
+pub mod udp;

@@ -1,0 +1,180 @@
+//! The TCP proxy: accept, pick a server, connect (trying the next eligible server when a
+//! connect is refused or times out, and reporting that as a passive failure), then copy
+//! both ways until either side closes, the server is evicted, or shutdown ends the drain.
+
+use crate::health::Reason;
+use crate::metrics::ListenerMetrics;
+use crate::upstream::{ServerHandle, UpstreamRoute};
+use prometheus_client::metrics::counter::Counter;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener as TokioListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Copy buffer per direction per connection.
+const COPY_BUF: usize = 32 * 1024;
+
+/// What all connections of one TCP listener share.
+pub struct TcpListener {
+    pub name: String,
+    pub route: Arc<UpstreamRoute>,
+    pub metrics: ListenerMetrics,
+    live: AtomicUsize,
+}
+
+impl TcpListener {
+    pub fn new(name: String, route: Arc<UpstreamRoute>, metrics: ListenerMetrics) -> Arc<Self> {
+        Arc::new(TcpListener {
+            name,
+            route,
+            metrics,
+            live: AtomicUsize::new(0),
+        })
+    }
+
+    /// Open connections.
+    pub fn sessions(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Accepts on `socket` until `stop_accepting` fires; connections end when they close,
+    /// when their server is evicted, or when `kill` fires (end of the shutdown drain).
+    pub fn serve(
+        self: &Arc<Self>,
+        socket: std::net::TcpListener,
+        stop_accepting: CancellationToken,
+        kill: CancellationToken,
+    ) -> io::Result<JoinHandle<()>> {
+        socket.set_nonblocking(true)?;
+        let listener = TokioListener::from_std(socket)?;
+        let local_port = listener.local_addr()?.port();
+        let this = self.clone();
+        Ok(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop_accepting.cancelled() => return,
+                    r = listener.accept() => match r {
+                        Ok((client, peer)) => {
+                            let this = this.clone();
+                            let kill = kill.clone();
+                            tokio::spawn(async move { this.handle(client, peer, local_port, kill).await });
+                        }
+                        Err(e) => {
+                            // EMFILE and friends: back off briefly instead of spinning.
+                            tracing::warn!(listener = %this.name, error = %e, "accept failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                    },
+                }
+            }
+        }))
+    }
+
+    async fn handle(&self, client: TcpStream, peer: SocketAddr, local_port: u16, kill: CancellationToken) {
+        let m = &self.metrics;
+        let Some((server, upstream, evicted)) = self.connect(peer, local_port).await else {
+            m.rejected_no_server.inc();
+            return;
+        };
+        let _ = client.set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+        self.live.fetch_add(1, Ordering::Relaxed);
+        server.session_opened();
+        m.sessions.inc();
+        m.created.inc();
+
+        let (cr, cw) = client.into_split();
+        let (ur, uw) = upstream.into_split();
+        let both = async {
+            tokio::join!(
+                pump(cr, uw, m.bytes_to_server.clone()),
+                pump(ur, cw, m.bytes_to_client.clone())
+            )
+        };
+        tokio::select! {
+            _ = both => {}
+            _ = evicted.cancelled() => {
+                tracing::debug!(listener = %self.name, %peer, server = %server.label, "closing connection: server left the active set");
+            }
+            _ = kill.cancelled() => {}
+        }
+        // Dropping the halves closes both sockets.
+        server.session_closed();
+        m.sessions.dec();
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Connects to the best server, falling through to the next eligible one on failure.
+    async fn connect(
+        &self,
+        peer: SocketAddr,
+        local_port: u16,
+    ) -> Option<(Arc<ServerHandle>, TcpStream, CancellationToken)> {
+        let mut tried: Vec<Arc<ServerHandle>> = Vec::new();
+        loop {
+            let server = self.route.pick(peer.ip(), &tried)?;
+            // Taken before connecting, so an eviction during the connect is not missed.
+            let evicted = server.eviction_token();
+            let dest = server.dest(local_port);
+            match tokio::time::timeout(self.route.connect_timeout, TcpStream::connect(dest)).await {
+                Ok(Ok(stream)) => return Some((server, stream, evicted)),
+                Ok(Err(e)) => {
+                    let reason = match e.kind() {
+                        io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+                            Reason::IcmpUnreachable
+                        }
+                        _ => Reason::ConnectRefused,
+                    };
+                    self.route
+                        .report_passive(&server, reason, format!("connect {dest}: {e}"));
+                }
+                Err(_) => self.route.report_passive(
+                    &server,
+                    Reason::ConnectTimeout,
+                    format!("connect {dest}: no answer within {:?}", self.route.connect_timeout),
+                ),
+            }
+            tried.push(server);
+        }
+    }
+}
+
+/// Binds a TCP listen socket.
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(false).ok();
+    }
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    Ok(sock.into())
+}
+
+/// Copies one direction, counting bytes; on EOF half-closes the other side.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    bytes: Counter,
+) {
+    let mut buf = vec![0u8; COPY_BUF];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
+            Ok(n) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+                bytes.inc_by(n as u64);
+            }
+        }
+    }
+}

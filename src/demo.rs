@@ -146,12 +146,11 @@ async fn wait_for(flows: &Flows, worker: &str, limit: Duration) -> Result<()> {
 }
 
 fn loss_line(before: &[FlowStats], after: &[FlowStats]) -> String {
-    // Datagrams still in flight at the snapshot count as lost here only if no reply came
-    // within the 200 ms pause, which at 10 ms spacing is far more than any RTT on loopback.
+    // The last few datagrams may still be in flight at the snapshot: leave them out.
     let lost: Vec<u64> = before
         .iter()
         .zip(after)
-        .map(|(b, a)| (a.sent - b.sent).saturating_sub(a.received - b.received))
+        .map(|(b, a)| a.lost_between(b.sent, a.sent.saturating_sub(5)))
         .collect();
     let total: u64 = lost.iter().sum();
     let worst = lost.iter().max().copied().unwrap_or(0);

@@ -22,11 +22,21 @@ pub struct FlowStats {
     /// Longest time between two replies (or from the first send to the first reply).
     pub max_gap: Duration,
     last_reply: Option<Instant>,
+    /// `answered[seq]`: whether datagram `seq` was echoed.
+    answered: Vec<bool>,
 }
 
 impl FlowStats {
+    /// Datagrams sent and never answered.
     pub fn lost(&self) -> u64 {
-        self.sent.saturating_sub(self.received)
+        self.lost_between(0, self.sent)
+    }
+
+    /// Unanswered datagrams among sequence numbers `from..to`.
+    pub fn lost_between(&self, from: u64, to: u64) -> u64 {
+        (from..to.min(self.sent))
+            .filter(|seq| !self.answered.get(*seq as usize).copied().unwrap_or(false))
+            .count() as u64
     }
 }
 
@@ -120,8 +130,19 @@ async fn run_flow(
                 let Ok(n) = r else { continue };
                 let now = Instant::now();
                 let worker = buf[..n].iter().position(|b| *b == b'|').map(|p| &buf[..p]).unwrap_or(b"?");
+                let seq = buf
+                    .get(worker.len() + 1..worker.len() + 9)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes);
                 if let Ok(mut s) = stats.lock() {
                     s.received += 1;
+                    if let Some(seq) = seq.filter(|q| *q < s.sent) {
+                        let i = seq as usize;
+                        if s.answered.len() <= i {
+                            s.answered.resize(i + 1, false);
+                        }
+                        s.answered[i] = true;
+                    }
                     let gap = now - s.last_reply.unwrap_or(started);
                     s.max_gap = s.max_gap.max(gap);
                     s.last_reply = Some(now);

@@ -119,6 +119,9 @@ impl Metrics {
                 "mediagate_config_reloads",
                 "Configuration reloads, by result"
             );
+        for result in ["ok", "error"] {
+            let _ = child(&config_reloads, &labels(&[("result", result)]));
+        }
         Metrics {
             registry: Arc::new(Mutex::new(r)),
             server_up,

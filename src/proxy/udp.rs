@@ -86,10 +86,13 @@ impl UdpListener {
         socket.set_nonblocking(true)?;
         let socket = Arc::new(UdpSocket::from_std(socket)?);
         let port = PortTask {
-            shared: self.clone(),
-            local_port: socket.local_addr()?.port(),
-            socket,
+            port: Port {
+                shared: self.clone(),
+                local_port: socket.local_addr()?.port(),
+                socket,
+            },
             sessions: HashMap::new(),
+            ring: Ring::new(),
         };
         Ok(tokio::spawn(port.run(stop)))
     }
@@ -117,6 +120,8 @@ struct Session {
     upstream: Arc<UdpSocket>,
     shared: Arc<SessionShared>,
     replies: JoinHandle<()>,
+    /// Ring slot holding a copy of the last datagram sent to the server.
+    last_sent: Option<u32>,
 }
 
 /// Session state the reply task writes.
@@ -132,28 +137,89 @@ impl Drop for Session {
     }
 }
 
-struct PortTask {
+/// Copies of recently forwarded datagrams, one fixed slot each, overwritten in turn.
+///
+/// When a server's port closes, the first datagram sent to it is refused by ICMP after
+/// it left: the error only surfaces on the session's *next* send. Keeping a copy of each
+/// session's last datagram lets that one be re-sent to the new server too, so a dead
+/// server costs a flow only what was inside the dying process. One ring per port task
+/// keeps the memory bounded (it does not grow with sessions).
+struct Ring {
+    data: Box<[u8]>,
+    owner: Vec<Option<(SocketAddr, u16)>>,
+    next: usize,
+}
+
+/// Slots per port task and bytes per slot: ~4 MiB, enough to cover the ~20 ms between
+/// two packets of a flow at ~100k packets/s per port.
+const RING_SLOTS: usize = 2048;
+const RING_SLOT_BYTES: usize = 2048;
+
+impl Ring {
+    fn new() -> Self {
+        Ring {
+            data: vec![0u8; RING_SLOTS * RING_SLOT_BYTES].into_boxed_slice(),
+            owner: vec![None; RING_SLOTS],
+            next: 0,
+        }
+    }
+
+    /// Stores a copy of `data` for `client`; returns the slot, or None if too large.
+    fn put(&mut self, client: SocketAddr, data: &[u8]) -> Option<u32> {
+        if data.len() > RING_SLOT_BYTES {
+            return None;
+        }
+        let slot = self.next;
+        self.next = (self.next + 1) % RING_SLOTS;
+        let start = slot * RING_SLOT_BYTES;
+        self.data[start..start + data.len()].copy_from_slice(data);
+        self.owner[slot] = Some((client, data.len() as u16));
+        Some(slot as u32)
+    }
+
+    /// The copy in `slot`, if it still belongs to `client`.
+    fn get(&self, slot: u32, client: SocketAddr) -> Option<&[u8]> {
+        let slot = slot as usize;
+        match self.owner.get(slot)? {
+            Some((owner, len)) if *owner == client => {
+                let start = slot * RING_SLOT_BYTES;
+                Some(&self.data[start..start + usize::from(*len)])
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What every function of a port task needs besides the session table.
+struct Port {
     shared: Arc<UdpListener>,
     local_port: u16,
     socket: Arc<UdpSocket>,
+}
+
+struct PortTask {
+    port: Port,
     sessions: HashMap<SocketAddr, Session>,
+    ring: Ring,
 }
 
 impl PortTask {
     async fn run(mut self, stop: CancellationToken) {
         let mut buf = vec![0u8; MAX_DATAGRAM];
-        let period = (self.shared.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let period = (self.port.shared.idle_timeout / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
         let mut sweep = tokio::time::interval(period);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let socket = self.port.socket.clone();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                r = self.socket.recv_from(&mut buf) => match r {
+                r = socket.recv_from(&mut buf) => match r {
                     Ok((n, client)) => {
                         self.on_datagram(client, &buf[..n]);
                         // Drain whatever else is queued without going back through select.
                         for _ in 0..64 {
-                            match self.socket.try_recv_from(&mut buf) {
+                            match socket.try_recv_from(&mut buf) {
                                 Ok((n, client)) => self.on_datagram(client, &buf[..n]),
                                 Err(_) => break,
                             }
@@ -161,7 +227,7 @@ impl PortTask {
                     }
                     // ICMP errors for replies we sent to clients surface here; they are
                     // the client's problem, not the listener's.
-                    Err(e) => tracing::debug!(listener = %self.shared.name, error = %e, "udp recv"),
+                    Err(e) => tracing::debug!(listener = %self.port.shared.name, error = %e, "udp recv"),
                 },
                 _ = sweep.tick() => self.sweep_idle(),
             }
@@ -172,96 +238,97 @@ impl PortTask {
     }
 
     fn on_datagram(&mut self, client: SocketAddr, data: &[u8]) {
-        let now_ms = self.shared.now_ms();
-        let m = &self.shared.metrics;
+        let port = &self.port;
+        let shared = &port.shared;
+        let now_ms = shared.now_ms();
+        let m = &shared.metrics;
         if let Some(session) = self.sessions.get_mut(&client) {
             if session.server.epoch() != session.pinned_epoch {
                 // The server was evicted (down, maint, removed, failback): re-pin now.
-                match self.shared.route.pick(client.ip(), &[]) {
-                    Some(server) => {
-                        if let Err(e) = repin(&self.shared, &self.socket, self.local_port, client, session, server) {
-                            tracing::debug!(listener = %self.shared.name, error = %e, "re-pin failed");
-                            m.dropped_send_error.inc();
-                            return;
-                        }
-                        self.shared.route.migrated.inc();
-                    }
-                    None => {
-                        m.dropped_no_server.inc();
-                        return;
-                    }
+                // If the old socket holds a refusal, the previous datagram never arrived.
+                let pending = session.upstream.take_error();
+                tracing::debug!(%client, ?pending, "server evicted: re-pinning");
+                let refused = matches!(pending, Ok(Some(e)) if passive_reason(&e).is_some());
+                let Some(server) = shared.route.pick(client.ip(), &[]) else {
+                    m.dropped_no_server.inc();
+                    return;
+                };
+                if let Err(e) = repin(port, client, session, server) {
+                    tracing::debug!(listener = %shared.name, error = %e, "re-pin failed");
+                    m.dropped_send_error.inc();
+                    return;
+                }
+                shared.route.migrated.inc();
+                if refused {
+                    resend_previous(port, &self.ring, client, session);
                 }
             }
             session.shared.last_activity_ms.store(now_ms, Ordering::Relaxed);
-            forward(&self.shared, &self.socket, self.local_port, client, session, data);
+            forward(port, &mut self.ring, client, session, data);
             return;
         }
 
         // A new session.
-        if self.shared.draining.load(Ordering::Acquire) {
+        if shared.draining.load(Ordering::Acquire) {
             m.dropped_draining.inc();
             m.rejected_draining.inc();
             return;
         }
-        if self.shared.live.load(Ordering::Relaxed) >= self.shared.max_sessions {
+        if shared.live.load(Ordering::Relaxed) >= shared.max_sessions {
             m.dropped_max_sessions.inc();
             m.rejected_max_sessions.inc();
             return;
         }
-        let Some(server) = self.shared.route.pick(client.ip(), &[]) else {
+        let Some(server) = shared.route.pick(client.ip(), &[]) else {
             m.dropped_no_server.inc();
             m.rejected_no_server.inc();
             return;
         };
-        let mut session = match open_session(&self.shared, &self.socket, self.local_port, client, server, now_ms) {
+        let mut session = match open_session(port, client, server, now_ms) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(listener = %self.shared.name, error = %e, "cannot open upstream socket");
+                tracing::warn!(listener = %shared.name, error = %e, "cannot open upstream socket");
                 m.dropped_send_error.inc();
                 return;
             }
         };
-        self.shared.live.fetch_add(1, Ordering::Relaxed);
+        shared.live.fetch_add(1, Ordering::Relaxed);
         m.sessions.inc();
         m.created.inc();
-        forward(&self.shared, &self.socket, self.local_port, client, &mut session, data);
+        forward(port, &mut self.ring, client, &mut session, data);
         self.sessions.insert(client, session);
     }
 
     fn sweep_idle(&mut self) {
-        let now = self.shared.now_ms();
-        let idle = self.shared.idle_timeout.as_millis() as u64;
+        let now = self.port.shared.now_ms();
+        let idle = self.port.shared.idle_timeout.as_millis() as u64;
         let before = self.sessions.len();
-        self.sessions
-            .retain(|_, s| now.saturating_sub(s.shared.last_activity_ms.load(Ordering::Relaxed)) < idle);
+        self.sessions.retain(|_, s| {
+            now.saturating_sub(s.shared.last_activity_ms.load(Ordering::Relaxed)) < idle
+        });
         self.forget(before - self.sessions.len());
     }
 
     fn forget(&self, removed: usize) {
         if removed > 0 {
-            self.shared.live.fetch_sub(removed, Ordering::Relaxed);
-            self.shared.metrics.sessions.dec_by(removed as i64);
+            self.port.shared.live.fetch_sub(removed, Ordering::Relaxed);
+            self.port.shared.metrics.sessions.dec_by(removed as i64);
         }
     }
 }
 
 /// Sends one client datagram to the session's server. A send refused by the server's host
 /// (ICMP port unreachable reported on the connected socket) marks the server down and
-/// re-sends the datagram through a fresh socket to the next server, so it is not lost.
-fn forward(
-    shared: &Arc<UdpListener>,
-    listen_socket: &Arc<UdpSocket>,
-    local_port: u16,
-    client: SocketAddr,
-    session: &mut Session,
-    data: &[u8],
-) {
+/// re-sends both the refused previous datagram and this one to the next server.
+fn forward(port: &Port, ring: &mut Ring, client: SocketAddr, session: &mut Session, data: &[u8]) {
+    let shared = &port.shared;
     let m = &shared.metrics;
     for _attempt in 0..3 {
-        match session.upstream.try_send(data) {
+        match send_now(&session.upstream, data) {
             Ok(_) => {
                 m.packets_to_server.inc();
                 m.bytes_to_server.inc_by(data.len() as u64);
+                session.last_sent = ring.put(client, data);
                 return;
             }
             Err(e) => {
@@ -271,20 +338,49 @@ fn forward(
                     return;
                 };
                 let failed = session.server.clone();
+                tracing::debug!(%client, server = %failed.label, error = %e, "send refused");
                 shared.route.report_passive(&failed, reason, e.to_string());
                 let Some(next) = shared.route.pick(client.ip(), std::slice::from_ref(&failed)) else {
                     m.dropped_no_server.inc();
                     return;
                 };
-                if repin(shared, listen_socket, local_port, client, session, next).is_err() {
+                if repin(port, client, session, next).is_err() {
                     m.dropped_send_error.inc();
                     return;
                 }
                 shared.route.migrated.inc();
+                resend_previous(port, ring, client, session);
             }
         }
     }
     m.dropped_send_error.inc();
+}
+
+/// Re-sends the session's previous datagram (refused by its old server) to its new one.
+fn resend_previous(port: &Port, ring: &Ring, client: SocketAddr, session: &Session) {
+    let Some(prev) = session.last_sent.and_then(|slot| ring.get(slot, client)) else {
+        tracing::debug!(%client, "no copy of the refused datagram left to re-send");
+        return;
+    };
+    tracing::debug!(%client, len = prev.len(), "re-sending the datagram the old server refused");
+    if send_now(&session.upstream, prev).is_ok() {
+        let m = &port.shared.metrics;
+        m.packets_to_server.inc();
+        m.bytes_to_server.inc_by(prev.len() as u64);
+    }
+}
+
+/// Sends on a connected socket with a direct syscall. tokio's `try_send` consults the
+/// reactor's cached readiness first and reports WouldBlock on a socket the reactor has
+/// not polled yet — which every freshly connected session socket is — so the first
+/// datagram of a session would be dropped. A UDP send only blocks on a full buffer.
+fn send_now(sock: &UdpSocket, data: &[u8]) -> io::Result<usize> {
+    socket2::SockRef::from(sock).send(data)
+}
+
+/// `send_now` for the unconnected listen socket.
+fn send_to_now(sock: &UdpSocket, data: &[u8], to: SocketAddr) -> io::Result<usize> {
+    socket2::SockRef::from(sock).send_to(data, &to.into())
 }
 
 /// Errors on a connected UDP socket that mean the server (or its host) is gone.
@@ -309,46 +405,33 @@ fn connect_upstream(dest: SocketAddr) -> io::Result<Arc<UdpSocket>> {
     Ok(Arc::new(UdpSocket::from_std(sock)?))
 }
 
-fn open_session(
-    shared: &Arc<UdpListener>,
-    listen_socket: &Arc<UdpSocket>,
-    local_port: u16,
-    client: SocketAddr,
-    server: Arc<ServerHandle>,
-    now_ms: u64,
-) -> io::Result<Session> {
+fn open_session(port: &Port, client: SocketAddr, server: Arc<ServerHandle>, now_ms: u64) -> io::Result<Session> {
     let pinned_epoch = server.epoch();
-    let upstream = connect_upstream(server.dest(local_port))?;
+    let upstream = connect_upstream(server.dest(port.local_port))?;
     let state = Arc::new(SessionShared {
         last_activity_ms: AtomicU64::new(now_ms),
     });
     server.session_opened();
-    let replies = spawn_replies(shared, listen_socket, client, &server, pinned_epoch, &upstream, &state);
+    let replies = spawn_replies(port, client, &server, pinned_epoch, &upstream, &state);
     Ok(Session {
         server,
         pinned_epoch,
         upstream,
         shared: state,
         replies,
+        last_sent: None,
     })
 }
 
 /// Moves `session` to `server` through a new upstream socket; replies still in flight
 /// from the old server die with the old socket.
-fn repin(
-    shared: &Arc<UdpListener>,
-    listen_socket: &Arc<UdpSocket>,
-    local_port: u16,
-    client: SocketAddr,
-    session: &mut Session,
-    server: Arc<ServerHandle>,
-) -> io::Result<()> {
+fn repin(port: &Port, client: SocketAddr, session: &mut Session, server: Arc<ServerHandle>) -> io::Result<()> {
     let pinned_epoch = server.epoch();
-    let upstream = connect_upstream(server.dest(local_port))?;
+    let upstream = connect_upstream(server.dest(port.local_port))?;
     session.replies.abort();
     session.server.session_closed();
     server.session_opened();
-    session.replies = spawn_replies(shared, listen_socket, client, &server, pinned_epoch, &upstream, &session.shared);
+    session.replies = spawn_replies(port, client, &server, pinned_epoch, &upstream, &session.shared);
     session.server = server;
     session.pinned_epoch = pinned_epoch;
     session.upstream = upstream;
@@ -363,16 +446,15 @@ thread_local! {
 
 /// Carries the server's replies back to the client until aborted.
 fn spawn_replies(
-    shared: &Arc<UdpListener>,
-    listen_socket: &Arc<UdpSocket>,
+    port: &Port,
     client: SocketAddr,
     server: &Arc<ServerHandle>,
     pinned_epoch: u64,
     upstream: &Arc<UdpSocket>,
     state: &Arc<SessionShared>,
 ) -> JoinHandle<()> {
-    let shared = shared.clone();
-    let listen_socket = listen_socket.clone();
+    let shared = port.shared.clone();
+    let listen_socket = port.socket.clone();
     let server = server.clone();
     let upstream = upstream.clone();
     let state = state.clone();
@@ -392,7 +474,7 @@ fn spawn_replies(
                         return Ok(());
                     }
                     state.last_activity_ms.store(shared.now_ms(), Ordering::Relaxed);
-                    match listen_socket.try_send_to(&buf[..n], client) {
+                    match send_to_now(&listen_socket, &buf[..n], client) {
                         Ok(_) => {
                             m.packets_to_client.inc();
                             m.bytes_to_client.inc_by(n as u64);

@@ -11,7 +11,7 @@ use super::state::{AdminState, EventKind, Step, UpstreamState, UpstreamView};
 use crate::config::{Balance, Failback, HealthType, UpstreamConfig};
 use crate::health::prober::{ProbeCounters, Prober};
 use crate::health::{self, ProbeError, Reason};
-use crate::metrics::{labels, Metrics};
+use crate::metrics::{Metrics, child, labels};
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -134,6 +134,12 @@ impl UpstreamRuntime {
             }
         }
 
+        // Series exist from the start, so dashboards and alerts see zeros, not gaps.
+        for reason in Reason::ALL {
+            let _ = child(&metrics.failovers, &labels(&[("upstream", name), ("reason", reason.as_str())]));
+        }
+        let _ = child(&metrics.failbacks, &labels(&[("upstream", name)]));
+        let _ = child(&metrics.detection, &labels(&[("upstream", name)]));
         let server_metrics = servers
             .iter()
             .map(|s| ServerMetrics {

@@ -516,6 +516,11 @@ def loopback_config(outdir):
     turn_udp = free_port(socket.SOCK_DGRAM)
     dead1 = free_port(socket.SOCK_STREAM)   # nothing listens there: the servers are down
     dead2 = free_port(socket.SOCK_STREAM)
+    # mediagate treats the relay port range as bound UDP ports: keep it clear of the others.
+    taken = {admin, udp_listen, tcp_listen, turn_udp, dead1, dead2}
+    relay = 20100
+    while any(relay <= t < relay + 100 for t in taken):
+        relay += 100
     cfg = f"""# written by scripts/test-manifests.sh: every metric family on loopback
 admin:
   listen: 127.0.0.1:{admin}
@@ -548,7 +553,7 @@ turn:
     secret: test-secret
   relay:
     address: 127.0.0.1
-    port_range: 45000-45099
+    port_range: {relay}-{relay + 99}
     peers: [upstreams]
 shutdown:
   drain_timeout: 1s

@@ -679,15 +679,15 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------- 2
-if ! python3 -c 'import yaml' 2>/dev/null || ! command -v kubernetes-validate >/dev/null 2>&1; then
+# Run as `python3 -m kubernetes_validate`: works whatever pip's script directory is on PATH.
+if ! python3 -c 'import yaml, kubernetes_validate' 2>/dev/null; then
     echo "      installing kubernetes-validate (PyPI) ..."
     python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate >"$WORK/pip.log" 2>&1 \
         || { tail -5 "$WORK/pip.log"; }
-    hash -r
 fi
-if command -v kubernetes-validate >/dev/null 2>&1; then
+if python3 -c 'import yaml, kubernetes_validate' 2>/dev/null; then
     for v in $K8S_VERSIONS; do
-        if vout=$(kubernetes-validate --strict --quiet -k "$v" "$RENDERED" \
+        if vout=$(python3 -m kubernetes_validate --strict --quiet -k "$v" "$RENDERED" \
                 manifests/mediagate/secret.example.yaml 2>&1); then
             pass "kubernetes-validate --strict -k $v: every built-in object (and secret.example.yaml)"
         else

@@ -1,0 +1,45 @@
+# syntax=docker/dockerfile:1
+#
+# mediagate container image: a release build on Debian bookworm, run on distroless (glibc,
+# CA certificates, no shell, no package manager) as the unprivileged "nonroot" user.
+#
+#   docker build -t ghcr.io/example/mediagate:0.1.0 .
+#
+# The manifests (manifests/mediagate/deployment.yaml) run it with a read-only root filesystem
+# and every capability dropped: all its ports are above 1024 and it writes nothing to disk.
+
+ARG RUST_VERSION=1.95
+
+# ---------------------------------------------------------------------------- build
+FROM rust:${RUST_VERSION}-bookworm AS build
+WORKDIR /src
+
+# The whole crate (.dockerignore keeps out target/, .git, manifests/, docs/ ...): Cargo.toml
+# may name benches and tests, and cargo wants their files present even for `build`.
+COPY . .
+
+# BuildKit cache mounts keep the registry and target/ between builds, so a source change only
+# recompiles mediagate itself. The binary is copied out of the cache mount to /out.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/usr/local/cargo/git \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin mediagate \
+ && install -D -m 0755 target/release/mediagate /out/mediagate \
+ && strip --strip-debug /out/mediagate
+
+# ---------------------------------------------------------------------------- runtime
+FROM gcr.io/distroless/cc-debian12:nonroot
+
+LABEL org.opencontainers.image.title="mediagate" \
+      org.opencontainers.image.description="Active-passive failover UDP/TCP load balancer and TURN server for WebRTC media gateways"
+
+COPY --from=build /out/mediagate /usr/local/bin/mediagate
+
+ENV MEDIAGATE_CONFIG=/etc/mediagate/mediagate.yaml
+# admin API, Janus HTTP/WebSocket, RTP ingest, TURN (mediagate), coturn behind mediagate
+EXPOSE 8086/tcp 8088/tcp 8188/tcp 5004-5007/udp 3478/udp 3478/tcp 3479/udp 3479/tcp
+
+# 65532:65532 is "nonroot" in distroless; numeric, so that runAsNonRoot can verify it.
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/mediagate"]
+CMD ["run"]

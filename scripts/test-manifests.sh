@@ -1,0 +1,771 @@
+#!/usr/bin/env bash
+# Checks the Kubernetes manifests (manifests/) without a cluster:
+#
+#   1. `kubectl kustomize manifests/` renders;
+#   2. every rendered object, and manifests/mediagate/secret.example.yaml, validates against the
+#      Kubernetes OpenAPI schemas with `kubernetes-validate --strict` (custom resources such as
+#      the PodMonitor have no schema there: skipped with a warning);
+#   3. the rendered objects agree with each other: listener ports vs Service and container
+#      ports, node/… upstreams vs the Janus/coturn Services, probes, tolerations, security
+#      context, termination grace vs shutdown.drain_timeout, ${VAR}s vs the pod's env, ...;
+#   4. the mediagate.yaml embedded in the ConfigMap passes `mediagate check`;
+#   5. the Grafana dashboard JSON parses, and every metric it queries exists in the /metrics of
+#      a live mediagate (started here on loopback with a small config, then stopped).
+#
+# Usage (from anywhere; paths are relative to the repository root):
+#   scripts/test-manifests.sh                                   # binary: target/debug/mediagate
+#   MEDIAGATE_BIN=target/release/mediagate scripts/test-manifests.sh
+#   MANIFESTS_SKIP_BINARY=1 scripts/test-manifests.sh           # only checks 1-3 and the JSON parse
+#   K8S_VERSIONS="1.30.0 1.33.0" scripts/test-manifests.sh      # schema versions to validate against
+#
+# Builds nothing. Needs kubectl and python3; installs the PyPI package kubernetes-validate with
+# pip when it is missing. Prints one line per check and ends with
+# "manifests: N passed, N failed, N skipped"; exits 1 when a check failed.
+
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 2
+
+MEDIAGATE_BIN=${MEDIAGATE_BIN:-target/debug/mediagate}
+K8S_VERSIONS=${K8S_VERSIONS:-"1.30.0 1.37.0"}   # 1.30: oldest supported (preStop sleep action)
+SKIP_BINARY=${MANIFESTS_SKIP_BINARY:-0}
+HEALTHZ_DEADLINE=${HEALTHZ_DEADLINE:-20}          # seconds to wait for the live binary
+
+PASSED=0
+FAILED=0
+SKIPPED=0
+MG_PID=""
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/test-manifests.XXXXXX")
+
+cleanup() {
+    if [[ -n "$MG_PID" ]] && kill -0 "$MG_PID" 2>/dev/null; then
+        kill -KILL "$MG_PID" 2>/dev/null
+        wait "$MG_PID" 2>/dev/null
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+pass() { PASSED=$((PASSED + 1)); printf 'PASS  %s\n' "$1"; }
+fail() {
+    FAILED=$((FAILED + 1)); printf 'FAIL  %s\n' "$1"
+    if [[ $# -gt 1 && -n "$2" ]]; then printf '%s\n' "$2" | sed 's/^/      /'; fi
+}
+skip() { SKIPPED=$((SKIPPED + 1)); printf 'SKIP  %s (%s)\n' "$1" "$2"; }
+
+# Runs a python check mode and tallies its "PASS|FAIL|SKIP<TAB>name<TAB>detail" lines.
+run_py() {
+    local out line status name detail rc
+    out=$(python3 "$WORK/check.py" "$@" 2>&1)
+    rc=$?
+    while IFS= read -r line; do
+        IFS=$'\t' read -r status name detail <<<"$line"
+        case "$status" in
+            PASS) pass "$name" ;;
+            FAIL) fail "$name" "${detail//\\n/$'\n'}" ;;
+            SKIP) skip "$name" "$detail" ;;
+            *) [[ -n "$line" ]] && printf '      %s\n' "$line" ;;
+        esac
+    done <<<"$out"
+    if [[ $rc -ne 0 ]] && ! grep -q '^FAIL' <<<"$out"; then
+        fail "python3 check.py $1 exited $rc"
+    fi
+    return 0
+}
+
+# ----------------------------------------------------------------------------------------------
+# The python half: structural checks, config extraction, loopback config, metrics comparison.
+cat >"$WORK/check.py" <<'PY'
+import json
+import os
+import re
+import socket
+import sys
+
+import yaml
+
+
+def out(status, name, detail=""):
+    detail = str(detail).replace("\n", "\\n")
+    print(f"{status}\t{name}\t{detail}")
+
+
+def check(name, problems):
+    """problems: list of strings; empty = pass."""
+    if problems:
+        out("FAIL", name, "\n".join(problems))
+    else:
+        out("PASS", name)
+
+
+def parse_duration(s):
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*", str(s))
+    if not m:
+        raise ValueError(f"cannot parse duration {s!r}")
+    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def port_range(listen):
+    """'0.0.0.0:5004-5007' -> [5004..5007]"""
+    p = str(listen).rsplit(":", 1)[1]
+    a, _, b = p.partition("-")
+    return list(range(int(a), int(b or a) + 1))
+
+
+def dashboard_metrics(path):
+    with open(path) as f:
+        dash = json.load(f)
+    exprs = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("expr", "query", "definition") and isinstance(v, str):
+                    exprs.append(v)
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(dash)
+    names = set()
+    for e in exprs:
+        names.update(re.findall(r"\bmediagate_[A-Za-z0-9_:]+", e))
+    return dash, names
+
+
+# ---------------------------------------------------------------------------------- static
+def static(rendered_path, secret_example, dashboard_path, outdir):
+    with open(rendered_path) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    objs = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+    def get(kind, name):
+        for (k, n), d in objs.items():
+            if k == kind and (n == name or re.fullmatch(re.escape(name) + r"-[a-z0-9]{10}", n)):
+                return d
+        return None
+
+    # ---- the embedded mediagate.yaml
+    cm = get("ConfigMap", "mediagate-config")
+    if not cm or "mediagate.yaml" not in cm.get("data", {}):
+        check("ConfigMap mediagate-config embeds mediagate.yaml", ["not found"])
+        return
+    text = cm["data"]["mediagate.yaml"]
+    with open(os.path.join(outdir, "mediagate.yaml"), "w") as f:
+        f.write(text)
+    cfg = yaml.safe_load(text)
+    # ${VAR}s in string values (comments do not count).
+    found = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+        elif isinstance(node, str):
+            found.update(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", node))
+
+    walk(cfg)
+    vars_used = sorted(found)
+    check("ConfigMap mediagate-config embeds mediagate.yaml", [])
+
+    dep = get("Deployment", "mediagate")
+    svc = get("Service", "mediagate")
+    if not dep or not svc:
+        check("Deployment and Service mediagate exist", ["missing"])
+        return
+    pod = dep["spec"]["template"]["spec"]
+    ctr = next(c for c in pod["containers"] if c["name"] == "mediagate")
+    cports = {(p["containerPort"], p.get("protocol", "TCP")): p.get("name") for p in ctr.get("ports", [])}
+    cport_names = {p.get("name"): p for p in ctr.get("ports", [])}
+
+    # ---- Deployment shape
+    p = []
+    if dep["spec"].get("replicas") != 2:
+        p.append(f"replicas is {dep['spec'].get('replicas')}, want 2")
+    tsc = pod.get("topologySpreadConstraints", [])
+    anti = pod.get("affinity", {}).get("podAntiAffinity")
+    if not anti and not any(t.get("topologyKey") == "kubernetes.io/hostname" for t in tsc):
+        p.append("replicas are not spread across nodes (no hostname spread or anti-affinity)")
+    if pod.get("serviceAccountName") != "mediagate":
+        p.append("serviceAccountName is not mediagate")
+    check("Deployment: 2 replicas spread across nodes, ServiceAccount", p)
+
+    admin_port = int(str(cfg["admin"]["listen"]).rsplit(":", 1)[1])
+    p = []
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        hg = ctr.get(probe, {}).get("httpGet")
+        if not hg:
+            p.append(f"{probe} is not an httpGet")
+            continue
+        if hg.get("path") != path:
+            p.append(f"{probe} path {hg.get('path')}, want {path}")
+        port = hg.get("port")
+        port = cport_names.get(port, {}).get("containerPort", port)
+        if port != admin_port:
+            p.append(f"{probe} port {port} is not admin.listen's port {admin_port}")
+    check("Deployment: readiness /readyz and liveness /healthz on the admin port", p)
+
+    p = []
+    drain = parse_duration(cfg.get("shutdown", {}).get("drain_timeout", "30s"))
+    pre = ctr.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    if grace < drain + pre:
+        p.append(f"terminationGracePeriodSeconds {grace} < preStop {pre}s + drain_timeout {drain}s")
+    if grace > drain + pre + 15:
+        p.append(f"terminationGracePeriodSeconds {grace} is far above preStop {pre}s + drain_timeout {drain}s")
+    check(f"Deployment: termination grace {grace}s matches preStop {pre}s + drain_timeout {drain:g}s", p)
+
+    p = []
+    psc, csc = pod.get("securityContext", {}), ctr.get("securityContext", {})
+    if not (psc.get("runAsNonRoot") or csc.get("runAsNonRoot")):
+        p.append("runAsNonRoot not set")
+    if (csc.get("runAsUser", psc.get("runAsUser", 0)) or 0) == 0:
+        p.append("runs as UID 0 or no numeric UID")
+    if csc.get("readOnlyRootFilesystem") is not True:
+        p.append("readOnlyRootFilesystem not true")
+    if csc.get("allowPrivilegeEscalation") is not False:
+        p.append("allowPrivilegeEscalation not false")
+    if csc.get("privileged"):
+        p.append("privileged")
+    if "ALL" not in csc.get("capabilities", {}).get("drop", []):
+        p.append("capabilities not dropped (drop: [ALL])")
+    if csc.get("capabilities", {}).get("add"):
+        p.append(f"capabilities added: {csc['capabilities']['add']}")
+    if pod.get("hostNetwork"):
+        p.append("hostNetwork")
+    res = ctr.get("resources", {})
+    for kind in ("requests", "limits"):
+        for r in ("cpu", "memory"):
+            if r not in res.get(kind, {}):
+                p.append(f"resources.{kind}.{r} missing")
+    check("Deployment: non-root, read-only root, no privileges, requests and limits", p)
+
+    def zero_tolerations(name, spec):
+        p = []
+        tol = spec.get("tolerations", [])
+        for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"):
+            t = [t for t in tol if t.get("key") == key and t.get("effect") == "NoExecute"]
+            if not t:
+                p.append(f"no NoExecute toleration for {key}")
+            elif t[0].get("tolerationSeconds") != 0:
+                p.append(f"{key}: tolerationSeconds {t[0].get('tolerationSeconds')}, want 0")
+        check(f"{name}: not-ready/unreachable tolerations with tolerationSeconds 0", p)
+
+    zero_tolerations("Deployment mediagate", pod)
+
+    pdb = get("PodDisruptionBudget", "mediagate")
+    p = []
+    if not pdb:
+        p.append("missing")
+    else:
+        sel = pdb["spec"].get("selector", {}).get("matchLabels", {})
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        if not sel or any(labels.get(k) != v for k, v in sel.items()):
+            p.append("selector does not match the Deployment's pods")
+        if pdb["spec"].get("maxUnavailable") is None and pdb["spec"].get("minAvailable") is None:
+            p.append("neither minAvailable nor maxUnavailable")
+    check("PodDisruptionBudget selects the mediagate pods", p)
+
+    # ---- ${VAR}s and Secret references
+    env_names = {e["name"] for e in ctr.get("env", [])}
+    missing = [v for v in vars_used if v not in env_names]
+    check(f"every ${{VAR}} of mediagate.yaml ({', '.join(vars_used)}) is in the pod's env",
+          [f"${{{v}}} not set by the Deployment" for v in missing])
+    with open(secret_example) as f:
+        sec = yaml.safe_load(f)
+    sec_keys = set((sec.get("stringData") or {}).keys()) | set((sec.get("data") or {}).keys())
+    p = []
+    for d in docs:
+        if d["kind"] not in ("Deployment", "DaemonSet"):
+            continue
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref and (ref["name"] != sec["metadata"]["name"] or ref["key"] not in sec_keys):
+                    p.append(f"{d['kind']}/{d['metadata']['name']} env {e['name']}: "
+                             f"{ref['name']}/{ref['key']} is not in secret.example.yaml")
+    for (k, n) in objs:
+        if k == "Secret":
+            p.append(f"the kustomization renders Secret/{n}: secrets must not ship with values")
+    check("Secret references match secret.example.yaml; no Secret is rendered", p)
+
+    # ---- ports: listeners vs Service vs container ports
+    svc_ports = {(sp["port"], sp.get("protocol", "TCP")): sp for sp in svc["spec"]["ports"]}
+    p = []
+    if svc["spec"].get("type") != "LoadBalancer":
+        p.append(f"type {svc['spec'].get('type')}, want LoadBalancer")
+    if svc["spec"].get("externalTrafficPolicy") != "Local":
+        p.append("externalTrafficPolicy is not Local")
+    sel = svc["spec"].get("selector", {})
+    if not sel or any(dep["spec"]["template"]["metadata"]["labels"].get(k) != v for k, v in sel.items()):
+        p.append("selector does not match the mediagate pods")
+    wanted = []
+    for lst in cfg.get("listeners", []):
+        for port in port_range(lst["listen"]):
+            wanted.append((port, lst["protocol"].upper(), f"listener {lst['name']}"))
+    for tl in (cfg.get("turn") or {}).get("listeners", []):
+        wanted.append((port_range(tl["listen"])[0], tl["protocol"].upper(), "turn listener"))
+    for port, proto, what in wanted:
+        if (port, proto) not in svc_ports:
+            p.append(f"{what}: {port}/{proto} is not a port of Service mediagate")
+        if (port, proto) not in cports:
+            p.append(f"{what}: {port}/{proto} is not a containerPort")
+    for (port, proto), sp in svc_ports.items():
+        tp = sp.get("targetPort", port)
+        target = cport_names.get(tp, {}).get("containerPort", tp)
+        if (target, proto) not in cports:
+            p.append(f"Service port {port}/{proto}: targetPort {tp} is no containerPort")
+        if (port, proto) not in {(w[0], w[1]) for w in wanted}:
+            p.append(f"Service port {port}/{proto} has no mediagate listener")
+    if (admin_port, "TCP") in svc_ports:
+        p.append("the admin port is exposed on the LoadBalancer")
+    for need in ((3478, "UDP"), (3478, "TCP")):
+        if need not in svc_ports:
+            p.append(f"TURN {need[0]}/{need[1]} missing")
+    check("Service mediagate: LoadBalancer, externalTrafficPolicy Local, ports = listeners", p)
+
+    # ---- RBAC
+    p = []
+    cr = get("ClusterRole", "mediagate-discovery")
+    crb = get("ClusterRoleBinding", "mediagate-discovery")
+    sa = get("ServiceAccount", "mediagate")
+    if not (cr and crb and sa):
+        p.append("ServiceAccount, ClusterRole or ClusterRoleBinding missing")
+    else:
+        def allows(group, resource, verb):
+            return any(group in r.get("apiGroups", []) and resource in r.get("resources", [])
+                       and verb in r.get("verbs", []) for r in cr["rules"])
+        for g, r in (("discovery.k8s.io", "endpointslices"), ("", "nodes")):
+            for v in ("list", "watch"):
+                if not allows(g, r, v):
+                    p.append(f"ClusterRole does not allow {v} {r}")
+        if crb["roleRef"]["name"] != cr["metadata"]["name"]:
+            p.append("binding does not reference the ClusterRole")
+        if not any(s["kind"] == "ServiceAccount" and s["name"] == "mediagate"
+                   and s.get("namespace") == sa["metadata"].get("namespace")
+                   for s in crb.get("subjects", [])):
+            p.append("binding subject is not the mediagate ServiceAccount in its namespace")
+    if (cfg.get("discovery", {}).get("kubernetes") or {}).get("enabled") is not True:
+        p.append("discovery.kubernetes.enabled is not true")
+    check("RBAC: list/watch endpointslices and nodes, bound to the ServiceAccount", p)
+
+    # ---- node/… upstreams vs the DaemonSets behind their Services
+    p = []
+    listeners_by_up = {}
+    for lst in cfg.get("listeners", []):
+        listeners_by_up.setdefault(lst["upstream"], []).append(lst)
+    node_refs = 0
+    for name, up in cfg.get("upstreams", {}).items():
+        servers = [str(s) for s in up.get("primary", []) + up.get("backup", [])]
+        if not any(s.startswith("node/") for s in servers):
+            continue
+        node_refs += 1
+        k = up.get("kubernetes")
+        if not k:
+            p.append(f"upstream {name}: node/… servers without a kubernetes block")
+            continue
+        s = get("Service", k["service"])
+        if not s:
+            p.append(f"upstream {name}: Service {k['service']} is not rendered")
+            continue
+        if s["metadata"].get("namespace") != k["namespace"]:
+            p.append(f"upstream {name}: namespace {k['namespace']} but Service {k['service']} "
+                     f"is in {s['metadata'].get('namespace')}")
+        if s["spec"].get("clusterIP") != "None":
+            p.append(f"Service {k['service']} is not headless")
+        sel = s["spec"].get("selector", {})
+        ds = [d for d in docs if d["kind"] == "DaemonSet" and sel and all(
+            d["spec"]["template"]["metadata"]["labels"].get(a) == b for a, b in sel.items())]
+        if not ds:
+            p.append(f"Service {k['service']} selects no DaemonSet")
+            continue
+        dports = {(cp["containerPort"], cp.get("protocol", "TCP"))
+                  for c in ds[0]["spec"]["template"]["spec"]["containers"] for cp in c.get("ports", [])}
+        for lst in listeners_by_up.get(name, []):
+            for port in ([k["port"]] if k.get("port") else port_range(lst["listen"])):
+                if (port, lst["protocol"].upper()) not in dports:
+                    p.append(f"upstream {name} (listener {lst['name']}): {port}/{lst['protocol']} "
+                             f"is not a containerPort of DaemonSet {ds[0]['metadata']['name']}")
+        h = up.get("health", {})
+        hp = h.get("port")
+        htype = h.get("type", "tcp")
+        if hp and htype != "none":
+            proto = "UDP" if htype in ("udp", "stun") else "TCP"
+            if (hp, proto) not in dports:
+                p.append(f"upstream {name}: health port {hp}/{proto} is not a containerPort of "
+                         f"DaemonSet {ds[0]['metadata']['name']}")
+        if h.get("timeout") and h.get("interval") and \
+                parse_duration(h["timeout"]) > parse_duration(h["interval"]):
+            p.append(f"upstream {name}: health timeout exceeds interval")
+    if node_refs == 0:
+        p.append("no upstream uses node/… servers")
+    check(f"{node_refs} node/… upstreams point at headless Services of DaemonSets with those ports", p)
+
+    # ---- Janus and coturn
+    for dsname in ("janus", "coturn"):
+        ds = get("DaemonSet", dsname)
+        if not ds:
+            check(f"DaemonSet {dsname} exists", ["missing"])
+            continue
+        zero_tolerations(f"DaemonSet {dsname}", ds["spec"]["template"]["spec"])
+        hs = get("Service", dsname)
+        check(f"headless Service {dsname}",
+              [] if hs and hs["spec"].get("clusterIP") == "None" else ["missing or not headless"])
+
+    jcm = get("ConfigMap", "janus-config")
+    p = []
+    if not jcm:
+        p.append("ConfigMap janus-config missing")
+    else:
+        data = jcm.get("data", {})
+        for f in ("janus.jcfg", "janus.plugin.streaming.jcfg"):
+            if f not in data:
+                p.append(f"{f} missing")
+        streaming = data.get("janus.plugin.streaming.jcfg", "")
+        mp_ports = sorted(int(x) for x in re.findall(
+            r"^\s*(?:port|audioport|videoport|dataport)\s*=\s*(\d+)", streaming, re.M))
+        rtp = [l for l in cfg.get("listeners", []) if l["upstream"] == "janus-rtp"]
+        fronted = sorted(x for l in rtp for x in port_range(l["listen"]))
+        if not mp_ports:
+            p.append("no RTP mountpoint ports in janus.plugin.streaming.jcfg")
+        elif mp_ports != fronted:
+            p.append(f"mountpoint ports {mp_ports} != janus-rtp listener ports {fronted}")
+        http = data.get("janus.transport.http.jcfg", "")
+        if not re.search(r"^\s*port\s*=\s*8088", http, re.M):
+            p.append("janus.transport.http.jcfg does not serve 8088")
+    check("Janus ConfigMap: janus.jcfg, streaming mountpoints = the ports mediagate fronts", p)
+
+    ccm = get("ConfigMap", "coturn-config")
+    p = []
+    conf = (ccm or {}).get("data", {}).get("turnserver.conf", "")
+    if not re.search(r"^use-auth-secret\s*$", conf, re.M):
+        p.append("turnserver.conf lacks use-auth-secret")
+    if re.search(r"^static-auth-secret", conf, re.M):
+        p.append("turnserver.conf contains a static-auth-secret value")
+    ds = get("DaemonSet", "coturn")
+    c = ds["spec"]["template"]["spec"]["containers"][0] if ds else {}
+    if not any("--static-auth-secret=$(TURN_SECRET)" in a for a in c.get("args", [])):
+        p.append("coturn is not given --static-auth-secret=$(TURN_SECRET)")
+    check("coturn: use-auth-secret with the shared secret from the Secret", p)
+
+    # ---- observability
+    pm = get("PodMonitor", "mediagate")
+    p = []
+    if not pm:
+        p.append("PodMonitor missing")
+    else:
+        for ep in pm["spec"].get("podMetricsEndpoints", []):
+            if ep.get("port") not in cport_names:
+                p.append(f"PodMonitor port {ep.get('port')} is not a named containerPort")
+            if ep.get("path", "/metrics") != "/metrics":
+                p.append(f"PodMonitor path {ep.get('path')}")
+    dcm = get("ConfigMap", "mediagate-grafana-dashboard")
+    if not dcm:
+        p.append("dashboard ConfigMap missing")
+    else:
+        with open(dashboard_path) as f:
+            on_disk = json.load(f)
+        embedded = [json.loads(v) for v in dcm.get("data", {}).values()]
+        if on_disk not in embedded:
+            p.append("dashboard ConfigMap does not hold grafana-dashboard.json")
+    check("PodMonitor scrapes the admin port; dashboard ConfigMap generated from the JSON", p)
+
+    # ---- the dashboard itself
+    try:
+        dash, names = dashboard_metrics(dashboard_path)
+    except (OSError, ValueError) as e:
+        check("dashboard JSON parses", [str(e)])
+        return
+    check(f"dashboard JSON parses ({len(dash.get('panels', []))} panels, {len(names)} metrics)", [])
+    with open(os.path.join(outdir, "dashboard-metrics.txt"), "w") as f:
+        f.write("\n".join(sorted(names)) + "\n")
+    required = {
+        "failovers": "mediagate_failovers_total",
+        "active server per upstream": "mediagate_upstream_active",
+        "server health": "mediagate_server_up",
+        "sessions": "mediagate_sessions",
+        "packets": "mediagate_packets_total",
+        "bytes": "mediagate_bytes_total",
+        "detection latency": "mediagate_failover_detection_seconds_bucket",
+        "TURN allocations": "mediagate_turn_allocations",
+    }
+    check("dashboard shows failovers, active server, health, sessions, packets, bytes, "
+          "detection latency, TURN allocations",
+          [f"{what}: no query of {m}" for what, m in required.items() if m not in names])
+
+
+# ---------------------------------------------------------------------------------- live
+def free_port(kind):
+    s = socket.socket(socket.AF_INET, kind)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def loopback_config(outdir):
+    admin = free_port(socket.SOCK_STREAM)
+    udp_listen = free_port(socket.SOCK_DGRAM)
+    tcp_listen = free_port(socket.SOCK_STREAM)
+    turn_udp = free_port(socket.SOCK_DGRAM)
+    dead1 = free_port(socket.SOCK_STREAM)   # nothing listens there: the servers are down
+    dead2 = free_port(socket.SOCK_STREAM)
+    # mediagate treats the relay port range as bound UDP ports: keep it clear of the others.
+    taken = {admin, udp_listen, tcp_listen, turn_udp, dead1, dead2}
+    relay = 20100
+    while any(relay <= t < relay + 100 for t in taken):
+        relay += 100
+    cfg = f"""# written by scripts/test-manifests.sh: every metric family on loopback
+admin:
+  listen: 127.0.0.1:{admin}
+log:
+  level: warn
+listeners:
+  - name: test-udp
+    protocol: udp
+    listen: 127.0.0.1:{udp_listen}
+    upstream: test
+  - name: test-tcp
+    protocol: tcp
+    listen: 127.0.0.1:{tcp_listen}
+    upstream: test
+upstreams:
+  test:
+    primary: [127.0.0.1:{dead1}]
+    backup: [127.0.0.1:{dead2}]
+    health:
+      type: tcp
+      interval: 200ms
+      timeout: 100ms
+turn:
+  realm: test
+  public_address: 127.0.0.1
+  listeners:
+    - {{ protocol: udp, listen: 127.0.0.1:{turn_udp} }}
+  auth:
+    type: ephemeral
+    secret: test-secret
+  relay:
+    address: 127.0.0.1
+    port_range: {relay}-{relay + 99}
+    peers: [upstreams]
+shutdown:
+  drain_timeout: 1s
+"""
+    with open(os.path.join(outdir, "loopback.yaml"), "w") as f:
+        f.write(cfg)
+    print(admin)
+
+
+def wait_healthz(port, deadline, pid):
+    import time
+    import urllib.request
+    end = time.monotonic() + float(deadline)
+    last = ""
+    while time.monotonic() < end:
+        try:
+            os.kill(int(pid), 0)
+        except OSError:
+            print(f"mediagate (pid {pid}) exited before /healthz answered")
+            return 1
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return 0
+                last = f"status {r.status}"
+        except Exception as e:  # connection refused while starting
+            last = str(e)
+        time.sleep(0.1)
+    print(f"/healthz did not answer 200 within {deadline}s ({last})")
+    return 1
+
+
+def fetch(url, path):
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=5) as r:
+        body = r.read().decode()
+    with open(path, "w") as f:
+        f.write(body)
+
+
+def live_names(text):
+    """Sample names a Prometheus/OpenMetrics exposition can contain, from # TYPE / # HELP lines
+    (families without samples yet still print those) and from the sample lines."""
+    suffixes = {
+        "counter": ["_total", "_created"],
+        "histogram": ["_bucket", "_sum", "_count", "_created"],
+        "gaugehistogram": ["_bucket", "_gsum", "_gcount"],
+        "summary": ["", "_sum", "_count", "_created"],
+        "info": ["_info"],
+    }
+    names, typed, helped = set(), set(), set()
+    for line in text.splitlines():
+        m = re.match(r"#\s*TYPE\s+(\S+)\s+(\S+)", line)
+        if m:
+            fam, typ = m.groups()
+            typed.add(fam)
+            for suf in suffixes.get(typ, [""]):
+                if typ == "counter" and suf == "_total" and fam.endswith("_total"):
+                    names.add(fam)       # classic text format names the family with _total
+                elif typ == "info" and fam.endswith("_info"):
+                    names.add(fam)
+                else:
+                    names.add(fam + suf)
+            continue
+        m = re.match(r"#\s*HELP\s+(\S+)", line)
+        if m:
+            helped.add(m.group(1))
+            continue
+        if line.startswith("#") or not line.strip():
+            continue
+        m = re.match(r"([A-Za-z_:][A-Za-z0-9_:]*)", line)
+        if m:
+            names.add(m.group(1))
+    names |= helped - typed
+    return names
+
+
+def compare(metrics_path, dashboard_names_path):
+    with open(metrics_path) as f:
+        live = live_names(f.read())
+    with open(dashboard_names_path) as f:
+        wanted = [l.strip() for l in f if l.strip()]
+    mg = sorted(n for n in live if n.startswith("mediagate_") and not n.endswith("_created"))
+    missing = [n for n in wanted if n not in live]
+    detail = [f"{n} is queried by the dashboard but not exported" for n in missing]
+    if missing:
+        detail.append("exported mediagate_* names: " + " ".join(mg))
+    check(f"every metric the dashboard queries ({len(wanted)}) is in the live /metrics "
+          f"({len(mg)} mediagate_* names)", detail)
+
+
+if __name__ == "__main__":
+    mode, args = sys.argv[1], sys.argv[2:]
+    if mode == "static":
+        static(*args)
+    elif mode == "loopback-config":
+        loopback_config(*args)
+    elif mode == "wait-healthz":
+        sys.exit(wait_healthz(*args))
+    elif mode == "fetch":
+        fetch(*args)
+    elif mode == "compare":
+        compare(*args)
+    else:
+        sys.exit(f"unknown mode {mode}")
+PY
+
+echo "== manifests: $ROOT/manifests"
+
+# ---------------------------------------------------------------------------------------- 1
+RENDERED="$WORK/rendered.yaml"
+if ! command -v kubectl >/dev/null 2>&1; then
+    fail "kubectl kustomize manifests/ renders" "kubectl not found"
+    printf 'manifests: %d passed, %d failed, %d skipped\n' "$PASSED" "$FAILED" "$SKIPPED"
+    exit 1
+fi
+if err=$(kubectl kustomize manifests/ 2>&1 >"$RENDERED"); then
+    pass "kubectl kustomize manifests/ renders ($(grep -c '^kind:' "$RENDERED") objects)"
+else
+    fail "kubectl kustomize manifests/ renders" "$err"
+    printf 'manifests: %d passed, %d failed, %d skipped\n' "$PASSED" "$FAILED" "$SKIPPED"
+    exit 1
+fi
+
+# ---------------------------------------------------------------------------------------- 2
+# Run as `python3 -m kubernetes_validate`: works whatever pip's script directory is on PATH.
+if ! python3 -c 'import yaml, kubernetes_validate' 2>/dev/null; then
+    echo "      installing kubernetes-validate (PyPI) ..."
+    python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate >"$WORK/pip.log" 2>&1 \
+        || { tail -5 "$WORK/pip.log"; }
+fi
+if python3 -c 'import yaml, kubernetes_validate' 2>/dev/null; then
+    for v in $K8S_VERSIONS; do
+        if vout=$(python3 -m kubernetes_validate --strict --quiet -k "$v" "$RENDERED" \
+                manifests/mediagate/secret.example.yaml 2>&1); then
+            pass "kubernetes-validate --strict -k $v: every built-in object (and secret.example.yaml)"
+        else
+            fail "kubernetes-validate --strict -k $v" "$(grep -v '^WARN' <<<"$vout")"
+        fi
+        # Custom resources (PodMonitor) have no schema there: say so once.
+        grep '^WARN' <<<"$vout" | sed "s|$WORK/||; s/^/      /" | sort -u
+    done
+else
+    fail "kubernetes-validate available" "pip install kubernetes-validate failed (see above)"
+fi
+
+# ---------------------------------------------------------------------------------------- 3
+run_py static "$RENDERED" manifests/mediagate/secret.example.yaml \
+    manifests/observability/grafana-dashboard.json "$WORK"
+
+# ---------------------------------------------------------------------------------------- 4, 5
+BIN=$MEDIAGATE_BIN
+[[ "$BIN" = /* ]] || BIN="$ROOT/$BIN"
+if [[ "$SKIP_BINARY" == 1 ]]; then
+    skip "mediagate check on the ConfigMap's mediagate.yaml" "MANIFESTS_SKIP_BINARY=1"
+    skip "dashboard metrics vs a live /metrics" "MANIFESTS_SKIP_BINARY=1"
+elif [[ ! -x "$BIN" ]]; then
+    fail "mediagate binary at $BIN" "not found: build it first (cargo build), set MEDIAGATE_BIN, or MANIFESTS_SKIP_BINARY=1"
+else
+    # 4. `mediagate check` with the values the pod's env would have.
+    if [[ -f "$WORK/mediagate.yaml" ]]; then
+        cout=$(env PUBLIC_IP=203.0.113.10 POD_IP=10.244.1.17 TURN_SECRET=test-turn-secret \
+                MEDIAGATE_ADMIN_TOKEN=test-admin-token "$BIN" check -c "$WORK/mediagate.yaml" 2>&1)
+        crc=$?
+        if [[ $crc -eq 0 ]] && grep -qx 'ok' <<<"$cout"; then
+            pass "mediagate check on the ConfigMap's mediagate.yaml"
+        else
+            fail "mediagate check on the ConfigMap's mediagate.yaml (exit $crc)" "$cout"
+        fi
+        # And a missing variable must be an error (the Secret is not optional).
+        cout=$(env -u TURN_SECRET PUBLIC_IP=203.0.113.10 POD_IP=10.244.1.17 \
+                MEDIAGATE_ADMIN_TOKEN=x "$BIN" check -c "$WORK/mediagate.yaml" 2>&1)
+        crc=$?
+        if [[ $crc -eq 2 ]] && grep -q 'TURN_SECRET' <<<"$cout"; then
+            pass "mediagate check fails (exit 2) when the Secret's TURN_SECRET is missing"
+        else
+            fail "mediagate check fails (exit 2) when the Secret's TURN_SECRET is missing (exit $crc)" "$cout"
+        fi
+    else
+        fail "mediagate check on the ConfigMap's mediagate.yaml" "no embedded config extracted"
+    fi
+
+    # 5. Live /metrics vs the dashboard.
+    if [[ -f "$WORK/dashboard-metrics.txt" ]]; then
+        ADMIN_PORT=$(python3 "$WORK/check.py" loopback-config "$WORK")
+        (cd "$WORK" && exec "$BIN" run -c "$WORK/loopback.yaml") >"$WORK/mediagate.log" 2>&1 &
+        MG_PID=$!
+        if wout=$(python3 "$WORK/check.py" wait-healthz "$ADMIN_PORT" "$HEALTHZ_DEADLINE" "$MG_PID"); then
+            if python3 "$WORK/check.py" fetch "http://127.0.0.1:$ADMIN_PORT/metrics" "$WORK/metrics.txt" 2>"$WORK/fetch.err"; then
+                run_py compare "$WORK/metrics.txt" "$WORK/dashboard-metrics.txt"
+            else
+                fail "GET /metrics of the live binary" "$(cat "$WORK/fetch.err")"
+            fi
+        else
+            fail "live mediagate answers /healthz within ${HEALTHZ_DEADLINE}s" \
+                "$wout"$'\n'"$(tail -20 "$WORK/mediagate.log")"
+        fi
+        # Stop it: SIGTERM (drain_timeout 1s), then SIGKILL after 5 s.
+        if kill -0 "$MG_PID" 2>/dev/null; then
+            kill -TERM "$MG_PID" 2>/dev/null
+            for _ in $(seq 50); do kill -0 "$MG_PID" 2>/dev/null || break; sleep 0.1; done
+            if kill -0 "$MG_PID" 2>/dev/null; then
+                echo "      mediagate did not exit 5 s after SIGTERM: killing it"
+                kill -KILL "$MG_PID" 2>/dev/null
+            fi
+        fi
+        wait "$MG_PID" 2>/dev/null
+        MG_PID=""
+    else
+        fail "dashboard metrics vs a live /metrics" "no metric list extracted from the dashboard"
+    fi
+fi
+
+printf 'manifests: %d passed, %d failed, %d skipped\n' "$PASSED" "$FAILED" "$SKIPPED"
+[[ $FAILED -eq 0 ]]

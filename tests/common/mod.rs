@@ -1,0 +1,256 @@
+//! Shared pieces of the end-to-end tests: the real `mediagate` binary with a config file,
+//! echo workers as separate processes (so they can be killed or stopped), a blocking HTTP
+//! client for the admin API, and deadline-bounded waiting.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const MEDIAGATE: &str = env!("CARGO_BIN_EXE_mediagate");
+pub const TESTKIT: &str = env!("CARGO_BIN_EXE_mediagate-testkit");
+
+/// A free UDP port on 127.0.0.1 (the socket is closed again; reuse races are unlikely).
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    s.local_addr().expect("addr").port()
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_tcp_port() -> u16 {
+    let s = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+    s.local_addr().expect("addr").port()
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes; panics with `what` then.
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Async flavour of [`wait_until`].
+pub async fn wait_until_async(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), sig).expect("signal");
+    }
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    /// Waits for exit with a deadline; returns the exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // A stopped process must be continued to die cleanly under some init systems.
+        let _ = nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGCONT);
+        self.kill();
+    }
+}
+
+/// Starts a testkit echo worker (`udp-echo` / `tcp-echo`), optionally inside a network
+/// namespace, and waits for its `ready` line.
+pub fn worker(kind: &str, name: &str, listen: SocketAddr, netns: Option<&str>) -> Proc {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, TESTKIT]);
+            c
+        }
+        None => Command::new(TESTKIT),
+    };
+    cmd.args([kind, "--name", name, "--listen", &listen.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = cmd.spawn().expect("spawn testkit");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("worker {name} did not start"));
+    assert!(line.starts_with("ready"), "worker {name}: {line:?}");
+    Proc {
+        child,
+        name: name.to_string(),
+    }
+}
+
+/// A running balancer.
+pub struct Balancer {
+    pub proc: Proc,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Balancer {
+    /// Writes `yaml` (which must use `admin.listen: 127.0.0.1:{admin_port}`) and runs
+    /// `mediagate run`, waiting for /readyz.
+    pub fn start(yaml: &str, admin_port: u16) -> Balancer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("mediagate.yaml");
+        std::fs::write(&config, yaml).expect("write config");
+        let child = Command::new(MEDIAGATE)
+            .args(["run", "-c"])
+            .arg(&config)
+            .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn mediagate");
+        let b = Balancer {
+            proc: Proc {
+                child,
+                name: "mediagate".into(),
+            },
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            dir,
+            config,
+        };
+        wait_until(Duration::from_secs(15), "mediagate /readyz", || {
+            matches!(http(b.admin, "GET", "/readyz", None), Ok((200, _)))
+        });
+        b
+    }
+
+    /// GET /status as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let (code, body) = http(self.admin, "GET", "/status", None).expect("GET /status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("status json")
+    }
+
+    /// The active set of `upstream`.
+    pub fn active(&self, upstream: &str) -> Vec<String> {
+        upstream_of(&self.status(), upstream)["active"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            .unwrap_or_default()
+    }
+
+    /// GET /metrics text.
+    pub fn metrics(&self) -> String {
+        http(self.admin, "GET", "/metrics", None).expect("metrics").1
+    }
+}
+
+/// The upstream named `name` in a /status document.
+pub fn upstream_of<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["upstreams"]
+        .as_array()
+        .and_then(|a| a.iter().find(|u| u["name"] == name))
+        .unwrap_or_else(|| panic!("no upstream {name} in {status}"))
+}
+
+/// One blocking HTTP/1.1 request (Connection: close).
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
+    http_with(addr, method, path, body, &[])
+}
+
+pub fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let body = body.unwrap_or("");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked"));
+    Ok((code, if chunked { dechunk(body) } else { body.to_string() }))
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else {
+            return body.to_string();
+        };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            return body.to_string();
+        };
+        if n == 0 {
+            return out;
+        }
+        if after.len() < n {
+            return body.to_string();
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+}
+
+/// Runs `mediagate` with arguments; returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(MEDIAGATE).args(args).output().expect("run mediagate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

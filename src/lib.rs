@@ -20,3 +20,4 @@ pub mod logging;
 pub mod run;
 pub mod workers;
 pub mod flows;
+pub mod discovery;

@@ -87,3 +87,23 @@ pub async fn tcp_echo(name: &str, addr: SocketAddr) -> std::io::Result<(SocketAd
     });
     Ok((addr, task))
 }
+
+/// A health endpoint: answers every HTTP request with `200 OK` and closes.
+pub async fn http_ok(addr: SocketAddr) -> std::io::Result<JoinHandle<()>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind(addr).await?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf).await;
+                let _ = conn
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+                    .await;
+            });
+        }
+    }))
+}

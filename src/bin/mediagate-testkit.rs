@@ -32,6 +32,9 @@ enum Command {
         name: String,
         #[arg(long)]
         listen: SocketAddr,
+        /// Also answer `HTTP 200` on this port of the same IP (a health endpoint).
+        #[arg(long)]
+        http_port: Option<u16>,
     },
 }
 
@@ -52,7 +55,14 @@ fn main() -> ExitCode {
                 std::future::pending::<()>().await;
                 Ok(())
             }
-            Command::TcpEcho { name, listen } => {
+            Command::TcpEcho {
+                name,
+                listen,
+                http_port,
+            } => {
+                if let Some(p) = http_port {
+                    mediagate::workers::http_ok(SocketAddr::new(listen.ip(), p)).await?;
+                }
                 let (addr, task) = mediagate::workers::tcp_echo(&name, listen).await?;
                 println!("ready {addr}");
                 let _ = task.await;

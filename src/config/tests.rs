@@ -161,6 +161,11 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
         &["t.yaml:5:17: upstreams.u.health.interval: invalid duration \"10 mss\""],
     ),
     (
+        "duration with a space",
+        "upstreams:\n  u:\n    primary: [127.0.0.1:6004]\n    health:\n      interval: 10 ms\n",
+        &["t.yaml:5:17: upstreams.u.health.interval: invalid duration \"10 ms\""],
+    ),
+    (
         "duration without unit",
         "shutdown:\n  drain_timeout: 5\n",
         &["t.yaml:2:18: shutdown.drain_timeout: invalid duration \"5\""],

@@ -566,9 +566,17 @@ impl Dur {
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim())
-            .map(Dur)
-            .map_err(|_| serde::de::Error::custom(format!("invalid duration {s:?}")))
+        let bad = || serde::de::Error::custom(format!("invalid duration {s:?}"));
+        // humantime accepts "10 ms"; the SPEC writes a number and its unit together and
+        // calls "10 ms" invalid. Spaces between whole terms ("2m 30s") stay allowed.
+        let t = s.trim();
+        if t.as_bytes()
+            .windows(2)
+            .any(|w| w[0].is_ascii_digit() && w[1].is_ascii_whitespace())
+        {
+            return Err(bad());
+        }
+        humantime::parse_duration(s.trim()).map(Dur).map_err(|_| bad())
     }
 }
 

@@ -1,0 +1,197 @@
+//! The command line and admin API as a user meets them: `check`, `demo`, `status`,
+//! `server`, the bearer token, and graceful shutdown.
+
+mod common;
+
+use common::*;
+use nix::sys::signal::Signal;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+const ENV: [(&str, &str); 4] = [
+    ("TURN_SECRET", "example-secret"),
+    ("PUBLIC_IP", "203.0.113.10"),
+    ("MEDIAGATE_ADMIN_TOKEN", "example-token"),
+    ("POD_IP", "10.244.1.7"),
+];
+
+#[test]
+fn every_example_config_passes_check() {
+    let mut n = 0;
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config")).expect("config/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let out = std::process::Command::new(MEDIAGATE)
+            .args(["check", "-c"])
+            .arg(&path)
+            .envs(ENV)
+            .output()
+            .expect("run check");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}: {}{}",
+            path.display(),
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout.trim(), "ok");
+        n += 1;
+    }
+    assert!(n >= 2, "expected the example configs in config/");
+}
+
+#[test]
+fn broken_config_names_file_line_and_key_and_exits_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "listeners:\n  - { name: a, protocol: udp, listen: \"127.0.0.1:5004\", upstream: u }\nupstreams:\n  u:\n    primary: [\"127.0.0.1:6000\"]\n    health:\n      interval: 10 ms\n",
+    )
+    .expect("write");
+    let p = path.to_string_lossy().into_owned();
+    let (code, stdout, stderr) = run_cli(&["check", "-c", &p]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        format!("{p}:7:17: upstreams.u.health.interval: invalid duration \"10 ms\"")
+    );
+    // `run` refuses it the same way, without binding anything.
+    let (code, _, stderr2) = run_cli(&["run", "-c", &p]);
+    assert_eq!(code, 2);
+    assert_eq!(stderr2.trim(), stderr.trim());
+    // A missing file is a configuration error too, in one line.
+    let (code, _, stderr) = run_cli(&["check", "-c", "/nonexistent/mediagate.yaml"]);
+    assert_eq!(code, 2);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn demo_shows_failover_and_failback_and_exits_0() {
+    let out = std::process::Command::new(MEDIAGATE)
+        .arg("demo")
+        .output()
+        .expect("run demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for needle in [
+        "primary killed",
+        "event: failover",
+        "reason icmp_unreachable",
+        "event: failback",
+        "reason probe_timeout",
+        "datagrams lost: 0 in total",
+    ] {
+        assert!(stdout.contains(needle), "demo output lacks {needle:?}:\n{stdout}");
+    }
+}
+
+fn simple(listen: u16, admin: u16, primary: SocketAddr, backup: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+admin: {{ listen: "127.0.0.1:{admin}"{extra} }}
+listeners:
+  - {{ name: rtp, protocol: udp, listen: "127.0.0.1:{listen}", upstream: media }}
+upstreams:
+  media:
+    primary: ["{primary}"]
+    backup: ["{backup}"]
+    health: {{ type: udp, interval: 100ms, timeout: 100ms }}
+shutdown: {{ drain_timeout: 2s }}
+"#
+    )
+}
+
+#[test]
+fn status_and_server_commands_drive_a_running_balancer() {
+    let (p, bk, l, a) = (free_udp_port(), free_udp_port(), free_udp_port(), free_tcp_port());
+    let pa = SocketAddr::from(([127, 0, 0, 1], p));
+    let ba = SocketAddr::from(([127, 0, 0, 1], bk));
+    let _w1 = worker("udp-echo", "primary", pa, None);
+    let _w2 = worker("udp-echo", "backup", ba, None);
+    let b = Balancer::start(&simple(l, a, pa, ba, ", token: secret-token"), a);
+    let admin = format!("http://127.0.0.1:{a}");
+
+    let (code, out, err) = run_cli(&["status", "--admin", &admin]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("UPSTREAM") && out.contains(&pa.to_string()), "{out}");
+    let line = out.lines().find(|l| l.contains(&pa.to_string())).expect("primary row");
+    assert!(line.contains("primary") && line.contains("up") && line.trim_end().ends_with('*'), "{line}");
+
+    // POST endpoints need the token.
+    let (code, _) = http(b.admin, "POST", "/upstreams/media/servers/x/state", Some("{\"state\":\"maint\"}")).expect("post");
+    assert_eq!(code, 401);
+    let (code, _, err) = run_cli(&["server", "maint", "media", &pa.to_string(), "--admin", &admin]);
+    assert_eq!(code, 1);
+    assert!(err.contains("401"), "{err}");
+
+    // maint moves the active set (and sessions) to the backup at once.
+    let out = std::process::Command::new(MEDIAGATE)
+        .args(["server", "maint", "media", &pa.to_string(), "--admin", &admin])
+        .env("MEDIAGATE_ADMIN_TOKEN", "secret-token")
+        .output()
+        .expect("server maint");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(b.active("media"), vec![ba.to_string()]);
+    let st = b.status();
+    assert_eq!(upstream_of(&st, "media")["servers"][0]["admin_state"], "maint");
+    assert_eq!(upstream_of(&st, "media")["events"][0]["reason"], "admin");
+
+    // Unknown servers and states are clear errors.
+    let (code, _, err) = run_cli(&["server", "maint", "media", "10.9.9.9:1", "--admin", &admin]);
+    assert_eq!(code, 1);
+    assert!(!err.contains("panicked"), "{err}");
+    let (code, _, err) = run_cli(&["server", "sleep", "media", &pa.to_string(), "--admin", &admin]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown state"), "{err}");
+
+    // Metrics carry the spec names.
+    let m = b.metrics();
+    for name in [
+        "mediagate_build_info",
+        "mediagate_server_up{upstream=\"media\"",
+        "mediagate_upstream_active{upstream=\"media\"",
+        "mediagate_probes_total{",
+        "mediagate_sessions{listener=\"rtp\"}",
+    ] {
+        assert!(m.contains(name), "metrics lack {name}");
+    }
+}
+
+#[test]
+fn sigterm_drains_udp_sessions_then_exits_0() {
+    let (p, bk, l, a) = (free_udp_port(), free_udp_port(), free_udp_port(), free_tcp_port());
+    let pa = SocketAddr::from(([127, 0, 0, 1], p));
+    let ba = SocketAddr::from(([127, 0, 0, 1], bk));
+    let _w1 = worker("udp-echo", "primary", pa, None);
+    let _w2 = worker("udp-echo", "backup", ba, None);
+    let mut b = Balancer::start(&simple(l, a, pa, ba, ""), a);
+    let listen = SocketAddr::from(([127, 0, 0, 1], l));
+    let client = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    client.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+    let mut buf = [0u8; 64];
+    client.send_to(b"12345678", listen).expect("send");
+    client.recv_from(&mut buf).expect("first reply");
+
+    b.proc.signal(Signal::SIGTERM);
+    let t = Instant::now();
+    wait_until(Duration::from_secs(2), "/readyz 503 while draining", || {
+        matches!(http(b.admin, "GET", "/readyz", None), Ok((503, _)))
+    });
+    // The existing session still flows during the drain...
+    client.send_to(b"12345678", listen).expect("send");
+    assert!(client.recv_from(&mut buf).is_ok(), "existing session must keep flowing while draining");
+    // ...a new one is refused.
+    let newcomer = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    newcomer.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+    newcomer.send_to(b"12345678", listen).expect("send");
+    assert!(newcomer.recv_from(&mut buf).is_err(), "new sessions are refused while draining");
+    // drain_timeout is 2s: the process exits 0 soon after.
+    let code = b.proc.wait_exit(Duration::from_secs(5));
+    assert_eq!(code, Some(0));
+    assert!(t.elapsed() >= Duration::from_millis(1500), "exited before the drain timeout");
+}

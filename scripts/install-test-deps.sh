@@ -1,16 +1,35 @@
-#!/bin/sh
-# Installs the external programs the test suite starts for real (Debian/Ubuntu).
-#   coturn: `turnserver`, the STUN target of health::stun::tests::stun_against_coturn.
-set -eu
+#!/usr/bin/env bash
+# Installs what the test suite runs for real on a fresh Debian machine:
+#   coturn      turnserver / turnutils_uclient / turnutils_peer: STUN probe target, TURN peers
+#   dnsmasq     a real DNS server for the DNS discovery tests
+#   iproute2    `ip netns` + veth for the "node gone" failover test
+#   nginx-light, libnginx-mod-stream, haproxy: comparison peers for the benchmarks
+#   kubernetes-validate (PyPI): schema validation of manifests/
+# Installs only what is missing, so a warm machine pays nothing.
+set -euo pipefail
 
 SUDO=
 if [ "$(id -u)" -ne 0 ]; then
     SUDO=sudo
 fi
 
-if ! command -v turnserver >/dev/null 2>&1; then
-    $SUDO apt-get update
-    $SUDO apt-get install -y --no-install-recommends coturn
+need=()
+command -v turnserver >/dev/null 2>&1 || need+=(coturn)
+command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light libnginx-mod-stream)
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing Debian packages: ${need[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-echo "test dependencies present: $(command -v turnserver)"
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+    echo "installing kubernetes-validate (PyPI)"
+    python3 -m pip install --quiet kubernetes-validate
+fi
+
+echo "test dependencies present: turnserver dnsmasq ip nginx haproxy kubernetes-validate"

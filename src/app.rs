@@ -51,7 +51,9 @@ impl ListenerRuntime {
     }
     pub fn upstream(&self) -> &str {
         match self {
-            ListenerRuntime::Udp { upstream, .. } | ListenerRuntime::Tcp { upstream, .. } => upstream,
+            ListenerRuntime::Udp { upstream, .. } | ListenerRuntime::Tcp { upstream, .. } => {
+                upstream
+            }
         }
     }
     pub fn sessions(&self) -> usize {
@@ -121,7 +123,10 @@ impl App {
                     let socks = l
                         .listen
                         .addrs()
-                        .map(|a| udp::bind(a).with_context(|| format!("listener {}: bind udp {a}", l.name)))
+                        .map(|a| {
+                            udp::bind(a)
+                                .with_context(|| format!("listener {}: bind udp {a}", l.name))
+                        })
                         .collect::<Result<Vec<_>>>()?;
                     bound.push(Bound::Udp(socks));
                     listeners.push(ListenerRuntime::Udp {
@@ -140,7 +145,10 @@ impl App {
                     let socks = l
                         .listen
                         .addrs()
-                        .map(|a| tcp::bind(a).with_context(|| format!("listener {}: bind tcp {a}", l.name)))
+                        .map(|a| {
+                            tcp::bind(a)
+                                .with_context(|| format!("listener {}: bind tcp {a}", l.name))
+                        })
                         .collect::<Result<Vec<_>>>()?;
                     bound.push(Bound::Tcp(socks));
                     listeners.push(ListenerRuntime::Tcp {
@@ -273,7 +281,9 @@ fn static_servers(
     let mut out = Vec::new();
     for (s, tier) in tiers {
         let handle = match s {
-            ServerRef::Static(sa) => ServerHandle::new(sa.ip(), Some(sa.port()), default_port, tier),
+            ServerRef::Static(sa) => {
+                ServerHandle::new(sa.ip(), Some(sa.port()), default_port, tier)
+            }
             ServerRef::StaticIp(ip) => ServerHandle::new(*ip, None, default_port, tier),
             other => {
                 return Err(anyhow!(
@@ -293,15 +303,19 @@ pub fn raise_nofile_limit() {
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) => {
             let target = WANTED.min(hard);
-            if soft < target {
-                if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
-                    tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
-                    return;
-                }
+            if soft < target
+                && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, target, hard)
+            {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
+                return;
             }
             let now = soft.max(target);
             if now < 200_000 {
-                tracing::warn!(limit = now, hard, "open-file limit in force is below what 100k UDP sessions need (one socket each)");
+                tracing::warn!(
+                    limit = now,
+                    hard,
+                    "open-file limit in force is below what 100k UDP sessions need (one socket each)"
+                );
             } else {
                 tracing::info!(limit = now, "open-file limit in force");
             }

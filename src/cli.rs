@@ -93,12 +93,16 @@ pub fn render(st: &Status) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<20} {:<24} {:<8} {:<8} {:<7} {:>8}  {}",
-        "UPSTREAM", "SERVER", "TIER", "HEALTH", "ADMIN", "SESSIONS", "ACTIVE"
+        "{:<20} {:<24} {:<8} {:<8} {:<7} {:>8}  ACTIVE",
+        "UPSTREAM", "SERVER", "TIER", "HEALTH", "ADMIN", "SESSIONS"
     );
     for u in &st.upstreams {
         for s in &u.servers {
-            let active = if u.active.contains(&s.address) { "*" } else { "" };
+            let active = if u.active.contains(&s.address) {
+                "*"
+            } else {
+                ""
+            };
             let _ = writeln!(
                 out,
                 "{:<20} {:<24} {:<8} {:<8} {:<7} {:>8}  {}",

@@ -57,12 +57,22 @@ shutdown: {{ drain_timeout: 1s }}
     println!("mediagate demo: active-passive failover on loopback\n");
     println!("  primary worker   udp {primary_addr}");
     println!("  backup worker    udp {}", backup.addr);
-    println!("  balancer         udp {listen} -> upstream \"media\" (udp probe every 100 ms, timeout 100 ms, fall 1, rise 2, failback: all)");
-    println!("  admin API        http://{}/status  (try: mediagate status --admin http://{})", app.admin_addr, app.admin_addr);
-    println!("  clients          {FLOWS} flows, one datagram every {} ms each\n", SEND_EVERY.as_millis());
+    println!(
+        "  balancer         udp {listen} -> upstream \"media\" (udp probe every 100 ms, timeout 100 ms, fall 1, rise 2, failback: all)"
+    );
+    println!(
+        "  admin API        http://{}/status  (try: mediagate status --admin http://{})",
+        app.admin_addr, app.admin_addr
+    );
+    println!(
+        "  clients          {FLOWS} flows, one datagram every {} ms each\n",
+        SEND_EVERY.as_millis()
+    );
 
     let flows = Flows::start(listen, FLOWS, SEND_EVERY, 64).await?;
-    wait_for(&flows, "primary", Duration::from_secs(5)).await.context("flows never reached the primary")?;
+    wait_for(&flows, "primary", Duration::from_secs(5))
+        .await
+        .context("flows never reached the primary")?;
     println!("{} {FLOWS} sessions flowing through the primary", stamp());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -71,8 +81,13 @@ shutdown: {{ drain_timeout: 1s }}
     flows.reset_gaps();
     primary.stop().await;
     let killed = Instant::now();
-    println!("{} primary killed (its port now answers ICMP port unreachable)", stamp());
-    wait_for(&flows, "backup", Duration::from_secs(3)).await.context("flows did not move to the backup")?;
+    println!(
+        "{} primary killed (its port now answers ICMP port unreachable)",
+        stamp()
+    );
+    wait_for(&flows, "backup", Duration::from_secs(3))
+        .await
+        .context("flows did not move to the backup")?;
     let moved_after = killed.elapsed();
     tokio::time::sleep(Duration::from_millis(200)).await;
     print_event(&app, "failover", &stamp());
@@ -86,10 +101,14 @@ shutdown: {{ drain_timeout: 1s }}
 
     // 2. Recovery: the primary comes back on the same port; failback: all moves flows home.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let primary = UdpEcho::start("primary", primary_addr).await.context("restart the primary")?;
+    let primary = UdpEcho::start("primary", primary_addr)
+        .await
+        .context("restart the primary")?;
     let restarted = Instant::now();
     println!("{} primary restarted", stamp());
-    wait_for(&flows, "primary", Duration::from_secs(3)).await.context("flows did not fail back")?;
+    wait_for(&flows, "primary", Duration::from_secs(3))
+        .await
+        .context("flows did not fail back")?;
     println!(
         "{} failback: all {FLOWS} flows back on the primary {} ms after its restart (rise 2 x 100 ms)",
         stamp(),
@@ -103,8 +122,13 @@ shutdown: {{ drain_timeout: 1s }}
     flows.reset_gaps();
     primary.pause(true);
     let hung = Instant::now();
-    println!("{} primary hung (no replies, no ICMP: only the probe can tell)", stamp());
-    wait_for(&flows, "backup", Duration::from_secs(3)).await.context("flows did not leave the hung primary")?;
+    println!(
+        "{} primary hung (no replies, no ICMP: only the probe can tell)",
+        stamp()
+    );
+    wait_for(&flows, "backup", Duration::from_secs(3))
+        .await
+        .context("flows did not leave the hung primary")?;
     let moved_after = hung.elapsed();
     tokio::time::sleep(Duration::from_millis(200)).await;
     print_event(&app, "failover", &stamp());

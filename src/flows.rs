@@ -49,14 +49,23 @@ pub struct Flows {
 
 impl Flows {
     /// Starts `n` flows to `target`, each sending `payload_len` bytes every `interval`.
-    pub async fn start(target: SocketAddr, n: usize, interval: Duration, payload_len: usize) -> std::io::Result<Flows> {
+    pub async fn start(
+        target: SocketAddr,
+        n: usize,
+        interval: Duration,
+        payload_len: usize,
+    ) -> std::io::Result<Flows> {
         let stop = CancellationToken::new();
         let mut stats = Vec::with_capacity(n);
         let mut tasks = Vec::with_capacity(n);
         for i in 0..n {
-            let local: SocketAddr = if target.is_ipv4() { "127.0.0.1:0" } else { "[::1]:0" }
-                .parse()
-                .map_err(std::io::Error::other)?;
+            let local: SocketAddr = if target.is_ipv4() {
+                "127.0.0.1:0"
+            } else {
+                "[::1]:0"
+            }
+            .parse()
+            .map_err(std::io::Error::other)?;
             let sock = UdpSocket::bind(local).await?;
             sock.connect(target).await?;
             let st = Arc::new(Mutex::new(FlowStats::default()));
@@ -64,7 +73,14 @@ impl Flows {
             let stop = stop.clone();
             // Spread the flows over the interval so they do not all send at once.
             let offset = interval.mul_f64(i as f64 / n.max(1) as f64);
-            tasks.push(tokio::spawn(run_flow(sock, st, interval, offset, payload_len, stop)));
+            tasks.push(tokio::spawn(run_flow(
+                sock,
+                st,
+                interval,
+                offset,
+                payload_len,
+                stop,
+            )));
         }
         Ok(Flows { stats, stop, tasks })
     }
@@ -120,10 +136,10 @@ async fn run_flow(
             _ = ticker.tick(), if sending => {
                 payload[..8].copy_from_slice(&seq.to_be_bytes());
                 seq += 1;
-                if sock.send(&payload).await.is_ok() {
-                    if let Ok(mut s) = stats.lock() {
-                        s.sent += 1;
-                    }
+                if sock.send(&payload).await.is_ok()
+                    && let Ok(mut s) = stats.lock()
+                {
+                    s.sent += 1;
                 }
             }
             r = sock.recv(&mut buf) => {

@@ -6,18 +6,18 @@
 //! (`health`) and discovery feed the controller; `admin` reads snapshots and sends it
 //! commands; `app` wires everything together.
 
-pub mod config;
-pub mod health;
-pub mod turn;
-pub mod metrics;
-pub mod upstream;
-pub mod proxy;
 pub mod admin;
 pub mod app;
 pub mod cli;
+pub mod config;
 pub mod demo;
-pub mod logging;
-pub mod run;
-pub mod workers;
-pub mod flows;
 pub mod discovery;
+pub mod flows;
+pub mod health;
+pub mod logging;
+pub mod metrics;
+pub mod proxy;
+pub mod run;
+pub mod turn;
+pub mod upstream;
+pub mod workers;

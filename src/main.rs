@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "mediagate", version, about = "Active-passive failover load balancer for WebRTC media gateways")]
+#[command(
+    name = "mediagate",
+    version,
+    about = "Active-passive failover load balancer for WebRTC media gateways"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -124,7 +128,10 @@ fn run(path: Option<PathBuf>) -> ExitCode {
 
 /// Runs a future on a multi-threaded runtime and maps its error to exit code 1.
 fn with_runtime(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("mediagate: cannot start the runtime: {e}");

@@ -96,29 +96,26 @@ impl Metrics {
         );
         let server_up = fam!("mediagate_server_up", "1 when the server is healthy");
         let upstream_active = fam!(
-                "mediagate_upstream_active",
-                "1 when the server is in its upstream's active set"
-            );
+            "mediagate_upstream_active",
+            "1 when the server is in its upstream's active set"
+        );
         let failovers = fam!("mediagate_failovers", "Failovers, by upstream and reason");
         let failbacks = fam!("mediagate_failbacks", "Failbacks, by upstream");
         let probes = fam!("mediagate_probes", "Health probes, by result");
         let sessions = fam!("mediagate_sessions", "Live sessions, by listener");
         let sessions_created = fam!("mediagate_sessions_created", "Sessions created");
         let sessions_migrated = fam!(
-                "mediagate_sessions_migrated",
-                "Sessions moved to another server"
-            );
-        let sessions_rejected = fam!(
-                "mediagate_sessions_rejected",
-                "Sessions refused, by reason"
-            );
+            "mediagate_sessions_migrated",
+            "Sessions moved to another server"
+        );
+        let sessions_rejected = fam!("mediagate_sessions_rejected", "Sessions refused, by reason");
         let packets = fam!("mediagate_packets", "Datagrams forwarded, by direction");
         let bytes = fam!("mediagate_bytes", "Bytes forwarded, by direction");
         let dropped = fam!("mediagate_dropped_packets", "Datagrams dropped, by reason");
         let config_reloads = fam!(
-                "mediagate_config_reloads",
-                "Configuration reloads, by result"
-            );
+            "mediagate_config_reloads",
+            "Configuration reloads, by result"
+        );
         for result in ["ok", "error"] {
             let _ = child(&config_reloads, &labels(&[("result", result)]));
         }

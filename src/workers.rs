@@ -56,7 +56,10 @@ impl UdpEcho {
 }
 
 /// A TCP echo worker: every connection gets `NAME|` then an echo of what it sends.
-pub async fn tcp_echo(name: &str, addr: SocketAddr) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+pub async fn tcp_echo(
+    name: &str,
+    addr: SocketAddr,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
@@ -101,7 +104,9 @@ pub async fn http_ok(addr: SocketAddr) -> std::io::Result<JoinHandle<()>> {
                 let mut buf = [0u8; 1024];
                 let _ = conn.read(&mut buf).await;
                 let _ = conn
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n",
+                    )
                     .await;
             });
         }

@@ -18,7 +18,8 @@ const ENV: [(&str, &str); 4] = [
 #[test]
 fn every_example_config_passes_check() {
     let mut n = 0;
-    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config")).expect("config/") {
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config")).expect("config/")
+    {
         let path = entry.expect("entry").path();
         if path.extension().is_none_or(|e| e != "yaml") {
             continue;
@@ -77,7 +78,12 @@ fn demo_shows_failover_and_failback_and_exits_0() {
         .output()
         .expect("run demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for needle in [
         "primary killed",
         "event: failover",
@@ -86,7 +92,10 @@ fn demo_shows_failover_and_failback_and_exits_0() {
         "reason probe_timeout",
         "datagrams lost: 0 in total",
     ] {
-        assert!(stdout.contains(needle), "demo output lacks {needle:?}:\n{stdout}");
+        assert!(
+            stdout.contains(needle),
+            "demo output lacks {needle:?}:\n{stdout}"
+        );
     }
 }
 
@@ -108,7 +117,12 @@ shutdown: {{ drain_timeout: 2s }}
 
 #[test]
 fn status_and_server_commands_drive_a_running_balancer() {
-    let (p, bk, l, a) = (free_udp_port(), free_udp_port(), free_udp_port(), free_tcp_port());
+    let (p, bk, l, a) = (
+        free_udp_port(),
+        free_udp_port(),
+        free_udp_port(),
+        free_tcp_port(),
+    );
     let pa = SocketAddr::from(([127, 0, 0, 1], p));
     let ba = SocketAddr::from(([127, 0, 0, 1], bk));
     let _w1 = worker("udp-echo", "primary", pa, None);
@@ -118,34 +132,78 @@ fn status_and_server_commands_drive_a_running_balancer() {
 
     let (code, out, err) = run_cli(&["status", "--admin", &admin]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("UPSTREAM") && out.contains(&pa.to_string()), "{out}");
-    let line = out.lines().find(|l| l.contains(&pa.to_string())).expect("primary row");
-    assert!(line.contains("primary") && line.contains("up") && line.trim_end().ends_with('*'), "{line}");
+    assert!(
+        out.contains("UPSTREAM") && out.contains(&pa.to_string()),
+        "{out}"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.contains(&pa.to_string()))
+        .expect("primary row");
+    assert!(
+        line.contains("primary") && line.contains("up") && line.trim_end().ends_with('*'),
+        "{line}"
+    );
 
     // POST endpoints need the token.
-    let (code, _) = http(b.admin, "POST", "/upstreams/media/servers/x/state", Some("{\"state\":\"maint\"}")).expect("post");
+    let (code, _) = http(
+        b.admin,
+        "POST",
+        "/upstreams/media/servers/x/state",
+        Some("{\"state\":\"maint\"}"),
+    )
+    .expect("post");
     assert_eq!(code, 401);
-    let (code, _, err) = run_cli(&["server", "maint", "media", &pa.to_string(), "--admin", &admin]);
+    let (code, _, err) = run_cli(&[
+        "server",
+        "maint",
+        "media",
+        &pa.to_string(),
+        "--admin",
+        &admin,
+    ]);
     assert_eq!(code, 1);
     assert!(err.contains("401"), "{err}");
 
     // maint moves the active set (and sessions) to the backup at once.
     let out = std::process::Command::new(MEDIAGATE)
-        .args(["server", "maint", "media", &pa.to_string(), "--admin", &admin])
+        .args([
+            "server",
+            "maint",
+            "media",
+            &pa.to_string(),
+            "--admin",
+            &admin,
+        ])
         .env("MEDIAGATE_ADMIN_TOKEN", "secret-token")
         .output()
         .expect("server maint");
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(b.active("media"), vec![ba.to_string()]);
     let st = b.status();
-    assert_eq!(upstream_of(&st, "media")["servers"][0]["admin_state"], "maint");
+    assert_eq!(
+        upstream_of(&st, "media")["servers"][0]["admin_state"],
+        "maint"
+    );
     assert_eq!(upstream_of(&st, "media")["events"][0]["reason"], "admin");
 
     // Unknown servers and states are clear errors.
     let (code, _, err) = run_cli(&["server", "maint", "media", "10.9.9.9:1", "--admin", &admin]);
     assert_eq!(code, 1);
     assert!(!err.contains("panicked"), "{err}");
-    let (code, _, err) = run_cli(&["server", "sleep", "media", &pa.to_string(), "--admin", &admin]);
+    let (code, _, err) = run_cli(&[
+        "server",
+        "sleep",
+        "media",
+        &pa.to_string(),
+        "--admin",
+        &admin,
+    ]);
     assert_eq!(code, 1);
     assert!(err.contains("unknown state"), "{err}");
 
@@ -164,7 +222,12 @@ fn status_and_server_commands_drive_a_running_balancer() {
 
 #[test]
 fn sigterm_drains_udp_sessions_then_exits_0() {
-    let (p, bk, l, a) = (free_udp_port(), free_udp_port(), free_udp_port(), free_tcp_port());
+    let (p, bk, l, a) = (
+        free_udp_port(),
+        free_udp_port(),
+        free_udp_port(),
+        free_tcp_port(),
+    );
     let pa = SocketAddr::from(([127, 0, 0, 1], p));
     let ba = SocketAddr::from(([127, 0, 0, 1], bk));
     let _w1 = worker("udp-echo", "primary", pa, None);
@@ -172,7 +235,9 @@ fn sigterm_drains_udp_sessions_then_exits_0() {
     let mut b = Balancer::start(&simple(l, a, pa, ba, ""), a);
     let listen = SocketAddr::from(([127, 0, 0, 1], l));
     let client = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    client.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+    client
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
     let mut buf = [0u8; 64];
     client.send_to(b"12345678", listen).expect("send");
     client.recv_from(&mut buf).expect("first reply");
@@ -184,14 +249,25 @@ fn sigterm_drains_udp_sessions_then_exits_0() {
     });
     // The existing session still flows during the drain...
     client.send_to(b"12345678", listen).expect("send");
-    assert!(client.recv_from(&mut buf).is_ok(), "existing session must keep flowing while draining");
+    assert!(
+        client.recv_from(&mut buf).is_ok(),
+        "existing session must keep flowing while draining"
+    );
     // ...a new one is refused.
     let newcomer = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    newcomer.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+    newcomer
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
     newcomer.send_to(b"12345678", listen).expect("send");
-    assert!(newcomer.recv_from(&mut buf).is_err(), "new sessions are refused while draining");
+    assert!(
+        newcomer.recv_from(&mut buf).is_err(),
+        "new sessions are refused while draining"
+    );
     // drain_timeout is 2s: the process exits 0 soon after.
     let code = b.proc.wait_exit(Duration::from_secs(5));
     assert_eq!(code, Some(0));
-    assert!(t.elapsed() >= Duration::from_millis(1500), "exited before the drain timeout");
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500),
+        "exited before the drain timeout"
+    );
 }

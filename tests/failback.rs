@@ -8,7 +8,13 @@ use mediagate::flows::Flows;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-fn config(listen: u16, admin: u16, primary: SocketAddr, backup: SocketAddr, failback: &str) -> String {
+fn config(
+    listen: u16,
+    admin: u16,
+    primary: SocketAddr,
+    backup: SocketAddr,
+    failback: &str,
+) -> String {
     format!(
         r#"
 admin: {{ listen: "127.0.0.1:{admin}" }}
@@ -25,13 +31,18 @@ upstreams:
 }
 
 fn workers_on(flows: &Flows) -> Vec<String> {
-    flows.snapshot().into_iter().map(|f| f.last_worker).collect()
+    flows
+        .snapshot()
+        .into_iter()
+        .map(|f| f.last_worker)
+        .collect()
 }
 
 /// Sends one datagram from a fresh source port and returns the answering worker.
 fn one_shot(target: SocketAddr, bind_ip: &str) -> String {
     let s = UdpSocket::bind(format!("{bind_ip}:0")).expect("bind");
-    s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
     for _ in 0..10 {
         s.send_to(b"12345678hello", target).expect("send");
         let mut buf = [0u8; 256];
@@ -52,7 +63,12 @@ struct Setup {
 }
 
 fn setup(failback: &str) -> Setup {
-    let (p, bk, l, a) = (free_udp_port(), free_udp_port(), free_udp_port(), free_tcp_port());
+    let (p, bk, l, a) = (
+        free_udp_port(),
+        free_udp_port(),
+        free_udp_port(),
+        free_tcp_port(),
+    );
     let primary_addr = SocketAddr::from(([127, 0, 0, 1], p));
     let backup_addr = SocketAddr::from(([127, 0, 0, 1], bk));
     let primary = worker("udp-echo", "primary", primary_addr, None);
@@ -92,7 +108,9 @@ async fn fail_and_recover(s: &mut Setup, flows: &Flows) -> Proc {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failback_new_sessions_keeps_old_flows_on_backup() {
     let mut s = setup("new-sessions");
-    let flows = Flows::start(s.listen, 10, Duration::from_millis(20), 16).await.expect("flows");
+    let flows = Flows::start(s.listen, 10, Duration::from_millis(20), 16)
+        .await
+        .expect("flows");
     let _p = fail_and_recover(&mut s, &flows).await;
     wait_until_async(Duration::from_secs(3), "primary active again", || {
         s.balancer.active("media") == vec![s.primary_addr.to_string()]
@@ -100,13 +118,21 @@ async fn failback_new_sessions_keeps_old_flows_on_backup() {
     .await;
     // Existing sessions stay on the backup...
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(workers_on(&flows).iter().all(|w| w == "backup"), "{:?}", workers_on(&flows));
+    assert!(
+        workers_on(&flows).iter().all(|w| w == "backup"),
+        "{:?}",
+        workers_on(&flows)
+    );
     // ...new ones go to the recovered primary.
     assert_eq!(one_shot(s.listen, "127.0.0.1"), "primary");
     let st = s.balancer.status();
     let kinds: Vec<_> = upstream_of(&st, "media")["events"]
         .as_array()
-        .map(|a| a.iter().map(|e| e["kind"].as_str().unwrap_or("").to_string()).collect())
+        .map(|a| {
+            a.iter()
+                .map(|e| e["kind"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
         .unwrap_or_default();
     assert_eq!(kinds, vec!["failover", "failback"]);
 }
@@ -114,19 +140,29 @@ async fn failback_new_sessions_keeps_old_flows_on_backup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failback_all_moves_existing_flows_home() {
     let mut s = setup("all");
-    let flows = Flows::start(s.listen, 10, Duration::from_millis(20), 16).await.expect("flows");
+    let flows = Flows::start(s.listen, 10, Duration::from_millis(20), 16)
+        .await
+        .expect("flows");
     let _p = fail_and_recover(&mut s, &flows).await;
-    wait_until_async(Duration::from_secs(3), "every flow back on the primary", || {
-        workers_on(&flows).iter().all(|w| w == "primary")
-    })
+    wait_until_async(
+        Duration::from_secs(3),
+        "every flow back on the primary",
+        || workers_on(&flows).iter().all(|w| w == "primary"),
+    )
     .await;
-    assert!(s.balancer.metrics().contains("mediagate_failbacks_total{upstream=\"media\"} 1"));
+    assert!(
+        s.balancer
+            .metrics()
+            .contains("mediagate_failbacks_total{upstream=\"media\"} 1")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failback_manual_waits_for_the_operator() {
     let mut s = setup("manual");
-    let flows = Flows::start(s.listen, 10, Duration::from_millis(20), 16).await.expect("flows");
+    let flows = Flows::start(s.listen, 10, Duration::from_millis(20), 16)
+        .await
+        .expect("flows");
     let _p = fail_and_recover(&mut s, &flows).await;
     // Healthy primary, but nothing moves: not the flows, not the active set.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -134,12 +170,15 @@ async fn failback_manual_waits_for_the_operator() {
     assert_eq!(one_shot(s.listen, "127.0.0.1"), "backup");
     assert!(workers_on(&flows).iter().all(|w| w == "backup"));
     // The operator's failback moves everything home.
-    let (code, body) = http(s.balancer.admin, "POST", "/upstreams/media/failback", None).expect("POST");
+    let (code, body) =
+        http(s.balancer.admin, "POST", "/upstreams/media/failback", None).expect("POST");
     assert_eq!(code, 200, "{body}");
     assert_eq!(s.balancer.active("media"), vec![s.primary_addr.to_string()]);
-    wait_until_async(Duration::from_secs(3), "every flow back on the primary", || {
-        workers_on(&flows).iter().all(|w| w == "primary")
-    })
+    wait_until_async(
+        Duration::from_secs(3),
+        "every flow back on the primary",
+        || workers_on(&flows).iter().all(|w| w == "primary"),
+    )
     .await;
 }
 
@@ -151,7 +190,14 @@ fn hash_picks_the_same_server_in_two_independent_balancers() {
     let _workers: Vec<Proc> = ips
         .iter()
         .enumerate()
-        .map(|(i, ip)| worker("udp-echo", &format!("w{i}"), format!("{ip}:{port}").parse().expect("addr"), None))
+        .map(|(i, ip)| {
+            worker(
+                "udp-echo",
+                &format!("w{i}"),
+                format!("{ip}:{port}").parse().expect("addr"),
+                None,
+            )
+        })
         .collect();
     let start = |listen: u16, admin: u16| {
         Balancer::start(
@@ -183,9 +229,16 @@ upstreams:
         let via_b = one_shot(SocketAddr::from(([127, 0, 0, 1], l2)), &client);
         assert_eq!(via_a, via_b, "client {client}: balancers disagree");
         // Another source port of the same client IP lands on the same server.
-        assert_eq!(one_shot(SocketAddr::from(([127, 0, 0, 1], l1)), &client), via_a);
+        assert_eq!(
+            one_shot(SocketAddr::from(([127, 0, 0, 1], l1)), &client),
+            via_a
+        );
         seen.insert(via_a);
     }
-    assert_eq!(seen.len(), 3, "30 clients should spread over all 3 servers: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        3,
+        "30 clients should spread over all 3 servers: {seen:?}"
+    );
     drop((a, b));
 }

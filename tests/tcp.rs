@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 /// Connects, reads the worker's `NAME|` greeting and checks the echo works.
 fn greet(listen: SocketAddr) -> (TcpStream, String) {
     let mut s = TcpStream::connect_timeout(&listen, Duration::from_secs(2)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
     let mut name = Vec::new();
     let mut byte = [0u8; 1];
     while s.read_exact(&mut byte).is_ok() && byte[0] != b'|' {
@@ -28,7 +29,12 @@ fn greet(listen: SocketAddr) -> (TcpStream, String) {
 
 #[test]
 fn refused_primary_sends_connections_to_the_backup() {
-    let (p, bk, l, a) = (free_tcp_port(), free_tcp_port(), free_tcp_port(), free_tcp_port());
+    let (p, bk, l, a) = (
+        free_tcp_port(),
+        free_tcp_port(),
+        free_tcp_port(),
+        free_tcp_port(),
+    );
     let backup_addr = SocketAddr::from(([127, 0, 0, 1], bk));
     let _backup = worker("tcp-echo", "backup", backup_addr, None);
     // No probes (type none): the primary looks fine until a connect is refused.
@@ -49,12 +55,18 @@ upstreams:
     );
     let listen = SocketAddr::from(([127, 0, 0, 1], l));
     let (_c, name) = greet(listen);
-    assert_eq!(name, "backup", "the refused connect must fall through to the backup");
+    assert_eq!(
+        name, "backup",
+        "the refused connect must fall through to the backup"
+    );
     let st = b.status();
     let primary = &upstream_of(&st, "web")["servers"][0];
     assert_eq!(primary["health"], "down", "{st}");
     assert!(
-        primary["last_error"].as_str().unwrap_or("").starts_with("connect_refused"),
+        primary["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("connect_refused"),
         "{st}"
     );
     // Every later connection goes straight to the backup.
@@ -75,8 +87,16 @@ fn connection_on_a_failed_server_is_closed_and_reconnect_lands_on_backup() {
     let backup_addr: SocketAddr = format!("127.0.0.3:{port}").parse().expect("addr");
     let spawn = |name: &str, addr: SocketAddr| {
         let mut cmd = std::process::Command::new(TESTKIT);
-        cmd.args(["tcp-echo", "--name", name, "--listen", &addr.to_string(), "--http-port", &health.to_string()])
-            .stdout(std::process::Stdio::null());
+        cmd.args([
+            "tcp-echo",
+            "--name",
+            name,
+            "--listen",
+            &addr.to_string(),
+            "--http-port",
+            &health.to_string(),
+        ])
+        .stdout(std::process::Stdio::null());
         Proc {
             child: cmd.spawn().expect("spawn"),
             name: name.into(),
@@ -111,13 +131,23 @@ upstreams:
     // A hung primary: the kernel keeps its sockets open, so only mediagate can end them.
     primary.signal(Signal::SIGSTOP);
     let t = Instant::now();
-    conn.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     let mut buf = [0u8; 16];
     let r = conn.read(&mut buf);
     let closed_after = t.elapsed();
-    assert!(matches!(r, Ok(0)) || r.is_err(), "expected the connection to close, got {r:?}");
-    eprintln!("established connection closed {closed_after:?} after SIGSTOP (2 probe intervals = {:?})", interval * 2);
-    assert!(closed_after <= interval * 2, "closed only after {closed_after:?}");
+    assert!(
+        matches!(r, Ok(0)) || r.is_err(),
+        "expected the connection to close, got {r:?}"
+    );
+    eprintln!(
+        "established connection closed {closed_after:?} after SIGSTOP (2 probe intervals = {:?})",
+        interval * 2
+    );
+    assert!(
+        closed_after <= interval * 2,
+        "closed only after {closed_after:?}"
+    );
 
     let (_c, name) = greet(listen);
     assert_eq!(name, "backup");

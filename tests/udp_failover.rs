@@ -44,18 +44,22 @@ struct Outcome {
 async fn fail_primary(listen: u16, fail: impl FnOnce()) -> Outcome {
     let target = SocketAddr::from(([127, 0, 0, 1], listen));
     let flows = Flows::start(target, FLOWS, EVERY, 64).await.expect("flows");
-    wait_until_async(Duration::from_secs(10), "every flow answered by the primary", || {
-        all_on(&flows, "primary")
-    })
+    wait_until_async(
+        Duration::from_secs(10),
+        "every flow answered by the primary",
+        || all_on(&flows, "primary"),
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = flows.snapshot();
     flows.reset_gaps();
     let t = Instant::now();
     fail();
-    wait_until_async(Duration::from_secs(5), "every flow answered by the backup", || {
-        all_on(&flows, "backup")
-    })
+    wait_until_async(
+        Duration::from_secs(5),
+        "every flow answered by the backup",
+        || all_on(&flows, "backup"),
+    )
     .await;
     let moved_after = t.elapsed();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -75,7 +79,10 @@ async fn fail_primary(listen: u16, fail: impl FnOnce()) -> Outcome {
 
 fn last_failover(b: &Balancer) -> serde_json::Value {
     let st = b.status();
-    let events = upstream_of(&st, "media")["events"].as_array().cloned().unwrap_or_default();
+    let events = upstream_of(&st, "media")["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     events
         .into_iter()
         .rev()
@@ -85,7 +92,12 @@ fn last_failover(b: &Balancer) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_death_costs_each_flow_at_most_one_datagram() {
-    let (p, bk, l, a) = (free_udp_port(), free_udp_port(), free_udp_port(), free_tcp_port());
+    let (p, bk, l, a) = (
+        free_udp_port(),
+        free_udp_port(),
+        free_udp_port(),
+        free_tcp_port(),
+    );
     let primary_addr = SocketAddr::from(([127, 0, 0, 1], p));
     let backup_addr = SocketAddr::from(([127, 0, 0, 1], bk));
     let mut primary = worker("udp-echo", "primary", primary_addr, None);
@@ -97,20 +109,30 @@ async fn process_death_costs_each_flow_at_most_one_datagram() {
         "process death: worst loss {} datagram(s)/flow, total {} over {FLOWS} flows, longest silence {:?}, all flows on backup after {:?}",
         out.worst_loss, out.total_loss, out.worst_gap, out.moved_after
     );
-    assert!(out.worst_loss <= 1, "a flow lost {} datagrams", out.worst_loss);
+    assert!(
+        out.worst_loss <= 1,
+        "a flow lost {} datagrams",
+        out.worst_loss
+    );
     let ev = last_failover(&b);
     assert_eq!(ev["reason"], "icmp_unreachable", "{ev}");
     assert_eq!(ev["to"][0], backup_addr.to_string());
     assert!(
-        b.metrics()
-            .contains("mediagate_failovers_total{upstream=\"media\",reason=\"icmp_unreachable\"} 1"),
+        b.metrics().contains(
+            "mediagate_failovers_total{upstream=\"media\",reason=\"icmp_unreachable\"} 1"
+        ),
         "failover not counted"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_worker_flows_resume_within_300ms() {
-    let (p, bk, l, a) = (free_udp_port(), free_udp_port(), free_udp_port(), free_tcp_port());
+    let (p, bk, l, a) = (
+        free_udp_port(),
+        free_udp_port(),
+        free_udp_port(),
+        free_tcp_port(),
+    );
     let primary_addr = SocketAddr::from(([127, 0, 0, 1], p));
     let backup_addr = SocketAddr::from(([127, 0, 0, 1], bk));
     let primary = worker("udp-echo", "primary", primary_addr, None);
@@ -122,10 +144,17 @@ async fn hung_worker_flows_resume_within_300ms() {
         "hung worker (SIGSTOP): longest silence {:?}, all flows on backup after {:?}, lost {} in total",
         out.worst_gap, out.moved_after, out.total_loss
     );
-    assert!(out.worst_gap <= Duration::from_millis(300), "a flow was silent for {:?}", out.worst_gap);
+    assert!(
+        out.worst_gap <= Duration::from_millis(300),
+        "a flow was silent for {:?}",
+        out.worst_gap
+    );
     let ev = last_failover(&b);
     assert_eq!(ev["reason"], "probe_timeout", "{ev}");
-    assert!(ev["detection_ms"].as_u64().is_some_and(|d| d <= 250), "{ev}");
+    assert!(
+        ev["detection_ms"].as_u64().is_some_and(|d| d <= 250),
+        "{ev}"
+    );
 }
 
 /// A network namespace with a veth pair, removed on drop.
@@ -156,11 +185,23 @@ impl TestHost {
         let net = format!("10.211.{id}");
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         ip(&["netns", "add", &ns]);
-        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]);
         ip(&["link", "set", &ns_if, "netns", &ns]);
         ip(&["addr", "add", &format!("{net}.1/30"), "dev", &host_if]);
         ip(&["link", "set", &host_if, "up"]);
-        ip(&["netns", "exec", &ns, "ip", "addr", "add", &format!("{net}.2/30"), "dev", &ns_if]);
+        ip(&[
+            "netns",
+            "exec",
+            &ns,
+            "ip",
+            "addr",
+            "add",
+            &format!("{net}.2/30"),
+            "dev",
+            &ns_if,
+        ]);
         ip(&["netns", "exec", &ns, "ip", "link", "set", &ns_if, "up"]);
         ip(&["netns", "exec", &ns, "ip", "link", "set", "lo", "up"]);
         TestHost {
@@ -172,13 +213,24 @@ impl TestHost {
     }
 
     fn link_down(&self) {
-        ip(&["netns", "exec", &self.ns, "ip", "link", "set", &self.ns_if, "down"]);
+        ip(&[
+            "netns",
+            "exec",
+            &self.ns,
+            "ip",
+            "link",
+            "set",
+            &self.ns_if,
+            "down",
+        ]);
     }
 }
 
 impl Drop for TestHost {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.host_if]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
     }
 }
@@ -190,7 +242,12 @@ async fn node_gone_flows_resume_within_300ms() {
         "this test needs root for ip netns (CI runs as root)"
     );
     let host = TestHost::create();
-    let (p, bk, l, a) = (free_udp_port(), free_udp_port(), free_udp_port(), free_tcp_port());
+    let (p, bk, l, a) = (
+        free_udp_port(),
+        free_udp_port(),
+        free_udp_port(),
+        free_tcp_port(),
+    );
     let primary_addr = SocketAddr::from((host.addr, p));
     let backup_addr = SocketAddr::from(([127, 0, 0, 1], bk));
     let _primary = worker("udp-echo", "primary", primary_addr, Some(&host.ns));
@@ -203,7 +260,11 @@ async fn node_gone_flows_resume_within_300ms() {
         "node gone (netns link down): longest silence {:?}, all flows on backup after {:?}, lost {} in total",
         out.worst_gap, out.moved_after, out.total_loss
     );
-    assert!(out.worst_gap <= Duration::from_millis(300), "a flow was silent for {:?}", out.worst_gap);
+    assert!(
+        out.worst_gap <= Duration::from_millis(300),
+        "a flow was silent for {:?}",
+        out.worst_gap
+    );
     let ev = last_failover(&b);
     assert_eq!(ev["reason"], "probe_timeout", "{ev}");
 }

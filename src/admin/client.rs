@@ -19,18 +19,24 @@ pub async fn request(
     token: Option<&str>,
 ) -> Result<(u16, String)> {
     let url = format!("{}{}", base.trim_end_matches('/'), path);
-    let uri: hyper::Uri = url.parse().with_context(|| format!("invalid admin URL {url:?}"))?;
+    let uri: hyper::Uri = url
+        .parse()
+        .with_context(|| format!("invalid admin URL {url:?}"))?;
     if uri.scheme_str() != Some("http") {
         bail!("admin URL must start with http:// (got {base:?})");
     }
-    let host = uri.host().ok_or_else(|| anyhow!("admin URL {base:?} has no host"))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| anyhow!("admin URL {base:?} has no host"))?;
     let port = uri.port_u16().unwrap_or(80);
     let authority = format!("{host}:{port}");
     let fut = async {
-        let stream = tokio::net::TcpStream::connect((host.trim_matches(|c| c == '[' || c == ']'), port))
-            .await
-            .with_context(|| format!("cannot reach the admin API at {authority}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let stream =
+            tokio::net::TcpStream::connect((host.trim_matches(|c| c == '[' || c == ']'), port))
+                .await
+                .with_context(|| format!("cannot reach the admin API at {authority}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
         let mut req = Request::builder()
             .method(method)

@@ -90,7 +90,7 @@ fn error(code: StatusCode, msg: impl Into<String>) -> Response {
 }
 
 /// Checks `Authorization: Bearer <token>` when a token is configured.
-fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let Some(want) = &ctx.token else {
         return Ok(());
     };
@@ -100,10 +100,10 @@ fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), Response> {
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(t) if constant_time_eq(t.as_bytes(), want.as_bytes()) => Ok(()),
-        _ => Err(error(
+        _ => Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token",
-        )),
+        ))),
     }
 }
 
@@ -118,7 +118,7 @@ async fn set_state(
     body: Result<Json<StateBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     if let Err(r) = authorize(&ctx, &headers) {
-        return r;
+        return *r;
     }
     let Ok(Json(body)) = body else {
         return error(
@@ -148,7 +148,7 @@ async fn failback(
     headers: HeaderMap,
 ) -> Response {
     if let Err(r) = authorize(&ctx, &headers) {
-        return r;
+        return *r;
     }
     let Some(up) = ctx.app.upstreams.get(&name) else {
         return error(StatusCode::NOT_FOUND, format!("no upstream {name}"));

@@ -576,7 +576,9 @@ impl<'de> Deserialize<'de> for Dur {
         {
             return Err(bad());
         }
-        humantime::parse_duration(s.trim()).map(Dur).map_err(|_| bad())
+        humantime::parse_duration(s.trim())
+            .map(Dur)
+            .map_err(|_| bad())
     }
 }
 

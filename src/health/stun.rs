@@ -308,10 +308,7 @@ mod tests {
             &[(ATTR_ERROR_CODE, b"\0\0\x04\x00Bad Request")],
             true,
         );
-        assert_eq!(
-            classify(&err, &TXID),
-            Reply::AliveButRefused
-        );
+        assert_eq!(classify(&err, &TXID), Reply::AliveButRefused);
         let bare_err = message(BINDING_ERROR, &TXID, &[], false);
         assert_eq!(
             classify(&bare_err, &TXID),
@@ -409,10 +406,18 @@ mod tests {
     #[tokio::test]
     async fn stun_credential_errors_prove_the_agent_alive() {
         // libnice answers an unauthenticated Binding request with 400; TURN servers may 401.
-        for code in [b"\0\0\x04\x00Bad Request".as_slice(), b"\0\0\x04\x01Unauthorized"] {
+        for code in [
+            b"\0\0\x04\x00Bad Request".as_slice(),
+            b"\0\0\x04\x01Unauthorized",
+        ] {
             let code = code.to_vec();
             let target = fake_server(move |txid| {
-                vec![message(BINDING_ERROR, txid, &[(ATTR_ERROR_CODE, &code)], true)]
+                vec![message(
+                    BINDING_ERROR,
+                    txid,
+                    &[(ATTR_ERROR_CODE, &code)],
+                    true,
+                )]
             })
             .await;
             assert_eq!(probe(target).await, Ok(()));

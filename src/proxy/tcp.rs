@@ -74,7 +74,13 @@ impl TcpListener {
         }))
     }
 
-    async fn handle(&self, client: TcpStream, peer: SocketAddr, local_port: u16, kill: CancellationToken) {
+    async fn handle(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        local_port: u16,
+        kill: CancellationToken,
+    ) {
         let m = &self.metrics;
         let Some((server, upstream, evicted)) = self.connect(peer, local_port).await else {
             m.rejected_no_server.inc();
@@ -135,7 +141,10 @@ impl TcpListener {
                 Err(_) => self.route.report_passive(
                     &server,
                     Reason::ConnectTimeout,
-                    format!("connect {dest}: no answer within {:?}", self.route.connect_timeout),
+                    format!(
+                        "connect {dest}: no answer within {:?}",
+                        self.route.connect_timeout
+                    ),
                 ),
             }
             tried.push(server);

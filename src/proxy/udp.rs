@@ -263,7 +263,10 @@ impl PortTask {
                     resend_previous(port, &self.ring, client, session);
                 }
             }
-            session.shared.last_activity_ms.store(now_ms, Ordering::Relaxed);
+            session
+                .shared
+                .last_activity_ms
+                .store(now_ms, Ordering::Relaxed);
             forward(port, &mut self.ring, client, session, data);
             return;
         }
@@ -340,7 +343,10 @@ fn forward(port: &Port, ring: &mut Ring, client: SocketAddr, session: &mut Sessi
                 let failed = session.server.clone();
                 tracing::debug!(%client, server = %failed.label, error = %e, "send refused");
                 shared.route.report_passive(&failed, reason, e.to_string());
-                let Some(next) = shared.route.pick(client.ip(), std::slice::from_ref(&failed)) else {
+                let Some(next) = shared
+                    .route
+                    .pick(client.ip(), std::slice::from_ref(&failed))
+                else {
                     m.dropped_no_server.inc();
                     return;
                 };
@@ -405,7 +411,12 @@ fn connect_upstream(dest: SocketAddr) -> io::Result<Arc<UdpSocket>> {
     Ok(Arc::new(UdpSocket::from_std(sock)?))
 }
 
-fn open_session(port: &Port, client: SocketAddr, server: Arc<ServerHandle>, now_ms: u64) -> io::Result<Session> {
+fn open_session(
+    port: &Port,
+    client: SocketAddr,
+    server: Arc<ServerHandle>,
+    now_ms: u64,
+) -> io::Result<Session> {
     let pinned_epoch = server.epoch();
     let upstream = connect_upstream(server.dest(port.local_port))?;
     let state = Arc::new(SessionShared {
@@ -425,13 +436,25 @@ fn open_session(port: &Port, client: SocketAddr, server: Arc<ServerHandle>, now_
 
 /// Moves `session` to `server` through a new upstream socket; replies still in flight
 /// from the old server die with the old socket.
-fn repin(port: &Port, client: SocketAddr, session: &mut Session, server: Arc<ServerHandle>) -> io::Result<()> {
+fn repin(
+    port: &Port,
+    client: SocketAddr,
+    session: &mut Session,
+    server: Arc<ServerHandle>,
+) -> io::Result<()> {
     let pinned_epoch = server.epoch();
     let upstream = connect_upstream(server.dest(port.local_port))?;
     session.replies.abort();
     session.server.session_closed();
     server.session_opened();
-    session.replies = spawn_replies(port, client, &server, pinned_epoch, &upstream, &session.shared);
+    session.replies = spawn_replies(
+        port,
+        client,
+        &server,
+        pinned_epoch,
+        &upstream,
+        &session.shared,
+    );
     session.server = server;
     session.pinned_epoch = pinned_epoch;
     session.upstream = upstream;
@@ -473,7 +496,9 @@ fn spawn_replies(
                         m.dropped_stale_server.inc();
                         return Ok(());
                     }
-                    state.last_activity_ms.store(shared.now_ms(), Ordering::Relaxed);
+                    state
+                        .last_activity_ms
+                        .store(shared.now_ms(), Ordering::Relaxed);
                     match send_to_now(&listen_socket, &buf[..n], client) {
                         Ok(_) => {
                             m.packets_to_client.inc();

@@ -136,7 +136,10 @@ impl UpstreamRuntime {
 
         // Series exist from the start, so dashboards and alerts see zeros, not gaps.
         for reason in Reason::ALL {
-            let _ = child(&metrics.failovers, &labels(&[("upstream", name), ("reason", reason.as_str())]));
+            let _ = child(
+                &metrics.failovers,
+                &labels(&[("upstream", name), ("reason", reason.as_str())]),
+            );
         }
         let _ = child(&metrics.failbacks, &labels(&[("upstream", name)]));
         let _ = child(&metrics.detection, &labels(&[("upstream", name)]));

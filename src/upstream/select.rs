@@ -125,7 +125,10 @@ mod tests {
         let mut before = Vec::new();
         for i in 0..3000 {
             let chosen = pick(Balance::Hash, s.iter(), ip(i), 0).map(|s| s.ip);
-            assert_eq!(chosen, pick(Balance::Hash, s.iter(), ip(i), 99).map(|s| s.ip));
+            assert_eq!(
+                chosen,
+                pick(Balance::Hash, s.iter(), ip(i), 99).map(|s| s.ip)
+            );
             let chosen = chosen.unwrap_or(IpAddr::from([0, 0, 0, 0]));
             *count.entry(chosen).or_default() += 1;
             before.push(chosen);

@@ -96,7 +96,9 @@ impl ServerHandle {
         // Saturating: a close can never push the gauge below zero.
         let _ = self
             .sessions
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(1)));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
     }
 
     /// True for the first caller after the server was last healthy: lets a burst of

@@ -78,14 +78,23 @@ impl UpstreamRoute {
     /// Server for a new session from `client_ip`, avoiding `exclude` (servers that just
     /// failed this session). Falls back from the active set to any other eligible server
     /// in priority order, so a refused connect still finds a home.
-    pub fn pick(&self, client_ip: IpAddr, exclude: &[Arc<ServerHandle>]) -> Option<Arc<ServerHandle>> {
+    pub fn pick(
+        &self,
+        client_ip: IpAddr,
+        exclude: &[Arc<ServerHandle>],
+    ) -> Option<Arc<ServerHandle>> {
         let snap = self.snapshot.load();
         let allowed = |s: &&Arc<ServerHandle>| !exclude.iter().any(|e| Arc::ptr_eq(e, s));
         let rr = match snap.balance {
             crate::config::Balance::RoundRobin => self.rr.fetch_add(1, Ordering::Relaxed),
             _ => 0,
         };
-        if let Some(s) = select::pick(snap.balance, snap.active.iter().filter(allowed), client_ip, rr) {
+        if let Some(s) = select::pick(
+            snap.balance,
+            snap.active.iter().filter(allowed),
+            client_ip,
+            rr,
+        ) {
             return Some(s.clone());
         }
         if exclude.is_empty() {

@@ -500,7 +500,11 @@ impl UpstreamState {
         if self.failback == Failback::All {
             for (i, e) in self.entries.iter().enumerate() {
                 let already = step.evict.iter().any(|h| Arc::ptr_eq(h, &e.handle));
-                if !new_active.contains(&i) && e.holds_sessions && e.admin == AdminState::Enable && !already {
+                if !new_active.contains(&i)
+                    && e.holds_sessions
+                    && e.admin == AdminState::Enable
+                    && !already
+                {
                     step.evict.push(e.handle.clone());
                 }
             }
@@ -536,7 +540,9 @@ impl UpstreamState {
             from,
             to: self.active_labels(),
             reason: cause.map(|c| c.reason.as_str()),
-            detection_ms: cause.and_then(|c| c.detection).map(|d| d.as_millis() as u64),
+            detection_ms: cause
+                .and_then(|c| c.detection)
+                .map(|d| d.as_millis() as u64),
             sessions_moved: evicted.iter().map(|h| h.sessions()).sum(),
         };
         if kind == EventKind::Failover {
@@ -580,14 +586,27 @@ mod tests {
     }
 
     fn handles(primary: u8, backup: u8) -> Vec<Arc<ServerHandle>> {
-        let mk = |i: u8, tier| Arc::new(ServerHandle::new(IpAddr::from([10, 0, 0, i]), Some(5004), 5004, tier));
+        let mk = |i: u8, tier| {
+            Arc::new(ServerHandle::new(
+                IpAddr::from([10, 0, 0, i]),
+                Some(5004),
+                5004,
+                tier,
+            ))
+        };
         (1..=primary)
             .map(|i| mk(i, Tier::Primary))
             .chain((1..=backup).map(|i| mk(100 + i, Tier::Backup)))
             .collect()
     }
 
-    fn fixture(primary: u8, backup: u8, balance: Balance, failback: Failback, delay_ms: u64) -> Fixture {
+    fn fixture(
+        primary: u8,
+        backup: u8,
+        balance: Balance,
+        failback: Failback,
+        delay_ms: u64,
+    ) -> Fixture {
         let t0 = Instant::now();
         let wall = SystemTime::UNIX_EPOCH;
         let st = UpstreamState::new(
@@ -615,8 +634,12 @@ mod tests {
         }
         fn fail(&mut self, idx: usize, ms: u64) -> Step {
             let now = self.at(ms);
-            self.st
-                .probe_result(idx, Err(ProbeError::new(Reason::ProbeTimeout, "no reply")), now, self.wall)
+            self.st.probe_result(
+                idx,
+                Err(ProbeError::new(Reason::ProbeTimeout, "no reply")),
+                now,
+                self.wall,
+            )
         }
         fn all_ok(&mut self, ms: u64) {
             for i in 0..self.st.entries.len() {
@@ -641,7 +664,10 @@ mod tests {
     fn start_up_waits_for_every_first_probe_and_records_no_event() {
         let mut f = fixture(1, 1, Balance::First, Failback::NewSessions, 0);
         let s = f.ok(1, 0);
-        assert!(f.active().is_empty(), "no active set before the first round");
+        assert!(
+            f.active().is_empty(),
+            "no active set before the first round"
+        );
         assert!(!s.publish);
         let s = f.ok(0, 1);
         assert!(s.publish);
@@ -664,7 +690,10 @@ mod tests {
         assert_eq!(ev.reason, Some("probe_timeout"));
         assert_eq!(ev.detection_ms, Some(150));
         assert_eq!(ev.sessions_moved, 1);
-        assert_eq!((ev.from, ev.to), (vec![P1.to_string()], vec![B1.to_string()]));
+        assert_eq!(
+            (ev.from, ev.to),
+            (vec![P1.to_string()], vec![B1.to_string()])
+        );
         assert_eq!(f.st.view().failovers, 1);
     }
 
@@ -676,7 +705,10 @@ mod tests {
         f.ok(0, 20);
         let s = f.ok(0, 30); // rise 2
         assert_eq!(f.active(), vec![P1]);
-        assert!(s.evict.is_empty(), "new-sessions must not move backup sessions");
+        assert!(
+            s.evict.is_empty(),
+            "new-sessions must not move backup sessions"
+        );
         assert_eq!(s.event.map(|e| e.kind), Some(EventKind::Failback));
     }
 
@@ -702,7 +734,11 @@ mod tests {
         assert!(s.event.is_none());
         let s = f.st.manual_failback(f.at(40), f.wall);
         assert_eq!(f.active(), vec![P1]);
-        assert_eq!(labels(&s), vec![B1, B2], "every session moves to the primary");
+        assert_eq!(
+            labels(&s),
+            vec![B1, B2],
+            "every session moves to the primary"
+        );
         assert_eq!(s.event.map(|e| e.kind), Some(EventKind::Failback));
 
         // Or the backup in use fails: the best server takes over.
@@ -736,16 +772,28 @@ mod tests {
     fn drain_takes_no_new_sessions_but_keeps_old_ones() {
         let mut f = fixture(1, 1, Balance::First, Failback::All, 0);
         f.all_ok(0);
-        let s = f.st.set_admin(P1, AdminState::Drain, f.at(1), f.wall).unwrap();
+        let s =
+            f.st.set_admin(P1, AdminState::Drain, f.at(1), f.wall)
+                .unwrap();
         assert_eq!(f.active(), vec![B1]);
-        assert!(s.evict.is_empty(), "drain keeps sessions even with failback: all");
+        assert!(
+            s.evict.is_empty(),
+            "drain keeps sessions even with failback: all"
+        );
         assert_eq!(s.event.as_ref().and_then(|e| e.reason), Some("admin"));
-        let s = f.st.set_admin(P1, AdminState::Maint, f.at(2), f.wall).unwrap();
+        let s =
+            f.st.set_admin(P1, AdminState::Maint, f.at(2), f.wall)
+                .unwrap();
         assert_eq!(labels(&s), vec![P1], "maint moves sessions at once");
-        let s = f.st.set_admin("10.0.0.1", AdminState::Enable, f.at(3), f.wall).unwrap();
+        let s =
+            f.st.set_admin("10.0.0.1", AdminState::Enable, f.at(3), f.wall)
+                .unwrap();
         assert_eq!(f.active(), vec![P1]);
         assert_eq!(labels(&s), vec![B1]);
-        assert!(f.st.set_admin("10.9.9.9:1", AdminState::Maint, f.at(4), f.wall).is_err());
+        assert!(
+            f.st.set_admin("10.9.9.9:1", AdminState::Maint, f.at(4), f.wall)
+                .is_err()
+        );
     }
 
     #[test]
@@ -802,7 +850,10 @@ mod tests {
         );
         assert_eq!(st.active_labels(), vec![P1]);
         let s = st.passive_failure(0, Reason::ConnectRefused, "refused", t0, wall);
-        assert_eq!(s.event.as_ref().and_then(|e| e.reason), Some("connect_refused"));
+        assert_eq!(
+            s.event.as_ref().and_then(|e| e.reason),
+            Some("connect_refused")
+        );
         assert_eq!(st.active_labels(), vec![B1]);
         assert_eq!(st.next_deadline(t0), Some(t0 + PASSIVE_RECOVERY));
         st.tick(t0 + PASSIVE_RECOVERY, wall);

@@ -28,7 +28,10 @@ pub fn free_tcp_port() -> u16 {
 pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?}: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}: {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -37,7 +40,10 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 pub async fn wait_until_async(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?}: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -133,7 +139,10 @@ impl Balancer {
         let child = Command::new(MEDIAGATE)
             .args(["run", "-c"])
             .arg(&config)
-            .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -164,13 +173,19 @@ impl Balancer {
     pub fn active(&self, upstream: &str) -> Vec<String> {
         upstream_of(&self.status(), upstream)["active"]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     /// GET /metrics text.
     pub fn metrics(&self) -> String {
-        http(self.admin, "GET", "/metrics", None).expect("metrics").1
+        http(self.admin, "GET", "/metrics", None)
+            .expect("metrics")
+            .1
     }
 }
 
@@ -183,7 +198,12 @@ pub fn upstream_of<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_j
 }
 
 /// One blocking HTTP/1.1 request (Connection: close).
-pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     http_with(addr, method, path, body, &[])
 }
 
@@ -218,10 +238,18 @@ pub fn http_with(
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked"));
-    Ok((code, if chunked { dechunk(body) } else { body.to_string() }))
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:")
+            && l.to_ascii_lowercase().contains("chunked")
+    });
+    Ok((
+        code,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    ))
 }
 
 fn dechunk(body: &str) -> String {
@@ -247,7 +275,10 @@ fn dechunk(body: &str) -> String {
 
 /// Runs `mediagate` with arguments; returns (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(MEDIAGATE).args(args).output().expect("run mediagate");
+    let out = Command::new(MEDIAGATE)
+        .args(args)
+        .output()
+        .expect("run mediagate");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test suite, as the README and CI run it: installs what the tests start for real,
+# runs every Rust test (unit and end-to-end against the real binary), then checks the
+# Kubernetes manifests against a live binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-test-deps.sh
+cargo build --bins
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --no-fail-fast
+else
+    cargo test --no-fail-fast
+fi
+MEDIAGATE_BIN=target/debug/mediagate scripts/test-manifests.sh

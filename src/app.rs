@@ -1,12 +1,13 @@
 //! Wires everything together: builds upstream controllers and listeners from a validated
-//! configuration, serves the admin API, gates traffic on the first probe round, and runs
-//! the graceful shutdown of SPEC §11.
+//! configuration, serves the admin API, gates traffic on the first probe round, applies
+//! reloads as a difference (SPEC §8) and runs the graceful shutdown of SPEC §11.
 
 use crate::admin;
-use crate::config::{Config, ListenAddr, Protocol, ServerRef};
-use crate::metrics::Metrics;
+use crate::config::{self, Config, ListenerConfig, Protocol, ServerRef, UpstreamConfig};
+use crate::discovery::{Readiness, Target};
+use crate::metrics::{Metrics, child, labels};
 use crate::proxy::{tcp, udp};
-use crate::upstream::{ServerHandle, Tier, UpstreamRuntime};
+use crate::upstream::{Tier, UpstreamRuntime, UpstreamSpec};
 use anyhow::{Context, Result, anyhow};
 use arc_swap::ArcSwap;
 use indexmap::IndexMap;
@@ -17,50 +18,33 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// A running listener, as `/status` shows it.
-pub enum ListenerRuntime {
-    Udp {
-        listen: ListenAddr,
-        upstream: String,
-        proxy: Arc<udp::UdpListener>,
-    },
-    Tcp {
-        listen: ListenAddr,
-        upstream: String,
-        proxy: Arc<tcp::TcpListener>,
-    },
+/// The proxy behind a listener.
+pub enum Proxy {
+    Udp(Arc<udp::UdpListener>),
+    Tcp(Arc<tcp::TcpListener>),
+}
+
+/// A running listener.
+pub struct ListenerRuntime {
+    pub config: ListenerConfig,
+    pub proxy: Proxy,
+    /// TCP: stop accepting. UDP: unused (UDP sessions live until `kill`).
+    stop_accepting: CancellationToken,
+    /// Ends every task and session of this listener.
+    kill: CancellationToken,
 }
 
 impl ListenerRuntime {
-    pub fn name(&self) -> &str {
-        match self {
-            ListenerRuntime::Udp { proxy, .. } => &proxy.name,
-            ListenerRuntime::Tcp { proxy, .. } => &proxy.name,
-        }
-    }
-    pub fn protocol(&self) -> Protocol {
-        match self {
-            ListenerRuntime::Udp { .. } => Protocol::Udp,
-            ListenerRuntime::Tcp { .. } => Protocol::Tcp,
-        }
-    }
-    pub fn listen(&self) -> ListenAddr {
-        match self {
-            ListenerRuntime::Udp { listen, .. } | ListenerRuntime::Tcp { listen, .. } => *listen,
-        }
-    }
-    pub fn upstream(&self) -> &str {
-        match self {
-            ListenerRuntime::Udp { upstream, .. } | ListenerRuntime::Tcp { upstream, .. } => {
-                upstream
-            }
-        }
-    }
     pub fn sessions(&self) -> usize {
-        match self {
-            ListenerRuntime::Udp { proxy, .. } => proxy.sessions(),
-            ListenerRuntime::Tcp { proxy, .. } => proxy.sessions(),
+        match &self.proxy {
+            Proxy::Udp(p) => p.sessions(),
+            Proxy::Tcp(p) => p.sessions(),
         }
+    }
+
+    fn stop(&self) {
+        self.stop_accepting.cancel();
+        self.kill.cancel();
     }
 }
 
@@ -72,10 +56,20 @@ pub struct AppState {
     pub last_reload_error: ArcSwap<Option<String>>,
     pub started: Instant,
     pub metrics: Metrics,
-    pub upstreams: IndexMap<String, Arc<UpstreamRuntime>>,
-    pub listeners: Vec<ListenerRuntime>,
+    pub upstreams: ArcSwap<IndexMap<String, Arc<UpstreamRuntime>>>,
+    pub listeners: ArcSwap<Vec<Arc<ListenerRuntime>>>,
     pub ready: AtomicBool,
     pub draining: AtomicBool,
+    /// The admin token in force (a reload may change it).
+    pub admin_token: ArcSwap<Option<String>>,
+    /// App-wide tokens that listener tokens are children of.
+    stop_accepting: CancellationToken,
+    kill: CancellationToken,
+    /// One reload at a time.
+    reload_lock: tokio::sync::Mutex<()>,
+    /// Hash of the file content last loaded or rejected, so the watcher reacts to edits
+    /// only, and tries a broken file once.
+    seen_hash: std::sync::atomic::AtomicU64,
 }
 
 /// A started balancer.
@@ -83,10 +77,7 @@ pub struct App {
     pub state: Arc<AppState>,
     /// Where the admin API actually listens (useful with port 0).
     pub admin_addr: std::net::SocketAddr,
-    stop_accepting: CancellationToken,
-    kill: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
-    drain_timeout: Duration,
 }
 
 impl App {
@@ -94,72 +85,27 @@ impl App {
     /// first probe round).
     pub async fn start(config: Config, config_path: String) -> Result<App> {
         let metrics = Metrics::new();
+        let config_path_for_hash = config_path.clone();
 
         // Upstreams first: probing starts while sockets are bound.
         let mut upstreams = IndexMap::new();
         for (name, ucfg) in &config.upstreams {
-            let default_port = default_port(&config, name, ucfg);
-            let servers = static_servers(name, ucfg, default_port)?;
-            let rt = UpstreamRuntime::start(name, ucfg, servers, default_port, &metrics);
-            upstreams.insert(name.clone(), Arc::new(rt));
+            let spec = spec_for(&config, name, ucfg);
+            let targets = static_targets(name, ucfg)?;
+            upstreams.insert(
+                name.clone(),
+                Arc::new(UpstreamRuntime::start(name, spec, targets, &metrics)),
+            );
         }
 
         // Bind every listener before serving anything, so a port in use fails start-up.
-        enum Bound {
-            Udp(Vec<std::net::UdpSocket>),
-            Tcp(Vec<std::net::TcpListener>),
-        }
         let mut bound = Vec::new();
-        let mut listeners = Vec::new();
         for l in &config.listeners {
-            let route = upstreams
-                .get(&l.upstream)
-                .ok_or_else(|| anyhow!("listener {}: unknown upstream {}", l.name, l.upstream))?
-                .route
-                .clone();
-            let lm = metrics.listener(&l.name);
-            match l.protocol {
-                Protocol::Udp => {
-                    let socks = l
-                        .listen
-                        .addrs()
-                        .map(|a| {
-                            udp::bind(a)
-                                .with_context(|| format!("listener {}: bind udp {a}", l.name))
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    bound.push(Bound::Udp(socks));
-                    listeners.push(ListenerRuntime::Udp {
-                        listen: l.listen,
-                        upstream: l.upstream.clone(),
-                        proxy: udp::UdpListener::new(
-                            l.name.clone(),
-                            route,
-                            l.session.idle_timeout.get(),
-                            l.session.max_sessions,
-                            lm,
-                        ),
-                    });
-                }
-                Protocol::Tcp => {
-                    let socks = l
-                        .listen
-                        .addrs()
-                        .map(|a| {
-                            tcp::bind(a)
-                                .with_context(|| format!("listener {}: bind tcp {a}", l.name))
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    bound.push(Bound::Tcp(socks));
-                    listeners.push(ListenerRuntime::Tcp {
-                        listen: l.listen,
-                        upstream: l.upstream.clone(),
-                        proxy: tcp::TcpListener::new(l.name.clone(), route, lm),
-                    });
-                }
-            }
+            bound.push(bind_listener(l)?);
         }
 
+        let stop_accepting = CancellationToken::new();
+        let kill = CancellationToken::new();
         let state = Arc::new(AppState {
             config_path,
             config: ArcSwap::from_pointee(config.clone()),
@@ -167,55 +113,42 @@ impl App {
             last_reload_error: ArcSwap::from_pointee(None),
             started: Instant::now(),
             metrics,
-            upstreams,
-            listeners,
+            upstreams: ArcSwap::from_pointee(upstreams),
+            listeners: ArcSwap::from_pointee(Vec::new()),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            admin_token: ArcSwap::from_pointee(config.admin.token.clone()),
+            stop_accepting,
+            kill,
+            reload_lock: tokio::sync::Mutex::new(()),
+            seen_hash: std::sync::atomic::AtomicU64::new(file_hash(&config_path_for_hash)),
         });
 
         let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
             .await
             .with_context(|| format!("admin: bind {}", config.admin.listen))?;
         let admin_addr = admin_listener.local_addr()?;
-        let stop_accepting = CancellationToken::new();
-        let kill = CancellationToken::new();
-        let mut tasks = vec![tokio::spawn(admin::serve(
+        let tasks = vec![tokio::spawn(admin::serve(
             admin_listener,
             state.clone(),
-            config.admin.token.clone(),
-            kill.clone(),
+            state.kill.clone(),
         ))];
 
         // SPEC §5: the first probe round completes before listeners accept traffic.
-        for u in state.upstreams.values() {
+        for u in state.upstreams.load().values() {
             u.wait_ready().await;
         }
-
-        for (rt, socks) in state.listeners.iter().zip(bound) {
-            match (rt, socks) {
-                (ListenerRuntime::Udp { proxy, .. }, Bound::Udp(socks)) => {
-                    for s in socks {
-                        // UDP sessions keep flowing during the drain; `kill` ends them.
-                        tasks.push(proxy.serve(s, kill.clone())?);
-                    }
-                }
-                (ListenerRuntime::Tcp { proxy, .. }, Bound::Tcp(socks)) => {
-                    for s in socks {
-                        tasks.push(proxy.serve(s, stop_accepting.clone(), kill.clone())?);
-                    }
-                }
-                _ => unreachable!("listeners and sockets are built in the same order"),
-            }
+        let mut listeners = Vec::new();
+        for (l, sockets) in config.listeners.iter().zip(bound) {
+            listeners.push(state.serve_listener(l, sockets)?);
         }
+        state.listeners.store(Arc::new(listeners));
         state.ready.store(true, Ordering::Release);
-        tracing::info!(admin = %admin_addr, listeners = state.listeners.len(), upstreams = state.upstreams.len(), "mediagate ready");
+        tracing::info!(admin = %admin_addr, listeners = config.listeners.len(), upstreams = config.upstreams.len(), "mediagate ready");
 
         Ok(App {
             admin_addr,
-            drain_timeout: config.shutdown.drain_timeout.get(),
             state,
-            stop_accepting,
-            kill,
             tasks,
         })
     }
@@ -226,14 +159,16 @@ impl App {
         let st = &self.state;
         st.ready.store(false, Ordering::Release);
         st.draining.store(true, Ordering::Release);
-        self.stop_accepting.cancel();
-        for l in &st.listeners {
-            if let ListenerRuntime::Udp { proxy, .. } = l {
-                proxy.drain();
+        st.stop_accepting.cancel();
+        let listeners = st.listeners.load_full();
+        for l in listeners.iter() {
+            if let Proxy::Udp(p) = &l.proxy {
+                p.drain();
             }
         }
-        let live = || st.listeners.iter().map(|l| l.sessions()).sum::<usize>();
-        tracing::info!(sessions = live(), timeout = ?self.drain_timeout, "draining");
+        let live = || listeners.iter().map(|l| l.sessions()).sum::<usize>();
+        let drain_timeout = st.config.load().shutdown.drain_timeout.get();
+        tracing::info!(sessions = live(), timeout = ?drain_timeout, "draining");
         let drained = async {
             while live() > 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -241,11 +176,11 @@ impl App {
         };
         tokio::select! {
             _ = drained => tracing::info!("drained"),
-            _ = tokio::time::sleep(self.drain_timeout) => tracing::info!(sessions = live(), "drain timeout reached"),
+            _ = tokio::time::sleep(drain_timeout) => tracing::info!(sessions = live(), "drain timeout reached"),
             _ = force => tracing::info!("second signal: stopping now"),
         }
-        self.kill.cancel();
-        for u in st.upstreams.values() {
+        st.kill.cancel();
+        for u in st.upstreams.load().values() {
             u.stop();
         }
         for t in self.tasks {
@@ -254,9 +189,245 @@ impl App {
     }
 }
 
+/// Sockets bound for one listener, not yet served.
+enum Bound {
+    Udp(Vec<std::net::UdpSocket>),
+    Tcp(Vec<std::net::TcpListener>),
+}
+
+fn bind_listener(l: &ListenerConfig) -> Result<Bound> {
+    Ok(match l.protocol {
+        Protocol::Udp => Bound::Udp(
+            l.listen
+                .addrs()
+                .map(|a| udp::bind(a).with_context(|| format!("listener {}: bind udp {a}", l.name)))
+                .collect::<Result<_>>()?,
+        ),
+        Protocol::Tcp => Bound::Tcp(
+            l.listen
+                .addrs()
+                .map(|a| tcp::bind(a).with_context(|| format!("listener {}: bind tcp {a}", l.name)))
+                .collect::<Result<_>>()?,
+        ),
+    })
+}
+
+impl AppState {
+    /// Starts serving one listener on already bound sockets.
+    fn serve_listener(&self, l: &ListenerConfig, sockets: Bound) -> Result<Arc<ListenerRuntime>> {
+        let route = self
+            .upstreams
+            .load()
+            .get(&l.upstream)
+            .ok_or_else(|| anyhow!("listener {}: unknown upstream {}", l.name, l.upstream))?
+            .route
+            .clone();
+        let lm = self.metrics.listener(&l.name);
+        let stop_accepting = self.stop_accepting.child_token();
+        let kill = self.kill.child_token();
+        let proxy = match sockets {
+            Bound::Udp(socks) => {
+                let p = udp::UdpListener::new(
+                    l.name.clone(),
+                    route,
+                    l.session.idle_timeout.get(),
+                    l.session.max_sessions,
+                    lm,
+                );
+                for s in socks {
+                    // UDP sessions keep flowing during the drain; `kill` ends them.
+                    p.serve(s, kill.clone())?;
+                }
+                Proxy::Udp(p)
+            }
+            Bound::Tcp(socks) => {
+                let p = tcp::TcpListener::new(l.name.clone(), route, lm);
+                for s in socks {
+                    p.serve(s, stop_accepting.clone(), kill.clone())?;
+                }
+                Proxy::Tcp(p)
+            }
+        };
+        Ok(Arc::new(ListenerRuntime {
+            config: l.clone(),
+            proxy,
+            stop_accepting,
+            kill,
+        }))
+    }
+
+    /// Reloads the configuration file (SIGHUP, file change, `POST /reload`): validates
+    /// first and keeps the running config on any error; otherwise applies the difference.
+    /// Unchanged listeners keep their sockets and sessions.
+    pub async fn reload(&self) -> Result<(), Vec<String>> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let loaded = match std::fs::read_to_string(&self.config_path) {
+            Ok(text) => {
+                self.seen_hash.store(hash_text(&text), Ordering::Relaxed);
+                config::load_str(&text, &self.config_path)
+                    .map_err(|errors| errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+            }
+            Err(e) => Err(vec![format!(
+                "{}: cannot read the file: {e}",
+                self.config_path
+            )]),
+        };
+        let result = match loaded {
+            Ok(new) => self.apply(new).await.map_err(|e| vec![format!("{e:#}")]),
+            Err(errors) => Err(errors),
+        };
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        child(
+            &self.metrics.config_reloads,
+            &labels(&[("result", outcome)]),
+        )
+        .inc();
+        match &result {
+            Ok(()) => {
+                self.last_reload_error.store(Arc::new(None));
+                self.loaded_at.store(Arc::new(SystemTime::now()));
+                tracing::info!(path = %self.config_path, "configuration reloaded");
+            }
+            Err(errors) => {
+                for e in errors {
+                    tracing::error!("reload rejected, keeping the running configuration: {e}");
+                }
+                self.last_reload_error
+                    .store(Arc::new(Some(errors.join("; "))));
+            }
+        }
+        result
+    }
+
+    /// Reloads when the file's content changed since it was last loaded. Polling (rather
+    /// than inotify) also sees the atomic symlink swap a mounted ConfigMap does.
+    pub async fn watch_file(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if self.draining.load(Ordering::Acquire) {
+                return;
+            }
+            let now = file_hash(&self.config_path);
+            if now != 0 && now != self.seen_hash.load(Ordering::Relaxed) {
+                tracing::info!(path = %self.config_path, "configuration file changed");
+                let _ = self.reload().await;
+            }
+        }
+    }
+
+    async fn apply(&self, new: Config) -> Result<()> {
+        let old = self.config.load_full();
+        if new.admin.listen != old.admin.listen {
+            tracing::warn!(old = %old.admin.listen, new = %new.admin.listen, "admin.listen changes take effect at the next restart");
+        }
+        // Static targets of every upstream first: a bad entry fails before anything moves.
+        let mut targets = IndexMap::new();
+        for (name, ucfg) in &new.upstreams {
+            targets.insert(name.clone(), static_targets(name, ucfg)?);
+        }
+
+        // Upstreams: reconfigure the ones that stay, start new ones.
+        let current = self.upstreams.load_full();
+        let mut next = IndexMap::new();
+        for (name, ucfg) in &new.upstreams {
+            let spec = spec_for(&new, name, ucfg);
+            let list = targets.swap_remove(name).unwrap_or_default();
+            let rt = match current.get(name) {
+                Some(rt) => {
+                    rt.reconfigure(spec)
+                        .await
+                        .map_err(|e| anyhow!("upstream {name}: {e}"))?;
+                    rt.set_servers(list)
+                        .await
+                        .map_err(|e| anyhow!("upstream {name}: {e}"))?;
+                    rt.clone()
+                }
+                None => {
+                    let rt = Arc::new(UpstreamRuntime::start(name, spec, list, &self.metrics));
+                    rt.wait_ready().await;
+                    rt
+                }
+            };
+            next.insert(name.clone(), rt);
+        }
+        self.upstreams.store(Arc::new(next));
+
+        // Listeners: keep identical ones, stop changed and removed ones, start the rest.
+        let running = self.listeners.load_full();
+        let mut keep: Vec<Option<Arc<ListenerRuntime>>> = new
+            .listeners
+            .iter()
+            .map(|l| running.iter().find(|r| r.config == *l).cloned())
+            .collect();
+        for r in running.iter() {
+            if !keep.iter().flatten().any(|k| Arc::ptr_eq(k, r)) {
+                tracing::info!(listener = %r.config.name, "stopping listener (changed or removed)");
+                r.stop();
+            }
+        }
+        let mut out = Vec::with_capacity(new.listeners.len());
+        for (l, kept) in new.listeners.iter().zip(keep.iter_mut()) {
+            match kept.take() {
+                Some(r) => out.push(r),
+                None => {
+                    let sockets = bind_with_retry(l).await?;
+                    out.push(self.serve_listener(l, sockets)?);
+                    tracing::info!(listener = %l.name, listen = %l.listen, "listener started");
+                }
+            }
+        }
+        self.listeners.store(Arc::new(out));
+
+        // Upstreams no longer named anywhere stop last, after no listener uses them.
+        for (name, rt) in current.iter() {
+            if !new.upstreams.contains_key(name) {
+                rt.stop();
+            }
+        }
+        self.admin_token.store(Arc::new(new.admin.token.clone()));
+        self.config.store(Arc::new(new));
+        Ok(())
+    }
+}
+
+/// FNV-1a of the file's content (0 when unreadable).
+fn file_hash(path: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .map(|t| hash_text(&t))
+        .unwrap_or(0)
+}
+
+fn hash_text(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    }) | 1
+}
+
+/// Binding a port the previous listener just released can race with the kernel tearing
+/// the old socket down; a few quick retries cover that.
+async fn bind_with_retry(l: &ListenerConfig) -> Result<Bound> {
+    let mut last = None;
+    for _ in 0..20 {
+        match bind_listener(l) {
+            Ok(b) => return Ok(b),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Err(last.unwrap_or_else(|| anyhow!("listener {}: bind failed", l.name)))
+}
+
+/// The controller's view of an upstream's configuration.
+fn spec_for(config: &Config, name: &str, ucfg: &UpstreamConfig) -> UpstreamSpec {
+    UpstreamSpec {
+        config: ucfg.clone(),
+        default_port: default_port(config, name, ucfg),
+    }
+}
+
 /// The port probed and shown for port-less servers: the first port of the first listener
 /// that uses the upstream.
-fn default_port(config: &Config, name: &str, ucfg: &crate::config::UpstreamConfig) -> u16 {
+fn default_port(config: &Config, name: &str, ucfg: &UpstreamConfig) -> u16 {
     config
         .listeners
         .iter()
@@ -266,13 +437,9 @@ fn default_port(config: &Config, name: &str, ucfg: &crate::config::UpstreamConfi
         .unwrap_or(0)
 }
 
-/// Server handles for the static entries of an upstream. DNS names and `node/…`
-/// references are filled in by discovery, which is not wired yet.
-fn static_servers(
-    name: &str,
-    ucfg: &crate::config::UpstreamConfig,
-    default_port: u16,
-) -> Result<Vec<Arc<ServerHandle>>> {
+/// Targets for the static entries of an upstream. DNS names and `node/…` references come
+/// from discovery.
+fn static_targets(name: &str, ucfg: &UpstreamConfig) -> Result<Vec<Target>> {
     let tiers = ucfg
         .primary
         .iter()
@@ -280,18 +447,21 @@ fn static_servers(
         .chain(ucfg.backup.iter().map(|s| (s, Tier::Backup)));
     let mut out = Vec::new();
     for (s, tier) in tiers {
-        let handle = match s {
-            ServerRef::Static(sa) => {
-                ServerHandle::new(sa.ip(), Some(sa.port()), default_port, tier)
-            }
-            ServerRef::StaticIp(ip) => ServerHandle::new(*ip, None, default_port, tier),
+        let (ip, port) = match s {
+            ServerRef::Static(sa) => (sa.ip(), Some(sa.port())),
+            ServerRef::StaticIp(ip) => (*ip, None),
             other => {
                 return Err(anyhow!(
                     "upstream {name}: server {other} needs discovery, which this build does not run yet"
                 ));
             }
         };
-        out.push(Arc::new(handle));
+        out.push(Target {
+            ip,
+            port,
+            tier,
+            readiness: Readiness::Ready,
+        });
     }
     Ok(out)
 }
@@ -311,10 +481,10 @@ pub fn raise_nofile_limit() {
             }
             let now = soft.max(target);
             if now < 200_000 {
-                tracing::warn!(
+                tracing::info!(
                     limit = now,
                     hard,
-                    "open-file limit in force is below what 100k UDP sessions need (one socket each)"
+                    "open-file limit in force (below the ~200k that 100k UDP sessions need: one socket each, plus the client side)"
                 );
             } else {
                 tracing::info!(limit = now, "open-file limit in force");

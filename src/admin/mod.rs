@@ -20,15 +20,11 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone)]
 struct Ctx {
     app: Arc<AppState>,
-    token: Option<Arc<str>>,
 }
 
 /// The router, without a listener (tests use it directly).
-pub fn router(app: Arc<AppState>, token: Option<String>) -> Router {
-    let ctx = Ctx {
-        app,
-        token: token.map(Arc::from),
-    };
+pub fn router(app: Arc<AppState>) -> Router {
+    let ctx = Ctx { app };
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -36,17 +32,13 @@ pub fn router(app: Arc<AppState>, token: Option<String>) -> Router {
         .route("/status", get(status_handler))
         .route("/upstreams/{name}/servers/{server}/state", post(set_state))
         .route("/upstreams/{name}/failback", post(failback))
+        .route("/reload", post(reload))
         .with_state(ctx)
 }
 
 /// Serves the API on `listener` until `stop` fires.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Arc<AppState>,
-    token: Option<String>,
-    stop: CancellationToken,
-) {
-    let router = router(app, token);
+pub async fn serve(listener: tokio::net::TcpListener, app: Arc<AppState>, stop: CancellationToken) {
+    let router = router(app);
     let r = axum::serve(listener, router)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;
@@ -91,7 +83,8 @@ fn error(code: StatusCode, msg: impl Into<String>) -> Response {
 
 /// Checks `Authorization: Bearer <token>` when a token is configured.
 fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let Some(want) = &ctx.token else {
+    let token = ctx.app.admin_token.load();
+    let Some(want) = token.as_deref() else {
         return Ok(());
     };
     let given = headers
@@ -130,7 +123,7 @@ async fn set_state(
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let Some(up) = ctx.app.upstreams.get(&name) else {
+    let Some(up) = ctx.app.upstreams.load().get(&name).cloned() else {
         return error(StatusCode::NOT_FOUND, format!("no upstream {name}"));
     };
     match up.set_admin(&server, state).await {
@@ -150,7 +143,7 @@ async fn failback(
     if let Err(r) = authorize(&ctx, &headers) {
         return *r;
     }
-    let Some(up) = ctx.app.upstreams.get(&name) else {
+    let Some(up) = ctx.app.upstreams.load().get(&name).cloned() else {
         return error(StatusCode::NOT_FOUND, format!("no upstream {name}"));
     };
     match up.failback_now().await {
@@ -159,5 +152,19 @@ async fn failback(
         }))
         .into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn reload(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&ctx, &headers) {
+        return *r;
+    }
+    match ctx.app.reload().await {
+        Ok(()) => Json(serde_json::json!({ "result": "ok" })).into_response(),
+        Err(errors) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(serde_json::json!({ "result": "error", "errors": errors })),
+        )
+            .into_response(),
     }
 }

@@ -99,24 +99,26 @@ struct TimeOnly(#[serde(serialize_with = "serialize_time")] SystemTime);
 pub fn build(app: &AppState) -> Status {
     let listeners = app
         .listeners
+        .load()
         .iter()
         .map(|l| ListenerStatus {
-            name: l.name().to_string(),
-            protocol: l.protocol().to_string(),
-            listen: l.listen().to_string(),
-            upstream: l.upstream().to_string(),
+            name: l.config.name.clone(),
+            protocol: l.config.protocol.to_string(),
+            listen: l.config.listen.to_string(),
+            upstream: l.config.upstream.clone(),
             sessions: l.sessions(),
         })
         .collect();
     let upstreams = app
         .upstreams
+        .load()
         .values()
         .map(|u| {
             let view = u.view();
             UpstreamStatus {
                 name: u.name.clone(),
-                balance: u.balance.as_str().to_string(),
-                failback: u.failback.as_str().to_string(),
+                balance: view.balance.to_string(),
+                failback: view.failback.to_string(),
                 active: view.active.clone(),
                 failovers: view.failovers,
                 servers: view

@@ -126,7 +126,8 @@ impl TcpListener {
             // Taken before connecting, so an eviction during the connect is not missed.
             let evicted = server.eviction_token();
             let dest = server.dest(local_port);
-            match tokio::time::timeout(self.route.connect_timeout, TcpStream::connect(dest)).await {
+            let connect_timeout = self.route.connect_timeout();
+            match tokio::time::timeout(connect_timeout, TcpStream::connect(dest)).await {
                 Ok(Ok(stream)) => return Some((server, stream, evicted)),
                 Ok(Err(e)) => {
                     let reason = match e.kind() {
@@ -141,10 +142,7 @@ impl TcpListener {
                 Err(_) => self.route.report_passive(
                     &server,
                     Reason::ConnectTimeout,
-                    format!(
-                        "connect {dest}: no answer within {:?}",
-                        self.route.connect_timeout
-                    ),
+                    format!("connect {dest}: no answer within {:?}", connect_timeout),
                 ),
             }
             tried.push(server);

@@ -1,23 +1,24 @@
-//! The control plane of one upstream: a task that owns its [`UpstreamState`], receives
-//! probe results, passive signals and admin commands on a channel, and after each one
-//! publishes the routing snapshot, evicts sessions, logs and counts events.
+//! The control plane of one upstream: a task that owns its [`UpstreamState`] and its
+//! probers, receives probe results, passive signals, admin commands, server lists
+//! (discovery) and new settings (reload) on a channel, and after each one publishes the
+//! routing snapshot, evicts sessions, and logs and counts events.
 //!
 //! The data plane never waits on this task: it reads the last published snapshot and sends
 //! passive signals with `try_send`.
 
 use super::server::ServerHandle;
 use super::snapshot::{Snapshot, UpstreamRoute};
-use super::state::{AdminState, EventKind, Step, UpstreamState, UpstreamView};
-use crate::config::{Balance, Failback, HealthType, UpstreamConfig};
+use super::state::{AdminState, EventKind, Policy, Step, UpstreamState, UpstreamView};
+use crate::config::{HealthConfig, HealthType, UpstreamConfig};
+use crate::discovery::{Readiness, Target};
 use crate::health::prober::{ProbeCounters, Prober};
-use crate::health::{self, ProbeError, Reason};
-use crate::metrics::{Metrics, child, labels};
+use crate::health::{self, HealthCheck, ProbeError, Reason};
+use crate::metrics::{Labels, Metrics, child, labels};
 use arc_swap::ArcSwap;
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -43,13 +44,40 @@ pub enum Control {
     Failback {
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// A new server list, in priority order (discovery, reload).
+    Servers(Vec<Target>),
+    /// New settings after a reload.
+    Reconfigure {
+        spec: Box<UpstreamSpec>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// What a controller takes from the configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamSpec {
+    pub config: UpstreamConfig,
+    /// Port probed and shown for port-less servers (the first listener's port).
+    pub default_port: u16,
+}
+
+impl UpstreamSpec {
+    fn policy(&self) -> Policy {
+        let c = &self.config;
+        Policy {
+            balance: c.balance,
+            failback: c.failback,
+            failback_delay: c.failback_delay.get(),
+            fall: c.health.fall,
+            rise: c.health.rise,
+            probe_less: c.health.kind == HealthType::None,
+        }
+    }
 }
 
 /// A running upstream: its route for the data plane and handles for the admin API.
 pub struct UpstreamRuntime {
     pub name: String,
-    pub balance: Balance,
-    pub failback: Failback,
     pub route: Arc<UpstreamRoute>,
     view: Arc<ArcSwap<UpstreamView>>,
     control: mpsc::Sender<Control>,
@@ -59,81 +87,27 @@ pub struct UpstreamRuntime {
 
 /// Per-server metric handles, resolved once.
 struct ServerMetrics {
+    handle: Arc<ServerHandle>,
+    up_labels: Labels,
+    active_labels: Labels,
     up: Gauge,
     active: Gauge,
 }
 
 impl UpstreamRuntime {
-    /// Starts the controller and one prober per server. `servers` are in priority order;
-    /// `default_port` is the port probed for port-less servers.
-    pub fn start(
-        name: &str,
-        cfg: &UpstreamConfig,
-        servers: Vec<Arc<ServerHandle>>,
-        default_port: u16,
-        metrics: &Metrics,
-    ) -> Self {
+    /// Starts the controller (and through it one prober per server) with an initial
+    /// server list.
+    pub fn start(name: &str, spec: UpstreamSpec, targets: Vec<Target>, metrics: &Metrics) -> Self {
         let (tx, rx) = mpsc::channel(1024);
         let now = Instant::now();
-        let wall = SystemTime::now();
-        let health_cfg = &cfg.health;
-        let probe_less = health_cfg.kind == HealthType::None;
-        let state = UpstreamState::new(
-            name.to_string(),
-            servers.clone(),
-            cfg.balance,
-            cfg.failback,
-            cfg.failback_delay.get(),
-            health_cfg.fall,
-            health_cfg.rise,
-            probe_less,
-            now,
-            wall,
-        );
+        let cfg = &spec.config;
         let route = Arc::new(UpstreamRoute::new(
             name.to_string(),
             tx.clone(),
             cfg.passive,
             cfg.connect_timeout.get(),
-            metrics
-                .sessions_migrated
-                .get_or_create(&labels(&[("upstream", name)]))
-                .clone(),
+            child(&metrics.sessions_migrated, &labels(&[("upstream", name)])),
         ));
-        let cancel = CancellationToken::new();
-        let (ready_tx, ready_rx) = watch::channel(false);
-        let view = Arc::new(ArcSwap::from_pointee(state.view()));
-
-        if let Some(check) = health::build(health_cfg) {
-            let check: Arc<dyn health::HealthCheck> = Arc::from(check);
-            for server in &servers {
-                let port = health_cfg.port.or(server.port).unwrap_or(default_port);
-                let counter = |result: &str| -> Counter {
-                    metrics
-                        .probes
-                        .get_or_create(&labels(&[
-                            ("upstream", name),
-                            ("server", &server.label),
-                            ("result", result),
-                        ]))
-                        .clone()
-                };
-                let prober = Prober {
-                    check: check.clone(),
-                    server: server.clone(),
-                    target: SocketAddr::new(server.ip, port),
-                    interval: health_cfg.interval.get(),
-                    timeout: health_cfg.timeout.get(),
-                    counters: ProbeCounters {
-                        ok: counter("ok"),
-                        failed: counter("failed"),
-                        timeout: counter("timeout"),
-                    },
-                };
-                tokio::spawn(prober.run(tx.clone(), cancel.clone()));
-            }
-        }
-
         // Series exist from the start, so dashboards and alerts see zeros, not gaps.
         for reason in Reason::ALL {
             let _ = child(
@@ -143,40 +117,39 @@ impl UpstreamRuntime {
         }
         let _ = child(&metrics.failbacks, &labels(&[("upstream", name)]));
         let _ = child(&metrics.detection, &labels(&[("upstream", name)]));
-        let server_metrics = servers
-            .iter()
-            .map(|s| ServerMetrics {
-                up: metrics
-                    .server_up
-                    .get_or_create(&labels(&[
-                        ("upstream", name),
-                        ("server", &s.label),
-                        ("tier", s.tier.as_str()),
-                    ]))
-                    .clone(),
-                active: metrics
-                    .upstream_active
-                    .get_or_create(&labels(&[("upstream", name), ("server", &s.label)]))
-                    .clone(),
-            })
-            .collect();
-        let controller = Controller {
-            state,
+
+        let cancel = CancellationToken::new();
+        let (ready_tx, ready_rx) = watch::channel(false);
+        let mut controller = Controller {
+            state: UpstreamState::new(
+                name.to_string(),
+                Vec::new(),
+                spec.policy(),
+                now,
+                SystemTime::now(),
+            ),
+            check: health::build(&cfg.health).map(Arc::from),
+            spec,
             route: route.clone(),
-            view: view.clone(),
+            view: Arc::new(ArcSwap::from_pointee(UpstreamView::default())),
             ready: ready_tx,
             metrics: metrics.clone(),
-            server_metrics,
+            server_metrics: Vec::new(),
+            probers: Vec::new(),
+            control: tx.clone(),
+            cancel: cancel.clone(),
             generation: 0,
-            first_round_deadline: now + health_cfg.timeout.get() + health_cfg.interval.get(),
+            first_round_deadline: now,
             pending_reply: None,
         };
-        tokio::spawn(controller.run(rx, cancel.clone()));
+        controller.first_round_deadline = now + controller.first_round_budget();
+        let view = controller.view.clone();
+        let step = controller.set_servers(targets);
+        controller.apply(step);
+        tokio::spawn(controller.run(rx));
 
         UpstreamRuntime {
             name: name.to_string(),
-            balance: cfg.balance,
-            failback: cfg.failback,
             route,
             view,
             control: tx,
@@ -219,6 +192,27 @@ impl UpstreamRuntime {
         rx.await.map_err(|_| "controller stopped".to_string())?
     }
 
+    /// Applies new settings from a reload.
+    pub async fn reconfigure(&self, spec: UpstreamSpec) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.ask(Control::Reconfigure {
+            spec: Box::new(spec),
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| "controller stopped".to_string())?
+    }
+
+    /// Replaces the server list.
+    pub async fn set_servers(&self, targets: Vec<Target>) -> Result<(), String> {
+        self.ask(Control::Servers(targets)).await
+    }
+
+    /// The channel for a discovery feeder.
+    pub fn control(&self) -> mpsc::Sender<Control> {
+        self.control.clone()
+    }
+
     async fn ask(&self, msg: Control) -> Result<(), String> {
         self.control
             .send(msg)
@@ -240,24 +234,24 @@ impl Drop for UpstreamRuntime {
 
 struct Controller {
     state: UpstreamState,
+    spec: UpstreamSpec,
+    check: Option<Arc<dyn HealthCheck>>,
     route: Arc<UpstreamRoute>,
     view: Arc<ArcSwap<UpstreamView>>,
     ready: watch::Sender<bool>,
     metrics: Metrics,
     server_metrics: Vec<ServerMetrics>,
+    probers: Vec<(Arc<ServerHandle>, CancellationToken)>,
+    control: mpsc::Sender<Control>,
+    cancel: CancellationToken,
     generation: u64,
     first_round_deadline: Instant,
     pending_reply: Option<oneshot::Sender<Result<(), String>>>,
 }
 
 impl Controller {
-    async fn run(mut self, mut rx: mpsc::Receiver<Control>, cancel: CancellationToken) {
-        if self.state.first_round_done() {
-            self.apply(Step {
-                publish: true,
-                ..Step::default()
-            });
-        }
+    async fn run(mut self, mut rx: mpsc::Receiver<Control>) {
+        let cancel = self.cancel.clone();
         loop {
             let now = Instant::now();
             let deadline = if self.state.first_round_done() {
@@ -289,6 +283,11 @@ impl Controller {
             };
             self.apply(step);
         }
+    }
+
+    /// Start-up waits at most one probe (timeout) plus a little scheduling slack.
+    fn first_round_budget(&self) -> Duration {
+        self.spec.config.health.timeout.get() + Duration::from_millis(100)
     }
 
     fn handle(&mut self, msg: Control) -> Step {
@@ -333,30 +332,156 @@ impl Controller {
                 self.pending_reply = Some(reply);
                 self.state.manual_failback(Instant::now(), wall)
             }
+            Control::Servers(targets) => self.set_servers(targets),
+            Control::Reconfigure { spec, reply } => {
+                let health_changed = spec.config.health != self.spec.config.health
+                    || spec.default_port != self.spec.default_port;
+                self.route
+                    .set_options(spec.config.passive, spec.config.connect_timeout.get());
+                let policy = spec.policy();
+                self.spec = *spec;
+                if health_changed {
+                    // New probe settings: restart every prober with them.
+                    self.check = health::build(&self.spec.config.health).map(Arc::from);
+                    for (_, token) in self.probers.drain(..) {
+                        token.cancel();
+                    }
+                    self.sync_probers();
+                }
+                self.pending_reply = Some(reply);
+                self.state.set_policy(policy, Instant::now(), wall)
+            }
+        }
+    }
+
+    /// Turns targets into handles (reusing the handle of a server that stays) and hands
+    /// the list to the state; starts and stops probers and metric series to match.
+    fn set_servers(&mut self, targets: Vec<Target>) -> Step {
+        let existing = self.state.handles();
+        let default_port = self.spec.default_port;
+        let list: Vec<(Arc<ServerHandle>, Readiness)> = targets
+            .into_iter()
+            .map(|t| {
+                let handle = existing
+                    .iter()
+                    .find(|h| h.ip == t.ip && h.port == t.port && h.tier == t.tier)
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        Arc::new(ServerHandle::new(t.ip, t.port, default_port, t.tier))
+                    });
+                (handle, t.readiness)
+            })
+            .collect();
+        let step = self
+            .state
+            .replace_servers(list, Instant::now(), SystemTime::now());
+        self.sync_probers();
+        self.sync_metrics();
+        step
+    }
+
+    fn sync_probers(&mut self) {
+        let handles = self.state.handles();
+        self.probers.retain(|(h, token)| {
+            let keep = handles.iter().any(|x| Arc::ptr_eq(x, h));
+            if !keep {
+                token.cancel();
+            }
+            keep
+        });
+        let Some(check) = self.check.clone() else {
+            return;
+        };
+        let hc: &HealthConfig = &self.spec.config.health;
+        let name = self.state.name.clone();
+        for server in handles {
+            if self.probers.iter().any(|(h, _)| Arc::ptr_eq(h, &server)) {
+                continue;
+            }
+            let port = hc.port.or(server.port).unwrap_or(self.spec.default_port);
+            let counter = |result: &str| {
+                child(
+                    &self.metrics.probes,
+                    &labels(&[
+                        ("upstream", &name),
+                        ("server", &server.label),
+                        ("result", result),
+                    ]),
+                )
+            };
+            let prober = Prober {
+                check: check.clone(),
+                server: server.clone(),
+                target: SocketAddr::new(server.ip, port),
+                interval: hc.interval.get(),
+                timeout: hc.timeout.get(),
+                counters: ProbeCounters {
+                    ok: counter("ok"),
+                    failed: counter("failed"),
+                    timeout: counter("timeout"),
+                },
+            };
+            let token = self.cancel.child_token();
+            tokio::spawn(prober.run(self.control.clone(), token.clone()));
+            self.probers.push((server, token));
+        }
+    }
+
+    fn sync_metrics(&mut self) {
+        let handles = self.state.handles();
+        let m = &self.metrics;
+        self.server_metrics.retain(|sm| {
+            let keep = handles.iter().any(|h| Arc::ptr_eq(h, &sm.handle));
+            if !keep {
+                m.server_up.remove(&sm.up_labels);
+                m.upstream_active.remove(&sm.active_labels);
+            }
+            keep
+        });
+        let name = self.state.name.as_str();
+        for h in handles {
+            if self
+                .server_metrics
+                .iter()
+                .any(|sm| Arc::ptr_eq(&sm.handle, &h))
+            {
+                continue;
+            }
+            let up_labels = labels(&[
+                ("upstream", name),
+                ("server", &h.label),
+                ("tier", h.tier.as_str()),
+            ]);
+            let active_labels = labels(&[("upstream", name), ("server", &h.label)]);
+            self.server_metrics.push(ServerMetrics {
+                up: child(&m.server_up, &up_labels),
+                active: child(&m.upstream_active, &active_labels),
+                up_labels,
+                active_labels,
+                handle: h,
+            });
         }
     }
 
     fn apply(&mut self, step: Step) {
         if step.publish {
             self.generation += 1;
+            let active = self.state.active_handles();
             self.route.publish(Snapshot {
                 generation: self.generation,
                 balance: self.state.balance(),
                 servers: self.state.handles(),
-                active: self.state.active_handles(),
+                active: active.clone(),
                 eligible: self.state.eligible_handles(),
             });
-            let active = self.state.active_handles();
-            for (i, (h, m)) in self
-                .state
-                .handles()
-                .iter()
-                .zip(&self.server_metrics)
-                .enumerate()
-            {
-                m.up.set(i64::from(self.state.is_up(i)));
-                m.active
-                    .set(i64::from(active.iter().any(|a| Arc::ptr_eq(a, h))));
+            for sm in &self.server_metrics {
+                let up = self
+                    .state
+                    .index_of(&sm.handle)
+                    .is_some_and(|i| self.state.is_up(i));
+                sm.up.set(i64::from(up));
+                sm.active
+                    .set(i64::from(active.iter().any(|a| Arc::ptr_eq(a, &sm.handle))));
             }
         }
         // Evict after publishing so that sessions re-pin onto the new active set.
@@ -380,30 +505,29 @@ impl Controller {
                         sessions_moved = ev.sessions_moved,
                         "failover"
                     );
-                    self.metrics
-                        .failovers
-                        .get_or_create(&labels(&[("upstream", upstream), ("reason", reason)]))
-                        .inc();
+                    child(
+                        &self.metrics.failovers,
+                        &labels(&[("upstream", upstream), ("reason", reason)]),
+                    )
+                    .inc();
                     if let Some(ms) = ev.detection_ms {
-                        self.metrics
-                            .detection
-                            .get_or_create(&labels(&[("upstream", upstream)]))
+                        child(&self.metrics.detection, &labels(&[("upstream", upstream)]))
                             .observe(ms as f64 / 1000.0);
                     }
                 }
                 EventKind::Failback => {
                     tracing::info!(upstream, from = ?ev.from, to = ?ev.to, sessions_moved = ev.sessions_moved, "failback");
-                    self.metrics
-                        .failbacks
-                        .get_or_create(&labels(&[("upstream", upstream)]))
-                        .inc();
+                    child(&self.metrics.failbacks, &labels(&[("upstream", upstream)])).inc();
                 }
             }
         }
         if self.state.first_round_done() && !*self.ready.borrow() {
             let _ = self.ready.send(true);
         }
-        self.view.store(Arc::new(self.state.view()));
+        let mut view = self.state.view();
+        view.balance = self.spec.config.balance.as_str();
+        view.failback = self.spec.config.failback.as_str();
+        self.view.store(Arc::new(view));
         // Answer commands only now, so the caller sees their effect in the view.
         if let Some(reply) = self.pending_reply.take() {
             let _ = reply.send(Ok(()));

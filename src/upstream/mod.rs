@@ -17,7 +17,7 @@ pub mod server;
 pub mod snapshot;
 pub mod state;
 
-pub use controller::{Control, UpstreamRuntime};
+pub use controller::{Control, UpstreamRuntime, UpstreamSpec};
 pub use server::{ServerHandle, Tier};
 pub use snapshot::{Snapshot, UpstreamRoute};
 pub use state::{AdminState, Event, EventKind, UpstreamState};

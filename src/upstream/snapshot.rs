@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -38,10 +38,10 @@ pub struct UpstreamRoute {
     snapshot: ArcSwap<Snapshot>,
     rr: AtomicUsize,
     control: mpsc::Sender<Control>,
-    /// Whether passive signals mark servers down (`passive:`).
-    pub passive: bool,
-    /// TCP connect timeout.
-    pub connect_timeout: Duration,
+    /// Whether passive signals mark servers down (`passive:`); a reload may change it.
+    passive: AtomicBool,
+    /// TCP connect timeout in milliseconds; a reload may change it.
+    connect_timeout_ms: AtomicU64,
     /// `mediagate_sessions_migrated_total{upstream}`.
     pub migrated: Counter,
 }
@@ -59,10 +59,21 @@ impl UpstreamRoute {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             rr: AtomicUsize::new(0),
             control,
-            passive,
-            connect_timeout,
+            passive: AtomicBool::new(passive),
+            connect_timeout_ms: AtomicU64::new(connect_timeout.as_millis() as u64),
             migrated,
         }
+    }
+
+    /// TCP connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_options(&self, passive: bool, connect_timeout: Duration) {
+        self.passive.store(passive, Ordering::Relaxed);
+        self.connect_timeout_ms
+            .store(connect_timeout.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// The current snapshot.
@@ -106,7 +117,7 @@ impl UpstreamRoute {
     /// A passive failure seen by the data plane (ECONNREFUSED, connect timeout). Sends at
     /// most one signal per server until it is healthy again; never blocks.
     pub fn report_passive(&self, server: &Arc<ServerHandle>, reason: Reason, detail: String) {
-        if !self.passive || !server.claim_passive_report() {
+        if !self.passive.load(Ordering::Relaxed) || !server.claim_passive_report() {
             return;
         }
         let msg = Control::Passive {

@@ -8,6 +8,7 @@
 
 use super::server::{ServerHandle, Tier};
 use crate::config::{Balance, Failback};
+use crate::discovery::Readiness;
 use crate::health::state::{HealthState, Transition};
 use crate::health::{ProbeError, Reason};
 use serde::Serialize;
@@ -119,6 +120,15 @@ struct Entry {
     probed: bool,
     /// Could hold sessions at the last reconcile (up and not in maintenance).
     holds_sessions: bool,
+    /// Discovery says not ready (endpoint or node): down whatever the probes say.
+    not_ready: Option<Reason>,
+}
+
+impl Entry {
+    /// Up by probes and not vetoed by discovery.
+    fn usable(&self) -> bool {
+        self.health.is_up() && self.not_ready.is_none()
+    }
 }
 
 /// Status of one server, for `/status`.
@@ -134,11 +144,25 @@ pub struct ServerView {
 /// Status of one upstream, published by the controller after every change.
 #[derive(Debug, Clone, Default)]
 pub struct UpstreamView {
+    pub balance: &'static str,
+    pub failback: &'static str,
     pub servers: Vec<ServerView>,
     pub active: Vec<String>,
     pub events: Vec<Event>,
     pub failovers: u64,
     pub ready: bool,
+}
+
+/// The settings of an upstream that shape its control logic (a reload may change them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub balance: Balance,
+    pub failback: Failback,
+    pub failback_delay: Duration,
+    pub fall: u32,
+    pub rise: u32,
+    /// `type: none`: servers start up, and a passively failed one returns after 10 s.
+    pub probe_less: bool,
 }
 
 /// The control state of one upstream.
@@ -148,6 +172,8 @@ pub struct UpstreamState {
     balance: Balance,
     failback: Failback,
     failback_delay: Duration,
+    fall: u32,
+    rise: u32,
     probe_less: bool,
     entries: Vec<Entry>,
     active: Vec<usize>,
@@ -157,53 +183,151 @@ pub struct UpstreamState {
 }
 
 impl UpstreamState {
-    /// `servers` in priority order. With `probe_less` (`type: none`) servers start up.
-    #[allow(clippy::too_many_arguments)]
+    /// `servers` in priority order.
     pub fn new(
         name: String,
         servers: Vec<Arc<ServerHandle>>,
-        balance: Balance,
-        failback: Failback,
-        failback_delay: Duration,
-        fall: u32,
-        rise: u32,
-        probe_less: bool,
+        policy: Policy,
         now: Instant,
         wall: SystemTime,
     ) -> Self {
-        let entries = servers
-            .into_iter()
-            .map(|handle| Entry {
-                handle,
-                health: if probe_less {
-                    HealthState::assumed_up(fall, rise, now)
-                } else {
-                    HealthState::new(fall, rise)
-                },
-                admin: AdminState::Enable,
-                last_change: wall,
-                ready_at: None,
-                recover_at: None,
-                probed: probe_less,
-                holds_sessions: false,
-            })
-            .collect();
         let mut st = UpstreamState {
             name,
-            balance,
-            failback,
-            failback_delay,
-            probe_less,
-            entries,
+            balance: policy.balance,
+            failback: policy.failback,
+            failback_delay: policy.failback_delay,
+            fall: policy.fall,
+            rise: policy.rise,
+            probe_less: policy.probe_less,
+            entries: Vec::new(),
             active: Vec::new(),
             first_round_done: false,
             events: VecDeque::new(),
             failovers: 0,
         };
-        if probe_less {
+        st.entries = servers
+            .into_iter()
+            .map(|h| st.new_entry(h, now, wall))
+            .collect();
+        if policy.probe_less {
             st.finish_first_round(now);
         }
         st
+    }
+
+    fn new_entry(&self, handle: Arc<ServerHandle>, now: Instant, wall: SystemTime) -> Entry {
+        Entry {
+            handle,
+            health: if self.probe_less {
+                HealthState::assumed_up(self.fall, self.rise, now)
+            } else {
+                HealthState::new(self.fall, self.rise)
+            },
+            admin: AdminState::Enable,
+            last_change: wall,
+            ready_at: None,
+            recover_at: None,
+            probed: self.probe_less,
+            holds_sessions: false,
+            not_ready: None,
+        }
+    }
+
+    /// Applies changed settings (a reload). Health state is kept; the active set is
+    /// recomputed under the new policy.
+    pub fn set_policy(&mut self, policy: Policy, now: Instant, wall: SystemTime) -> Step {
+        self.balance = policy.balance;
+        self.failback = policy.failback;
+        self.failback_delay = policy.failback_delay;
+        self.fall = policy.fall;
+        self.rise = policy.rise;
+        self.probe_less = policy.probe_less;
+        let mut step = self.reconcile(now, wall, None);
+        step.publish = self.first_round_done;
+        step
+    }
+
+    /// Replaces the server list (discovery or reload), in priority order, each with
+    /// discovery's readiness verdict. Servers that stay keep their handle, health and
+    /// admin state; servers that left lose their sessions (reason `removed`); new ones
+    /// start unknown until probed. A `NotReady` server is down at once with its reason.
+    pub fn replace_servers(
+        &mut self,
+        servers: Vec<(Arc<ServerHandle>, Readiness)>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Step {
+        let active: Vec<Arc<ServerHandle>> = self.active_handles();
+        let mut old: Vec<Option<Entry>> = std::mem::take(&mut self.entries)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut cause: Option<Cause> = None;
+        let mut entries = Vec::with_capacity(servers.len());
+        for (handle, readiness) in servers {
+            let kept = old
+                .iter_mut()
+                .find(|e| e.as_ref().is_some_and(|e| Arc::ptr_eq(&e.handle, &handle)))
+                .and_then(Option::take);
+            let mut entry = kept.unwrap_or_else(|| self.new_entry(handle, now, wall));
+            match readiness {
+                Readiness::NotReady(reason) if entry.not_ready != Some(reason) => {
+                    entry.not_ready = Some(reason);
+                    entry.probed = true;
+                    if let Transition::WentDown { reason, detection } =
+                        entry.health.passive_failure(reason, "discovery", now)
+                    {
+                        entry.last_change = wall;
+                        entry.ready_at = None;
+                        cause.get_or_insert(Cause { reason, detection });
+                    }
+                }
+                Readiness::Ready if entry.not_ready.is_some() => {
+                    entry.not_ready = None;
+                    // Probes bring it back (rise); without probes, discovery's word is enough.
+                    if self.probe_less && entry.health.force_up(now) == Transition::WentUp {
+                        entry.last_change = wall;
+                    }
+                }
+                _ => {}
+            }
+            entries.push(entry);
+        }
+        // Servers that left stay for this one reconcile, marked down, so that their
+        // sessions are evicted and a lost active member is recorded as a failover.
+        let kept_len = entries.len();
+        for mut gone in old.into_iter().flatten() {
+            if gone
+                .health
+                .passive_failure(Reason::Removed, "no longer listed", now)
+                != Transition::None
+            {
+                cause.get_or_insert(Cause {
+                    reason: Reason::Removed,
+                    detection: None,
+                });
+            }
+            entries.push(gone);
+        }
+        self.entries = entries;
+        self.active = active.iter().filter_map(|h| self.index_of(h)).collect();
+        if !self.first_round_done
+            && self.entries[..kept_len].iter().all(|e| e.probed)
+            && kept_len > 0
+        {
+            self.entries.truncate(kept_len);
+            self.finish_first_round(now);
+            return Step {
+                publish: true,
+                ..Step::default()
+            };
+        }
+        let mut step = self.reconcile(now, wall, cause);
+        step.publish = self.first_round_done;
+        self.entries.truncate(kept_len);
+        // Removed servers were not eligible during the reconcile, so they are not active.
+        self.active.retain(|i| *i < kept_len);
+        step
     }
 
     /// Index of a server handle.
@@ -227,7 +351,7 @@ impl UpstreamState {
         self.first_round_done = true;
         // Seeding the active set is not a failover: no event, nothing to evict.
         for e in &mut self.entries {
-            e.holds_sessions = e.health.is_up() && e.admin != AdminState::Maint;
+            e.holds_sessions = e.usable() && e.admin != AdminState::Maint;
         }
         self.active = self.desired(now);
         Step {
@@ -356,12 +480,18 @@ impl UpstreamState {
     /// A view for `/status`.
     pub fn view(&self) -> UpstreamView {
         UpstreamView {
+            balance: self.balance.as_str(),
+            failback: self.failback.as_str(),
             servers: self
                 .entries
                 .iter()
                 .map(|e| ServerView {
                     handle: e.handle.clone(),
-                    health: e.health.health().as_str(),
+                    health: if e.not_ready.is_some() {
+                        "down"
+                    } else {
+                        e.health.health().as_str()
+                    },
                     admin_state: e.admin,
                     last_change: e.last_change,
                     last_error: e.health.last_error().map(str::to_string),
@@ -391,14 +521,14 @@ impl UpstreamState {
     pub fn eligible_handles(&self) -> Vec<Arc<ServerHandle>> {
         self.entries
             .iter()
-            .filter(|e| e.health.is_up() && e.admin == AdminState::Enable)
+            .filter(|e| e.usable() && e.admin == AdminState::Enable)
             .map(|e| e.handle.clone())
             .collect()
     }
 
     /// Whether server `idx` is up (for the `server_up` gauge).
     pub fn is_up(&self, idx: usize) -> bool {
-        self.entries.get(idx).is_some_and(|e| e.health.is_up())
+        self.entries.get(idx).is_some_and(Entry::usable)
     }
 
     pub fn balance(&self) -> Balance {
@@ -447,7 +577,7 @@ impl UpstreamState {
     /// Takes new sessions now: up, enabled and past its failback delay.
     fn takes_new(&self, idx: usize, now: Instant) -> bool {
         let e = &self.entries[idx];
-        e.health.is_up() && e.admin == AdminState::Enable && e.ready_at.is_none_or(|t| now >= t)
+        e.usable() && e.admin == AdminState::Enable && e.ready_at.is_none_or(|t| now >= t)
     }
 
     /// The active set the balance policy wants now, ignoring failback stickiness.
@@ -474,7 +604,7 @@ impl UpstreamState {
         }
         // Servers that can no longer hold sessions lose them now, active or not.
         for e in &mut self.entries {
-            let can_hold = e.health.is_up() && e.admin != AdminState::Maint;
+            let can_hold = e.usable() && e.admin != AdminState::Maint;
             if e.holds_sessions && !can_hold {
                 step.evict.push(e.handle.clone());
             }
@@ -609,18 +739,15 @@ mod tests {
     ) -> Fixture {
         let t0 = Instant::now();
         let wall = SystemTime::UNIX_EPOCH;
-        let st = UpstreamState::new(
-            "u".into(),
-            handles(primary, backup),
+        let policy = Policy {
             balance,
             failback,
-            Duration::from_millis(delay_ms),
-            1,
-            2,
-            false,
-            t0,
-            wall,
-        );
+            failback_delay: Duration::from_millis(delay_ms),
+            fall: 1,
+            rise: 2,
+            probe_less: false,
+        };
+        let st = UpstreamState::new("u".into(), handles(primary, backup), policy, t0, wall);
         Fixture { st, t0, wall }
     }
 
@@ -836,18 +963,15 @@ mod tests {
     fn probe_less_servers_recover_after_passive_failure() {
         let t0 = Instant::now();
         let wall = SystemTime::UNIX_EPOCH;
-        let mut st = UpstreamState::new(
-            "u".into(),
-            handles(1, 1),
-            Balance::First,
-            Failback::NewSessions,
-            Duration::ZERO,
-            1,
-            2,
-            true,
-            t0,
-            wall,
-        );
+        let policy = Policy {
+            balance: Balance::First,
+            failback: Failback::NewSessions,
+            failback_delay: Duration::ZERO,
+            fall: 1,
+            rise: 2,
+            probe_less: true,
+        };
+        let mut st = UpstreamState::new("u".into(), handles(1, 1), policy, t0, wall);
         assert_eq!(st.active_labels(), vec![P1]);
         let s = st.passive_failure(0, Reason::ConnectRefused, "refused", t0, wall);
         assert_eq!(
@@ -872,5 +996,94 @@ mod tests {
         let v = f.st.view();
         assert_eq!(v.events.len(), EVENTS_KEPT);
         assert_eq!(v.failovers, 120);
+    }
+
+    fn ready(handles: &[Arc<ServerHandle>]) -> Vec<(Arc<ServerHandle>, Readiness)> {
+        handles
+            .iter()
+            .map(|h| (h.clone(), Readiness::Ready))
+            .collect()
+    }
+
+    #[test]
+    fn replacing_servers_keeps_state_and_removes_with_reason() {
+        let mut f = fixture(1, 1, Balance::First, Failback::NewSessions, 0);
+        f.all_ok(0);
+        let old = f.st.handles();
+        f.st.set_admin(B1, AdminState::Drain, f.at(1), f.wall)
+            .unwrap();
+        // Add a second backup: P1 and B1 keep their health and admin state.
+        let extra = Arc::new(ServerHandle::new(
+            IpAddr::from([10, 0, 0, 102]),
+            Some(5004),
+            5004,
+            Tier::Backup,
+        ));
+        let mut list = ready(&old);
+        list.push((extra.clone(), Readiness::Ready));
+        let s = f.st.replace_servers(list, f.at(2), f.wall);
+        assert!(s.event.is_none() && s.evict.is_empty());
+        assert_eq!(f.active(), vec![P1]);
+        let v = f.st.view();
+        assert_eq!(v.servers.len(), 3);
+        assert_eq!(v.servers[1].admin_state, AdminState::Drain);
+        assert_eq!(
+            v.servers[2].health, "unknown",
+            "a new server waits for its first probe"
+        );
+        // Remove the active primary: failover with reason removed, its sessions evicted.
+        old[0].session_opened();
+        let s =
+            f.st.replace_servers(ready(&[old[1].clone(), extra.clone()]), f.at(3), f.wall);
+        assert_eq!(labels(&s), vec![P1]);
+        let ev = s.event.expect("event");
+        assert_eq!((ev.kind, ev.reason), (EventKind::Failover, Some("removed")));
+        assert_eq!(ev.sessions_moved, 1);
+        assert!(f.active().is_empty(), "B1 drains and B2 is not probed yet");
+        f.ok(1, 4);
+        assert_eq!(f.active(), vec![B2]);
+        assert_eq!(f.st.handles().len(), 2);
+    }
+
+    #[test]
+    fn discovery_not_ready_is_down_at_once_and_probes_bring_it_back() {
+        let mut f = fixture(1, 1, Balance::First, Failback::NewSessions, 0);
+        f.all_ok(0);
+        let h = f.st.handles();
+        let s = f.st.replace_servers(
+            vec![
+                (h[0].clone(), Readiness::NotReady(Reason::NodeNotReady)),
+                (h[1].clone(), Readiness::Ready),
+            ],
+            f.at(1),
+            f.wall,
+        );
+        assert_eq!(f.active(), vec![B1]);
+        assert_eq!(s.event.and_then(|e| e.reason), Some("node_not_ready"));
+        // Probes alone cannot bring back a server discovery says is not ready...
+        f.ok(0, 2);
+        f.ok(0, 3);
+        assert_eq!(f.active(), vec![B1]);
+        // ...once it is ready again, it is used (its probes have been passing).
+        let s = f.st.replace_servers(ready(&h), f.at(4), f.wall);
+        assert_eq!(f.active(), vec![P1]);
+        assert_eq!(s.event.map(|e| e.kind), Some(EventKind::Failback));
+    }
+
+    #[test]
+    fn policy_change_recomputes_the_active_set() {
+        let mut f = fixture(2, 0, Balance::First, Failback::NewSessions, 0);
+        f.all_ok(0);
+        assert_eq!(f.active(), vec![P1]);
+        let policy = Policy {
+            balance: Balance::Hash,
+            failback: Failback::NewSessions,
+            failback_delay: Duration::ZERO,
+            fall: 1,
+            rise: 2,
+            probe_less: false,
+        };
+        f.st.set_policy(policy, f.at(1), f.wall);
+        assert_eq!(f.active(), vec![P1, P2]);
     }
 }

@@ -357,11 +357,28 @@ async fn refused_peers_never_receive_a_byte() {
     let t = gw.tcp.port().to_string();
     let p = port.to_string();
     let creds = ["-u", USER, "-w", PASSWORD, "-c", "-n", "5", "-z", "5"];
-    let mut runs: Vec<Vec<String>> = vec![
+    // Local peers first (listening sockets prove nothing arrives); the outside addresses
+    // run only once the gateway has refused those, so a broken policy cannot send
+    // anything off the host.
+    let mut local: Vec<Vec<String>> = vec![
         // channels (ChannelBind) and Send indications (CreatePermission) to loopback
         vec!["-p", &u, "-e", "127.0.0.1", "-r", &p],
         vec!["-p", &u, "-s", "-e", "127.0.0.1", "-r", &p],
         vec!["-t", "-p", &t, "-e", "127.0.0.1", "-r", &p],
+    ]
+    .into_iter()
+    .map(|v| v.into_iter().map(String::from).collect())
+    .collect();
+    if let Some(s) = &other_sink {
+        let (ip, port) = (s.addr.ip().to_string(), s.addr.port().to_string());
+        local.push(
+            ["-p", &u, "-e", &ip, "-r", &port]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+        );
+    }
+    let outside: Vec<Vec<String>> = vec![
         // cloud metadata
         vec!["-p", &u, "-e", "169.254.169.254", "-r", "80"],
         // a host outside the policy that nobody listens on: refused before any send
@@ -370,36 +387,21 @@ async fn refused_peers_never_receive_a_byte() {
     .into_iter()
     .map(|v| v.into_iter().map(String::from).collect())
     .collect();
-    if let Some(s) = &other_sink {
-        runs.push(
-            [
-                "-p",
-                &u,
-                "-e",
-                &s.addr.ip().to_string(),
-                "-r",
-                &s.addr.port().to_string(),
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
-        );
-    }
-    let expected = runs.len() as u64;
-    let mut results = Vec::new();
-    for r in &runs {
-        let mut args: Vec<&str> = r.iter().map(String::as_str).collect();
-        args.extend(creds);
-        results.push(uclient(&args).await);
-    }
-    for (r, args) in results.iter().zip(&runs) {
-        assert!(!r.ok, "uclient {args:?} must fail:\n{}", r.out);
-        assert!(
-            r.out.contains("403"),
-            "uclient {args:?} must see 403:\n{}",
-            r.out
-        );
-        assert_eq!(r.received.unwrap_or(0), 0, "{args:?}");
+    let expected = (local.len() + outside.len()) as u64;
+    for group in [&local, &outside] {
+        for r in group.iter() {
+            let mut args: Vec<&str> = r.iter().map(String::as_str).collect();
+            args.extend(creds);
+            let res = uclient(&args).await;
+            assert!(!res.ok, "uclient {r:?} must fail:\n{}", res.out);
+            assert!(
+                res.out.contains("403"),
+                "uclient {r:?} must see 403:\n{}",
+                res.out
+            );
+            assert_eq!(res.received.unwrap_or(0), 0, "{r:?}");
+            assert_eq!(gw.metrics.packets_to_peer.get(), 0, "relayed for {r:?}");
+        }
     }
     let m = &gw.metrics;
     assert!(

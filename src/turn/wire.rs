@@ -30,7 +30,7 @@ pub(crate) fn classify(b: &[u8]) -> Kind {
                 return Kind::Invalid;
             }
             let len = u16::from_be_bytes([b[2], b[3]]) as usize;
-            if len % 4 != 0 || STUN_HEADER + len != b.len() {
+            if !len.is_multiple_of(4) || STUN_HEADER + len != b.len() {
                 return Kind::Invalid;
             }
             Kind::Stun
@@ -80,7 +80,7 @@ pub(crate) fn tcp_frame(b: &[u8]) -> Frame {
                 return Frame::Incomplete;
             }
             let len = u16::from_be_bytes([b[2], b[3]]) as usize;
-            if len % 4 != 0 {
+            if !len.is_multiple_of(4) {
                 return Frame::Invalid;
             }
             let total = STUN_HEADER + len;

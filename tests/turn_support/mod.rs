@@ -231,8 +231,7 @@ async fn run_uclient(args: Vec<String>) -> Uclient {
     );
     let total = |key: &str| -> Option<u64> {
         text.lines()
-            .filter(|l| l.contains("start_mclient: tot_send_msgs="))
-            .next_back()
+            .rfind(|l| l.contains("start_mclient: tot_send_msgs="))
             .and_then(|l| l.split(key).nth(1))
             .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
             .and_then(|n| n.parse().ok())
@@ -245,10 +244,13 @@ async fn run_uclient(args: Vec<String>) -> Uclient {
     }
 }
 
+/// Datagrams received, with their sources.
+pub type Received = Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>;
+
 /// A UDP socket that records every datagram it receives.
 pub struct Sink {
     pub addr: SocketAddr,
-    pub received: Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>,
+    pub received: Received,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -548,7 +550,7 @@ impl RawClient {
         let mut b = channel.to_be_bytes().to_vec();
         b.extend_from_slice(&(data.len() as u16).to_be_bytes());
         b.extend_from_slice(data);
-        while b.len() % 4 != 0 {
+        while !b.len().is_multiple_of(4) {
             b.push(0);
         }
         self.send_raw(&b).await;

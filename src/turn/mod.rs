@@ -95,6 +95,11 @@ impl TurnService {
         let advertised = relay::advertised_ip(bind_ip);
         let cancel = CancellationToken::new();
         let bookkeeping = CancellationToken::new();
+        // If a later listener fails to bind, stop what the earlier ones started.
+        let stop_on_error = (
+            cancel.clone().drop_guard(),
+            bookkeeping.clone().drop_guard(),
+        );
         let tasks = TaskTracker::new();
         let mut listeners = Vec::new();
         for (idx, l) in cfg.listeners.iter().enumerate() {
@@ -117,12 +122,9 @@ impl TurnService {
                 Protocol::Udp => {
                     let socket = bind_udp(l.listen)
                         .with_context(|| format!("turn.listeners[{idx}]: bind udp {}", l.listen))?;
-                    let local = socket.local_addr()?;
-                    (
-                        Arc::new(UdpTransport::new(socket, metrics.clone())),
-                        local,
-                        None,
-                    )
+                    let t = UdpTransport::new(socket, metrics.clone())?;
+                    let local = t.local_addr()?;
+                    (Arc::new(t), local, None)
                 }
                 Protocol::Tcp => {
                     let listener = TcpListener::bind(l.listen)
@@ -192,6 +194,9 @@ impl TurnService {
             );
             listeners.push(listener);
         }
+        let (g1, g2) = stop_on_error;
+        g1.disarm();
+        g2.disarm();
         Ok(TurnService {
             core,
             listeners,

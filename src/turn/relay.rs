@@ -176,6 +176,11 @@ impl RelayFactory {
         None
     }
 
+    /// Drops reserved ports whose 30 seconds have passed.
+    pub(crate) fn sweep_expired(&self) {
+        Self::sweep(&mut self.prebound.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
     /// RESERVATION-TOKEN: the reserved port, if the token is known and not expired.
     pub(crate) fn reserved_port(&self, token: &[u8]) -> Option<u16> {
         let mut map = self.prebound.lock().unwrap_or_else(|e| e.into_inner());

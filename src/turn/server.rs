@@ -131,6 +131,7 @@ pub(crate) struct Core {
     auth_log: RateLimit,
     pub(crate) refusal_log: Arc<RateLimit>,
     malformed_log: RateLimit,
+    misc_log: RateLimit,
 }
 
 impl Core {
@@ -151,6 +152,7 @@ impl Core {
             auth_log: RateLimit::new("turn_auth_failure", window, 10),
             refusal_log: Arc::new(RateLimit::new("turn_peer_refused", window, 10)),
             malformed_log: RateLimit::new("turn_malformed", window, 5),
+            misc_log: RateLimit::new("turn_other", window, 10),
         }
     }
 
@@ -313,9 +315,11 @@ impl Listener {
                     if self.protocol == Protocol::Tcp {
                         break; // the TCP transport only fails when it is shut down
                     }
-                    if self.core.malformed_log.allow() {
+                    if self.core.misc_log.allow() {
                         tracing::warn!(listen = %self.local, error = %e, "TURN UDP receive failed");
                     }
+                    // Do not spin on a persistent error.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                     continue;
                 }
             };
@@ -587,6 +591,7 @@ impl Listener {
         let ft = self.five_tuple(src);
         let key = (self.idx, ft);
         let k = auth.key.as_slice();
+        self.relays.sweep_expired();
         if self.manager.get_allocation(&ft).await.is_some() {
             match self.core.retransmission(&key, m.transaction_id) {
                 Some(resp) => {
@@ -634,7 +639,7 @@ impl Listener {
         }
         if !self.core.reserve(&auth.username) {
             self.core.metrics.quota_exceeded.inc();
-            if self.core.auth_log.allow() {
+            if self.core.misc_log.allow() {
                 tracing::warn!(
                     client = %src,
                     username = ?loggable(&auth.username),
@@ -690,7 +695,9 @@ impl Listener {
                 if requested_port != 0 {
                     self.relays.release_prebound(requested_port);
                 }
-                if let Err(e) = result {
+                if let Err(e) = result
+                    && self.core.misc_log.allow()
+                {
                     tracing::warn!(client = %src, error = %e, "TURN allocation failed");
                 }
                 return self.fail(m, src, 508, "Insufficient Capacity", k).await;

@@ -55,12 +55,19 @@ fn not_applicable<T>() -> webrtc_util::Result<T> {
 /// The UDP listener socket.
 pub(crate) struct UdpTransport {
     socket: UdpSocket,
+    /// Cached: the crate asks for it on every packet.
+    local: SocketAddr,
     metrics: TurnMetrics,
 }
 
 impl UdpTransport {
-    pub(crate) fn new(socket: UdpSocket, metrics: TurnMetrics) -> Self {
-        UdpTransport { socket, metrics }
+    pub(crate) fn new(socket: UdpSocket, metrics: TurnMetrics) -> std::io::Result<Self> {
+        let local = socket.local_addr()?;
+        Ok(UdpTransport {
+            socket,
+            local,
+            metrics,
+        })
     }
 }
 
@@ -91,7 +98,7 @@ impl Conn for UdpTransport {
         }
     }
     fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
-        Ok(self.socket.local_addr()?)
+        Ok(self.local)
     }
     fn remote_addr(&self) -> Option<SocketAddr> {
         None

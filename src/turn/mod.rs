@@ -1,1 +1,234 @@
-//! STUN/TURN service (SPEC §7).
+//! STUN/TURN service (SPEC §7): clients behind NATs reach the media workers through the
+//! gateway's public port, as with STUNner.
+//!
+//! Built on the `turn` crate (webrtc-rs): its allocation manager owns relay sockets,
+//! lifetimes, permissions and channel bindings and relays the data; this module adds what
+//! the crate lacks (see `server` for the split): TURN over TCP (`transport`), coturn-
+//! compatible credentials and 401 on failure (`auth`), the peer policy (`policy`, enforced
+//! again on every relayed datagram in `relay`), per-user quotas, RFC 8656 lifetimes,
+//! metrics (`metrics`), rate-limited logs (`ratelog`) and ICE configurations (`ice`).
+//!
+//! The integrator wires: [`PeerPolicy`] (fed with upstream IPs), [`TurnMetrics`] (process
+//! registry), [`TurnService`] (started when `turn:` is configured; `allocations()` for
+//! `/status`) and [`ice_config`] (`GET /ice`, `mediagate ice`).
+
+mod auth;
+mod ice;
+mod metrics;
+mod policy;
+mod ratelog;
+mod relay;
+mod server;
+mod transport;
+mod wire;
+
+pub use auth::{
+    AuthFailure, ephemeral_expiry, ephemeral_password, ephemeral_username, long_term_key,
+};
+pub use ice::ice_config;
+pub use metrics::TurnMetrics;
+pub use policy::PeerPolicy;
+
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use turn::allocation::allocation_manager::{Manager, ManagerConfig};
+use turn::allocation::five_tuple::FiveTuple;
+use turn::proto::PROTO_UDP;
+use webrtc_util::Conn;
+
+use crate::config::{Protocol, TurnConfig};
+use relay::{RelayFactory, RelayGenerator};
+use server::{Core, Listener};
+use transport::{TcpTransport, UdpTransport};
+
+/// Socket buffer size asked for on UDP listener sockets (the kernel may cap it).
+const UDP_BUFFER_BYTES: usize = 4 << 20;
+
+/// The running STUN/TURN service.
+pub struct TurnService {
+    core: Arc<Core>,
+    listeners: Vec<Arc<Listener>>,
+    cancel: CancellationToken,
+    bookkeeping: CancellationToken,
+    tasks: TaskTracker,
+}
+
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Best effort: a larger buffer absorbs bursts; the kernel caps it at rmem_max.
+    let _ = s.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = s.set_send_buffer_size(UDP_BUFFER_BYTES);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
+}
+
+impl TurnService {
+    /// Binds every `turn.listeners` entry and starts serving.
+    pub async fn start(
+        cfg: &TurnConfig,
+        policy: Arc<PeerPolicy>,
+        metrics: TurnMetrics,
+    ) -> anyhow::Result<TurnService> {
+        if cfg.listeners.is_empty() {
+            anyhow::bail!("turn.listeners: at least one listener is needed");
+        }
+        let authenticator =
+            auth::Authenticator::new(&cfg.realm, &cfg.auth).map_err(anyhow::Error::msg)?;
+        let core = Arc::new(Core::new(
+            authenticator,
+            Arc::clone(&policy),
+            metrics.clone(),
+            cfg.quota.allocations_per_user,
+        ));
+        let bind_ip = cfg.relay.address;
+        let advertised = relay::advertised_ip(bind_ip);
+        let cancel = CancellationToken::new();
+        let bookkeeping = CancellationToken::new();
+        // If a later listener fails to bind, stop what the earlier ones started.
+        let stop_on_error = (
+            cancel.clone().drop_guard(),
+            bookkeeping.clone().drop_guard(),
+        );
+        let tasks = TaskTracker::new();
+        let mut listeners = Vec::new();
+        for (idx, l) in cfg.listeners.iter().enumerate() {
+            let relays = Arc::new(RelayFactory::new(
+                Arc::clone(&policy),
+                metrics.clone(),
+                bind_ip,
+                advertised,
+                cfg.relay.port_range,
+                Arc::clone(&core.refusal_log),
+            ));
+            let (notify_tx, mut notify_rx) = mpsc::channel(4096);
+            let manager = Arc::new(Manager::new(ManagerConfig {
+                relay_addr_generator: Box::new(RelayGenerator(Arc::clone(&relays))),
+                alloc_close_notify: Some(notify_tx),
+            }));
+            let (conn, local, closed_rx): (Arc<dyn Conn + Send + Sync>, SocketAddr, _) = match l
+                .protocol
+            {
+                Protocol::Udp => {
+                    let socket = bind_udp(l.listen)
+                        .with_context(|| format!("turn.listeners[{idx}]: bind udp {}", l.listen))?;
+                    let t = UdpTransport::new(socket, metrics.clone())?;
+                    let local = t.local_addr()?;
+                    (Arc::new(t), local, None)
+                }
+                Protocol::Tcp => {
+                    let listener = TcpListener::bind(l.listen)
+                        .await
+                        .with_context(|| format!("turn.listeners[{idx}]: bind tcp {}", l.listen))?;
+                    let (t, closed) = TcpTransport::start(
+                        listener,
+                        metrics.clone(),
+                        cancel.clone(),
+                        &tasks,
+                        Arc::clone(&core.refusal_log),
+                    )?;
+                    let local = t.local_addr()?;
+                    (t, local, Some(closed))
+                }
+            };
+            let listener = Arc::new(Listener::new(
+                idx,
+                l.protocol,
+                local,
+                Arc::clone(&core),
+                conn,
+                Arc::clone(&manager),
+                relays,
+            ));
+            tasks.spawn(Arc::clone(&listener).run(cancel.clone()));
+
+            // Allocations that end (expiry, Refresh 0, TCP close, shutdown) leave the table.
+            let c = Arc::clone(&core);
+            let stop = bookkeeping.clone();
+            tasks.spawn(async move {
+                loop {
+                    let info = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        i = notify_rx.recv() => match i { Some(i) => i, None => break },
+                    };
+                    c.remove(&(idx, info.five_tuple), Some(info.relay_addr));
+                    tracing::debug!(client = %info.five_tuple.src_addr, relay = %info.relay_addr, "TURN allocation closed");
+                }
+            });
+
+            // RFC 8656: an allocation made over TCP ends with its connection.
+            if let Some(mut closed_rx) = closed_rx {
+                let m = Arc::clone(&manager);
+                let stop = cancel.clone();
+                tasks.spawn(async move {
+                    loop {
+                        let peer = tokio::select! {
+                            _ = stop.cancelled() => break,
+                            p = closed_rx.recv() => match p { Some(p) => p, None => break },
+                        };
+                        let ft = FiveTuple {
+                            protocol: PROTO_UDP,
+                            src_addr: peer,
+                            dst_addr: local,
+                        };
+                        m.delete_allocation(&ft).await;
+                    }
+                });
+            }
+            tracing::info!(
+                transport = %l.protocol,
+                listen = %local,
+                relay = %advertised,
+                ports = %format!("{}-{}", cfg.relay.port_range.first, cfg.relay.port_range.last),
+                "TURN listener started"
+            );
+            listeners.push(listener);
+        }
+        let (g1, g2) = stop_on_error;
+        g1.disarm();
+        g2.disarm();
+        Ok(TurnService {
+            core,
+            listeners,
+            cancel,
+            bookkeeping,
+            tasks,
+        })
+    }
+
+    /// Live allocations (for `/status`).
+    pub fn allocations(&self) -> usize {
+        self.core.allocations()
+    }
+
+    /// The bound address of every listener, in configuration order (useful with port 0).
+    pub fn local_addrs(&self) -> Vec<(Protocol, SocketAddr)> {
+        self.listeners
+            .iter()
+            .map(|l| (l.protocol, l.local))
+            .collect()
+    }
+
+    /// Stops the listeners, deletes every allocation and waits for the tasks to end.
+    pub async fn close(self) {
+        self.cancel.cancel();
+        for l in &self.listeners {
+            let _ = l.manager.close().await;
+        }
+        self.core.clear();
+        self.bookkeeping.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        tracing::info!("TURN service stopped");
+    }
+}

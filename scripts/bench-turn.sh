@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# TURN relay benchmark: the same turnutils_uclient load against mediagate's TURN service
+# and against coturn, on this machine, in one run. Prints relayed packets per second,
+# server CPU time per relayed packet, loss, and the mediagate/coturn ratios.
+#
+#   scripts/bench-turn.sh                 # defaults below
+#   PROCS=4 CLIENTS=25 MSGS=2000 LEN=160 scripts/bench-turn.sh
+#   TRANSPORT=tcp scripts/bench-turn.sh   # TURN over TCP instead of UDP
+#   PROFILE=1 scripts/bench-turn.sh       # also `perf record` mediagate (perf.data in $OUT)
+#
+# Load: PROCS parallel turnutils_uclient processes, each with CLIENTS allocations over
+# UDP or TCP (channels, no RTCP), each sending MSGS messages of LEN bytes as fast as uclient
+# goes (-z 0) to a turnutils_peer echo on loopback. Every message is relayed twice
+# (client -> peer, peer -> client), so relayed packets = sent + received.
+# The rate is taken from uclient's per-second progress lines, between its first and its
+# last second with traffic (uclient idles ~2 s while it allocates).
+# Needs: coturn's turnserver, turnutils_uclient, turnutils_peer (scripts/install-test-deps.sh).
+# Builds the `turn_server` example in release mode.
+set -euo pipefail
+
+PROCS=${PROCS:-4}
+CLIENTS=${CLIENTS:-25}
+MSGS=${MSGS:-2000}
+LEN=${LEN:-160}
+PROFILE=${PROFILE:-0}
+TRANSPORT=${TRANSPORT:-udp}
+case "$TRANSPORT" in
+    udp) TFLAG="" ;;
+    tcp) TFLAG="-t" ;;
+    *) echo "TRANSPORT must be udp or tcp" >&2; exit 2 ;;
+esac
+OUT=${OUT:-$(mktemp -d /tmp/bench-turn.XXXXXX)}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUT"
+
+for t in turnserver turnutils_uclient turnutils_peer; do
+    command -v "$t" >/dev/null || { echo "$t missing: run scripts/install-test-deps.sh" >&2; exit 1; }
+done
+
+echo "building mediagate turn_server (release)..." >&2
+(cd "$ROOT" && cargo build --release --quiet --example turn_server)
+MG_BIN="$ROOT/target/release/examples/turn_server"
+
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+free_port() { # a UDP+TCP port pair base nobody uses
+    python3 - <<'EOF'
+import socket, random
+for _ in range(200):
+    p = random.randrange(20000, 30000, 2)
+    try:
+        for q in (p, p + 1):
+            for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                s = socket.socket(socket.AF_INET, kind); s.bind(("127.0.0.1", q)); s.close()
+        print(p); break
+    except OSError:
+        pass
+EOF
+}
+
+PEER_PORT=$(free_port)
+turnutils_peer -L 127.0.0.1 -p "$PEER_PORT" >/dev/null 2>&1 &
+PIDS+=($!)
+
+MG_PORT=$(free_port)
+cat >"$OUT/mediagate.yaml" <<EOF
+turn:
+  realm: bench
+  public_address: 127.0.0.1
+  listeners:
+    - { protocol: udp, listen: 127.0.0.1:$MG_PORT }
+    - { protocol: tcp, listen: 127.0.0.1:$MG_PORT }
+  auth:
+    type: static
+    users: [{ username: bench, password: bench }]
+  relay:
+    address: 127.0.0.1
+    port_range: 40000-44999
+    peers: [127.0.0.1/32]
+  quota:
+    allocations_per_user: 0
+EOF
+RUST_LOG=warn "$MG_BIN" "$OUT/mediagate.yaml" >"$OUT/mediagate.out" 2>"$OUT/mediagate.err" &
+MG_PID=$!
+PIDS+=("$MG_PID")
+
+CT_PORT=$(free_port)
+turnserver -n --listening-ip=127.0.0.1 --listening-port="$CT_PORT" --relay-ip=127.0.0.1 \
+    --min-port=45000 --max-port=49999 --allow-loopback-peers --no-cli --no-tls --no-dtls \
+    --realm=bench --lt-cred-mech --user=bench:bench --total-quota=0 --user-quota=0 \
+    --log-file=stdout --simple-log --no-stdout-log >"$OUT/coturn.out" 2>&1 &
+CT_PID=$!
+PIDS+=("$CT_PID")
+sleep 1.5
+for p in "$MG_PID" "$CT_PID"; do
+    kill -0 "$p" 2>/dev/null || { echo "a server failed to start; see $OUT" >&2; exit 1; }
+done
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# run NAME PORT PID: the load against one server; prints "pps cpu_us_per_pkt lost sent"
+run() {
+    local name=$1 port=$2 pid=$3 i
+    local t0 c0 c1
+    c0=$(cpu_ticks "$pid")
+    local perf_pid=""
+    if [ "$PROFILE" = 1 ] && [ "$name" = mediagate ]; then
+        perf record -F 499 -g -p "$pid" -o "$OUT/perf.data" >/dev/null 2>&1 &
+        perf_pid=$!
+    fi
+    for i in $(seq 1 "$PROCS"); do
+        turnutils_uclient $TFLAG -p "$port" -e 127.0.0.1 -r "$PEER_PORT" -u bench -w bench -c \
+            -m "$CLIENTS" -n "$MSGS" -l "$LEN" -z 0 127.0.0.1 >"$OUT/$name.$i.log" 2>&1 &
+    done
+    wait $(jobs -p | tail -n "$PROCS")
+    c1=$(cpu_ticks "$pid")
+    if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; fi
+    python3 - "$OUT" "$name" "$PROCS" "$((c1 - c0))" "$(getconf CLK_TCK)" <<'EOF'
+import re, sys
+out, name, procs, ticks, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+rate = relayed = lost = sent = 0.0
+for i in range(1, procs + 1):
+    prog, total = [], None
+    for line in open(f"{out}/{name}.{i}.log", errors="replace"):
+        m = re.match(r"(\d+): : start_mclient: msz=\d+, tot_send_msgs=(\d+), tot_recv_msgs=(\d+)", line)
+        if m:
+            prog.append(tuple(int(x) for x in m.groups()))
+        m = re.match(r"\d+: : start_mclient: tot_send_msgs=(\d+), tot_recv_msgs=(\d+)", line)
+        if m:
+            total = tuple(int(x) for x in m.groups())
+    if total is None:
+        sys.exit(f"{name}.{i}: uclient did not finish (see {out}/{name}.{i}.log)")
+    sent += total[0]
+    lost += total[0] - total[1]
+    relayed += total[0] + total[1]
+    busy = [p for p in prog if p[1] > 0]
+    if len(busy) >= 2 and busy[-1][0] > busy[0][0]:
+        (t0, s0, r0), (t1, s1, r1) = busy[0], busy[-1]
+        rate += ((s1 - s0) + (r1 - r0)) / (t1 - t0)
+cpu_us = ticks / hz * 1e6 / relayed if relayed else float("nan")
+print(f"{rate:.0f} {cpu_us:.2f} {lost:.0f} {sent:.0f}")
+EOF
+}
+
+echo "load: $PROCS x turnutils_uclient $TFLAG -m $CLIENTS -n $MSGS -l $LEN -z 0 ($TRANSPORT, channels)" >&2
+read -r MG_PPS MG_CPU MG_LOST MG_SENT < <(run mediagate "$MG_PORT" "$MG_PID")
+read -r CT_PPS CT_CPU CT_LOST CT_SENT < <(run coturn "$CT_PORT" "$CT_PID")
+
+printf '%-10s %14s %16s %10s %10s\n' server relayed_pps cpu_us_per_pkt sent lost
+printf '%-10s %14s %16s %10s %10s\n' mediagate "$MG_PPS" "$MG_CPU" "$MG_SENT" "$MG_LOST"
+printf '%-10s %14s %16s %10s %10s\n' coturn "$CT_PPS" "$CT_CPU" "$CT_SENT" "$CT_LOST"
+python3 -c "
+mg, ct = float('$MG_PPS'), float('$CT_PPS')
+mc, cc = float('$MG_CPU'), float('$CT_CPU')
+print(f'ratio mediagate/coturn: throughput {mg/ct:.2f}x, CPU per packet {mc/cc:.2f}x')
+"
+if [ "$PROFILE" = 1 ]; then
+    echo "profile: perf report -i $OUT/perf.data --no-children --sort symbol" >&2
+fi
+echo "logs: $OUT" >&2

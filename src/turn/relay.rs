@@ -1,0 +1,424 @@
+//! Relay sockets: the `turn` crate's `RelayAddressGenerator` and the `Conn` it relays
+//! through, wrapped so that the peer policy holds for every datagram.
+//!
+//! - `send_to` a peer the policy refuses: dropped, counted in
+//!   `mediagate_turn_permission_denied_total`, never sent (this catches ChannelData and
+//!   permissions created before the upstream list changed).
+//! - `recv_from` a peer the policy refuses, or from an IP without a permission: dropped
+//!   and counted before the crate sees it (the crate would log every such datagram).
+//! - relayed addresses are registered in the policy for `self` (headless mode).
+//! - ports come from `relay.port_range`; EVEN-PORT and RESERVATION-TOKEN (RFC 8656 §7.2)
+//!   are served from sockets bound in advance and handed over by port number.
+
+use async_trait::async_trait;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::UdpSocket;
+use webrtc_util::Conn;
+
+use super::metrics::{DropReason, TurnMetrics};
+use super::policy::PeerPolicy;
+use super::ratelog::RateLimit;
+use crate::config::PortRange;
+
+/// RFC 8656 §9: permissions last 300 seconds unless refreshed.
+pub(crate) const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+/// RFC 8656 §7.2: a reserved port is kept for about 30 seconds.
+const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+/// Random ports tried before an Allocate fails with 508.
+const BIND_ATTEMPTS: usize = 64;
+
+/// Per-allocation state shared by the relay socket and the request handlers.
+#[derive(Debug)]
+pub(crate) struct RelayState {
+    /// The relayed transport address given to the client.
+    pub(crate) advertised: SocketAddr,
+    /// Mirror of the crate's permissions (peer IP → expiry).
+    permissions: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+impl RelayState {
+    /// Installs or refreshes the permission for `ip` (called next to the crate's own).
+    pub(crate) fn permit(&self, ip: IpAddr) {
+        let now = Instant::now();
+        let mut p = self.permissions.lock().unwrap_or_else(|e| e.into_inner());
+        p.retain(|_, exp| *exp > now);
+        p.insert(ip, now + PERMISSION_LIFETIME);
+    }
+
+    fn has_permission(&self, ip: IpAddr) -> bool {
+        let p = self.permissions.lock().unwrap_or_else(|e| e.into_inner());
+        p.get(&ip).is_some_and(|exp| *exp > Instant::now())
+    }
+}
+
+struct Prebound {
+    socket: UdpSocket,
+    /// RESERVATION-TOKEN for the odd port of an EVEN-PORT R=1 request.
+    token: Option<[u8; 8]>,
+    expires: Instant,
+}
+
+/// What the generator and the request handlers of one listener share.
+pub(crate) struct RelayFactory {
+    pub(crate) policy: Arc<PeerPolicy>,
+    metrics: TurnMetrics,
+    bind_ip: IpAddr,
+    advertised_ip: IpAddr,
+    range: PortRange,
+    refusal_log: Arc<RateLimit>,
+    /// The state of the relay socket created by the last `allocate_conn`: the listener
+    /// loop handles one Allocate at a time, so it picks up its own socket here.
+    last_created: Mutex<Option<Arc<RelayState>>>,
+    prebound: Mutex<HashMap<u16, Prebound>>,
+}
+
+impl RelayFactory {
+    pub(crate) fn new(
+        policy: Arc<PeerPolicy>,
+        metrics: TurnMetrics,
+        bind_ip: IpAddr,
+        advertised_ip: IpAddr,
+        range: PortRange,
+        refusal_log: Arc<RateLimit>,
+    ) -> Self {
+        RelayFactory {
+            policy,
+            metrics,
+            bind_ip,
+            advertised_ip,
+            range,
+            refusal_log,
+            last_created: Mutex::new(None),
+            prebound: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether relay sockets are IPv4 (else IPv6).
+    pub(crate) fn is_ipv4(&self) -> bool {
+        self.bind_ip.is_ipv4()
+    }
+
+    /// The relay socket state created by the most recent allocation, if any.
+    pub(crate) fn take_last_created(&self) -> Option<Arc<RelayState>> {
+        self.last_created
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    fn random_port(&self, even: bool) -> u16 {
+        let (first, last) = (self.range.first, self.range.last);
+        let span = u32::from(last - first) + 1;
+        let mut p = first as u32 + rand::random::<u32>() % span;
+        if even && p % 2 == 1 {
+            p = if p > first as u32 { p - 1 } else { p + 1 };
+        }
+        p.min(last as u32) as u16
+    }
+
+    async fn bind(&self, port: u16) -> std::io::Result<UdpSocket> {
+        UdpSocket::bind(SocketAddr::new(self.bind_ip, port)).await
+    }
+
+    fn sweep(map: &mut HashMap<u16, Prebound>) {
+        let now = Instant::now();
+        map.retain(|_, p| p.expires > now);
+    }
+
+    /// EVEN-PORT: binds an even port (and, when `reserve_next`, the next port under a
+    /// fresh reservation token). Returns the even port, to be passed to `create_allocation`.
+    pub(crate) async fn prebind_even(&self, reserve_next: bool) -> Option<(u16, Option<[u8; 8]>)> {
+        for _ in 0..BIND_ATTEMPTS {
+            let port = self.random_port(true);
+            if port % 2 == 1 || (reserve_next && port == u16::MAX) {
+                continue;
+            }
+            let Ok(even) = self.bind(port).await else {
+                continue;
+            };
+            let odd = if reserve_next {
+                match self.bind(port + 1).await {
+                    Ok(s) => Some(s),
+                    Err(_) => continue,
+                }
+            } else {
+                None
+            };
+            let expires = Instant::now() + RESERVATION_LIFETIME;
+            let mut map = self.prebound.lock().unwrap_or_else(|e| e.into_inner());
+            Self::sweep(&mut map);
+            map.insert(
+                port,
+                Prebound {
+                    socket: even,
+                    token: None,
+                    expires,
+                },
+            );
+            let token = odd.map(|socket| {
+                let token: [u8; 8] = rand::random();
+                map.insert(
+                    port + 1,
+                    Prebound {
+                        socket,
+                        token: Some(token),
+                        expires,
+                    },
+                );
+                token
+            });
+            return Some((port, token));
+        }
+        None
+    }
+
+    /// Drops reserved ports whose 30 seconds have passed.
+    pub(crate) fn sweep_expired(&self) {
+        Self::sweep(&mut self.prebound.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// RESERVATION-TOKEN: the reserved port, if the token is known and not expired.
+    pub(crate) fn reserved_port(&self, token: &[u8]) -> Option<u16> {
+        let mut map = self.prebound.lock().unwrap_or_else(|e| e.into_inner());
+        Self::sweep(&mut map);
+        map.iter()
+            .find(|(_, p)| p.token.as_ref().is_some_and(|t| t.as_slice() == token))
+            .map(|(port, _)| *port)
+    }
+
+    /// Drops a socket bound in advance that will not be used.
+    pub(crate) fn release_prebound(&self, port: u16) {
+        let mut map = self.prebound.lock().unwrap_or_else(|e| e.into_inner());
+        map.remove(&port);
+    }
+
+    async fn socket_for(&self, requested_port: u16) -> std::io::Result<UdpSocket> {
+        if requested_port != 0 {
+            let pre = {
+                let mut map = self.prebound.lock().unwrap_or_else(|e| e.into_inner());
+                map.remove(&requested_port)
+            };
+            return match pre {
+                Some(p) => Ok(p.socket),
+                None => self.bind(requested_port).await,
+            };
+        }
+        let mut last_err = None;
+        for _ in 0..BIND_ATTEMPTS {
+            match self.bind(self.random_port(false)).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| std::io::Error::other("no relay port available")))
+    }
+}
+
+/// The crate's hook: creates one relay socket per allocation.
+pub(crate) struct RelayGenerator(pub(crate) Arc<RelayFactory>);
+
+#[async_trait]
+impl turn::relay::RelayAddressGenerator for RelayGenerator {
+    fn validate(&self) -> Result<(), turn::Error> {
+        Ok(())
+    }
+
+    async fn allocate_conn(
+        &self,
+        use_ipv4: bool,
+        requested_port: u16,
+    ) -> Result<(Arc<dyn Conn + Send + Sync>, SocketAddr), turn::Error> {
+        let f = &self.0;
+        if use_ipv4 != f.is_ipv4() {
+            return Err(turn::Error::Other(
+                "relay address family not available".into(),
+            ));
+        }
+        let socket = f
+            .socket_for(requested_port)
+            .await
+            .map_err(|e| turn::Error::Other(format!("relay socket: {e}")))?;
+        let port = socket
+            .local_addr()
+            .map_err(|e| turn::Error::Other(format!("relay socket: {e}")))?
+            .port();
+        let advertised = SocketAddr::new(f.advertised_ip, port);
+        let state = Arc::new(RelayState {
+            advertised,
+            permissions: Mutex::new(HashMap::new()),
+        });
+        f.policy.register_relay(advertised);
+        *f.last_created.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&state));
+        let conn = RelayConn {
+            socket,
+            state,
+            factory: Arc::clone(f),
+            closed: AtomicBool::new(false),
+        };
+        Ok((Arc::new(conn), advertised))
+    }
+}
+
+/// A relay socket that enforces the peer policy in both directions.
+struct RelayConn {
+    socket: UdpSocket,
+    state: Arc<RelayState>,
+    factory: Arc<RelayFactory>,
+    closed: AtomicBool,
+}
+
+impl RelayConn {
+    fn unregister(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.factory.policy.unregister_relay(self.state.advertised);
+        }
+    }
+}
+
+impl Drop for RelayConn {
+    fn drop(&mut self) {
+        self.unregister();
+    }
+}
+
+fn transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused
+            | ConnectionReset
+            | Interrupted
+            | WouldBlock
+            | HostUnreachable
+            | NetworkUnreachable
+    )
+}
+
+#[async_trait]
+impl Conn for RelayConn {
+    async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
+        Err(webrtc_util::Error::Other(
+            "relay sockets are not connected".into(),
+        ))
+    }
+
+    async fn recv(&self, _buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        Err(webrtc_util::Error::Other("use recv_from".into()))
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        let m = &self.factory.metrics;
+        loop {
+            let (n, src) = match self.socket.recv_from(buf).await {
+                Ok(v) => v,
+                Err(e) if transient(&e) => continue,
+                Err(e) => {
+                    // Not recoverable: park until the allocation ends (the crate's handler
+                    // stops on allocation drop). Returning the error would make the crate
+                    // forget the allocation without closing it.
+                    tracing::error!(relay = %self.state.advertised, error = %e, "TURN relay socket failed");
+                    std::future::pending::<()>().await;
+                    continue;
+                }
+            };
+            if !self.factory.policy.allows(src) {
+                m.dropped(DropReason::PeerNotAllowed).inc();
+                continue;
+            }
+            if !self.state.has_permission(src.ip()) {
+                m.dropped(DropReason::NoPermission).inc();
+                continue;
+            }
+            return Ok((n, src));
+        }
+    }
+
+    async fn send(&self, _buf: &[u8]) -> webrtc_util::Result<usize> {
+        Err(webrtc_util::Error::Other("use send_to".into()))
+    }
+
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
+        let m = &self.factory.metrics;
+        if !self.factory.policy.allows(target) {
+            m.permission_denied.inc();
+            if self.factory.refusal_log.allow() {
+                tracing::warn!(
+                    relay = %self.state.advertised,
+                    peer = %target,
+                    "TURN: datagram to a peer outside turn.relay.peers dropped"
+                );
+            }
+            // Pretend success: the datagram is dropped on purpose and counted.
+            return Ok(buf.len());
+        }
+        match self.socket.send_to(buf, target).await {
+            Ok(n) => {
+                m.packets_to_peer.inc();
+                m.bytes_to_peer.inc_by(n as u64);
+                Ok(n)
+            }
+            Err(_) => {
+                m.dropped(DropReason::SendError).inc();
+                Ok(buf.len())
+            }
+        }
+    }
+
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        Ok(self.socket.local_addr()?)
+    }
+
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+
+    async fn close(&self) -> webrtc_util::Result<()> {
+        self.unregister();
+        Ok(())
+    }
+
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
+/// The relayed address to advertise: `relay.address` when it is specific, else the first
+/// global-looking address of this host of the same family (a pod IP in Kubernetes), else
+/// loopback.
+pub(crate) fn advertised_ip(bind_ip: IpAddr) -> IpAddr {
+    if !bind_ip.is_unspecified() {
+        return bind_ip;
+    }
+    let mut candidates: Vec<IpAddr> = Vec::new();
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for ifa in addrs {
+            let Some(sa) = ifa.address else { continue };
+            let ip = if let Some(v4) = sa.as_sockaddr_in() {
+                IpAddr::V4(v4.ip())
+            } else if let Some(v6) = sa.as_sockaddr_in6() {
+                IpAddr::V6(v6.ip())
+            } else {
+                continue;
+            };
+            let usable = match ip {
+                IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
+                IpAddr::V6(v6) => {
+                    !v6.is_loopback()
+                        && !v6.is_unspecified()
+                        && (v6.segments()[0] & 0xffc0) != 0xfe80
+                }
+            };
+            if usable && ip.is_ipv4() == bind_ip.is_ipv4() {
+                candidates.push(ip);
+            }
+        }
+    }
+    candidates.into_iter().next().unwrap_or(match bind_ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    })
+}

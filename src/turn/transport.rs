@@ -1,0 +1,328 @@
+//! Client-facing transports as the packet connections the `turn` crate serves.
+//!
+//! - [`UdpTransport`]: the listener's UDP socket.
+//! - [`TcpTransport`]: a TCP listener multiplexed into one packet connection. Each
+//!   connection's byte stream is cut into STUN messages and ChannelData (RFC 8656 §12.5:
+//!   over TCP, ChannelData is padded to four bytes), and each frame comes out of
+//!   `recv_from` with the connection's remote address as source. `send_to(addr)` queues the
+//!   frame on that connection's writer (bounded: a client that does not read loses
+//!   packets, counted, instead of stalling everyone). A closed connection is reported so
+//!   that its allocation is deleted.
+//!
+//! Both count the relayed payload they carry to clients and never fail a send towards
+//! the crate (the crate would log every failure); failures are counted instead.
+//! `close()` is a no-op because the crate closes the listener connection whenever one
+//! allocation ends; the service shuts the transports down itself.
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{Mutex, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use webrtc_util::Conn;
+
+use super::metrics::{DropReason, TurnMetrics};
+use super::ratelog::RateLimit;
+use super::wire::{self, Frame};
+
+/// A TCP connection that completes no frame for this long is closed. Clients with an
+/// allocation refresh their permissions every 5 minutes, so they are never idle this long.
+const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Frames queued towards one TCP client before further ones are dropped.
+const TCP_SEND_QUEUE: usize = 512;
+/// Upper bound on concurrent TCP connections per listener.
+const MAX_TCP_CONNECTIONS: usize = 16_384;
+
+fn count_to_client(metrics: &TurnMetrics, buf: &[u8]) {
+    if let Some(n) = wire::relayed_payload_len(buf) {
+        metrics.packets_to_client.inc();
+        metrics.bytes_to_client.inc_by(n as u64);
+    }
+}
+
+fn not_applicable<T>() -> webrtc_util::Result<T> {
+    Err(webrtc_util::Error::Other(
+        "not applicable to a TURN listener".into(),
+    ))
+}
+
+/// The UDP listener socket.
+pub(crate) struct UdpTransport {
+    socket: UdpSocket,
+    /// Cached: the crate asks for it on every packet.
+    local: SocketAddr,
+    metrics: TurnMetrics,
+}
+
+impl UdpTransport {
+    pub(crate) fn new(socket: UdpSocket, metrics: TurnMetrics) -> std::io::Result<Self> {
+        let local = socket.local_addr()?;
+        Ok(UdpTransport {
+            socket,
+            local,
+            metrics,
+        })
+    }
+}
+
+#[async_trait]
+impl Conn for UdpTransport {
+    async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
+        not_applicable()
+    }
+    async fn recv(&self, _buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        not_applicable()
+    }
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        Ok(self.socket.recv_from(buf).await?)
+    }
+    async fn send(&self, _buf: &[u8]) -> webrtc_util::Result<usize> {
+        not_applicable()
+    }
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
+        match self.socket.send_to(buf, target).await {
+            Ok(n) => {
+                count_to_client(&self.metrics, buf);
+                Ok(n)
+            }
+            Err(_) => {
+                self.metrics.dropped(DropReason::SendError).inc();
+                Ok(buf.len())
+            }
+        }
+    }
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        Ok(self.local)
+    }
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+    async fn close(&self) -> webrtc_util::Result<()> {
+        Ok(())
+    }
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
+/// A TCP listener seen as one packet connection.
+pub(crate) struct TcpTransport {
+    local: SocketAddr,
+    frames: Mutex<mpsc::Receiver<(Bytes, SocketAddr)>>,
+    writers: Arc<RwLock<HashMap<SocketAddr, mpsc::Sender<Bytes>>>>,
+    metrics: TurnMetrics,
+}
+
+impl TcpTransport {
+    /// Starts accepting on `listener`. Returns the transport and a channel that yields the
+    /// remote address of every connection that closed.
+    pub(crate) fn start(
+        listener: TcpListener,
+        metrics: TurnMetrics,
+        cancel: CancellationToken,
+        tasks: &TaskTracker,
+        log: Arc<RateLimit>,
+    ) -> std::io::Result<(Arc<TcpTransport>, mpsc::UnboundedReceiver<SocketAddr>)> {
+        let local = listener.local_addr()?;
+        let (frames_tx, frames_rx) = mpsc::channel(1024);
+        let (closed_tx, closed_rx) = mpsc::unbounded_channel();
+        let transport = Arc::new(TcpTransport {
+            local,
+            frames: Mutex::new(frames_rx),
+            writers: Arc::new(RwLock::new(HashMap::new())),
+            metrics: metrics.clone(),
+        });
+        let writers = Arc::clone(&transport.writers);
+        let limit = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+        let tracker = tasks.clone();
+        tasks.spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    r = listener.accept() => r,
+                };
+                let (stream, peer) = match accepted {
+                    Ok(v) => v,
+                    Err(e) => {
+                        if log.allow() {
+                            tracing::warn!(listen = %local, error = %e, "TURN TCP accept failed");
+                        }
+                        // EMFILE and friends: back off instead of spinning.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+                    if log.allow() {
+                        tracing::warn!(listen = %local, client = %peer, "TURN TCP connection limit reached");
+                    }
+                    drop(stream);
+                    continue;
+                };
+                let conn = Connection {
+                    peer,
+                    writers: Arc::clone(&writers),
+                    frames: frames_tx.clone(),
+                    closed: closed_tx.clone(),
+                    metrics: metrics.clone(),
+                    cancel: cancel.child_token(),
+                    log: Arc::clone(&log),
+                };
+                tracker.spawn(async move {
+                    conn.run(stream).await;
+                    drop(permit);
+                });
+            }
+        });
+        Ok((transport, closed_rx))
+    }
+}
+
+struct Connection {
+    peer: SocketAddr,
+    writers: Arc<RwLock<HashMap<SocketAddr, mpsc::Sender<Bytes>>>>,
+    frames: mpsc::Sender<(Bytes, SocketAddr)>,
+    closed: mpsc::UnboundedSender<SocketAddr>,
+    metrics: TurnMetrics,
+    cancel: CancellationToken,
+    log: Arc<RateLimit>,
+}
+
+impl Connection {
+    async fn run(self, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let (mut rd, mut wr) = stream.into_split();
+        let (tx, mut rx) = mpsc::channel::<Bytes>(TCP_SEND_QUEUE);
+        self.writers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.peer, tx);
+        let writer_cancel = self.cancel.clone();
+        let writer = tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    _ = writer_cancel.cancelled() => break,
+                    f = rx.recv() => match f { Some(f) => f, None => break },
+                };
+                if wr.write_all(&frame).await.is_err() {
+                    writer_cancel.cancel();
+                    break;
+                }
+            }
+            let _ = wr.shutdown().await;
+        });
+
+        let mut buf = BytesMut::with_capacity(4096);
+        'conn: loop {
+            loop {
+                match wire::tcp_frame(&buf) {
+                    Frame::Complete(n) => {
+                        let frame = buf.split_to(n).freeze();
+                        if self.frames.send((frame, self.peer)).await.is_err() {
+                            break 'conn;
+                        }
+                    }
+                    Frame::Incomplete => break,
+                    Frame::Invalid => {
+                        self.metrics.dropped(DropReason::Malformed).inc();
+                        if self.log.allow() {
+                            tracing::warn!(client = %self.peer, "TURN TCP stream is not STUN/ChannelData; closing");
+                        }
+                        break 'conn;
+                    }
+                }
+            }
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(4096);
+            }
+            let read = tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                r = tokio::time::timeout(TCP_IDLE_TIMEOUT, rd.read_buf(&mut buf)) => r,
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(_)) => {}
+            }
+        }
+        self.cancel.cancel();
+        let _ = writer.await;
+        self.writers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.peer);
+        let _ = self.closed.send(self.peer);
+    }
+}
+
+#[async_trait]
+impl Conn for TcpTransport {
+    async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
+        not_applicable()
+    }
+    async fn recv(&self, _buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        not_applicable()
+    }
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        let mut frames = self.frames.lock().await;
+        loop {
+            let Some((frame, peer)) = frames.recv().await else {
+                return Err(webrtc_util::Error::Other("TURN TCP listener closed".into()));
+            };
+            if frame.len() > buf.len() {
+                self.metrics.dropped(DropReason::Malformed).inc();
+                continue;
+            }
+            buf[..frame.len()].copy_from_slice(&frame);
+            return Ok((frame.len(), peer));
+        }
+    }
+    async fn send(&self, _buf: &[u8]) -> webrtc_util::Result<usize> {
+        not_applicable()
+    }
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
+        let pad = wire::tcp_padding(buf);
+        let frame = if pad == 0 {
+            Bytes::copy_from_slice(buf)
+        } else {
+            let mut b = BytesMut::with_capacity(buf.len() + pad);
+            b.extend_from_slice(buf);
+            b.resize(buf.len() + pad, 0);
+            b.freeze()
+        };
+        let sent = {
+            let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
+            match writers.get(&target) {
+                Some(tx) => tx.try_send(frame).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => DropReason::ClientBackpressure,
+                    mpsc::error::TrySendError::Closed(_) => DropReason::SendError,
+                }),
+                None => Err(DropReason::SendError),
+            }
+        };
+        match sent {
+            Ok(()) => count_to_client(&self.metrics, buf),
+            Err(reason) => {
+                self.metrics.dropped(reason).inc();
+            }
+        }
+        Ok(buf.len())
+    }
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        Ok(self.local)
+    }
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+    async fn close(&self) -> webrtc_util::Result<()> {
+        Ok(())
+    }
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}

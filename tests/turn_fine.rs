@@ -1,0 +1,454 @@
+//! The fine cases of the TURN service, with the `turn` crate's client and raw STUN
+//! requests where the exact answer matters: Binding on every listener, Allocate/Refresh
+//! lifetimes and deallocation (RFC 8656 §7), expired REST credentials, the per-user
+//! quota, channel rebinding rules, the peer policy following upstream changes, TCP
+//! allocations ending with their connection, and malformed input.
+
+mod turn_support;
+
+use mediagate::turn::{AuthFailure, ephemeral_password, ephemeral_username};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use stun::message::*;
+use tokio::net::UdpSocket;
+use turn::client::{Client, ClientConfig};
+use turn_support::*;
+use webrtc_util::Conn;
+
+async fn crate_client(server: SocketAddr, user: &str, password: &str) -> Client {
+    let conn = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let c = Client::new(ClientConfig {
+        stun_serv_addr: server.to_string(),
+        turn_serv_addr: server.to_string(),
+        username: user.into(),
+        password: password.into(),
+        realm: REALM.into(),
+        software: String::new(),
+        rto_in_ms: 200,
+        conn,
+        vnet: None,
+    })
+    .await
+    .expect("client");
+    c.listen().await.expect("listen");
+    c
+}
+
+fn binding_request(txid: u8) -> Vec<u8> {
+    let mut b = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
+    b.extend_from_slice(&[txid; 12]);
+    b
+}
+
+#[tokio::test]
+async fn binding_is_answered_on_every_listener() {
+    let gw = Gateway::start(config(Auth::Static, &["upstreams"], 10)).await;
+    for mut c in [
+        RawClient::udp(gw.udp, USER, PASSWORD).await,
+        RawClient::tcp(gw.tcp, USER, PASSWORD).await,
+    ] {
+        c.send_raw(&binding_request(7)).await;
+        let raw = c
+            .recv_raw(Duration::from_secs(2))
+            .await
+            .expect("binding response");
+        let mut m = Message::new();
+        m.raw = raw;
+        m.decode().unwrap();
+        assert_eq!(m.typ, BINDING_SUCCESS);
+        let mut x = stun::xoraddr::XorMappedAddress::default();
+        x.get_from(&m).unwrap();
+        assert_eq!(SocketAddr::new(x.ip, x.port), c.local_addr());
+    }
+    gw.svc.close().await;
+}
+
+#[tokio::test]
+async fn allocate_refresh_lifetimes_and_deallocation() {
+    let gw = Gateway::start(config(Auth::Static, &["127.0.0.1/32"], 10)).await;
+
+    // Allocate lifetimes are clamped to default..max (600..3600 s).
+    let mut a = RawClient::udp(gw.udp, USER, PASSWORD).await;
+    let r = a
+        .request(METHOD_ALLOCATE, &[Attr::Transport(17), Attr::Lifetime(30)])
+        .await;
+    assert_eq!(code(&r), None, "{r}");
+    assert_eq!(lifetime(&r), 600);
+    let mut b = RawClient::udp(gw.udp, USER, PASSWORD).await;
+    let r = b
+        .request(
+            METHOD_ALLOCATE,
+            &[Attr::Transport(17), Attr::Lifetime(7200)],
+        )
+        .await;
+    assert_eq!(lifetime(&r), 3600);
+    assert_eq!(relayed(&r).ip(), "127.0.0.1".parse::<IpAddr>().unwrap());
+    // A second Allocate on the same 5-tuple is 437; the retransmission of the first is
+    // answered with the original response.
+    let r = b.allocate().await;
+    assert_eq!(code(&r), Some(437));
+    // Unsupported transport.
+    let mut c = RawClient::udp(gw.udp, USER, PASSWORD).await;
+    assert_eq!(
+        code(&c.request(METHOD_ALLOCATE, &[Attr::Transport(6)]).await),
+        Some(442)
+    );
+    assert_eq!(code(&c.request(METHOD_ALLOCATE, &[]).await), Some(400));
+    // Refresh without an allocation.
+    assert_eq!(code(&c.request(METHOD_REFRESH, &[]).await), Some(437));
+    assert_eq!(gw.svc.allocations(), 2);
+    assert_eq!(gw.metrics.allocations.get(), 2);
+
+    // Refresh: capped at 3600, then shortened to 1 s: the allocation expires.
+    let r = a.request(METHOD_REFRESH, &[Attr::Lifetime(7200)]).await;
+    assert_eq!((code(&r), lifetime(&r)), (None, 3600));
+    let r = a.request(METHOD_REFRESH, &[Attr::Lifetime(1)]).await;
+    assert_eq!((code(&r), lifetime(&r)), (None, 1));
+    assert!(
+        wait_until(Duration::from_secs(5), || gw.svc.allocations() == 1).await,
+        "refreshed allocation did not expire"
+    );
+    assert_eq!(code(&a.request(METHOD_REFRESH, &[]).await), Some(437));
+
+    // Lifetime 0 deletes at once.
+    let r = b.request(METHOD_REFRESH, &[Attr::Lifetime(0)]).await;
+    assert_eq!((code(&r), lifetime(&r)), (None, 0));
+    assert_eq!(gw.svc.allocations(), 0);
+    let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    assert_eq!(
+        code(
+            &b.request(METHOD_CREATE_PERMISSION, &[Attr::Peer(peer)])
+                .await
+        ),
+        Some(437)
+    );
+
+    // The same through the crate's client: close() sends Refresh with lifetime 0.
+    let client = crate_client(gw.udp, USER, PASSWORD).await;
+    let relay = client.allocate().await.expect("allocate");
+    assert_eq!(gw.svc.allocations(), 1);
+    relay.close().await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(3), || gw.svc.allocations() == 0).await,
+        "lifetime 0 from the crate client did not deallocate"
+    );
+    assert_eq!(gw.metrics.allocations.get(), 0);
+    assert_eq!(gw.metrics.allocations_created.get(), 3);
+    client.close().await.unwrap();
+    gw.svc.close().await;
+}
+
+#[tokio::test]
+async fn expired_and_malformed_rest_credentials_get_401() {
+    let gw = Gateway::start(config(Auth::Ephemeral, &["127.0.0.1/32"], 10)).await;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+
+    let expired = ephemeral_username(now - 10, "dave");
+    let password = ephemeral_password(SECRET, &expired);
+    let mut raw = RawClient::udp(gw.udp, &expired, &password).await;
+    assert_eq!(code(&raw.allocate().await), Some(401));
+    assert_eq!(gw.metrics.auth_failures_total(AuthFailure::Expired), 1);
+
+    let client = crate_client(gw.udp, &expired, &password).await;
+    let err = client
+        .allocate()
+        .await
+        .err()
+        .expect("expired credential refused");
+    assert!(err.to_string().contains("401"), "{err}");
+    assert_eq!(gw.metrics.auth_failures_total(AuthFailure::Expired), 2);
+
+    let mut bad = RawClient::udp(gw.udp, "dave", &ephemeral_password(SECRET, "dave")).await;
+    assert_eq!(code(&bad.allocate().await), Some(401));
+    assert_eq!(gw.metrics.auth_failures_total(AuthFailure::BadUsername), 1);
+
+    // The same user with a valid expiry works.
+    let valid = ephemeral_username(now + 60, "dave");
+    let mut ok = RawClient::udp(gw.udp, &valid, &ephemeral_password(SECRET, &valid)).await;
+    assert_eq!(code(&ok.allocate().await), None);
+    assert_eq!(gw.metrics.allocations_created.get(), 1);
+    client.close().await.unwrap();
+    gw.svc.close().await;
+}
+
+#[tokio::test]
+async fn quota_exceeded_gets_486_until_an_allocation_ends() {
+    let gw = Gateway::start(config(Auth::Static, &["127.0.0.1/32"], 2)).await;
+    let c1 = crate_client(gw.udp, USER, PASSWORD).await;
+    let c2 = crate_client(gw.udp, USER, PASSWORD).await;
+    let c3 = crate_client(gw.udp, USER, PASSWORD).await;
+    let r1 = c1.allocate().await.expect("first");
+    let _r2 = c2.allocate().await.expect("second");
+    let err = c3.allocate().await.err().expect("third is over quota");
+    assert!(err.to_string().contains("486"), "{err}");
+    assert_eq!(gw.metrics.quota_exceeded.get(), 1);
+    assert_eq!(gw.svc.allocations(), 2);
+
+    r1.close().await.unwrap();
+    assert!(wait_until(Duration::from_secs(3), || gw.svc.allocations() == 1).await);
+    let c4 = crate_client(gw.udp, USER, PASSWORD).await;
+    let _r4 = c4.allocate().await.expect("quota released");
+    assert_eq!(gw.svc.allocations(), 2);
+    for c in [c1, c2, c3, c4] {
+        c.close().await.unwrap();
+    }
+    gw.svc.close().await;
+}
+
+#[tokio::test]
+async fn channel_binding_rules_and_data_both_ways() {
+    let gw = Gateway::start(config(Auth::Static, &["127.0.0.1/32"], 10)).await;
+    let peer_a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let sink_b = Sink::bind("127.0.0.1:0").await;
+    let a = peer_a.local_addr().unwrap();
+    let mut c = RawClient::udp(gw.udp, USER, PASSWORD).await;
+    let relay = relayed(&c.allocate().await);
+
+    let bind = |n: u16, p: SocketAddr| [Attr::Channel(n), Attr::Peer(p)];
+    assert_eq!(
+        code(&c.request(METHOD_CHANNEL_BIND, &bind(0x4000, a)).await),
+        None
+    );
+    // Refreshing the same binding is fine.
+    assert_eq!(
+        code(&c.request(METHOD_CHANNEL_BIND, &bind(0x4000, a)).await),
+        None
+    );
+    // The channel is taken by another peer, the peer by another channel.
+    assert_eq!(
+        code(
+            &c.request(METHOD_CHANNEL_BIND, &bind(0x4000, sink_b.addr))
+                .await
+        ),
+        Some(400)
+    );
+    assert_eq!(
+        code(&c.request(METHOD_CHANNEL_BIND, &bind(0x4001, a)).await),
+        Some(400)
+    );
+    // Outside the channel range, or without a peer.
+    assert_eq!(
+        code(
+            &c.request(METHOD_CHANNEL_BIND, &bind(0x3FFF, sink_b.addr))
+                .await
+        ),
+        Some(400)
+    );
+    assert_eq!(
+        code(
+            &c.request(METHOD_CHANNEL_BIND, &[Attr::Channel(0x4002)])
+                .await
+        ),
+        Some(400)
+    );
+    // A second channel for another peer.
+    assert_eq!(
+        code(
+            &c.request(METHOD_CHANNEL_BIND, &bind(0x4001, sink_b.addr))
+                .await
+        ),
+        None
+    );
+
+    c.channel_data(0x4000, b"to-a").await;
+    let mut buf = [0u8; 64];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(2), peer_a.recv_from(&mut buf))
+        .await
+        .expect("data reaches peer A")
+        .unwrap();
+    assert_eq!((&buf[..n], from), (&b"to-a"[..], relay));
+    c.channel_data(0x4001, b"to-b").await;
+    assert!(wait_until(Duration::from_secs(2), || sink_b.count() == 1).await);
+
+    // Peer A answers: the client gets ChannelData on 0x4000.
+    peer_a.send_to(b"from-a", relay).await.unwrap();
+    let got = c
+        .recv_raw(Duration::from_secs(2))
+        .await
+        .expect("ChannelData from A");
+    assert_eq!(&got[..2], &[0x40, 0x00]);
+    assert_eq!(&got[4..10], b"from-a");
+    assert_eq!(gw.metrics.bytes_to_peer.get(), 8);
+    assert_eq!(gw.metrics.bytes_to_client.get(), 6);
+    gw.svc.close().await;
+}
+
+/// The first non-loopback IPv4 address of this host: traffic to it stays on the host.
+fn host_ipv4() -> Option<IpAddr> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        let ip = ifa.address?.as_sockaddr_in()?.ip();
+        (!ip.is_loopback() && !ip.is_link_local()).then_some(IpAddr::V4(ip))
+    })
+}
+
+#[tokio::test]
+async fn peer_policy_follows_the_upstreams() {
+    let gw = Gateway::start(config(Auth::Static, &["upstreams"], 10)).await;
+    // An "upstream server" on this host's own address: allowed only while listed.
+    let ip = host_ipv4().expect("this test needs a non-loopback IPv4 address on the host");
+    let upstream = UdpSocket::bind((ip, 0)).await.unwrap();
+    let up = upstream.local_addr().unwrap();
+    let loopback = Sink::bind("127.0.0.1:0").await;
+    let metadata: SocketAddr = "169.254.169.254:80".parse().unwrap();
+
+    let mut c = RawClient::udp(gw.udp, USER, PASSWORD).await;
+    let relay = relayed(&c.allocate().await);
+    let m = &gw.metrics;
+    // Not an upstream yet: 403, counted.
+    assert_eq!(
+        code(&c.request(METHOD_CREATE_PERMISSION, &[Attr::Peer(up)]).await),
+        Some(403)
+    );
+    assert_eq!(m.permission_denied.get(), 1);
+    // Loopback and metadata are refused even when listed as upstreams.
+    gw.policy
+        .set_upstream_ips([ip, "127.0.0.1".parse().unwrap(), metadata.ip()]);
+    let r = c
+        .request(
+            METHOD_CREATE_PERMISSION,
+            &[Attr::Peer(up), Attr::Peer(loopback.addr)],
+        )
+        .await;
+    assert_eq!(code(&r), Some(403), "one refused peer refuses the request");
+    let r = c
+        .request(
+            METHOD_CHANNEL_BIND,
+            &[Attr::Channel(0x4005), Attr::Peer(metadata)],
+        )
+        .await;
+    assert_eq!(code(&r), Some(403));
+    c.send_indication(loopback.addr, b"nope").await;
+    assert!(wait_until(Duration::from_secs(2), || m.permission_denied.get() == 4).await);
+
+    // Listed: permission, channel and data flow.
+    assert_eq!(
+        code(
+            &c.request(
+                METHOD_CHANNEL_BIND,
+                &[Attr::Channel(0x4000), Attr::Peer(up)]
+            )
+            .await
+        ),
+        None
+    );
+    c.channel_data(0x4000, b"hello").await;
+    let mut buf = [0u8; 64];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(2), upstream.recv_from(&mut buf))
+        .await
+        .expect("upstream receives")
+        .unwrap();
+    assert_eq!((&buf[..n], from), (&b"hello"[..], relay));
+
+    // Removed from the upstreams: the existing channel and Send indications stop at once,
+    // and replies from it are not relayed to the client.
+    gw.policy
+        .set_upstream_ips(["198.51.100.77".parse().unwrap()]);
+    c.channel_data(0x4000, b"late").await;
+    c.send_indication(up, b"late").await;
+    upstream.send_to(b"reply", relay).await.unwrap();
+    assert!(wait_until(Duration::from_secs(2), || m.permission_denied.get() == 6).await);
+    assert!(wait_until(Duration::from_secs(2), || m.peer_not_allowed_total() == 1).await);
+    let late = tokio::time::timeout(Duration::from_millis(300), upstream.recv_from(&mut buf)).await;
+    assert!(late.is_err(), "a removed upstream received data");
+    assert!(
+        c.recv_raw(Duration::from_millis(200)).await.is_none(),
+        "a reply was relayed"
+    );
+    assert_eq!(m.packets_to_peer.get(), 1);
+    assert_eq!(loopback.count(), 0);
+
+    // The crate's client sees the refusal as a failed send.
+    let client = crate_client(gw.udp, USER, PASSWORD).await;
+    let rc = client.allocate().await.unwrap();
+    assert!(rc.send_to(b"x", loopback.addr).await.is_err());
+    assert_eq!(loopback.count(), 0);
+    client.close().await.unwrap();
+    gw.svc.close().await;
+}
+
+#[tokio::test]
+async fn tcp_allocation_ends_with_its_connection() {
+    let gw = Gateway::start(config(Auth::Static, &["127.0.0.1/32"], 10)).await;
+    let mut c = RawClient::tcp(gw.tcp, USER, PASSWORD).await;
+    assert_eq!(code(&c.allocate().await), None);
+    assert_eq!(gw.svc.allocations(), 1);
+    drop(c);
+    assert!(
+        wait_until(Duration::from_secs(3), || gw.svc.allocations() == 0).await,
+        "allocation outlived its TCP connection"
+    );
+    gw.svc.close().await;
+}
+
+#[tokio::test]
+async fn malformed_packets_are_dropped_and_counted() {
+    let gw = Gateway::start(config(Auth::Static, &["127.0.0.1/32"], 10)).await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut lying = binding_request(1);
+    lying[3] = 8; // claims 8 bytes of attributes that are not there
+    let mut bad_attr = binding_request(2);
+    bad_attr[3] = 8;
+    bad_attr.extend_from_slice(&[0x00, 0x06, 0xFF, 0xFF, 1, 2, 3, 4]); // attribute overruns
+    let mut response = binding_request(3);
+    response[1] = 0x01;
+    response[0] = 0x01; // Binding success response from a client
+    let mut bad_mi = binding_request(4);
+    bad_mi[1] = 0x03; // Allocate request with a 4-byte MESSAGE-INTEGRITY
+    bad_mi[3] = 8;
+    bad_mi.extend_from_slice(&[0x00, 0x08, 0x00, 0x04, 0, 0, 0, 0]);
+    let garbage: Vec<Vec<u8>> = vec![
+        vec![0xFF; 40],
+        vec![],
+        vec![0x00, 0x01],
+        lying,
+        bad_attr,
+        response,
+        vec![0x40, 0x00, 0xFF, 0xFF, 1, 2, 3, 4], // ChannelData longer than the datagram
+        vec![0x40, 0x00, 0x00, 0x04, 1, 2, 3, 4], // ChannelData without an allocation
+    ];
+    for g in &garbage {
+        sock.send_to(g, gw.udp).await.unwrap();
+    }
+    sock.send_to(&bad_mi, gw.udp).await.unwrap();
+    let m = &gw.metrics;
+    assert!(
+        wait_until(Duration::from_secs(2), || m.malformed_total() == 7).await,
+        "malformed counted: {}",
+        m.malformed_total()
+    );
+    // The bad MESSAGE-INTEGRITY is a malformed credential: 400, counted as an auth failure.
+    let mut buf = [0u8; 1500];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
+        .await
+        .expect("an answer to the Allocate")
+        .unwrap();
+    let mut resp = Message::new();
+    resp.raw = buf[..n].to_vec();
+    resp.decode().unwrap();
+    assert_eq!(code(&resp), Some(400), "{resp}");
+
+    // TCP: a stream that is not STUN (here a TLS ClientHello) is closed and counted.
+    let mut t = tokio::net::TcpStream::connect(gw.tcp).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    t.write_all(&[
+        0x16, 0x03, 0x01, 0x00, 0x2e, 0x01, 0x00, 0x00, 0x2a, 0x03, 0x03,
+    ])
+    .await
+    .unwrap();
+    let mut b = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(2), t.read(&mut b)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "connection not closed: {closed:?}"
+    );
+    assert_eq!(m.malformed_total(), 8);
+
+    // The service still works.
+    let mut c = RawClient::udp(gw.udp, USER, PASSWORD).await;
+    assert_eq!(code(&c.allocate().await), None);
+    gw.svc.close().await;
+}

@@ -277,19 +277,13 @@ async fn channel_binding_rules_and_data_both_ways() {
     gw.svc.close().await;
 }
 
-/// The first non-loopback IPv4 address of this host: traffic to it stays on the host.
-fn host_ipv4() -> Option<IpAddr> {
-    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
-        let ip = ifa.address?.as_sockaddr_in()?.ip();
-        (!ip.is_loopback() && !ip.is_link_local()).then_some(IpAddr::V4(ip))
-    })
-}
 
 #[tokio::test]
 async fn peer_policy_follows_the_upstreams() {
     let gw = Gateway::start(config(Auth::Static, &["upstreams"], 10)).await;
     // An "upstream server" on this host's own address: allowed only while listed.
-    let ip = host_ipv4().expect("this test needs a non-loopback IPv4 address on the host");
+    let addr = TestAddr::create();
+    let ip = addr.ip;
     let upstream = UdpSocket::bind((ip, 0)).await.unwrap();
     let up = upstream.local_addr().unwrap();
     let loopback = Sink::bind("127.0.0.1:0").await;

@@ -7,7 +7,6 @@
 mod turn_support;
 
 use mediagate::turn::{AuthFailure, ice_config};
-use std::net::IpAddr;
 use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 use tokio::process::Command;
@@ -329,13 +328,6 @@ async fn wrong_password_gets_401_and_relays_nothing() {
     gw.svc.close().await;
 }
 
-/// The first non-loopback IPv4 address of this host: traffic to it stays on the host.
-fn host_ipv4() -> Option<IpAddr> {
-    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
-        let ip = ifa.address?.as_sockaddr_in()?.ip();
-        (!ip.is_loopback() && !ip.is_link_local()).then_some(IpAddr::V4(ip))
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_peers_never_receive_a_byte() {
@@ -346,9 +338,10 @@ async fn refused_peers_never_receive_a_byte() {
     let port = free_port_pair();
     let loop_a = Sink::bind(&format!("127.0.0.1:{port}")).await;
     let loop_b = Sink::bind(&format!("127.0.0.1:{}", port + 1)).await;
-    // "Another host": this host's own non-loopback address (local delivery, no traffic
-    // leaves the machine) with a listening socket.
-    let other = host_ipv4();
+    // "Another host": an address the test creates on a dummy interface (local delivery,
+    // no traffic leaves the machine) with a listening socket.
+    let test_addr = TestAddr::create();
+    let other = Some(test_addr.ip);
     let other_sink = match other {
         Some(ip) => Some(Sink::bind(&format!("{ip}:0")).await),
         None => None,

@@ -565,3 +565,42 @@ impl Setter for RawAttr {
         Ok(())
     }
 }
+
+/// A non-loopback IPv4 address of this host that the test itself creates (on a veth pair
+/// of its own; the kernel here has no dummy interfaces), so "another host" traffic never depends on, or
+/// reaches, the machine's real interfaces. Removed on drop. Needs root (CI runs as root).
+pub struct TestAddr {
+    pub ip: std::net::IpAddr,
+    ifname: String,
+}
+
+impl TestAddr {
+    pub fn create() -> TestAddr {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = (std::process::id() % 50) * 5 + n % 5;
+        let ifname = format!("mgturn{id}");
+        let ip: std::net::IpAddr = format!("10.213.{id}.1").parse().expect("ip");
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("ip").args(args).output().expect("run ip");
+            assert!(
+                out.status.success(),
+                "ip {}: {} (this test needs root to create a veth interface)",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let _ = std::process::Command::new("ip").args(["link", "del", &ifname]).output();
+        run(&["link", "add", &ifname, "type", "veth", "peer", "name", &format!("{ifname}p")]);
+        run(&["addr", "add", &format!("{ip}/32"), "dev", &ifname]);
+        run(&["link", "set", &ifname, "up"]);
+        TestAddr { ip, ifname }
+    }
+}
+
+impl Drop for TestAddr {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.ifname]).output();
+    }
+}

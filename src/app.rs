@@ -65,6 +65,10 @@ pub struct AppState {
     /// App-wide tokens that listener tokens are children of.
     stop_accepting: CancellationToken,
     kill: CancellationToken,
+    /// The STUN/TURN service, when `turn:` is configured.
+    pub turn: tokio::sync::Mutex<Option<crate::turn::TurnService>>,
+    /// Who TURN may relay to; follows the upstreams' server lists.
+    pub turn_policy: Option<Arc<crate::turn::PeerPolicy>>,
     /// One reload at a time.
     reload_lock: tokio::sync::Mutex<()>,
     /// Hash of the file content last loaded or rejected, so the watcher reacts to edits
@@ -104,6 +108,23 @@ impl App {
             bound.push(bind_listener(l)?);
         }
 
+        // TURN: relays only to the peers its policy allows, which follow the upstreams.
+        let (turn, turn_policy) = match &config.turn {
+            Some(tcfg) => {
+                let policy = Arc::new(
+                    crate::turn::PeerPolicy::new(&tcfg.relay, config.admin.listen)
+                        .map_err(|e| anyhow!("turn.relay.peers: {e}"))?,
+                );
+                policy.set_upstream_ips(upstream_ips(&upstreams));
+                let tm = crate::turn::TurnMetrics::register(&mut metrics.registry());
+                let svc = crate::turn::TurnService::start(tcfg, policy.clone(), tm)
+                    .await
+                    .context("turn")?;
+                (Some(svc), Some(policy))
+            }
+            None => (None, None),
+        };
+
         let stop_accepting = CancellationToken::new();
         let kill = CancellationToken::new();
         let state = Arc::new(AppState {
@@ -120,6 +141,8 @@ impl App {
             admin_token: ArcSwap::from_pointee(config.admin.token.clone()),
             stop_accepting,
             kill,
+            turn: tokio::sync::Mutex::new(turn),
+            turn_policy,
             reload_lock: tokio::sync::Mutex::new(()),
             seen_hash: std::sync::atomic::AtomicU64::new(file_hash(&config_path_for_hash)),
         });
@@ -128,11 +151,14 @@ impl App {
             .await
             .with_context(|| format!("admin: bind {}", config.admin.listen))?;
         let admin_addr = admin_listener.local_addr()?;
-        let tasks = vec![tokio::spawn(admin::serve(
+        let mut tasks = vec![tokio::spawn(admin::serve(
             admin_listener,
             state.clone(),
             state.kill.clone(),
         ))];
+        if state.turn_policy.is_some() {
+            tasks.push(tokio::spawn(state.clone().follow_upstreams_for_turn()));
+        }
 
         // SPEC §5: the first probe round completes before listeners accept traffic.
         for u in state.upstreams.load().values() {
@@ -180,6 +206,9 @@ impl App {
             _ = force => tracing::info!("second signal: stopping now"),
         }
         st.kill.cancel();
+        if let Some(turn) = st.turn.lock().await.take() {
+            turn.close().await;
+        }
         for u in st.upstreams.load().values() {
             u.stop();
         }
@@ -299,6 +328,24 @@ impl AppState {
         result
     }
 
+    /// Keeps the TURN peer policy's `upstreams` set equal to the IPs of every server of
+    /// every upstream, as discovery and reloads change them.
+    async fn follow_upstreams_for_turn(self: Arc<Self>) {
+        let Some(policy) = self.turn_policy.clone() else {
+            return;
+        };
+        let mut last = Vec::new();
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let ips = upstream_ips(&self.upstreams.load());
+            if ips != last {
+                tracing::info!(servers = ips.len(), "TURN peer policy follows the upstreams");
+                policy.set_upstream_ips(ips.iter().copied());
+                last = ips;
+            }
+        }
+    }
+
     /// Reloads when the file's content changed since it was last loaded. Polling (rather
     /// than inotify) also sees the atomic symlink swap a mounted ConfigMap does.
     pub async fn watch_file(self: Arc<Self>, every: Duration) {
@@ -317,6 +364,9 @@ impl AppState {
 
     async fn apply(&self, new: Config) -> Result<()> {
         let old = self.config.load_full();
+        if new.turn != old.turn {
+            tracing::warn!("changes to the turn section take effect at the next restart");
+        }
         if new.admin.listen != old.admin.listen {
             tracing::warn!(old = %old.admin.listen, new = %new.admin.listen, "admin.listen changes take effect at the next restart");
         }
@@ -415,6 +465,17 @@ async fn bind_with_retry(l: &ListenerConfig) -> Result<Bound> {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     Err(last.unwrap_or_else(|| anyhow!("listener {}: bind failed", l.name)))
+}
+
+/// Every server IP of every upstream, sorted and deduplicated.
+fn upstream_ips(upstreams: &IndexMap<String, Arc<UpstreamRuntime>>) -> Vec<std::net::IpAddr> {
+    let mut ips: Vec<_> = upstreams
+        .values()
+        .flat_map(|u| u.route.snapshot().servers.iter().map(|s| s.ip).collect::<Vec<_>>())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 /// The controller's view of an upstream's configuration.

@@ -50,6 +50,19 @@ pub async fn set_server_state(
     Ok(())
 }
 
+/// `mediagate ice`: prints the ICE configuration from `GET /ice`.
+pub async fn ice(admin: String, user: String, ttl: Option<u64>) -> Result<()> {
+    let mut path = format!("/ice?username={}", encode_segment(&user));
+    if let Some(t) = ttl {
+        path.push_str(&format!("&ttl={t}"));
+    }
+    let (code, body) = client::request(&admin, "GET", &path, None, None).await?;
+    expect_ok(code, &body)?;
+    let v: serde_json::Value = serde_json::from_str(&body).context("unexpected /ice answer")?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
 /// Turns a non-2xx answer into an error carrying the API's message.
 pub fn expect_ok(code: u16, body: &str) -> Result<()> {
     if (200..300).contains(&code) {

@@ -56,6 +56,17 @@ enum Command {
         #[arg(long, env = "MEDIAGATE_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Print an ICE configuration (JSON) with fresh TURN credentials.
+    Ice {
+        #[arg(long, env = "MEDIAGATE_ADMIN", default_value = DEFAULT_ADMIN)]
+        admin: String,
+        /// User name embedded in ephemeral credentials.
+        #[arg(long, default_value = "")]
+        user: String,
+        /// Credential lifetime in seconds [default: turn.auth.ttl].
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
     /// Manual failback of an upstream (for `failback: manual`).
     Failback {
         upstream: String,
@@ -80,6 +91,7 @@ fn main() -> ExitCode {
             admin,
             token,
         } => with_runtime(cli::set_server_state(admin, token, state, upstream, server)),
+        Command::Ice { admin, user, ttl } => with_runtime(cli::ice(admin, user, ttl)),
         Command::Failback {
             upstream,
             admin,

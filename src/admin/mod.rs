@@ -30,6 +30,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status_handler))
+        .route("/ice", get(ice))
         .route("/upstreams/{name}/servers/{server}/state", post(set_state))
         .route("/upstreams/{name}/failback", post(failback))
         .route("/reload", post(reload))
@@ -166,5 +167,28 @@ async fn reload(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
             Json(serde_json::json!({ "result": "error", "errors": errors })),
         )
             .into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct IceQuery {
+    #[serde(default)]
+    username: String,
+    ttl: Option<u64>,
+}
+
+/// `GET /ice?username=U&ttl=SECONDS`: a browser-ready ICE configuration (SPEC §7).
+async fn ice(State(ctx): State<Ctx>, query: Result<axum::extract::Query<IceQuery>, axum::extract::rejection::QueryRejection>) -> Response {
+    let Ok(axum::extract::Query(q)) = query else {
+        return error(StatusCode::BAD_REQUEST, "query must be ?username=NAME&ttl=SECONDS");
+    };
+    let config = ctx.app.config.load();
+    let Some(turn) = &config.turn else {
+        return error(StatusCode::NOT_FOUND, "no turn section in the configuration");
+    };
+    let ttl = q.ttl.map(std::time::Duration::from_secs);
+    match crate::turn::ice_config(turn, &q.username, ttl, std::time::SystemTime::now()) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
     }
 }

@@ -13,6 +13,14 @@ pub struct Status {
     pub config: ConfigStatus,
     pub listeners: Vec<ListenerStatus>,
     pub upstreams: Vec<UpstreamStatus>,
+    /// Present when the TURN service runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn: Option<TurnStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TurnStatus {
+    pub allocations: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -149,5 +157,12 @@ pub fn build(app: &AppState) -> Status {
         },
         listeners,
         upstreams,
+        turn: app
+            .turn
+            .try_lock()
+            .ok()
+            .and_then(|t| t.as_ref().map(|t| TurnStatus {
+                allocations: t.allocations(),
+            })),
     }
 }

@@ -339,7 +339,10 @@ impl AppState {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let ips = upstream_ips(&self.upstreams.load());
             if ips != last {
-                tracing::info!(servers = ips.len(), "TURN peer policy follows the upstreams");
+                tracing::info!(
+                    servers = ips.len(),
+                    "TURN peer policy follows the upstreams"
+                );
                 policy.set_upstream_ips(ips.iter().copied());
                 last = ips;
             }
@@ -471,7 +474,14 @@ async fn bind_with_retry(l: &ListenerConfig) -> Result<Bound> {
 fn upstream_ips(upstreams: &IndexMap<String, Arc<UpstreamRuntime>>) -> Vec<std::net::IpAddr> {
     let mut ips: Vec<_> = upstreams
         .values()
-        .flat_map(|u| u.route.snapshot().servers.iter().map(|s| s.ip).collect::<Vec<_>>())
+        .flat_map(|u| {
+            u.route
+                .snapshot()
+                .servers
+                .iter()
+                .map(|s| s.ip)
+                .collect::<Vec<_>>()
+        })
         .collect();
     ips.sort();
     ips.dedup();

@@ -39,28 +39,65 @@ turn:
     let ice: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(ice["iceTransportPolicy"], "relay");
     let server = &ice["iceServers"][0];
-    assert_eq!(server["urls"][0], format!("turn:127.0.0.1:{turn_port}?transport=udp"));
+    assert_eq!(
+        server["urls"][0],
+        format!("turn:127.0.0.1:{turn_port}?transport=udp")
+    );
     let username = server["username"].as_str().expect("username").to_string();
-    let credential = server["credential"].as_str().expect("credential").to_string();
+    let credential = server["credential"]
+        .as_str()
+        .expect("credential")
+        .to_string();
     assert!(username.ends_with(":alice"), "{username}");
 
     // The CLI prints the same shape.
-    let (code, out, err) = run_cli(&["ice", "--admin", &format!("http://127.0.0.1:{admin}"), "--user", "bob"]);
+    let (code, out, err) = run_cli(&[
+        "ice",
+        "--admin",
+        &format!("http://127.0.0.1:{admin}"),
+        "--user",
+        "bob",
+    ]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("ice json");
-    assert!(v["iceServers"][0]["username"].as_str().is_some_and(|u| u.ends_with(":bob")));
+    assert!(
+        v["iceServers"][0]["username"]
+            .as_str()
+            .is_some_and(|u| u.ends_with(":bob"))
+    );
 
     // coturn's client relays through the binary to coturn's echo peer.
     let (_peer, peer_port) = turn_support::echo_peer().await;
     let port = turn_port.to_string();
     let pp = peer_port.to_string();
     let r = turn_support::uclient(&[
-        "-p", &port, "-u", &username, "-w", &credential, "-e", "127.0.0.1", "-r", &pp, "-n", "20", "-m", "1",
-        "-z", "5", "-c",
+        "-p",
+        &port,
+        "-u",
+        &username,
+        "-w",
+        &credential,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &pp,
+        "-n",
+        "20",
+        "-m",
+        "1",
+        "-z",
+        "5",
+        "-c",
     ])
     .await;
     assert!(r.ok, "{}", r.out);
-    assert!(r.received.unwrap_or(0) >= 18, "relayed echo: {:?}/{:?}\n{}", r.received, r.sent, r.out);
+    assert!(
+        r.received.unwrap_or(0) >= 18,
+        "relayed echo: {:?}/{:?}\n{}",
+        r.received,
+        r.sent,
+        r.out
+    );
 
     let m = b.metrics();
     for name in [

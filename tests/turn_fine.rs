@@ -277,7 +277,6 @@ async fn channel_binding_rules_and_data_both_ways() {
     gw.svc.close().await;
 }
 
-
 #[tokio::test]
 async fn peer_policy_follows_the_upstreams() {
     let gw = Gateway::start(config(Auth::Static, &["upstreams"], 10)).await;

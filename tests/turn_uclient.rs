@@ -328,7 +328,6 @@ async fn wrong_password_gets_401_and_relays_nothing() {
     gw.svc.close().await;
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_peers_never_receive_a_byte() {
     // Default policy: only upstream servers, and the only upstream is elsewhere.

@@ -178,13 +178,22 @@ struct IceQuery {
 }
 
 /// `GET /ice?username=U&ttl=SECONDS`: a browser-ready ICE configuration (SPEC §7).
-async fn ice(State(ctx): State<Ctx>, query: Result<axum::extract::Query<IceQuery>, axum::extract::rejection::QueryRejection>) -> Response {
+async fn ice(
+    State(ctx): State<Ctx>,
+    query: Result<axum::extract::Query<IceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     let Ok(axum::extract::Query(q)) = query else {
-        return error(StatusCode::BAD_REQUEST, "query must be ?username=NAME&ttl=SECONDS");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "query must be ?username=NAME&ttl=SECONDS",
+        );
     };
     let config = ctx.app.config.load();
     let Some(turn) = &config.turn else {
-        return error(StatusCode::NOT_FOUND, "no turn section in the configuration");
+        return error(
+            StatusCode::NOT_FOUND,
+            "no turn section in the configuration",
+        );
     };
     let ttl = q.ttl.map(std::time::Duration::from_secs);
     match crate::turn::ice_config(turn, &q.username, ttl, std::time::SystemTime::now()) {

@@ -157,12 +157,10 @@ pub fn build(app: &AppState) -> Status {
         },
         listeners,
         upstreams,
-        turn: app
-            .turn
-            .try_lock()
-            .ok()
-            .and_then(|t| t.as_ref().map(|t| TurnStatus {
+        turn: app.turn.try_lock().ok().and_then(|t| {
+            t.as_ref().map(|t| TurnStatus {
                 allocations: t.allocations(),
-            })),
+            })
+        }),
     }
 }

@@ -136,6 +136,11 @@ impl Balancer {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("mediagate.yaml");
         std::fs::write(&config, yaml).expect("write config");
+        Self::start_path(dir, config, admin_port)
+    }
+
+    /// Runs `mediagate run -c config` (a file the caller wrote inside `dir`).
+    pub fn start_path(dir: tempfile::TempDir, config: PathBuf, admin_port: u16) -> Balancer {
         let child = Command::new(MEDIAGATE)
             .args(["run", "-c"])
             .arg(&config)

@@ -583,7 +583,10 @@ impl TestAddr {
         let ifname = format!("mgturn{id}");
         let ip: std::net::IpAddr = format!("10.213.{id}.1").parse().expect("ip");
         let run = |args: &[&str]| {
-            let out = std::process::Command::new("ip").args(args).output().expect("run ip");
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .expect("run ip");
             assert!(
                 out.status.success(),
                 "ip {}: {} (this test needs root to create a veth interface)",
@@ -591,8 +594,19 @@ impl TestAddr {
                 String::from_utf8_lossy(&out.stderr)
             );
         };
-        let _ = std::process::Command::new("ip").args(["link", "del", &ifname]).output();
-        run(&["link", "add", &ifname, "type", "veth", "peer", "name", &format!("{ifname}p")]);
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &ifname])
+            .output();
+        run(&[
+            "link",
+            "add",
+            &ifname,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{ifname}p"),
+        ]);
         run(&["addr", "add", &format!("{ip}/32"), "dev", &ifname]);
         run(&["link", "set", &ifname, "up"]);
         TestAddr { ip, ifname }
@@ -601,6 +615,8 @@ impl TestAddr {
 
 impl Drop for TestAddr {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["link", "del", &self.ifname]).output();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.ifname])
+            .output();
     }
 }

@@ -3,7 +3,6 @@
 //! allocation visible in /status, and the TURN metrics exported.
 
 mod common;
-#[allow(dead_code)]
 mod turn_support;
 
 use common::*;

@@ -117,17 +117,9 @@ shutdown: {{ drain_timeout: 2s }}
 
 #[test]
 fn status_and_server_commands_drive_a_running_balancer() {
-    let (p, bk, l, a) = (
-        free_udp_port(),
-        free_udp_port(),
-        free_udp_port(),
-        free_tcp_port(),
-    );
-    let pa = SocketAddr::from(([127, 0, 0, 1], p));
-    let ba = SocketAddr::from(([127, 0, 0, 1], bk));
-    let _w1 = worker("udp-echo", "primary", pa, None);
-    let _w2 = worker("udp-echo", "backup", ba, None);
-    let b = Balancer::start(&simple(l, a, pa, ba, ", token: secret-token"), a);
+    let w = UdpPair::start();
+    let (pa, ba, a) = (w.primary_addr, w.backup_addr, w.admin);
+    let b = Balancer::start(&simple(w.listen, a, pa, ba, ", token: secret-token"), a);
     let admin = format!("http://127.0.0.1:{a}");
 
     let (code, out, err) = run_cli(&["status", "--admin", &admin]);
@@ -222,18 +214,12 @@ fn status_and_server_commands_drive_a_running_balancer() {
 
 #[test]
 fn sigterm_drains_udp_sessions_then_exits_0() {
-    let (p, bk, l, a) = (
-        free_udp_port(),
-        free_udp_port(),
-        free_udp_port(),
-        free_tcp_port(),
+    let w = UdpPair::start();
+    let mut b = Balancer::start(
+        &simple(w.listen, w.admin, w.primary_addr, w.backup_addr, ""),
+        w.admin,
     );
-    let pa = SocketAddr::from(([127, 0, 0, 1], p));
-    let ba = SocketAddr::from(([127, 0, 0, 1], bk));
-    let _w1 = worker("udp-echo", "primary", pa, None);
-    let _w2 = worker("udp-echo", "backup", ba, None);
-    let mut b = Balancer::start(&simple(l, a, pa, ba, ""), a);
-    let listen = SocketAddr::from(([127, 0, 0, 1], l));
+    let listen = w.listen_addr();
     let client = UdpSocket::bind("127.0.0.1:0").expect("bind");
     client
         .set_read_timeout(Some(Duration::from_millis(500)))

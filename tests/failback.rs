@@ -63,23 +63,17 @@ struct Setup {
 }
 
 fn setup(failback: &str) -> Setup {
-    let (p, bk, l, a) = (
-        free_udp_port(),
-        free_udp_port(),
-        free_udp_port(),
-        free_tcp_port(),
+    let w = UdpPair::start();
+    let balancer = Balancer::start(
+        &config(w.listen, w.admin, w.primary_addr, w.backup_addr, failback),
+        w.admin,
     );
-    let primary_addr = SocketAddr::from(([127, 0, 0, 1], p));
-    let backup_addr = SocketAddr::from(([127, 0, 0, 1], bk));
-    let primary = worker("udp-echo", "primary", primary_addr, None);
-    let backup = worker("udp-echo", "backup", backup_addr, None);
-    let balancer = Balancer::start(&config(l, a, primary_addr, backup_addr, failback), a);
     Setup {
-        primary,
-        _backup: backup,
-        primary_addr,
+        listen: w.listen_addr(),
+        primary_addr: w.primary_addr,
+        primary: w.primary,
+        _backup: w.backup,
         balancer,
-        listen: SocketAddr::from(([127, 0, 0, 1], l)),
     }
 }
 

@@ -148,20 +148,10 @@ async fn twenty_live_edits_and_a_broken_file_lose_no_datagram() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_keeps_sessions_and_maint_moves_them() {
-    let (p, bk, l, a) = (
-        free_udp_port(),
-        free_udp_port(),
-        free_udp_port(),
-        free_tcp_port(),
-    );
-    let pa = SocketAddr::from(([127, 0, 0, 1], p));
-    let ba = SocketAddr::from(([127, 0, 0, 1], bk));
-    let _w = (
-        worker("udp-echo", "primary", pa, None),
-        worker("udp-echo", "backup", ba, None),
-    );
-    let b = Balancer::start(&config(l, a, pa, &[ba]), a);
-    let target = SocketAddr::from(([127, 0, 0, 1], l));
+    let w = UdpPair::start();
+    let (pa, ba) = (w.primary_addr, w.backup_addr);
+    let b = Balancer::start(&config(w.listen, w.admin, pa, &[ba]), w.admin);
+    let target = w.listen_addr();
     let flows = Flows::start(target, 10, Duration::from_millis(20), 64)
         .await
         .expect("flows");

@@ -92,19 +92,11 @@ fn last_failover(b: &Balancer) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_death_costs_each_flow_at_most_one_datagram() {
-    let (p, bk, l, a) = (
-        free_udp_port(),
-        free_udp_port(),
-        free_udp_port(),
-        free_tcp_port(),
-    );
-    let primary_addr = SocketAddr::from(([127, 0, 0, 1], p));
-    let backup_addr = SocketAddr::from(([127, 0, 0, 1], bk));
-    let mut primary = worker("udp-echo", "primary", primary_addr, None);
-    let _backup = worker("udp-echo", "backup", backup_addr, None);
-    let b = Balancer::start(&config(l, a, primary_addr, backup_addr), a);
+    let mut w = UdpPair::start();
+    let (l, backup_addr) = (w.listen, w.backup_addr);
+    let b = Balancer::start(&config(l, w.admin, w.primary_addr, backup_addr), w.admin);
 
-    let out = fail_primary(l, || primary.kill()).await;
+    let out = fail_primary(l, || w.primary.kill()).await;
     eprintln!(
         "process death: worst loss {} datagram(s)/flow, total {} over {FLOWS} flows, longest silence {:?}, all flows on backup after {:?}",
         out.worst_loss, out.total_loss, out.worst_gap, out.moved_after
@@ -127,19 +119,11 @@ async fn process_death_costs_each_flow_at_most_one_datagram() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_worker_flows_resume_within_300ms() {
-    let (p, bk, l, a) = (
-        free_udp_port(),
-        free_udp_port(),
-        free_udp_port(),
-        free_tcp_port(),
-    );
-    let primary_addr = SocketAddr::from(([127, 0, 0, 1], p));
-    let backup_addr = SocketAddr::from(([127, 0, 0, 1], bk));
-    let primary = worker("udp-echo", "primary", primary_addr, None);
-    let _backup = worker("udp-echo", "backup", backup_addr, None);
-    let b = Balancer::start(&config(l, a, primary_addr, backup_addr), a);
+    let w = UdpPair::start();
+    let l = w.listen;
+    let b = Balancer::start(&config(l, w.admin, w.primary_addr, w.backup_addr), w.admin);
 
-    let out = fail_primary(l, || primary.signal(Signal::SIGSTOP)).await;
+    let out = fail_primary(l, || w.primary.signal(Signal::SIGSTOP)).await;
     eprintln!(
         "hung worker (SIGSTOP): longest silence {:?}, all flows on backup after {:?}, lost {} in total",
         out.worst_gap, out.moved_after, out.total_loss

@@ -121,6 +121,37 @@ pub fn worker(kind: &str, name: &str, listen: SocketAddr, netns: Option<&str>) -
     }
 }
 
+/// Two UDP echo workers ("primary" and "backup") on loopback, and free ports for a
+/// balancer's listener and admin API: the fixture most failover tests start from.
+pub struct UdpPair {
+    pub primary: Proc,
+    pub backup: Proc,
+    pub primary_addr: SocketAddr,
+    pub backup_addr: SocketAddr,
+    pub listen: u16,
+    pub admin: u16,
+}
+
+impl UdpPair {
+    pub fn start() -> UdpPair {
+        let primary_addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+        let backup_addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+        UdpPair {
+            primary: worker("udp-echo", "primary", primary_addr, None),
+            backup: worker("udp-echo", "backup", backup_addr, None),
+            primary_addr,
+            backup_addr,
+            listen: free_udp_port(),
+            admin: free_tcp_port(),
+        }
+    }
+
+    /// The balancer's UDP listen address.
+    pub fn listen_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.listen))
+    }
+}
+
 /// A running balancer.
 pub struct Balancer {
     pub proc: Proc,

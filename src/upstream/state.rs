@@ -209,7 +209,9 @@ impl UpstreamState {
             .into_iter()
             .map(|h| st.new_entry(h, now, wall))
             .collect();
-        if policy.probe_less {
+        // Probe-less servers need no first round; an empty list waits for its servers
+        // (discovery), so that their arrival is not mistaken for a failback.
+        if policy.probe_less && !st.entries.is_empty() {
             st.finish_first_round(now);
         }
         st
@@ -1085,5 +1087,26 @@ mod tests {
         };
         f.st.set_policy(policy, f.at(1), f.wall);
         assert_eq!(f.active(), vec![P1, P2]);
+    }
+
+    #[test]
+    fn servers_arriving_after_start_are_no_event() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH;
+        let policy = Policy {
+            balance: Balance::First,
+            failback: Failback::NewSessions,
+            failback_delay: Duration::ZERO,
+            fall: 1,
+            rise: 2,
+            probe_less: true,
+        };
+        let mut st = UpstreamState::new("u".into(), Vec::new(), policy, t0, wall);
+        assert!(!st.first_round_done());
+        let s = st.replace_servers(ready(&handles(1, 1)), t0, wall);
+        assert!(s.event.is_none());
+        assert!(st.first_round_done());
+        assert_eq!(st.active_labels(), vec![P1]);
+        assert!(st.view().events.is_empty());
     }
 }

@@ -137,6 +137,34 @@ fn status_and_server_commands_drive_a_running_balancer() {
         "{line}"
     );
 
+    // --watch redraws in place until stopped.
+    let mut watch = std::process::Command::new(MEDIAGATE)
+        .args(["status", "--watch", "--admin", &admin])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("status --watch");
+    let mut stdout = watch.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match std::io::Read::read(&mut stdout, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+            if String::from_utf8_lossy(&seen).matches("\x1b[2J").count() >= 2 {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    let seen = reader.join().expect("reader");
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(seen.matches("\x1b[2J").count() >= 2, "two redraws expected: {seen:?}");
+    assert!(seen.contains(&pa.to_string()));
+
     // POST endpoints need the token.
     let (code, _) = http(
         b.admin,

@@ -165,8 +165,13 @@ async fn run_flow(
                     if s.last_worker.as_bytes() != worker {
                         s.last_worker = String::from_utf8_lossy(worker).into_owned();
                     }
-                    let name = s.last_worker.clone();
-                    *s.by_worker.entry(name).or_default() += 1;
+                    let FlowStats { by_worker, last_worker, .. } = &mut *s;
+                    match by_worker.get_mut(last_worker.as_str()) {
+                        Some(n) => *n += 1,
+                        None => {
+                            by_worker.insert(last_worker.clone(), 1);
+                        }
+                    }
                 }
             }
         }

@@ -162,7 +162,10 @@ fn status_and_server_commands_drive_a_running_balancer() {
     let seen = reader.join().expect("reader");
     let _ = watch.kill();
     let _ = watch.wait();
-    assert!(seen.matches("\x1b[2J").count() >= 2, "two redraws expected: {seen:?}");
+    assert!(
+        seen.matches("\x1b[2J").count() >= 2,
+        "two redraws expected: {seen:?}"
+    );
     assert!(seen.contains(&pa.to_string()));
 
     // POST endpoints need the token.

@@ -6,7 +6,7 @@
 //! the sessions of some servers, record an event. Nothing here touches a socket or a
 //! clock; `now` (monotonic) and `wall` (for display) are passed in.
 
-use super::server::{ServerHandle, Tier};
+use super::server::ServerHandle;
 use crate::config::{Balance, Failback};
 use crate::discovery::Readiness;
 use crate::health::state::{HealthState, Transition};
@@ -699,11 +699,6 @@ fn merge(into: &mut Step, from: Step) {
         into.event = from.event;
     }
     into.came_up.extend(from.came_up);
-}
-
-/// Tier of the server at `idx` (for metrics labels).
-pub fn tier_label(tier: Tier) -> &'static str {
-    tier.as_str()
 }
 
 #[cfg(test)]

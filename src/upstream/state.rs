@@ -704,6 +704,7 @@ fn merge(into: &mut Step, from: Step) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::Tier;
     use std::net::IpAddr;
 
     struct Fixture {

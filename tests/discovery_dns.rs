@@ -228,6 +228,8 @@ fn dns_errors(metrics: &Metrics, upstream: &str) -> u64 {
 
 #[tokio::test]
 async fn dns_servers_follow_records_and_survive_a_dead_nameserver() {
+    // Shown with --nocapture: the outage must be logged once, not per retry.
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let port = free_dns_port();
     let mut dnsmasq = Dnsmasq::start(port, "127.0.0.12 janus.test\n127.0.0.11 janus.test\n");
     let metrics = Metrics::new();

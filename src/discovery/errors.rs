@@ -19,11 +19,19 @@ pub(super) struct ErrorCounters {
     family: Family<Labels, Counter>,
 }
 
-/// Families already registered, by the address of their registry. `Discovery::start` runs
-/// again on every reload with the same `Metrics`, and registering a family twice would
-/// put two `# TYPE` blocks for one name into the exposition. Each entry keeps a clone of
-/// its `Metrics`, so the registry stays alive and its address cannot be reused by another.
-static REGISTERED: Mutex<Vec<(usize, Metrics, Family<Labels, Counter>)>> = Mutex::new(Vec::new());
+/// A family registered into one registry.
+struct Registered {
+    /// The registry's address.
+    key: usize,
+    /// Keeps the registry alive, so its address cannot be reused by another.
+    _metrics: Metrics,
+    family: Family<Labels, Counter>,
+}
+
+/// Families already registered, by registry. `Discovery::start` runs again on every
+/// reload with the same `Metrics`, and registering a family twice would put two `# TYPE`
+/// blocks for one name into the exposition.
+static REGISTERED: Mutex<Vec<Registered>> = Mutex::new(Vec::new());
 
 impl ErrorCounters {
     /// The family of `metrics` (registered on first use), with a zero series pre-created for
@@ -67,8 +75,8 @@ fn family_of(metrics: &Metrics) -> Family<Labels, Counter> {
         &*registry as *const Registry as usize
     };
     let mut registered = REGISTERED.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, _, family)) = registered.iter().find(|(k, _, _)| *k == key) {
-        return family.clone();
+    if let Some(r) = registered.iter().find(|r| r.key == key) {
+        return r.family.clone();
     }
     let family = Family::<Labels, Counter>::default();
     metrics.registry().register(
@@ -77,7 +85,11 @@ fn family_of(metrics: &Metrics) -> Family<Labels, Counter> {
          the last good server list is kept meanwhile",
         family.clone(),
     );
-    registered.push((key, metrics.clone(), family.clone()));
+    registered.push(Registered {
+        key,
+        _metrics: metrics.clone(),
+        family: family.clone(),
+    });
     family
 }
 

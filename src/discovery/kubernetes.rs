@@ -285,7 +285,7 @@ impl Feed {
                         continue;
                     }
                     self.hub
-                        .update(|view| refresh(&store, view), |up| super::has_node_refs(up));
+                        .update(|view| refresh(&store, view), super::has_node_refs);
                 }
                 Err(error) => {
                     for c in &self.errors {

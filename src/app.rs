@@ -3,11 +3,11 @@
 //! reloads as a difference (SPEC §8) and runs the graceful shutdown of SPEC §11.
 
 use crate::admin;
-use crate::config::{self, Config, ListenerConfig, Protocol, ServerRef, UpstreamConfig};
-use crate::discovery::{Readiness, Target};
+use crate::config::{self, Config, ListenerConfig, Protocol, UpstreamConfig};
+use crate::discovery::{Discovery, Target};
 use crate::metrics::{Metrics, child, labels};
 use crate::proxy::{tcp, udp};
-use crate::upstream::{Tier, UpstreamRuntime, UpstreamSpec};
+use crate::upstream::{Control, UpstreamRuntime, UpstreamSpec};
 use anyhow::{Context, Result, anyhow};
 use arc_swap::ArcSwap;
 use indexmap::IndexMap;
@@ -65,6 +65,9 @@ pub struct AppState {
     /// App-wide tokens that listener tokens are children of.
     stop_accepting: CancellationToken,
     kill: CancellationToken,
+    /// DNS and Kubernetes sources of the running config, and the token of the tasks that
+    /// feed their server lists to the controllers.
+    discovery: tokio::sync::Mutex<Option<(Discovery, CancellationToken)>>,
     /// The STUN/TURN service, when `turn:` is configured.
     pub turn: tokio::sync::Mutex<Option<crate::turn::TurnService>>,
     /// Who TURN may relay to; follows the upstreams' server lists.
@@ -91,15 +94,21 @@ impl App {
         let metrics = Metrics::new();
         let config_path_for_hash = config_path.clone();
 
+        // Server lists: static entries at once, DNS names and node/… as their sources answer.
+        let discovery = Discovery::start(&config, &metrics).await?;
+        let mut feeds = Vec::new();
         // Upstreams first: probing starts while sockets are bound.
         let mut upstreams = IndexMap::new();
         for (name, ucfg) in &config.upstreams {
             let spec = spec_for(&config, name, ucfg);
-            let targets = static_targets(name, ucfg)?;
-            upstreams.insert(
-                name.clone(),
-                Arc::new(UpstreamRuntime::start(name, spec, targets, &metrics)),
-            );
+            let (targets, feed) = subscribe(&discovery, name);
+            let rt = Arc::new(UpstreamRuntime::start(name, spec, targets, &metrics));
+            feeds.push((rt.control(), feed));
+            upstreams.insert(name.clone(), rt);
+        }
+        let feeders = CancellationToken::new();
+        for (control, feed) in feeds {
+            spawn_feeder(feed, control, feeders.clone());
         }
 
         // Bind every listener before serving anything, so a port in use fails start-up.
@@ -141,6 +150,7 @@ impl App {
             admin_token: ArcSwap::from_pointee(config.admin.token.clone()),
             stop_accepting,
             kill,
+            discovery: tokio::sync::Mutex::new(Some((discovery, feeders))),
             turn: tokio::sync::Mutex::new(turn),
             turn_policy,
             reload_lock: tokio::sync::Mutex::new(()),
@@ -206,6 +216,10 @@ impl App {
             _ = force => tracing::info!("second signal: stopping now"),
         }
         st.kill.cancel();
+        if let Some((discovery, feeders)) = st.discovery.lock().await.take() {
+            feeders.cancel();
+            discovery.stop();
+        }
         if let Some(turn) = st.turn.lock().await.take() {
             turn.close().await;
         }
@@ -373,18 +387,18 @@ impl AppState {
         if new.admin.listen != old.admin.listen {
             tracing::warn!(old = %old.admin.listen, new = %new.admin.listen, "admin.listen changes take effect at the next restart");
         }
-        // Static targets of every upstream first: a bad entry fails before anything moves.
-        let mut targets = IndexMap::new();
-        for (name, ucfg) in &new.upstreams {
-            targets.insert(name.clone(), static_targets(name, ucfg)?);
-        }
+        // Sources for the new config first: a source that cannot start fails the reload
+        // before anything moves.
+        let discovery = Discovery::start(&new, &self.metrics).await?;
+        let feeders = CancellationToken::new();
 
         // Upstreams: reconfigure the ones that stay, start new ones.
         let current = self.upstreams.load_full();
         let mut next = IndexMap::new();
+        let mut feeds = Vec::new();
         for (name, ucfg) in &new.upstreams {
             let spec = spec_for(&new, name, ucfg);
-            let list = targets.swap_remove(name).unwrap_or_default();
+            let (list, feed) = subscribe(&discovery, name);
             let rt = match current.get(name) {
                 Some(rt) => {
                     rt.reconfigure(spec)
@@ -401,9 +415,23 @@ impl AppState {
                     rt
                 }
             };
+            feeds.push((rt.control(), feed));
             next.insert(name.clone(), rt);
         }
         self.upstreams.store(Arc::new(next));
+        // The old sources stop feeding; the new ones take over.
+        if let Some((old, old_feeders)) = self
+            .discovery
+            .lock()
+            .await
+            .replace((discovery, feeders.clone()))
+        {
+            old_feeders.cancel();
+            old.stop();
+        }
+        for (control, feed) in feeds {
+            spawn_feeder(feed, control, feeders.clone());
+        }
 
         // Listeners: keep identical ones, stop changed and removed ones, start the rest.
         let running = self.listeners.load_full();
@@ -508,33 +536,48 @@ fn default_port(config: &Config, name: &str, ucfg: &UpstreamConfig) -> u16 {
         .unwrap_or(0)
 }
 
-/// Targets for the static entries of an upstream. DNS names and `node/…` references come
-/// from discovery.
-fn static_targets(name: &str, ucfg: &UpstreamConfig) -> Result<Vec<Target>> {
-    let tiers = ucfg
-        .primary
-        .iter()
-        .map(|s| (s, Tier::Primary))
-        .chain(ucfg.backup.iter().map(|s| (s, Tier::Backup)));
-    let mut out = Vec::new();
-    for (s, tier) in tiers {
-        let (ip, port) = match s {
-            ServerRef::Static(sa) => (sa.ip(), Some(sa.port())),
-            ServerRef::StaticIp(ip) => (*ip, None),
-            other => {
-                return Err(anyhow!(
-                    "upstream {name}: server {other} needs discovery, which this build does not run yet"
-                ));
-            }
-        };
-        out.push(Target {
-            ip,
-            port,
-            tier,
-            readiness: Readiness::Ready,
-        });
+/// The current server list of an upstream, and the channel that carries its changes.
+fn subscribe(
+    discovery: &Discovery,
+    name: &str,
+) -> (
+    Vec<Target>,
+    Option<tokio::sync::watch::Receiver<Vec<Target>>>,
+) {
+    match discovery.watch(name) {
+        Some(mut rx) => {
+            let now = rx.borrow_and_update().clone();
+            (now, Some(rx))
+        }
+        None => (Vec::new(), None),
     }
-    Ok(out)
+}
+
+/// Forwards every new server list of one upstream to its controller until `stop`.
+fn spawn_feeder(
+    feed: Option<tokio::sync::watch::Receiver<Vec<Target>>>,
+    control: tokio::sync::mpsc::Sender<Control>,
+    stop: CancellationToken,
+) {
+    let Some(mut rx) = feed else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let list = rx.borrow_and_update().clone();
+                    if control.send(Control::Servers(list)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Raises RLIMIT_NOFILE to what 100k sessions need, up to the hard limit, and logs it.

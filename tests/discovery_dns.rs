@@ -5,8 +5,11 @@
 //!
 //! dnsmasq must be installed (`scripts/install-test-deps.sh`); without it these tests fail.
 
+mod common;
+
 use mediagate::config::load_str;
 use mediagate::discovery::{Discovery, Readiness, Target};
+use mediagate::flows::Flows;
 use mediagate::metrics::Metrics;
 use mediagate::upstream::Tier;
 use nix::sys::signal::{Signal, kill};
@@ -338,4 +341,70 @@ async fn dns_unreachable_from_the_start_lists_static_servers_only() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     discovery.stop();
+}
+
+/// Through the real binary: an upstream named by DNS, a record that disappears, and the
+/// flows on it failing over with reason `removed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_fails_over_when_a_server_leaves_dns() {
+    let port = free_dns_port();
+    let dnsmasq = Dnsmasq::start(port, "127.0.0.21 media.test\n127.0.0.22 media.test\n");
+    let media_port = common::free_udp_port();
+    let _a = common::worker(
+        "udp-echo",
+        "a",
+        format!("127.0.0.21:{media_port}").parse().unwrap(),
+        None,
+    );
+    let _b = common::worker(
+        "udp-echo",
+        "b",
+        format!("127.0.0.22:{media_port}").parse().unwrap(),
+        None,
+    );
+    let (listen, admin) = (common::free_udp_port(), common::free_tcp_port());
+    let b = common::Balancer::start(
+        &format!(
+            r#"
+admin: {{ listen: "127.0.0.1:{admin}" }}
+listeners:
+  - {{ name: rtp, protocol: udp, listen: "127.0.0.1:{listen}", upstream: media }}
+upstreams:
+  media:
+    primary: ["media.test:{media_port}"]
+    health: {{ type: udp, interval: 100ms, timeout: 100ms }}
+discovery:
+  dns: {{ nameservers: ["127.0.0.1:{port}"], min_ttl: 1s, max_ttl: 2s }}
+"#
+        ),
+        admin,
+    );
+    assert_eq!(b.active("media"), vec![format!("127.0.0.21:{media_port}")]);
+    let flows = Flows::start(
+        std::net::SocketAddr::from(([127, 0, 0, 1], listen)),
+        10,
+        Duration::from_millis(20),
+        16,
+    )
+    .await
+    .expect("flows");
+    common::wait_until_async(Duration::from_secs(5), "flows on a", || {
+        flows.snapshot().iter().all(|f| f.last_worker == "a")
+    })
+    .await;
+    dnsmasq.set_hosts("127.0.0.22 media.test\n");
+    common::wait_until_async(Duration::from_secs(10), "flows moved to b", || {
+        flows.snapshot().iter().all(|f| f.last_worker == "b")
+    })
+    .await;
+    let st = b.status();
+    let up = common::upstream_of(&st, "media");
+    assert_eq!(up["servers"].as_array().map(Vec::len), Some(1), "{st}");
+    let ev = &up["events"][0];
+    assert_eq!(
+        (ev["kind"].as_str(), ev["reason"].as_str()),
+        (Some("failover"), Some("removed")),
+        "{st}"
+    );
+    assert_eq!(ev["sessions_moved"], 10);
 }

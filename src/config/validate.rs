@@ -2,7 +2,7 @@
 //! names that must match, addresses that must not collide and settings that only make
 //! sense together. Plain synchronous code; every problem is reported, not just the first.
 //!
-//! Deliberate choices, as the integrator and operators should know them:
+//! Deliberate choices, as operators should know them:
 //! - `health.timeout` may equal `interval` (SPEC says `timeout >= interval` is an error):
 //!   probes of one server run one after another, so a probe that uses its whole interval
 //!   never overlaps the next one. Only `timeout > interval` is refused.

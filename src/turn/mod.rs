@@ -8,7 +8,7 @@
 //! again on every relayed datagram in `relay`), per-user quotas, RFC 8656 lifetimes,
 //! metrics (`metrics`), rate-limited logs (`ratelog`) and ICE configurations (`ice`).
 //!
-//! The integrator wires: [`PeerPolicy`] (fed with upstream IPs), [`TurnMetrics`] (process
+//! `app` wires: [`PeerPolicy`] (fed with upstream IPs), [`TurnMetrics`] (process
 //! registry), [`TurnService`] (started when `turn:` is configured; `allocations()` for
 //! `/status`) and [`ice_config`] (`GET /ice`, `mediagate ice`).
 

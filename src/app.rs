@@ -104,7 +104,8 @@ impl App {
 
         // Bind every listener before serving anything, so a port in use fails start-up.
         enum Bound {
-            Udp(Vec<std::net::UdpSocket>),
+            /// Per port, one socket per worker thread.
+            Udp(Vec<Vec<std::net::UdpSocket>>),
             Tcp(Vec<std::net::TcpListener>),
         }
         let mut bound = Vec::new();
@@ -118,10 +119,13 @@ impl App {
             let lm = metrics.listener(&l.name);
             match l.protocol {
                 Protocol::Udp => {
+                    let workers = udp::default_workers();
                     let socks = l
                         .listen
                         .addrs()
-                        .map(|a| udp::bind(a).with_context(|| format!("listener {}: bind udp {a}", l.name)))
+                        .map(|a| {
+                            udp::bind_group(a, workers).with_context(|| format!("listener {}: bind udp {a}", l.name))
+                        })
                         .collect::<Result<Vec<_>>>()?;
                     bound.push(Bound::Udp(socks));
                     listeners.push(ListenerRuntime::Udp {
@@ -186,10 +190,8 @@ impl App {
         for (rt, socks) in state.listeners.iter().zip(bound) {
             match (rt, socks) {
                 (ListenerRuntime::Udp { proxy, .. }, Bound::Udp(socks)) => {
-                    for s in socks {
-                        // UDP sessions keep flowing during the drain; `kill` ends them.
-                        tasks.push(proxy.serve(s, kill.clone())?);
-                    }
+                    // UDP sessions keep flowing during the drain; `kill` ends them.
+                    tasks.push(proxy.serve(socks, kill.clone())?);
                 }
                 (ListenerRuntime::Tcp { proxy, .. }, Bound::Tcp(socks)) => {
                     for s in socks {
@@ -293,11 +295,11 @@ pub fn raise_nofile_limit() {
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) => {
             let target = WANTED.min(hard);
-            if soft < target {
-                if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
-                    tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
-                    return;
-                }
+            if soft < target
+                && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, target, hard)
+            {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
+                return;
             }
             let now = soft.max(target);
             if now < 200_000 {

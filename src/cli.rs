@@ -93,8 +93,8 @@ pub fn render(st: &Status) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<20} {:<24} {:<8} {:<8} {:<7} {:>8}  {}",
-        "UPSTREAM", "SERVER", "TIER", "HEALTH", "ADMIN", "SESSIONS", "ACTIVE"
+        "{:<20} {:<24} {:<8} {:<8} {:<7} {:>8}  ACTIVE",
+        "UPSTREAM", "SERVER", "TIER", "HEALTH", "ADMIN", "SESSIONS"
     );
     for u in &st.upstreams {
         for s in &u.servers {

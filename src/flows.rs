@@ -120,10 +120,10 @@ async fn run_flow(
             _ = ticker.tick(), if sending => {
                 payload[..8].copy_from_slice(&seq.to_be_bytes());
                 seq += 1;
-                if sock.send(&payload).await.is_ok() {
-                    if let Ok(mut s) = stats.lock() {
-                        s.sent += 1;
-                    }
+                if sock.send(&payload).await.is_ok()
+                    && let Ok(mut s) = stats.lock()
+                {
+                    s.sent += 1;
                 }
             }
             r = sock.recv(&mut buf) => {

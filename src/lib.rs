@@ -20,4 +20,5 @@ pub mod logging;
 pub mod run;
 pub mod workers;
 pub mod flows;
+pub mod loadgen;
 pub mod discovery;

@@ -90,6 +90,7 @@ fn error(code: StatusCode, msg: impl Into<String>) -> Response {
 }
 
 /// Checks `Authorization: Bearer <token>` when a token is configured.
+#[allow(clippy::result_large_err)]
 fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), Response> {
     let Some(want) = &ctx.token else {
         return Ok(());

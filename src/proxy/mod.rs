@@ -2,4 +2,5 @@
 //! routing snapshot picks. Start reading at `udp.rs`.
 
 pub mod tcp;
+pub mod sys;
 pub mod udp;

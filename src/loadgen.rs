@@ -611,3 +611,128 @@ mod tests {
         assert!(r.p50_us > 0.0 && r.p99_us >= r.p50_us, "{}", r.line());
     }
 }
+
+/// TCP load: a backend that either swallows a stream (first byte `S`) or answers each
+/// request byte with one byte (first byte `E`), and clients for bulk throughput and for
+/// connections per second.
+pub mod tcp {
+    use std::io;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Serves the backend on `listen` until the runtime stops; returns the bound address.
+    pub async fn server(listen: SocketAddr) -> io::Result<SocketAddr> {
+        let l = TcpListener::bind(listen).await?;
+        let addr = l.local_addr()?;
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut c, _)) = l.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let _ = c.set_nodelay(true);
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut mode = 0u8;
+                    loop {
+                        let n = match c.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if mode == 0 {
+                            mode = buf[0];
+                        }
+                        if mode == b'E' && c.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(addr)
+    }
+
+    /// Bulk throughput: `conns` connections each write 64 KiB chunks for `duration`.
+    /// Returns bytes per second written (and so carried: the sink reads everything).
+    pub async fn throughput(
+        target: SocketAddr,
+        conns: usize,
+        duration: Duration,
+    ) -> io::Result<f64> {
+        let total = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for _ in 0..conns.max(1) {
+            let mut c = TcpStream::connect(target).await?;
+            c.write_all(b"S").await?;
+            let (total, stop) = (total.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let chunk = vec![b'x'; 64 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    if c.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                    total.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            }));
+        }
+        // Measure after a short warm-up.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (b0, t0) = (total.load(Ordering::Relaxed), Instant::now());
+        tokio::time::sleep(duration).await;
+        let (b1, secs) = (total.load(Ordering::Relaxed), t0.elapsed().as_secs_f64());
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+        Ok((b1 - b0) as f64 / secs)
+    }
+
+    /// Connections per second: `workers` loops of connect, one-byte request, one-byte
+    /// answer, close, for `duration`. Returns (completed per second, failures).
+    pub async fn cps(
+        target: SocketAddr,
+        workers: usize,
+        duration: Duration,
+    ) -> io::Result<(f64, u64)> {
+        let done = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + duration;
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..workers.max(1) {
+            let (done, failed) = (done.clone(), failed.clone());
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let one = async {
+                        let mut c = TcpStream::connect(target).await?;
+                        c.set_nodelay(true)?;
+                        // SO_LINGER 0: close with RST, so the client side leaves no
+                        // TIME_WAIT behind to exhaust ephemeral ports over a long run.
+                        socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO))?;
+                        c.write_all(b"E").await?;
+                        let mut b = [0u8; 1];
+                        c.read_exact(&mut b).await?;
+                        io::Result::Ok(())
+                    };
+                    match tokio::time::timeout(Duration::from_secs(2), one).await {
+                        Ok(Ok(())) => done.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        Ok((
+            done.load(Ordering::Relaxed) as f64 / secs,
+            failed.load(Ordering::Relaxed),
+        ))
+    }
+}

@@ -85,6 +85,53 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         steps: usize,
     },
+    /// TCP backend: swallows streams that start with `S`, echoes those that start with `E`.
+    TcpServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        lifetime: Duration,
+    },
+    /// TCP bulk throughput through `target` to a tcp-server: prints bytes per second.
+    TcpThroughput {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        conns: usize,
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
+    /// TCP connections per second through `target` to a tcp-server.
+    TcpCps {
+        #[arg(long)]
+        target: SocketAddr,
+        /// Concurrent connect loops.
+        #[arg(long, default_value_t = 16)]
+        workers: usize,
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
+}
+
+/// Runs `f` on a small multi-threaded tokio runtime.
+fn tokio_run<F: std::future::Future<Output = Result<(), String>>>(
+    threads: usize,
+    f: F,
+) -> Result<(), String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?
+        .block_on(f)
+}
+
+fn loopback(a: SocketAddr) -> Result<SocketAddr, String> {
+    if a.ip().is_loopback() {
+        Ok(a)
+    } else {
+        Err(format!("--target must be a loopback address, not {a}"))
+    }
 }
 
 fn generator(f: &Flows) -> Result<Generator, String> {
@@ -158,6 +205,43 @@ fn main() -> ExitCode {
                 Some(b) => println!("best {}", b.line()),
                 None => println!("best none runs={}", s.runs.len()),
             }
+            Ok(())
+        }),
+        Command::TcpServer { listen, lifetime } => tokio_run(1, async move {
+            let addr = loadgen::tcp::server(listen)
+                .await
+                .map_err(|e| format!("tcp-server: {e}"))?;
+            println!("ready {addr}");
+            tokio::time::sleep(lifetime).await;
+            Ok(())
+        }),
+        Command::TcpThroughput {
+            target,
+            conns,
+            duration,
+        } => tokio_run(1, async move {
+            let target = loopback(target)?;
+            let d = duration.min(Duration::from_secs(60));
+            let bps = loadgen::tcp::throughput(target, conns.clamp(1, 1000), d)
+                .await
+                .map_err(|e| format!("tcp-throughput: {e}"))?;
+            println!(
+                "conns={conns} bytes_per_sec={bps:.0} gbit_per_sec={:.3}",
+                bps * 8.0 / 1e9
+            );
+            Ok(())
+        }),
+        Command::TcpCps {
+            target,
+            workers,
+            duration,
+        } => tokio_run(1, async move {
+            let target = loopback(target)?;
+            let d = duration.min(Duration::from_secs(60));
+            let (cps, failed) = loadgen::tcp::cps(target, workers.clamp(1, 1000), d)
+                .await
+                .map_err(|e| format!("tcp-cps: {e}"))?;
+            println!("workers={workers} conn_per_sec={cps:.0} failed={failed}");
             Ok(())
         }),
     };

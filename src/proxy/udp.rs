@@ -204,6 +204,35 @@ struct Session {
     refused: bool,
 }
 
+/// Where a worker finds a client's session: (listen port index, client address) to the
+/// session's slab slot. Public for the micro-benchmarks of the per-packet path.
+#[derive(Default)]
+pub struct SessionIndex {
+    map: HashMap<(u16, SocketAddr), u32>,
+}
+
+impl SessionIndex {
+    #[inline]
+    pub fn get(&self, port: u16, client: SocketAddr) -> Option<&u32> {
+        self.map.get(&(port, client))
+    }
+    pub fn insert(&mut self, port: u16, client: SocketAddr, slot: u32) {
+        self.map.insert((port, client), slot);
+    }
+    pub fn remove(&mut self, port: u16, client: SocketAddr) -> Option<u32> {
+        self.map.remove(&(port, client))
+    }
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
 /// A slab slot: the generation tells a stale epoll token from the slot's current session.
 struct Slot {
     gen_: u32,
@@ -217,7 +246,7 @@ struct Slot {
 /// each session's last datagram lets that one be re-sent to the new server too, so a dead
 /// server costs a flow only what was inside the dying process. One ring per worker keeps
 /// the memory bounded (it does not grow with sessions).
-struct Ring {
+pub struct Ring {
     data: Box<[u8]>,
     /// (session slot, generation, length) of each copy.
     owner: Box<[(u32, u32, u16)]>,
@@ -229,8 +258,14 @@ struct Ring {
 const RING_SLOTS: usize = 2048;
 const RING_SLOT_BYTES: usize = 2048;
 
+impl Default for Ring {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Ring {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Ring {
             data: vec![0u8; RING_SLOTS * RING_SLOT_BYTES].into_boxed_slice(),
             owner: vec![(u32::MAX, 0, 0); RING_SLOTS].into_boxed_slice(),
@@ -241,7 +276,7 @@ impl Ring {
     /// Stores a copy of `data` for session `(idx, gen_)`; returns the slot, or None if
     /// the datagram is too large to keep.
     #[inline]
-    fn put(&mut self, idx: u32, gen_: u32, data: &[u8]) -> Option<u32> {
+    pub fn put(&mut self, idx: u32, gen_: u32, data: &[u8]) -> Option<u32> {
         if data.len() > RING_SLOT_BYTES {
             return None;
         }
@@ -254,7 +289,7 @@ impl Ring {
     }
 
     /// The copy in `slot`, if it still belongs to session `(idx, gen_)`.
-    fn get(&self, slot: u32, idx: u32, gen_: u32) -> Option<&[u8]> {
+    pub fn get(&self, slot: u32, idx: u32, gen_: u32) -> Option<&[u8]> {
         let slot = slot as usize;
         match self.owner.get(slot)? {
             (i, g, len) if *i == idx && *g == gen_ => {
@@ -317,7 +352,7 @@ struct Tables {
     shared: Arc<UdpListener>,
     epoll: Epoll,
     ports: Vec<PortSock>,
-    index: HashMap<(u16, SocketAddr), u32>,
+    index: SessionIndex,
     slab: Vec<Slot>,
     free: Vec<u32>,
     ring: Ring,
@@ -359,7 +394,7 @@ impl Worker {
                 shared,
                 epoll,
                 ports,
-                index: HashMap::new(),
+                index: SessionIndex::default(),
                 slab: Vec::new(),
                 free: Vec::new(),
                 ring: Ring::new(),
@@ -450,7 +485,7 @@ impl Worker {
 impl Tables {
     /// Routes one client datagram that arrived on listen port `p`.
     fn on_datagram(&mut self, p: u16, client: SocketAddr, data: &[u8]) {
-        if let Some(&idx) = self.index.get(&(p, client)) {
+        if let Some(&idx) = self.index.get(p, client) {
             self.forward_existing(idx, data);
             return;
         }
@@ -565,7 +600,7 @@ impl Tables {
             last_sent: None,
             refused: false,
         });
-        self.index.insert((p, client), idx);
+        self.index.insert(p, client, idx);
         forward(
             shared,
             &self.epoll,
@@ -652,7 +687,7 @@ impl Tables {
                 .as_ref()
                 .is_some_and(|s| now.saturating_sub(s.last_activity_ms) >= idle_ms);
             if expired && let Some(s) = slot.session.take() {
-                self.index.remove(&(s.port, s.client));
+                self.index.remove(s.port, s.client);
                 s.server.session_closed();
                 removed += 1;
             }

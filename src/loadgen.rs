@@ -174,6 +174,19 @@ pub struct Generator {
 impl Generator {
     /// Opens `flows` sockets on loopback (of the target's family), each connected to `target`.
     pub fn new(target: SocketAddr, flows: usize, size: usize) -> io::Result<Generator> {
+        Self::with_source_ports(target, flows, size, 0)
+    }
+
+    /// Like [`Generator::new`], but flow `i` binds source port `src_base + i` when free
+    /// (an ephemeral port otherwise, and always when `src_base` is 0). Ports below the
+    /// ephemeral range leave that range to the proxy's upstream sockets: with many flows
+    /// on one machine, both ends otherwise compete for the same ~28k ephemeral ports.
+    pub fn with_source_ports(
+        target: SocketAddr,
+        flows: usize,
+        size: usize,
+        src_base: u16,
+    ) -> io::Result<Generator> {
         let size = size.max(HEADER);
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
         let local: SocketAddr = if target.is_ipv4() {
@@ -190,7 +203,13 @@ impl Generator {
             )?;
             let _ = s.set_recv_buffer_size(1 << 20);
             let _ = s.set_send_buffer_size(1 << 20);
-            s.bind(&local.into())?;
+            let fixed = u16::try_from(usize::from(src_base) + i)
+                .ok()
+                .filter(|_| src_base != 0)
+                .map(|p| SocketAddr::new(local.ip(), p));
+            if fixed.is_none_or(|a| s.bind(&a.into()).is_err()) {
+                s.bind(&local.into())?;
+            }
             s.connect(&target.into())?;
             s.set_nonblocking(true)?;
             let s: UdpSocket = s.into();

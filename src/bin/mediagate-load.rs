@@ -42,6 +42,9 @@ struct Flows {
     /// Seconds to wait for every flow's first reply before measuring.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     prime: Duration,
+    /// Bind flow i to source port BASE+i (0: ephemeral ports).
+    #[arg(long, default_value_t = 0)]
+    src_base: u16,
 }
 
 #[derive(Subcommand)]
@@ -144,7 +147,8 @@ fn generator(f: &Flows) -> Result<Generator, String> {
             f.target
         ));
     }
-    let g = Generator::new(f.target, f.flows, f.size).map_err(|e| format!("open flows: {e}"))?;
+    let g = Generator::with_source_ports(f.target, f.flows, f.size, f.src_base)
+        .map_err(|e| format!("open flows: {e}"))?;
     let answered = g.prime(f.prime).map_err(|e| format!("prime: {e}"))?;
     if answered < f.flows {
         eprintln!(

@@ -10,7 +10,8 @@
 # Environment:
 #   WORKERS=1        nginx worker_processes and mediagate UDP worker threads
 #   FLOWS="1 1000"   SIZES="64 1200"
-#   TRIAL=1s         length of each sweep trial      LAT=3s   length of each latency run
+#   TRIAL=1s         length of each sweep trial
+#   LAT=2s ROUNDS=3  latency: ROUNDS runs of LAT per target, rotated order, median kept
 #   SKIP_BUILD=1     use the release binaries already built
 #   OUT=file         also write the table there (markdown)
 # Needs: nginx (Debian nginx-light + libnginx-mod-stream). Traffic stays on 127.0.0.1.
@@ -21,7 +22,8 @@ WORKERS=${WORKERS:-1}
 FLOWS=${FLOWS:-"1 1000"}
 SIZES=${SIZES:-"64 1200"}
 TRIAL=${TRIAL:-1s}
-LAT=${LAT:-3s}
+LAT=${LAT:-2s}
+ROUNDS=${ROUNDS:-3}
 BASE=${BASE_PORT:-21000}
 DEADLINE=$((SECONDS + 570))
 
@@ -110,6 +112,7 @@ field() { # key line
 }
 declare -A MAX P99 P50 P999 SIL HALF
 say() { echo "$*" >&2; }
+median() { printf '%s\n' "$@" | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
 
 say "machine: $(nproc) CPU ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(uname -r)"
 say "workers: $WORKERS (nginx worker_processes, mediagate UDP threads, echo threads); trial $TRIAL, latency runs $LAT"
@@ -126,15 +129,24 @@ for flows in $FLOWS; do
     half=$(awk -v r="${MAX[nginx,$k]:-0}" 'BEGIN { printf "%d", r / 2 }')
     HALF[$k]=$half
     ((half > 0)) || continue
+    # Latency: ROUNDS short runs per target, the order rotated every round so that
+    # background load hits every target alike; the median of each percentile is kept.
+    declare -A L50=() L99=() L999=() LSIL=()
+    order=($TARGETS)
+    for ((r = 0; r < ROUNDS; r++)); do
+      for ((j = 0; j < ${#order[@]}; j++)); do
+        t=${order[$(((j + r) % ${#order[@]}))]}
+        if ((SECONDS > DEADLINE)); then say "time budget spent; stopping"; break 4; fi
+        line=$(timeout 60 $LOAD run --target 127.0.0.1:${PORT[$t]} --flows "$flows" --size "$size" \
+          --rate "$half" --duration "$LAT" 2>/dev/null || true)
+        L50[$t]+=" $(field p50_us "$line")"; L99[$t]+=" $(field p99_us "$line")"
+        L999[$t]+=" $(field p999_us "$line")"; LSIL[$t]+=" $(field max_silence_ms "$line")"
+        say "latency $t flows=$flows size=$size at $half pps (round $((r + 1))): $line"
+      done
+    done
     for t in $TARGETS; do
-      if ((SECONDS > DEADLINE)); then say "time budget spent; stopping"; break 3; fi
-      line=$(timeout 60 $LOAD run --target 127.0.0.1:${PORT[$t]} --flows "$flows" --size "$size" \
-        --rate "$half" --duration "$LAT" 2>/dev/null || true)
-      P50[$t,$k]=$(field p50_us "$line")
-      P99[$t,$k]=$(field p99_us "$line")
-      P999[$t,$k]=$(field p999_us "$line")
-      SIL[$t,$k]=$(field max_silence_ms "$line")
-      say "latency $t flows=$flows size=$size at $half pps: $line"
+      P50[$t,$k]=$(median ${L50[$t]}); P99[$t,$k]=$(median ${L99[$t]})
+      P999[$t,$k]=$(median ${L999[$t]}); SIL[$t,$k]=$(median ${LSIL[$t]})
     done
   done
 done
@@ -152,5 +164,5 @@ ratio() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (b > 0) printf "%.2f", a
     done
   done
   echo
-  echo "Max pps: highest total rate (replies/s) with < 0.1% loss, $TRIAL trials. Latency: open loop at half of nginx's max rate."
+  echo "Max pps: highest total rate (replies/s) with < 0.1% loss, $TRIAL trials. Latency: open loop at half of nginx's max rate, median of $ROUNDS rotated runs of $LAT."
 } | tee "${OUT:-/dev/null}"

@@ -48,6 +48,8 @@ const MAX_RX_ROUNDS: usize = 4;
 const EVENTS: usize = 256;
 /// Longest a worker sleeps in `epoll_wait`: the shutdown and idle-sweep latency.
 const TICK_MS: u16 = 50;
+/// Receive buffer limit of each upstream socket.
+const UPSTREAM_RCVBUF: usize = 1 << 20;
 /// Marks an epoll token as a listen socket (low bits: port index).
 const LISTEN_TOKEN: u64 = 1 << 63;
 
@@ -421,17 +423,23 @@ impl Worker {
                 }
             };
             self.t.now_ms = self.t.shared.now_ms();
+            // Replies first, and out before any client datagram is forwarded: a reply
+            // then never waits behind a batch of upstream sends.
             for ev in &events[..n] {
                 let tok = ev.data();
-                if tok & LISTEN_TOKEN != 0 {
-                    self.on_listen_ready((tok & 0xffff) as usize);
-                } else {
+                if tok & LISTEN_TOKEN == 0 {
                     let idx = (tok & 0xffff_ffff) as u32;
                     let gen_ = (tok >> 32) as u32;
                     self.t.on_reply_ready(idx, gen_);
                 }
             }
             self.t.flush_replies();
+            for ev in &events[..n] {
+                let tok = ev.data();
+                if tok & LISTEN_TOKEN != 0 {
+                    self.on_listen_ready((tok & 0xffff) as usize);
+                }
+            }
             self.t.tally.publish(&self.t.shared.metrics);
             let now = self.t.now_ms;
             if now >= next_stop_check {
@@ -804,9 +812,18 @@ fn open_upstream(epoll: &Epoll, dest: SocketAddr, tok: u64) -> io::Result<UdpSoc
         IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
-    let sock = UdpSocket::bind(local)?;
-    sock.connect(dest)?;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(dest),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Room for a burst of replies while the worker is busy (the default ~200 KiB holds
+    // only ~270 small datagrams). A limit, not an allocation: idle sessions cost nothing.
+    let _ = sock.set_recv_buffer_size(UPSTREAM_RCVBUF);
+    sock.bind(&local.into())?;
+    sock.connect(&dest.into())?;
     sock.set_nonblocking(true)?;
+    let sock: UdpSocket = sock.into();
     epoll
         .add(sock.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, tok))
         .map_err(io::Error::from)?;

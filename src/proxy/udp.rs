@@ -104,7 +104,8 @@ impl UdpListener {
 
     /// Serves the listener's ports until `stop` fires. `ports[p][w]` is worker `w`'s
     /// socket on port `p` (see [`bind_group`]); every port has the same number of sockets.
-    /// The returned task completes when every worker thread has exited.
+    /// Worker threads stop within a tick of `stop` firing or of the returned task being
+    /// aborted or dropped.
     pub fn serve(
         self: &Arc<Self>,
         ports: Vec<Vec<UdpSocket>>,
@@ -121,20 +122,22 @@ impl UdpListener {
                 per_worker[w].push(s);
             }
         }
-        let mut threads = Vec::with_capacity(workers);
+        // Workers watch a child token; the returned task holds a guard that cancels it
+        // when the task ends or is dropped (shutdown, aborted start-up, runtime drop),
+        // so the threads never outlive the listener's owner.
+        let workers_stop = stop.child_token();
+        // Created first: an error below drops it and stops the threads already started.
+        let guard = workers_stop.clone().drop_guard();
         for (w, socks) in per_worker.into_iter().enumerate() {
             let worker = Worker::new(self.clone(), socks)?;
-            let stop = stop.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("udp-{}-{w}", self.name))
-                    .spawn(move || worker.run(stop))?,
-            );
+            let stop = workers_stop.clone();
+            std::thread::Builder::new()
+                .name(format!("udp-{}-{w}", self.name))
+                .spawn(move || worker.run(stop))?;
         }
-        Ok(tokio::task::spawn_blocking(move || {
-            for t in threads {
-                let _ = t.join();
-            }
+        Ok(tokio::spawn(async move {
+            let _guard = guard;
+            stop.cancelled().await;
         }))
     }
 }

@@ -14,6 +14,7 @@
 #   LAT=2s ROUNDS=3  latency: ROUNDS runs of LAT per target, rotated order, median kept
 #   SKIP_BUILD=1     use the release binaries already built
 #   OUT=file         also write the table there (markdown)
+#   PIN=1            pin the proxies to CPU 1, the generator and echo workers to CPU 0
 # Needs: nginx (Debian nginx-light + libnginx-mod-stream). Traffic stays on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,13 +26,15 @@ TRIAL=${TRIAL:-1s}
 LAT=${LAT:-2s}
 ROUNDS=${ROUNDS:-3}
 BASE=${BASE_PORT:-21000}
+PROXY_CPU=(); CLIENT_CPU=()
+if [[ -n "${PIN:-}" ]]; then PROXY_CPU=(taskset -c 1); CLIENT_CPU=(taskset -c 0); fi
 DEADLINE=$((SECONDS + 570))
 
 if [[ -z "${SKIP_BUILD:-}" ]]; then
   cargo build --release --quiet --bin mediagate --bin mediagate-load
 fi
 BIN=target/release
-LOAD=$BIN/mediagate-load
+LOAD="${CLIENT_CPU[*]} $BIN/mediagate-load"
 NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 STREAM_MOD=${STREAM_MOD:-/usr/lib/nginx/modules/ngx_stream_module.so}
 [[ -x $NGINX ]] || { echo "nginx not found (apt-get install nginx-light libnginx-mod-stream)" >&2; exit 2; }
@@ -75,7 +78,7 @@ stream {
   }
 }
 EOF
-$NGINX -e "$TMP/nginx-error.log" -p "$TMP" -c "$TMP/nginx.conf" &
+${PROXY_CPU[@]} $NGINX -e "$TMP/nginx-error.log" -p "$TMP" -c "$TMP/nginx.conf" &
 PIDS+=($!)
 
 cat >"$TMP/mediagate.yaml" <<EOF
@@ -93,7 +96,7 @@ upstreams:
     backup: ["127.0.0.1:$BACKUP"]
     health: { type: udp, send: ping, interval: 1s, timeout: 500ms }
 EOF
-MEDIAGATE_UDP_WORKERS=$WORKERS $BIN/mediagate run -c "$TMP/mediagate.yaml" 2>"$TMP/mediagate.log" &
+MEDIAGATE_UDP_WORKERS=$WORKERS ${PROXY_CPU[@]} $BIN/mediagate run -c "$TMP/mediagate.yaml" 2>"$TMP/mediagate.log" &
 MG_PID=$!
 PIDS+=($MG_PID)
 

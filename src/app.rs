@@ -234,18 +234,25 @@ impl App {
 
 /// Sockets bound for one listener, not yet served.
 enum Bound {
-    Udp(Vec<std::net::UdpSocket>),
+    /// Per port, one socket per worker thread (SO_REUSEPORT).
+    Udp(Vec<Vec<std::net::UdpSocket>>),
     Tcp(Vec<std::net::TcpListener>),
 }
 
 fn bind_listener(l: &ListenerConfig) -> Result<Bound> {
     Ok(match l.protocol {
-        Protocol::Udp => Bound::Udp(
-            l.listen
-                .addrs()
-                .map(|a| udp::bind(a).with_context(|| format!("listener {}: bind udp {a}", l.name)))
-                .collect::<Result<_>>()?,
-        ),
+        Protocol::Udp => {
+            let workers = udp::default_workers();
+            Bound::Udp(
+                l.listen
+                    .addrs()
+                    .map(|a| {
+                        udp::bind_group(a, workers)
+                            .with_context(|| format!("listener {}: bind udp {a}", l.name))
+                    })
+                    .collect::<Result<_>>()?,
+            )
+        }
         Protocol::Tcp => Bound::Tcp(
             l.listen
                 .addrs()
@@ -277,10 +284,8 @@ impl AppState {
                     l.session.max_sessions,
                     lm,
                 );
-                for s in socks {
-                    // UDP sessions keep flowing during the drain; `kill` ends them.
-                    p.serve(s, kill.clone())?;
-                }
+                // UDP sessions keep flowing during the drain; `kill` ends them.
+                p.serve(socks, kill.clone())?;
                 Proxy::Udp(p)
             }
             Bound::Tcp(socks) => {

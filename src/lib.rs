@@ -14,6 +14,7 @@ pub mod demo;
 pub mod discovery;
 pub mod flows;
 pub mod health;
+pub mod loadgen;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

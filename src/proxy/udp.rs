@@ -1,41 +1,66 @@
 //! The UDP proxy: where a client datagram goes (SPEC §4, §6).
 //!
-//! Each listen port has one task that owns its session table outright (no lock): it
-//! receives a datagram, finds the client's session or creates one (one upstream socket
-//! connected to the chosen server, plus a task that carries the server's replies back),
-//! and forwards it. Before forwarding it compares the session's pinned eviction epoch
-//! with its server's: when the control plane evicted the server, the session re-pins to
-//! the current active set through a new upstream socket right there, so a failover takes
-//! effect on the next client datagram rather than at the idle timeout.
+//! Each UDP listener runs `workers` threads. Every thread has its own `SO_REUSEPORT`
+//! socket on each listen port (the kernel spreads clients over them by 4-tuple hash, so a
+//! client always lands on the same thread), its own epoll instance, and its own share of
+//! the sessions: a table no other thread touches, so the hot path takes no lock and
+//! bounces no cache line between cores.
 //!
-//! Per packet: no allocation (one receive buffer per port task; replies use a per-thread
-//! buffer), no lock, one atomic load of the server's epoch.
+//! A session is one client (listen port + client address) and one upstream socket
+//! connected to its server, registered in the owning thread's epoll. Per wakeup a thread:
+//!
+//! - reads client datagrams in batches (`recvmmsg`) and sends each on its session's
+//!   upstream socket (one `send`, no copy except a copy kept for a possible re-send);
+//! - reads server replies straight into the slots of a per-port outgoing batch (one
+//!   `recvmmsg` per ready upstream socket takes everything queued) and sends all replies
+//!   of the wakeup back to their clients with one `sendmmsg` per listen port;
+//! - adds its packet and byte counts to the shared counters once, not per packet.
+//!
+//! Before forwarding a client datagram the thread compares the session's pinned eviction
+//! epoch with its server's: when the control plane evicted the server, the session
+//! re-pins to the current active set through a new upstream socket right there, so a
+//! failover takes effect on the next client datagram rather than at the idle timeout.
+//! A datagram the old server refused (ICMP port unreachable, reported on the connected
+//! socket) is re-sent to the new one from a ring of recent copies.
 
+use super::sys::{self, MsgBatch};
 use crate::health::Reason;
 use crate::metrics::ListenerMetrics;
 use crate::upstream::{ServerHandle, UpstreamRoute};
-use std::cell::RefCell;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// Largest UDP payload.
+/// Largest UDP payload (a slot holds any datagram).
 const MAX_DATAGRAM: usize = 65_536;
+/// Datagrams per `recvmmsg` on a listen socket, and per reply batch.
+const BATCH: usize = 32;
+/// Listen-socket batches read per wakeup before turning to replies (fairness).
+const MAX_RX_ROUNDS: usize = 4;
+/// Epoll events per wait.
+const EVENTS: usize = 256;
+/// Longest a worker sleeps in `epoll_wait`: the shutdown and idle-sweep latency.
+const TICK_MS: u16 = 50;
+/// Receive buffer limit of each upstream socket.
+const UPSTREAM_RCVBUF: usize = 1 << 20;
+/// Marks an epoll token as a listen socket (low bits: port index).
+const LISTEN_TOKEN: u64 = 1 << 63;
 
-/// What all port tasks of one UDP listener share.
+/// What all worker threads of one UDP listener share.
 pub struct UdpListener {
     pub name: String,
     pub route: Arc<UpstreamRoute>,
     pub idle_timeout: Duration,
     pub max_sessions: usize,
     pub metrics: ListenerMetrics,
-    /// Live sessions over all ports of this listener.
+    /// Live sessions over all ports and threads of this listener.
     live: AtomicUsize,
     /// Set on shutdown: new sessions are refused, existing ones keep flowing.
     draining: AtomicBool,
@@ -77,95 +102,186 @@ impl UdpListener {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Serves one bound port until `stop` fires.
+    /// Serves the listener's ports until `stop` fires. `ports[p][w]` is worker `w`'s
+    /// socket on port `p` (see [`bind_group`]); every port has the same number of sockets.
+    /// Worker threads stop within a tick of `stop` firing or of the returned task being
+    /// aborted or dropped.
     pub fn serve(
         self: &Arc<Self>,
-        socket: std::net::UdpSocket,
+        ports: Vec<Vec<UdpSocket>>,
         stop: CancellationToken,
     ) -> io::Result<JoinHandle<()>> {
-        socket.set_nonblocking(true)?;
-        let socket = Arc::new(UdpSocket::from_std(socket)?);
-        let port = PortTask {
-            port: Port {
-                shared: self.clone(),
-                local_port: socket.local_addr()?.port(),
-                socket,
-            },
-            sessions: HashMap::new(),
-            ring: Ring::new(),
-        };
-        Ok(tokio::spawn(port.run(stop)))
+        let workers = ports.first().map_or(0, Vec::len);
+        if workers == 0 || ports.iter().any(|p| p.len() != workers) {
+            return Err(io::Error::other("every port needs one socket per worker"));
+        }
+        // Transpose: worker w gets socket w of every port.
+        let mut per_worker: Vec<Vec<UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
+        for port in ports {
+            for (w, s) in port.into_iter().enumerate() {
+                per_worker[w].push(s);
+            }
+        }
+        // Workers watch a child token; the returned task holds a guard that cancels it
+        // when the task ends or is dropped (shutdown, aborted start-up, runtime drop),
+        // so the threads never outlive the listener's owner.
+        let workers_stop = stop.child_token();
+        // Created first: an error below drops it and stops the threads already started.
+        let guard = workers_stop.clone().drop_guard();
+        for (w, socks) in per_worker.into_iter().enumerate() {
+            let worker = Worker::new(self.clone(), socks)?;
+            let stop = workers_stop.clone();
+            std::thread::Builder::new()
+                .name(format!("udp-{}-{w}", self.name))
+                .spawn(move || worker.run(stop))?;
+        }
+        Ok(tokio::spawn(async move {
+            let _guard = guard;
+            stop.cancelled().await;
+        }))
     }
 }
 
-/// Binds one UDP listen socket with room for bursts.
-pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
-    let domain = socket2::Domain::for_address(addr);
-    let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    if addr.is_ipv6() {
-        sock.set_only_v6(false).ok();
-    }
-    // Media arrives in bursts; a bigger buffer absorbs them while the task is busy.
-    let _ = sock.set_recv_buffer_size(4 << 20);
-    let _ = sock.set_send_buffer_size(4 << 20);
-    sock.bind(&addr.into())?;
-    Ok(sock.into())
+/// Worker threads per UDP listener: `$MEDIAGATE_UDP_WORKERS`, else one per CPU.
+pub fn default_workers() -> usize {
+    std::env::var("MEDIAGATE_UDP_WORKERS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .min(64)
 }
 
-/// One client flow.
+/// Binds `workers` `SO_REUSEPORT` sockets on `addr`, with room for bursts. A port that
+/// another socket already holds fails here, as a plain bind would.
+pub fn bind_group(addr: SocketAddr, workers: usize) -> io::Result<Vec<UdpSocket>> {
+    let new = || {
+        let domain = socket2::Domain::for_address(addr);
+        let sock =
+            socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+        if addr.is_ipv6() {
+            sock.set_only_v6(false).ok();
+        }
+        // Media arrives in bursts; a bigger buffer absorbs them while the worker is busy.
+        let _ = sock.set_recv_buffer_size(4 << 20);
+        let _ = sock.set_send_buffer_size(4 << 20);
+        io::Result::Ok(sock)
+    };
+    // Probe without SO_REUSEPORT first: a port in use (even by a reuseport group of
+    // another process) must fail start-up, not silently share traffic.
+    let mut addr = addr;
+    {
+        let probe = new()?;
+        probe.bind(&addr.into())?;
+        if addr.port() == 0 {
+            addr = probe
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("bound socket has no address"))?;
+        }
+    }
+    let mut out = Vec::with_capacity(workers.max(1));
+    for _ in 0..workers.max(1) {
+        let sock = new()?;
+        sock.set_reuse_port(true)?;
+        sock.bind(&addr.into())?;
+        sock.set_nonblocking(true)?;
+        out.push(sock.into());
+    }
+    Ok(out)
+}
+
+/// One client flow, owned by one worker thread.
 struct Session {
+    client: SocketAddr,
+    /// Index of the listen port (into the worker's `ports`).
+    port: u16,
     server: Arc<ServerHandle>,
     /// The server's eviction epoch when this session was pinned to it.
     pinned_epoch: u64,
-    upstream: Arc<UdpSocket>,
-    shared: Arc<SessionShared>,
-    replies: JoinHandle<()>,
+    upstream: UdpSocket,
+    /// Last packet either way, in ms since the listener's epoch.
+    last_activity_ms: u64,
     /// Ring slot holding a copy of the last datagram sent to the server.
     last_sent: Option<u32>,
+    /// The upstream socket reported a refusal (ICMP unreachable) on the reply side: the
+    /// last datagram never arrived; move and re-send it with the next client datagram.
+    refused: bool,
 }
 
-/// Session state the reply task writes.
-struct SessionShared {
-    /// Last packet either way, in ms since the listener's epoch.
-    last_activity_ms: AtomicU64,
+/// Where a worker finds a client's session: (listen port index, client address) to the
+/// session's slab slot. Public for the micro-benchmarks of the per-packet path.
+#[derive(Default)]
+pub struct SessionIndex {
+    map: HashMap<(u16, SocketAddr), u32>,
 }
 
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.replies.abort();
-        self.server.session_closed();
+impl SessionIndex {
+    #[inline]
+    pub fn get(&self, port: u16, client: SocketAddr) -> Option<&u32> {
+        self.map.get(&(port, client))
     }
+    pub fn insert(&mut self, port: u16, client: SocketAddr, slot: u32) {
+        self.map.insert((port, client), slot);
+    }
+    pub fn remove(&mut self, port: u16, client: SocketAddr) -> Option<u32> {
+        self.map.remove(&(port, client))
+    }
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// A slab slot: the generation tells a stale epoll token from the slot's current session.
+struct Slot {
+    gen_: u32,
+    session: Option<Session>,
 }
 
 /// Copies of recently forwarded datagrams, one fixed slot each, overwritten in turn.
 ///
 /// When a server's port closes, the first datagram sent to it is refused by ICMP after
-/// it left: the error only surfaces on the session's *next* send. Keeping a copy of each
-/// session's last datagram lets that one be re-sent to the new server too, so a dead
-/// server costs a flow only what was inside the dying process. One ring per port task
-/// keeps the memory bounded (it does not grow with sessions).
-struct Ring {
+/// it left: the error only surfaces afterwards on the session's socket. Keeping a copy of
+/// each session's last datagram lets that one be re-sent to the new server too, so a dead
+/// server costs a flow only what was inside the dying process. One ring per worker keeps
+/// the memory bounded (it does not grow with sessions).
+pub struct Ring {
     data: Box<[u8]>,
-    owner: Vec<Option<(SocketAddr, u16)>>,
+    /// (session slot, generation, length) of each copy.
+    owner: Box<[(u32, u32, u16)]>,
     next: usize,
 }
 
-/// Slots per port task and bytes per slot: ~4 MiB, enough to cover the ~20 ms between
-/// two packets of a flow at ~100k packets/s per port.
+/// Slots per worker and bytes per slot: 4 MiB, enough to cover the ~20 ms between two
+/// packets of a flow at ~100k packets/s per worker.
 const RING_SLOTS: usize = 2048;
 const RING_SLOT_BYTES: usize = 2048;
 
+impl Default for Ring {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Ring {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Ring {
             data: vec![0u8; RING_SLOTS * RING_SLOT_BYTES].into_boxed_slice(),
-            owner: vec![None; RING_SLOTS],
+            owner: vec![(u32::MAX, 0, 0); RING_SLOTS].into_boxed_slice(),
             next: 0,
         }
     }
 
-    /// Stores a copy of `data` for `client`; returns the slot, or None if too large.
-    fn put(&mut self, client: SocketAddr, data: &[u8]) -> Option<u32> {
+    /// Stores a copy of `data` for session `(idx, gen_)`; returns the slot, or None if
+    /// the datagram is too large to keep.
+    #[inline]
+    pub fn put(&mut self, idx: u32, gen_: u32, data: &[u8]) -> Option<u32> {
         if data.len() > RING_SLOT_BYTES {
             return None;
         }
@@ -173,15 +289,15 @@ impl Ring {
         self.next = (self.next + 1) % RING_SLOTS;
         let start = slot * RING_SLOT_BYTES;
         self.data[start..start + data.len()].copy_from_slice(data);
-        self.owner[slot] = Some((client, data.len() as u16));
+        self.owner[slot] = (idx, gen_, data.len() as u16);
         Some(slot as u32)
     }
 
-    /// The copy in `slot`, if it still belongs to `client`.
-    fn get(&self, slot: u32, client: SocketAddr) -> Option<&[u8]> {
+    /// The copy in `slot`, if it still belongs to session `(idx, gen_)`.
+    pub fn get(&self, slot: u32, idx: u32, gen_: u32) -> Option<&[u8]> {
         let slot = slot as usize;
         match self.owner.get(slot)? {
-            Some((owner, len)) if *owner == client => {
+            (i, g, len) if *i == idx && *g == gen_ => {
                 let start = slot * RING_SLOT_BYTES;
                 Some(&self.data[start..start + usize::from(*len)])
             }
@@ -190,88 +306,258 @@ impl Ring {
     }
 }
 
-/// What every function of a port task needs besides the session table.
-struct Port {
-    shared: Arc<UdpListener>,
-    local_port: u16,
-    socket: Arc<UdpSocket>,
+/// Packet and byte counts of one wakeup, added to the shared counters once.
+#[derive(Default)]
+struct Tally {
+    packets_to_server: u64,
+    bytes_to_server: u64,
+    packets_to_client: u64,
+    bytes_to_client: u64,
+    send_errors: u64,
+    stale: u64,
 }
 
-struct PortTask {
-    port: Port,
-    sessions: HashMap<SocketAddr, Session>,
-    ring: Ring,
-}
-
-impl PortTask {
-    async fn run(mut self, stop: CancellationToken) {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
-        let period = (self.port.shared.idle_timeout / 4)
-            .clamp(Duration::from_millis(100), Duration::from_secs(5));
-        let mut sweep = tokio::time::interval(period);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let socket = self.port.socket.clone();
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                r = socket.recv_from(&mut buf) => match r {
-                    Ok((n, client)) => {
-                        self.on_datagram(client, &buf[..n]);
-                        // Drain whatever else is queued without going back through select.
-                        for _ in 0..64 {
-                            match socket.try_recv_from(&mut buf) {
-                                Ok((n, client)) => self.on_datagram(client, &buf[..n]),
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    // ICMP errors for replies we sent to clients surface here; they are
-                    // the client's problem, not the listener's.
-                    Err(e) => tracing::debug!(listener = %self.port.shared.name, error = %e, "udp recv"),
-                },
-                _ = sweep.tick() => self.sweep_idle(),
-            }
-        }
-        let n = self.sessions.len();
-        self.sessions.clear();
-        self.forget(n);
+impl Tally {
+    #[inline]
+    fn add_to_server(&mut self, n: usize) {
+        self.packets_to_server += 1;
+        self.bytes_to_server += n as u64;
     }
 
-    fn on_datagram(&mut self, client: SocketAddr, data: &[u8]) {
-        let port = &self.port;
-        let shared = &port.shared;
-        let now_ms = shared.now_ms();
-        let m = &shared.metrics;
-        if let Some(session) = self.sessions.get_mut(&client) {
-            if session.server.epoch() != session.pinned_epoch {
-                // The server was evicted (down, maint, removed, failback): re-pin now.
-                // If the old socket holds a refusal, the previous datagram never arrived.
-                let pending = session.upstream.take_error();
-                tracing::debug!(%client, ?pending, "server evicted: re-pinning");
-                let refused = matches!(pending, Ok(Some(e)) if passive_reason(&e).is_some());
-                let Some(server) = shared.route.pick(client.ip(), &[]) else {
-                    m.dropped_no_server.inc();
-                    return;
-                };
-                if let Err(e) = repin(port, client, session, server) {
-                    tracing::debug!(listener = %shared.name, error = %e, "re-pin failed");
-                    m.dropped_send_error.inc();
-                    return;
+    fn publish(&mut self, m: &ListenerMetrics) {
+        if self.packets_to_server > 0 {
+            m.packets_to_server.inc_by(self.packets_to_server);
+            m.bytes_to_server.inc_by(self.bytes_to_server);
+        }
+        if self.packets_to_client > 0 {
+            m.packets_to_client.inc_by(self.packets_to_client);
+            m.bytes_to_client.inc_by(self.bytes_to_client);
+        }
+        if self.send_errors > 0 {
+            m.dropped_send_error.inc_by(self.send_errors);
+        }
+        if self.stale > 0 {
+            m.dropped_stale_server.inc_by(self.stale);
+        }
+        *self = Tally::default();
+    }
+}
+
+/// A listen port as one worker sees it.
+struct PortSock {
+    sock: UdpSocket,
+    local_port: u16,
+    /// Replies of this wakeup waiting to go out through `sock`.
+    out: MsgBatch,
+}
+
+/// Everything a worker owns except its receive batch (kept apart so a received
+/// datagram can be borrowed while the tables are updated).
+struct Tables {
+    shared: Arc<UdpListener>,
+    epoll: Epoll,
+    ports: Vec<PortSock>,
+    index: SessionIndex,
+    slab: Vec<Slot>,
+    free: Vec<u32>,
+    ring: Ring,
+    tally: Tally,
+    now_ms: u64,
+}
+
+/// One worker thread of a UDP listener.
+struct Worker {
+    t: Tables,
+    rx: MsgBatch,
+}
+
+#[inline]
+fn token(idx: u32, gen_: u32) -> u64 {
+    (u64::from(gen_ & 0x7fff_ffff) << 32) | u64::from(idx)
+}
+
+impl Worker {
+    fn new(shared: Arc<UdpListener>, socks: Vec<UdpSocket>) -> io::Result<Worker> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
+        let mut ports = Vec::with_capacity(socks.len());
+        for (i, sock) in socks.into_iter().enumerate() {
+            sock.set_nonblocking(true)?;
+            epoll
+                .add(
+                    sock.as_fd(),
+                    EpollEvent::new(EpollFlags::EPOLLIN, LISTEN_TOKEN | i as u64),
+                )
+                .map_err(io::Error::from)?;
+            ports.push(PortSock {
+                local_port: sock.local_addr()?.port(),
+                sock,
+                out: MsgBatch::new(BATCH, MAX_DATAGRAM),
+            });
+        }
+        Ok(Worker {
+            t: Tables {
+                shared,
+                epoll,
+                ports,
+                index: SessionIndex::default(),
+                slab: Vec::new(),
+                free: Vec::new(),
+                ring: Ring::new(),
+                tally: Tally::default(),
+                now_ms: 0,
+            },
+            rx: MsgBatch::new(BATCH, MAX_DATAGRAM),
+        })
+    }
+
+    fn run(mut self, stop: CancellationToken) {
+        let mut events = vec![EpollEvent::empty(); EVENTS];
+        let idle = self.t.shared.idle_timeout;
+        let sweep_every = (idle.as_millis() as u64 / 4).clamp(100, 5000);
+        let mut next_sweep = 0u64;
+        let mut next_stop_check = 0u64;
+        loop {
+            let n = match self.t.epoll.wait(&mut events, EpollTimeout::from(TICK_MS)) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => 0,
+                Err(e) => {
+                    tracing::error!(listener = %self.t.shared.name, error = %e, "epoll_wait failed; worker stops");
+                    break;
                 }
-                shared.route.migrated.inc();
-                if refused {
-                    resend_previous(port, &self.ring, client, session);
+            };
+            self.t.now_ms = self.t.shared.now_ms();
+            // Replies first, and out before any client datagram is forwarded: a reply
+            // then never waits behind a batch of upstream sends.
+            for ev in &events[..n] {
+                let tok = ev.data();
+                if tok & LISTEN_TOKEN == 0 {
+                    let idx = (tok & 0xffff_ffff) as u32;
+                    let gen_ = (tok >> 32) as u32;
+                    self.t.on_reply_ready(idx, gen_);
                 }
             }
-            session
-                .shared
-                .last_activity_ms
-                .store(now_ms, Ordering::Relaxed);
-            forward(port, &mut self.ring, client, session, data);
+            self.t.flush_replies();
+            for ev in &events[..n] {
+                let tok = ev.data();
+                if tok & LISTEN_TOKEN != 0 {
+                    self.on_listen_ready((tok & 0xffff) as usize);
+                }
+            }
+            self.t.tally.publish(&self.t.shared.metrics);
+            let now = self.t.now_ms;
+            if now >= next_stop_check {
+                // Checked at most every tick: the token's state sits behind a mutex.
+                if stop.is_cancelled() {
+                    break;
+                }
+                next_stop_check = now + u64::from(TICK_MS);
+            }
+            if now >= next_sweep {
+                self.t.sweep_idle(idle.as_millis() as u64);
+                next_sweep = now + sweep_every;
+            }
+        }
+        self.t.close_all();
+    }
+
+    /// Reads client datagrams from listen port `p` in batches and forwards each.
+    fn on_listen_ready(&mut self, p: usize) {
+        let Some(fd) = self.t.ports.get(p).map(|s| s.sock.as_raw_fd()) else {
+            return;
+        };
+        for _ in 0..MAX_RX_ROUNDS {
+            let n = match self.rx.recv_from(fd) {
+                Ok(n) => n,
+                // ICMP errors for replies sent to clients surface here; they are the
+                // client's problem, not the listener's.
+                Err(e) => {
+                    tracing::trace!(listener = %self.t.shared.name, error = %e, "udp recv");
+                    continue;
+                }
+            };
+            for i in 0..n {
+                let (data, client, truncated) = self.rx.get(i);
+                let Some(client) = client else { continue };
+                if truncated {
+                    self.t.tally.send_errors += 1;
+                    continue;
+                }
+                self.t.on_datagram(p as u16, client, data);
+            }
+            if n < self.rx.capacity() {
+                break;
+            }
+            // Replies may be piling up while clients keep us busy: send them now.
+            self.t.flush_replies();
+        }
+    }
+}
+
+impl Tables {
+    /// Routes one client datagram that arrived on listen port `p`.
+    fn on_datagram(&mut self, p: u16, client: SocketAddr, data: &[u8]) {
+        if let Some(&idx) = self.index.get(p, client) {
+            self.forward_existing(idx, data);
             return;
         }
+        self.new_session(p, client, data);
+    }
 
-        // A new session.
+    fn forward_existing(&mut self, idx: u32, data: &[u8]) {
+        let shared = &self.shared;
+        let now_ms = self.now_ms;
+        let Some(slot) = self.slab.get_mut(idx as usize) else {
+            return;
+        };
+        let gen_ = slot.gen_;
+        let Some(session) = slot.session.as_mut() else {
+            return;
+        };
+        if session.refused || session.server.epoch() != session.pinned_epoch {
+            // The server was evicted (down, maint, removed, failback) or refused the last
+            // datagram: re-pin now. If the old socket holds a refusal, the previous
+            // datagram never arrived.
+            let pending = session.upstream.take_error();
+            let refused = session.refused
+                || matches!(pending, Ok(Some(ref e)) if passive_reason(e).is_some());
+            tracing::debug!(client = %session.client, ?pending, refused, "re-pinning");
+            let exclude = if refused {
+                std::slice::from_ref(&session.server)
+            } else {
+                &[]
+            };
+            let Some(server) = shared.route.pick(session.client.ip(), exclude) else {
+                shared.metrics.dropped_no_server.inc();
+                return;
+            };
+            let local_port = self.ports[usize::from(session.port)].local_port;
+            if let Err(e) = repin(&self.epoll, local_port, idx, gen_, session, server) {
+                tracing::debug!(listener = %shared.name, error = %e, "re-pin failed");
+                self.tally.send_errors += 1;
+                return;
+            }
+            shared.route.migrated.inc();
+            if refused {
+                resend_previous(&self.ring, idx, gen_, session, &mut self.tally);
+            }
+        }
+        session.last_activity_ms = now_ms;
+        forward(
+            shared,
+            &self.epoll,
+            &self.ports,
+            &mut self.ring,
+            &mut self.tally,
+            idx,
+            gen_,
+            session,
+            data,
+        );
+    }
+
+    fn new_session(&mut self, p: u16, client: SocketAddr, data: &[u8]) {
+        let shared = &self.shared;
+        let m = &shared.metrics;
         if shared.draining.load(Ordering::Acquire) {
             m.dropped_draining.inc();
             m.rejected_draining.inc();
@@ -287,35 +573,163 @@ impl PortTask {
             m.rejected_no_server.inc();
             return;
         };
-        let mut session = match open_session(port, client, server, now_ms) {
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slab.push(Slot {
+                    gen_: 0,
+                    session: None,
+                });
+                (self.slab.len() - 1) as u32
+            }
+        };
+        let slot = &mut self.slab[idx as usize];
+        slot.gen_ = slot.gen_.wrapping_add(1) & 0x7fff_ffff;
+        let gen_ = slot.gen_;
+        let local_port = self.ports[usize::from(p)].local_port;
+        let pinned_epoch = server.epoch();
+        let upstream = match open_upstream(&self.epoll, server.dest(local_port), token(idx, gen_)) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(listener = %shared.name, error = %e, "cannot open upstream socket");
                 m.dropped_send_error.inc();
+                self.free.push(idx);
                 return;
             }
         };
+        server.session_opened();
         shared.live.fetch_add(1, Ordering::Relaxed);
         m.sessions.inc();
         m.created.inc();
-        forward(port, &mut self.ring, client, &mut session, data);
-        self.sessions.insert(client, session);
+        let session = slot.session.insert(Session {
+            client,
+            port: p,
+            server,
+            pinned_epoch,
+            upstream,
+            last_activity_ms: self.now_ms,
+            last_sent: None,
+            refused: false,
+        });
+        self.index.insert(p, client, idx);
+        forward(
+            shared,
+            &self.epoll,
+            &self.ports,
+            &mut self.ring,
+            &mut self.tally,
+            idx,
+            gen_,
+            session,
+            data,
+        );
     }
 
-    fn sweep_idle(&mut self) {
-        let now = self.port.shared.now_ms();
-        let idle = self.port.shared.idle_timeout.as_millis() as u64;
-        let before = self.sessions.len();
-        self.sessions.retain(|_, s| {
-            now.saturating_sub(s.shared.last_activity_ms.load(Ordering::Relaxed)) < idle
-        });
-        self.forget(before - self.sessions.len());
+    /// Reads whatever the server of session `idx` sent, straight into the outgoing batch
+    /// of the session's listen port.
+    fn on_reply_ready(&mut self, idx: u32, gen_: u32) {
+        let Some(slot) = self.slab.get_mut(idx as usize) else {
+            return;
+        };
+        if slot.gen_ != gen_ {
+            return; // the session that owned this token is gone
+        }
+        let Some(session) = slot.session.as_mut() else {
+            return;
+        };
+        let port = &mut self.ports[usize::from(session.port)];
+        let fd = session.upstream.as_raw_fd();
+        // A few rounds at most, so one busy session cannot starve the others.
+        for _ in 0..4 {
+            if port.out.is_full() {
+                let (_, dropped) = port.out.flush(port.sock.as_raw_fd());
+                self.tally.send_errors += dropped as u64;
+            }
+            let room = port.out.capacity() - port.out.len();
+            match port.out.recv_append(fd, room) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if session.server.epoch() != session.pinned_epoch {
+                        // The session has left this server; its late replies are dropped.
+                        port.out.truncate_by(n);
+                        self.tally.stale += n as u64;
+                    } else {
+                        let bytes = port.out.address_last(n, session.client);
+                        self.tally.packets_to_client += n as u64;
+                        self.tally.bytes_to_client += bytes as u64;
+                        session.last_activity_ms = self.now_ms;
+                    }
+                    if n < room {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    if let Some(reason) = passive_reason(&e)
+                        && session.server.epoch() == session.pinned_epoch
+                    {
+                        tracing::debug!(client = %session.client, server = %session.server.label, error = %e, "server refused");
+                        self.shared
+                            .route
+                            .report_passive(&session.server, reason, e.to_string());
+                        session.refused = true;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sends the replies gathered in this wakeup.
+    fn flush_replies(&mut self) {
+        for port in &mut self.ports {
+            if !port.out.is_empty() {
+                let (_, dropped) = port.out.flush(port.sock.as_raw_fd());
+                self.tally.send_errors += dropped as u64;
+            }
+        }
+    }
+
+    fn sweep_idle(&mut self, idle_ms: u64) {
+        let now = self.now_ms;
+        let mut removed = 0usize;
+        for slot in &mut self.slab {
+            let expired = slot
+                .session
+                .as_ref()
+                .is_some_and(|s| now.saturating_sub(s.last_activity_ms) >= idle_ms);
+            if expired && let Some(s) = slot.session.take() {
+                self.index.remove(s.port, s.client);
+                s.server.session_closed();
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            self.free.clear();
+            for (i, slot) in self.slab.iter().enumerate() {
+                if slot.session.is_none() {
+                    self.free.push(i as u32);
+                }
+            }
+            self.forget(removed);
+        }
+    }
+
+    fn close_all(&mut self) {
+        let mut removed = 0;
+        for slot in &mut self.slab {
+            if let Some(s) = slot.session.take() {
+                s.server.session_closed();
+                removed += 1;
+            }
+        }
+        self.index.clear();
+        self.forget(removed);
     }
 
     fn forget(&self, removed: usize) {
         if removed > 0 {
-            self.port.shared.live.fetch_sub(removed, Ordering::Relaxed);
-            self.port.shared.metrics.sessions.dec_by(removed as i64);
+            self.shared.live.fetch_sub(removed, Ordering::Relaxed);
+            self.shared.metrics.sessions.dec_by(removed as i64);
         }
     }
 }
@@ -323,70 +737,65 @@ impl PortTask {
 /// Sends one client datagram to the session's server. A send refused by the server's host
 /// (ICMP port unreachable reported on the connected socket) marks the server down and
 /// re-sends both the refused previous datagram and this one to the next server.
-fn forward(port: &Port, ring: &mut Ring, client: SocketAddr, session: &mut Session, data: &[u8]) {
-    let shared = &port.shared;
-    let m = &shared.metrics;
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn forward(
+    shared: &UdpListener,
+    epoll: &Epoll,
+    ports: &[PortSock],
+    ring: &mut Ring,
+    tally: &mut Tally,
+    idx: u32,
+    gen_: u32,
+    session: &mut Session,
+    data: &[u8],
+) {
     for _attempt in 0..3 {
-        match send_now(&session.upstream, data) {
+        match sys::send(session.upstream.as_raw_fd(), data) {
             Ok(_) => {
-                m.packets_to_server.inc();
-                m.bytes_to_server.inc_by(data.len() as u64);
-                session.last_sent = ring.put(client, data);
+                tally.add_to_server(data.len());
+                session.last_sent = ring.put(idx, gen_, data);
                 return;
             }
             Err(e) => {
                 let Some(reason) = passive_reason(&e) else {
                     // A full send buffer: drop, as the network would.
-                    m.dropped_send_error.inc();
+                    tally.send_errors += 1;
                     return;
                 };
                 let failed = session.server.clone();
-                tracing::debug!(%client, server = %failed.label, error = %e, "send refused");
+                tracing::debug!(client = %session.client, server = %failed.label, error = %e, "send refused");
                 shared.route.report_passive(&failed, reason, e.to_string());
                 let Some(next) = shared
                     .route
-                    .pick(client.ip(), std::slice::from_ref(&failed))
+                    .pick(session.client.ip(), std::slice::from_ref(&failed))
                 else {
-                    m.dropped_no_server.inc();
+                    shared.metrics.dropped_no_server.inc();
                     return;
                 };
-                if repin(port, client, session, next).is_err() {
-                    m.dropped_send_error.inc();
+                let local_port = ports[usize::from(session.port)].local_port;
+                if repin(epoll, local_port, idx, gen_, session, next).is_err() {
+                    tally.send_errors += 1;
                     return;
                 }
                 shared.route.migrated.inc();
-                resend_previous(port, ring, client, session);
+                resend_previous(ring, idx, gen_, session, tally);
             }
         }
     }
-    m.dropped_send_error.inc();
+    tally.send_errors += 1;
 }
 
 /// Re-sends the session's previous datagram (refused by its old server) to its new one.
-fn resend_previous(port: &Port, ring: &Ring, client: SocketAddr, session: &Session) {
-    let Some(prev) = session.last_sent.and_then(|slot| ring.get(slot, client)) else {
-        tracing::debug!(%client, "no copy of the refused datagram left to re-send");
+fn resend_previous(ring: &Ring, idx: u32, gen_: u32, session: &Session, tally: &mut Tally) {
+    let Some(prev) = session.last_sent.and_then(|slot| ring.get(slot, idx, gen_)) else {
+        tracing::debug!(client = %session.client, "no copy of the refused datagram left to re-send");
         return;
     };
-    tracing::debug!(%client, len = prev.len(), "re-sending the datagram the old server refused");
-    if send_now(&session.upstream, prev).is_ok() {
-        let m = &port.shared.metrics;
-        m.packets_to_server.inc();
-        m.bytes_to_server.inc_by(prev.len() as u64);
+    tracing::debug!(client = %session.client, len = prev.len(), "re-sending the datagram the old server refused");
+    if sys::send(session.upstream.as_raw_fd(), prev).is_ok() {
+        tally.add_to_server(prev.len());
     }
-}
-
-/// Sends on a connected socket with a direct syscall. tokio's `try_send` consults the
-/// reactor's cached readiness first and reports WouldBlock on a socket the reactor has
-/// not polled yet — which every freshly connected session socket is — so the first
-/// datagram of a session would be dropped. A UDP send only blocks on a full buffer.
-fn send_now(sock: &UdpSocket, data: &[u8]) -> io::Result<usize> {
-    socket2::SockRef::from(sock).send(data)
-}
-
-/// `send_now` for the unconnected listen socket.
-fn send_to_now(sock: &UdpSocket, data: &[u8], to: SocketAddr) -> io::Result<usize> {
-    socket2::SockRef::from(sock).send_to(data, &to.into())
 }
 
 /// Errors on a connected UDP socket that mean the server (or its host) is gone.
@@ -399,130 +808,49 @@ fn passive_reason(e: &io::Error) -> Option<Reason> {
     }
 }
 
-/// A socket connected to `dest`, from an ephemeral port of the same family.
-fn connect_upstream(dest: SocketAddr) -> io::Result<Arc<UdpSocket>> {
+/// A non-blocking socket connected to `dest`, from an ephemeral port of the same family,
+/// registered in `epoll` under `tok`.
+fn open_upstream(epoll: &Epoll, dest: SocketAddr, tok: u64) -> io::Result<UdpSocket> {
     let local: SocketAddr = match dest.ip() {
         IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
-    let sock = std::net::UdpSocket::bind(local)?;
-    sock.connect(dest)?;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(dest),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Room for a burst of replies while the worker is busy (the default ~200 KiB holds
+    // only ~270 small datagrams). A limit, not an allocation: idle sessions cost nothing.
+    let _ = sock.set_recv_buffer_size(UPSTREAM_RCVBUF);
+    sock.bind(&local.into())?;
+    sock.connect(&dest.into())?;
     sock.set_nonblocking(true)?;
-    Ok(Arc::new(UdpSocket::from_std(sock)?))
-}
-
-fn open_session(
-    port: &Port,
-    client: SocketAddr,
-    server: Arc<ServerHandle>,
-    now_ms: u64,
-) -> io::Result<Session> {
-    let pinned_epoch = server.epoch();
-    let upstream = connect_upstream(server.dest(port.local_port))?;
-    let state = Arc::new(SessionShared {
-        last_activity_ms: AtomicU64::new(now_ms),
-    });
-    server.session_opened();
-    let replies = spawn_replies(port, client, &server, pinned_epoch, &upstream, &state);
-    Ok(Session {
-        server,
-        pinned_epoch,
-        upstream,
-        shared: state,
-        replies,
-        last_sent: None,
-    })
+    let sock: UdpSocket = sock.into();
+    epoll
+        .add(sock.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, tok))
+        .map_err(io::Error::from)?;
+    Ok(sock)
 }
 
 /// Moves `session` to `server` through a new upstream socket; replies still in flight
 /// from the old server die with the old socket.
 fn repin(
-    port: &Port,
-    client: SocketAddr,
+    epoll: &Epoll,
+    local_port: u16,
+    idx: u32,
+    gen_: u32,
     session: &mut Session,
     server: Arc<ServerHandle>,
 ) -> io::Result<()> {
     let pinned_epoch = server.epoch();
-    let upstream = connect_upstream(server.dest(port.local_port))?;
-    session.replies.abort();
+    let upstream = open_upstream(epoll, server.dest(local_port), token(idx, gen_))?;
     session.server.session_closed();
     server.session_opened();
-    session.replies = spawn_replies(
-        port,
-        client,
-        &server,
-        pinned_epoch,
-        &upstream,
-        &session.shared,
-    );
+    // Dropping the old socket closes it, which also removes it from the epoll set.
+    session.upstream = upstream;
     session.server = server;
     session.pinned_epoch = pinned_epoch;
-    session.upstream = upstream;
+    session.refused = false;
     Ok(())
-}
-
-thread_local! {
-    /// Reply buffer shared by every session on this worker thread: a datagram is read and
-    /// sent on without an await in between, so one buffer per thread is enough.
-    static REPLY_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; MAX_DATAGRAM].into_boxed_slice());
-}
-
-/// Carries the server's replies back to the client until aborted.
-fn spawn_replies(
-    port: &Port,
-    client: SocketAddr,
-    server: &Arc<ServerHandle>,
-    pinned_epoch: u64,
-    upstream: &Arc<UdpSocket>,
-    state: &Arc<SessionShared>,
-) -> JoinHandle<()> {
-    let shared = port.shared.clone();
-    let listen_socket = port.socket.clone();
-    let server = server.clone();
-    let upstream = upstream.clone();
-    let state = state.clone();
-    tokio::spawn(async move {
-        loop {
-            if upstream.readable().await.is_err() {
-                return;
-            }
-            loop {
-                let r: io::Result<()> = REPLY_BUF.with(|buf| {
-                    let mut buf = buf.borrow_mut();
-                    let n = upstream.try_recv(&mut buf)?;
-                    let m = &shared.metrics;
-                    if server.epoch() != pinned_epoch {
-                        // The session has left this server; its late replies are discarded.
-                        m.dropped_stale_server.inc();
-                        return Ok(());
-                    }
-                    state
-                        .last_activity_ms
-                        .store(shared.now_ms(), Ordering::Relaxed);
-                    match send_to_now(&listen_socket, &buf[..n], client) {
-                        Ok(_) => {
-                            m.packets_to_client.inc();
-                            m.bytes_to_client.inc_by(n as u64);
-                        }
-                        Err(_) => {
-                            m.dropped_send_error.inc();
-                        }
-                    }
-                    Ok(())
-                });
-                match r {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        if let Some(reason) = passive_reason(&e)
-                            && server.epoch() == pinned_epoch
-                        {
-                            shared.route.report_passive(&server, reason, e.to_string());
-                        }
-                        break;
-                    }
-                }
-            }
-        }
-    })
 }

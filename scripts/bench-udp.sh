@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# UDP data-plane benchmark: the direct path (no proxy), nginx stream and mediagate, side
+# by side in one run, in front of the same primary/backup echo workers on 127.0.0.1.
+#
+# For 1 and 1000 flows at 64 B and 1200 B it sweeps each target to its highest rate with
+# under 0.1% loss (mediagate-load sweep), then measures RTT at half of nginx's highest
+# rate on every target, and prints a table with the mediagate/nginx ratios.
+#
+# Usage: scripts/bench-udp.sh            (about 4-6 minutes; hard limit 9.5 minutes)
+# Environment:
+#   WORKERS=1        nginx worker_processes and mediagate UDP worker threads
+#   FLOWS="1 1000"   SIZES="64 1200"
+#   TRIAL=1s         length of each sweep trial
+#   LAT=2s ROUNDS=3  latency: ROUNDS runs of LAT per target, rotated order, median kept
+#   SKIP_BUILD=1     use the release binaries already built
+#   OUT=file         also write the table there (markdown)
+#   PIN=1            pin the proxies to CPU 1, the generator and echo workers to CPU 0
+# Needs: nginx (Debian nginx-light + libnginx-mod-stream). Traffic stays on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WORKERS=${WORKERS:-1}
+FLOWS=${FLOWS:-"1 1000"}
+SIZES=${SIZES:-"64 1200"}
+TRIAL=${TRIAL:-1s}
+LAT=${LAT:-2s}
+ROUNDS=${ROUNDS:-3}
+BASE=${BASE_PORT:-21000}
+PROXY_CPU=(); CLIENT_CPU=()
+if [[ -n "${PIN:-}" ]]; then PROXY_CPU=(taskset -c 1); CLIENT_CPU=(taskset -c 0); fi
+DEADLINE=$((SECONDS + 570))
+
+if [[ -z "${SKIP_BUILD:-}" ]]; then
+  cargo build --release --quiet --bin mediagate --bin mediagate-load
+fi
+BIN=target/release
+LOAD="${CLIENT_CPU[*]} $BIN/mediagate-load"
+NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
+STREAM_MOD=${STREAM_MOD:-/usr/lib/nginx/modules/ngx_stream_module.so}
+[[ -x $NGINX ]] || { echo "nginx not found (apt-get install nginx-light libnginx-mod-stream)" >&2; exit 2; }
+[[ -f $STREAM_MOD ]] || { echo "nginx stream module not found: $STREAM_MOD" >&2; exit 2; }
+
+TMP=$(mktemp -d /tmp/bench-udp.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+PRIMARY=$BASE; BACKUP=$((BASE + 1)); NGINX_PORT=$((BASE + 2)); MG_PORT=$((BASE + 3)); ADMIN=$((BASE + 4))
+
+start_echo() { # name port
+  $LOAD echo --listen 127.0.0.1:$2 --threads "$WORKERS" --lifetime 10m >"$TMP/$1.out" 2>&1 &
+  PIDS+=($!)
+}
+start_echo primary $PRIMARY
+start_echo backup $BACKUP
+
+cat >"$TMP/nginx.conf" <<EOF
+load_module $STREAM_MOD;
+worker_processes $WORKERS;
+worker_rlimit_nofile 20000;
+daemon off;
+pid $TMP/nginx.pid;
+error_log $TMP/nginx-error.log warn;
+events { worker_connections 9000; }
+stream {
+  upstream media {
+    server 127.0.0.1:$PRIMARY;
+    server 127.0.0.1:$BACKUP backup;
+  }
+  server {
+    listen 127.0.0.1:$NGINX_PORT udp reuseport;
+    proxy_pass media;
+    proxy_timeout 30s;
+  }
+}
+EOF
+${PROXY_CPU[@]} $NGINX -e "$TMP/nginx-error.log" -p "$TMP" -c "$TMP/nginx.conf" &
+PIDS+=($!)
+
+cat >"$TMP/mediagate.yaml" <<EOF
+admin: { listen: "127.0.0.1:$ADMIN" }
+log: { level: warn }
+listeners:
+  - name: rtp
+    protocol: udp
+    listen: "127.0.0.1:$MG_PORT"
+    upstream: media
+    session: { idle_timeout: 30s, max_sessions: 100000 }
+upstreams:
+  media:
+    primary: ["127.0.0.1:$PRIMARY"]
+    backup: ["127.0.0.1:$BACKUP"]
+    health: { type: udp, send: ping, interval: 1s, timeout: 500ms }
+EOF
+MEDIAGATE_UDP_WORKERS=$WORKERS ${PROXY_CPU[@]} $BIN/mediagate run -c "$TMP/mediagate.yaml" 2>"$TMP/mediagate.log" &
+MG_PID=$!
+PIDS+=($MG_PID)
+
+for _ in $(seq 100); do
+  curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null || { echo "mediagate not ready" >&2; cat "$TMP/mediagate.log" >&2; exit 1; }
+sleep 0.3
+NGINX_PID=$(cat "$TMP/nginx.pid" 2>/dev/null || true)
+
+declare -A PORT=([direct]=$PRIMARY [nginx]=$NGINX_PORT [mediagate]=$MG_PORT)
+TARGETS="direct nginx mediagate"
+field() { # key line
+  sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$2"
+}
+declare -A MAX P99 P50 P999 SIL HALF
+say() { echo "$*" >&2; }
+median() { printf '%s\n' "$@" | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
+
+say "machine: $(nproc) CPU ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(uname -r)"
+say "workers: $WORKERS (nginx worker_processes, mediagate UDP threads, echo threads); trial $TRIAL, latency runs $LAT"
+for flows in $FLOWS; do
+  for size in $SIZES; do
+    k=$flows,$size
+    for t in $TARGETS; do
+      if ((SECONDS > DEADLINE)); then say "time budget spent; stopping"; break 3; fi
+      line=$(timeout 120 $LOAD sweep --target 127.0.0.1:${PORT[$t]} --flows "$flows" --size "$size" \
+        --duration "$TRIAL" --start 10000 --steps 4 2>"$TMP/sweep-$t-$flows-$size.log" | grep '^best' || true)
+      MAX[$t,$k]=$(field pps "$line")
+      say "sweep $t flows=$flows size=$size: max ${MAX[$t,$k]:-?} pps"
+    done
+    half=$(awk -v r="${MAX[nginx,$k]:-0}" 'BEGIN { printf "%d", r / 2 }')
+    HALF[$k]=$half
+    ((half > 0)) || continue
+    # Latency: ROUNDS short runs per target, the order rotated every round so that
+    # background load hits every target alike; the median of each percentile is kept.
+    declare -A L50=() L99=() L999=() LSIL=()
+    order=($TARGETS)
+    for ((r = 0; r < ROUNDS; r++)); do
+      for ((j = 0; j < ${#order[@]}; j++)); do
+        t=${order[$(((j + r) % ${#order[@]}))]}
+        if ((SECONDS > DEADLINE)); then say "time budget spent; stopping"; break 4; fi
+        line=$(timeout 60 $LOAD run --target 127.0.0.1:${PORT[$t]} --flows "$flows" --size "$size" \
+          --rate "$half" --duration "$LAT" 2>/dev/null || true)
+        L50[$t]+=" $(field p50_us "$line")"; L99[$t]+=" $(field p99_us "$line")"
+        L999[$t]+=" $(field p999_us "$line")"; LSIL[$t]+=" $(field max_silence_ms "$line")"
+        say "latency $t flows=$flows size=$size at $half pps (round $((r + 1))): $line"
+      done
+    done
+    for t in $TARGETS; do
+      P50[$t,$k]=$(median ${L50[$t]}); P99[$t,$k]=$(median ${L99[$t]})
+      P999[$t,$k]=$(median ${L999[$t]}); SIL[$t,$k]=$(median ${LSIL[$t]})
+    done
+  done
+done
+
+ratio() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
+{
+  echo
+  echo "| flows | size | direct max pps | nginx max pps | mediagate max pps | mediagate/nginx | at pps (½ nginx max) | p50/p99/p99.9 µs direct | nginx | mediagate | p99 nginx/mediagate | max silence ms nginx / mediagate |"
+  echo "|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|"
+  for flows in $FLOWS; do
+    for size in $SIZES; do
+      k=$flows,$size
+      lat() { echo "${P50[$1,$k]:--}/${P99[$1,$k]:--}/${P999[$1,$k]:--}"; }
+      echo "| $flows | $size | ${MAX[direct,$k]:--} | ${MAX[nginx,$k]:--} | ${MAX[mediagate,$k]:--} | $(ratio "${MAX[mediagate,$k]:-}" "${MAX[nginx,$k]:-}") | ${HALF[$k]:--} | $(lat direct) | $(lat nginx) | $(lat mediagate) | $(ratio "${P99[nginx,$k]:-}" "${P99[mediagate,$k]:-}") | ${SIL[nginx,$k]:--} / ${SIL[mediagate,$k]:--} |"
+    done
+  done
+  echo
+  echo "Max pps: highest total rate (replies/s) with < 0.1% loss, $TRIAL trials. Latency: open loop at half of nginx's max rate, median of $ROUNDS rotated runs of $LAT."
+} | tee "${OUT:-/dev/null}"

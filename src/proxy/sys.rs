@@ -1,0 +1,403 @@
+//! Allocation-free wrappers over the batched socket syscalls of the UDP data plane and the
+//! load generator: `recvmmsg`/`sendmmsg` over a preallocated [`MsgBatch`], single-datagram
+//! `recv`/`send` on raw descriptors, and `SocketAddr` <-> `sockaddr` conversion.
+//!
+//! Every buffer is allocated once, when a batch is built; a call only fills in lengths.
+//! All `unsafe` of the data plane lives here, next to the invariants it relies on.
+
+use nix::libc;
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::RawFd;
+
+/// `n` datagram slots of `slot_len` bytes each, with the `iovec`s, addresses and
+/// `mmsghdr`s that `recvmmsg`/`sendmmsg` need, all pointing into this batch's own heap
+/// allocations (which never move or grow after construction).
+pub struct MsgBatch {
+    slot_len: usize,
+    buf: Box<[u8]>,
+    iov: Box<[libc::iovec]>,
+    addrs: Box<[libc::sockaddr_storage]>,
+    hdrs: Box<[libc::mmsghdr]>,
+    /// Filled entries: datagrams received by the last `recv_from`, or queued for `send_to`.
+    len: usize,
+}
+
+// SAFETY: the raw pointers inside `iov` and `hdrs` only point into the batch's own boxed
+// allocations, which move with it; nothing is shared with another owner.
+unsafe impl Send for MsgBatch {}
+
+impl MsgBatch {
+    /// A batch of `slots` datagrams of up to `slot_len` bytes.
+    pub fn new(slots: usize, slot_len: usize) -> MsgBatch {
+        let slots = slots.max(1);
+        let mut buf = vec![0u8; slots * slot_len].into_boxed_slice();
+        // SAFETY: all-zero is a valid value for these plain C structs.
+        let mut addrs: Box<[libc::sockaddr_storage]> =
+            (0..slots).map(|_| unsafe { zeroed() }).collect();
+        let mut iov: Box<[libc::iovec]> = (0..slots)
+            .map(|i| libc::iovec {
+                // SAFETY: `i * slot_len` is inside `buf` (slots * slot_len bytes).
+                iov_base: unsafe { buf.as_mut_ptr().add(i * slot_len) }.cast(),
+                iov_len: slot_len,
+            })
+            .collect();
+        let hdrs: Box<[libc::mmsghdr]> = (0..slots)
+            .map(|i| {
+                // SAFETY: all-zero is a valid msghdr; the pointers set below stay valid
+                // because the boxed slices they point into never reallocate.
+                let mut h: libc::mmsghdr = unsafe { zeroed() };
+                h.msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
+                h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                h.msg_hdr.msg_iov = &mut iov[i];
+                h.msg_hdr.msg_iovlen = 1;
+                h
+            })
+            .collect();
+        MsgBatch {
+            slot_len,
+            buf,
+            iov,
+            addrs,
+            hdrs,
+            len: 0,
+        }
+    }
+
+    /// Slots in the batch.
+    pub fn capacity(&self) -> usize {
+        self.hdrs.len()
+    }
+
+    /// Filled entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.len == self.hdrs.len()
+    }
+
+    /// Largest datagram a slot holds.
+    pub fn slot_len(&self) -> usize {
+        self.slot_len
+    }
+
+    /// Receives up to a batch of datagrams without blocking; returns how many (0 when
+    /// none is queued). `WouldBlock` is mapped to `Ok(0)`.
+    pub fn recv_from(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.recv_flags(fd, libc::MSG_DONTWAIT)
+    }
+
+    /// Like [`MsgBatch::recv_from`], but blocks (up to the socket's receive timeout) until
+    /// at least one datagram is there, then takes what is queued.
+    pub fn recv_wait(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.recv_flags(fd, libc::MSG_WAITFORONE)
+    }
+
+    /// Sends each datagram of the last receive back to where it came from, unchanged
+    /// (an echo without a copy). Returns how many were sent.
+    pub fn reflect(&mut self, fd: RawFd) -> usize {
+        for i in 0..self.len {
+            self.iov[i].iov_len = (self.hdrs[i].msg_len as usize).min(self.slot_len);
+        }
+        self.flush(fd).0
+    }
+
+    fn recv_flags(&mut self, fd: RawFd, flags: libc::c_int) -> io::Result<usize> {
+        for i in 0..self.hdrs.len() {
+            self.iov[i].iov_len = self.slot_len;
+            self.hdrs[i].msg_hdr.msg_namelen =
+                size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            self.hdrs[i].msg_hdr.msg_flags = 0;
+        }
+        self.len = 0;
+        // SAFETY: every header points at valid, writable buffers of the lengths it states.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                self.hdrs.len() as libc::c_uint,
+                flags,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(0)
+            } else {
+                Err(e)
+            };
+        }
+        self.len = n as usize;
+        Ok(self.len)
+    }
+
+    /// Datagram `i` of the last receive: its bytes, its source, and whether the kernel
+    /// truncated it (it was larger than a slot).
+    #[inline]
+    pub fn get(&self, i: usize) -> (&[u8], Option<SocketAddr>, bool) {
+        let h = &self.hdrs[i];
+        let n = (h.msg_len as usize).min(self.slot_len);
+        let start = i * self.slot_len;
+        let addr = from_storage(&self.addrs[i], h.msg_hdr.msg_namelen);
+        let truncated = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+        (&self.buf[start..start + n], addr, truncated)
+    }
+
+    /// The next free slot, to receive a datagram into before [`MsgBatch::commit`]ting it.
+    /// Panics if the batch is full (callers flush first).
+    #[inline]
+    pub fn next_slot(&mut self) -> &mut [u8] {
+        let start = self.len * self.slot_len;
+        &mut self.buf[start..start + self.slot_len]
+    }
+
+    /// Queues the first `len` bytes of the next slot for `to`.
+    #[inline]
+    pub fn commit(&mut self, len: usize, to: SocketAddr) {
+        let i = self.len;
+        self.iov[i].iov_len = len.min(self.slot_len);
+        self.hdrs[i].msg_hdr.msg_namelen = to_storage(to, &mut self.addrs[i]);
+        self.len += 1;
+    }
+
+    /// Copies `data` into the next slot and queues it for `to`; false if it does not fit.
+    #[inline]
+    pub fn push(&mut self, data: &[u8], to: SocketAddr) -> bool {
+        if self.is_full() || data.len() > self.slot_len {
+            return false;
+        }
+        self.next_slot()[..data.len()].copy_from_slice(data);
+        self.commit(data.len(), to);
+        true
+    }
+
+    /// Sends every queued datagram on `fd` (unconnected) with as few `sendmmsg` calls as
+    /// the kernel allows; a datagram the kernel refuses (full buffer, unreachable client)
+    /// is skipped. Returns (sent, dropped) and empties the batch.
+    pub fn flush(&mut self, fd: RawFd) -> (usize, usize) {
+        let total = self.len;
+        let (mut sent, mut dropped, mut at) = (0, 0, 0);
+        while at < total {
+            // SAFETY: entries `at..total` were filled by `commit` and point at live buffers.
+            let n = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.hdrs.as_mut_ptr().add(at),
+                    (total - at) as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                // The datagram at `at` failed: drop it, go on with the rest.
+                dropped += 1;
+                at += 1;
+            } else {
+                sent += n as usize;
+                at += n as usize;
+            }
+        }
+        self.len = 0;
+        (sent, dropped)
+    }
+
+    /// Receives what is queued on `fd` (up to `max` datagrams, without blocking) into
+    /// the next free slots and queues them; returns how many. The caller then either
+    /// addresses them ([`MsgBatch::address_last`]) or drops them
+    /// ([`MsgBatch::truncate_by`]) before the next flush.
+    pub fn recv_append(&mut self, fd: RawFd, max: usize) -> io::Result<usize> {
+        let start = self.len;
+        let max = max.min(self.hdrs.len() - start);
+        if max == 0 {
+            return Ok(0);
+        }
+        for i in start..start + max {
+            self.iov[i].iov_len = self.slot_len;
+            self.hdrs[i].msg_hdr.msg_namelen =
+                size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            self.hdrs[i].msg_hdr.msg_flags = 0;
+        }
+        // SAFETY: entries `start..start + max` point at valid, writable buffers.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr().add(start),
+                max as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(0)
+            } else {
+                Err(e)
+            };
+        }
+        self.len += n as usize;
+        Ok(n as usize)
+    }
+
+    /// Sets the destination of the last `n` queued entries (just received with
+    /// [`MsgBatch::recv_append`]) to `to`, sized to what was received; returns their bytes.
+    #[inline]
+    pub fn address_last(&mut self, n: usize, to: SocketAddr) -> usize {
+        let mut bytes = 0;
+        for i in self.len - n..self.len {
+            let len = (self.hdrs[i].msg_len as usize).min(self.slot_len);
+            self.iov[i].iov_len = len;
+            bytes += len;
+            self.hdrs[i].msg_hdr.msg_namelen = to_storage(to, &mut self.addrs[i]);
+        }
+        bytes
+    }
+
+    /// Drops the last `n` queued entries.
+    #[inline]
+    pub fn truncate_by(&mut self, n: usize) {
+        self.len = self.len.saturating_sub(n);
+    }
+
+    /// Forgets queued entries without sending them.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+/// `recv` on a connected socket, without blocking.
+#[inline]
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// `send` on a connected socket, without blocking.
+#[inline]
+pub fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: `data` is valid for reads of `data.len()` bytes.
+    let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Reads a socket address the kernel wrote; `None` for families other than IPv4/IPv6.
+#[inline]
+pub fn from_storage(s: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    match i32::from(s.ss_family) {
+        libc::AF_INET if len as usize >= size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in, and storage is
+            // aligned and large enough for any sockaddr.
+            let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 if len as usize >= size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for sockaddr_in6.
+            let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Writes `addr` into `s`; returns its length.
+#[inline]
+pub fn to_storage(addr: SocketAddr, s: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: storage is aligned and large enough for a sockaddr_in.
+            let out =
+                unsafe { &mut *(s as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            out.sin_family = libc::AF_INET as libc::sa_family_t;
+            out.sin_port = a.port().to_be();
+            out.sin_addr = libc::in_addr {
+                s_addr: u32::from(*a.ip()).to_be(),
+            };
+            out.sin_zero = [0; 8];
+            size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: storage is aligned and large enough for a sockaddr_in6.
+            let out =
+                unsafe { &mut *(s as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            out.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            out.sin6_port = a.port().to_be();
+            out.sin6_flowinfo = a.flowinfo();
+            out.sin6_addr = libc::in6_addr {
+                s6_addr: a.ip().octets(),
+            };
+            out.sin6_scope_id = a.scope_id();
+            size_of::<libc::sockaddr_in6>() as libc::socklen_t
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn addresses_round_trip() {
+        for a in ["127.0.0.1:5004", "[fd00::1]:443", "0.0.0.0:0"] {
+            let a: SocketAddr = a.parse().unwrap();
+            // SAFETY: all-zero is valid.
+            let mut s: libc::sockaddr_storage = unsafe { zeroed() };
+            let len = to_storage(a, &mut s);
+            assert_eq!(from_storage(&s, len), Some(a));
+        }
+    }
+
+    #[test]
+    fn batch_sends_and_receives() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        let mut out = MsgBatch::new(4, 64);
+        assert!(out.push(b"one", to));
+        assert!(out.push(b"two", to));
+        assert!(!out.push(&[0u8; 65], to), "too large for a slot");
+        assert_eq!(out.flush(tx.as_raw_fd()), (2, 0));
+        assert!(out.is_empty());
+        let mut inb = MsgBatch::new(4, 64);
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            let n = inb.recv_from(rx.as_raw_fd()).unwrap();
+            for i in 0..n {
+                let (d, from, trunc) = inb.get(i);
+                assert_eq!(from, Some(tx.local_addr().unwrap()));
+                assert!(!trunc);
+                got.push(d.to_vec());
+            }
+            if got.len() == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(got, vec![b"one".to_vec(), b"two".to_vec()]);
+        assert_eq!(inb.recv_from(rx.as_raw_fd()).unwrap(), 0);
+    }
+}

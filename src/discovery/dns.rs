@@ -1,7 +1,7 @@
 //! DNS source: resolves each configured host name's A and AAAA records with
 //! hickory-resolver and re-resolves when their TTL runs out.
 //!
-//! Rules (docs/discovery.md):
+//! Rules (README, "Discovery"):
 //! - every address is a server; the set is published sorted;
 //! - the next resolution is due after the smallest TTL of the answer, clamped to
 //!   `discovery.dns.min_ttl..max_ttl`;

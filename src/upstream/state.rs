@@ -713,6 +713,23 @@ mod tests {
         wall: SystemTime,
     }
 
+    /// The policy the tests use: fall 1, rise 2.
+    fn policy(
+        balance: Balance,
+        failback: Failback,
+        failback_delay: Duration,
+        probe_less: bool,
+    ) -> Policy {
+        Policy {
+            balance,
+            failback,
+            failback_delay,
+            fall: 1,
+            rise: 2,
+            probe_less,
+        }
+    }
+
     fn handles(primary: u8, backup: u8) -> Vec<Arc<ServerHandle>> {
         let mk = |i: u8, tier| {
             Arc::new(ServerHandle::new(
@@ -737,14 +754,7 @@ mod tests {
     ) -> Fixture {
         let t0 = Instant::now();
         let wall = SystemTime::UNIX_EPOCH;
-        let policy = Policy {
-            balance,
-            failback,
-            failback_delay: Duration::from_millis(delay_ms),
-            fall: 1,
-            rise: 2,
-            probe_less: false,
-        };
+        let policy = policy(balance, failback, Duration::from_millis(delay_ms), false);
         let st = UpstreamState::new("u".into(), handles(primary, backup), policy, t0, wall);
         Fixture { st, t0, wall }
     }
@@ -961,14 +971,7 @@ mod tests {
     fn probe_less_servers_recover_after_passive_failure() {
         let t0 = Instant::now();
         let wall = SystemTime::UNIX_EPOCH;
-        let policy = Policy {
-            balance: Balance::First,
-            failback: Failback::NewSessions,
-            failback_delay: Duration::ZERO,
-            fall: 1,
-            rise: 2,
-            probe_less: true,
-        };
+        let policy = policy(Balance::First, Failback::NewSessions, Duration::ZERO, true);
         let mut st = UpstreamState::new("u".into(), handles(1, 1), policy, t0, wall);
         assert_eq!(st.active_labels(), vec![P1]);
         let s = st.passive_failure(0, Reason::ConnectRefused, "refused", t0, wall);
@@ -1073,14 +1076,7 @@ mod tests {
         let mut f = fixture(2, 0, Balance::First, Failback::NewSessions, 0);
         f.all_ok(0);
         assert_eq!(f.active(), vec![P1]);
-        let policy = Policy {
-            balance: Balance::Hash,
-            failback: Failback::NewSessions,
-            failback_delay: Duration::ZERO,
-            fall: 1,
-            rise: 2,
-            probe_less: false,
-        };
+        let policy = policy(Balance::Hash, Failback::NewSessions, Duration::ZERO, false);
         f.st.set_policy(policy, f.at(1), f.wall);
         assert_eq!(f.active(), vec![P1, P2]);
     }
@@ -1089,14 +1085,7 @@ mod tests {
     fn servers_arriving_after_start_are_no_event() {
         let t0 = Instant::now();
         let wall = SystemTime::UNIX_EPOCH;
-        let policy = Policy {
-            balance: Balance::First,
-            failback: Failback::NewSessions,
-            failback_delay: Duration::ZERO,
-            fall: 1,
-            rise: 2,
-            probe_less: true,
-        };
+        let policy = policy(Balance::First, Failback::NewSessions, Duration::ZERO, true);
         let mut st = UpstreamState::new("u".into(), Vec::new(), policy, t0, wall);
         assert!(!st.first_round_done());
         let s = st.replace_servers(ready(&handles(1, 1)), t0, wall);

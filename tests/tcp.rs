@@ -119,7 +119,7 @@ upstreams:
   web:
     primary: ["{primary_addr}"]
     backup: ["{backup_addr}"]
-    health: {{ type: http, port: {health}, path: /health, interval: 200ms, timeout: 150ms }}
+    health: {{ type: http, port: {health}, path: /health, interval: 200ms, timeout: 100ms }}
 "#
         ),
         a,

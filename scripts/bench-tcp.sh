@@ -20,22 +20,12 @@ DUR=${DUR:-4s}
 BASE=${BASE_PORT:-23000}
 DEADLINE=$((SECONDS + 540))
 
-[[ -n "${SKIP_BUILD:-}" ]] || cargo build --release --quiet --bin mediagate --bin mediagate-load
-BIN=target/release
-LOAD=$BIN/mediagate-load
-NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
+source scripts/bench-common.sh
+find_nginx
 HAPROXY=${HAPROXY:-$(command -v haproxy || echo /usr/sbin/haproxy)}
-STREAM_MOD=${STREAM_MOD:-/usr/lib/nginx/modules/ngx_stream_module.so}
-for b in "$NGINX" "$HAPROXY"; do [[ -x $b ]] || { echo "missing $b" >&2; exit 2; }; done
-
-TMP=$(mktemp -d /tmp/bench-tcp.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+[[ -x $HAPROXY ]] || { echo "haproxy not found (apt-get install haproxy)" >&2; exit 2; }
+bench_init bench-tcp
+LOAD=$BIN/mediagate-load
 
 PRIMARY=$BASE; BACKUP=$((BASE + 1)); NGINX_PORT=$((BASE + 2)); HAPROXY_PORT=$((BASE + 3))
 MG_PORT=$((BASE + 4)); ADMIN=$((BASE + 5))
@@ -45,25 +35,7 @@ for p in $PRIMARY $BACKUP; do
   PIDS+=($!)
 done
 
-cat >"$TMP/nginx.conf" <<EOF
-load_module $STREAM_MOD;
-worker_processes $WORKERS;
-worker_rlimit_nofile 20000;
-daemon off;
-pid $TMP/nginx.pid;
-error_log $TMP/nginx-error.log warn;
-events { worker_connections 9000; }
-stream {
-  upstream media {
-    server 127.0.0.1:$PRIMARY;
-    server 127.0.0.1:$BACKUP backup;
-  }
-  server {
-    listen 127.0.0.1:$NGINX_PORT;
-    proxy_pass media;
-  }
-}
-EOF
+nginx_stream_conf "$TMP/nginx.conf" ""
 $NGINX -e "$TMP/nginx-error.log" -p "$TMP" -c "$TMP/nginx.conf" &
 PIDS+=($!)
 

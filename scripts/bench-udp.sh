@@ -30,24 +30,10 @@ PROXY_CPU=(); CLIENT_CPU=()
 if [[ -n "${PIN:-}" ]]; then PROXY_CPU=(taskset -c 1); CLIENT_CPU=(taskset -c 0); fi
 DEADLINE=$((SECONDS + 570))
 
-if [[ -z "${SKIP_BUILD:-}" ]]; then
-  cargo build --release --quiet --bin mediagate --bin mediagate-load
-fi
-BIN=target/release
+source scripts/bench-common.sh
+find_nginx
+bench_init bench-udp
 LOAD="${CLIENT_CPU[*]} $BIN/mediagate-load"
-NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
-STREAM_MOD=${STREAM_MOD:-/usr/lib/nginx/modules/ngx_stream_module.so}
-[[ -x $NGINX ]] || { echo "nginx not found (apt-get install nginx-light libnginx-mod-stream)" >&2; exit 2; }
-[[ -f $STREAM_MOD ]] || { echo "nginx stream module not found: $STREAM_MOD" >&2; exit 2; }
-
-TMP=$(mktemp -d /tmp/bench-udp.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
 
 PRIMARY=$BASE; BACKUP=$((BASE + 1)); NGINX_PORT=$((BASE + 2)); MG_PORT=$((BASE + 3)); ADMIN=$((BASE + 4))
 
@@ -58,26 +44,7 @@ start_echo() { # name port
 start_echo primary $PRIMARY
 start_echo backup $BACKUP
 
-cat >"$TMP/nginx.conf" <<EOF
-load_module $STREAM_MOD;
-worker_processes $WORKERS;
-worker_rlimit_nofile 20000;
-daemon off;
-pid $TMP/nginx.pid;
-error_log $TMP/nginx-error.log warn;
-events { worker_connections 9000; }
-stream {
-  upstream media {
-    server 127.0.0.1:$PRIMARY;
-    server 127.0.0.1:$BACKUP backup;
-  }
-  server {
-    listen 127.0.0.1:$NGINX_PORT udp reuseport;
-    proxy_pass media;
-    proxy_timeout 30s;
-  }
-}
-EOF
+nginx_stream_conf "$TMP/nginx.conf" "udp reuseport" "proxy_timeout 30s;"
 ${PROXY_CPU[@]} $NGINX -e "$TMP/nginx-error.log" -p "$TMP" -c "$TMP/nginx.conf" &
 PIDS+=($!)
 

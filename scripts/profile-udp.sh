@@ -8,12 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 FLOWS=${1:-1000}; SIZE=${2:-64}; RATE=${3:-30000}
 BASE=${BASE_PORT:-22000}
-[[ -n "${SKIP_BUILD:-}" ]] || cargo build --release --quiet --bin mediagate --bin mediagate-load
-BIN=target/release
-TMP=$(mktemp -d /tmp/profile-udp.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
-trap cleanup EXIT
+source scripts/bench-common.sh
+bench_init profile-udp
 
 $BIN/mediagate-load echo --listen 127.0.0.1:$BASE --lifetime 2m >/dev/null &
 PIDS+=($!)

@@ -1,6 +1,7 @@
 //! The data plane: UDP and TCP listeners that forward client traffic to the server the
 //! routing snapshot picks. Start reading at `udp.rs`.
 
+pub mod ports;
 pub mod sys;
 pub mod tcp;
 pub mod udp;

@@ -23,6 +23,7 @@
 //! A datagram the old server refused (ICMP port unreachable, reported on the connected
 //! socket) is re-sent to the new one from a ring of recent copies.
 
+use super::ports::{self, PortLease};
 use super::sys::{self, MsgBatch};
 use crate::health::Reason;
 use crate::metrics::ListenerMetrics;
@@ -30,7 +31,7 @@ use crate::upstream::{ServerHandle, UpstreamRoute};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -200,6 +201,9 @@ struct Session {
     /// The server's eviction epoch when this session was pinned to it.
     pinned_epoch: u64,
     upstream: UdpSocket,
+    /// The local port `upstream` holds for its server. Declared after `upstream`: the
+    /// port is handed out again only once the socket is closed.
+    lease: PortLease,
     /// Last packet either way, in ms since the listener's epoch.
     last_activity_ms: u64,
     /// Ring slot holding a copy of the last datagram sent to the server.
@@ -588,7 +592,11 @@ impl Tables {
         let gen_ = slot.gen_;
         let local_port = self.ports[usize::from(p)].local_port;
         let pinned_epoch = server.epoch();
-        let upstream = match open_upstream(&self.epoll, server.dest(local_port), token(idx, gen_)) {
+        let (upstream, lease) = match open_upstream(
+            &self.epoll,
+            server.dest(local_port),
+            token(idx, gen_),
+        ) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(listener = %shared.name, error = %e, "cannot open upstream socket");
@@ -607,6 +615,7 @@ impl Tables {
             server,
             pinned_epoch,
             upstream,
+            lease,
             last_activity_ms: self.now_ms,
             last_sent: None,
             refused: false,
@@ -808,29 +817,14 @@ fn passive_reason(e: &io::Error) -> Option<Reason> {
     }
 }
 
-/// A non-blocking socket connected to `dest`, from an ephemeral port of the same family,
-/// registered in `epoll` under `tok`.
-fn open_upstream(epoll: &Epoll, dest: SocketAddr, tok: u64) -> io::Result<UdpSocket> {
-    let local: SocketAddr = match dest.ip() {
-        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(dest),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    // Room for a burst of replies while the worker is busy (the default ~200 KiB holds
-    // only ~270 small datagrams). A limit, not an allocation: idle sessions cost nothing.
-    let _ = sock.set_recv_buffer_size(UPSTREAM_RCVBUF);
-    sock.bind(&local.into())?;
-    sock.connect(&dest.into())?;
-    sock.set_nonblocking(true)?;
-    let sock: UdpSocket = sock.into();
+/// A non-blocking socket connected to `dest`, from a local port no other session to
+/// `dest` holds (see [`ports`]), registered in `epoll` under `tok`.
+fn open_upstream(epoll: &Epoll, dest: SocketAddr, tok: u64) -> io::Result<(UdpSocket, PortLease)> {
+    let (sock, lease) = ports::connect_shared(dest, UPSTREAM_RCVBUF)?;
     epoll
         .add(sock.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, tok))
         .map_err(io::Error::from)?;
-    Ok(sock)
+    Ok((sock, lease))
 }
 
 /// Moves `session` to `server` through a new upstream socket; replies still in flight
@@ -844,11 +838,13 @@ fn repin(
     server: Arc<ServerHandle>,
 ) -> io::Result<()> {
     let pinned_epoch = server.epoch();
-    let upstream = open_upstream(epoll, server.dest(local_port), token(idx, gen_))?;
+    let (upstream, lease) = open_upstream(epoll, server.dest(local_port), token(idx, gen_))?;
     session.server.session_closed();
     server.session_opened();
-    // Dropping the old socket closes it, which also removes it from the epoll set.
+    // Dropping the old socket closes it, which also removes it from the epoll set; then
+    // its port goes back to the table.
     session.upstream = upstream;
+    session.lease = lease;
     session.server = server;
     session.pinned_epoch = pinned_epoch;
     session.refused = false;

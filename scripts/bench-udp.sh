@@ -11,7 +11,8 @@
 #   WORKERS=1        nginx worker_processes and mediagate UDP worker threads
 #   FLOWS="1 1000"   SIZES="64 1200"
 #   TRIAL=1s         length of each sweep trial
-#   LAT=2s ROUNDS=3  latency: ROUNDS runs of LAT per target, rotated order, median kept
+#   LAT=1s ROUNDS=7  latency: ROUNDS runs of LAT per target, rotated order, median kept;
+#                    a round also pairs mediagate's p99 with nginx's run next to it
 #   SKIP_BUILD=1     use the release binaries already built
 #   OUT=file         also write the table there (markdown)
 #   PIN=1            pin the proxies to CPU 1, the generator and echo workers to CPU 0
@@ -23,8 +24,8 @@ WORKERS=${WORKERS:-1}
 FLOWS=${FLOWS:-"1 1000"}
 SIZES=${SIZES:-"64 1200"}
 TRIAL=${TRIAL:-1s}
-LAT=${LAT:-2s}
-ROUNDS=${ROUNDS:-3}
+LAT=${LAT:-1s}
+ROUNDS=${ROUNDS:-7}
 BASE=${BASE_PORT:-21000}
 PROXY_CPU=(); CLIENT_CPU=()
 if [[ -n "${PIN:-}" ]]; then PROXY_CPU=(taskset -c 1); CLIENT_CPU=(taskset -c 0); fi
@@ -80,7 +81,7 @@ TARGETS="direct nginx mediagate"
 field() { # key line
   sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$2"
 }
-declare -A MAX P99 P50 P999 SIL HALF
+declare -A MAX P99 P50 P999 SIL HALF WINS
 say() { echo "$*" >&2; }
 median() { printf '%s\n' "$@" | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
 
@@ -103,7 +104,9 @@ for flows in $FLOWS; do
     # background load hits every target alike; the median of each percentile is kept.
     declare -A L50=() L99=() L999=() LSIL=()
     order=($TARGETS)
+    wins=0; paired=0
     for ((r = 0; r < ROUNDS; r++)); do
+      declare -A R99=()
       for ((j = 0; j < ${#order[@]}; j++)); do
         t=${order[$(((j + r) % ${#order[@]}))]}
         if ((SECONDS > DEADLINE)); then say "time budget spent; stopping"; break 4; fi
@@ -111,9 +114,16 @@ for flows in $FLOWS; do
           --rate "$half" --duration "$LAT" 2>/dev/null || true)
         L50[$t]+=" $(field p50_us "$line")"; L99[$t]+=" $(field p99_us "$line")"
         L999[$t]+=" $(field p999_us "$line")"; LSIL[$t]+=" $(field max_silence_ms "$line")"
+        R99[$t]=$(field p99_us "$line")
         say "latency $t flows=$flows size=$size at $half pps (round $((r + 1))): $line"
       done
+      # Paired: the two proxies ran back to back in this round, under the same background.
+      if [[ -n "${R99[nginx]:-}" && -n "${R99[mediagate]:-}" ]]; then
+        paired=$((paired + 1))
+        awk -v m="${R99[mediagate]}" -v n="${R99[nginx]}" 'BEGIN { exit !(m <= n) }' && wins=$((wins + 1))
+      fi
     done
+    WINS[$k]="$wins/$paired"
     for t in $TARGETS; do
       P50[$t,$k]=$(median ${L50[$t]}); P99[$t,$k]=$(median ${L99[$t]})
       P999[$t,$k]=$(median ${L999[$t]}); SIL[$t,$k]=$(median ${LSIL[$t]})
@@ -124,13 +134,13 @@ done
 ratio() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
 {
   echo
-  echo "| flows | size | direct max pps | nginx max pps | mediagate max pps | mediagate/nginx | at pps (½ nginx max) | p50/p99/p99.9 µs direct | nginx | mediagate | p99 nginx/mediagate | max silence ms nginx / mediagate |"
-  echo "|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|"
+  echo "| flows | size | direct max pps | nginx max pps | mediagate max pps | mediagate/nginx | at pps (½ nginx max) | p50/p99/p99.9 µs direct | nginx | mediagate | p99 nginx/mediagate | rounds p99 mediagate ≤ nginx | max silence ms nginx / mediagate |"
+  echo "|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---:|---|"
   for flows in $FLOWS; do
     for size in $SIZES; do
       k=$flows,$size
       lat() { echo "${P50[$1,$k]:--}/${P99[$1,$k]:--}/${P999[$1,$k]:--}"; }
-      echo "| $flows | $size | ${MAX[direct,$k]:--} | ${MAX[nginx,$k]:--} | ${MAX[mediagate,$k]:--} | $(ratio "${MAX[mediagate,$k]:-}" "${MAX[nginx,$k]:-}") | ${HALF[$k]:--} | $(lat direct) | $(lat nginx) | $(lat mediagate) | $(ratio "${P99[nginx,$k]:-}" "${P99[mediagate,$k]:-}") | ${SIL[nginx,$k]:--} / ${SIL[mediagate,$k]:--} |"
+      echo "| $flows | $size | ${MAX[direct,$k]:--} | ${MAX[nginx,$k]:--} | ${MAX[mediagate,$k]:--} | $(ratio "${MAX[mediagate,$k]:-}" "${MAX[nginx,$k]:-}") | ${HALF[$k]:--} | $(lat direct) | $(lat nginx) | $(lat mediagate) | $(ratio "${P99[nginx,$k]:-}" "${P99[mediagate,$k]:-}") | ${WINS[$k]:--} | ${SIL[nginx,$k]:--} / ${SIL[mediagate,$k]:--} |"
     done
   done
   echo

@@ -6,13 +6,16 @@
 # under 0.1% loss (mediagate-load sweep), then measures RTT at half of nginx's highest
 # rate on every target, and prints a table with the mediagate/nginx ratios.
 #
-# Usage: scripts/bench-udp.sh            (about 4-6 minutes; hard limit 9.5 minutes)
+# Usage: scripts/bench-udp.sh            (about 7 minutes after the build; hard limit 9.5)
 # Environment:
 #   WORKERS=1        nginx worker_processes and mediagate UDP worker threads
 #   FLOWS="1 1000"   SIZES="64 1200"
 #   TRIAL=1s         length of each sweep trial
-#   LAT=1s ROUNDS=7  latency: ROUNDS runs of LAT per target, rotated order, median kept;
+#   LAT=1s ROUNDS=11 latency: ROUNDS runs of LAT per target, rotated order, median kept;
 #                    a round also pairs mediagate's p99 with nginx's run next to it
+#   SRC_BASE=10000   flow i always sends from port SRC_BASE+i, so every trial and round
+#                    drives the same long-lived sessions through each proxy (as media
+#                    flows do), and no proxy fills up with sessions of earlier rounds
 #   SKIP_BUILD=1     use the release binaries already built
 #   OUT=file         also write the table there (markdown)
 #   PIN=1            pin the proxies to CPU 1, the generator and echo workers to CPU 0
@@ -25,15 +28,16 @@ FLOWS=${FLOWS:-"1 1000"}
 SIZES=${SIZES:-"64 1200"}
 TRIAL=${TRIAL:-1s}
 LAT=${LAT:-1s}
-ROUNDS=${ROUNDS:-7}
+ROUNDS=${ROUNDS:-11}
+SRC_BASE=${SRC_BASE:-10000}
 BASE=${BASE_PORT:-21000}
 PROXY_CPU=(); CLIENT_CPU=()
 if [[ -n "${PIN:-}" ]]; then PROXY_CPU=(taskset -c 1); CLIENT_CPU=(taskset -c 0); fi
-DEADLINE=$((SECONDS + 570))
 
 source scripts/bench-common.sh
 find_nginx
 bench_init bench-udp
+DEADLINE=$((SECONDS + 570)) # after the build: the budget is for measuring
 LOAD="${CLIENT_CPU[*]} $BIN/mediagate-load"
 
 PRIMARY=$BASE; BACKUP=$((BASE + 1)); NGINX_PORT=$((BASE + 2)); MG_PORT=$((BASE + 3)); ADMIN=$((BASE + 4))
@@ -81,8 +85,10 @@ TARGETS="direct nginx mediagate"
 field() { # key line
   sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$2"
 }
-declare -A MAX P99 P50 P999 SIL HALF WINS
+declare -A MAX P99 P50 P999 SIL HALF WINS PAIRED
 say() { echo "$*" >&2; }
+ratio() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
+TOTAL_WINS=0; TOTAL_PAIRED=0
 median() { printf '%s\n' "$@" | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
 
 say "machine: $(nproc) CPU ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(uname -r)"
@@ -93,7 +99,7 @@ for flows in $FLOWS; do
     for t in $TARGETS; do
       if ((SECONDS > DEADLINE)); then say "time budget spent; stopping"; break 3; fi
       line=$(timeout 120 $LOAD sweep --target 127.0.0.1:${PORT[$t]} --flows "$flows" --size "$size" \
-        --duration "$TRIAL" --start 10000 --steps 4 2>"$TMP/sweep-$t-$flows-$size.log" | grep '^best' || true)
+        --src-base "$SRC_BASE" --duration "$TRIAL" --start 10000 --steps 4 2>"$TMP/sweep-$t-$flows-$size.log" | grep '^best' || true)
       MAX[$t,$k]=$(field pps "$line")
       say "sweep $t flows=$flows size=$size: max ${MAX[$t,$k]:-?} pps"
     done
@@ -104,14 +110,14 @@ for flows in $FLOWS; do
     # background load hits every target alike; the median of each percentile is kept.
     declare -A L50=() L99=() L999=() LSIL=()
     order=($TARGETS)
-    wins=0; paired=0
+    wins=0; paired=0; ratios=""
     for ((r = 0; r < ROUNDS; r++)); do
       declare -A R99=()
       for ((j = 0; j < ${#order[@]}; j++)); do
         t=${order[$(((j + r) % ${#order[@]}))]}
         if ((SECONDS > DEADLINE)); then say "time budget spent; stopping"; break 4; fi
         line=$(timeout 60 $LOAD run --target 127.0.0.1:${PORT[$t]} --flows "$flows" --size "$size" \
-          --rate "$half" --duration "$LAT" 2>/dev/null || true)
+          --src-base "$SRC_BASE" --rate "$half" --duration "$LAT" 2>/dev/null || true)
         L50[$t]+=" $(field p50_us "$line")"; L99[$t]+=" $(field p99_us "$line")"
         L999[$t]+=" $(field p999_us "$line")"; LSIL[$t]+=" $(field max_silence_ms "$line")"
         R99[$t]=$(field p99_us "$line")
@@ -121,9 +127,12 @@ for flows in $FLOWS; do
       if [[ -n "${R99[nginx]:-}" && -n "${R99[mediagate]:-}" ]]; then
         paired=$((paired + 1))
         awk -v m="${R99[mediagate]}" -v n="${R99[nginx]}" 'BEGIN { exit !(m <= n) }' && wins=$((wins + 1))
+        ratios+=" $(ratio "${R99[nginx]}" "${R99[mediagate]}")"
       fi
     done
     WINS[$k]="$wins/$paired"
+    PAIRED[$k]=$(median $ratios)
+    TOTAL_WINS=$((TOTAL_WINS + wins)); TOTAL_PAIRED=$((TOTAL_PAIRED + paired))
     for t in $TARGETS; do
       P50[$t,$k]=$(median ${L50[$t]}); P99[$t,$k]=$(median ${L99[$t]})
       P999[$t,$k]=$(median ${L999[$t]}); SIL[$t,$k]=$(median ${LSIL[$t]})
@@ -131,18 +140,18 @@ for flows in $FLOWS; do
   done
 done
 
-ratio() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
 {
   echo
-  echo "| flows | size | direct max pps | nginx max pps | mediagate max pps | mediagate/nginx | at pps (½ nginx max) | p50/p99/p99.9 µs direct | nginx | mediagate | p99 nginx/mediagate | rounds p99 mediagate ≤ nginx | max silence ms nginx / mediagate |"
+  echo "| flows | size | direct max pps | nginx max pps | mediagate max pps | mediagate/nginx | at pps (½ nginx max) | p50/p99/p99.9 µs direct | nginx | mediagate | p99 nginx/mediagate (medians) | paired rounds: p99 nginx/mediagate (median), mediagate ≤ nginx | max silence ms nginx / mediagate |"
   echo "|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---:|---|"
   for flows in $FLOWS; do
     for size in $SIZES; do
       k=$flows,$size
       lat() { echo "${P50[$1,$k]:--}/${P99[$1,$k]:--}/${P999[$1,$k]:--}"; }
-      echo "| $flows | $size | ${MAX[direct,$k]:--} | ${MAX[nginx,$k]:--} | ${MAX[mediagate,$k]:--} | $(ratio "${MAX[mediagate,$k]:-}" "${MAX[nginx,$k]:-}") | ${HALF[$k]:--} | $(lat direct) | $(lat nginx) | $(lat mediagate) | $(ratio "${P99[nginx,$k]:-}" "${P99[mediagate,$k]:-}") | ${WINS[$k]:--} | ${SIL[nginx,$k]:--} / ${SIL[mediagate,$k]:--} |"
+      echo "| $flows | $size | ${MAX[direct,$k]:--} | ${MAX[nginx,$k]:--} | ${MAX[mediagate,$k]:--} | $(ratio "${MAX[mediagate,$k]:-}" "${MAX[nginx,$k]:-}") | ${HALF[$k]:--} | $(lat direct) | $(lat nginx) | $(lat mediagate) | $(ratio "${P99[nginx,$k]:-}" "${P99[mediagate,$k]:-}") | ${PAIRED[$k]:--}, ${WINS[$k]:--} | ${SIL[nginx,$k]:--} / ${SIL[mediagate,$k]:--} |"
     done
   done
   echo
   echo "Max pps: highest total rate (replies/s) with < 0.1% loss, $TRIAL trials. Latency: open loop at half of nginx's max rate, median of $ROUNDS rotated runs of $LAT."
+  echo "Paired rounds (nginx and mediagate run back to back): mediagate's p99 ≤ nginx's in $TOTAL_WINS of $TOTAL_PAIRED."
 } | tee "${OUT:-/dev/null}"

@@ -1,6 +1,7 @@
-//! TCP proxying end to end: a refused primary sends connections to the backup, and an
+//! TCP proxying end to end: a refused primary sends connections to the backup, an
 //! established connection on a server that goes down is closed promptly so that the
-//! client's reconnect lands on the backup.
+//! client's reconnect lands on the backup, and closes reach the other side as they came
+//! (a FIN as a half-close, a reset as a reset).
 
 mod common;
 
@@ -152,4 +153,81 @@ upstreams:
     let (_c, name) = greet(listen);
     assert_eq!(name, "backup");
     assert_eq!(b.active("web"), vec![backup_addr.to_string()]);
+}
+
+#[test]
+fn closes_are_passed_on_as_they_came() {
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").expect("bind backend");
+    let backend_addr = backend.local_addr().expect("addr");
+    let (l, a) = (free_tcp_port(), free_tcp_port());
+    let _b = Balancer::start(
+        &format!(
+            r#"
+admin: {{ listen: "127.0.0.1:{a}" }}
+listeners:
+  - {{ name: app, protocol: tcp, listen: "127.0.0.1:{l}", upstream: app }}
+upstreams:
+  app:
+    primary: ["{backend_addr}"]
+    health: {{ type: none }}
+"#
+        ),
+        a,
+    );
+    let listen = SocketAddr::from(([127, 0, 0, 1], l));
+    let timeout = Some(Duration::from_secs(3));
+    let connect = || {
+        let c = TcpStream::connect_timeout(&listen, Duration::from_secs(2)).expect("connect");
+        c.set_read_timeout(timeout).expect("timeout");
+        let (s, _) = backend.accept().expect("accept");
+        s.set_read_timeout(timeout).expect("timeout");
+        (c, s)
+    };
+    let reset = |s: TcpStream| {
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
+        drop(s);
+    };
+
+    // Half-close: the request ends with a FIN, the answer still comes back.
+    let (mut client, mut server) = connect();
+    client.write_all(b"request").expect("write");
+    client
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shutdown");
+    let mut got = Vec::new();
+    server.read_to_end(&mut got).expect("server reads to EOF");
+    assert_eq!(got, b"request");
+    server.write_all(b"answer").expect("answer");
+    drop(server);
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).expect("client reads to EOF");
+    assert_eq!(
+        got, b"answer",
+        "a half-closed connection must carry the answer back"
+    );
+
+    // The client resets: the server sees a reset, not a clean end of data.
+    let (mut client, mut server) = connect();
+    client.write_all(b"x").expect("write");
+    let mut byte = [0u8; 1];
+    server.read_exact(&mut byte).expect("server reads");
+    reset(client);
+    let r = server.read(&mut byte);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the server must see the client's reset, got {r:?}"
+    );
+
+    // The server resets: the client sees a reset.
+    let (mut client, mut server) = connect();
+    server.write_all(b"y").expect("write");
+    client.read_exact(&mut byte).expect("client reads");
+    reset(server);
+    let r = client.read(&mut byte);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the client must see the server's reset, got {r:?}"
+    );
 }

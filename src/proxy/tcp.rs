@@ -1,6 +1,13 @@
 //! The TCP proxy: accept, pick a server, connect (trying the next eligible server when a
 //! connect is refused or times out, and reporting that as a passive failure), then copy
 //! both ways until either side closes, the server is evicted, or shutdown ends the drain.
+//!
+//! A close is passed on the way it came: a FIN (end of data) half-closes the other side
+//! and the other direction keeps flowing; a reset (or a write that fails) aborts the
+//! other side with a reset too, at once. Besides telling the other end the truth, the
+//! abortive close leaves no TIME_WAIT entry on the proxy's server-side socket, so a flood
+//! of aborted connections does not make every new `connect` search a crowded ephemeral
+//! port range (HAProxy closes the same way).
 
 use crate::health::Reason;
 use crate::metrics::ListenerMetrics;
@@ -76,13 +83,13 @@ impl TcpListener {
 
     async fn handle(
         &self,
-        client: TcpStream,
+        mut client: TcpStream,
         peer: SocketAddr,
         local_port: u16,
         kill: CancellationToken,
     ) {
         let m = &self.metrics;
-        let Some((server, upstream, evicted)) = self.connect(peer, local_port).await else {
+        let Some((server, mut upstream, evicted)) = self.connect(peer, local_port).await else {
             m.rejected_no_server.inc();
             return;
         };
@@ -93,22 +100,32 @@ impl TcpListener {
         m.sessions.inc();
         m.created.inc();
 
-        let (cr, cw) = client.into_split();
-        let (ur, uw) = upstream.into_split();
-        let both = async {
-            tokio::join!(
-                pump(cr, uw, m.bytes_to_server.clone()),
-                pump(ur, cw, m.bytes_to_client.clone())
-            )
-        };
-        tokio::select! {
-            _ = both => {}
-            _ = evicted.cancelled() => {
-                tracing::debug!(listener = %self.name, %peer, server = %server.label, "closing connection: server left the active set");
+        let aborted = {
+            // Borrowed halves: dropping them does not shut anything down, so an abort
+            // below is not preceded by a FIN.
+            let (cr, cw) = client.split();
+            let (ur, uw) = upstream.split();
+            // Both directions until both have ended; an abort in either ends both at once.
+            let both = async {
+                tokio::try_join!(
+                    pump(cr, uw, m.bytes_to_server.clone()),
+                    pump(ur, cw, m.bytes_to_client.clone())
+                )
+            };
+            tokio::select! {
+                r = both => r.is_err(),
+                _ = evicted.cancelled() => {
+                    tracing::debug!(listener = %self.name, %peer, server = %server.label, "closing connection: server left the active set");
+                    false
+                }
+                _ = kill.cancelled() => false,
             }
-            _ = kill.cancelled() => {}
+        };
+        if aborted {
+            reset_on_close(&client);
+            reset_on_close(&upstream);
         }
-        // Dropping the halves closes both sockets.
+        drop((client, upstream));
         server.session_closed();
         m.sessions.dec();
         self.live.fetch_sub(1, Ordering::Relaxed);
@@ -163,25 +180,33 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(sock.into())
 }
 
-/// Copies one direction, counting bytes; on EOF half-closes the other side.
+/// The connection was aborted: by a reset from one side, or a write that failed.
+struct Aborted;
+
+/// Copies one direction, counting bytes. On EOF it half-closes the other side and returns
+/// `Ok`; a reset (read error) or a failed write returns `Err`, and the caller resets both.
 async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut from: tokio::net::tcp::ReadHalf<'_>,
+    mut to: tokio::net::tcp::WriteHalf<'_>,
     bytes: Counter,
-) {
+) -> Result<(), Aborted> {
     let mut buf = vec![0u8; COPY_BUF];
     loop {
         match from.read(&mut buf).await {
-            Ok(0) | Err(_) => {
+            Ok(0) => {
                 let _ = to.shutdown().await;
-                return;
+                return Ok(());
             }
+            Err(_) => return Err(Aborted),
             Ok(n) => {
-                if to.write_all(&buf[..n]).await.is_err() {
-                    return;
-                }
+                to.write_all(&buf[..n]).await.map_err(|_| Aborted)?;
                 bytes.inc_by(n as u64);
             }
         }
     }
+}
+
+/// SO_LINGER 0: closing `sock` sends a reset instead of a FIN, and leaves no TIME_WAIT.
+fn reset_on_close(sock: &TcpStream) {
+    let _ = socket2::SockRef::from(sock).set_linger(Some(std::time::Duration::ZERO));
 }

@@ -4,10 +4,12 @@
 //!
 //! A close is passed on the way it came: a FIN (end of data) half-closes the other side
 //! and the other direction keeps flowing; a reset (or a write that fails) aborts the
-//! other side with a reset too, at once. Besides telling the other end the truth, the
-//! abortive close leaves no TIME_WAIT entry on the proxy's server-side socket, so a flood
-//! of aborted connections does not make every new `connect` search a crowded ephemeral
-//! port range (HAProxy closes the same way).
+//! other side with a reset too, at once. A connection that mediagate itself cuts (its
+//! server left the active set, or the shutdown drain ran out) is reset on both sides: a
+//! FIN would tell the client its stream ended cleanly when it did not. Besides telling
+//! each end the truth, an abortive close leaves no TIME_WAIT entry on the proxy's
+//! server-side socket, so a flood of aborted connections does not make every new
+//! `connect` search a crowded ephemeral port range (HAProxy closes the same way).
 
 use crate::health::Reason;
 use crate::metrics::ListenerMetrics;
@@ -100,6 +102,7 @@ impl TcpListener {
         m.sessions.inc();
         m.created.inc();
 
+        // Whether the connection ends abortively (reset) rather than with FINs.
         let aborted = {
             // Borrowed halves: dropping them does not shut anything down, so an abort
             // below is not preceded by a FIN.
@@ -115,10 +118,10 @@ impl TcpListener {
             tokio::select! {
                 r = both => r.is_err(),
                 _ = evicted.cancelled() => {
-                    tracing::debug!(listener = %self.name, %peer, server = %server.label, "closing connection: server left the active set");
-                    false
+                    tracing::debug!(listener = %self.name, %peer, server = %server.label, "resetting connection: server left the active set");
+                    true
                 }
-                _ = kill.cancelled() => false,
+                _ = kill.cancelled() => true,
             }
         };
         if aborted {

@@ -28,6 +28,14 @@ fn greet(listen: SocketAddr) -> (TcpStream, String) {
     (s, String::from_utf8_lossy(&name).into_owned())
 }
 
+/// A read that `who` did must have failed with a connection reset.
+fn assert_reset(r: &std::io::Result<usize>, who: &str) {
+    assert!(
+        matches!(r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{who} must see a reset, got {r:?}"
+    );
+}
+
 #[test]
 fn refused_primary_sends_connections_to_the_backup() {
     let (p, bk, l, a) = (
@@ -137,10 +145,7 @@ upstreams:
     let mut buf = [0u8; 16];
     let r = conn.read(&mut buf);
     let closed_after = t.elapsed();
-    assert!(
-        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-        "expected mediagate to reset the connection, got {r:?}"
-    );
+    assert_reset(&r, "the client, when mediagate cuts the connection");
     eprintln!(
         "established connection closed {closed_after:?} after SIGSTOP (2 probe intervals = {:?})",
         interval * 2
@@ -214,10 +219,9 @@ upstreams:
     let mut byte = [0u8; 1];
     server.read_exact(&mut byte).expect("server reads");
     reset(client);
-    let r = server.read(&mut byte);
-    assert!(
-        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-        "the server must see the client's reset, got {r:?}"
+    assert_reset(
+        &server.read(&mut byte),
+        "the server, after the client's reset",
     );
 
     // The server resets: the client sees a reset.
@@ -225,9 +229,8 @@ upstreams:
     server.write_all(b"y").expect("write");
     client.read_exact(&mut byte).expect("client reads");
     reset(server);
-    let r = client.read(&mut byte);
-    assert!(
-        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-        "the client must see the server's reset, got {r:?}"
+    assert_reset(
+        &client.read(&mut byte),
+        "the client, after the server's reset",
     );
 }

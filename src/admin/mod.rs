@@ -7,8 +7,9 @@ pub mod status;
 
 use crate::app::AppState;
 use crate::upstream::AdminState;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -23,18 +24,33 @@ struct Ctx {
 }
 
 /// The router, without a listener (tests use it directly).
+///
+/// Routes that change state or hand out credentials (`/ice`) sit behind the bearer-token
+/// check when `admin.token` is set. The check is a middleware, so it runs before any
+/// extractor: an unauthenticated request is answered 401 without its body being read.
 pub fn router(app: Arc<AppState>) -> Router {
     let ctx = Ctx { app };
+    let guarded = Router::new()
+        .route("/ice", get(ice))
+        .route("/upstreams/{name}/servers/{server}/state", post(set_state))
+        .route("/upstreams/{name}/failback", post(failback))
+        .route("/reload", post(reload))
+        .route_layer(middleware::from_fn_with_state(ctx.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status_handler))
-        .route("/ice", get(ice))
-        .route("/upstreams/{name}/servers/{server}/state", post(set_state))
-        .route("/upstreams/{name}/failback", post(failback))
-        .route("/reload", post(reload))
+        .merge(guarded)
         .with_state(ctx)
+}
+
+/// Middleware: `401` unless the request carries the admin token (when one is set).
+async fn require_token(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
+    match authorize(&ctx, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(r) => *r,
+    }
 }
 
 /// Serves the API on `listener` until `stop` fires.
@@ -108,12 +124,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn set_state(
     State(ctx): State<Ctx>,
     Path((name, server)): Path<(String, String)>,
-    headers: HeaderMap,
     body: Result<Json<StateBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Err(r) = authorize(&ctx, &headers) {
-        return *r;
-    }
     let Ok(Json(body)) = body else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -136,14 +148,7 @@ async fn set_state(
     }
 }
 
-async fn failback(
-    State(ctx): State<Ctx>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = authorize(&ctx, &headers) {
-        return *r;
-    }
+async fn failback(State(ctx): State<Ctx>, Path(name): Path<String>) -> Response {
     let Some(up) = ctx.app.upstreams.load().get(&name).cloned() else {
         return error(StatusCode::NOT_FOUND, format!("no upstream {name}"));
     };
@@ -156,10 +161,7 @@ async fn failback(
     }
 }
 
-async fn reload(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&ctx, &headers) {
-        return *r;
-    }
+async fn reload(State(ctx): State<Ctx>) -> Response {
     match ctx.app.reload().await {
         Ok(()) => Json(serde_json::json!({ "result": "ok" })).into_response(),
         Err(errors) => (

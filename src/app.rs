@@ -526,6 +526,7 @@ fn spec_for(config: &Config, name: &str, ucfg: &UpstreamConfig) -> UpstreamSpec 
     UpstreamSpec {
         config: ucfg.clone(),
         default_port: default_port(config, name, ucfg),
+        passive: config::authoritative_protocols(config, name, ucfg),
     }
 }
 

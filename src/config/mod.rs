@@ -3,6 +3,7 @@
 //! of SPEC §3 (`validate`).
 
 pub mod load;
+pub mod passive;
 pub mod types;
 pub mod validate;
 mod yaml;
@@ -11,5 +12,6 @@ mod yaml;
 mod tests;
 
 pub use load::{ConfigError, ConfigErrors, load_file, load_str, load_str_with_env};
+pub use passive::{ProtocolSet, authoritative_protocols};
 pub use types::*;
 pub use validate::{Issue, validate};

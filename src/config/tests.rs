@@ -584,6 +584,7 @@ fn every_default() {
     assert_eq!(u.failback, Failback::NewSessions);
     assert_eq!(u.failback_delay.get(), Duration::ZERO);
     assert!(u.passive);
+    assert_eq!(u.passive_scope, PassiveScope::Protocol);
     assert_eq!(u.connect_timeout.get(), Duration::from_secs(1));
     assert_eq!(u.kubernetes, None);
     let h = &u.health;

@@ -295,6 +295,22 @@ impl Failback {
     }
 }
 
+/// Which passive failures (a refused TCP connect, an ICMP error on a UDP session) mark a
+/// server down for every listener of its upstream.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PassiveScope {
+    /// Only failures of the protocol that speaks for the server: the one protocol of the
+    /// upstream's listeners, or, when UDP and TCP listeners share the upstream, the
+    /// protocol its health probe uses (`udp`/`stun` probes: UDP; `tcp`/`http`: TCP;
+    /// `none`: both). A failure of the other protocol only steers that protocol's traffic
+    /// away from the server for a while; the probe decides the server's state.
+    #[default]
+    Protocol,
+    /// Every passive failure marks the server down, whatever protocol saw it.
+    Server,
+}
+
 /// One entry of `upstreams:`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -320,6 +336,9 @@ pub struct UpstreamConfig {
     /// ICMP unreachable / connection refused marks a server down at once. Default true.
     #[serde(default = "default_true")]
     pub passive: bool,
+    /// Which passive failures mark the whole server down. Default `protocol`.
+    #[serde(default)]
+    pub passive_scope: PassiveScope,
     /// TCP connect timeout; a timeout is a passive failure. Default 1s.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Dur,

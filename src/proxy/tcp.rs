@@ -11,6 +11,7 @@
 //! server-side socket, so a flood of aborted connections does not make every new
 //! `connect` search a crowded ephemeral port range (HAProxy closes the same way).
 
+use crate::config::Protocol;
 use crate::health::Reason;
 use crate::metrics::ListenerMetrics;
 use crate::upstream::{ServerHandle, UpstreamRoute};
@@ -141,14 +142,35 @@ impl TcpListener {
         local_port: u16,
     ) -> Option<(Arc<ServerHandle>, TcpStream, CancellationToken)> {
         let mut tried: Vec<Arc<ServerHandle>> = Vec::new();
+        // Servers whose TCP side failed lately without that marking them down (their
+        // UDP side speaks for them, `passive_scope: protocol`) are tried last.
+        let mut held: Vec<Arc<ServerHandle>> = self
+            .route
+            .snapshot()
+            .eligible
+            .iter()
+            .filter(|s| s.is_held(Protocol::Tcp))
+            .cloned()
+            .collect();
         loop {
-            let server = self.route.pick(peer.ip(), &tried)?;
+            let avoid: Vec<Arc<ServerHandle>> = tried.iter().chain(&held).cloned().collect();
+            let server = match self.route.pick(peer.ip(), &avoid) {
+                Some(s) => s,
+                None if !held.is_empty() => {
+                    held.clear();
+                    continue;
+                }
+                None => return None,
+            };
             // Taken before connecting, so an eviction during the connect is not missed.
             let evicted = server.eviction_token();
             let dest = server.dest(local_port);
             let connect_timeout = self.route.connect_timeout();
             match tokio::time::timeout(connect_timeout, TcpStream::connect(dest)).await {
-                Ok(Ok(stream)) => return Some((server, stream, evicted)),
+                Ok(Ok(stream)) => {
+                    server.release(Protocol::Tcp);
+                    return Some((server, stream, evicted));
+                }
                 Ok(Err(e)) => {
                     let reason = match e.kind() {
                         io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
@@ -156,11 +178,16 @@ impl TcpListener {
                         }
                         _ => Reason::ConnectRefused,
                     };
-                    self.route
-                        .report_passive(&server, reason, format!("connect {dest}: {e}"));
+                    self.route.report_passive(
+                        &server,
+                        Protocol::Tcp,
+                        reason,
+                        format!("connect {dest}: {e}"),
+                    );
                 }
                 Err(_) => self.route.report_passive(
                     &server,
+                    Protocol::Tcp,
                     Reason::ConnectTimeout,
                     format!("connect {dest}: no answer within {:?}", connect_timeout),
                 ),

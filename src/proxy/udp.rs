@@ -25,6 +25,7 @@
 
 use super::ports::{self, PortLease};
 use super::sys::{self, MsgBatch};
+use crate::config::Protocol;
 use crate::health::Reason;
 use crate::metrics::ListenerMetrics;
 use crate::upstream::{ServerHandle, UpstreamRoute};
@@ -677,9 +678,12 @@ impl Tables {
                         && session.server.epoch() == session.pinned_epoch
                     {
                         tracing::debug!(client = %session.client, server = %session.server.label, error = %e, "server refused");
-                        self.shared
-                            .route
-                            .report_passive(&session.server, reason, e.to_string());
+                        self.shared.route.report_passive(
+                            &session.server,
+                            Protocol::Udp,
+                            reason,
+                            e.to_string(),
+                        );
                         session.refused = true;
                     }
                     return;
@@ -774,7 +778,9 @@ fn forward(
                 };
                 let failed = session.server.clone();
                 tracing::debug!(client = %session.client, server = %failed.label, error = %e, "send refused");
-                shared.route.report_passive(&failed, reason, e.to_string());
+                shared
+                    .route
+                    .report_passive(&failed, Protocol::Udp, reason, e.to_string());
                 let Some(next) = shared
                     .route
                     .pick(session.client.ip(), std::slice::from_ref(&failed))

@@ -59,6 +59,8 @@ pub struct UpstreamSpec {
     pub config: UpstreamConfig,
     /// Port probed and shown for port-less servers (the first listener's port).
     pub default_port: u16,
+    /// Protocols whose passive failures mark a server down.
+    pub passive: crate::config::ProtocolSet,
 }
 
 impl UpstreamSpec {
@@ -104,7 +106,7 @@ impl UpstreamRuntime {
         let route = Arc::new(UpstreamRoute::new(
             name.to_string(),
             tx.clone(),
-            cfg.passive,
+            spec.passive,
             cfg.connect_timeout.get(),
             child(&metrics.sessions_migrated, &labels(&[("upstream", name)])),
         ));
@@ -337,7 +339,7 @@ impl Controller {
                 let health_changed = spec.config.health != self.spec.config.health
                     || spec.default_port != self.spec.default_port;
                 self.route
-                    .set_options(spec.config.passive, spec.config.connect_timeout.get());
+                    .set_options(spec.passive, spec.config.connect_timeout.get());
                 let policy = spec.policy();
                 self.spec = *spec;
                 if health_changed {

@@ -5,11 +5,18 @@
 //! remembers the epoch it was pinned under and re-pins on its next datagram when the epoch
 //! moved; each TCP connection waits on the cancellation token of its epoch.
 
+use crate::config::Protocol;
 use arc_swap::ArcSwap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+/// How long new connections of one protocol avoid a server after a passive failure that
+/// does not speak for the whole server (`passive_scope: protocol`), like nginx's
+/// `fail_timeout`.
+pub const PROTOCOL_HOLD: Duration = Duration::from_secs(10);
 
 /// Position of a server in its upstream's list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +49,22 @@ pub struct ServerHandle {
     epoch: AtomicU64,
     token: ArcSwap<CancellationToken>,
     passive_reported: AtomicBool,
+    /// Per protocol (UDP, TCP): until when new sessions of that protocol avoid this server
+    /// (milliseconds on [`clock_ms`]; 0 = not held).
+    held_until_ms: [AtomicU64; 2],
+}
+
+/// Milliseconds on a process-wide monotonic clock.
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+fn proto_index(p: Protocol) -> usize {
+    match p {
+        Protocol::Udp => 0,
+        Protocol::Tcp => 1,
+    }
 }
 
 impl ServerHandle {
@@ -56,7 +79,27 @@ impl ServerHandle {
             epoch: AtomicU64::new(0),
             token: ArcSwap::from_pointee(CancellationToken::new()),
             passive_reported: AtomicBool::new(false),
+            held_until_ms: [AtomicU64::new(0), AtomicU64::new(0)],
         }
+    }
+
+    /// New `protocol` sessions avoid this server for `d` (a failure of that protocol
+    /// alone, which does not mark the server down).
+    pub fn hold(&self, protocol: Protocol, d: Duration) {
+        self.held_until_ms[proto_index(protocol)]
+            .store(clock_ms() + d.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether new `protocol` sessions should avoid this server now.
+    pub fn is_held(&self, protocol: Protocol) -> bool {
+        let until = self.held_until_ms[proto_index(protocol)].load(Ordering::Relaxed);
+        until != 0 && clock_ms() < until
+    }
+
+    /// Ends every protocol hold (the server was marked down and is back, or a connect
+    /// succeeded).
+    pub fn release(&self, protocol: Protocol) {
+        self.held_until_ms[proto_index(protocol)].store(0, Ordering::Relaxed);
     }
 
     /// Where a datagram or connection that arrived on `local_port` goes.
@@ -128,6 +171,19 @@ mod tests {
         assert!(t.is_cancelled());
         assert_ne!(s.epoch(), e);
         assert!(!s.eviction_token().is_cancelled());
+    }
+
+    #[test]
+    fn protocol_holds_are_per_protocol_and_expire() {
+        let s = ServerHandle::new("127.0.0.1".parse().unwrap(), None, 80, Tier::Primary);
+        assert!(!s.is_held(Protocol::Tcp));
+        s.hold(Protocol::Tcp, Duration::from_secs(60));
+        assert!(s.is_held(Protocol::Tcp));
+        assert!(!s.is_held(Protocol::Udp));
+        s.release(Protocol::Tcp);
+        assert!(!s.is_held(Protocol::Tcp));
+        s.hold(Protocol::Udp, Duration::ZERO);
+        assert!(!s.is_held(Protocol::Udp));
     }
 
     #[test]

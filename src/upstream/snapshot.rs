@@ -4,8 +4,9 @@
 
 use super::controller::Control;
 use super::select;
+use super::server::PROTOCOL_HOLD;
 use super::server::ServerHandle;
-use crate::config::Balance;
+use crate::config::{Balance, Protocol, ProtocolSet};
 use crate::health::Reason;
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
@@ -38,8 +39,10 @@ pub struct UpstreamRoute {
     snapshot: ArcSwap<Snapshot>,
     rr: AtomicUsize,
     control: mpsc::Sender<Control>,
-    /// Whether passive signals mark servers down (`passive:`); a reload may change it.
-    passive: AtomicBool,
+    /// Whether passive signals seen by UDP sessions / TCP connects mark servers down
+    /// (`passive`, `passive_scope`); a reload may change them.
+    passive_udp: AtomicBool,
+    passive_tcp: AtomicBool,
     /// TCP connect timeout in milliseconds; a reload may change it.
     connect_timeout_ms: AtomicU64,
     /// `mediagate_sessions_migrated_total{upstream}`.
@@ -50,7 +53,7 @@ impl UpstreamRoute {
     pub fn new(
         name: String,
         control: mpsc::Sender<Control>,
-        passive: bool,
+        passive: ProtocolSet,
         connect_timeout: Duration,
         migrated: Counter,
     ) -> Self {
@@ -59,7 +62,8 @@ impl UpstreamRoute {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             rr: AtomicUsize::new(0),
             control,
-            passive: AtomicBool::new(passive),
+            passive_udp: AtomicBool::new(passive.udp),
+            passive_tcp: AtomicBool::new(passive.tcp),
             connect_timeout_ms: AtomicU64::new(connect_timeout.as_millis() as u64),
             migrated,
         }
@@ -70,8 +74,9 @@ impl UpstreamRoute {
         Duration::from_millis(self.connect_timeout_ms.load(Ordering::Relaxed))
     }
 
-    pub(crate) fn set_options(&self, passive: bool, connect_timeout: Duration) {
-        self.passive.store(passive, Ordering::Relaxed);
+    pub(crate) fn set_options(&self, passive: ProtocolSet, connect_timeout: Duration) {
+        self.passive_udp.store(passive.udp, Ordering::Relaxed);
+        self.passive_tcp.store(passive.tcp, Ordering::Relaxed);
         self.connect_timeout_ms
             .store(connect_timeout.as_millis() as u64, Ordering::Relaxed);
     }
@@ -114,10 +119,27 @@ impl UpstreamRoute {
         snap.eligible.iter().find(allowed).cloned()
     }
 
-    /// A passive failure seen by the data plane (ECONNREFUSED, connect timeout). Sends at
-    /// most one signal per server until it is healthy again; never blocks.
-    pub fn report_passive(&self, server: &Arc<ServerHandle>, reason: Reason, detail: String) {
-        if !self.passive.load(Ordering::Relaxed) || !server.claim_passive_report() {
+    /// A passive failure seen by the data plane (ECONNREFUSED, connect timeout) on a
+    /// `protocol` session. When that protocol speaks for the server (see
+    /// [`crate::config::authoritative_protocols`]) the control plane marks the server
+    /// down: at most one signal per server until it is healthy again. Otherwise only new
+    /// sessions of that protocol avoid the server for a while. Never blocks.
+    pub fn report_passive(
+        &self,
+        server: &Arc<ServerHandle>,
+        protocol: Protocol,
+        reason: Reason,
+        detail: String,
+    ) {
+        let authoritative = match protocol {
+            Protocol::Udp => self.passive_udp.load(Ordering::Relaxed),
+            Protocol::Tcp => self.passive_tcp.load(Ordering::Relaxed),
+        };
+        if !authoritative {
+            server.hold(protocol, PROTOCOL_HOLD);
+            return;
+        }
+        if !server.claim_passive_report() {
             return;
         }
         let msg = Control::Passive {

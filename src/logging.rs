@@ -1,6 +1,6 @@
 //! Log setup: `log.level` (overridden by `RUST_LOG` at start) and `log.format` (text or
-//! json), to stderr. Text is coloured only when stderr is a terminal, so files, pipes,
-//! `kubectl logs` and journald get plain lines.
+//! json), to stderr. Text is coloured only when stderr is a terminal (and `NO_COLOR` is
+//! not set), so files, pipes, `kubectl logs` and journald get plain lines.
 //!
 //! The level filter sits behind a reload handle: a reload that changes `log.level`
 //! applies it at once ([`apply_config`]), and `POST /log-level` sets any filter at run
@@ -61,7 +61,9 @@ pub fn init(cfg: &LogConfig) {
         },
     };
     let (filter, handle) = reload::Layer::new(filter);
-    let ansi = std::io::stderr().is_terminal();
+    // Colour for a person at a terminal only, and not when NO_COLOR asks otherwise.
+    let ansi = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(ansi);

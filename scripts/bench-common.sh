@@ -2,14 +2,37 @@
 # directory whose background processes die with the script, and the nginx stream
 # configuration every comparison uses (the same primary/backup pair as mediagate).
 
-# bench_init NAME: builds the release binaries (unless SKIP_BUILD=1), sets BIN, TMP and
-# PIDS, and kills every PID in PIDS and removes TMP on exit.
+# SMOKE=1 (every benchmark script): a few seconds at tiny sizes with the debug binaries
+# the test suite builds anyway, to prove the script still runs end to end (peers, config,
+# load, parsing); scripts/test-bench-smoke.sh runs them all so. The numbers mean nothing.
+SMOKE=${SMOKE:-0}
+
+# bench_init NAME: builds the binaries (release; debug with SMOKE=1; none with
+# SKIP_BUILD=1), sets BIN, TMP and PIDS, and kills every PID in PIDS and removes TMP on
+# exit.
 bench_init() {
-  [[ -n "${SKIP_BUILD:-}" ]] || cargo build --release --quiet --bin mediagate --bin mediagate-load
-  BIN=target/release
+  if [[ $SMOKE = 1 ]]; then
+    [[ -n "${SKIP_BUILD:-}" ]] || cargo build --quiet --bin mediagate --bin mediagate-load
+    BIN=target/debug
+  else
+    [[ -n "${SKIP_BUILD:-}" ]] || cargo build --release --quiet --bin mediagate --bin mediagate-load
+    BIN=target/release
+  fi
   TMP=$(mktemp -d "/tmp/$1.XXXXXX")
   PIDS=()
   trap bench_cleanup EXIT
+}
+
+# wait_ready PORT [LOG]: waits up to 10 s for mediagate's /readyz on 127.0.0.1:PORT (in
+# the current network namespace); on failure prints LOG and exits 1.
+wait_ready() {
+  for _ in $(seq 100); do
+    curl -sf "http://127.0.0.1:$1/readyz" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "mediagate not ready on 127.0.0.1:$1" >&2
+  [[ -z "${2:-}" ]] || cat "$2" >&2
+  exit 1
 }
 
 bench_cleanup() {
@@ -50,4 +73,13 @@ stream {
   }
 }
 CONF
+}
+
+# smoke_require WHAT VALUE: with SMOKE=1, fails the script when a measurement came out
+# empty (a peer that did not start, a load that did not run, output no longer parsed).
+smoke_require() {
+  if [[ $SMOKE = 1 && ( -z "${2:-}" || "${2:-}" = - ) ]]; then
+    echo "smoke: no $1 measured" >&2
+    exit 1
+  fi
 }

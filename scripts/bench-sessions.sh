@@ -10,14 +10,21 @@
 # the same time. One shard per mediagate process; the sums are the machine's totals.
 #
 # Usage: scripts/bench-sessions.sh [SESSIONS]     (about 40 s; shards need root and `ip`)
+#   SMOKE=1: 300 sessions in two shards of 150 (so the namespace path runs too), a 3 s
+#   load, debug binaries; fails unless every session was seen live.
 # Prints user-space RSS (what a container's memory limit counts besides kernel socket
 # buffers) and the growth of the kernel's unreclaimable slab during the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-N=${1:-100000}
-SHARD=${SHARD:-16000}
-BASE=${BASE_PORT:-24000}
 source scripts/bench-common.sh
+if [[ $SMOKE = 1 ]]; then
+  N=${1:-300}; SHARD=${SHARD:-150}; LOAD_DUR=${LOAD_DUR:-3s}; SETTLE=${SETTLE:-0.3}
+fi
+N=${N:-${1:-100000}}
+SHARD=${SHARD:-16000}
+LOAD_DUR=${LOAD_DUR:-25s}
+SETTLE=${SETTLE:-2}
+BASE=${BASE_PORT:-24000}
 bench_init bench-sessions
 
 SHARDS=$(((N + SHARD - 1) / SHARD))
@@ -59,6 +66,8 @@ upstreams:
   media:
     primary: ["127.0.0.1:$BASE"]
     health: { type: udp, send: ping, interval: 1s, timeout: 500ms }
+# The benchmark stops it with SIGTERM: no need to drain sessions for long.
+shutdown: { drain_timeout: 1s }
 EOF2
 
 MG=()
@@ -92,14 +101,14 @@ S0=$(slab)
 # flows keep sending at one datagram per flow every 5 s until the measurement is taken.
 for ((i = 0; i < SHARDS; i++)); do
   ${PFX[i]} timeout 90 $BIN/mediagate-load run --target 127.0.0.1:$((BASE + 1)) --flows "$PER" \
-    --rate $((PER / 5 + 1)) --duration 25s --prime 30s --src-base 2000 >"$TMP/load-$i.out" 2>&1 &
+    --rate $((PER / 5 + 1)) --duration "$LOAD_DUR" --prime 30s --src-base 2000 >"$TMP/load-$i.out" 2>&1 &
   PIDS+=($!)
 done
 deadline=$((SECONDS + 60))
 for ((i = 0; i < SHARDS; i++)); do
   while (($(live_sessions $i) < PER && SECONDS < deadline)); do sleep 0.2; done
 done
-sleep 2
+sleep "$SETTLE"
 LIVE=0; RSUM1=0
 for ((i = 0; i < SHARDS; i++)); do
   l=$(live_sessions $i); r1=$(rss "${MG[i]}")
@@ -119,3 +128,7 @@ for ((i = 0; i < SHARDS; i++)); do
   wait "${PIDS[$((2 * SHARDS + i))]}" 2>/dev/null || true
   echo "load $i: $(tail -1 "$TMP/load-$i.out")"
 done
+if [[ $SMOKE = 1 ]] && ((LIVE < SHARDS * PER)); then
+  echo "smoke: $LIVE live sessions, expected $((SHARDS * PER))" >&2
+  exit 1
+fi

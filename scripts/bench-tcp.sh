@@ -9,18 +9,23 @@
 #   CONNS="1 16"   concurrent connections for the throughput test
 #   CPS_WORKERS=16 concurrent connect loops for the connections-per-second test
 #   DUR=4s         length of each measurement        SKIP_BUILD=1, OUT=file as in bench-udp.sh
+#   SMOKE=1        a few seconds: 1 connection, 2 connect loops, 1 s runs, debug binaries
 # Needs: nginx (nginx-light + libnginx-mod-stream) and haproxy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/bench-common.sh
+if [[ $SMOKE = 1 ]]; then
+  CONNS=${CONNS:-1}; CPS_WORKERS=${CPS_WORKERS:-2}; DUR=${DUR:-1s}; SETTLE=${SETTLE:-0.2}
+fi
 
 WORKERS=${WORKERS:-1}
 CONNS=${CONNS:-"1 16"}
 CPS_WORKERS=${CPS_WORKERS:-16}
 DUR=${DUR:-4s}
+SETTLE=${SETTLE:-1}
 BASE=${BASE_PORT:-23000}
 DEADLINE=$((SECONDS + 540))
 
-source scripts/bench-common.sh
 find_nginx
 HAPROXY=${HAPROXY:-$(command -v haproxy || echo /usr/sbin/haproxy)}
 [[ -x $HAPROXY ]] || { echo "haproxy not found (apt-get install haproxy)" >&2; exit 2; }
@@ -68,14 +73,12 @@ upstreams:
     primary: ["127.0.0.1:$PRIMARY"]
     backup: ["127.0.0.1:$BACKUP"]
     health: { type: tcp, interval: 1s, timeout: 500ms }
+# The benchmark stops it with SIGTERM: no need to drain sessions for long.
+shutdown: { drain_timeout: 1s }
 EOF
 TOKIO_WORKER_THREADS=$WORKERS $BIN/mediagate run -c "$TMP/mediagate.yaml" 2>"$TMP/mediagate.log" &
 PIDS+=($!)
-for _ in $(seq 100); do
-  curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null 2>&1 && break
-  sleep 0.1
-done
-curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null || { echo "mediagate not ready" >&2; cat "$TMP/mediagate.log" >&2; exit 1; }
+wait_ready "$ADMIN" "$TMP/mediagate.log"
 sleep 0.3
 
 declare -A PORT=([direct]=$PRIMARY [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT [mediagate]=$MG_PORT)
@@ -98,7 +101,7 @@ for t in $TARGETS; do
   line=$(timeout 60 $LOAD tcp-cps --target 127.0.0.1:${PORT[$t]} --workers "$CPS_WORKERS" --duration "$DUR" 2>&1 || true)
   CPS[$t]=$(field conn_per_sec "$line")
   say "cps $t: $line"
-  sleep 1 # let TIME_WAIT sockets of this target settle before the next one
+  sleep "$SETTLE" # let TIME_WAIT sockets of this target settle before the next one
 done
 
 ratio() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
@@ -111,3 +114,7 @@ ratio() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (b > 0) printf "%.2f", a
   done
   echo "| connections/s, $CPS_WORKERS loops | ${CPS[direct]:--} | ${CPS[nginx]:--} | ${CPS[haproxy]:--} | ${CPS[mediagate]:--} | $(ratio "${CPS[mediagate]:-}" "${CPS[haproxy]:-}") | $(ratio "${CPS[mediagate]:-}" "${CPS[nginx]:-}") |"
 } | tee "${OUT:-/dev/null}"
+for t in $TARGETS; do
+  for c in $CONNS; do smoke_require "$t throughput ($c conns)" "${TP[$t,$c]:-}"; done
+  smoke_require "$t connections/s" "${CPS[$t]:-}"
+done

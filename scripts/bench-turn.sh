@@ -7,6 +7,8 @@
 #   PROCS=4 CLIENTS=25 MSGS=2000 LEN=160 scripts/bench-turn.sh
 #   TRANSPORT=tcp scripts/bench-turn.sh   # TURN over TCP instead of UDP
 #   PROFILE=1 scripts/bench-turn.sh       # also `perf record` mediagate (perf.data in $OUT)
+#   SMOKE=1 scripts/bench-turn.sh         # seconds: 1 x 2 allocations x 50 messages, debug
+#                                         # build, PROFILE=1 when perf works here
 #
 # Load: PROCS parallel turnutils_uclient processes, each with CLIENTS allocations over
 # UDP or TCP (channels, no RTCP), each sending MSGS messages of LEN bytes as fast as uclient
@@ -18,6 +20,19 @@
 # Builds the `turn_server` example in release mode.
 set -euo pipefail
 
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+source "$ROOT/scripts/bench-common.sh"
+if [[ $SMOKE = 1 ]]; then
+    PROCS=${PROCS:-1}; CLIENTS=${CLIENTS:-2}; MSGS=${MSGS:-50}; LEN=${LEN:-100}
+    if [[ -z "${PROFILE:-}" ]]; then
+        PROFILE=0
+        if command -v perf >/dev/null 2>&1 && perf record -q -o /dev/null -- true >/dev/null 2>&1; then
+            PROFILE=1
+        else
+            echo "perf is missing or not permitted here: smoke run without PROFILE" >&2
+        fi
+    fi
+fi
 PROCS=${PROCS:-4}
 CLIENTS=${CLIENTS:-25}
 MSGS=${MSGS:-2000}
@@ -29,22 +44,33 @@ case "$TRANSPORT" in
     tcp) TFLAG="-t" ;;
     *) echo "TRANSPORT must be udp or tcp" >&2; exit 2 ;;
 esac
-OUT=${OUT:-$(mktemp -d /tmp/bench-turn.XXXXXX)}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# A smoke run removes its scratch directory (unless OUT names one); a real run keeps it.
+OUT_AUTO=
+if [[ -z "${OUT:-}" ]]; then
+    OUT=$(mktemp -d /tmp/bench-turn.XXXXXX)
+    [[ $SMOKE = 1 ]] && OUT_AUTO=1
+fi
 mkdir -p "$OUT"
 
 for t in turnserver turnutils_uclient turnutils_peer; do
     command -v "$t" >/dev/null || { echo "$t missing: run scripts/install-test-deps.sh" >&2; exit 1; }
 done
 
-echo "building mediagate turn_server (release)..." >&2
-(cd "$ROOT" && cargo build --release --quiet --example turn_server)
-MG_BIN="$ROOT/target/release/examples/turn_server"
+if [[ $SMOKE = 1 ]]; then
+    echo "building mediagate turn_server (debug, smoke run)..." >&2
+    (cd "$ROOT" && cargo build --quiet --example turn_server)
+    MG_BIN="$ROOT/target/debug/examples/turn_server"
+else
+    echo "building mediagate turn_server (release)..." >&2
+    (cd "$ROOT" && cargo build --release --quiet --example turn_server)
+    MG_BIN="$ROOT/target/release/examples/turn_server"
+fi
 
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    [[ -z "$OUT_AUTO" ]] || rm -rf "$OUT"
 }
 trap cleanup EXIT
 
@@ -82,8 +108,10 @@ turn:
     address: 127.0.0.1
     port_range: 40000-44999
     peers: [127.0.0.1/32]
+  # Every allocation of the load is the one user's (coturn runs with --user-quota=0,
+  # no limit); the quota must be at least 1, so it is the load's size, with room.
   quota:
-    allocations_per_user: 0
+    allocations_per_user: $((2 * PROCS * CLIENTS))
 EOF
 RUST_LOG=warn "$MG_BIN" "$OUT/mediagate.yaml" >"$OUT/mediagate.out" 2>"$OUT/mediagate.err" &
 MG_PID=$!
@@ -151,15 +179,30 @@ echo "load: $PROCS x turnutils_uclient $TFLAG -m $CLIENTS -n $MSGS -l $LEN -z 0 
 read -r MG_PPS MG_CPU MG_LOST MG_SENT < <(run mediagate "$MG_PORT" "$MG_PID")
 read -r CT_PPS CT_CPU CT_LOST CT_SENT < <(run coturn "$CT_PORT" "$CT_PID")
 
+smoke_require "mediagate relayed messages" "$MG_SENT"
+smoke_require "coturn relayed messages" "$CT_SENT"
+# A smoke run is too short for a rate (uclient reports once a second): it checks that
+# both servers relayed the load back, nearly all of it.
+if [[ $SMOKE = 1 ]]; then
+    for r in "mediagate $MG_SENT $MG_LOST" "coturn $CT_SENT $CT_LOST"; do
+        read -r name sent lost <<<"$r"
+        if ((sent == 0 || lost * 10 > sent)); then
+            echo "smoke: $name: $sent messages sent, $lost lost" >&2
+            exit 1
+        fi
+    done
+fi
 printf '%-10s %14s %16s %10s %10s\n' server relayed_pps cpu_us_per_pkt sent lost
 printf '%-10s %14s %16s %10s %10s\n' mediagate "$MG_PPS" "$MG_CPU" "$MG_SENT" "$MG_LOST"
 printf '%-10s %14s %16s %10s %10s\n' coturn "$CT_PPS" "$CT_CPU" "$CT_SENT" "$CT_LOST"
 python3 -c "
 mg, ct = float('$MG_PPS'), float('$CT_PPS')
 mc, cc = float('$MG_CPU'), float('$CT_CPU')
-print(f'ratio mediagate/coturn: throughput {mg/ct:.2f}x, CPU per packet {mc/cc:.2f}x')
+r = lambda a, b: f'{a / b:.2f}x' if b > 0 else 'n/a'
+print(f'ratio mediagate/coturn: throughput {r(mg, ct)}, CPU per packet {r(mc, cc)}')
 "
 if [ "$PROFILE" = 1 ]; then
+    smoke_require "perf samples" "$(perf report -i "$OUT/perf.data" --stdio 2>/dev/null | grep -m1 -E '^ +[0-9]' || true)"
     echo "profile: perf report -i $OUT/perf.data --no-children --sort symbol" >&2
 fi
 echo "logs: $OUT" >&2

@@ -19,9 +19,16 @@
 #   SKIP_BUILD=1     use the release binaries already built
 #   OUT=file         also write the table there (markdown)
 #   PIN=1            pin the proxies to CPU 1, the generator and echo workers to CPU 0
+#   SMOKE=1          a few seconds: 10 flows of 64 B, short trials capped at 20k pps,
+#                    2 latency rounds, debug binaries (proves the script works)
 # Needs: nginx (Debian nginx-light + libnginx-mod-stream). Traffic stays on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/bench-common.sh
+if [[ $SMOKE = 1 ]]; then
+  FLOWS=${FLOWS:-10}; SIZES=${SIZES:-64}; TRIAL=${TRIAL:-300ms}; LAT=${LAT:-300ms}
+  ROUNDS=${ROUNDS:-2}; SWEEP_MAX=${SWEEP_MAX:-20000}; STEPS=${STEPS:-1}
+fi
 
 WORKERS=${WORKERS:-1}
 FLOWS=${FLOWS:-"1 1000"}
@@ -30,11 +37,12 @@ TRIAL=${TRIAL:-1s}
 LAT=${LAT:-1s}
 ROUNDS=${ROUNDS:-11}
 SRC_BASE=${SRC_BASE:-10000}
+SWEEP_MAX=${SWEEP_MAX:-2000000}
+STEPS=${STEPS:-4}
 BASE=${BASE_PORT:-21000}
 PROXY_CPU=(); CLIENT_CPU=()
 if [[ -n "${PIN:-}" ]]; then PROXY_CPU=(taskset -c 1); CLIENT_CPU=(taskset -c 0); fi
 
-source scripts/bench-common.sh
 find_nginx
 bench_init bench-udp
 DEADLINE=$((SECONDS + 570)) # after the build: the budget is for measuring
@@ -67,16 +75,14 @@ upstreams:
     primary: ["127.0.0.1:$PRIMARY"]
     backup: ["127.0.0.1:$BACKUP"]
     health: { type: udp, send: ping, interval: 1s, timeout: 500ms }
+# The benchmark stops it with SIGTERM: no need to drain sessions for long.
+shutdown: { drain_timeout: 1s }
 EOF
 MEDIAGATE_UDP_WORKERS=$WORKERS ${PROXY_CPU[@]} $BIN/mediagate run -c "$TMP/mediagate.yaml" 2>"$TMP/mediagate.log" &
 MG_PID=$!
 PIDS+=($MG_PID)
 
-for _ in $(seq 100); do
-  curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null 2>&1 && break
-  sleep 0.1
-done
-curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null || { echo "mediagate not ready" >&2; cat "$TMP/mediagate.log" >&2; exit 1; }
+wait_ready "$ADMIN" "$TMP/mediagate.log"
 sleep 0.3
 NGINX_PID=$(cat "$TMP/nginx.pid" 2>/dev/null || true)
 
@@ -99,7 +105,7 @@ for flows in $FLOWS; do
     for t in $TARGETS; do
       if ((SECONDS > DEADLINE)); then say "time budget spent; stopping"; break 3; fi
       line=$(timeout 120 $LOAD sweep --target 127.0.0.1:${PORT[$t]} --flows "$flows" --size "$size" \
-        --src-base "$SRC_BASE" --duration "$TRIAL" --start 10000 --steps 4 2>"$TMP/sweep-$t-$flows-$size.log" | grep '^best' || true)
+        --src-base "$SRC_BASE" --duration "$TRIAL" --start 10000 --max "$SWEEP_MAX" --steps "$STEPS" 2>"$TMP/sweep-$t-$flows-$size.log" | grep '^best' || true)
       MAX[$t,$k]=$(field pps "$line")
       say "sweep $t flows=$flows size=$size: max ${MAX[$t,$k]:-?} pps"
     done
@@ -155,3 +161,9 @@ done
   echo "Max pps: highest total rate (replies/s) with < 0.1% loss, $TRIAL trials. Latency: open loop at half of nginx's max rate, median of $ROUNDS rotated runs of $LAT."
   echo "Paired rounds (nginx and mediagate run back to back): mediagate's p99 ≤ nginx's in $TOTAL_WINS of $TOTAL_PAIRED."
 } | tee "${OUT:-/dev/null}"
+for flows in $FLOWS; do
+  for size in $SIZES; do
+    for t in $TARGETS; do smoke_require "$t max pps (flows=$flows size=$size)" "${MAX[$t,$flows,$size]:-}"; done
+    smoke_require "mediagate p99 (flows=$flows size=$size)" "${P99[mediagate,$flows,$size]:-}"
+  done
+done

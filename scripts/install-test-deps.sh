@@ -4,6 +4,9 @@
 #   dnsmasq     a real DNS server for the DNS discovery tests
 #   iproute2    `ip netns` + veth for the "node gone" failover test
 #   nginx-light, libnginx-mod-stream, haproxy: comparison peers for the benchmarks
+#   prometheus  its `promtool check metrics` checks the live /metrics exposition
+#   linux-perf  `perf` for scripts/profile-udp.sh and bench-turn.sh PROFILE=1
+#   curl        the benchmark scripts wait on /readyz with it
 #   kubernetes-validate (PyPI): schema validation of manifests/
 # Installs only what is missing, so a warm machine pays nothing.
 set -euo pipefail
@@ -20,6 +23,9 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light libnginx-mod-stream)
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v perf >/dev/null 2>&1 || need+=(linux-perf)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing Debian packages: ${need[*]}"
@@ -32,4 +38,4 @@ if ! command -v kubernetes-validate >/dev/null 2>&1; then
     python3 -m pip install --quiet kubernetes-validate
 fi
 
-echo "test dependencies present: turnserver dnsmasq ip nginx haproxy kubernetes-validate"
+echo "test dependencies present: turnserver dnsmasq ip nginx haproxy promtool perf curl kubernetes-validate"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test suite, as the README and CI run it: installs what the tests start for real,
-# runs every Rust test (unit and end-to-end against the real binary), then checks the
-# Kubernetes manifests against a live binary.
+# runs every Rust test (unit and end-to-end against the real binary), every benchmark
+# script in smoke mode, then checks the Kubernetes manifests against a live binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,4 +12,5 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --no-fail-fast
 fi
+scripts/test-bench-smoke.sh
 MEDIAGATE_BIN=target/debug/mediagate scripts/test-manifests.sh

@@ -335,6 +335,7 @@ impl AppState {
                 self.last_reload_error.store(Arc::new(None));
                 self.loaded_at.store(Arc::new(SystemTime::now()));
                 tracing::info!(path = %self.config_path, "configuration reloaded");
+                crate::logging::apply_config(&self.config.load().log);
             }
             Err(errors) => {
                 for e in errors {

@@ -1,5 +1,5 @@
 //! Client-side subcommands that talk to a running balancer's admin API: `status` (a table
-//! read from `/status`) and `server` (admin state changes).
+//! read from `/status`), `server` (admin state changes), `ice` and `failback`.
 
 use crate::admin::client;
 use crate::admin::status::Status;
@@ -7,24 +7,44 @@ use anyhow::{Context, Result, bail};
 use std::fmt::Write as _;
 use std::time::Duration;
 
-/// `mediagate status [--watch]`.
-pub async fn status(admin: String, watch: bool) -> Result<()> {
+/// `mediagate status [--watch]`. With `--watch` a failed fetch (balancer restarting,
+/// network) is shown in place of the table and retried a second later.
+pub async fn status(admin: String, token: Option<String>, watch: bool) -> Result<()> {
     loop {
-        let (code, body) = client::request(&admin, "GET", "/status", None, None).await?;
-        if code != 200 {
-            bail!("GET /status answered {code}: {}", body.trim());
-        }
-        let st: Status = serde_json::from_str(&body).context("unexpected /status document")?;
-        let table = render(&st);
-        if watch {
-            // Clear the screen and home the cursor, then redraw in place.
-            print!("\x1b[2J\x1b[H{table}");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        } else {
-            print!("{table}");
+        let table = fetch_status(&admin, token.as_deref()).await;
+        if !watch {
+            print!("{}", table?);
             return Ok(());
         }
+        // Clear the screen and home the cursor, then redraw in place.
+        match table {
+            Ok(table) => print!("\x1b[2J\x1b[H{table}"),
+            Err(e) => print!(
+                "\x1b[2J\x1b[Hmediagate status: {e:#}\n(retrying every second; Ctrl-C to stop)\n"
+            ),
+        }
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// One `GET /status`, rendered.
+async fn fetch_status(admin: &str, token: Option<&str>) -> Result<String> {
+    let (code, body) = client::request(admin, "GET", "/status", None, token).await?;
+    if code != 200 {
+        bail!("GET /status answered {code}: {}", body.trim());
+    }
+    let st: Status = serde_json::from_str(&body).context("unexpected /status document")?;
+    Ok(render(&st))
+}
+
+/// `mediagate failback UPSTREAM`.
+pub async fn failback(admin: String, token: Option<String>, upstream: String) -> Result<()> {
+    let path = format!("/upstreams/{}/failback", encode_segment(&upstream));
+    let (code, body) = client::request(&admin, "POST", &path, None, token.as_deref()).await?;
+    expect_ok(code, &body)?;
+    println!("{upstream}: failback done");
+    Ok(())
 }
 
 /// `mediagate server STATE UPSTREAM SERVER`.
@@ -51,12 +71,17 @@ pub async fn set_server_state(
 }
 
 /// `mediagate ice`: prints the ICE configuration from `GET /ice`.
-pub async fn ice(admin: String, user: String, ttl: Option<u64>) -> Result<()> {
+pub async fn ice(
+    admin: String,
+    token: Option<String>,
+    user: String,
+    ttl: Option<u64>,
+) -> Result<()> {
     let mut path = format!("/ice?username={}", encode_segment(&user));
     if let Some(t) = ttl {
         path.push_str(&format!("&ttl={t}"));
     }
-    let (code, body) = client::request(&admin, "GET", &path, None, None).await?;
+    let (code, body) = client::request(&admin, "GET", &path, None, token.as_deref()).await?;
     expect_ok(code, &body)?;
     let v: serde_json::Value = serde_json::from_str(&body).context("unexpected /ice answer")?;
     println!("{}", serde_json::to_string_pretty(&v)?);

@@ -1,6 +1,6 @@
 //! The `mediagate` command line (SPEC §2). Only argument handling lives here.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use mediagate::admin::client::{self, DEFAULT_ADMIN};
 use mediagate::{app, cli, config, demo};
 use std::path::PathBuf;
@@ -15,6 +15,22 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// How a client command reaches the admin API; accepted by every client command.
+#[derive(Args)]
+struct AdminArgs {
+    /// Admin API base URL.
+    #[arg(long, env = "MEDIAGATE_ADMIN", default_value = DEFAULT_ADMIN, value_parser = admin_url)]
+    admin: String,
+    /// Bearer token for the admin API (needed by the POST endpoints when `admin.token` is set).
+    #[arg(long, env = "MEDIAGATE_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+/// Checks the admin URL at parse time, so a malformed one is a usage error (exit 2).
+fn admin_url(s: &str) -> Result<String, String> {
+    client::check_base(s).map(|()| s.to_string())
 }
 
 #[derive(Subcommand)]
@@ -35,31 +51,26 @@ enum Command {
     Demo,
     /// Show upstreams, servers, active servers, sessions and recent failovers.
     Status {
-        /// Admin API base URL.
-        #[arg(long, env = "MEDIAGATE_ADMIN", default_value = DEFAULT_ADMIN)]
-        admin: String,
-        /// Refresh every second.
+        #[command(flatten)]
+        api: AdminArgs,
+        /// Refresh every second; a failed fetch is shown and retried.
         #[arg(long)]
         watch: bool,
     },
     /// Set a server's admin state.
     Server {
-        /// enable | drain | maint
+        #[arg(value_parser = ["enable", "drain", "maint"])]
         state: String,
         upstream: String,
         /// Server address as shown by `mediagate status` (ip:port), or its IP.
         server: String,
-        /// Admin API base URL.
-        #[arg(long, env = "MEDIAGATE_ADMIN", default_value = DEFAULT_ADMIN)]
-        admin: String,
-        /// Bearer token for the admin API.
-        #[arg(long, env = "MEDIAGATE_ADMIN_TOKEN", hide_env_values = true)]
-        token: Option<String>,
+        #[command(flatten)]
+        api: AdminArgs,
     },
     /// Print an ICE configuration (JSON) with fresh TURN credentials.
     Ice {
-        #[arg(long, env = "MEDIAGATE_ADMIN", default_value = DEFAULT_ADMIN)]
-        admin: String,
+        #[command(flatten)]
+        api: AdminArgs,
         /// User name embedded in ephemeral credentials.
         #[arg(long, default_value = "")]
         user: String,
@@ -70,10 +81,8 @@ enum Command {
     /// Manual failback of an upstream (for `failback: manual`).
     Failback {
         upstream: String,
-        #[arg(long, env = "MEDIAGATE_ADMIN", default_value = DEFAULT_ADMIN)]
-        admin: String,
-        #[arg(long, env = "MEDIAGATE_ADMIN_TOKEN", hide_env_values = true)]
-        token: Option<String>,
+        #[command(flatten)]
+        api: AdminArgs,
     },
 }
 
@@ -83,30 +92,19 @@ fn main() -> ExitCode {
         Command::Check { config } => check(config),
         Command::Run { config } => run(config),
         Command::Demo => with_runtime(demo::run()),
-        Command::Status { admin, watch } => with_runtime(cli::status(admin, watch)),
+        Command::Status { api, watch } => with_runtime(cli::status(api.admin, api.token, watch)),
         Command::Server {
             state,
             upstream,
             server,
-            admin,
-            token,
-        } => with_runtime(cli::set_server_state(admin, token, state, upstream, server)),
-        Command::Ice { admin, user, ttl } => with_runtime(cli::ice(admin, user, ttl)),
-        Command::Failback {
-            upstream,
-            admin,
-            token,
-        } => with_runtime(async move {
-            let (code, body) = client::request(
-                &admin,
-                "POST",
-                &format!("/upstreams/{upstream}/failback"),
-                None,
-                token.as_deref(),
-            )
-            .await?;
-            cli::expect_ok(code, &body)
-        }),
+            api,
+        } => with_runtime(cli::set_server_state(
+            api.admin, api.token, state, upstream, server,
+        )),
+        Command::Ice { api, user, ttl } => with_runtime(cli::ice(api.admin, api.token, user, ttl)),
+        Command::Failback { upstream, api } => {
+            with_runtime(cli::failback(api.admin, api.token, upstream))
+        }
     }
 }
 

@@ -3,12 +3,19 @@
 //! Label values are resolved once, when a listener or server is created: the data plane
 //! holds plain `Counter`/`Gauge` handles (one atomic each) and never builds a label set
 //! per packet.
+//!
+//! `/metrics` serves OpenMetrics to clients that ask for it and the Prometheus text
+//! format 0.0.4 otherwise ([`prometheus_text`]); [`process`] adds the `process_*` family.
+
+pub mod process;
+pub mod prometheus_text;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -71,15 +78,13 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut r = Registry::default();
-        let build_info = Family::<Labels, Gauge>::default();
+        // An info metric: exposed as `mediagate_build_info{version="..."} 1`.
         r.register(
-            "mediagate_build_info",
+            "mediagate_build",
             "Build information",
-            build_info.clone(),
+            Info::new(labels(&[("version", env!("CARGO_PKG_VERSION"))])),
         );
-        build_info
-            .get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION"))]))
-            .set(1);
+        r.register_collector(Box::new(process::ProcessCollector::new()));
 
         macro_rules! fam {
             ($name:literal, $help:literal) => {{
@@ -151,6 +156,11 @@ impl Metrics {
         out
     }
 
+    /// The Prometheus text exposition, format 0.0.4.
+    pub fn encode_prometheus(&self) -> String {
+        prometheus_text::from_openmetrics(&self.encode())
+    }
+
     /// Handles for one listener.
     pub fn listener(&self, name: &str) -> ListenerMetrics {
         let l = |extra: &[(&str, &str)]| {
@@ -179,6 +189,26 @@ impl Metrics {
             rejected_draining: rejected("draining"),
         }
     }
+}
+
+/// Content type of [`Metrics::encode`].
+pub const OPENMETRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of [`Metrics::encode_prometheus`].
+pub const PROMETHEUS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether an `Accept` header asks for OpenMetrics (any `application/openmetrics-text`
+/// range not refused with `q=0`); everything else gets the Prometheus text format.
+pub fn wants_openmetrics(accept: &str) -> bool {
+    accept.split(',').any(|range| {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("");
+        media.eq_ignore_ascii_case("application/openmetrics-text")
+            && !parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            })
+    })
 }
 
 /// Per-listener handles, resolved once.
@@ -226,5 +256,29 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+        let prom = m.encode_prometheus();
+        for line in [
+            "# TYPE mediagate_build_info gauge",
+            "# TYPE mediagate_packets_total counter",
+            "# TYPE process_cpu_seconds_total counter",
+            "# TYPE process_open_fds gauge",
+        ] {
+            assert!(prom.contains(line), "missing {line} in\n{prom}");
+        }
+        assert!(!prom.contains("# EOF"));
+    }
+
+    #[test]
+    fn accept_negotiation() {
+        assert!(!wants_openmetrics(""));
+        assert!(!wants_openmetrics("text/plain"));
+        assert!(!wants_openmetrics("*/*"));
+        assert!(wants_openmetrics("application/openmetrics-text"));
+        assert!(wants_openmetrics(
+            "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3"
+        ));
+        assert!(!wants_openmetrics(
+            "application/openmetrics-text; q=0, text/plain"
+        ));
     }
 }

@@ -239,8 +239,9 @@ fn status_and_server_commands_drive_a_running_balancer() {
         "--admin",
         &admin,
     ]);
-    assert_eq!(code, 1);
-    assert!(err.contains("unknown state"), "{err}");
+    // A mistyped state is a usage error.
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("invalid value 'sleep'"), "{err}");
 
     // Metrics carry the spec names.
     let m = b.metrics();
@@ -298,5 +299,112 @@ fn sigterm_drains_udp_sessions_then_exits_0() {
     assert!(
         t.elapsed() >= Duration::from_millis(1500),
         "exited before the drain timeout"
+    );
+}
+
+#[test]
+fn every_client_command_takes_admin_and_token() {
+    // Nothing listens on the admin address: every command parses its arguments, tries,
+    // and fails with a runtime error (1), not a usage error (2).
+    let admin = format!("http://127.0.0.1:{}", free_tcp_port());
+    let commands: [&[&str]; 4] = [
+        &["status"],
+        &["server", "drain", "media", "127.0.0.1:6000"],
+        &["ice", "--user", "alice"],
+        &["failback", "media"],
+    ];
+    for cmd in commands {
+        let mut args = cmd.to_vec();
+        args.extend(["--admin", &admin, "--token", "t0ken"]);
+        let (code, out, err) = run_cli(&args);
+        assert_eq!(code, 1, "{args:?}: {out}{err}");
+        assert!(
+            err.contains("cannot reach the admin API"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let cases: [&[&str]; 6] = [
+        &["server", "drian", "media", "127.0.0.1:6000"],
+        &["status", "--admin", "ftp://127.0.0.1:8086"],
+        &["status", "--admin", "not a url"],
+        &["ice", "--ttl", "soon"],
+        &["failback"],
+        &["statuss"],
+    ];
+    for args in cases {
+        let (code, out, err) = run_cli(args);
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(!err.trim().is_empty(), "{args:?}: no message");
+    }
+}
+
+#[test]
+fn status_watch_survives_an_unreachable_balancer() {
+    let w = UdpPair::start();
+    let admin = format!("http://127.0.0.1:{}", w.admin);
+    // Started before the balancer: the first fetches fail.
+    let mut watch = std::process::Command::new(MEDIAGATE)
+        .args(["status", "--watch", "--admin", &admin])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("status --watch");
+    let mut stdout = watch.stdout.take().expect("stdout");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let text = || seen.lock().unwrap().clone();
+    wait_until(Duration::from_secs(10), "two failed fetches shown", || {
+        text().matches("cannot reach the admin API").count() >= 2
+    });
+    assert_eq!(watch.try_wait().expect("try_wait"), None, "--watch gave up");
+
+    let _b = Balancer::start(
+        &simple(w.listen, w.admin, w.primary_addr, w.backup_addr, ""),
+        w.admin,
+    );
+    let primary = w.primary_addr.to_string();
+    wait_until(
+        Duration::from_secs(10),
+        "the table once the balancer is up",
+        || text().contains(&primary),
+    );
+    let _ = watch.kill();
+    let _ = watch.wait();
+}
+
+#[test]
+fn check_reports_the_errors_of_every_stage_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.yaml");
+    // A type error (deserialization) and a semantic error (validation) in one file.
+    std::fs::write(
+        &path,
+        "listeners:\n  - { name: a, protocol: udp, listen: \"127.0.0.1:5004\", upstream: nowhere }\nupstreams:\n  u:\n    primary: [\"127.0.0.1:6000\"]\n    health:\n      interval: 10 ms\n",
+    )
+    .expect("write");
+    let p = path.to_string_lossy().into_owned();
+    let (code, stdout, stderr) = run_cli(&["check", "-c", &p]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "{p}:2:67: listeners[0].upstream: unknown upstream \"nowhere\" (defined: u)\n\
+             {p}:7:17: upstreams.u.health.interval: invalid duration \"10 ms\""
+        )
     );
 }

@@ -10,6 +10,20 @@ use std::time::Duration;
 /// Default admin API address for the CLI.
 pub const DEFAULT_ADMIN: &str = "http://127.0.0.1:8086";
 
+/// Checks an admin base URL (`http://host[:port]`) without contacting it.
+pub fn check_base(base: &str) -> Result<(), String> {
+    let uri: hyper::Uri = base
+        .parse()
+        .map_err(|e| format!("invalid admin URL {base:?}: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("admin URL must start with http:// (got {base:?})"));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("admin URL {base:?} has no host"));
+    }
+    Ok(())
+}
+
 /// Sends one request to the admin API; returns the status code and body.
 pub async fn request(
     base: &str,

@@ -35,12 +35,14 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/upstreams/{name}/servers/{server}/state", post(set_state))
         .route("/upstreams/{name}/failback", post(failback))
         .route("/reload", post(reload))
+        .route("/log-level", post(set_log_level))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status_handler))
+        .route("/log-level", get(log_level))
         .merge(guarded)
         .with_state(ctx)
 }
@@ -74,15 +76,52 @@ async fn readyz(State(ctx): State<Ctx>) -> Response {
     }
 }
 
-async fn metrics(State(ctx): State<Ctx>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        ctx.app.metrics.encode(),
-    )
-        .into_response()
+/// `GET /metrics`: the Prometheus text format 0.0.4, or OpenMetrics when `Accept` asks
+/// for `application/openmetrics-text`.
+async fn metrics(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let (content_type, body) = if crate::metrics::wants_openmetrics(accept) {
+        (crate::metrics::OPENMETRICS_TYPE, ctx.app.metrics.encode())
+    } else {
+        (
+            crate::metrics::PROMETHEUS_TYPE,
+            ctx.app.metrics.encode_prometheus(),
+        )
+    };
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+#[derive(Deserialize)]
+struct LevelBody {
+    level: String,
+}
+
+/// `GET /log-level`: the log filter in force.
+async fn log_level() -> Response {
+    Json(serde_json::json!({ "level": crate::logging::current_level() })).into_response()
+}
+
+/// `POST /log-level` `{"level":"debug"}` (or directives such as `info,mediagate=debug`):
+/// changes the log filter until the next change or a reload that changes `log.level`.
+async fn set_log_level(
+    body: Result<Json<LevelBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(body)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "body must be JSON: {\"level\":\"debug\"}",
+        );
+    };
+    match crate::logging::set_level(&body.level) {
+        Ok(level) => {
+            tracing::info!(%level, "log level changed through the admin API");
+            Json(serde_json::json!({ "level": level })).into_response()
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
 }
 
 async fn status_handler(State(ctx): State<Ctx>) -> Response {

@@ -1,6 +1,7 @@
 //! Reading a configuration file: YAML with positions, `${VAR}` expansion, deserialization
 //! into [`Config`], then the semantic checks of [`super::validate`]. Every problem comes
-//! out as a [`ConfigError`] naming the file, line, column and key path.
+//! out as a [`ConfigError`] naming the file, line, column and key path, and every stage
+//! runs even when an earlier one failed, so one `mediagate check` lists them all.
 
 use super::types::Config;
 use super::validate::validate;
@@ -96,26 +97,135 @@ pub fn load_str_with_env(
     };
     let mut errors = Vec::new();
     yaml::expand_env(&mut root, "", env, &mut errors);
-    if !errors.is_empty() {
-        return Err(fail(errors));
+    // Every stage runs, so that one `check` reports every problem of the file: a value
+    // that failed an earlier stage counts as unset in the later ones, and what those
+    // report about it (or about a value inside it) is left out as a consequence.
+    // Paths (as written in the file) that already carry an error.
+    let mut bad: Vec<String> = errors.iter().map(|e| e.path.clone()).collect();
+    // List items taken out so far, to translate paths back to the file's indexes.
+    let mut removed_items: Vec<String> = Vec::new();
+    let mut config = None;
+    // serde stops at the first problem: take the offending value out and go again.
+    for _ in 0..MAX_DESERIALIZE_ROUNDS {
+        match yaml::from_node::<Config>(&root) {
+            Ok(c) => {
+                config = Some(c);
+                break;
+            }
+            Err(e) => {
+                let path = as_written(&removed_items, &e.path);
+                let removable = !e.path.is_empty() && remove(&mut root, "", &e.path);
+                if removable && e.path.ends_with(']') {
+                    removed_items.push(e.path.clone());
+                }
+                if !bad.iter().any(|b| related(b, &path)) {
+                    errors.push(Located {
+                        pos: e.pos,
+                        path: path.clone(),
+                        message: e.message,
+                    });
+                }
+                bad.push(path);
+                if !removable {
+                    break;
+                }
+            }
+        }
     }
-    // serde stops at the first problem, so this yields at most one error.
-    let config: Config = yaml::from_node(&root).map_err(|e| fail(vec![e]))?;
+    let Some(config) = config else {
+        return Err(fail(errors));
+    };
 
     let positions = root.positions();
-    let issues = validate(&config);
-    if issues.is_empty() {
-        return Ok(config);
+    for issue in validate(&config) {
+        let pos = position_of(&positions, &issue.path);
+        let path = as_written(&removed_items, &issue.path);
+        if !bad.iter().any(|b| related(b, &path)) {
+            errors.push(Located {
+                pos,
+                path,
+                message: issue.message,
+            });
+        }
     }
-    let located = issues
-        .into_iter()
-        .map(|issue| Located {
-            pos: position_of(&positions, &issue.path),
-            path: issue.path,
-            message: issue.message,
-        })
-        .collect();
-    Err(fail(located))
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(fail(errors))
+    }
+}
+
+/// Bound on the deserialize-and-remove rounds (each removes one value of the file).
+const MAX_DESERIALIZE_ROUNDS: usize = 100;
+
+/// A path of the tree after the list items in `removed` (oldest first) were taken out,
+/// as it reads in the file: `a[2]` after `a[1]` was removed is `a[3]`.
+fn as_written(removed: &[String], path: &str) -> String {
+    let mut path = path.to_string();
+    for item in removed.iter().rev() {
+        let Some(open) = item.rfind('[') else {
+            continue;
+        };
+        let (list, index) = (&item[..open], &item[open + 1..item.len() - 1]);
+        let Ok(i) = index.parse::<usize>() else {
+            continue;
+        };
+        let Some(rest) = path.strip_prefix(list).and_then(|r| r.strip_prefix('[')) else {
+            continue;
+        };
+        let Some((j, tail)) = rest.split_once(']') else {
+            continue;
+        };
+        match j.parse::<usize>() {
+            Ok(j) if j >= i => path = format!("{list}[{}]{tail}", j + 1),
+            _ => {}
+        }
+    }
+    path
+}
+
+/// Whether one key path is the other or inside it (`a.b` and `a.b.c`, `a[0]` and `a[0].b`).
+fn related(a: &str, b: &str) -> bool {
+    let inside = |outer: &str, inner: &str| {
+        inner.len() > outer.len()
+            && inner.starts_with(outer)
+            && matches!(inner.as_bytes()[outer.len()], b'.' | b'[')
+    };
+    a == b || inside(a, b) || inside(b, a)
+}
+
+/// Removes the value at `target` (a key path as [`yaml::Node::positions`] writes them)
+/// from the tree under `node` (at `path`); false when there is none.
+fn remove(node: &mut yaml::Node, path: &str, target: &str) -> bool {
+    match &mut node.kind {
+        yaml::Kind::Scalar(_) => false,
+        yaml::Kind::Seq(items) => {
+            for i in 0..items.len() {
+                let p = yaml::index_path(path, i);
+                if p == target {
+                    items.remove(i);
+                    return true;
+                }
+                if related(&p, target) && remove(&mut items[i], &p, target) {
+                    return true;
+                }
+            }
+            false
+        }
+        yaml::Kind::Map(entries) => {
+            for i in 0..entries.len() {
+                let p = yaml::key_path(path, &entries[i].key);
+                if p == target {
+                    entries.remove(i);
+                    return true;
+                }
+                if related(&p, target) && remove(&mut entries[i].value, &p, target) {
+                    return true;
+                }
+            }
+            false
+        }
+    }
 }
 
 /// Position of a key path, or of its nearest written ancestor: a problem with a default

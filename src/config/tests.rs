@@ -80,12 +80,14 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
         "listners: []\n",
         &[
             "t.yaml:1:1: listners: unknown key \"listners\" (expected one of: admin, log, listeners, upstreams, turn, discovery, shutdown)",
+            "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
         ],
     ),
     (
         "unknown health key",
         "upstreams:\n  u:\n    primary: [127.0.0.1:6004]\n    health:\n      intervall: 1s\n",
         &[
+            "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
             "t.yaml:5:7: upstreams.u.health.intervall: unknown key \"intervall\" (expected one of: type, interval, timeout, fall, rise, port, path, expect_status, send, expect)",
         ],
     ),
@@ -107,12 +109,16 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
     (
         "turn without auth",
         "turn:\n  public_address: 1.2.3.4\n  listeners: []\n",
-        &["t.yaml:2:3: turn: missing required key \"auth\""],
+        &[
+            "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
+            "t.yaml:2:3: turn: missing required key \"auth\"",
+        ],
     ),
     (
         "integer field given a word",
         "upstreams:\n  u:\n    primary: [127.0.0.1:6004]\n    health: { fall: many }\n",
         &[
+            "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
             "t.yaml:4:21: upstreams.u.health.fall: expected an integer from 0 to 4294967295, found \"many\"",
         ],
     ),
@@ -120,13 +126,17 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
         "negative port",
         "upstreams:\n  u:\n    primary: [127.0.0.1:1]\n    health: { port: -1 }\n",
         &[
+            "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
             "t.yaml:4:21: upstreams.u.health.port: invalid value -1: expected an integer from 0 to 65535",
         ],
     ),
     (
         "boolean given yes",
         "upstreams:\n  u:\n    primary: [127.0.0.1:1]\n    passive: yes\n",
-        &["t.yaml:4:14: upstreams.u.passive: expected a boolean, found \"yes\""],
+        &[
+            "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
+            "t.yaml:4:14: upstreams.u.passive: expected a boolean, found \"yes\"",
+        ],
     ),
     (
         "string given a list",
@@ -136,7 +146,10 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
     (
         "list given a string",
         "upstreams:\n  u:\n    primary: 127.0.0.1:1\n",
-        &["t.yaml:3:14: upstreams.u.primary: expected a list, found \"127.0.0.1:1\""],
+        &[
+            "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
+            "t.yaml:3:14: upstreams.u.primary: expected a list, found \"127.0.0.1:1\"",
+        ],
     ),
     (
         "bad protocol",
@@ -147,28 +160,41 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
         "bad balance",
         "upstreams:\n  u:\n    primary: [127.0.0.1:1]\n    balance: random\n",
         &[
+            "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
             "t.yaml:4:14: upstreams.u.balance: unknown value \"random\" (expected one of: first, hash, round_robin, least_sessions)",
         ],
     ),
     (
         "enum given a list",
         "log:\n  format: [json]\n",
-        &["t.yaml:2:11: log.format: expected one of: text, json, found a list"],
+        &[
+            "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
+            "t.yaml:2:11: log.format: expected one of: text, json, found a list",
+        ],
     ),
     (
         "bad duration",
         "upstreams:\n  u:\n    primary: [127.0.0.1:6004]\n    health:\n      interval: 10 mss\n",
-        &["t.yaml:5:17: upstreams.u.health.interval: invalid duration \"10 mss\""],
+        &[
+            "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
+            "t.yaml:5:17: upstreams.u.health.interval: invalid duration \"10 mss\"",
+        ],
     ),
     (
         "duration with a space",
         "upstreams:\n  u:\n    primary: [127.0.0.1:6004]\n    health:\n      interval: 10 ms\n",
-        &["t.yaml:5:17: upstreams.u.health.interval: invalid duration \"10 ms\""],
+        &[
+            "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
+            "t.yaml:5:17: upstreams.u.health.interval: invalid duration \"10 ms\"",
+        ],
     ),
     (
         "duration without unit",
         "shutdown:\n  drain_timeout: 5\n",
-        &["t.yaml:2:18: shutdown.drain_timeout: invalid duration \"5\""],
+        &[
+            "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
+            "t.yaml:2:18: shutdown.drain_timeout: invalid duration \"5\"",
+        ],
     ),
     (
         "listen port out of range",
@@ -192,27 +218,42 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
     (
         "bad relay port range",
         "turn:\n  public_address: 1.2.3.4\n  listeners: []\n  auth: { type: ephemeral, secret: x }\n  relay: { port_range: 0-100 }\n",
-        &["t.yaml:5:24: turn.relay.port_range: invalid port range \"0-100\" (expected first-last)"],
+        &[
+            "t.yaml:3:14: turn.listeners: no TURN listeners (add at least one)",
+            "t.yaml:5:24: turn.relay.port_range: invalid port range \"0-100\" (expected first-last)",
+        ],
     ),
     (
         "bad server address",
         "upstreams:\n  u:\n    primary: [10.0.0.300:5]\n",
-        &["t.yaml:3:15: upstreams.u.primary[0]: invalid server address \"10.0.0.300:5\""],
+        &[
+            "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
+            "t.yaml:3:15: upstreams.u.primary[0]: invalid server address \"10.0.0.300:5\"",
+        ],
     ),
     (
         "bad admin address",
         "admin:\n  listen: localhost:8086\n",
-        &["t.yaml:2:11: admin.listen: invalid address \"localhost:8086\" (expected ip:port)"],
+        &[
+            "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
+            "t.yaml:2:11: admin.listen: invalid address \"localhost:8086\" (expected ip:port)",
+        ],
     ),
     (
         "bad relay IP",
         "turn:\n  public_address: 1.2.3.4\n  listeners: []\n  auth: {type: ephemeral, secret: x}\n  relay: { address: 1.2.3 }\n",
-        &["t.yaml:5:21: turn.relay.address: invalid IP address \"1.2.3\""],
+        &[
+            "t.yaml:3:14: turn.listeners: no TURN listeners (add at least one)",
+            "t.yaml:5:21: turn.relay.address: invalid IP address \"1.2.3\"",
+        ],
     ),
     (
         "missing environment variable",
         "admin:\n  token: ${MEDIAGATE_ADMIN_TOKEN}\n",
-        &["t.yaml:2:10: admin.token: environment variable MEDIAGATE_ADMIN_TOKEN is not set"],
+        &[
+            "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
+            "t.yaml:2:10: admin.token: environment variable MEDIAGATE_ADMIN_TOKEN is not set",
+        ],
     ),
     (
         "nothing to serve, admin port 0, empty token",
@@ -469,7 +510,7 @@ fn broken_configurations_give_exact_messages() {
 #[test]
 fn errors_carry_structured_fields() {
     let Err(ConfigErrors(errors)) = load(
-        "upstreams:\n  u:\n    primary: [127.0.0.1:6004]\n    health:\n      interval: 10 mss\n",
+        "listeners: [{ name: a, protocol: udp, listen: 127.0.0.1:5004, upstream: u }]\nupstreams:\n  u:\n    primary: [127.0.0.1:6004]\n    health:\n      interval: 10 mss\n",
     ) else {
         panic!("expected an error");
     };
@@ -477,7 +518,7 @@ fn errors_carry_structured_fields() {
         errors,
         vec![ConfigError {
             file: FILE.to_string(),
-            line: Some(5),
+            line: Some(6),
             column: Some(17),
             path: "upstreams.u.health.interval".to_string(),
             message: "invalid duration \"10 mss\"".to_string(),
@@ -514,8 +555,9 @@ fn load_file_reads_and_labels() {
     assert_eq!(
         e.to_string(),
         format!(
-            "{}:1:16: log.format: unknown value \"xml\" (expected one of: text, json)",
-            path.display()
+            "{p}:1:1: listeners: no listeners and no turn section: there is nothing to serve\n\
+             {p}:1:16: log.format: unknown value \"xml\" (expected one of: text, json)",
+            p = path.display()
         )
     );
 }
@@ -548,6 +590,7 @@ fn env_errors_are_all_reported_and_keys_are_not_expanded() {
     assert_eq!(
         e.to_string(),
         [
+            "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
             "t.yaml:1:17: admin.token: environment variable A1 is not set",
             "t.yaml:1:17: admin.token: environment variable A2 is not set",
             "t.yaml:2:15: log.level: invalid environment variable name \"1BAD\" in \"${1BAD}\" (write $${ for a literal ${)",
@@ -727,4 +770,27 @@ fn local_example_needs_no_environment() {
     };
     assert!(c.admin.listen.ip().is_loopback());
     assert!(c.listeners.iter().all(|l| l.listen.ip.is_loopback()));
+}
+
+#[test]
+fn every_stage_reports_every_error_in_one_run() {
+    let e = load(
+        "admin: { token: '${NOPE}' }\nlisteners:\n  - { name: a, protocol: udp, listen: 'x:1', upstream: u }\n  - { name: b, protocol: udp, listen: 127.0.0.1:5004, upstream: u, colour: red }\n  - { name: c, protocol: udp, listen: 127.0.0.1:5006, upstream: gone }\nupstreams:\n  u:\n    primary: [127.0.0.1:6004, 10.0.0.300]\n    health: { interval: 10 mss, fall: 0 }\n",
+    )
+    .expect_err("broken in every stage");
+    // A value that fails a stage counts as unset in the later ones; list indexes stay as
+    // written although `listeners[0]` (no valid `listen`) is left out of later stages.
+    assert_eq!(
+        e.to_string(),
+        [
+            "t.yaml:1:17: admin.token: environment variable NOPE is not set",
+            "t.yaml:3:39: listeners[0].listen: invalid listen address \"x:1\" (expected ip:port or ip:first-last)",
+            "t.yaml:4:68: listeners[1].colour: unknown key \"colour\" (expected one of: name, protocol, listen, upstream, session)",
+            "t.yaml:5:65: listeners[2].upstream: unknown upstream \"gone\" (defined: u)",
+            "t.yaml:8:31: upstreams.u.primary[1]: invalid server address \"10.0.0.300\"",
+            "t.yaml:9:25: upstreams.u.health.interval: invalid duration \"10 mss\"",
+            "t.yaml:9:39: upstreams.u.health.fall: must be at least 1",
+        ]
+        .join("\n")
+    );
 }

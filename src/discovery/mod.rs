@@ -317,8 +317,8 @@ mod tests {
         let parse = |l: &[&str]| -> Vec<ServerRef> {
             l.iter().map(|s| s.parse().expect("test ref")).collect()
         };
-        let yaml = "primary: []";
-        let mut up: UpstreamConfig = serde_yaml::from_str(yaml).expect("defaults");
+        let mut up: UpstreamConfig =
+            serde_json::from_value(serde_json::json!({ "primary": [] })).expect("defaults");
         up.primary = parse(primary);
         up.backup = parse(backup);
         up

@@ -43,6 +43,11 @@ struct Conn {
 #[derive(Default)]
 struct Table {
     conns: Mutex<VecDeque<Conn>>,
+    /// Connections whose descriptor is still open (an evicted one leaves `conns` at once
+    /// but closes when its task next runs).
+    open: AtomicUsize,
+    /// Signalled when a connection's descriptor closed.
+    closed: tokio::sync::Notify,
 }
 
 impl Table {
@@ -138,6 +143,27 @@ pub async fn serve(
                 continue;
             }
         }
+        // Hold the cap on open descriptors, not only on the table: wait (briefly) for
+        // the evicted connection's task to close it. This also lets connections that
+        // just arrived read their request before the next eviction.
+        let room = async {
+            while table.open.load(Ordering::Acquire) >= limits.max_connections {
+                let closed = table.closed.notified();
+                if table.open.load(Ordering::Acquire) < limits.max_connections {
+                    break;
+                }
+                closed.await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(1), room)
+            .await
+            .is_err()
+        {
+            refused.inc();
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            continue;
+        }
+        table.open.fetch_add(1, Ordering::AcqRel);
         next_id += 1;
         let id = next_id;
         let busy = Arc::new(AtomicUsize::new(0));
@@ -183,7 +209,10 @@ pub async fn serve(
             {
                 timed_out.inc();
             }
+            drop(conn); // closes the descriptor
             table.remove(id);
+            table.open.fetch_sub(1, Ordering::AcqRel);
+            table.closed.notify_waiters();
             metrics.admin_connections.dec();
         });
     }

@@ -191,11 +191,12 @@ pub async fn serve(
             timed_out.clone(),
         );
         tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
+            let mut conn = Box::pin(
+                hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout)
+                    .serve_connection(TokioIo::new(stream), service),
+            );
             let result = tokio::select! {
                 r = conn.as_mut() => Some(r),
                 _ = close.cancelled() => None,

@@ -7,7 +7,8 @@
 //! - `admin.max_connections`: at the cap, the oldest connection with no request in
 //!   progress is closed to make room for the new one (so a liveness probe still gets in
 //!   while idle connections pile up); when every connection is busy, the new one is
-//!   closed at once. Either way the process holds at most the cap.
+//!   closed at once. Either way the process holds at most the cap (plus at most
+//!   [`CLOSING_SLACK`] evicted connections still closing).
 //!
 //! Closed connections are counted in `mediagate_admin_connections_closed{reason}`.
 
@@ -23,6 +24,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// Evicted connections that may still be closing when a new one is accepted: lets the
+/// accept loop keep pace with a flood of connections (a full accept queue delays
+/// everyone's connect, a liveness probe's too) at the cost of a few descriptors.
+const CLOSING_SLACK: usize = 8;
+
 /// The limits of the admin listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -37,6 +43,26 @@ struct Conn {
     busy: Arc<AtomicUsize>,
     /// Fired to close it (evicted).
     close: CancellationToken,
+    /// Its socket, to see whether a request is waiting to be read. Valid while the entry
+    /// is in the table: the task removes the entry before it closes the socket.
+    fd: std::os::fd::RawFd,
+}
+
+impl Conn {
+    /// Neither a request in progress nor bytes of one waiting in the socket: a connection
+    /// that just arrived with its request is not taken for an idle one.
+    fn idle(&self) -> bool {
+        if self.busy.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let mut b = [0u8; 1];
+        let waiting = nix::sys::socket::recv(
+            self.fd,
+            &mut b,
+            nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        );
+        !matches!(waiting, Ok(n) if n > 0)
+    }
 }
 
 /// Open connections, oldest first.
@@ -61,10 +87,7 @@ impl Table {
         if conns.len() < max {
             return Ok(false);
         }
-        match conns
-            .iter()
-            .position(|c| c.busy.load(Ordering::Acquire) == 0)
-        {
+        match conns.iter().position(Conn::idle) {
             Some(i) => {
                 if let Some(c) = conns.remove(i) {
                     c.close.cancel();
@@ -143,13 +166,15 @@ pub async fn serve(
                 continue;
             }
         }
-        // Hold the cap on open descriptors, not only on the table: wait (briefly) for
-        // the evicted connection's task to close it. This also lets connections that
+        // Hold the cap on open descriptors, not only on the table: evicted connections
+        // close when their task next runs; at most CLOSING_SLACK of them may still be
+        // closing, beyond that wait (briefly) for them. This also lets connections that
         // just arrived read their request before the next eviction.
+        let most = limits.max_connections + CLOSING_SLACK;
         let room = async {
-            while table.open.load(Ordering::Acquire) >= limits.max_connections {
+            while table.open.load(Ordering::Acquire) >= most {
                 let closed = table.closed.notified();
-                if table.open.load(Ordering::Acquire) < limits.max_connections {
+                if table.open.load(Ordering::Acquire) < most {
                     break;
                 }
                 closed.await;
@@ -172,6 +197,7 @@ pub async fn serve(
             id,
             busy: busy.clone(),
             close: close.clone(),
+            fd: std::os::fd::AsRawFd::as_raw_fd(&stream),
         });
         metrics.admin_connections.inc();
         let svc = TowerToHyperService::new(router.clone());
@@ -210,8 +236,9 @@ pub async fn serve(
             {
                 timed_out.inc();
             }
-            drop(conn); // closes the descriptor
+            // Out of the table first: `Conn::idle` may read the socket while it is listed.
             table.remove(id);
+            drop(conn); // closes the descriptor
             table.open.fetch_sub(1, Ordering::AcqRel);
             table.closed.notify_waiters();
             metrics.admin_connections.dec();

@@ -694,6 +694,59 @@ upstreams:
     assert_eq!(up["failovers"], 0);
 }
 
+/// Probes that fail with EMFILE are the balancer's problem, not the servers': here an
+/// operator gave the admin API more connections (1,000) than the open-file limit (256)
+/// holds, and 400 idle admin connections take every descriptor for two seconds. The
+/// probes fail locally the whole time; they are counted as `local_error`, and neither
+/// server is marked down (before the fix both were, and the upstream failed over to
+/// nothing).
+#[test]
+fn probes_failing_with_emfile_do_not_mark_servers_down() {
+    let pair = UdpPair::start();
+    let yaml = format!(
+        r#"
+admin: {{ listen: "127.0.0.1:{admin}", max_connections: 1000, header_read_timeout: 30s }}
+listeners:
+  - {{ name: rtp, protocol: udp, listen: "127.0.0.1:{listen}", upstream: media }}
+upstreams:
+  media:
+    primary: ["{primary}"]
+    backup: ["{backup}"]
+    health: {{ type: udp, send: ping, interval: 100ms, timeout: 100ms }}
+"#,
+        admin = pair.admin,
+        listen = pair.listen,
+        primary = pair.primary_addr,
+        backup = pair.backup_addr,
+    );
+    let b = start_limited(&yaml, pair.admin, Some(256));
+    let conns = idle_connections(b.admin, 400);
+    let exhausted = usage(&b);
+    eprintln!("{} idle admin connections: {exhausted:?}", conns.len());
+    assert!(
+        exhausted.fds >= 250,
+        "every descriptor taken: {exhausted:?}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    drop(conns);
+    wait_until(Duration::from_secs(10), "/healthz answers again", || {
+        matches!(http(b.admin, "GET", "/healthz", None), Ok((200, _)))
+    });
+    let m = b.metrics();
+    let local = metric(&m, "mediagate_probes_total{upstream=\"media\",server=\"");
+    let local_errors: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("mediagate_probes_total") && l.contains("result=\"local_error\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    eprintln!("probes: {local} in all, {local_errors} local errors");
+    assert!(
+        local_errors >= 5.0,
+        "probes hit EMFILE and were counted as local errors"
+    );
+    assert_no_server_down(&b);
+}
+
 /// `mediagate check` warns (exit 0) when the configuration may use more descriptors than
 /// the open-file limit `run` would get.
 #[test]

@@ -69,7 +69,8 @@ listeners:
     protocol: udp
     listen: "127.0.0.1:$MG_PORT"
     upstream: media
-    session: { idle_timeout: 30s, max_sessions: 100000 }
+    # One load generator is one source IP: no per-source limits.
+    session: { idle_timeout: 30s, max_sessions: 100000, new_per_source_per_second: 0, max_per_source: 0 }
 upstreams:
   media:
     primary: ["127.0.0.1:$PRIMARY"]

@@ -93,6 +93,8 @@ impl App {
     pub async fn start(config: Config, config_path: String) -> Result<App> {
         let metrics = Metrics::new();
         let config_path_for_hash = config_path.clone();
+        // The fd budget of this configuration (see `fdbudget`), before any socket opens.
+        crate::fdbudget::apply(&config);
 
         // Server lists: static entries at once, DNS names and node/… as their sources answer.
         let discovery = Discovery::start(&config, &metrics).await?;
@@ -277,19 +279,19 @@ impl AppState {
         let kill = self.kill.child_token();
         let proxy = match sockets {
             Bound::Udp(socks) => {
-                let p = udp::UdpListener::new(
-                    l.name.clone(),
-                    route,
-                    l.session.idle_timeout.get(),
-                    l.session.max_sessions,
-                    lm,
-                );
+                let p = udp::UdpListener::new(l.name.clone(), route, &l.session, lm);
                 // UDP sessions keep flowing during the drain; `kill` ends them.
                 p.serve(socks, kill.clone())?;
                 Proxy::Udp(p)
             }
             Bound::Tcp(socks) => {
-                let p = tcp::TcpListener::new(l.name.clone(), route, lm);
+                let p = tcp::TcpListener::new(
+                    l.name.clone(),
+                    route,
+                    l.session.idle_timeout.get(),
+                    l.max_connections,
+                    lm,
+                );
                 for s in socks {
                     p.serve(s, stop_accepting.clone(), kill.clone())?;
                 }
@@ -332,6 +334,7 @@ impl AppState {
         .inc();
         match &result {
             Ok(()) => {
+                crate::fdbudget::apply(&self.config.load()); // the fd budget follows the config
                 self.last_reload_error.store(Arc::new(None));
                 self.loaded_at.store(Arc::new(SystemTime::now()));
                 tracing::info!(path = %self.config_path, "configuration reloaded");
@@ -587,13 +590,15 @@ fn spawn_feeder(
     });
 }
 
+/// The open-file limit [`raise_nofile_limit`] asks for (up to the hard limit).
+pub const NOFILE_WANTED: u64 = 262_144;
+
 /// Raises RLIMIT_NOFILE to what 100k sessions need, up to the hard limit, and logs it.
 pub fn raise_nofile_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    const WANTED: u64 = 262_144;
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) => {
-            let target = WANTED.min(hard);
+            let target = NOFILE_WANTED.min(hard);
             if soft < target
                 && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, target, hard)
             {

@@ -111,7 +111,12 @@ fn main() -> ExitCode {
 fn check(path: Option<PathBuf>) -> ExitCode {
     let path = app::config_path(path);
     match config::load_file(&path) {
-        Ok(_) => {
+        Ok(cfg) => {
+            // A warning, not an error: the limit where `check` runs need not be the one
+            // where the balancer runs, and the runtime budget enforces the real one.
+            if let Some(why) = mediagate::fdbudget::check_warning(&cfg) {
+                eprintln!("warning: {why}");
+            }
             println!("ok");
             ExitCode::SUCCESS
         }

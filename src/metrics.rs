@@ -67,6 +67,42 @@ pub struct Metrics {
     pub bytes: Family<Labels, Counter>,
     pub dropped: Family<Labels, Counter>,
     pub config_reloads: Family<Labels, Counter>,
+    /// Sessions the balancer closed itself, by listener and reason (`idle_timeout`).
+    pub sessions_closed: Family<Labels, Counter>,
+    /// The file-descriptor budget (`crate::fdbudget`), refreshed at every scrape.
+    pub fd: FdGauges,
+    /// Open admin API connections.
+    pub admin_connections: Gauge,
+    /// Admin connections closed by the balancer: `evicted` (an idle one, to make room at
+    /// the cap), `refused` (at the cap with every connection busy), `header_timeout`.
+    pub admin_closed: Family<Labels, Counter>,
+}
+
+/// Gauges of the file-descriptor budget.
+#[derive(Clone, Debug, Default)]
+pub struct FdGauges {
+    /// `mediagate_fd_limit`: the open-file limit (RLIMIT_NOFILE).
+    pub limit: Gauge,
+    /// `mediagate_fd_reserve`: descriptors kept for listen sockets, probes, admin, TURN.
+    pub reserve: Gauge,
+    /// `mediagate_fd_budget`: descriptors UDP sessions and TCP connections may hold.
+    pub budget: Gauge,
+    /// `mediagate_fd_in_use`: descriptors UDP sessions and TCP connections hold now.
+    pub in_use: Gauge,
+    /// `mediagate_fd_open`: descriptors the process has open (all kinds).
+    pub open: Gauge,
+}
+
+impl FdGauges {
+    fn refresh(&self) {
+        let b = crate::fdbudget::global();
+        let g = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.limit.set(g(b.limit()));
+        self.reserve.set(g(b.reserve()));
+        self.budget.set(g(b.budget()));
+        self.in_use.set(g(b.in_use()));
+        self.open.set(g(crate::fdbudget::open_now()));
+    }
 }
 
 impl Default for Metrics {
@@ -124,6 +160,49 @@ impl Metrics {
         for result in ["ok", "error"] {
             let _ = child(&config_reloads, &labels(&[("result", result)]));
         }
+        let sessions_closed = fam!(
+            "mediagate_sessions_closed",
+            "Sessions the balancer closed itself, by reason"
+        );
+        let fd = FdGauges::default();
+        r.register(
+            "mediagate_fd_limit",
+            "The open-file limit (RLIMIT_NOFILE)",
+            fd.limit.clone(),
+        );
+        r.register(
+            "mediagate_fd_reserve",
+            "File descriptors reserved for listen sockets, probes, discovery, admin and TURN",
+            fd.reserve.clone(),
+        );
+        r.register(
+            "mediagate_fd_budget",
+            "File descriptors UDP sessions and TCP connections may hold",
+            fd.budget.clone(),
+        );
+        r.register(
+            "mediagate_fd_in_use",
+            "File descriptors UDP sessions and TCP connections hold",
+            fd.in_use.clone(),
+        );
+        r.register(
+            "mediagate_fd_open",
+            "File descriptors the process has open",
+            fd.open.clone(),
+        );
+        let admin_connections = Gauge::default();
+        r.register(
+            "mediagate_admin_connections",
+            "Open admin API connections",
+            admin_connections.clone(),
+        );
+        let admin_closed = fam!(
+            "mediagate_admin_connections_closed",
+            "Admin API connections closed by the balancer, by reason"
+        );
+        for reason in ["evicted", "refused", "header_timeout"] {
+            let _ = child(&admin_closed, &labels(&[("reason", reason)]));
+        }
         Metrics {
             registry: Arc::new(Mutex::new(r)),
             server_up,
@@ -140,6 +219,10 @@ impl Metrics {
             bytes,
             dropped,
             config_reloads,
+            sessions_closed,
+            fd,
+            admin_connections,
+            admin_closed,
         }
     }
 
@@ -150,6 +233,7 @@ impl Metrics {
 
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
+        self.fd.refresh();
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry());
@@ -187,6 +271,16 @@ impl Metrics {
             rejected_no_server: rejected("no_server"),
             rejected_max_sessions: rejected("max_sessions"),
             rejected_draining: rejected("draining"),
+            dropped_fd_budget: dropped("fd_budget"),
+            rejected_fd_budget: rejected("fd_budget"),
+            dropped_source_rate: dropped("source_rate"),
+            rejected_source_rate: rejected("source_rate"),
+            dropped_source_sessions: dropped("source_sessions"),
+            rejected_source_sessions: rejected("source_sessions"),
+            dropped_local_error: dropped("local_error"),
+            rejected_local_error: rejected("local_error"),
+            rejected_max_connections: rejected("max_connections"),
+            closed_idle: child(&self.sessions_closed, &l(&[("reason", "idle_timeout")])),
         }
     }
 }
@@ -229,6 +323,22 @@ pub struct ListenerMetrics {
     pub rejected_no_server: Counter,
     pub rejected_max_sessions: Counter,
     pub rejected_draining: Counter,
+    /// The process's file-descriptor budget was used up (`crate::fdbudget`).
+    pub dropped_fd_budget: Counter,
+    pub rejected_fd_budget: Counter,
+    /// UDP: the source IP's new-session rate (`session.new_per_source_per_second`).
+    pub dropped_source_rate: Counter,
+    pub rejected_source_rate: Counter,
+    /// UDP: the source IP's live sessions (`session.max_per_source`).
+    pub dropped_source_sessions: Counter,
+    pub rejected_source_sessions: Counter,
+    /// Opening the server side failed for a local reason (EMFILE, ENOBUFS, no port).
+    pub dropped_local_error: Counter,
+    pub rejected_local_error: Counter,
+    /// TCP: the listener's `max_connections`.
+    pub rejected_max_connections: Counter,
+    /// Sessions closed for inactivity (`session.idle_timeout`).
+    pub closed_idle: Counter,
 }
 
 #[cfg(test)]

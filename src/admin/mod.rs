@@ -3,6 +3,7 @@
 //! messages; it never sits on the data path.
 
 pub mod client;
+pub mod conns;
 pub mod status;
 
 use crate::app::AppState;
@@ -55,15 +56,16 @@ async fn require_token(State(ctx): State<Ctx>, req: Request, next: Next) -> Resp
     }
 }
 
-/// Serves the API on `listener` until `stop` fires.
+/// Serves the API on `listener` until `stop` fires, within `admin.max_connections` and
+/// `admin.header_read_timeout` (see `conns`).
 pub async fn serve(listener: tokio::net::TcpListener, app: Arc<AppState>, stop: CancellationToken) {
-    let router = router(app);
-    let r = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
-    if let Err(e) = r {
-        tracing::error!(error = %e, "admin API stopped");
-    }
+    let admin = app.config.load().admin.clone();
+    let limits = conns::Limits {
+        max_connections: admin.max_connections,
+        header_read_timeout: admin.header_read_timeout.get(),
+    };
+    let metrics = app.metrics.clone();
+    conns::serve(listener, router(app), limits, metrics, stop).await;
 }
 
 async fn readyz(State(ctx): State<Ctx>) -> Response {

@@ -16,6 +16,28 @@ pub struct Status {
     /// Present when the TURN service runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub turn: Option<TurnStatus>,
+    /// The file-descriptor budget (see `fdbudget`); absent in documents of older versions.
+    #[serde(default)]
+    pub fds: Option<FdStatus>,
+}
+
+/// `fds` in `/status`: the open-file limit and how it is shared.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FdStatus {
+    /// The open-file limit (RLIMIT_NOFILE).
+    pub limit: usize,
+    /// Descriptors the process has open now.
+    pub open: usize,
+    /// Reserved for listen sockets, probes, discovery, admin connections and TURN.
+    pub reserve: usize,
+    /// What UDP sessions and TCP connections may hold.
+    pub budget: usize,
+    /// What they hold now.
+    pub in_use: usize,
+    /// What the configuration may use in all (more than `limit`: it does not fit).
+    pub demand: usize,
+    /// Sessions and connections refused for lack of budget since start.
+    pub refused: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -162,5 +184,19 @@ pub fn build(app: &AppState) -> Status {
                 allocations: t.allocations(),
             })
         }),
+        fds: Some(fd_status()),
+    }
+}
+
+fn fd_status() -> FdStatus {
+    let b = crate::fdbudget::global();
+    FdStatus {
+        limit: b.limit(),
+        open: crate::fdbudget::open_now(),
+        reserve: b.reserve(),
+        budget: b.budget(),
+        in_use: b.in_use(),
+        demand: b.demand(),
+        refused: b.refused(),
     }
 }

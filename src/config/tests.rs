@@ -356,6 +356,15 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "zero connection caps and header timeout",
+        "admin: { max_connections: 0, header_read_timeout: 0s }\nlisteners:\n  - { name: a, protocol: tcp, listen: 127.0.0.1:5004, upstream: u, max_connections: 0 }\nupstreams:\n  u:\n    primary: [127.0.0.1]\n",
+        &[
+            "t.yaml:1:27: admin.max_connections: must be at least 1",
+            "t.yaml:1:51: admin.header_read_timeout: must be longer than 0s",
+            "t.yaml:3:85: listeners[0].max_connections: must be at least 1",
+        ],
+    ),
+    (
         "zero durations and counts",
         "listeners:\n  - name: a\n    protocol: udp\n    listen: 127.0.0.1:5004\n    upstream: u\n    session: { idle_timeout: 0s, max_sessions: 0 }\nupstreams:\n  u:\n    primary: [127.0.0.1]\n    connect_timeout: 0s\n    health: { interval: 0s, timeout: 0ms, fall: 0, rise: 0, port: 0 }\n",
         &[
@@ -621,6 +630,11 @@ fn every_default() {
     let l = &c.listeners[0];
     assert_eq!(l.session.idle_timeout.get(), Duration::from_secs(60));
     assert_eq!(l.session.max_sessions, 100_000);
+    assert_eq!(l.session.new_per_source_per_second, 200);
+    assert_eq!(l.session.max_per_source, 10_000);
+    assert_eq!(l.max_connections, 10_000);
+    assert_eq!(c.admin.max_connections, 128);
+    assert_eq!(c.admin.header_read_timeout.get(), Duration::from_secs(5));
     let u = &c.upstreams["u"];
     assert_eq!(u.backup, Vec::new());
     assert_eq!(u.balance, Balance::First);

@@ -47,6 +47,22 @@ pub struct AdminConfig {
     /// When set, POST endpoints need `Authorization: Bearer <token>`.
     #[serde(default)]
     pub token: Option<String>,
+    /// Open admin connections at most; at the cap the oldest connection with no request
+    /// in progress is closed to make room, or the new one when every connection is busy.
+    /// Default 128.
+    #[serde(default = "default_admin_max_connections")]
+    pub max_connections: usize,
+    /// A connection must deliver a request's headers within this time (also between two
+    /// requests of a kept-alive connection), or it is closed. Default 5s.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: Dur,
+}
+
+fn default_admin_max_connections() -> usize {
+    128
+}
+fn default_header_read_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
 }
 
 fn default_admin_listen() -> SocketAddr {
@@ -58,6 +74,8 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: default_admin_listen(),
             token: None,
+            max_connections: default_admin_max_connections(),
+            header_read_timeout: default_header_read_timeout(),
         }
     }
 }
@@ -129,21 +147,47 @@ pub struct ListenerConfig {
     pub listen: ListenAddr,
     /// Required: name of an entry of `upstreams:`.
     pub upstream: String,
-    /// UDP session limits. Default: 60s idle timeout, 100000 sessions.
+    /// Session limits. Default: 60s idle timeout, 100000 sessions, 200 new sessions per
+    /// source IP per second, 10000 sessions per source IP.
     #[serde(default)]
     pub session: SessionConfig,
+    /// TCP: open connections at most (each holds two descriptors: client and server);
+    /// connections beyond it are closed at once and counted. Default 10000.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_max_connections() -> usize {
+    10_000
 }
 
 /// `listeners[].session:`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SessionConfig {
-    /// UDP: a session with no packet either way for this long is removed. Default 60s.
+    /// A session with no traffic either way for this long is removed (UDP) or reset
+    /// (TCP: a connection that sends nothing does not hold its descriptors). Default 60s.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: Dur,
-    /// New sessions beyond this are dropped and counted. Default 100000.
+    /// UDP: new sessions beyond this are dropped and counted. Default 100000.
     #[serde(default = "default_max_sessions")]
     pub max_sessions: usize,
+    /// UDP: new sessions one source IP may open per second (a token bucket holding one
+    /// second's worth); more are dropped and counted (`reason="source_rate"`). 0 turns
+    /// the limit off. Default 200.
+    #[serde(default = "default_new_per_source_per_second")]
+    pub new_per_source_per_second: u32,
+    /// UDP: live sessions of one source IP at most; more are dropped and counted
+    /// (`reason="source_sessions"`). 0 turns the limit off. Default 10000.
+    #[serde(default = "default_max_per_source")]
+    pub max_per_source: usize,
+}
+
+fn default_new_per_source_per_second() -> u32 {
+    200
+}
+fn default_max_per_source() -> usize {
+    10_000
 }
 
 fn default_idle_timeout() -> Dur {
@@ -158,6 +202,8 @@ impl Default for SessionConfig {
         SessionConfig {
             idle_timeout: default_idle_timeout(),
             max_sessions: default_max_sessions(),
+            new_per_source_per_second: default_new_per_source_per_second(),
+            max_per_source: default_max_per_source(),
         }
     }
 }

@@ -82,6 +82,14 @@ impl Checker {
     }
 
     fn admin(&mut self, cfg: &Config) {
+        self.at_least_one(
+            "admin.max_connections".to_string(),
+            cfg.admin.max_connections as u64,
+        );
+        self.positive(
+            "admin.header_read_timeout".to_string(),
+            cfg.admin.header_read_timeout.get(),
+        );
         if cfg.admin.listen.port() == 0 {
             self.push("admin.listen", "port 0 is not allowed");
         }
@@ -160,6 +168,7 @@ impl Checker {
                 key_path(&session, "max_sessions"),
                 l.session.max_sessions as u64,
             );
+            self.at_least_one(key_path(&path, "max_connections"), l.max_connections as u64);
         }
     }
 

@@ -31,9 +31,14 @@ pub enum Reason {
     NodeNotReady,
     Admin,
     Removed,
+    /// The balancer's own resources ran out (EMFILE, ENFILE, ENOBUFS, ENOMEM,
+    /// EADDRNOTAVAIL): says nothing about the server, so it never counts toward `fall`,
+    /// never marks a server down and never triggers a failover (see [`is_local_error`]).
+    LocalError,
 }
 
 impl Reason {
+    /// Every reason a server can be marked down for ([`Reason::LocalError`] never does).
     pub const ALL: [Reason; 9] = [
         Reason::ProbeFailed,
         Reason::ProbeTimeout,
@@ -57,8 +62,32 @@ impl Reason {
             Reason::NodeNotReady => "node_not_ready",
             Reason::Admin => "admin",
             Reason::Removed => "removed",
+            Reason::LocalError => "local_error",
         }
     }
+}
+
+/// Whether a socket error is the balancer's own problem rather than the peer's: out of
+/// descriptors (EMFILE, ENFILE), of buffer or kernel memory (ENOBUFS, ENOMEM), or of
+/// local ports (EADDRNOTAVAIL). Such an error on a probe or a proxy connect says nothing
+/// about the server.
+pub fn is_local_error(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM | Errno::EADDRNOTAVAIL)
+    )
+}
+
+/// A [`ProbeError`] for `e`: [`Reason::LocalError`] when [`is_local_error`], else
+/// `otherwise`.
+pub fn probe_error(e: &std::io::Error, otherwise: Reason, detail: String) -> ProbeError {
+    let reason = if is_local_error(e) {
+        Reason::LocalError
+    } else {
+        otherwise
+    };
+    ProbeError::new(reason, detail)
 }
 
 impl fmt::Display for Reason {

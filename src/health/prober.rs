@@ -17,7 +17,16 @@ pub struct ProbeCounters {
     pub ok: Counter,
     pub failed: Counter,
     pub timeout: Counter,
+    /// The balancer's own resources ran out (`result="local_error"`): not the server's fault.
+    pub local_error: Counter,
 }
+
+/// Log lines about probes that failed for local reasons: at most a few per second for the
+/// whole process, however many servers are probed.
+static LOCAL_ERROR_LOG: std::sync::LazyLock<crate::ratelog::RateLimit> =
+    std::sync::LazyLock::new(|| {
+        crate::ratelog::RateLimit::new("probe_local_error", Duration::from_secs(10), 5)
+    });
 
 /// Everything one prober needs.
 pub struct Prober {
@@ -48,15 +57,27 @@ impl Prober {
             match &result {
                 Ok(()) => self.counters.ok.inc(),
                 Err(e) if e.reason == Reason::ProbeTimeout => self.counters.timeout.inc(),
+                Err(e) if e.reason == Reason::LocalError => self.counters.local_error.inc(),
                 Err(_) => self.counters.failed.inc(),
             };
-            let msg = Control::Probe {
-                server: self.server.clone(),
-                result,
-                at: Instant::now(),
-            };
-            if control.send(msg).await.is_err() {
-                return;
+            match &result {
+                // The balancer could not probe (out of descriptors, buffers or ports): the
+                // controller never hears of it, so it counts toward nothing.
+                Err(e) if e.reason == Reason::LocalError => {
+                    if LOCAL_ERROR_LOG.allow() {
+                        tracing::warn!(server = %self.server.label, target = %self.target, error = %e.detail, "probe could not run: local resources exhausted (not counted against the server)");
+                    }
+                }
+                _ => {
+                    let msg = Control::Probe {
+                        server: self.server.clone(),
+                        result,
+                        at: Instant::now(),
+                    };
+                    if control.send(msg).await.is_err() {
+                        return;
+                    }
+                }
             }
             // Fixed cadence from the probe's start: a slow probe shortens the pause, so a
             // hung server is re-probed right after its timeout when timeout == interval.

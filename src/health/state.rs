@@ -124,8 +124,12 @@ impl HealthState {
         }
     }
 
-    /// A probe failed (or timed out).
+    /// A probe failed (or timed out). A [`Reason::LocalError`] (the balancer ran out of
+    /// descriptors or memory) says nothing about the server and changes nothing.
     pub fn probe_failed(&mut self, reason: Reason, detail: &str, now: Instant) -> Transition {
+        if reason == Reason::LocalError {
+            return Transition::None;
+        }
         self.ok_in_row = 0;
         self.fail_in_row = self.fail_in_row.saturating_add(1);
         self.last_error = Some(format!("{reason}: {detail}"));
@@ -141,8 +145,12 @@ impl HealthState {
         }
     }
 
-    /// A passive signal from the data plane: down at once, whatever `fall` says.
+    /// A passive signal from the data plane: down at once, whatever `fall` says (but
+    /// never for a [`Reason::LocalError`]).
     pub fn passive_failure(&mut self, reason: Reason, detail: &str, now: Instant) -> Transition {
+        if reason == Reason::LocalError {
+            return Transition::None;
+        }
         self.ok_in_row = 0;
         self.fail_in_row = self.fail_in_row.saturating_add(1);
         self.last_error = Some(format!("{reason}: {detail}"));
@@ -271,6 +279,33 @@ mod tests {
             s.passive_failure(Reason::IcmpUnreachable, "refused", ms(t, 46)),
             Transition::None
         );
+    }
+
+    #[test]
+    fn local_errors_never_count_toward_fall() {
+        let t = Instant::now();
+        let mut s = HealthState::new(2, 1);
+        s.probe_ok(t);
+        s.probe_failed(Reason::ProbeFailed, "", t);
+        for _ in 0..10 {
+            assert_eq!(
+                s.probe_failed(Reason::LocalError, "Too many open files", t),
+                Transition::None
+            );
+            assert_eq!(
+                s.passive_failure(Reason::LocalError, "Too many open files", t),
+                Transition::None
+            );
+        }
+        assert!(s.is_up());
+        assert_eq!(s.last_error(), Some("probe_failed: "));
+        // A server never probed stays unknown rather than going down.
+        let mut fresh = HealthState::new(1, 1);
+        assert_eq!(
+            fresh.probe_failed(Reason::LocalError, "", t),
+            Transition::None
+        );
+        assert_eq!(fresh.health(), Health::Unknown);
     }
 
     #[test]

@@ -21,13 +21,15 @@ impl HealthCheck for TcpCheck {
 
 /// Maps a failed TCP connect: an RST (nothing listening) gets its own reason because it
 /// is a definite "down", everything else keeps the OS error for `/status`.
+/// Out of descriptors or local ports is `LocalError`: the balancer's problem, not the
+/// server's.
 pub(super) fn connect_error(e: io::Error) -> ProbeError {
     let reason = if e.kind() == io::ErrorKind::ConnectionRefused {
         Reason::ConnectRefused
     } else {
         Reason::ProbeFailed
     };
-    ProbeError::new(reason, format!("connect: {e}"))
+    super::probe_error(&e, reason, format!("connect: {e}"))
 }
 
 #[cfg(test)]
@@ -44,6 +46,25 @@ mod tests {
         // The kernel completes the handshake from the backlog; no accept needed.
         let res = timeout(Duration::from_secs(2), TcpCheck.check(target)).await;
         assert_eq!(res, Ok(Ok(())));
+    }
+
+    #[test]
+    fn local_resource_errors_are_local_not_server_failures() {
+        use nix::errno::Errno;
+        for errno in [
+            Errno::EMFILE,
+            Errno::ENFILE,
+            Errno::ENOBUFS,
+            Errno::ENOMEM,
+            Errno::EADDRNOTAVAIL,
+        ] {
+            let err = connect_error(io::Error::from_raw_os_error(errno as i32));
+            assert_eq!(err.reason, Reason::LocalError, "{errno}: {err}");
+        }
+        let refused = connect_error(io::Error::from_raw_os_error(Errno::ECONNREFUSED as i32));
+        assert_eq!(refused.reason, Reason::ConnectRefused);
+        let other = connect_error(io::Error::from_raw_os_error(Errno::ETIMEDOUT as i32));
+        assert_eq!(other.reason, Reason::ProbeFailed);
     }
 
     #[tokio::test]

@@ -74,7 +74,7 @@ pub(super) async fn connected_socket(target: SocketAddr) -> Result<UdpSocket, Pr
     };
     let sock = UdpSocket::bind(local)
         .await
-        .map_err(|e| ProbeError::new(Reason::ProbeFailed, format!("bind {local}: {e}")))?;
+        .map_err(|e| super::probe_error(&e, Reason::ProbeFailed, format!("bind {local}: {e}")))?;
     // Connecting a UDP socket sends nothing, but fails at once when there is no route.
     sock.connect(target)
         .await
@@ -101,7 +101,8 @@ pub(super) fn socket_error(op: &str, e: &io::Error) -> ProbeError {
     } else {
         Reason::ProbeFailed
     };
-    ProbeError::new(reason, format!("{op}: {e}"))
+    // ENOBUFS on send, EMFILE on socket(): the balancer's problem, not the target's.
+    super::probe_error(e, reason, format!("{op}: {e}"))
 }
 
 /// Byte-substring search; an empty needle is found everywhere.
@@ -206,6 +207,20 @@ mod tests {
         assert!(res.is_err(), "probe completed without a reply: {res:?}");
         assert!(started.elapsed() >= Duration::from_millis(200));
         drop(silent);
+    }
+
+    #[test]
+    fn local_errors_on_the_probe_socket_are_local() {
+        use nix::errno::Errno;
+        for errno in [Errno::EMFILE, Errno::ENOBUFS, Errno::ENFILE] {
+            let e = io::Error::from_raw_os_error(errno as i32);
+            assert_eq!(socket_error("send", &e).reason, Reason::LocalError);
+        }
+        let refused = io::Error::from_raw_os_error(Errno::ECONNREFUSED as i32);
+        assert_eq!(
+            socket_error("recv", &refused).reason,
+            Reason::IcmpUnreachable
+        );
     }
 
     #[test]

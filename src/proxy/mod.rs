@@ -2,6 +2,7 @@
 //! routing snapshot picks. Start reading at `udp.rs`.
 
 pub mod ports;
+pub mod sources;
 pub mod sys;
 pub mod tcp;
 pub mod udp;

@@ -10,16 +10,26 @@
 //! each end the truth, an abortive close leaves no TIME_WAIT entry on the proxy's
 //! server-side socket, so a flood of aborted connections does not make every new
 //! `connect` search a crowded ephemeral port range (HAProxy closes the same way).
+//!
+//! Bounds against clients that hold connections (slowloris): a listener holds at most
+//! `max_connections` (a connection beyond it is reset at once and counted), each takes
+//! two descriptors from the process's budget (`crate::fdbudget`), and a connection with
+//! no byte either way for `session.idle_timeout` is reset. A connect that fails for a
+//! local reason (EMFILE, ENOBUFS, no local port) is the balancer's problem: counted
+//! (`reason="local_error"`), logged rate-limited, never reported against the server.
 
 use crate::config::Protocol;
+use crate::fdbudget;
 use crate::health::Reason;
 use crate::metrics::ListenerMetrics;
+use crate::ratelog::RateLimit;
 use crate::upstream::{ServerHandle, UpstreamRoute};
 use prometheus_client::metrics::counter::Counter;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener as TokioListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -33,16 +43,37 @@ pub struct TcpListener {
     pub name: String,
     pub route: Arc<UpstreamRoute>,
     pub metrics: ListenerMetrics,
+    /// No byte either way for this long resets the connection (`session.idle_timeout`).
+    pub idle_timeout: Duration,
+    /// Connections held at most, counting those still connecting (`max_connections`).
+    pub max_connections: usize,
+    /// Connections accepted and not yet closed (including those still connecting).
+    held: AtomicUsize,
+    /// Connections relaying to a server.
     live: AtomicUsize,
+    /// Accept failures and local connect failures: a few lines per window.
+    accept_log: RateLimit,
+    local_log: RateLimit,
 }
 
 impl TcpListener {
-    pub fn new(name: String, route: Arc<UpstreamRoute>, metrics: ListenerMetrics) -> Arc<Self> {
+    pub fn new(
+        name: String,
+        route: Arc<UpstreamRoute>,
+        idle_timeout: Duration,
+        max_connections: usize,
+        metrics: ListenerMetrics,
+    ) -> Arc<Self> {
         Arc::new(TcpListener {
             name,
             route,
             metrics,
+            idle_timeout,
+            max_connections,
+            held: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
+            accept_log: RateLimit::new("tcp_accept", Duration::from_secs(10), 5),
+            local_log: RateLimit::new("tcp_connect_local", Duration::from_secs(10), 5),
         })
     }
 
@@ -69,19 +100,50 @@ impl TcpListener {
                     _ = stop_accepting.cancelled() => return,
                     r = listener.accept() => match r {
                         Ok((client, peer)) => {
+                            let Some(admitted) = this.admit(&client) else {
+                                continue;
+                            };
                             let this = this.clone();
                             let kill = kill.clone();
-                            tokio::spawn(async move { this.handle(client, peer, local_port, kill).await });
+                            tokio::spawn(async move {
+                                let _admitted = admitted;
+                                this.handle(client, peer, local_port, kill).await
+                            });
                         }
                         Err(e) => {
                             // EMFILE and friends: back off briefly instead of spinning.
-                            tracing::warn!(listener = %this.name, error = %e, "accept failed");
+                            if this.accept_log.allow() {
+                                tracing::warn!(listener = %this.name, error = %e, "accept failed");
+                            }
                             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                         }
                     },
                 }
             }
         }))
+    }
+
+    /// Whether a just-accepted connection may stay: within `max_connections` and with two
+    /// descriptors (client and server) from the budget. A refused one is reset at once.
+    fn admit(self: &Arc<Self>, client: &TcpStream) -> Option<Admitted> {
+        let m = &self.metrics;
+        if self.held.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
+            self.held.fetch_sub(1, Ordering::AcqRel);
+            m.rejected_max_connections.inc();
+            reset_on_close(client);
+            return None;
+        }
+        let permit = fdbudget::global().try_acquire(2);
+        let admitted = Admitted {
+            listener: self.clone(),
+            _permit: permit,
+        };
+        if admitted._permit.is_none() {
+            m.rejected_fd_budget.inc();
+            reset_on_close(client);
+            return None; // dropping `admitted` gives the connection slot back
+        }
+        Some(admitted)
     }
 
     async fn handle(
@@ -92,9 +154,18 @@ impl TcpListener {
         kill: CancellationToken,
     ) {
         let m = &self.metrics;
-        let Some((server, mut upstream, evicted)) = self.connect(peer, local_port).await else {
-            m.rejected_no_server.inc();
-            return;
+        let (server, mut upstream, evicted) = match self.connect(peer, local_port).await {
+            Ok(c) => c,
+            Err(Unconnected::NoServer) => {
+                m.rejected_no_server.inc();
+                reset_on_close(&client);
+                return;
+            }
+            Err(Unconnected::Local) => {
+                m.rejected_local_error.inc();
+                reset_on_close(&client);
+                return;
+            }
         };
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
@@ -103,6 +174,9 @@ impl TcpListener {
         m.sessions.inc();
         m.created.inc();
 
+        // When either side last sent a byte, in ms since `started` (for the idle timeout).
+        let started = Instant::now();
+        let last_io = AtomicU64::new(0);
         // Whether the connection ends abortively (reset) rather than with FINs.
         let aborted = {
             // Borrowed halves: dropping them does not shut anything down, so an abort
@@ -112,12 +186,18 @@ impl TcpListener {
             // Both directions until both have ended; an abort in either ends both at once.
             let both = async {
                 tokio::try_join!(
-                    pump(cr, uw, m.bytes_to_server.clone()),
-                    pump(ur, cw, m.bytes_to_client.clone())
+                    pump(cr, uw, m.bytes_to_server.clone(), started, &last_io),
+                    pump(ur, cw, m.bytes_to_client.clone(), started, &last_io)
                 )
             };
+            let idle = idle_watch(self.idle_timeout, started, &last_io);
             tokio::select! {
                 r = both => r.is_err(),
+                _ = idle => {
+                    tracing::debug!(listener = %self.name, %peer, "resetting connection: idle timeout");
+                    m.closed_idle.inc();
+                    true
+                }
                 _ = evicted.cancelled() => {
                     tracing::debug!(listener = %self.name, %peer, server = %server.label, "resetting connection: server left the active set");
                     true
@@ -136,11 +216,13 @@ impl TcpListener {
     }
 
     /// Connects to the best server, falling through to the next eligible one on failure.
+    /// A local failure (out of descriptors or ports) ends the attempt without blaming
+    /// the server: the next one would fail the same way.
     async fn connect(
         &self,
         peer: SocketAddr,
         local_port: u16,
-    ) -> Option<(Arc<ServerHandle>, TcpStream, CancellationToken)> {
+    ) -> Result<(Arc<ServerHandle>, TcpStream, CancellationToken), Unconnected> {
         let mut tried: Vec<Arc<ServerHandle>> = Vec::new();
         // Servers whose TCP side failed lately without that marking them down (their
         // UDP side speaks for them, `passive_scope: protocol`) are tried last.
@@ -160,7 +242,7 @@ impl TcpListener {
                     held.clear();
                     continue;
                 }
-                None => return None,
+                None => return Err(Unconnected::NoServer),
             };
             // Taken before connecting, so an eviction during the connect is not missed.
             let evicted = server.eviction_token();
@@ -169,7 +251,13 @@ impl TcpListener {
             match tokio::time::timeout(connect_timeout, TcpStream::connect(dest)).await {
                 Ok(Ok(stream)) => {
                     server.release(Protocol::Tcp);
-                    return Some((server, stream, evicted));
+                    return Ok((server, stream, evicted));
+                }
+                Ok(Err(e)) if crate::health::is_local_error(&e) => {
+                    if self.local_log.allow() {
+                        tracing::warn!(listener = %self.name, %dest, error = %e, "cannot connect: local resources exhausted (not counted against the server)");
+                    }
+                    return Err(Unconnected::Local);
                 }
                 Ok(Err(e)) => {
                     let reason = match e.kind() {
@@ -197,6 +285,41 @@ impl TcpListener {
     }
 }
 
+/// Why no server connection was made.
+enum Unconnected {
+    /// No eligible server (left).
+    NoServer,
+    /// The balancer ran out of descriptors, buffers or local ports.
+    Local,
+}
+
+/// A connection counted in its listener's `held` and the fd budget until dropped.
+struct Admitted {
+    listener: Arc<TcpListener>,
+    _permit: Option<fdbudget::Permit>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.listener.held.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Resolves once no byte has gone either way for `idle` (never when `idle` is zero).
+async fn idle_watch(idle: Duration, started: Instant, last_io: &AtomicU64) {
+    if idle.is_zero() {
+        return std::future::pending().await;
+    }
+    loop {
+        let last = started + Duration::from_millis(last_io.load(Ordering::Relaxed));
+        let deadline = last + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline.into()).await;
+    }
+}
+
 /// Binds a TCP listen socket.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let domain = socket2::Domain::for_address(addr);
@@ -219,6 +342,8 @@ async fn pump(
     mut from: tokio::net::tcp::ReadHalf<'_>,
     mut to: tokio::net::tcp::WriteHalf<'_>,
     bytes: Counter,
+    started: Instant,
+    last_io: &AtomicU64,
 ) -> Result<(), Aborted> {
     let mut buf = vec![0u8; COPY_BUF];
     loop {
@@ -229,6 +354,7 @@ async fn pump(
             }
             Err(_) => return Err(Aborted),
             Ok(n) => {
+                last_io.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                 to.write_all(&buf[..n]).await.map_err(|_| Aborted)?;
                 bytes.inc_by(n as u64);
             }

@@ -22,12 +22,19 @@
 //! failover takes effect on the next client datagram rather than at the idle timeout.
 //! A datagram the old server refused (ICMP port unreachable, reported on the connected
 //! socket) is re-sent to the new one from a ring of recent copies.
+//!
+//! A new session is admitted only within the listener's `max_sessions`, its source's
+//! fair share (`sources`) and the process's file-descriptor budget (`crate::fdbudget`);
+//! refusals are counted, never logged per datagram.
 
 use super::ports::{self, PortLease};
+use super::sources::{Admission, Refusal, Sources};
 use super::sys::{self, MsgBatch};
-use crate::config::Protocol;
+use crate::config::{Protocol, SessionConfig};
+use crate::fdbudget::{self, Permit};
 use crate::health::Reason;
 use crate::metrics::ListenerMetrics;
+use crate::ratelog::RateLimit;
 use crate::upstream::{ServerHandle, UpstreamRoute};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::collections::HashMap;
@@ -61,7 +68,13 @@ pub struct UdpListener {
     pub route: Arc<UpstreamRoute>,
     pub idle_timeout: Duration,
     pub max_sessions: usize,
+    /// `session.new_per_source_per_second` (0: off).
+    pub new_per_source_per_second: u32,
+    /// `session.max_per_source` (0: off).
+    pub max_per_source: usize,
     pub metrics: ListenerMetrics,
+    /// Failures to open an upstream socket: logged a few times per window, not per datagram.
+    open_failures: RateLimit,
     /// Live sessions over all ports and threads of this listener.
     live: AtomicUsize,
     /// Set on shutdown: new sessions are refused, existing ones keep flowing.
@@ -74,16 +87,18 @@ impl UdpListener {
     pub fn new(
         name: String,
         route: Arc<UpstreamRoute>,
-        idle_timeout: Duration,
-        max_sessions: usize,
+        session: &SessionConfig,
         metrics: ListenerMetrics,
     ) -> Arc<Self> {
         Arc::new(UdpListener {
             name,
             route,
-            idle_timeout,
-            max_sessions,
+            idle_timeout: session.idle_timeout.get(),
+            max_sessions: session.max_sessions,
+            new_per_source_per_second: session.new_per_source_per_second,
+            max_per_source: session.max_per_source,
             metrics,
+            open_failures: RateLimit::new("udp_open_upstream", Duration::from_secs(10), 5),
             live: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             epoch: Instant::now(),
@@ -131,7 +146,7 @@ impl UdpListener {
         // Created first: an error below drops it and stops the threads already started.
         let guard = workers_stop.clone().drop_guard();
         for (w, socks) in per_worker.into_iter().enumerate() {
-            let worker = Worker::new(self.clone(), socks)?;
+            let worker = Worker::new(self.clone(), socks, workers)?;
             let stop = workers_stop.clone();
             std::thread::Builder::new()
                 .name(format!("udp-{}-{w}", self.name))
@@ -212,6 +227,11 @@ struct Session {
     /// The upstream socket reported a refusal (ICMP unreachable) on the reply side: the
     /// last datagram never arrived; move and re-send it with the next client datagram.
     refused: bool,
+    /// How the session counts in its source's share (released when it closes).
+    admission: Admission,
+    /// The descriptor `upstream` holds in the process's budget. Declared last: given
+    /// back only once the socket is closed.
+    _permit: Permit,
 }
 
 /// Where a worker finds a client's session: (listen port index, client address) to the
@@ -368,6 +388,8 @@ struct Tables {
     ring: Ring,
     tally: Tally,
     now_ms: u64,
+    /// This worker's share of the per-source limits.
+    sources: Sources,
 }
 
 /// One worker thread of a UDP listener.
@@ -382,7 +404,7 @@ fn token(idx: u32, gen_: u32) -> u64 {
 }
 
 impl Worker {
-    fn new(shared: Arc<UdpListener>, socks: Vec<UdpSocket>) -> io::Result<Worker> {
+    fn new(shared: Arc<UdpListener>, socks: Vec<UdpSocket>, workers: usize) -> io::Result<Worker> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
         let mut ports = Vec::with_capacity(socks.len());
         for (i, sock) in socks.into_iter().enumerate() {
@@ -401,7 +423,6 @@ impl Worker {
         }
         Ok(Worker {
             t: Tables {
-                shared,
                 epoll,
                 ports,
                 index: SessionIndex::default(),
@@ -410,6 +431,12 @@ impl Worker {
                 ring: Ring::new(),
                 tally: Tally::default(),
                 now_ms: 0,
+                sources: Sources::new(
+                    shared.new_per_source_per_second,
+                    shared.max_per_source,
+                    workers,
+                ),
+                shared,
             },
             rx: MsgBatch::new(BATCH, MAX_DATAGRAM),
         })
@@ -573,7 +600,28 @@ impl Tables {
             m.rejected_max_sessions.inc();
             return;
         }
+        let admission = match self.sources.admit(client.ip(), self.now_ms) {
+            Ok(a) => a,
+            Err(Refusal::Rate) => {
+                m.dropped_source_rate.inc();
+                m.rejected_source_rate.inc();
+                return;
+            }
+            Err(Refusal::Sessions) => {
+                m.dropped_source_sessions.inc();
+                m.rejected_source_sessions.inc();
+                return;
+            }
+        };
+        // One descriptor: the session's upstream socket.
+        let Some(permit) = fdbudget::global().try_acquire(1) else {
+            self.sources.closed(client.ip(), admission);
+            m.dropped_fd_budget.inc();
+            m.rejected_fd_budget.inc();
+            return;
+        };
         let Some(server) = shared.route.pick(client.ip(), &[]) else {
+            self.sources.closed(client.ip(), admission);
             m.dropped_no_server.inc();
             m.rejected_no_server.inc();
             return;
@@ -600,8 +648,18 @@ impl Tables {
         ) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(listener = %shared.name, error = %e, "cannot open upstream socket");
-                m.dropped_send_error.inc();
+                // Out of descriptors, buffers or local ports: the balancer's own problem,
+                // never the server's; logged a few times per window, counted always.
+                if shared.open_failures.allow() {
+                    tracing::warn!(listener = %shared.name, server = %server.label, error = %e, "cannot open upstream socket; new session refused");
+                }
+                if crate::health::is_local_error(&e) {
+                    m.dropped_local_error.inc();
+                    m.rejected_local_error.inc();
+                } else {
+                    m.dropped_send_error.inc();
+                }
+                self.sources.closed(client.ip(), admission);
                 self.free.push(idx);
                 return;
             }
@@ -620,6 +678,8 @@ impl Tables {
             last_activity_ms: self.now_ms,
             last_sent: None,
             refused: false,
+            admission,
+            _permit: permit,
         });
         self.index.insert(p, client, idx);
         forward(
@@ -712,11 +772,14 @@ impl Tables {
                 .is_some_and(|s| now.saturating_sub(s.last_activity_ms) >= idle_ms);
             if expired && let Some(s) = slot.session.take() {
                 self.index.remove(s.port, s.client);
+                self.sources.closed(s.client.ip(), s.admission);
                 s.server.session_closed();
                 removed += 1;
             }
         }
+        self.sources.sweep(now);
         if removed > 0 {
+            self.shared.metrics.closed_idle.inc_by(removed as u64);
             self.free.clear();
             for (i, slot) in self.slab.iter().enumerate() {
                 if slot.session.is_none() {

@@ -421,6 +421,7 @@ impl Controller {
                     ok: counter("ok"),
                     failed: counter("failed"),
                     timeout: counter("timeout"),
+                    local_error: counter("local_error"),
                 },
             };
             let token = self.cancel.child_token();

@@ -1,5 +1,5 @@
 //! Rate limiting for log lines that a client can trigger at will (auth failures, refused
-//! peers, malformed packets): at most `burst` lines per window, then one summary line with
+//! peers, malformed packets, local resource exhaustion under a flood): at most `burst` lines per window, then one summary line with
 //! the number suppressed when the next window opens. Counters are never rate limited.
 
 use std::sync::Mutex;
@@ -45,7 +45,7 @@ impl RateLimit {
                 tracing::warn!(
                     kind = self.kind,
                     suppressed = st.suppressed,
-                    "TURN: similar log lines suppressed by rate limit"
+                    "similar log lines suppressed by rate limit"
                 );
             }
             st.window_start = now;

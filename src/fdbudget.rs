@@ -1,0 +1,378 @@
+//! The file-descriptor budget: how many descriptors the configuration may use, compared
+//! with the open-file limit, and the process-wide count that the data plane takes its
+//! descriptors from.
+//!
+//! Every UDP session holds one upstream socket and every TCP connection two (client and
+//! server); those come and go with client traffic, which anyone on the internet controls.
+//! Everything else (listen sockets, epoll instances, health probes, discovery, admin
+//! connections, TURN relays, log files) is the balancer's own and must never be starved:
+//! a probe that fails with EMFILE would mark a healthy server down, and an admin API that
+//! cannot accept makes a liveness probe restart the pod.
+//!
+//! So at start and on every reload [`apply`] computes a [`Plan`]: the descriptors the
+//! configuration reserves for itself ([`Demand::reserve`]) are taken off the open-file
+//! limit (`RLIMIT_NOFILE`, after `app::raise_nofile_limit`), and what is left is the
+//! data-plane budget. A UDP session or TCP connection takes a [`Permit`] from the
+//! process-wide [`FdBudget`] before it opens its descriptors and gives it back when it
+//! closes; beyond the budget, new sessions are refused and counted
+//! (`reason="fd_budget"`) while existing sessions, probes and `/healthz` keep working.
+//!
+//! `mediagate check` only warns when the configuration's demand exceeds the limit (see
+//! [`check_warning`]): limits differ between the machine that checks and the one that
+//! runs, and the runtime budget enforces the limit where it applies.
+
+use crate::config::{Config, Protocol, ServerRef};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Descriptors any process of ours holds besides what the configuration asks for: stdio,
+/// the runtime's epoll and event descriptors, the DNS resolver, config file reads, logs.
+pub const FIXED_RESERVE: usize = 64;
+/// Descriptors set aside for discovery (DNS queries, the Kubernetes API connection).
+pub const DISCOVERY_RESERVE: usize = 16;
+/// Servers assumed behind one DNS name or `node/…` reference, for the probe reserve.
+pub const SERVERS_PER_DYNAMIC_REF: usize = 16;
+
+/// What a configuration may use, by part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Demand {
+    /// UDP: one upstream socket per session, `session.max_sessions` per listener.
+    pub udp_sessions: usize,
+    /// TCP: two descriptors per connection, `max_connections` per listener.
+    pub tcp_connections: usize,
+    /// Listen sockets (one per UDP port and worker thread, one per TCP port) and the UDP
+    /// workers' epoll instances.
+    pub listeners: usize,
+    /// One per server per probe in flight (a prober runs one probe at a time).
+    pub probes: usize,
+    /// The admin listener and `admin.max_connections`.
+    pub admin: usize,
+    /// TURN relays and clients (`turn::fd_demand`).
+    pub turn: usize,
+    /// Discovery and [`FIXED_RESERVE`].
+    pub other: usize,
+}
+
+impl Demand {
+    /// What the configuration reserves for itself: everything but the data plane.
+    pub fn reserve(&self) -> usize {
+        self.listeners + self.probes + self.admin + self.turn + self.other
+    }
+
+    /// What the data plane may hold at most (all listeners at their caps).
+    pub fn data_plane(&self) -> usize {
+        self.udp_sessions + self.tcp_connections
+    }
+
+    /// Everything.
+    pub fn total(&self) -> usize {
+        self.reserve() + self.data_plane()
+    }
+}
+
+/// The demand of `cfg` with `workers` UDP worker threads per listener.
+pub fn demand(cfg: &Config, workers: usize) -> Demand {
+    let workers = workers.max(1);
+    let mut d = Demand {
+        other: FIXED_RESERVE + DISCOVERY_RESERVE,
+        admin: 1 + cfg.admin.max_connections,
+        ..Demand::default()
+    };
+    for l in &cfg.listeners {
+        let ports = usize::from(l.listen.last_port - l.listen.first_port) + 1;
+        match l.protocol {
+            Protocol::Udp => {
+                d.udp_sessions += l.session.max_sessions;
+                d.listeners += ports * workers + workers;
+            }
+            Protocol::Tcp => {
+                d.tcp_connections += 2 * l.max_connections;
+                d.listeners += ports;
+            }
+        }
+    }
+    for u in cfg.upstreams.values() {
+        if u.health.kind == crate::config::HealthType::None {
+            continue;
+        }
+        for s in u.primary.iter().chain(&u.backup) {
+            d.probes += match s {
+                ServerRef::Static(_) | ServerRef::StaticIp(_) => 1,
+                ServerRef::Dns { .. } | ServerRef::Node(_) | ServerRef::AllNodes => {
+                    SERVERS_PER_DYNAMIC_REF
+                }
+            };
+        }
+    }
+    if let Some(t) = &cfg.turn {
+        d.turn = crate::turn::fd_demand(t);
+    }
+    d
+}
+
+/// The budget of one configuration under one open-file limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Plan {
+    /// The open-file limit (`RLIMIT_NOFILE` soft limit).
+    pub limit: usize,
+    pub demand: Demand,
+    /// Descriptors the data plane may hold: `limit - demand.reserve()`.
+    pub budget: usize,
+}
+
+impl Plan {
+    pub fn new(cfg: &Config, limit: usize, workers: usize) -> Plan {
+        let demand = demand(cfg, workers);
+        Plan {
+            limit,
+            demand,
+            budget: limit.saturating_sub(demand.reserve()),
+        }
+    }
+
+    /// Whether every listener can reach its cap at once without running out.
+    pub fn fits(&self) -> bool {
+        self.demand.total() <= self.limit
+    }
+
+    /// A one-line explanation for operators when the configuration does not fit.
+    pub fn shortfall(&self) -> Option<String> {
+        if self.fits() {
+            return None;
+        }
+        let d = &self.demand;
+        Some(format!(
+            "the configuration may use {} file descriptors (UDP sessions {}, TCP connections {}, \
+             listen sockets {}, probes {}, admin {}, TURN {}, other {}) but the open-file limit \
+             is {}: at most {} descriptors go to UDP sessions and TCP connections, and new \
+             sessions beyond that are refused (reason=\"fd_budget\"); raise the limit \
+             (ulimit -n, LimitNOFILE=, the container runtime's nofile) or lower \
+             session.max_sessions / max_connections",
+            d.total(),
+            d.udp_sessions,
+            d.tcp_connections,
+            d.listeners,
+            d.probes,
+            d.admin,
+            d.turn,
+            d.other,
+            self.limit,
+            self.budget,
+        ))
+    }
+}
+
+/// The process-wide count of data-plane descriptors.
+#[derive(Debug)]
+pub struct FdBudget {
+    /// Descriptors the data plane may hold (`usize::MAX` until a plan is applied).
+    budget: AtomicUsize,
+    in_use: AtomicUsize,
+    /// Sessions and connections refused for lack of budget.
+    refused: AtomicU64,
+    /// The plan in force, for `/status` and the metrics.
+    limit: AtomicUsize,
+    reserve: AtomicUsize,
+    demand: AtomicUsize,
+}
+
+static GLOBAL: FdBudget = FdBudget::new(usize::MAX);
+
+/// The budget of this process.
+pub fn global() -> &'static FdBudget {
+    &GLOBAL
+}
+
+impl FdBudget {
+    pub const fn new(budget: usize) -> FdBudget {
+        FdBudget {
+            budget: AtomicUsize::new(budget),
+            in_use: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
+            limit: AtomicUsize::new(0),
+            reserve: AtomicUsize::new(0),
+            demand: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes `n` descriptors, or `None` (counted as refused) when that would exceed the
+    /// budget. The permit gives them back when dropped.
+    pub fn try_acquire(&'static self, n: usize) -> Option<Permit> {
+        let budget = self.budget.load(Ordering::Relaxed);
+        let mut cur = self.in_use.load(Ordering::Relaxed);
+        loop {
+            if cur.saturating_add(n) > budget {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            match self.in_use.compare_exchange_weak(
+                cur,
+                cur + n,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(Permit { budget: self, n }),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Puts `plan` in force. Descriptors already held stay held; a lower budget only
+    /// refuses new sessions until enough have closed.
+    pub fn set_plan(&self, plan: &Plan) {
+        self.budget.store(plan.budget, Ordering::Relaxed);
+        self.limit.store(plan.limit, Ordering::Relaxed);
+        self.reserve.store(plan.demand.reserve(), Ordering::Relaxed);
+        self.demand.store(plan.demand.total(), Ordering::Relaxed);
+    }
+
+    /// Data-plane descriptors allowed.
+    pub fn budget(&self) -> usize {
+        self.budget.load(Ordering::Relaxed)
+    }
+
+    /// Data-plane descriptors held now.
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Relaxed)
+    }
+
+    /// Sessions and connections refused for lack of budget since start.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// The open-file limit of the plan in force (0 before any).
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Descriptors reserved for the balancer's own use by the plan in force.
+    pub fn reserve(&self) -> usize {
+        self.reserve.load(Ordering::Relaxed)
+    }
+
+    /// What the configuration in force may use in all.
+    pub fn demand(&self) -> usize {
+        self.demand.load(Ordering::Relaxed)
+    }
+}
+
+/// Descriptors taken from an [`FdBudget`]; given back on drop.
+#[derive(Debug)]
+pub struct Permit {
+    budget: &'static FdBudget,
+    n: usize,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.budget.in_use.fetch_sub(self.n, Ordering::Relaxed);
+    }
+}
+
+/// The soft open-file limit in force now (`usize::MAX` when unlimited or unreadable).
+pub fn current_limit() -> usize {
+    use nix::sys::resource::{Resource, getrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, _)) => usize::try_from(soft).unwrap_or(usize::MAX),
+        Err(_) => usize::MAX,
+    }
+}
+
+/// The limit `mediagate run` will have on this machine: the soft limit, raised towards
+/// the hard one as `app::raise_nofile_limit` does.
+pub fn limit_at_run() -> usize {
+    use nix::sys::resource::{Resource, getrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            usize::try_from(soft.max(crate::app::NOFILE_WANTED.min(hard))).unwrap_or(usize::MAX)
+        }
+        Err(_) => usize::MAX,
+    }
+}
+
+/// Computes the plan of `cfg` under the limit in force, puts it in force, and logs a
+/// warning when the configuration does not fit. Called at start and on every reload.
+pub fn apply(cfg: &Config) -> Plan {
+    let plan = Plan::new(cfg, current_limit(), crate::proxy::udp::default_workers());
+    global().set_plan(&plan);
+    match plan.shortfall() {
+        Some(why) => tracing::warn!("{why}"),
+        None => tracing::info!(
+            limit = plan.limit,
+            reserve = plan.demand.reserve(),
+            budget = plan.budget,
+            "file-descriptor budget"
+        ),
+    }
+    plan
+}
+
+/// `mediagate check`: the warning to print when `cfg` does not fit the open-file limit
+/// this machine would give `mediagate run` (a warning, not an error: see the module doc).
+pub fn check_warning(cfg: &Config) -> Option<String> {
+    Plan::new(cfg, limit_at_run(), crate::proxy::udp::default_workers()).shortfall()
+}
+
+/// Descriptors the process has open now (`/proc/self/fd`), or 0 when unreadable.
+pub fn open_now() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(yaml: &str) -> Config {
+        crate::config::load_str(yaml, "t.yaml").expect("valid config")
+    }
+
+    const BASE: &str = "admin: { listen: 127.0.0.1:9000, max_connections: 10 }\n\
+        listeners:\n  - { name: a, protocol: udp, listen: 127.0.0.1:5000-5001, upstream: u, session: { max_sessions: 1000 } }\n  \
+        - { name: b, protocol: tcp, listen: 127.0.0.1:6000, upstream: u, max_connections: 100 }\n\
+        upstreams:\n  u:\n    primary: [127.0.0.1, janus.example]\n";
+
+    #[test]
+    fn demand_counts_every_part() {
+        let d = demand(&cfg(BASE), 2);
+        assert_eq!(d.udp_sessions, 1000);
+        assert_eq!(d.tcp_connections, 200);
+        assert_eq!(d.listeners, 2 * 2 + 2 + 1);
+        assert_eq!(d.probes, 1 + SERVERS_PER_DYNAMIC_REF);
+        assert_eq!(d.admin, 11);
+        assert_eq!(d.turn, 0);
+        assert_eq!(d.data_plane(), 1200);
+    }
+
+    #[test]
+    fn plan_subtracts_the_reserve_and_explains_a_shortfall() {
+        let c = cfg(BASE);
+        let big = Plan::new(&c, 100_000, 2);
+        assert!(big.fits());
+        assert_eq!(big.shortfall(), None);
+        assert_eq!(big.budget, 100_000 - big.demand.reserve());
+        let small = Plan::new(&c, 1024, 2);
+        assert!(!small.fits());
+        let why = small.shortfall().unwrap();
+        assert!(why.contains("open-file limit is 1024"), "{why}");
+        assert!(why.contains("fd_budget"), "{why}");
+        assert_eq!(small.budget, 1024 - small.demand.reserve());
+        // A limit below the reserve leaves the data plane nothing, not an underflow.
+        assert_eq!(Plan::new(&c, 10, 2).budget, 0);
+    }
+
+    #[test]
+    fn permits_stop_at_the_budget_and_come_back_on_drop() {
+        let b: &'static FdBudget = Box::leak(Box::new(FdBudget::new(5)));
+        let a = b.try_acquire(2).unwrap();
+        let c = b.try_acquire(2).unwrap();
+        assert!(b.try_acquire(2).is_none(), "4 + 2 > 5");
+        assert_eq!(b.refused(), 1);
+        let d = b.try_acquire(1).unwrap();
+        assert_eq!(b.in_use(), 5);
+        drop((a, d));
+        assert_eq!(b.in_use(), 2);
+        assert!(b.try_acquire(3).is_some());
+        drop(c);
+        assert_eq!(b.in_use(), 0);
+    }
+}

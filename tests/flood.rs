@@ -1,0 +1,817 @@
+//! Floods and slow clients against the real binary (issue 11, item 2): a UDP flood from
+//! thousands of spoofed loopback sources with a low open-file limit, one source rotating
+//! its ports, and slowloris connections on the admin port and on a TCP listener. Each test
+//! checks that an existing flow keeps working, that `/healthz` answers throughout, that no
+//! server is marked down, and that descriptors and memory stay bounded and come back.
+//!
+//! `measure_largest_harmless_flood` (ignored) reports, for growing floods, what they cost
+//! an existing flow: `cargo test --test flood -- --ignored --nocapture`.
+
+mod common;
+
+use common::*;
+use mediagate::flows::Flows;
+use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrIn, sendmsg};
+use std::io::{IoSlice, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Runs `mediagate run` with the open-file limit (soft and hard) set to `nofile`.
+fn start_limited(yaml: &str, admin_port: u16, nofile: Option<u64>) -> Balancer {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("mediagate.yaml");
+    std::fs::write(&config, yaml).expect("write config");
+    let mut cmd = Command::new(MEDIAGATE);
+    cmd.args(["run", "-c"])
+        .arg(&config)
+        .env(
+            "RUST_LOG",
+            std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if let Some(n) = nofile {
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, n, n)
+                    .map_err(std::io::Error::from)
+            });
+        }
+    }
+    let child = cmd.spawn().expect("spawn mediagate");
+    let b = Balancer {
+        proc: Proc {
+            child,
+            name: "mediagate".into(),
+        },
+        admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+        dir,
+        config,
+    };
+    wait_until(Duration::from_secs(15), "mediagate /readyz", || {
+        matches!(http(b.admin, "GET", "/readyz", None), Ok((200, _)))
+    });
+    b
+}
+
+/// Resident memory (KiB) and open descriptors of a process.
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    rss_kib: u64,
+    fds: usize,
+}
+
+fn usage(b: &Balancer) -> Usage {
+    let pid = b.proc.child.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    Usage { rss_kib, fds }
+}
+
+/// Sum of every sample of `metrics` whose line starts with `prefix`.
+fn metric(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls `/healthz` every 50 ms on its own thread; records failures and the slowest answer.
+struct HealthWatch {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(u64, u64, Duration)>>,
+}
+
+impl HealthWatch {
+    fn start(admin: SocketAddr) -> HealthWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut ok, mut failed, mut slowest) = (0u64, 0u64, Duration::ZERO);
+            while !s.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                match http(admin, "GET", "/healthz", None) {
+                    Ok((200, _)) => ok += 1,
+                    other => {
+                        eprintln!("/healthz: {other:?}");
+                        failed += 1;
+                    }
+                }
+                slowest = slowest.max(t.elapsed());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (ok, failed, slowest)
+        });
+        HealthWatch {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// (answered, failed, slowest answer).
+    fn finish(mut self) -> (u64, u64, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// Sends `payload` to `dst` from `src` (any 127/8 address: all of it is local on Linux)
+/// through `sock`, which is bound to 0.0.0.0: the source is set per datagram with
+/// IP_PKTINFO, so one socket stands for any number of clients.
+fn send_from(sock: &UdpSocket, src: Ipv4Addr, dst: SocketAddrV4, payload: &[u8]) -> bool {
+    let info = nix::libc::in_pktinfo {
+        ipi_ifindex: 0,
+        ipi_spec_dst: nix::libc::in_addr {
+            s_addr: u32::from(src).to_be(),
+        },
+        ipi_addr: nix::libc::in_addr { s_addr: 0 },
+    };
+    let cmsg = [ControlMessage::Ipv4PacketInfo(&info)];
+    let iov = [IoSlice::new(payload)];
+    let to = SockaddrIn::from(dst);
+    sendmsg(
+        sock.as_raw_fd(),
+        &iov,
+        &cmsg,
+        MsgFlags::MSG_DONTWAIT,
+        Some(&to),
+    )
+    .is_ok()
+}
+
+/// The `i`-th spoofed source: 127.1.0.1, 127.1.0.2, … (never 127.0.0.1, the flows' own).
+fn source(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x7f01_0001 + i)
+}
+
+/// Floods `dst` from `sources` addresses × `ports` source ports, at about `pps`
+/// datagrams per second, for `duration` (bounded in time and count). Returns datagrams sent.
+fn flood(dst: SocketAddrV4, sources: u32, ports: usize, pps: u64, duration: Duration) -> u64 {
+    let socks: Vec<UdpSocket> = (0..ports)
+        .map(|_| {
+            let s = UdpSocket::bind("0.0.0.0:0").expect("bind flood socket");
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    let payload = [0x55u8; 160];
+    let started = Instant::now();
+    let max = pps * duration.as_secs().max(1) * 2;
+    let mut sent = 0u64;
+    let mut junk = [0u8; 2048];
+    'outer: loop {
+        for i in 0..sources {
+            for s in &socks {
+                if send_from(s, source(i), dst, &payload) {
+                    sent += 1;
+                }
+                // Replies to the spoofed sources land on these sockets: drop them.
+                while s.recv(&mut junk).is_ok() {}
+                if sent >= max || started.elapsed() >= duration {
+                    break 'outer;
+                }
+                // Pace: never ahead of `pps`.
+                let due = Duration::from_secs_f64(sent as f64 / pps as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+    }
+    sent
+}
+
+fn udp_config(listen: u16, admin: u16, primary: SocketAddr, backup: SocketAddr) -> String {
+    format!(
+        r#"
+admin: {{ listen: "127.0.0.1:{admin}" }}
+listeners:
+  - name: rtp
+    protocol: udp
+    listen: "127.0.0.1:{listen}"
+    upstream: media
+    session: {{ idle_timeout: 2s, max_sessions: 100000 }}
+upstreams:
+  media:
+    primary: ["{primary}"]
+    backup: ["{backup}"]
+    health: {{ type: udp, send: ping, interval: 250ms, timeout: 250ms, fall: 2 }}
+"#
+    )
+}
+
+/// What a flood cost.
+#[derive(Debug)]
+struct FloodOutcome {
+    sent: u64,
+    lost: u64,
+    flow_sent: u64,
+    worst_gap: Duration,
+    health: (u64, u64, Duration),
+    before: Usage,
+    during: Usage,
+    after: Usage,
+    status_during: serde_json::Value,
+    metrics_after: String,
+}
+
+/// Streams 5 flows through `b`, floods it, and reports what the flows and the admin API
+/// saw, with descriptors and memory before, during and after (once the flood's sessions
+/// have idled out).
+async fn run_flood(
+    b: &Balancer,
+    listen: u16,
+    sources: u32,
+    ports: usize,
+    pps: u64,
+    duration: Duration,
+) -> FloodOutcome {
+    let target = SocketAddr::from(([127, 0, 0, 1], listen));
+    let flows = Flows::start(target, 5, Duration::from_millis(20), 160)
+        .await
+        .expect("flows");
+    wait_until_async(Duration::from_secs(10), "every flow answered", || {
+        flows.snapshot().iter().all(|f| f.received > 0)
+    })
+    .await;
+    let before = usage(b);
+    let start = flows.snapshot();
+    flows.reset_gaps();
+    let watch = HealthWatch::start(b.admin);
+    let dst = SocketAddrV4::new(Ipv4Addr::LOCALHOST, listen);
+    let flooder = std::thread::spawn(move || flood(dst, sources, ports, pps, duration));
+    tokio::time::sleep(duration.mul_f64(0.7)).await;
+    let during = usage(b);
+    let status_during = {
+        let (code, body) = http(b.admin, "GET", "/status", None).expect("/status during flood");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("status json")
+    };
+    let sent = tokio::task::spawn_blocking(move || flooder.join().unwrap())
+        .await
+        .unwrap();
+    // Let the probes run through the aftermath (the flood's sessions still held).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let end = flows.finish(Duration::from_millis(300)).await;
+    let health = watch.finish();
+    let lost = start
+        .iter()
+        .zip(&end)
+        .map(|(s, e)| e.lost_between(s.sent, e.sent))
+        .sum();
+    let flow_sent = start.iter().zip(&end).map(|(s, e)| e.sent - s.sent).sum();
+    let worst_gap = end.iter().map(|f| f.max_gap).max().unwrap_or_default();
+    // The flood's sessions idle out (2 s) and their descriptors come back.
+    let mut after = usage(b);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while after.fds > before.fds + 8 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = usage(b);
+    }
+    FloodOutcome {
+        sent,
+        lost,
+        flow_sent,
+        worst_gap,
+        health,
+        before,
+        during,
+        after,
+        status_during,
+        metrics_after: b.metrics(),
+    }
+}
+
+fn assert_no_server_down(b: &Balancer) {
+    let st = b.status();
+    let up = upstream_of(&st, "media");
+    assert_eq!(up["failovers"], 0, "no failover: {up}");
+    for s in up["servers"].as_array().unwrap() {
+        assert_eq!(s["health"], "up", "server marked down: {s}");
+    }
+}
+
+/// A UDP flood from 2,000 spoofed sources × 2 ports (4,000 would-be sessions) against a
+/// balancer whose open-file limit is 1,024 and whose `max_sessions` is 100,000. Without a
+/// descriptor budget the sessions take every descriptor: probes fail with EMFILE and mark
+/// both servers down, the existing flows fail over to nothing, and `/healthz` cannot
+/// accept. With it, the flood is refused (`reason="fd_budget"`) beyond the budget, and
+/// everything else keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spoofed_udp_flood_leaves_flows_probes_and_admin_alone() {
+    let pair = UdpPair::start();
+    let b = start_limited(
+        &udp_config(pair.listen, pair.admin, pair.primary_addr, pair.backup_addr),
+        pair.admin,
+        Some(1024),
+    );
+    let o = run_flood(&b, pair.listen, 2000, 2, 10_000, Duration::from_secs(3)).await;
+    eprintln!(
+        "flood: sent {} datagrams; flows lost {}/{} (worst gap {:?}); /healthz {:?}; \
+         before {:?} during {:?} after {:?}",
+        o.sent, o.lost, o.flow_sent, o.worst_gap, o.health, o.before, o.during, o.after
+    );
+    let fds = &o.status_during["fds"];
+    eprintln!("/status fds during the flood: {fds}");
+    assert_eq!(fds["limit"], 1024, "{fds}");
+    let budget = fds["budget"].as_u64().unwrap();
+    assert!(budget > 0 && budget < 1024, "{fds}");
+    assert!(fds["in_use"].as_u64().unwrap() <= budget, "{fds}");
+    assert!(
+        o.during.fds < 1000,
+        "the process kept away from its limit: {:?}",
+        o.during
+    );
+    let refused = metric(
+        &o.metrics_after,
+        "mediagate_sessions_rejected_total{listener=\"rtp\",reason=\"fd_budget\"}",
+    );
+    assert!(refused > 0.0, "the flood was refused by the budget");
+    let failed_probes = o
+        .metrics_after
+        .lines()
+        .filter(|l| l.starts_with("mediagate_probes_total") && l.contains("result=\"failed\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    assert_eq!(failed_probes, 0.0, "no probe failed against a server");
+    assert_no_server_down(&b);
+    let (answered, failed, slowest) = o.health;
+    assert!(
+        answered > 10 && failed == 0,
+        "/healthz answered throughout: {:?}",
+        o.health
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "/healthz slowest {slowest:?}"
+    );
+    assert!(
+        o.lost * 100 <= o.flow_sent,
+        "the existing flows kept 99% of their datagrams: lost {} of {}",
+        o.lost,
+        o.flow_sent
+    );
+    assert!(
+        o.worst_gap < Duration::from_secs(1),
+        "worst gap {:?}",
+        o.worst_gap
+    );
+    assert!(
+        o.after.fds <= o.before.fds + 8,
+        "descriptors came back: before {:?} after {:?}",
+        o.before,
+        o.after
+    );
+    // New sessions work again once the flood's sessions are gone.
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    c.send_to(b"hello", pair.listen_addr()).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = c
+        .recv_from(&mut buf)
+        .expect("a new client is served after the flood");
+    assert!(buf[..n].starts_with(b"primary|"));
+}
+
+/// One source rotating through 1,500 ports must not lock other clients out of a listener
+/// with room for 200 sessions: it gets its rate (20/s) and its share (50 sessions), and a
+/// new client from another address is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_source_rotating_ports_cannot_lock_others_out() {
+    let pair = UdpPair::start();
+    let yaml = format!(
+        r#"
+admin: {{ listen: "127.0.0.1:{admin}" }}
+listeners:
+  - name: rtp
+    protocol: udp
+    listen: "127.0.0.1:{listen}"
+    upstream: media
+    session: {{ max_sessions: 200, new_per_source_per_second: 20, max_per_source: 50 }}
+upstreams:
+  media:
+    primary: ["{primary}"]
+    backup: ["{backup}"]
+    health: {{ type: udp, send: ping, interval: 250ms, timeout: 250ms, fall: 2 }}
+"#,
+        admin = pair.admin,
+        listen = pair.listen,
+        primary = pair.primary_addr,
+        backup = pair.backup_addr,
+    );
+    let b = Balancer::start(&yaml, pair.admin);
+    let target = pair.listen_addr();
+    let flows = Flows::start(target, 2, Duration::from_millis(20), 100)
+        .await
+        .expect("flows");
+    wait_until_async(Duration::from_secs(10), "flows answered", || {
+        flows.snapshot().iter().all(|f| f.received > 0)
+    })
+    .await;
+    let start = flows.snapshot();
+    let watch = HealthWatch::start(b.admin);
+    // 1,500 ports of 127.0.0.2 over ~3 s, each sending twice.
+    let attacker = std::thread::spawn(move || {
+        let mut socks = Vec::new();
+        for i in 0..1500 {
+            let s = UdpSocket::bind("127.0.0.2:0").expect("bind attacker port");
+            let _ = s.send_to(b"x", target);
+            socks.push(s);
+            if i % 100 == 99 {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        for s in &socks {
+            let _ = s.send_to(b"y", target);
+        }
+        socks.len()
+    });
+    let ports = tokio::task::spawn_blocking(move || attacker.join().unwrap())
+        .await
+        .unwrap();
+    let st = b.status();
+    let sessions = st["listeners"][0]["sessions"].as_u64().unwrap();
+    eprintln!("attacker used {ports} ports; listener sessions {sessions}");
+    assert!(
+        sessions <= 50 + 2,
+        "the attacker holds at most its share: {sessions} sessions"
+    );
+    // A new client from another address is served while the attacker's sessions live.
+    let c = UdpSocket::bind("127.0.0.3:0").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    c.send_to(b"hello", target).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = c
+        .recv_from(&mut buf)
+        .expect("a new client is not locked out");
+    assert!(buf[..n].starts_with(b"primary|"));
+    let m = b.metrics();
+    let by_rate = metric(
+        &m,
+        "mediagate_sessions_rejected_total{listener=\"rtp\",reason=\"source_rate\"}",
+    );
+    let by_share = metric(
+        &m,
+        "mediagate_sessions_rejected_total{listener=\"rtp\",reason=\"source_sessions\"}",
+    );
+    assert!(
+        by_rate + by_share > 1000.0,
+        "refusals counted: rate {by_rate}, share {by_share}"
+    );
+    let end = flows.finish(Duration::from_millis(200)).await;
+    let lost: u64 = start
+        .iter()
+        .zip(&end)
+        .map(|(s, e)| e.lost_between(s.sent, e.sent))
+        .sum();
+    assert_eq!(lost, 0, "existing flows lost nothing");
+    let (answered, failed, _) = watch.finish();
+    assert!(answered > 5 && failed == 0);
+    assert_no_server_down(&b);
+}
+
+/// Opens up to `n` connections to `addr` that send nothing (slowloris), quickly.
+fn idle_connections(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        if let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// How many of `conns` the other side has closed (EOF or reset), checked without waiting
+/// (data the server sent first is read and skipped).
+fn closed_by_peer(conns: &[TcpStream]) -> usize {
+    conns
+        .iter()
+        .filter(|s| {
+            s.set_nonblocking(true).unwrap();
+            let mut b = [0u8; 64];
+            loop {
+                match (&**s).read(&mut b) {
+                    Ok(0) => return true,
+                    Ok(_) => continue,
+                    Err(e) => return e.kind() != std::io::ErrorKind::WouldBlock,
+                }
+            }
+        })
+        .count()
+}
+
+/// 10,000 connections that send nothing to the admin port: the balancer holds at most
+/// `admin.max_connections` of them, `/healthz` still answers (idle ones are evicted to make
+/// room), the rest are closed after `header_read_timeout`, and descriptors come back.
+#[test]
+fn admin_slowloris_is_bounded_and_healthz_answers() {
+    let pair = UdpPair::start();
+    let yaml = format!(
+        r#"
+admin: {{ listen: "127.0.0.1:{admin}", max_connections: 64, header_read_timeout: 1s }}
+listeners:
+  - {{ name: rtp, protocol: udp, listen: "127.0.0.1:{listen}", upstream: media }}
+upstreams:
+  media:
+    primary: ["{primary}"]
+    health: {{ type: udp, send: ping, interval: 250ms, timeout: 250ms, fall: 2 }}
+"#,
+        admin = pair.admin,
+        listen = pair.listen,
+        primary = pair.primary_addr,
+    );
+    let b = Balancer::start(&yaml, pair.admin);
+    let before = usage(&b);
+    let watch = HealthWatch::start(b.admin);
+    let t = Instant::now();
+    let conns = idle_connections(b.admin, 10_000);
+    let during = usage(&b);
+    eprintln!(
+        "admin slowloris: {} connections opened in {:?}; before {before:?} during {during:?}",
+        conns.len(),
+        t.elapsed()
+    );
+    assert!(
+        during.fds <= before.fds + 64 + 8,
+        "the balancer held at most max_connections: before {before:?} during {during:?}"
+    );
+    // A partial request is closed after the header timeout too.
+    let mut partial = TcpStream::connect(b.admin).unwrap();
+    partial
+        .write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    partial
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 1024];
+    let r = partial.read(&mut buf);
+    assert!(
+        t.elapsed() < Duration::from_secs(4)
+            && !matches!(r, Ok(n) if n > 0 && buf.starts_with(b"HTTP/1.1 200")),
+        "a partial request is cut off: {r:?} after {:?}",
+        t.elapsed()
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "every idle connection closed",
+        || closed_by_peer(&conns) == conns.len(),
+    );
+    drop(conns);
+    let mut after = usage(&b);
+    wait_until(Duration::from_secs(10), "descriptors come back", || {
+        after = usage(&b);
+        after.fds <= before.fds + 4
+    });
+    let (answered, failed, slowest) = watch.finish();
+    eprintln!(
+        "admin slowloris: after {after:?}; /healthz ok {answered} failed {failed} slowest {slowest:?}"
+    );
+    assert!(answered > 5 && failed == 0, "/healthz answered throughout");
+    let m = b.metrics();
+    assert!(
+        metric(
+            &m,
+            "mediagate_admin_connections_closed_total{reason=\"evicted\"}"
+        ) > 0.0
+    );
+}
+
+/// 500 idle connections to a TCP listener with `max_connections: 50` and a 1 s idle
+/// timeout: at most 50 are held (two descriptors each), the rest are reset at once, the
+/// held ones are reset after the idle timeout, an active connection keeps working, and
+/// descriptors come back.
+#[test]
+fn tcp_slowloris_is_capped_and_idle_connections_time_out() {
+    let worker_addr = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+    let _worker = worker("tcp-echo", "primary", worker_addr, None);
+    let listen = free_tcp_port();
+    let admin = free_tcp_port();
+    let yaml = format!(
+        r#"
+admin: {{ listen: "127.0.0.1:{admin}" }}
+listeners:
+  - name: sig
+    protocol: tcp
+    listen: "127.0.0.1:{listen}"
+    upstream: app
+    max_connections: 50
+    session: {{ idle_timeout: 1s }}
+upstreams:
+  app:
+    primary: ["{worker_addr}"]
+    health: {{ interval: 250ms, timeout: 250ms }}
+"#
+    );
+    let b = Balancer::start(&yaml, admin);
+    let addr = SocketAddr::from(([127, 0, 0, 1], listen));
+    // An active connection: one echo every 100 ms throughout.
+    let mut active = TcpStream::connect(addr).unwrap();
+    active
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut hello = [0u8; 8];
+    active.read_exact(&mut hello).unwrap(); // "primary|"
+    let stop = Arc::new(AtomicBool::new(false));
+    let echoed = Arc::new(AtomicU64::new(0));
+    let pinger = {
+        let (stop, echoed) = (stop.clone(), echoed.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                active.write_all(b"ping").unwrap();
+                let mut b = [0u8; 4];
+                active
+                    .read_exact(&mut b)
+                    .expect("the active connection keeps echoing");
+                assert_eq!(&b, b"ping");
+                echoed.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let before = usage(&b);
+    let watch = HealthWatch::start(b.admin);
+    let conns = idle_connections(addr, 500);
+    std::thread::sleep(Duration::from_millis(300));
+    let during = usage(&b);
+    eprintln!(
+        "tcp slowloris: {} connections; before {before:?} during {during:?}",
+        conns.len()
+    );
+    assert!(
+        during.fds <= before.fds + 2 * 50 + 8,
+        "at most 50 connections held: before {before:?} during {during:?}"
+    );
+    wait_until(Duration::from_secs(10), "idle connections reset", || {
+        closed_by_peer(&conns) == conns.len()
+    });
+    drop(conns);
+    let mut after = usage(&b);
+    wait_until(Duration::from_secs(10), "descriptors come back", || {
+        after = usage(&b);
+        after.fds <= before.fds + 4
+    });
+    // The active connection outlives several idle timeouts.
+    wait_until(
+        Duration::from_secs(10),
+        "20 echoes on the active connection",
+        || echoed.load(Ordering::Relaxed) >= 20,
+    );
+    stop.store(true, Ordering::Relaxed);
+    pinger.join().expect("active connection");
+    assert!(echoed.load(Ordering::Relaxed) >= 10);
+    let (answered, failed, _) = watch.finish();
+    eprintln!("tcp slowloris: after {after:?}; /healthz ok {answered} failed {failed}");
+    assert!(answered > 5 && failed == 0);
+    let m = b.metrics();
+    assert!(
+        metric(
+            &m,
+            "mediagate_sessions_rejected_total{listener=\"sig\",reason=\"max_connections\"}"
+        ) >= 400.0
+    );
+    assert!(
+        metric(
+            &m,
+            "mediagate_sessions_closed_total{listener=\"sig\",reason=\"idle_timeout\"}"
+        ) >= 40.0
+    );
+    let st = b.status();
+    let up = upstream_of(&st, "app");
+    assert_eq!(up["servers"][0]["health"], "up");
+    assert_eq!(up["failovers"], 0);
+}
+
+/// Probes that fail with EMFILE are the balancer's problem, not the servers': here an
+/// operator gave the admin API more connections (1,000) than the open-file limit (256)
+/// holds, and 400 idle admin connections take every descriptor for two seconds. The
+/// probes fail locally the whole time; they are counted as `local_error`, and neither
+/// server is marked down (before the fix both were, and the upstream failed over to
+/// nothing).
+#[test]
+fn probes_failing_with_emfile_do_not_mark_servers_down() {
+    let pair = UdpPair::start();
+    let yaml = format!(
+        r#"
+admin: {{ listen: "127.0.0.1:{admin}", max_connections: 1000, header_read_timeout: 30s }}
+listeners:
+  - {{ name: rtp, protocol: udp, listen: "127.0.0.1:{listen}", upstream: media }}
+upstreams:
+  media:
+    primary: ["{primary}"]
+    backup: ["{backup}"]
+    health: {{ type: udp, send: ping, interval: 100ms, timeout: 100ms }}
+"#,
+        admin = pair.admin,
+        listen = pair.listen,
+        primary = pair.primary_addr,
+        backup = pair.backup_addr,
+    );
+    let b = start_limited(&yaml, pair.admin, Some(256));
+    let conns = idle_connections(b.admin, 400);
+    let exhausted = usage(&b);
+    eprintln!("{} idle admin connections: {exhausted:?}", conns.len());
+    assert!(
+        exhausted.fds >= 250,
+        "every descriptor taken: {exhausted:?}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    drop(conns);
+    wait_until(Duration::from_secs(10), "/healthz answers again", || {
+        matches!(http(b.admin, "GET", "/healthz", None), Ok((200, _)))
+    });
+    let m = b.metrics();
+    let local = metric(&m, "mediagate_probes_total{upstream=\"media\",server=\"");
+    let local_errors: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("mediagate_probes_total") && l.contains("result=\"local_error\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    eprintln!("probes: {local} in all, {local_errors} local errors");
+    assert!(
+        local_errors >= 5.0,
+        "probes hit EMFILE and were counted as local errors"
+    );
+    assert_no_server_down(&b);
+}
+
+/// `mediagate check` warns (exit 0) when the configuration may use more descriptors than
+/// the open-file limit `run` would get.
+#[test]
+fn check_warns_when_the_config_does_not_fit_the_open_file_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(
+        &path,
+        "listeners:\n  - { name: rtp, protocol: udp, listen: 127.0.0.1:5004, upstream: u }\nupstreams:\n  u:\n    primary: [127.0.0.1]\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(MEDIAGATE);
+    cmd.args(["check", "-c"]).arg(&path);
+    // SAFETY: setrlimit only, in the child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 1024, 1024)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    assert!(
+        stderr.contains("warning:") && stderr.contains("open-file limit is 1024"),
+        "{stderr}"
+    );
+}
+
+/// Not a pass/fail test: grows a flood until it costs an existing flow something, and
+/// prints descriptors and memory for each step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn measure_largest_harmless_flood() {
+    let pair = UdpPair::start();
+    let b = start_limited(
+        &udp_config(pair.listen, pair.admin, pair.primary_addr, pair.backup_addr),
+        pair.admin,
+        Some(1024),
+    );
+    for (sources, pps) in [
+        (1_000u32, 10_000u64),
+        (10_000, 20_000),
+        (20_000, 50_000),
+        (30_000, 100_000),
+        (60_000, 200_000),
+    ] {
+        let o = run_flood(&b, pair.listen, sources, 1, pps, Duration::from_secs(3)).await;
+        println!(
+            "sources {sources} target {pps}/s: sent {} ({:.0}/s); flows lost {}/{} worst gap {:?}; \
+             /healthz {:?}; fds {} -> {} -> {}; RSS KiB {} -> {} -> {}; down: {}",
+            o.sent,
+            o.sent as f64 / 3.0,
+            o.lost,
+            o.flow_sent,
+            o.worst_gap,
+            o.health,
+            o.before.fds,
+            o.during.fds,
+            o.after.fds,
+            o.before.rss_kib,
+            o.during.rss_kib,
+            o.after.rss_kib,
+            upstream_of(&b.status(), "media")["failovers"],
+        );
+    }
+}

@@ -264,13 +264,18 @@ impl UpstreamState {
             .into_iter()
             .map(Some)
             .collect();
+        // Old entries by handle identity: one lookup per server, not a scan.
+        let position: std::collections::HashMap<*const ServerHandle, usize> = old
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.as_ref().map(|e| (Arc::as_ptr(&e.handle), i)))
+            .collect();
         let mut cause: Option<Cause> = None;
         let mut entries = Vec::with_capacity(servers.len());
         for (handle, readiness) in servers {
-            let kept = old
-                .iter_mut()
-                .find(|e| e.as_ref().is_some_and(|e| Arc::ptr_eq(&e.handle, &handle)))
-                .and_then(Option::take);
+            let kept = position
+                .get(&Arc::as_ptr(&handle))
+                .and_then(|i| old[*i].take());
             let mut entry = kept.unwrap_or_else(|| self.new_entry(handle, now, wall));
             match readiness {
                 Readiness::NotReady(reason) if entry.not_ready != Some(reason) => {

@@ -261,7 +261,10 @@ impl Bound {
     /// The UDP sockets a running listener holds on `addr`.
     fn udp(&self, addr: SocketAddr) -> Option<Vec<Arc<std::net::UdpSocket>>> {
         match self {
-            Bound::Udp(ports) => ports.iter().find(|(a, _)| *a == addr).map(|(_, s)| s.clone()),
+            Bound::Udp(ports) => ports
+                .iter()
+                .find(|(a, _)| *a == addr)
+                .map(|(_, s)| s.clone()),
             Bound::Tcp(_) => None,
         }
     }
@@ -269,7 +272,10 @@ impl Bound {
     /// The TCP socket a running listener holds on `addr`.
     fn tcp(&self, addr: SocketAddr) -> Option<Arc<std::net::TcpListener>> {
         match self {
-            Bound::Tcp(ports) => ports.iter().find(|(a, _)| *a == addr).map(|(_, s)| s.clone()),
+            Bound::Tcp(ports) => ports
+                .iter()
+                .find(|(a, _)| *a == addr)
+                .map(|(_, s)| s.clone()),
             Bound::Udp(_) => None,
         }
     }
@@ -277,7 +283,10 @@ impl Bound {
 
 /// Binds every address of a listener, except those `held` already has a socket for (the
 /// sockets of a listener this one replaces): those are taken over as they are.
-fn bind_listener(l: &ListenerConfig, held: &dyn Fn(&ListenerConfig) -> Vec<Bound>) -> Result<Bound> {
+fn bind_listener(
+    l: &ListenerConfig,
+    held: &dyn Fn(&ListenerConfig) -> Vec<Bound>,
+) -> Result<Bound> {
     let held = held(l);
     // Port 0 means "any free port": never the same socket as another listener's.
     let reusable = |a: &SocketAddr| a.port() != 0;
@@ -288,7 +297,8 @@ fn bind_listener(l: &ListenerConfig, held: &dyn Fn(&ListenerConfig) -> Vec<Bound
                 l.listen
                     .addrs()
                     .map(|a| {
-                        if let Some(s) = held.iter().filter(|_| reusable(&a)).find_map(|b| b.udp(a)) {
+                        if let Some(s) = held.iter().filter(|_| reusable(&a)).find_map(|b| b.udp(a))
+                        {
                             return Ok((a, s));
                         }
                         udp::bind_group(a, workers)
@@ -383,7 +393,6 @@ impl AppState {
             }
         }
     }
-
 }
 
 /// Every server IP of every upstream, sorted and deduplicated.

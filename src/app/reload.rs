@@ -24,10 +24,7 @@ pub(super) struct Prepared {
     config: Option<Config>,
     /// The new configuration's sources and the token of their feeders.
     discovery: Option<(Discovery, CancellationToken)>,
-    feeds: Vec<(
-        mpsc::Sender<Control>,
-        Option<watch::Receiver<Vec<Target>>>,
-    )>,
+    feeds: Vec<(mpsc::Sender<Control>, Option<watch::Receiver<Vec<Target>>>)>,
     /// The upstream map after the commit.
     upstreams: IndexMap<String, Arc<UpstreamRuntime>>,
     /// Upstreams that stay, with their new settings and server lists.

@@ -123,8 +123,7 @@ impl UdpListener {
             return Err(io::Error::other("every port needs one socket per worker"));
         }
         // Transpose: worker w gets socket w of every port.
-        let mut per_worker: Vec<Vec<Arc<UdpSocket>>> =
-            (0..workers).map(|_| Vec::new()).collect();
+        let mut per_worker: Vec<Vec<Arc<UdpSocket>>> = (0..workers).map(|_| Vec::new()).collect();
         for port in ports {
             for (w, s) in port.into_iter().enumerate() {
                 per_worker[w].push(s);

@@ -569,7 +569,11 @@ impl Controller {
             }
             keep
         });
-        let known: HashSet<usize> = self.server_metrics.iter().map(|sm| key(&sm.handle)).collect();
+        let known: HashSet<usize> = self
+            .server_metrics
+            .iter()
+            .map(|sm| key(&sm.handle))
+            .collect();
         let name = self.state.name.as_str();
         for h in handles {
             if known.contains(&key(&h)) {
@@ -655,8 +659,7 @@ impl Controller {
                     .get(&key(&sm.handle))
                     .is_some_and(|i| self.state.is_up(*i));
                 sm.up.set(i64::from(up));
-                sm.active
-                    .set(i64::from(active.contains(&key(&sm.handle))));
+                sm.active.set(i64::from(active.contains(&key(&sm.handle))));
             }
         }
         for h in self.evict_due.drain(..) {

@@ -68,8 +68,15 @@ impl AppState {
         let loaded = match std::fs::read_to_string(&self.config_path) {
             Ok(text) => {
                 self.seen_hash.store(hash_text(&text), Ordering::Relaxed);
-                config::load_str(&text, &self.config_path)
-                    .map_err(|errors| errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+                // Off the runtime's threads: a file of thousands of servers takes a while.
+                let path = self.config_path.clone();
+                tokio::task::spawn_blocking(move || {
+                    config::load_str(&text, &path).map_err(|errors| {
+                        errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>()
+                    })
+                })
+                .await
+                .unwrap_or_else(|e| Err(vec![format!("configuration loader failed: {e}")]))
             }
             Err(e) => Err(vec![format!(
                 "{}: cannot read the file: {e}",

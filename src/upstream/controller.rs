@@ -34,6 +34,8 @@ use tokio_util::sync::CancellationToken;
 const BATCH: usize = 256;
 /// Longest the `/status` view lags behind probe results (commands refresh it at once).
 const VIEW_EVERY: Duration = Duration::from_millis(100);
+/// Probers started at once beyond this number have their first probes spread out.
+const SPREAD_ABOVE: usize = 100;
 /// Capacity of the command channel (reload, discovery, admin); probe results and passive
 /// signals have their own channel of 1024.
 const COMMANDS: usize = 64;
@@ -175,7 +177,8 @@ impl UpstreamRuntime {
             next_timer: None,
             timer_stale: true,
         };
-        controller.first_round_deadline = now + controller.first_round_budget();
+        controller.first_round_deadline =
+            now + controller.first_round_budget() + controller.start_spread(targets.len());
         let view = controller.view.clone();
         let step = controller.set_servers(targets);
         controller.absorb(step);
@@ -398,6 +401,17 @@ impl Controller {
         self.absorb(step);
     }
 
+    /// How long the first probes of `n` new probers are spread over: nothing below
+    /// [`SPREAD_ABOVE`], else half a probe timeout, so that thousands of servers arriving
+    /// at once (start-up, a reload) do not start thousands of probes in one burst that
+    /// holds up every other task (the admin API among them).
+    fn start_spread(&self, n: usize) -> Duration {
+        if n <= SPREAD_ABOVE || self.check.is_none() {
+            return Duration::ZERO;
+        }
+        self.spec.config.health.timeout.get() / 2
+    }
+
     /// Start-up waits at most one probe (timeout) plus a little scheduling slack.
     fn first_round_budget(&self) -> Duration {
         self.spec.config.health.timeout.get() + Duration::from_millis(100)
@@ -516,6 +530,9 @@ impl Controller {
             keep
         });
         let probed: HashSet<usize> = self.probers.iter().map(|(h, _)| key(h)).collect();
+        let new = handles.iter().filter(|h| !probed.contains(&key(h))).count();
+        let spread = self.start_spread(new);
+        let mut started = 0u32;
         let Some(check) = self.check.clone() else {
             return;
         };
@@ -549,7 +566,19 @@ impl Controller {
                 },
             };
             let token = self.cancel.child_token();
-            tokio::spawn(prober.run(self.control.clone(), token.clone()));
+            let delay = spread * started / (new as u32).max(1);
+            started += 1;
+            let control = self.control.clone();
+            let cancel = token.clone();
+            tokio::spawn(async move {
+                if !delay.is_zero() {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                prober.run(control, cancel).await
+            });
             self.probers.push((server, token));
         }
     }

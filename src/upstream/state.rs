@@ -574,6 +574,17 @@ impl UpstreamState {
             Transition::WentDown { reason, detection } => {
                 entry.last_change = wall;
                 entry.ready_at = None;
+                // A server that held no sessions was no candidate for the active set
+                // either (down, or in maintenance, at the last reconcile): its fall
+                // changes nothing a reconcile decides, so skip that O(servers) pass (a
+                // reload adding thousands of unreachable servers makes thousands of these).
+                let held = entry.holds_sessions;
+                if first_round_done && !held && !self.active.contains(&idx) {
+                    return Step {
+                        publish: true,
+                        ..Step::default()
+                    };
+                }
                 let mut step = self.reconcile(now, wall, Some(Cause { reason, detection }));
                 step.publish = first_round_done;
                 step

@@ -139,6 +139,10 @@ impl AppState {
         }
         let began = Instant::now();
         let prepared = self.prepare(new).await?;
+        if self.draining.load(Ordering::Acquire) {
+            // The shutdown began meanwhile: drop what was prepared.
+            return Err(anyhow!("shutting down: reload abandoned"));
+        }
         let prepared_in = began.elapsed();
         self.commit(prepared).await;
         tracing::info!(

@@ -74,6 +74,12 @@ pub enum Control {
         spec: Box<UpstreamSpec>,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// A reload: new settings, then a new server list; answered once both apply.
+    Reload {
+        spec: Box<UpstreamSpec>,
+        targets: Vec<Target>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// What a controller takes from the configuration.
@@ -253,8 +259,14 @@ impl UpstreamRuntime {
     /// A reload's new settings and server list in one step, answered once applied (the
     /// `/status` view shows them). Fails only when the controller has stopped.
     pub async fn reload(&self, spec: UpstreamSpec, targets: Vec<Target>) -> Result<(), String> {
-        self.set_servers(targets).await?;
-        self.reconfigure(spec).await
+        let (reply, rx) = oneshot::channel();
+        self.ask(Control::Reload {
+            spec: Box::new(spec),
+            targets,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| "controller stopped".to_string())?
     }
 
     async fn ask(&self, msg: Control) -> Result<(), String> {
@@ -461,24 +473,39 @@ impl Controller {
             }
             Control::Servers(targets) => self.set_servers(targets),
             Control::Reconfigure { spec, reply } => {
-                let health_changed = spec.config.health != self.spec.config.health
-                    || spec.default_port != self.spec.default_port;
-                self.route
-                    .set_options(spec.config.passive, spec.config.connect_timeout.get());
-                let policy = spec.policy();
-                self.spec = *spec;
-                if health_changed {
-                    // New probe settings: restart every prober with them.
-                    self.check = health::build(&self.spec.config.health).map(Arc::from);
-                    for (_, token) in self.probers.drain(..) {
-                        token.cancel();
-                    }
-                    self.sync_probers();
-                }
                 self.replies.push(reply);
-                self.state.set_policy(policy, Instant::now(), wall)
+                self.reconfigure(*spec, wall)
+            }
+            Control::Reload {
+                spec,
+                targets,
+                reply,
+            } => {
+                self.replies.push(reply);
+                // Settings first: new servers get the new default port.
+                let step = self.reconfigure(*spec, wall);
+                self.absorb(step);
+                self.set_servers(targets)
             }
         }
+    }
+
+    fn reconfigure(&mut self, spec: UpstreamSpec, wall: SystemTime) -> Step {
+        let health_changed = spec.config.health != self.spec.config.health
+            || spec.default_port != self.spec.default_port;
+        self.route
+            .set_options(spec.config.passive, spec.config.connect_timeout.get());
+        let policy = spec.policy();
+        self.spec = spec;
+        if health_changed {
+            // New probe settings: restart every prober with them.
+            self.check = health::build(&self.spec.config.health).map(Arc::from);
+            for (_, token) in self.probers.drain(..) {
+                token.cancel();
+            }
+            self.sync_probers();
+        }
+        self.state.set_policy(policy, Instant::now(), wall)
     }
 
     /// Turns targets into handles (reusing the handle of a server that stays) and hands

@@ -257,39 +257,21 @@ enum Bound {
     Tcp(Vec<(SocketAddr, Arc<std::net::TcpListener>)>),
 }
 
-impl Bound {
-    /// The UDP sockets a running listener holds on `addr`.
-    fn udp(&self, addr: SocketAddr) -> Option<Vec<Arc<std::net::UdpSocket>>> {
-        match self {
-            Bound::Udp(ports) => ports
-                .iter()
-                .find(|(a, _)| *a == addr)
-                .map(|(_, s)| s.clone()),
-            Bound::Tcp(_) => None,
-        }
-    }
-
-    /// The TCP socket a running listener holds on `addr`.
-    fn tcp(&self, addr: SocketAddr) -> Option<Arc<std::net::TcpListener>> {
-        match self {
-            Bound::Tcp(ports) => ports
-                .iter()
-                .find(|(a, _)| *a == addr)
-                .map(|(_, s)| s.clone()),
-            Bound::Udp(_) => None,
-        }
-    }
-}
-
 /// Binds every address of a listener, except those `held` already has a socket for (the
 /// sockets of a listener this one replaces): those are taken over as they are.
 fn bind_listener(
     l: &ListenerConfig,
     held: &dyn Fn(&ListenerConfig) -> Vec<Bound>,
 ) -> Result<Bound> {
-    let held = held(l);
-    // Port 0 means "any free port": never the same socket as another listener's.
-    let reusable = |a: &SocketAddr| a.port() != 0;
+    // Held sockets by address (port 0 means "any free port": never another's socket).
+    let mut udp_held = std::collections::HashMap::new();
+    let mut tcp_held = std::collections::HashMap::new();
+    for b in held(l) {
+        match b {
+            Bound::Udp(ports) => udp_held.extend(ports.into_iter().filter(|(a, _)| a.port() != 0)),
+            Bound::Tcp(ports) => tcp_held.extend(ports.into_iter().filter(|(a, _)| a.port() != 0)),
+        }
+    }
     Ok(match l.protocol {
         Protocol::Udp => {
             let workers = udp::default_workers();
@@ -297,8 +279,7 @@ fn bind_listener(
                 l.listen
                     .addrs()
                     .map(|a| {
-                        if let Some(s) = held.iter().filter(|_| reusable(&a)).find_map(|b| b.udp(a))
-                        {
+                        if let Some(s) = udp_held.remove(&a) {
                             return Ok((a, s));
                         }
                         udp::bind_group(a, workers)
@@ -312,7 +293,7 @@ fn bind_listener(
             l.listen
                 .addrs()
                 .map(|a| {
-                    if let Some(s) = held.iter().filter(|_| reusable(&a)).find_map(|b| b.tcp(a)) {
+                    if let Some(s) = tcp_held.remove(&a) {
                         return Ok((a, s));
                     }
                     tcp::bind(a)

@@ -558,7 +558,13 @@ async fn a_changed_listener_keeps_its_sockets() {
     let tcp_worker_addr = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
     let _tcp_worker = worker("tcp-echo", "tcp", tcp_worker_addr, None);
     let tcp_listen = free_tcp_port();
+    // Both listeners change on every edit: rtp its idle timeout, sig its upstream.
     let config = |idle: &str| {
+        let sig_upstream = if idle == "45s" {
+            "signalling2"
+        } else {
+            "signalling"
+        };
         format!(
             r#"
 admin: {{ listen: "127.0.0.1:{admin}" }}
@@ -568,12 +574,15 @@ listeners:
     listen: "127.0.0.1:{rtp}"
     upstream: media
     session: {{ idle_timeout: {idle} }}
-  - {{ name: sig, protocol: tcp, listen: "127.0.0.1:{tcp_listen}", upstream: signalling }}
+  - {{ name: sig, protocol: tcp, listen: "127.0.0.1:{tcp_listen}", upstream: {sig_upstream} }}
 upstreams:
   media:
     primary: ["{primary}"]
     health: {{ type: udp, interval: 200ms, timeout: 200ms }}
   signalling:
+    primary: ["{tcp_worker_addr}"]
+    health: {{ type: tcp, interval: 200ms, timeout: 200ms }}
+  signalling2:
     primary: ["{tcp_worker_addr}"]
     health: {{ type: tcp, interval: 200ms, timeout: 200ms }}
 "#,
@@ -594,8 +603,8 @@ upstreams:
     let health = Healthz::watch(b.admin);
     let before = flows.snapshot();
     for (i, idle) in ["30s", "45s", "60s"].iter().enumerate() {
-        // Another process grabs nothing here: the sockets never close. A datagram the
-        // old listener forwarded just before it stopped may lose its reply.
+        // The sockets never close. A datagram the old listener forwarded just before it
+        // stopped may lose its reply (its session ends with it).
         std::fs::write(&b.config, config(idle)).expect("write");
         let (code, body) = post_reload(&b);
         assert_eq!(code, 200, "edit {i}: {body}");

@@ -18,13 +18,16 @@
 use super::*;
 use tokio::sync::{mpsc, watch};
 
+/// A controller's command channel and the discovery list that feeds it.
+type Feed = (mpsc::Sender<Control>, Option<watch::Receiver<Vec<Target>>>);
+
 /// What a reload built, not serving yet. Dropped without [`AppState::commit`], it stops
 /// everything it started; the running state never saw it.
 pub(super) struct Prepared {
     config: Option<Config>,
     /// The new configuration's sources and the token of their feeders.
     discovery: Option<(Discovery, CancellationToken)>,
-    feeds: Vec<(mpsc::Sender<Control>, Option<watch::Receiver<Vec<Target>>>)>,
+    feeds: Vec<Feed>,
     /// The upstream map after the commit.
     upstreams: IndexMap<String, Arc<UpstreamRuntime>>,
     /// Upstreams that stay, with their new settings and server lists.

@@ -69,11 +69,6 @@ pub enum Control {
     },
     /// A new server list, in priority order (discovery, reload).
     Servers(Vec<Target>),
-    /// New settings after a reload.
-    Reconfigure {
-        spec: Box<UpstreamSpec>,
-        reply: oneshot::Sender<Result<(), String>>,
-    },
     /// A reload: new settings, then a new server list; answered once both apply.
     Reload {
         spec: Box<UpstreamSpec>,
@@ -235,23 +230,7 @@ impl UpstreamRuntime {
         rx.await.map_err(|_| "controller stopped".to_string())?
     }
 
-    /// Applies new settings from a reload.
-    pub async fn reconfigure(&self, spec: UpstreamSpec) -> Result<(), String> {
-        let (reply, rx) = oneshot::channel();
-        self.ask(Control::Reconfigure {
-            spec: Box::new(spec),
-            reply,
-        })
-        .await?;
-        rx.await.map_err(|_| "controller stopped".to_string())?
-    }
-
-    /// Replaces the server list.
-    pub async fn set_servers(&self, targets: Vec<Target>) -> Result<(), String> {
-        self.ask(Control::Servers(targets)).await
-    }
-
-    /// The command channel, for a discovery feeder.
+    /// The command channel, for a discovery feeder (`Control::Servers`).
     pub fn control(&self) -> mpsc::Sender<Control> {
         self.commands.clone()
     }
@@ -472,10 +451,6 @@ impl Controller {
                 self.state.manual_failback(Instant::now(), wall)
             }
             Control::Servers(targets) => self.set_servers(targets),
-            Control::Reconfigure { spec, reply } => {
-                self.replies.push(reply);
-                self.reconfigure(*spec, wall)
-            }
             Control::Reload {
                 spec,
                 targets,

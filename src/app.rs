@@ -1,16 +1,20 @@
 //! Wires everything together: builds upstream controllers and listeners from a validated
 //! configuration, serves the admin API, gates traffic on the first probe round, applies
-//! reloads as a difference (SPEC §8) and runs the graceful shutdown of SPEC §11.
+//! reloads as a transaction (SPEC §8, [`reload`]) and runs the graceful shutdown of
+//! SPEC §11.
+
+mod reload;
 
 use crate::admin;
 use crate::config::{self, Config, ListenerConfig, Protocol, UpstreamConfig};
 use crate::discovery::{Discovery, Target};
 use crate::metrics::{Metrics, child, labels};
 use crate::proxy::{tcp, udp};
-use crate::upstream::{Control, UpstreamRuntime, UpstreamSpec};
+use crate::upstream::{Control, UpstreamRoute, UpstreamRuntime, UpstreamSpec};
 use anyhow::{Context, Result, anyhow};
 use arc_swap::ArcSwap;
 use indexmap::IndexMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +32,9 @@ pub enum Proxy {
 pub struct ListenerRuntime {
     pub config: ListenerConfig,
     pub proxy: Proxy,
+    /// The listen sockets, kept so that a reload can hand them to the listener that
+    /// replaces this one without closing them (see [`reload`]).
+    sockets: Bound,
     /// TCP: stop accepting. UDP: unused (UDP sessions live until `kill`).
     stop_accepting: CancellationToken,
     /// Ends every task and session of this listener.
@@ -116,7 +123,7 @@ impl App {
         // Bind every listener before serving anything, so a port in use fails start-up.
         let mut bound = Vec::new();
         for l in &config.listeners {
-            bound.push(bind_listener(l)?);
+            bound.push(bind_listener(l, &|_| Vec::new())?);
         }
 
         // TURN: relays only to the peers its policy allows, which follow the upstreams.
@@ -156,7 +163,7 @@ impl App {
             turn: tokio::sync::Mutex::new(turn),
             turn_policy,
             reload_lock: tokio::sync::Mutex::new(()),
-            seen_hash: std::sync::atomic::AtomicU64::new(file_hash(&config_path_for_hash)),
+            seen_hash: std::sync::atomic::AtomicU64::new(reload::file_hash(&config_path_for_hash)),
         });
 
         let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
@@ -177,8 +184,17 @@ impl App {
             u.wait_ready().await;
         }
         let mut listeners = Vec::new();
+        let start = CancellationToken::new();
+        start.cancel();
         for (l, sockets) in config.listeners.iter().zip(bound) {
-            listeners.push(state.serve_listener(l, sockets)?);
+            let route = state
+                .upstreams
+                .load()
+                .get(&l.upstream)
+                .ok_or_else(|| anyhow!("listener {}: unknown upstream {}", l.name, l.upstream))?
+                .route
+                .clone();
+            listeners.push(state.serve_listener(l, route, sockets, start.clone())?);
         }
         state.listeners.store(Arc::new(listeners));
         state.ready.store(true, Ordering::Release);
@@ -234,14 +250,30 @@ impl App {
     }
 }
 
-/// Sockets bound for one listener, not yet served.
+/// The listen sockets of one listener, per configured address (shared: a reload hands
+/// them over from one listener to the next).
+#[derive(Clone)]
 enum Bound {
     /// Per port, one socket per worker thread (SO_REUSEPORT).
-    Udp(Vec<Vec<std::net::UdpSocket>>),
-    Tcp(Vec<std::net::TcpListener>),
+    Udp(Vec<(SocketAddr, Vec<Arc<std::net::UdpSocket>>)>),
+    Tcp(Vec<(SocketAddr, Arc<std::net::TcpListener>)>),
 }
 
-fn bind_listener(l: &ListenerConfig) -> Result<Bound> {
+/// Binds every address of a listener, except those `held` already has a socket for (the
+/// sockets of a listener this one replaces): those are taken over as they are.
+fn bind_listener(
+    l: &ListenerConfig,
+    held: &dyn Fn(&ListenerConfig) -> Vec<Bound>,
+) -> Result<Bound> {
+    // Held sockets by address (port 0 means "any free port": never another's socket).
+    let mut udp_held = std::collections::HashMap::new();
+    let mut tcp_held = std::collections::HashMap::new();
+    for b in held(l) {
+        match b {
+            Bound::Udp(ports) => udp_held.extend(ports.into_iter().filter(|(a, _)| a.port() != 0)),
+            Bound::Tcp(ports) => tcp_held.extend(ports.into_iter().filter(|(a, _)| a.port() != 0)),
+        }
+    }
     Ok(match l.protocol {
         Protocol::Udp => {
             let workers = udp::default_workers();
@@ -249,7 +281,11 @@ fn bind_listener(l: &ListenerConfig) -> Result<Bound> {
                 l.listen
                     .addrs()
                     .map(|a| {
+                        if let Some(s) = udp_held.remove(&a) {
+                            return Ok((a, s));
+                        }
                         udp::bind_group(a, workers)
+                            .map(|g| (a, g.into_iter().map(Arc::new).collect()))
                             .with_context(|| format!("listener {}: bind udp {a}", l.name))
                     })
                     .collect::<Result<_>>()?,
@@ -258,30 +294,39 @@ fn bind_listener(l: &ListenerConfig) -> Result<Bound> {
         Protocol::Tcp => Bound::Tcp(
             l.listen
                 .addrs()
-                .map(|a| tcp::bind(a).with_context(|| format!("listener {}: bind tcp {a}", l.name)))
+                .map(|a| {
+                    if let Some(s) = tcp_held.remove(&a) {
+                        return Ok((a, s));
+                    }
+                    tcp::bind(a)
+                        .map(|s| (a, Arc::new(s)))
+                        .with_context(|| format!("listener {}: bind tcp {a}", l.name))
+                })
                 .collect::<Result<_>>()?,
         ),
     })
 }
 
 impl AppState {
-    /// Starts serving one listener on already bound sockets.
-    fn serve_listener(&self, l: &ListenerConfig, sockets: Bound) -> Result<Arc<ListenerRuntime>> {
-        let route = self
-            .upstreams
-            .load()
-            .get(&l.upstream)
-            .ok_or_else(|| anyhow!("listener {}: unknown upstream {}", l.name, l.upstream))?
-            .route
-            .clone();
+    /// Builds one listener on already bound sockets, routing to `route`; it serves once
+    /// `start` fires (see [`udp::UdpListener::serve`]). Everything fallible happens here.
+    fn serve_listener(
+        &self,
+        l: &ListenerConfig,
+        route: Arc<UpstreamRoute>,
+        sockets: Bound,
+        start: CancellationToken,
+    ) -> Result<Arc<ListenerRuntime>> {
+        let held = sockets.clone();
         let lm = self.metrics.listener(&l.name);
         let stop_accepting = self.stop_accepting.child_token();
         let kill = self.kill.child_token();
         let proxy = match sockets {
-            Bound::Udp(socks) => {
+            Bound::Udp(ports) => {
+                let socks = ports.into_iter().map(|(_, g)| g).collect();
                 let p = udp::UdpListener::new(l.name.clone(), route, &l.session, lm);
                 // UDP sessions keep flowing during the drain; `kill` ends them.
-                p.serve(socks, kill.clone())?;
+                p.serve(socks, kill.clone(), start)?;
                 Proxy::Udp(p)
             }
             Bound::Tcp(socks) => {
@@ -292,8 +337,12 @@ impl AppState {
                     l.max_connections,
                     lm,
                 );
-                for s in socks {
-                    p.serve(s, stop_accepting.clone(), kill.clone())?;
+                for (a, s) in socks {
+                    // The accept loop owns a duplicate; the original stays with `sockets`.
+                    let dup = s
+                        .try_clone()
+                        .with_context(|| format!("listener {}: tcp {a}", l.name))?;
+                    p.serve(dup, stop_accepting.clone(), kill.clone(), start.clone())?;
                 }
                 Proxy::Tcp(p)
             }
@@ -301,54 +350,10 @@ impl AppState {
         Ok(Arc::new(ListenerRuntime {
             config: l.clone(),
             proxy,
+            sockets: held,
             stop_accepting,
             kill,
         }))
-    }
-
-    /// Reloads the configuration file (SIGHUP, file change, `POST /reload`): validates
-    /// first and keeps the running config on any error; otherwise applies the difference.
-    /// Unchanged listeners keep their sockets and sessions.
-    pub async fn reload(&self) -> Result<(), Vec<String>> {
-        let _one_at_a_time = self.reload_lock.lock().await;
-        let loaded = match std::fs::read_to_string(&self.config_path) {
-            Ok(text) => {
-                self.seen_hash.store(hash_text(&text), Ordering::Relaxed);
-                config::load_str(&text, &self.config_path)
-                    .map_err(|errors| errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())
-            }
-            Err(e) => Err(vec![format!(
-                "{}: cannot read the file: {e}",
-                self.config_path
-            )]),
-        };
-        let result = match loaded {
-            Ok(new) => self.apply(new).await.map_err(|e| vec![format!("{e:#}")]),
-            Err(errors) => Err(errors),
-        };
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        child(
-            &self.metrics.config_reloads,
-            &labels(&[("result", outcome)]),
-        )
-        .inc();
-        match &result {
-            Ok(()) => {
-                crate::fdbudget::apply(&self.config.load()); // the fd budget follows the config
-                self.last_reload_error.store(Arc::new(None));
-                self.loaded_at.store(Arc::new(SystemTime::now()));
-                tracing::info!(path = %self.config_path, "configuration reloaded");
-                crate::logging::apply_config(&self.config.load().log);
-            }
-            Err(errors) => {
-                for e in errors {
-                    tracing::error!("reload rejected, keeping the running configuration: {e}");
-                }
-                self.last_reload_error
-                    .store(Arc::new(Some(errors.join("; "))));
-            }
-        }
-        result
     }
 
     /// Keeps the TURN peer policy's `upstreams` set equal to the IPs of every server of
@@ -371,140 +376,6 @@ impl AppState {
             }
         }
     }
-
-    /// Reloads when the file's content changed since it was last loaded. Polling (rather
-    /// than inotify) also sees the atomic symlink swap a mounted ConfigMap does.
-    pub async fn watch_file(self: Arc<Self>, every: Duration) {
-        loop {
-            tokio::time::sleep(every).await;
-            if self.draining.load(Ordering::Acquire) {
-                return;
-            }
-            let now = file_hash(&self.config_path);
-            if now != 0 && now != self.seen_hash.load(Ordering::Relaxed) {
-                tracing::info!(path = %self.config_path, "configuration file changed");
-                let _ = self.reload().await;
-            }
-        }
-    }
-
-    async fn apply(&self, new: Config) -> Result<()> {
-        let old = self.config.load_full();
-        if new.turn != old.turn {
-            tracing::warn!("changes to the turn section take effect at the next restart");
-        }
-        if new.admin.listen != old.admin.listen {
-            tracing::warn!(old = %old.admin.listen, new = %new.admin.listen, "admin.listen changes take effect at the next restart");
-        }
-        // Sources for the new config first: a source that cannot start fails the reload
-        // before anything moves.
-        let discovery = Discovery::start(&new, &self.metrics).await?;
-        let feeders = CancellationToken::new();
-
-        // Upstreams: reconfigure the ones that stay, start new ones.
-        let current = self.upstreams.load_full();
-        let mut next = IndexMap::new();
-        let mut feeds = Vec::new();
-        for (name, ucfg) in &new.upstreams {
-            let spec = spec_for(&new, name, ucfg);
-            let (list, feed) = subscribe(&discovery, name);
-            let rt = match current.get(name) {
-                Some(rt) => {
-                    rt.reconfigure(spec)
-                        .await
-                        .map_err(|e| anyhow!("upstream {name}: {e}"))?;
-                    rt.set_servers(list)
-                        .await
-                        .map_err(|e| anyhow!("upstream {name}: {e}"))?;
-                    rt.clone()
-                }
-                None => {
-                    let rt = Arc::new(UpstreamRuntime::start(name, spec, list, &self.metrics));
-                    rt.wait_ready().await;
-                    rt
-                }
-            };
-            feeds.push((rt.control(), feed));
-            next.insert(name.clone(), rt);
-        }
-        self.upstreams.store(Arc::new(next));
-        // The old sources stop feeding; the new ones take over.
-        if let Some((old, old_feeders)) = self
-            .discovery
-            .lock()
-            .await
-            .replace((discovery, feeders.clone()))
-        {
-            old_feeders.cancel();
-            old.stop();
-        }
-        for (control, feed) in feeds {
-            spawn_feeder(feed, control, feeders.clone());
-        }
-
-        // Listeners: keep identical ones, stop changed and removed ones, start the rest.
-        let running = self.listeners.load_full();
-        let mut keep: Vec<Option<Arc<ListenerRuntime>>> = new
-            .listeners
-            .iter()
-            .map(|l| running.iter().find(|r| r.config == *l).cloned())
-            .collect();
-        for r in running.iter() {
-            if !keep.iter().flatten().any(|k| Arc::ptr_eq(k, r)) {
-                tracing::info!(listener = %r.config.name, "stopping listener (changed or removed)");
-                r.stop();
-            }
-        }
-        let mut out = Vec::with_capacity(new.listeners.len());
-        for (l, kept) in new.listeners.iter().zip(keep.iter_mut()) {
-            match kept.take() {
-                Some(r) => out.push(r),
-                None => {
-                    let sockets = bind_with_retry(l).await?;
-                    out.push(self.serve_listener(l, sockets)?);
-                    tracing::info!(listener = %l.name, listen = %l.listen, "listener started");
-                }
-            }
-        }
-        self.listeners.store(Arc::new(out));
-
-        // Upstreams no longer named anywhere stop last, after no listener uses them.
-        for (name, rt) in current.iter() {
-            if !new.upstreams.contains_key(name) {
-                rt.stop();
-            }
-        }
-        self.admin_token.store(Arc::new(new.admin.token.clone()));
-        self.config.store(Arc::new(new));
-        Ok(())
-    }
-}
-
-/// FNV-1a of the file's content (0 when unreadable).
-fn file_hash(path: &str) -> u64 {
-    std::fs::read_to_string(path)
-        .map(|t| hash_text(&t))
-        .unwrap_or(0)
-}
-
-fn hash_text(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    }) | 1
-}
-
-/// Binding a port the previous listener just released can race with the kernel tearing
-/// the old socket down; a few quick retries cover that.
-async fn bind_with_retry(l: &ListenerConfig) -> Result<Bound> {
-    let mut last = None;
-    for _ in 0..20 {
-        match bind_listener(l) {
-            Ok(b) => return Ok(b),
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    Err(last.unwrap_or_else(|| anyhow!("listener {}: bind failed", l.name)))
 }
 
 /// Every server IP of every upstream, sorted and deduplicated.

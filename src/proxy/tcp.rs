@@ -84,17 +84,24 @@ impl TcpListener {
 
     /// Accepts on `socket` until `stop_accepting` fires; connections end when they close,
     /// when their server is evicted, or when `kill` fires (end of the shutdown drain).
+    /// The socket is registered here (the fallible part); accepting begins once `start`
+    /// fires, so a reload can prepare a listener and still drop it.
     pub fn serve(
         self: &Arc<Self>,
         socket: std::net::TcpListener,
         stop_accepting: CancellationToken,
         kill: CancellationToken,
+        start: CancellationToken,
     ) -> io::Result<JoinHandle<()>> {
         socket.set_nonblocking(true)?;
         let listener = TokioListener::from_std(socket)?;
         let local_port = listener.local_addr()?.port();
         let this = self.clone();
         Ok(tokio::spawn(async move {
+            tokio::select! {
+                _ = start.cancelled() => {}
+                _ = stop_accepting.cancelled() => return,
+            }
             loop {
                 tokio::select! {
                     _ = stop_accepting.cancelled() => return,

@@ -121,19 +121,25 @@ impl UdpListener {
 
     /// Serves the listener's ports until `stop` fires. `ports[p][w]` is worker `w`'s
     /// socket on port `p` (see [`bind_group`]); every port has the same number of sockets.
-    /// Worker threads stop within a tick of `stop` firing or of the returned task being
-    /// aborted or dropped.
+    /// The sockets are shared (a reload hands a port's sockets from the listener it
+    /// replaces to the new one without closing them).
+    ///
+    /// Everything that can fail (epoll instances, registrations, threads) happens here;
+    /// the threads then wait until `start` fires before they read a datagram, so a reload
+    /// can prepare a listener and still drop it. Worker threads stop within a tick of
+    /// `stop` firing or of the returned task being aborted or dropped.
     pub fn serve(
         self: &Arc<Self>,
-        ports: Vec<Vec<UdpSocket>>,
+        ports: Vec<Vec<Arc<UdpSocket>>>,
         stop: CancellationToken,
+        start: CancellationToken,
     ) -> io::Result<JoinHandle<()>> {
         let workers = ports.first().map_or(0, Vec::len);
         if workers == 0 || ports.iter().any(|p| p.len() != workers) {
             return Err(io::Error::other("every port needs one socket per worker"));
         }
         // Transpose: worker w gets socket w of every port.
-        let mut per_worker: Vec<Vec<UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
+        let mut per_worker: Vec<Vec<Arc<UdpSocket>>> = (0..workers).map(|_| Vec::new()).collect();
         for port in ports {
             for (w, s) in port.into_iter().enumerate() {
                 per_worker[w].push(s);
@@ -145,12 +151,25 @@ impl UdpListener {
         let workers_stop = stop.child_token();
         // Created first: an error below drops it and stops the threads already started.
         let guard = workers_stop.clone().drop_guard();
+        let runtime = tokio::runtime::Handle::current();
         for (w, socks) in per_worker.into_iter().enumerate() {
             let worker = Worker::new(self.clone(), socks, workers)?;
             let stop = workers_stop.clone();
+            let start = start.clone();
+            let runtime = runtime.clone();
             std::thread::Builder::new()
                 .name(format!("udp-{}-{w}", self.name))
-                .spawn(move || worker.run(stop))?;
+                .spawn(move || {
+                    let go = runtime.block_on(async {
+                        tokio::select! {
+                            _ = start.cancelled() => true,
+                            _ = stop.cancelled() => false,
+                        }
+                    });
+                    if go {
+                        worker.run(stop);
+                    }
+                })?;
         }
         Ok(tokio::spawn(async move {
             let _guard = guard;
@@ -370,7 +389,7 @@ impl Tally {
 
 /// A listen port as one worker sees it.
 struct PortSock {
-    sock: UdpSocket,
+    sock: Arc<UdpSocket>,
     local_port: u16,
     /// Replies of this wakeup waiting to go out through `sock`.
     out: MsgBatch,
@@ -404,7 +423,11 @@ fn token(idx: u32, gen_: u32) -> u64 {
 }
 
 impl Worker {
-    fn new(shared: Arc<UdpListener>, socks: Vec<UdpSocket>, workers: usize) -> io::Result<Worker> {
+    fn new(
+        shared: Arc<UdpListener>,
+        socks: Vec<Arc<UdpSocket>>,
+        workers: usize,
+    ) -> io::Result<Worker> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
         let mut ports = Vec::with_capacity(socks.len());
         for (i, sock) in socks.into_iter().enumerate() {

@@ -5,6 +5,13 @@
 //!
 //! The data plane never waits on this task: it reads the last published snapshot and sends
 //! passive signals with `try_send`.
+//!
+//! The task stays responsive with thousands of servers: commands (reload, discovery,
+//! admin) arrive on their own small channel that is served before probe results, so they
+//! never queue behind a full probe channel; every per-message step is O(1) or O(changed
+//! servers) (servers are found through an index, not a scan); and the O(servers) work
+//! (routing snapshot, gauges, the `/status` view, the next timer) runs once per batch of
+//! queued messages, the view at most every [`VIEW_EVERY`] unless a command waits for it.
 
 use super::server::ServerHandle;
 use super::snapshot::{Snapshot, UpstreamRoute};
@@ -16,11 +23,27 @@ use crate::health::{self, HealthCheck, ProbeError, Reason};
 use crate::metrics::{Labels, Metrics, child, labels};
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::gauge::Gauge;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
+
+/// Messages handled per wakeup before the O(servers) publishing work runs.
+const BATCH: usize = 256;
+/// Longest the `/status` view lags behind probe results (commands refresh it at once).
+const VIEW_EVERY: Duration = Duration::from_millis(100);
+/// Probers started at once beyond this number have their first probes spread out.
+const SPREAD_ABOVE: usize = 100;
+/// Capacity of the command channel (reload, discovery, admin); probe results and passive
+/// signals have their own channel of 1024.
+const COMMANDS: usize = 64;
+
+/// The identity of a server handle (its address), for the controller's indexes.
+fn key(h: &Arc<ServerHandle>) -> usize {
+    Arc::as_ptr(h) as usize
+}
 
 /// Messages to an upstream's controller.
 #[derive(Debug)]
@@ -46,9 +69,10 @@ pub enum Control {
     },
     /// A new server list, in priority order (discovery, reload).
     Servers(Vec<Target>),
-    /// New settings after a reload.
-    Reconfigure {
+    /// A reload: new settings, then a new server list; answered once both apply.
+    Reload {
         spec: Box<UpstreamSpec>,
+        targets: Vec<Target>,
         reply: oneshot::Sender<Result<(), String>>,
     },
 }
@@ -82,7 +106,8 @@ pub struct UpstreamRuntime {
     pub name: String,
     pub route: Arc<UpstreamRoute>,
     view: Arc<ArcSwap<UpstreamView>>,
-    control: mpsc::Sender<Control>,
+    /// Commands: served before probe results.
+    commands: mpsc::Sender<Control>,
     ready: watch::Receiver<bool>,
     cancel: CancellationToken,
 }
@@ -92,6 +117,8 @@ struct ServerMetrics {
     handle: Arc<ServerHandle>,
     up_labels: Labels,
     active_labels: Labels,
+    /// `mediagate_probes_total` series of this server (removed with it).
+    probe_labels: [Labels; 4],
     up: Gauge,
     active: Gauge,
 }
@@ -101,6 +128,7 @@ impl UpstreamRuntime {
     /// server list.
     pub fn start(name: &str, spec: UpstreamSpec, targets: Vec<Target>, metrics: &Metrics) -> Self {
         let (tx, rx) = mpsc::channel(1024);
+        let (commands, commands_rx) = mpsc::channel(COMMANDS);
         let now = Instant::now();
         let cfg = &spec.config;
         let route = Arc::new(UpstreamRoute::new(
@@ -142,19 +170,29 @@ impl UpstreamRuntime {
             cancel: cancel.clone(),
             generation: 0,
             first_round_deadline: now,
-            pending_reply: None,
+            replies: Vec::new(),
+            index: HashMap::new(),
+            publish_due: false,
+            evict_due: Vec::new(),
+            came_up_due: Vec::new(),
+            view_dirty: true,
+            view_built: now,
+            next_timer: None,
+            timer_stale: true,
         };
-        controller.first_round_deadline = now + controller.first_round_budget();
+        controller.first_round_deadline =
+            now + controller.first_round_budget() + controller.start_spread(targets.len());
         let view = controller.view.clone();
         let step = controller.set_servers(targets);
-        controller.apply(step);
-        tokio::spawn(controller.run(rx));
+        controller.absorb(step);
+        controller.flush();
+        tokio::spawn(controller.run(commands_rx, rx));
 
         UpstreamRuntime {
             name: name.to_string(),
             route,
             view,
-            control: tx,
+            commands,
             ready: ready_rx,
             cancel,
         }
@@ -194,29 +232,26 @@ impl UpstreamRuntime {
         rx.await.map_err(|_| "controller stopped".to_string())?
     }
 
-    /// Applies new settings from a reload.
-    pub async fn reconfigure(&self, spec: UpstreamSpec) -> Result<(), String> {
+    /// The command channel, for a discovery feeder (`Control::Servers`).
+    pub fn control(&self) -> mpsc::Sender<Control> {
+        self.commands.clone()
+    }
+
+    /// A reload's new settings and server list in one step, answered once applied (the
+    /// `/status` view shows them). Fails only when the controller has stopped.
+    pub async fn reload(&self, spec: UpstreamSpec, targets: Vec<Target>) -> Result<(), String> {
         let (reply, rx) = oneshot::channel();
-        self.ask(Control::Reconfigure {
+        self.ask(Control::Reload {
             spec: Box::new(spec),
+            targets,
             reply,
         })
         .await?;
         rx.await.map_err(|_| "controller stopped".to_string())?
     }
 
-    /// Replaces the server list.
-    pub async fn set_servers(&self, targets: Vec<Target>) -> Result<(), String> {
-        self.ask(Control::Servers(targets)).await
-    }
-
-    /// The channel for a discovery feeder.
-    pub fn control(&self) -> mpsc::Sender<Control> {
-        self.control.clone()
-    }
-
     async fn ask(&self, msg: Control) -> Result<(), String> {
-        self.control
+        self.commands
             .send(msg)
             .await
             .map_err(|_| "controller stopped".to_string())
@@ -248,43 +283,126 @@ struct Controller {
     cancel: CancellationToken,
     generation: u64,
     first_round_deadline: Instant,
-    pending_reply: Option<oneshot::Sender<Result<(), String>>>,
+    /// Commands answered at the next flush, so callers see their effect in the view.
+    replies: Vec<oneshot::Sender<Result<(), String>>>,
+    /// Position of each server handle in the state (by [`key`]).
+    index: HashMap<usize, usize>,
+    /// Work gathered from a batch of messages, done once by [`Controller::flush`].
+    publish_due: bool,
+    evict_due: Vec<Arc<ServerHandle>>,
+    came_up_due: Vec<Arc<ServerHandle>>,
+    view_dirty: bool,
+    view_built: Instant,
+    /// The state's next timer, recomputed only after a message that may move it.
+    next_timer: Option<Instant>,
+    timer_stale: bool,
 }
 
 impl Controller {
-    async fn run(mut self, mut rx: mpsc::Receiver<Control>) {
+    async fn run(mut self, mut commands: mpsc::Receiver<Control>, mut rx: mpsc::Receiver<Control>) {
         let cancel = self.cancel.clone();
         loop {
-            let now = Instant::now();
-            let deadline = if self.state.first_round_done() {
-                self.state.next_deadline(now)
-            } else {
-                Some(self.first_round_deadline)
-            };
+            let deadline = self.deadline();
             let sleep = async {
                 match deadline {
                     Some(t) => tokio::time::sleep_until(t.into()).await,
                     None => std::future::pending().await,
                 }
             };
-            let step = tokio::select! {
+            // Commands first, then timers, then probe results: a flood of probe results
+            // delays neither a reload nor a failback timer.
+            tokio::select! {
+                biased;
                 _ = cancel.cancelled() => return,
-                msg = rx.recv() => match msg {
-                    Some(msg) => self.handle(msg),
+                msg = commands.recv() => match msg {
+                    Some(msg) => self.handle_and_absorb(msg),
                     None => return,
                 },
-                _ = sleep => {
-                    let now = Instant::now();
-                    if self.state.first_round_done() {
-                        self.state.tick(now, SystemTime::now())
-                    } else {
-                        tracing::warn!(upstream = %self.state.name, "first probe round incomplete at its deadline; starting with the answers so far");
-                        self.state.finish_first_round(now)
-                    }
-                }
-            };
-            self.apply(step);
+                _ = sleep => self.on_timer(),
+                msg = rx.recv() => match msg {
+                    Some(msg) => self.handle_and_absorb(msg),
+                    None => return,
+                },
+            }
+            // Take what else is queued, then do the O(servers) work once.
+            for _ in 0..BATCH {
+                let msg = match commands.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => match rx.try_recv() {
+                        Ok(m) => m,
+                        Err(_) => break,
+                    },
+                };
+                self.handle_and_absorb(msg);
+            }
+            self.flush();
         }
+    }
+
+    /// When the loop must wake without a message: the state's timer, the first round's
+    /// deadline, or a pending view refresh.
+    fn deadline(&mut self) -> Option<Instant> {
+        let state = if self.state.first_round_done() {
+            if self.timer_stale {
+                self.next_timer = self.state.next_deadline(Instant::now());
+                self.timer_stale = false;
+            }
+            self.next_timer
+        } else {
+            Some(self.first_round_deadline)
+        };
+        let view = self.view_dirty.then_some(self.view_built + VIEW_EVERY);
+        match (state, view) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        let step = if self.state.first_round_done() {
+            if self.next_timer.is_some_and(|t| t <= now) {
+                self.timer_stale = true;
+                self.state.tick(now, SystemTime::now())
+            } else {
+                Step::default()
+            }
+        } else if now >= self.first_round_deadline {
+            tracing::warn!(upstream = %self.state.name, "first probe round incomplete at its deadline; starting with the answers so far");
+            self.timer_stale = true;
+            self.state.finish_first_round(now)
+        } else {
+            Step::default()
+        };
+        self.absorb(step);
+    }
+
+    fn handle_and_absorb(&mut self, msg: Control) {
+        // A probe result or passive signal that changed nothing visible moves no timer:
+        // timers (failback delay, probe-less recovery) change only with a transition.
+        let signal = matches!(msg, Control::Probe { .. } | Control::Passive { .. });
+        let step = self.handle(msg);
+        let trivial = signal
+            && self.state.first_round_done()
+            && !step.publish
+            && step.evict.is_empty()
+            && step.came_up.is_empty()
+            && step.event.is_none();
+        if !trivial {
+            self.timer_stale = true;
+        }
+        self.absorb(step);
+    }
+
+    /// How long the first probes of `n` new probers are spread over: nothing below
+    /// [`SPREAD_ABOVE`], else half a probe timeout, so that thousands of servers arriving
+    /// at once (start-up, a reload) do not start thousands of probes in one burst that
+    /// holds up every other task (the admin API among them).
+    fn start_spread(&self, n: usize) -> Duration {
+        if n <= SPREAD_ABOVE || self.check.is_none() {
+            return Duration::ZERO;
+        }
+        self.spec.config.health.timeout.get() / 2
     }
 
     /// Start-up waits at most one probe (timeout) plus a little scheduling slack.
@@ -295,7 +413,7 @@ impl Controller {
     fn handle(&mut self, msg: Control) -> Step {
         let wall = SystemTime::now();
         match msg {
-            Control::Probe { server, result, at } => match self.state.index_of(&server) {
+            Control::Probe { server, result, at } => match self.index.get(&key(&server)).copied() {
                 Some(i) => self.state.probe_result(i, result, at, wall),
                 None => Step::default(),
             },
@@ -304,7 +422,7 @@ impl Controller {
                 reason,
                 detail,
                 at,
-            } => match self.state.index_of(&server) {
+            } => match self.index.get(&key(&server)).copied() {
                 Some(i) => {
                     let step = self.state.passive_failure(i, reason, &detail, at, wall);
                     if self.state.is_up(i) {
@@ -322,7 +440,7 @@ impl Controller {
             } => match self.state.set_admin(&server, state, Instant::now(), wall) {
                 Ok(step) => {
                     tracing::info!(upstream = %self.state.name, %server, state = state.as_str(), "admin state changed");
-                    self.pending_reply = Some(reply);
+                    self.replies.push(reply);
                     step
                 }
                 Err(e) => {
@@ -331,42 +449,57 @@ impl Controller {
                 }
             },
             Control::Failback { reply } => {
-                self.pending_reply = Some(reply);
+                self.replies.push(reply);
                 self.state.manual_failback(Instant::now(), wall)
             }
             Control::Servers(targets) => self.set_servers(targets),
-            Control::Reconfigure { spec, reply } => {
-                let health_changed = spec.config.health != self.spec.config.health
-                    || spec.default_port != self.spec.default_port;
-                self.route
-                    .set_options(spec.passive, spec.config.connect_timeout.get());
-                let policy = spec.policy();
-                self.spec = *spec;
-                if health_changed {
-                    // New probe settings: restart every prober with them.
-                    self.check = health::build(&self.spec.config.health).map(Arc::from);
-                    for (_, token) in self.probers.drain(..) {
-                        token.cancel();
-                    }
-                    self.sync_probers();
-                }
-                self.pending_reply = Some(reply);
-                self.state.set_policy(policy, Instant::now(), wall)
+            Control::Reload {
+                spec,
+                targets,
+                reply,
+            } => {
+                self.replies.push(reply);
+                // Settings first: new servers get the new default port.
+                let step = self.reconfigure(*spec, wall);
+                self.absorb(step);
+                self.set_servers(targets)
             }
         }
+    }
+
+    fn reconfigure(&mut self, spec: UpstreamSpec, wall: SystemTime) -> Step {
+        let health_changed = spec.config.health != self.spec.config.health
+            || spec.default_port != self.spec.default_port;
+        self.route
+            .set_options(spec.passive, spec.config.connect_timeout.get());
+        let policy = spec.policy();
+        self.spec = spec;
+        if health_changed {
+            // New probe settings: restart every prober with them.
+            self.check = health::build(&self.spec.config.health).map(Arc::from);
+            for (_, token) in self.probers.drain(..) {
+                token.cancel();
+            }
+            self.sync_probers();
+        }
+        self.state.set_policy(policy, Instant::now(), wall)
     }
 
     /// Turns targets into handles (reusing the handle of a server that stays) and hands
     /// the list to the state; starts and stops probers and metric series to match.
     fn set_servers(&mut self, targets: Vec<Target>) -> Step {
-        let existing = self.state.handles();
+        let existing: HashMap<_, Arc<ServerHandle>> = self
+            .state
+            .handles()
+            .into_iter()
+            .map(|h| ((h.ip, h.port, h.tier), h))
+            .collect();
         let default_port = self.spec.default_port;
         let list: Vec<(Arc<ServerHandle>, Readiness)> = targets
             .into_iter()
             .map(|t| {
                 let handle = existing
-                    .iter()
-                    .find(|h| h.ip == t.ip && h.port == t.port && h.tier == t.tier)
+                    .get(&(t.ip, t.port, t.tier))
                     .cloned()
                     .unwrap_or_else(|| {
                         Arc::new(ServerHandle::new(t.ip, t.port, default_port, t.tier))
@@ -377,6 +510,13 @@ impl Controller {
         let step = self
             .state
             .replace_servers(list, Instant::now(), SystemTime::now());
+        self.index = self
+            .state
+            .handles()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (key(h), i))
+            .collect();
         self.sync_probers();
         self.sync_metrics();
         step
@@ -384,20 +524,26 @@ impl Controller {
 
     fn sync_probers(&mut self) {
         let handles = self.state.handles();
+        let listed: HashSet<usize> = handles.iter().map(key).collect();
+        // Cancelling a token only wakes the prober; nothing here waits for it to end.
         self.probers.retain(|(h, token)| {
-            let keep = handles.iter().any(|x| Arc::ptr_eq(x, h));
+            let keep = listed.contains(&key(h));
             if !keep {
                 token.cancel();
             }
             keep
         });
+        let probed: HashSet<usize> = self.probers.iter().map(|(h, _)| key(h)).collect();
+        let new = handles.iter().filter(|h| !probed.contains(&key(h))).count();
+        let spread = self.start_spread(new);
+        let mut started = 0u32;
         let Some(check) = self.check.clone() else {
             return;
         };
         let hc: &HealthConfig = &self.spec.config.health;
         let name = self.state.name.clone();
         for server in handles {
-            if self.probers.iter().any(|(h, _)| Arc::ptr_eq(h, &server)) {
+            if probed.contains(&key(&server)) {
                 continue;
             }
             let port = hc.port.or(server.port).unwrap_or(self.spec.default_port);
@@ -425,31 +571,51 @@ impl Controller {
                 },
             };
             let token = self.cancel.child_token();
-            tokio::spawn(prober.run(self.control.clone(), token.clone()));
+            let delay = spread * started / (new as u32).max(1);
+            started += 1;
+            let control = self.control.clone();
+            let cancel = token.clone();
+            tokio::spawn(async move {
+                if !delay.is_zero() {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                prober.run(control, cancel).await
+            });
             self.probers.push((server, token));
         }
     }
 
     fn sync_metrics(&mut self) {
         let handles = self.state.handles();
+        let listed: HashSet<usize> = handles.iter().map(key).collect();
         let m = &self.metrics;
         self.server_metrics.retain(|sm| {
-            let keep = handles.iter().any(|h| Arc::ptr_eq(h, &sm.handle));
+            let keep = listed.contains(&key(&sm.handle));
             if !keep {
                 m.server_up.remove(&sm.up_labels);
                 m.upstream_active.remove(&sm.active_labels);
+                for l in &sm.probe_labels {
+                    m.probes.remove(l);
+                }
             }
             keep
         });
+        let known: HashSet<usize> = self
+            .server_metrics
+            .iter()
+            .map(|sm| key(&sm.handle))
+            .collect();
         let name = self.state.name.as_str();
         for h in handles {
-            if self
-                .server_metrics
-                .iter()
-                .any(|sm| Arc::ptr_eq(&sm.handle, &h))
-            {
+            if known.contains(&key(&h)) {
                 continue;
             }
+            let probe_labels = ["ok", "failed", "timeout", "local_error"].map(|result| {
+                labels(&[("upstream", name), ("server", &h.label), ("result", result)])
+            });
             let up_labels = labels(&[
                 ("upstream", name),
                 ("server", &h.label),
@@ -461,39 +627,19 @@ impl Controller {
                 active: child(&m.upstream_active, &active_labels),
                 up_labels,
                 active_labels,
+                probe_labels,
                 handle: h,
             });
         }
     }
 
-    fn apply(&mut self, step: Step) {
-        if step.publish {
-            self.generation += 1;
-            let active = self.state.active_handles();
-            self.route.publish(Snapshot {
-                generation: self.generation,
-                balance: self.state.balance(),
-                servers: self.state.handles(),
-                active: active.clone(),
-                eligible: self.state.eligible_handles(),
-            });
-            for sm in &self.server_metrics {
-                let up = self
-                    .state
-                    .index_of(&sm.handle)
-                    .is_some_and(|i| self.state.is_up(i));
-                sm.up.set(i64::from(up));
-                sm.active
-                    .set(i64::from(active.iter().any(|a| Arc::ptr_eq(a, &sm.handle))));
-            }
-        }
-        // Evict after publishing so that sessions re-pin onto the new active set.
-        for h in &step.evict {
-            h.evict();
-        }
-        for h in &step.came_up {
-            h.rearm_passive_report();
-        }
+    /// Takes one message's step: events are logged and counted now; publishing,
+    /// evictions and the view wait for [`Controller::flush`].
+    fn absorb(&mut self, step: Step) {
+        self.view_dirty = true;
+        self.publish_due |= step.publish;
+        self.evict_due.extend(step.evict);
+        self.came_up_due.extend(step.came_up);
         if let Some(ev) = &step.event {
             let upstream = self.state.name.as_str();
             match ev.kind {
@@ -524,15 +670,53 @@ impl Controller {
                 }
             }
         }
+    }
+
+    /// Publishes what the absorbed steps asked for: the routing snapshot and gauges, then
+    /// the evictions (so sessions re-pin onto the new active set), the view, the replies.
+    fn flush(&mut self) {
+        let published = std::mem::take(&mut self.publish_due);
+        if published {
+            self.generation += 1;
+            let active = self.state.active_handles();
+            self.route.publish(Snapshot {
+                generation: self.generation,
+                balance: self.state.balance(),
+                servers: self.state.handles(),
+                active: active.clone(),
+                eligible: self.state.eligible_handles(),
+            });
+            let active: HashSet<usize> = active.iter().map(key).collect();
+            for sm in &self.server_metrics {
+                let up = self
+                    .index
+                    .get(&key(&sm.handle))
+                    .is_some_and(|i| self.state.is_up(*i));
+                sm.up.set(i64::from(up));
+                sm.active.set(i64::from(active.contains(&key(&sm.handle))));
+            }
+        }
+        for h in self.evict_due.drain(..) {
+            h.evict();
+        }
+        for h in self.came_up_due.drain(..) {
+            h.rearm_passive_report();
+        }
         if self.state.first_round_done() && !*self.ready.borrow() {
             let _ = self.ready.send(true);
         }
-        let mut view = self.state.view();
-        view.balance = self.spec.config.balance.as_str();
-        view.failback = self.spec.config.failback.as_str();
-        self.view.store(Arc::new(view));
+        let now = Instant::now();
+        let view_due = self.view_dirty && now >= self.view_built + VIEW_EVERY;
+        if view_due || published || !self.replies.is_empty() || !*self.ready.borrow() {
+            let mut view = self.state.view();
+            view.balance = self.spec.config.balance.as_str();
+            view.failback = self.spec.config.failback.as_str();
+            self.view.store(Arc::new(view));
+            self.view_dirty = false;
+            self.view_built = now;
+        }
         // Answer commands only now, so the caller sees their effect in the view.
-        if let Some(reply) = self.pending_reply.take() {
+        for reply in self.replies.drain(..) {
             let _ = reply.send(Ok(()));
         }
     }

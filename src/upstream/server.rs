@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 pub const PROTOCOL_HOLD: Duration = Duration::from_secs(10);
 
 /// Position of a server in its upstream's list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tier {
     Primary,
     Backup,

@@ -264,13 +264,18 @@ impl UpstreamState {
             .into_iter()
             .map(Some)
             .collect();
+        // Old entries by handle identity: one lookup per server, not a scan.
+        let position: std::collections::HashMap<*const ServerHandle, usize> = old
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.as_ref().map(|e| (Arc::as_ptr(&e.handle), i)))
+            .collect();
         let mut cause: Option<Cause> = None;
         let mut entries = Vec::with_capacity(servers.len());
         for (handle, readiness) in servers {
-            let kept = old
-                .iter_mut()
-                .find(|e| e.as_ref().is_some_and(|e| Arc::ptr_eq(&e.handle, &handle)))
-                .and_then(Option::take);
+            let kept = position
+                .get(&Arc::as_ptr(&handle))
+                .and_then(|i| old[*i].take());
             let mut entry = kept.unwrap_or_else(|| self.new_entry(handle, now, wall));
             match readiness {
                 Readiness::NotReady(reason) if entry.not_ready != Some(reason) => {
@@ -569,6 +574,17 @@ impl UpstreamState {
             Transition::WentDown { reason, detection } => {
                 entry.last_change = wall;
                 entry.ready_at = None;
+                // A server that held no sessions was no candidate for the active set
+                // either (down, or in maintenance, at the last reconcile): its fall
+                // changes nothing a reconcile decides, so skip that O(servers) pass (a
+                // reload adding thousands of unreachable servers makes thousands of these).
+                let held = entry.holds_sessions;
+                if first_round_done && !held && !self.active.contains(&idx) {
+                    return Step {
+                        publish: true,
+                        ..Step::default()
+                    };
+                }
                 let mut step = self.reconcile(now, wall, Some(Cause { reason, detection }));
                 step.publish = first_round_done;
                 step

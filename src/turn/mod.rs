@@ -27,13 +27,14 @@ pub use auth::{
 };
 pub use ice::ice_config;
 pub use metrics::TurnMetrics;
-pub use policy::PeerPolicy;
+pub use policy::{PeerPolicy, Verdict};
 
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use turn::allocation::allocation_manager::{Manager, ManagerConfig};
@@ -48,6 +49,29 @@ use transport::{TcpTransport, UdpTransport};
 
 /// Socket buffer size asked for on UDP listener sockets (the kernel may cap it).
 const UDP_BUFFER_BYTES: usize = 4 << 20;
+
+/// How often the service re-reads the host's addresses for the peer policy.
+const HOST_IPS_REFRESH: Duration = Duration::from_secs(30);
+/// How often expired EVEN-PORT reservations are swept (they live 30 s).
+const RESERVATION_SWEEP: Duration = Duration::from_secs(1);
+
+/// The global allocation cap in effect: `turn.quota.max_allocations` clipped to the size of
+/// `turn.relay.port_range` (every allocation and every reservation holds one relay port).
+pub fn effective_max_allocations(cfg: &TurnConfig) -> usize {
+    let range = usize::from(cfg.relay.port_range.last - cfg.relay.port_range.first) + 1;
+    cfg.quota.max_allocations.min(range)
+}
+
+/// File descriptors the TURN service may hold at most with this configuration, for the
+/// process's descriptor budget: one relay socket per allocation or EVEN-PORT reservation
+/// ([`effective_max_allocations`]), plus one more per allocation for the even port bound
+/// together with a reservation while an Allocate is in progress (at most one per
+/// listener), one socket per TURN-over-TCP connection (`turn.quota.max_tcp_connections`),
+/// and one socket per listener. Tokio's and the crate's own descriptors are not counted.
+pub fn fd_demand(cfg: &TurnConfig) -> usize {
+    let listeners = cfg.listeners.len();
+    effective_max_allocations(cfg) + listeners + cfg.quota.max_tcp_connections + listeners
+}
 
 /// The running STUN/TURN service.
 pub struct TurnService {
@@ -90,7 +114,13 @@ impl TurnService {
             Arc::clone(&policy),
             metrics.clone(),
             cfg.quota.allocations_per_user,
+            effective_max_allocations(cfg),
         ));
+        let tcp_limit = Arc::new(Semaphore::new(cfg.quota.max_tcp_connections));
+        // The advertised address behind a NAT also reaches this host's own ports.
+        let extra_ips: Vec<std::net::IpAddr> =
+            cfg.public_address.parse().ok().into_iter().collect();
+        policy.add_host_ips(extra_ips.iter().copied());
         let bind_ip = cfg.relay.address;
         let advertised = relay::advertised_ip(bind_ip);
         let cancel = CancellationToken::new();
@@ -116,31 +146,38 @@ impl TurnService {
                 relay_addr_generator: Box::new(RelayGenerator(Arc::clone(&relays))),
                 alloc_close_notify: Some(notify_tx),
             }));
-            let (conn, local, closed_rx): (Arc<dyn Conn + Send + Sync>, SocketAddr, _) = match l
-                .protocol
-            {
-                Protocol::Udp => {
-                    let socket = bind_udp(l.listen)
-                        .with_context(|| format!("turn.listeners[{idx}]: bind udp {}", l.listen))?;
-                    let t = UdpTransport::new(socket, metrics.clone())?;
-                    let local = t.local_addr()?;
-                    (Arc::new(t), local, None)
-                }
-                Protocol::Tcp => {
-                    let listener = TcpListener::bind(l.listen)
-                        .await
-                        .with_context(|| format!("turn.listeners[{idx}]: bind tcp {}", l.listen))?;
-                    let (t, closed) = TcpTransport::start(
-                        listener,
-                        metrics.clone(),
-                        cancel.clone(),
-                        &tasks,
-                        Arc::clone(&core.refusal_log),
-                    )?;
-                    let local = t.local_addr()?;
-                    (t, local, Some(closed))
-                }
-            };
+            let (conn, local, closed_rx, tcp): (Arc<dyn Conn + Send + Sync>, SocketAddr, _, _) =
+                match l.protocol {
+                    Protocol::Udp => {
+                        let socket = bind_udp(l.listen).with_context(|| {
+                            format!("turn.listeners[{idx}]: bind udp {}", l.listen)
+                        })?;
+                        let t = UdpTransport::new(socket, metrics.clone())?;
+                        let local = t.local_addr()?;
+                        (Arc::new(t), local, None, None)
+                    }
+                    Protocol::Tcp => {
+                        let listener = TcpListener::bind(l.listen).await.with_context(|| {
+                            format!("turn.listeners[{idx}]: bind tcp {}", l.listen)
+                        })?;
+                        let (t, closed) = TcpTransport::start(
+                            listener,
+                            metrics.clone(),
+                            cancel.clone(),
+                            &tasks,
+                            Arc::clone(&core.refusal_log),
+                            Arc::clone(&tcp_limit),
+                        )?;
+                        let local = t.local_addr()?;
+                        (
+                            Arc::clone(&t) as Arc<dyn Conn + Send + Sync>,
+                            local,
+                            Some(closed),
+                            Some(t),
+                        )
+                    }
+                };
+            policy.register_listener(local);
             let listener = Arc::new(Listener::new(
                 idx,
                 l.protocol,
@@ -149,8 +186,22 @@ impl TurnService {
                 conn,
                 Arc::clone(&manager),
                 relays,
+                tcp,
             ));
             tasks.spawn(Arc::clone(&listener).run(cancel.clone()));
+
+            // EVEN-PORT reservations expire on their own, Allocate or not.
+            let l2 = Arc::clone(&listener);
+            let stop = cancel.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(RESERVATION_SWEEP);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => l2.expire_reservations(),
+                    }
+                }
+            });
 
             // Allocations that end (expiry, Refresh 0, TCP close, shutdown) leave the table.
             let c = Arc::clone(&core);
@@ -194,6 +245,23 @@ impl TurnService {
             );
             listeners.push(listener);
         }
+        // Interface addresses may change (a new pod IP, an added address).
+        let p = Arc::clone(&policy);
+        let stop = cancel.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(HOST_IPS_REFRESH);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {
+                        let p = Arc::clone(&p);
+                        let extra = extra_ips.clone();
+                        let _ = tokio::task::spawn_blocking(move || p.refresh_host_ips(&extra)).await;
+                    }
+                }
+            }
+        });
         let (g1, g2) = stop_on_error;
         g1.disarm();
         g2.disarm();

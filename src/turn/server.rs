@@ -55,9 +55,10 @@ use webrtc_util::Conn;
 
 use super::auth::{AuthFailure, Authenticator, Nonces};
 use super::metrics::{DropReason, TurnMetrics};
-use super::policy::PeerPolicy;
+use super::policy::{PeerPolicy, Verdict};
 use super::ratelog::RateLimit;
 use super::relay::{RelayFactory, RelayState};
+use super::transport::TcpTransport;
 use super::wire::{self, Kind};
 use crate::config::Protocol;
 
@@ -102,22 +103,37 @@ struct AllocMeta {
 }
 
 /// Allocations of all listeners, with per-user counts for the quota.
+///
+/// A quota unit is one allocation (being created or live) or one EVEN-PORT reservation:
+/// `per_user` counts them per username, `units` over all users (the global cap).
 #[derive(Default)]
 struct AllocTable {
     allocs: HashMap<(usize, FiveTuple), AllocMeta>,
     per_user: HashMap<String, usize>,
     total: usize,
+    units: usize,
+    reservations: usize,
 }
 
 impl AllocTable {
     fn release_user(&mut self, user: &str) {
         if let Some(n) = self.per_user.get_mut(user) {
             *n = n.saturating_sub(1);
+            self.units = self.units.saturating_sub(1);
             if *n == 0 {
                 self.per_user.remove(user);
             }
         }
     }
+}
+
+/// Why an Allocate gets no quota unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// `allocations_per_user` reached: 486.
+    Quota,
+    /// `max_allocations` reached: 508.
+    Capacity,
 }
 
 /// State shared by all listeners of the service.
@@ -128,6 +144,7 @@ pub(crate) struct Core {
     pub(crate) metrics: TurnMetrics,
     table: Mutex<AllocTable>,
     quota: usize,
+    max_units: usize,
     auth_log: RateLimit,
     pub(crate) refusal_log: Arc<RateLimit>,
     malformed_log: RateLimit,
@@ -140,6 +157,7 @@ impl Core {
         policy: Arc<PeerPolicy>,
         metrics: TurnMetrics,
         quota: usize,
+        max_units: usize,
     ) -> Self {
         let window = Duration::from_secs(10);
         Core {
@@ -149,6 +167,7 @@ impl Core {
             metrics,
             table: Mutex::new(AllocTable::default()),
             quota,
+            max_units,
             auth_log: RateLimit::new("turn_auth_failure", window, 10),
             refusal_log: Arc::new(RateLimit::new("turn_peer_refused", window, 10)),
             malformed_log: RateLimit::new("turn_malformed", window, 5),
@@ -165,22 +184,50 @@ impl Core {
         self.table().total
     }
 
-    /// Takes one unit of `user`'s quota; false when the quota is used up (0 = no limit).
-    fn reserve(&self, user: &str) -> bool {
+    /// Takes one quota unit for `user` (an allocation or a reservation): refused when the
+    /// user's quota (0 = no limit) or the global cap is used up.
+    fn reserve(&self, user: &str) -> Result<(), Refusal> {
         let mut t = self.table();
-        let n = t.per_user.entry(user.to_string()).or_insert(0);
-        if self.quota > 0 && *n >= self.quota {
-            if *n == 0 {
-                t.per_user.remove(user);
-            }
-            return false;
+        let held = t.per_user.get(user).copied().unwrap_or(0);
+        if self.quota > 0 && held >= self.quota {
+            return Err(Refusal::Quota);
         }
-        *n += 1;
-        true
+        if t.units >= self.max_units {
+            return Err(Refusal::Capacity);
+        }
+        *t.per_user.entry(user.to_string()).or_insert(0) += 1;
+        t.units += 1;
+        Ok(())
     }
 
     fn unreserve(&self, user: &str) {
         self.table().release_user(user);
+    }
+
+    /// A unit taken with `reserve` now holds an EVEN-PORT reservation.
+    fn reservation_added(&self) {
+        let mut t = self.table();
+        t.reservations += 1;
+        self.metrics.reserved_ports.set(t.reservations as i64);
+    }
+
+    /// A reservation expired or was dropped: its owner's unit is released.
+    pub(crate) fn reservation_released(&self, owner: &str) {
+        let mut t = self.table();
+        t.release_user(owner);
+        t.reservations = t.reservations.saturating_sub(1);
+        self.metrics.reserved_ports.set(t.reservations as i64);
+    }
+
+    /// A reservation was taken by a RESERVATION-TOKEN Allocate. Its unit becomes the
+    /// allocation's when the owner allocates; else the new user took a unit of their own.
+    fn reservation_used(&self, owner: &str, by_owner: bool) {
+        let mut t = self.table();
+        if !by_owner {
+            t.release_user(owner);
+        }
+        t.reservations = t.reservations.saturating_sub(1);
+        self.metrics.reserved_ports.set(t.reservations as i64);
     }
 
     fn commit(&self, key: (usize, FiveTuple), meta: AllocMeta) {
@@ -214,6 +261,7 @@ impl Core {
         let mut t = self.table();
         *t = AllocTable::default();
         self.metrics.allocations.set(0);
+        self.metrics.reserved_ports.set(0);
     }
 
     fn lookup(&self, key: &(usize, FiveTuple)) -> Option<(String, Arc<RelayState>)> {
@@ -246,6 +294,8 @@ pub(crate) struct Listener {
     conn: Arc<dyn Conn + Send + Sync>,
     pub(crate) manager: Arc<Manager>,
     relays: Arc<RelayFactory>,
+    /// The TCP transport, to mark connections that made an allocation.
+    tcp: Option<Arc<TcpTransport>>,
     crate_nonces: Arc<tokio::sync::Mutex<HashMap<String, tokio::time::Instant>>>,
     auth_handler: Arc<dyn AuthHandler + Send + Sync>,
 }
@@ -278,6 +328,7 @@ impl Listener {
         conn: Arc<dyn Conn + Send + Sync>,
         manager: Arc<Manager>,
         relays: Arc<RelayFactory>,
+        tcp: Option<Arc<TcpTransport>>,
     ) -> Self {
         let auth_handler: Arc<dyn AuthHandler + Send + Sync> = Arc::new(core.auth.clone());
         Listener {
@@ -288,6 +339,7 @@ impl Listener {
             conn,
             manager,
             relays,
+            tcp,
             crate_nonces: Arc::new(tokio::sync::Mutex::new(HashMap::new())),
             auth_handler,
         }
@@ -499,6 +551,11 @@ impl Listener {
             .metrics
             .permission_denied
             .inc_by(peers.len() as u64);
+        let loops = peers
+            .iter()
+            .filter(|p| self.core.policy.verdict(**p) == Verdict::Loop)
+            .count();
+        self.core.metrics.loop_refused.inc_by(loops as u64);
         if self.core.refusal_log.allow() {
             tracing::warn!(
                 client = %src,
@@ -586,12 +643,56 @@ impl Listener {
         }
     }
 
+    /// Drops EVEN-PORT reservations whose 30 seconds have passed and gives their quota
+    /// units back (called every second by the service and before each Allocate).
+    pub(crate) fn expire_reservations(&self) {
+        for owner in self.relays.take_expired() {
+            self.core.reservation_released(&owner);
+        }
+    }
+
+    /// Answers an Allocate that got no quota unit: 486 (per-user quota) or 508 (global cap).
+    fn refuse(
+        &self,
+        m: &Message,
+        src: SocketAddr,
+        user: &str,
+        why: Refusal,
+        k: &[u8],
+    ) -> impl Future<Output = ()> + Send + '_ {
+        let (counter, code, reason, what) = match why {
+            Refusal::Quota => (
+                &self.core.metrics.quota_exceeded,
+                486,
+                "Allocation Quota Reached",
+                "TURN allocation quota reached (turn.quota.allocations_per_user)",
+            ),
+            Refusal::Capacity => (
+                &self.core.metrics.capacity_exceeded,
+                508,
+                "Insufficient Capacity",
+                "TURN allocation cap reached (turn.quota.max_allocations)",
+            ),
+        };
+        counter.inc();
+        if self.core.misc_log.allow() {
+            tracing::warn!(
+                client = %src,
+                username = ?loggable(user),
+                quota = self.core.quota,
+                max_allocations = self.core.max_units,
+                "{what}"
+            );
+        }
+        self.fail(m, src, code, reason, k)
+    }
+
     /// RFC 8656 §7.2.
     async fn allocate(&self, m: &Message, src: SocketAddr, auth: Authed) {
         let ft = self.five_tuple(src);
         let key = (self.idx, ft);
         let k = auth.key.as_slice();
-        self.relays.sweep_expired();
+        self.expire_reservations();
         if self.manager.get_allocation(&ft).await.is_some() {
             match self.core.retransmission(&key, m.transaction_id) {
                 Some(resp) => {
@@ -637,40 +738,59 @@ impl Listener {
                 .fail(m, src, 440, "Address Family not Supported", k)
                 .await;
         }
-        if !self.core.reserve(&auth.username) {
-            self.core.metrics.quota_exceeded.inc();
-            if self.core.misc_log.allow() {
-                tracing::warn!(
-                    client = %src,
-                    username = ?loggable(&auth.username),
-                    quota = self.core.quota,
-                    "TURN allocation quota reached"
-                );
-            }
-            return self.fail(m, src, 486, "Allocation Quota Reached", k).await;
-        }
+        let user = auth.username.as_str();
+        // Quota units: one for the allocation, one more for an EVEN-PORT reservation.
         let mut reservation = None;
         let requested_port = if let Some(t) = &token {
-            match self.relays.reserved_port(t) {
-                Some(p) => p,
-                None => {
-                    self.core.unreserve(&auth.username);
-                    return self.fail(m, src, 508, "Insufficient Capacity", k).await;
-                }
+            let Some(owner) = self.relays.reservation_owner(t) else {
+                return self.fail(m, src, 508, "Insufficient Capacity", k).await;
+            };
+            let by_owner = owner == user;
+            if !by_owner && let Err(r) = self.core.reserve(user) {
+                return self.refuse(m, src, user, r, k).await;
             }
-        } else if let Some(e) = &even {
-            match self.relays.prebind_even(e[0] & 0x80 != 0).await {
-                Some((p, tok)) => {
-                    reservation = tok;
-                    p
+            match self.relays.take_reservation(t) {
+                Some((port, owner)) => {
+                    self.core.reservation_used(&owner, by_owner);
+                    port
                 }
                 None => {
-                    self.core.unreserve(&auth.username);
+                    if !by_owner {
+                        self.core.unreserve(user);
+                    }
                     return self.fail(m, src, 508, "Insufficient Capacity", k).await;
                 }
             }
         } else {
-            0
+            if let Err(r) = self.core.reserve(user) {
+                return self.refuse(m, src, user, r, k).await;
+            }
+            match &even {
+                Some(e) => {
+                    let reserve_next = e[0] & 0x80 != 0;
+                    if reserve_next && let Err(r) = self.core.reserve(user) {
+                        self.core.unreserve(user);
+                        return self.refuse(m, src, user, r, k).await;
+                    }
+                    match self.relays.prebind_even(reserve_next, user).await {
+                        Some((p, tok)) => {
+                            if tok.is_some() {
+                                self.core.reservation_added();
+                            }
+                            reservation = tok;
+                            p
+                        }
+                        None => {
+                            self.core.unreserve(user);
+                            if reserve_next {
+                                self.core.unreserve(user);
+                            }
+                            return self.fail(m, src, 508, "Insufficient Capacity", k).await;
+                        }
+                    }
+                }
+                None => 0,
+            }
         };
         let lifetime = requested_lifetime(m)
             .unwrap_or(DEFAULT_LIFETIME)
@@ -694,6 +814,11 @@ impl Listener {
                 self.core.unreserve(&auth.username);
                 if requested_port != 0 {
                     self.relays.release_prebound(requested_port);
+                }
+                if reservation.is_some()
+                    && let Some(owner) = self.relays.release_prebound(requested_port + 1)
+                {
+                    self.core.reservation_released(&owner);
                 }
                 if let Err(e) = result
                     && self.core.misc_log.allow()
@@ -740,6 +865,9 @@ impl Listener {
             },
         );
         self.core.metrics.allocations_created.inc();
+        if let Some(t) = &self.tcp {
+            t.mark_allocated(src);
+        }
         let _ = self.conn.send_to(&response, src).await;
     }
 

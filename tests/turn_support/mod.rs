@@ -111,6 +111,7 @@ pub fn config(auth: Auth, peers: &[&str], quota: usize) -> TurnConfig {
         },
         quota: QuotaConfig {
             allocations_per_user: quota,
+            ..QuotaConfig::default()
         },
     }
 }
@@ -128,7 +129,7 @@ pub struct Gateway {
 impl Gateway {
     pub async fn start(cfg: TurnConfig) -> Gateway {
         let policy = Arc::new(
-            PeerPolicy::new(&cfg.relay, "127.0.0.1:8086".parse().unwrap()).expect("policy"),
+            PeerPolicy::new(&cfg.relay, "127.0.0.1:8086".parse().unwrap(), &[]).expect("policy"),
         );
         let metrics = TurnMetrics::unregistered();
         let svc = TurnService::start(&cfg, Arc::clone(&policy), metrics.clone())

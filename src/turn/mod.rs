@@ -20,6 +20,7 @@ mod ratelog;
 mod relay;
 mod server;
 mod transport;
+mod trim;
 mod wire;
 
 pub use auth::{
@@ -117,6 +118,7 @@ impl TurnService {
             effective_max_allocations(cfg),
         ));
         let tcp_limit = Arc::new(Semaphore::new(cfg.quota.max_tcp_connections));
+        let trimmer = Arc::new(trim::Trimmer::default());
         // The advertised address behind a NAT also reaches this host's own ports.
         let extra_ips: Vec<std::net::IpAddr> =
             cfg.public_address.parse().ok().into_iter().collect();
@@ -165,8 +167,9 @@ impl TurnService {
                             metrics.clone(),
                             cancel.clone(),
                             &tasks,
-                            Arc::clone(&core.refusal_log),
+                            Arc::clone(&core.tcp_log),
                             Arc::clone(&tcp_limit),
+                            Arc::clone(&trimmer),
                         )?;
                         let local = t.local_addr()?;
                         (
@@ -245,6 +248,22 @@ impl TurnService {
             );
             listeners.push(listener);
         }
+        // Memory freed by a burst of closed TCP connections goes back to the OS.
+        let stop = cancel.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(trim::TRIM_EVERY);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {
+                        if trimmer.maybe_trim().await {
+                            tracing::debug!("TURN: freed memory returned to the OS after TCP connections closed");
+                        }
+                    }
+                }
+            }
+        });
+
         // Interface addresses may change (a new pod IP, an added address).
         let p = Arc::clone(&policy);
         let stop = cancel.clone();

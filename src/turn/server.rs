@@ -147,6 +147,8 @@ pub(crate) struct Core {
     max_units: usize,
     auth_log: RateLimit,
     pub(crate) refusal_log: Arc<RateLimit>,
+    /// TURN-over-TCP accept errors, refused and closed connections.
+    pub(crate) tcp_log: Arc<RateLimit>,
     malformed_log: RateLimit,
     misc_log: RateLimit,
 }
@@ -170,6 +172,7 @@ impl Core {
             max_units,
             auth_log: RateLimit::new("turn_auth_failure", window, 10),
             refusal_log: Arc::new(RateLimit::new("turn_peer_refused", window, 10)),
+            tcp_log: Arc::new(RateLimit::new("turn_tcp", window, 10)),
             malformed_log: RateLimit::new("turn_malformed", window, 5),
             misc_log: RateLimit::new("turn_other", window, 10),
         }
@@ -562,7 +565,8 @@ impl Listener {
                 username = ?loggable(username),
                 peers = ?peers,
                 request = what,
-                "TURN: peer outside turn.relay.peers refused"
+                own_ports = loops,
+                "TURN: peer outside turn.relay.peers refused (own_ports: the gateway's own ports, a loop)"
             );
         }
     }

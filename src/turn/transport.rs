@@ -16,7 +16,8 @@
 //! connection must make an allocation within 30 s; and at most
 //! `turn.quota.max_tcp_connections` connections are open over all TCP listeners (further
 //! ones are closed at once). Every such close is counted in
-//! `mediagate_turn_tcp_closed_total{reason}`.
+//! `mediagate_turn_tcp_closed_total{reason}`. After many connections closed, freed heap
+//! memory is given back to the OS (`trim`).
 //!
 //! Both count the relayed payload they carry to clients and never fail a send towards
 //! the crate (the crate would log every failure); failures are counted instead.
@@ -40,6 +41,7 @@ use webrtc_util::Conn;
 
 use super::metrics::{DropReason, TcpClose, TurnMetrics};
 use super::ratelog::RateLimit;
+use super::trim::Trimmer;
 use super::wire::{self, Frame};
 
 /// A TCP connection that sends nothing for this long is closed. Clients with an
@@ -51,7 +53,7 @@ pub(crate) const TCP_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const TCP_ALLOCATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest frame a connection without an allocation may send (STUN requests are small).
 pub(crate) const UNALLOCATED_MAX_FRAME: usize = 4096;
-/// Bytes asked of the socket per read beyond what the current frame needs.
+/// Read buffer while no frame is pending (several small frames fit in one read).
 const READ_CHUNK: usize = 2048;
 /// An empty read buffer larger than this is freed rather than kept.
 const KEEP_CAPACITY: usize = 8192;
@@ -157,6 +159,7 @@ impl TcpTransport {
         tasks: &TaskTracker,
         log: Arc<RateLimit>,
         limit: Arc<Semaphore>,
+        trimmer: Arc<Trimmer>,
     ) -> std::io::Result<(Arc<TcpTransport>, mpsc::UnboundedReceiver<SocketAddr>)> {
         let local = listener.local_addr()?;
         let (frames_tx, frames_rx) = mpsc::channel(1024);
@@ -205,9 +208,11 @@ impl TcpTransport {
                     log: Arc::clone(&log),
                 };
                 let gauge = metrics.tcp_connections.clone();
+                let trimmer = Arc::clone(&trimmer);
                 tracker.spawn(async move {
                     conn.run(stream).await;
                     gauge.dec();
+                    trimmer.closed();
                     drop(permit);
                 });
             }
@@ -339,11 +344,19 @@ impl Connection {
                 }
             }
 
-            // Room for the rest of the frame (or its header) and a little more.
-            let rest = needed.map_or(wire::STUN_HEADER, |n| n.saturating_sub(buf.len()));
-            let want = rest.max(READ_CHUNK);
-            if buf.capacity() - buf.len() < want.min(READ_CHUNK) {
-                buf.reserve(want);
+            // Room for the frame being read, allocated exactly once its header is in; a
+            // small chunk while no frame (or only part of a header) is pending.
+            match needed {
+                Some(n) if buf.capacity() < n => {
+                    let mut grown = BytesMut::with_capacity(n);
+                    grown.extend_from_slice(&buf);
+                    buf = grown;
+                }
+                Some(_) => {}
+                None if buf.capacity() - buf.len() < wire::STUN_HEADER => {
+                    buf.reserve(READ_CHUNK);
+                }
+                None => {}
             }
             let read = tokio::select! {
                 _ = self.cancel.cancelled() => return None,

@@ -142,6 +142,7 @@ impl TurnService {
                 advertised,
                 cfg.relay.port_range,
                 Arc::clone(&core.refusal_log),
+                Arc::clone(&core.misc_log),
             ));
             let (notify_tx, mut notify_rx) = mpsc::channel(4096);
             let manager = Arc::new(Manager::new(ManagerConfig {
@@ -216,7 +217,9 @@ impl TurnService {
                         i = notify_rx.recv() => match i { Some(i) => i, None => break },
                     };
                     c.remove(&(idx, info.five_tuple), Some(info.relay_addr));
-                    tracing::debug!(client = %info.five_tuple.src_addr, relay = %info.relay_addr, "TURN allocation closed");
+                    if c.alloc_log.allow() {
+                        tracing::debug!(client = %info.five_tuple.src_addr, relay = %info.relay_addr, "TURN allocation closed");
+                    }
                 }
             });
 

@@ -76,6 +76,8 @@ pub(crate) struct RelayFactory {
     advertised_ip: IpAddr,
     range: PortRange,
     refusal_log: Arc<RateLimit>,
+    /// Relay socket failures.
+    error_log: Arc<RateLimit>,
     /// The state of the relay socket created by the last `allocate_conn`: the listener
     /// loop handles one Allocate at a time, so it picks up its own socket here.
     last_created: Mutex<Option<Arc<RelayState>>>,
@@ -90,6 +92,7 @@ impl RelayFactory {
         advertised_ip: IpAddr,
         range: PortRange,
         refusal_log: Arc<RateLimit>,
+        error_log: Arc<RateLimit>,
     ) -> Self {
         RelayFactory {
             policy,
@@ -98,6 +101,7 @@ impl RelayFactory {
             advertised_ip,
             range,
             refusal_log,
+            error_log,
             last_created: Mutex::new(None),
             prebound: Mutex::new(HashMap::new()),
         }
@@ -359,7 +363,9 @@ impl Conn for RelayConn {
                     // Not recoverable: park until the allocation ends (the crate's handler
                     // stops on allocation drop). Returning the error would make the crate
                     // forget the allocation without closing it.
-                    tracing::error!(relay = %self.state.advertised, error = %e, "TURN relay socket failed");
+                    if self.factory.error_log.allow() {
+                        tracing::error!(relay = %self.state.advertised, error = %e, "TURN relay socket failed");
+                    }
                     std::future::pending::<()>().await;
                     continue;
                 }

@@ -150,7 +150,9 @@ pub(crate) struct Core {
     /// TURN-over-TCP accept errors, refused and closed connections.
     pub(crate) tcp_log: Arc<RateLimit>,
     malformed_log: RateLimit,
-    misc_log: RateLimit,
+    pub(crate) misc_log: Arc<RateLimit>,
+    /// Debug lines about allocations being created and deleted.
+    pub(crate) alloc_log: RateLimit,
 }
 
 impl Core {
@@ -174,7 +176,8 @@ impl Core {
             refusal_log: Arc::new(RateLimit::new("turn_peer_refused", window, 10)),
             tcp_log: Arc::new(RateLimit::new("turn_tcp", window, 10)),
             malformed_log: RateLimit::new("turn_malformed", window, 5),
-            misc_log: RateLimit::new("turn_other", window, 10),
+            misc_log: Arc::new(RateLimit::new("turn_other", window, 10)),
+            alloc_log: RateLimit::new("turn_allocation", window, 20),
         }
     }
 
@@ -382,7 +385,9 @@ impl Listener {
             let handled = AssertUnwindSafe(self.handle(pkt, src)).catch_unwind().await;
             if handled.is_err() {
                 self.core.metrics.dropped(DropReason::Malformed).inc();
-                tracing::error!(client = %src, listen = %self.local, "TURN: panic while handling a packet (dropped)");
+                if self.core.malformed_log.allow() {
+                    tracing::error!(client = %src, listen = %self.local, "TURN: panic while handling a packet (dropped)");
+                }
             }
         }
     }
@@ -851,14 +856,16 @@ impl Listener {
             self.build(m, CLASS_SUCCESS_RESPONSE, attrs, Some(k))
                 .unwrap_or_default()
         };
-        tracing::debug!(
-            client = %src,
-            transport = %self.protocol,
-            username = ?loggable(&auth.username),
-            relay = %relay.advertised,
-            lifetime_s = lifetime.as_secs(),
-            "TURN allocation created"
-        );
+        if self.core.alloc_log.allow() {
+            tracing::debug!(
+                client = %src,
+                transport = %self.protocol,
+                username = ?loggable(&auth.username),
+                relay = %relay.advertised,
+                lifetime_s = lifetime.as_secs(),
+                "TURN allocation created"
+            );
+        }
         self.core.commit(
             key,
             AllocMeta {
@@ -926,7 +933,9 @@ impl Listener {
             let ft = self.five_tuple(src);
             self.manager.delete_allocation(&ft).await;
             self.core.remove(&(self.idx, ft), None);
-            tracing::debug!(client = %src, relay = %relay.advertised, "TURN allocation deleted by the client");
+            if self.core.alloc_log.allow() {
+                tracing::debug!(client = %src, relay = %relay.advertised, "TURN allocation deleted by the client");
+            }
         } else {
             alloc.refresh(lifetime).await;
         }

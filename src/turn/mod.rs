@@ -322,3 +322,54 @@ impl TurnService {
         tracing::info!("TURN service stopped");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{PortRange, QuotaConfig, RelayConfig, TurnListenerConfig};
+
+    fn cfg(range: (u16, u16), max_allocations: usize, tcp: usize) -> TurnConfig {
+        TurnConfig {
+            realm: "r".into(),
+            public_address: "127.0.0.1".into(),
+            listeners: vec![
+                TurnListenerConfig {
+                    protocol: Protocol::Udp,
+                    listen: "0.0.0.0:3478".parse().unwrap(),
+                },
+                TurnListenerConfig {
+                    protocol: Protocol::Tcp,
+                    listen: "0.0.0.0:3478".parse().unwrap(),
+                },
+            ],
+            auth: crate::config::TurnAuthConfig {
+                kind: crate::config::TurnAuthType::Ephemeral,
+                secret: Some("s".into()),
+                ttl: crate::config::Dur(Duration::from_secs(60)),
+                users: vec![],
+            },
+            relay: RelayConfig {
+                port_range: PortRange {
+                    first: range.0,
+                    last: range.1,
+                },
+                ..RelayConfig::default()
+            },
+            quota: QuotaConfig {
+                max_allocations,
+                max_tcp_connections: tcp,
+                ..QuotaConfig::default()
+            },
+        }
+    }
+
+    #[test]
+    fn the_cap_is_clipped_to_the_port_range_and_counted_in_fd_demand() {
+        let c = cfg((49152, 65535), 10_000, 4096);
+        assert_eq!(effective_max_allocations(&c), 10_000);
+        assert_eq!(fd_demand(&c), 10_000 + 2 + 4096 + 2);
+        let c = cfg((40000, 40099), 10_000, 10);
+        assert_eq!(effective_max_allocations(&c), 100);
+        assert_eq!(fd_demand(&c), 100 + 2 + 10 + 2);
+    }
+}

@@ -210,6 +210,15 @@ mod tests {
     }
 
     #[test]
+    fn frame_length_is_known_from_the_header() {
+        assert_eq!(tcp_frame_len(&[0x00, 0x01, 0x00]), None);
+        assert_eq!(tcp_frame_len(&stun(8)[..4]), Some(28));
+        assert_eq!(tcp_frame_len(&[0x00, 0x01, 0xFF, 0xFC]), Some(20 + 0xFFFC));
+        assert_eq!(tcp_frame_len(&[0x40, 0x00, 0x00, 0x05]), Some(12));
+        assert_eq!(tcp_frame_len(&[0xC0, 0x00, 0x00, 0x05]), None);
+    }
+
+    #[test]
     fn classifies_datagrams() {
         assert_eq!(classify(&stun(0)), Kind::Stun);
         assert_eq!(classify(&stun(8)), Kind::Stun);

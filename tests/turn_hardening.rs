@@ -21,6 +21,11 @@ use turn::proto::data::Data;
 use turn::proto::peeraddr::PeerAddress;
 use turn_support::{Attr, PASSWORD, RawClient, USER, code, relayed};
 
+/// The partial-frame test holds thousands of ephemeral TCP ports; a balancer started by
+/// another test meanwhile could find its TURN TCP port taken. It runs alone (write lock),
+/// the others share the read lock.
+static PORTS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// A balancer with a TURN service (UDP and TCP on one port) and, optionally, a UDP proxy
 /// listener in front of `worker`.
 struct Gateway {
@@ -34,10 +39,11 @@ struct Gateway {
 
 impl Gateway {
     fn start(quota: &str) -> Gateway {
-        let (turn_port, admin, proxy_port) = (free_udp_port(), free_tcp_port(), free_udp_port());
+        let (turn_port, admin, proxy_port) =
+            (free_udp_and_tcp_port(), free_tcp_port(), free_udp_port());
         let worker_addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
         let w = worker("udp-echo", "w1", worker_addr, None);
-        let relay_first = turn_support::free_port_pair();
+        let relay_first = relay_range_below_ephemeral();
         let yaml = format!(
             r#"
 admin: {{ listen: "127.0.0.1:{admin}" }}
@@ -82,6 +88,28 @@ turn:
     fn metric(&self, name: &str) -> f64 {
         metric(&self.b.metrics(), name)
     }
+}
+
+/// The first port of a 300-port relay range below the ephemeral range (where every other
+/// port of these tests comes from), so that it never overlaps a listener.
+fn relay_range_below_ephemeral() -> u16 {
+    loop {
+        let p = turn_support::free_port_pair();
+        if p + 299 < 32768 {
+            return p;
+        }
+    }
+}
+
+/// A port free for both UDP and TCP on 127.0.0.1 (TURN listens on both).
+fn free_udp_and_tcp_port() -> u16 {
+    for _ in 0..100 {
+        let p = free_udp_port();
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no port free for both UDP and TCP");
 }
 
 /// The value of the sample `name` (with its labels, if any) in a /metrics text; 0 if absent.
@@ -241,6 +269,7 @@ impl Flow {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relays_never_reach_the_gateways_own_ports() {
+    let _ports = PORTS.read().await;
     let g = Gateway::start("{ allocations_per_user: 10 }");
     let health = HealthWatch::start(g.b.admin);
     let mut flow = Flow::start(&g).await;
@@ -364,6 +393,7 @@ const CONNS: usize = 3000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partial_tcp_frames_are_bounded_and_freed() {
+    let _ports = PORTS.write().await;
     raise_nofile(20_000);
     let g = Gateway::start("{ allocations_per_user: 10 }");
     let pid = g.pid();
@@ -409,6 +439,11 @@ async fn partial_tcp_frames_are_bounded_and_freed() {
         sleep(Duration::from_millis(200)).await;
         rss_after = rss_kib(pid);
     }
+    // The server counts a connection out just after closing it.
+    turn_support::wait_until(Duration::from_secs(5), || {
+        metric(&g.b.metrics(), "mediagate_turn_tcp_connections") == 0.0
+    })
+    .await;
     let fds_after = open_fds(pid);
     let text = g.b.metrics();
     eprintln!(
@@ -475,6 +510,7 @@ async fn partial_tcp_frames_are_bounded_and_freed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turn_tcp_connections_are_capped() {
+    let _ports = PORTS.read().await;
     let g = Gateway::start("{ allocations_per_user: 10, max_tcp_connections: 100 }");
     let health = HealthWatch::start(g.b.admin);
     let mut flow = Flow::start(&g).await;
@@ -521,6 +557,7 @@ fn even_port_r() -> Attr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn even_port_reservations_count_against_the_quota_and_expire() {
+    let _ports = PORTS.read().await;
     const QUOTA: usize = 4;
     let g = Gateway::start(&format!("{{ allocations_per_user: {QUOTA} }}"));
     let pid = g.pid();
@@ -591,6 +628,7 @@ async fn even_port_reservations_count_against_the_quota_and_expire() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_global_allocation_cap_answers_508() {
+    let _ports = PORTS.read().await;
     let g = Gateway::start("{ allocations_per_user: 100, max_allocations: 5 }");
     let health = HealthWatch::start(g.b.admin);
     let mut flow = Flow::start(&g).await; // one of the five

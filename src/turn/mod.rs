@@ -117,12 +117,19 @@ impl TurnService {
             cfg.quota.allocations_per_user,
             effective_max_allocations(cfg),
         ));
+        if effective_max_allocations(cfg) < cfg.quota.max_allocations {
+            tracing::info!(
+                max_allocations = cfg.quota.max_allocations,
+                effective = effective_max_allocations(cfg),
+                "turn.quota.max_allocations is clipped to the size of turn.relay.port_range"
+            );
+        }
         let tcp_limit = Arc::new(Semaphore::new(cfg.quota.max_tcp_connections));
         let trimmer = Arc::new(trim::Trimmer::default());
         // The advertised address behind a NAT also reaches this host's own ports.
         let extra_ips: Vec<std::net::IpAddr> =
             cfg.public_address.parse().ok().into_iter().collect();
-        policy.add_host_ips(extra_ips.iter().copied());
+        policy.add_public_ips(extra_ips);
         let bind_ip = cfg.relay.address;
         let advertised = relay::advertised_ip(bind_ip);
         let cancel = CancellationToken::new();
@@ -278,8 +285,7 @@ impl TurnService {
                     _ = stop.cancelled() => break,
                     _ = tick.tick() => {
                         let p = Arc::clone(&p);
-                        let extra = extra_ips.clone();
-                        let _ = tokio::task::spawn_blocking(move || p.refresh_host_ips(&extra)).await;
+                        let _ = tokio::task::spawn_blocking(move || p.refresh_host_ips()).await;
                     }
                 }
             }

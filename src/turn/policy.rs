@@ -14,8 +14,9 @@
 //! address, every `listeners[]` entry of the proxy (UDP and TCP) and the admin port. An own
 //! port bound to a specific IP matches that IP; one bound to the wildcard (`0.0.0.0`, `::`)
 //! matches every address of this host (interface addresses, re-read every 30 s by the
-//! service; loopback and the unspecified address always count) and the advertised
-//! `public_address`. With `self`, these checks are skipped: the operator asked for relays
+//! service; loopback and the unspecified address always count). The advertised
+//! `public_address` (when it is an IP: a NAT or load balancer in front of this host)
+//! matches every own port whatever address it binds. With `self`, these checks are skipped: the operator asked for relays
 //! to reach the gateway itself (headless mode). Refusals of own ports are [`Verdict::Loop`].
 //!
 //! The read side is lock-free for the upstream list (arc-swap); the control plane calls
@@ -58,6 +59,9 @@ pub struct PeerPolicy {
     admin: SocketAddr,
     /// Host addresses, used for own ports bound to the unspecified address.
     local_ips: ArcSwap<HashSet<IpAddr>>,
+    /// Addresses that reach this host from outside (the advertised `public_address`):
+    /// every own port counts there, whatever address it binds.
+    public_ips: ArcSwap<HashSet<IpAddr>>,
     /// The relay range and the proxy listeners (replaced by `set_proxy_listeners`).
     own_ports: ArcSwap<Vec<OwnPorts>>,
     /// TURN listeners, registered once bound (their ports may be 0 in the config).
@@ -175,6 +179,7 @@ impl PeerPolicy {
             cidrs,
             admin: canonical(admin_listen),
             local_ips: ArcSwap::from_pointee(host_addresses()),
+            public_ips: ArcSwap::from_pointee(HashSet::new()),
             own_ports: ArcSwap::from_pointee(Vec::new()),
             turn_ports: ArcSwap::from_pointee(Vec::new()),
             relay_ports,
@@ -209,19 +214,17 @@ impl PeerPolicy {
     }
 
     /// Adds addresses that reach this host without being on an interface (the advertised
-    /// `public_address` behind a NAT); they count for wildcard-bound own ports.
-    pub(crate) fn add_host_ips(&self, ips: impl IntoIterator<Item = IpAddr>) {
-        let mut set = HashSet::clone(&self.local_ips.load());
+    /// `public_address` behind a NAT or a load balancer): own ports count there whatever
+    /// address they bind.
+    pub(crate) fn add_public_ips(&self, ips: impl IntoIterator<Item = IpAddr>) {
+        let mut set = HashSet::clone(&self.public_ips.load());
         set.extend(ips.into_iter().map(canonical_ip));
-        self.local_ips.store(Arc::new(set));
+        self.public_ips.store(Arc::new(set));
     }
 
-    /// Re-reads the host's interface addresses (the service calls it every 30 s), keeping
-    /// the ones added with `add_host_ips`.
-    pub(crate) fn refresh_host_ips(&self, extra: &[IpAddr]) {
-        let mut set = host_addresses();
-        set.extend(extra.iter().copied().map(canonical_ip));
-        self.local_ips.store(Arc::new(set));
+    /// Re-reads the host's interface addresses (the service calls it every 30 s).
+    pub(crate) fn refresh_host_ips(&self) {
+        self.local_ips.store(Arc::new(host_addresses()));
     }
 
     /// Whether `ip` is an address of this host (for wildcard-bound own ports).
@@ -233,6 +236,9 @@ impl PeerPolicy {
         let port = peer.port();
         if port < o.first || port > o.last {
             return false;
+        }
+        if self.public_ips.load().contains(&peer.ip()) {
+            return true;
         }
         if o.ip.is_unspecified() {
             self.is_host_ip(peer.ip())
@@ -464,7 +470,7 @@ mod tests {
         ];
         let p = PeerPolicy::new(&relay, sa("127.0.0.1:8086"), &proxy).unwrap();
         p.register_listener(sa("0.0.0.0:3478"));
-        p.add_host_ips(["10.9.9.9".parse().unwrap()]);
+        p.add_public_ips(["10.9.9.9".parse().unwrap()]);
         for own in [
             "127.0.0.1:40000", // relay range on the relay address
             "127.0.0.1:40099", //

@@ -103,9 +103,11 @@ pub fn config(auth: Auth, peers: &[&str], quota: usize) -> TurnConfig {
         },
         relay: RelayConfig {
             address: "127.0.0.1".parse().unwrap(),
+            // Above the ephemeral range (32768-60999): peers of the tests bind ephemeral
+            // ports, and a relay port is never a valid peer (no loops).
             port_range: PortRange {
-                first: 40000,
-                last: 48999,
+                first: 61000,
+                last: 64999,
             },
             peers: peers.iter().map(|s| s.to_string()).collect(),
         },

@@ -5,8 +5,11 @@
 //! lifetimes, permissions and channel bindings and relays the data; this module adds what
 //! the crate lacks (see `server` for the split): TURN over TCP (`transport`), coturn-
 //! compatible credentials and 401 on failure (`auth`), the peer policy (`policy`, enforced
-//! again on every relayed datagram in `relay`), per-user quotas, RFC 8656 lifetimes,
-//! metrics (`metrics`), rate-limited logs (`ratelog`) and ICE configurations (`ice`).
+//! again on every relayed datagram in `relay`; it also keeps relays off the gateway's own
+//! ports), per-user quotas and a global allocation cap (`table`), RFC 8656 lifetimes,
+//! metrics (`metrics`), rate-limited logs (`ratelog`), giving memory back after bursts
+//! of TCP connections (`trim`) and ICE configurations (`ice`). [`fd_demand`] is what the
+//! service may hold in file descriptors.
 //!
 //! `app` wires: [`PeerPolicy`] (fed with upstream IPs), [`TurnMetrics`] (process
 //! registry), [`TurnService`] (started when `turn:` is configured; `allocations()` for
@@ -19,6 +22,7 @@ mod policy;
 mod ratelog;
 mod relay;
 mod server;
+mod table;
 mod transport;
 mod trim;
 mod wire;
@@ -223,7 +227,7 @@ impl TurnService {
                         _ = stop.cancelled() => break,
                         i = notify_rx.recv() => match i { Some(i) => i, None => break },
                     };
-                    c.remove(&(idx, info.five_tuple), Some(info.relay_addr));
+                    c.allocs.remove(&(idx, info.five_tuple), Some(info.relay_addr));
                     if c.alloc_log.allow() {
                         tracing::debug!(client = %info.five_tuple.src_addr, relay = %info.relay_addr, "TURN allocation closed");
                     }
@@ -304,7 +308,7 @@ impl TurnService {
 
     /// Live allocations (for `/status`).
     pub fn allocations(&self) -> usize {
-        self.core.allocations()
+        self.core.allocs.allocations()
     }
 
     /// The bound address of every listener, in configuration order (useful with port 0).
@@ -321,7 +325,7 @@ impl TurnService {
         for l in &self.listeners {
             let _ = l.manager.close().await;
         }
-        self.core.clear();
+        self.core.allocs.clear();
         self.bookkeeping.cancel();
         self.tasks.close();
         self.tasks.wait().await;

@@ -8,11 +8,13 @@
 //!
 //! - long-term authentication with stateless nonces; wrong or expired credentials get
 //!   401 (the crate answers 400) and are counted;
-//! - Allocate (RFC 8656 §7.2): per-user quota (486), lifetime clamped to 600..3600 s,
-//!   EVEN-PORT / RESERVATION-TOKEN, REQUESTED-ADDRESS-FAMILY, idempotent retransmissions;
+//! - Allocate (RFC 8656 §7.2): per-user quota (486) and global cap (508) with
+//!   reservations counted (`table`), lifetime clamped to 600..3600 s, EVEN-PORT /
+//!   RESERVATION-TOKEN, REQUESTED-ADDRESS-FAMILY, idempotent retransmissions;
 //! - Refresh (§7.3): lifetime 0 deletes, 437 without an allocation, 441 for other
 //!   credentials;
-//! - CreatePermission / ChannelBind (§9, §11): the peer policy answers 403 (counted);
+//! - CreatePermission / ChannelBind (§9, §11): the peer policy answers 403 (counted;
+//!   the gateway's own ports also in the loop counter);
 //!   every XOR-PEER-ADDRESS of a CreatePermission is installed (the crate installs only
 //!   the first);
 //! - Send indications to refused peers are dropped and counted.
@@ -28,9 +30,8 @@ use futures_util::FutureExt;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use stun::agent::TransactionId;
 use stun::attributes::*;
 use stun::error_code::{ErrorCode, ErrorCodeAttribute};
 use stun::fingerprint::FINGERPRINT;
@@ -58,6 +59,7 @@ use super::metrics::{DropReason, TurnMetrics};
 use super::policy::{PeerPolicy, Verdict};
 use super::ratelog::RateLimit;
 use super::relay::{RelayFactory, RelayState};
+use super::table::{AllocMeta, Allocations, Refusal};
 use super::transport::TcpTransport;
 use super::wire::{self, Kind};
 use crate::config::Protocol;
@@ -95,56 +97,14 @@ const KNOWN_REQUIRED: &[u16] = &[
     0x0025, // USE-CANDIDATE
 ];
 
-struct AllocMeta {
-    username: String,
-    relay: Arc<RelayState>,
-    txid: TransactionId,
-    response: Vec<u8>,
-}
-
-/// Allocations of all listeners, with per-user counts for the quota.
-///
-/// A quota unit is one allocation (being created or live) or one EVEN-PORT reservation:
-/// `per_user` counts them per username, `units` over all users (the global cap).
-#[derive(Default)]
-struct AllocTable {
-    allocs: HashMap<(usize, FiveTuple), AllocMeta>,
-    per_user: HashMap<String, usize>,
-    total: usize,
-    units: usize,
-    reservations: usize,
-}
-
-impl AllocTable {
-    fn release_user(&mut self, user: &str) {
-        if let Some(n) = self.per_user.get_mut(user) {
-            *n = n.saturating_sub(1);
-            self.units = self.units.saturating_sub(1);
-            if *n == 0 {
-                self.per_user.remove(user);
-            }
-        }
-    }
-}
-
-/// Why an Allocate gets no quota unit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refusal {
-    /// `allocations_per_user` reached: 486.
-    Quota,
-    /// `max_allocations` reached: 508.
-    Capacity,
-}
-
 /// State shared by all listeners of the service.
 pub(crate) struct Core {
     auth: Authenticator,
     nonces: Nonces,
     pub(crate) policy: Arc<PeerPolicy>,
     pub(crate) metrics: TurnMetrics,
-    table: Mutex<AllocTable>,
-    quota: usize,
-    max_units: usize,
+    /// Allocations, reservations and their quota units.
+    pub(crate) allocs: Allocations,
     auth_log: RateLimit,
     pub(crate) refusal_log: Arc<RateLimit>,
     /// TURN-over-TCP accept errors, refused and closed connections.
@@ -168,10 +128,8 @@ impl Core {
             auth,
             nonces: Nonces::new(),
             policy,
+            allocs: Allocations::new(metrics.clone(), quota, max_units),
             metrics,
-            table: Mutex::new(AllocTable::default()),
-            quota,
-            max_units,
             auth_log: RateLimit::new("turn_auth_failure", window, 10),
             refusal_log: Arc::new(RateLimit::new("turn_peer_refused", window, 10)),
             tcp_log: Arc::new(RateLimit::new("turn_tcp", window, 10)),
@@ -179,110 +137,6 @@ impl Core {
             misc_log: Arc::new(RateLimit::new("turn_other", window, 10)),
             alloc_log: RateLimit::new("turn_allocation", window, 20),
         }
-    }
-
-    fn table(&self) -> std::sync::MutexGuard<'_, AllocTable> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Live allocations over all listeners.
-    pub(crate) fn allocations(&self) -> usize {
-        self.table().total
-    }
-
-    /// Takes one quota unit for `user` (an allocation or a reservation): refused when the
-    /// user's quota (0 = no limit) or the global cap is used up.
-    fn reserve(&self, user: &str) -> Result<(), Refusal> {
-        let mut t = self.table();
-        let held = t.per_user.get(user).copied().unwrap_or(0);
-        if self.quota > 0 && held >= self.quota {
-            return Err(Refusal::Quota);
-        }
-        if t.units >= self.max_units {
-            return Err(Refusal::Capacity);
-        }
-        *t.per_user.entry(user.to_string()).or_insert(0) += 1;
-        t.units += 1;
-        Ok(())
-    }
-
-    fn unreserve(&self, user: &str) {
-        self.table().release_user(user);
-    }
-
-    /// A unit taken with `reserve` now holds an EVEN-PORT reservation.
-    fn reservation_added(&self) {
-        let mut t = self.table();
-        t.reservations += 1;
-        self.metrics.reserved_ports.set(t.reservations as i64);
-    }
-
-    /// A reservation expired or was dropped: its owner's unit is released.
-    pub(crate) fn reservation_released(&self, owner: &str) {
-        let mut t = self.table();
-        t.release_user(owner);
-        t.reservations = t.reservations.saturating_sub(1);
-        self.metrics.reserved_ports.set(t.reservations as i64);
-    }
-
-    /// A reservation was taken by a RESERVATION-TOKEN Allocate. Its unit becomes the
-    /// allocation's when the owner allocates; else the new user took a unit of their own.
-    fn reservation_used(&self, owner: &str, by_owner: bool) {
-        let mut t = self.table();
-        if !by_owner {
-            t.release_user(owner);
-        }
-        t.reservations = t.reservations.saturating_sub(1);
-        self.metrics.reserved_ports.set(t.reservations as i64);
-    }
-
-    fn commit(&self, key: (usize, FiveTuple), meta: AllocMeta) {
-        let mut t = self.table();
-        if let Some(old) = t.allocs.insert(key, meta) {
-            // A stale entry whose close notification has not arrived yet.
-            t.release_user(&old.username);
-            t.total = t.total.saturating_sub(1);
-        }
-        t.total += 1;
-        self.metrics.allocations.set(t.total as i64);
-    }
-
-    /// Forgets an allocation; with `relay`, only if it is still that allocation.
-    pub(crate) fn remove(&self, key: &(usize, FiveTuple), relay: Option<SocketAddr>) {
-        let mut t = self.table();
-        let matches = match (t.allocs.get(key), relay) {
-            (Some(meta), Some(addr)) => meta.relay.advertised == addr,
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
-        if matches && let Some(meta) = t.allocs.remove(key) {
-            t.release_user(&meta.username);
-            t.total = t.total.saturating_sub(1);
-            self.metrics.allocations.set(t.total as i64);
-        }
-    }
-
-    /// Forgets every allocation (service shutdown).
-    pub(crate) fn clear(&self) {
-        let mut t = self.table();
-        *t = AllocTable::default();
-        self.metrics.allocations.set(0);
-        self.metrics.reserved_ports.set(0);
-    }
-
-    fn lookup(&self, key: &(usize, FiveTuple)) -> Option<(String, Arc<RelayState>)> {
-        self.table()
-            .allocs
-            .get(key)
-            .map(|m| (m.username.clone(), Arc::clone(&m.relay)))
-    }
-
-    fn retransmission(&self, key: &(usize, FiveTuple), txid: TransactionId) -> Option<Vec<u8>> {
-        self.table()
-            .allocs
-            .get(key)
-            .filter(|m| m.txid == txid)
-            .map(|m| m.response.clone())
     }
 }
 
@@ -656,7 +510,7 @@ impl Listener {
     /// units back (called every second by the service and before each Allocate).
     pub(crate) fn expire_reservations(&self) {
         for owner in self.relays.take_expired() {
-            self.core.reservation_released(&owner);
+            self.core.allocs.reservation_released(&owner);
         }
     }
 
@@ -688,8 +542,8 @@ impl Listener {
             tracing::warn!(
                 client = %src,
                 username = ?loggable(user),
-                quota = self.core.quota,
-                max_allocations = self.core.max_units,
+                quota = self.core.allocs.quota,
+                max_allocations = self.core.allocs.max_units,
                 "{what}"
             );
         }
@@ -703,7 +557,7 @@ impl Listener {
         let k = auth.key.as_slice();
         self.expire_reservations();
         if self.manager.get_allocation(&ft).await.is_some() {
-            match self.core.retransmission(&key, m.transaction_id) {
+            match self.core.allocs.retransmission(&key, m.transaction_id) {
                 Some(resp) => {
                     let _ = self.conn.send_to(&resp, src).await;
                 }
@@ -755,44 +609,44 @@ impl Listener {
                 return self.fail(m, src, 508, "Insufficient Capacity", k).await;
             };
             let by_owner = owner == user;
-            if !by_owner && let Err(r) = self.core.reserve(user) {
+            if !by_owner && let Err(r) = self.core.allocs.reserve(user) {
                 return self.refuse(m, src, user, r, k).await;
             }
             match self.relays.take_reservation(t) {
                 Some((port, owner)) => {
-                    self.core.reservation_used(&owner, by_owner);
+                    self.core.allocs.reservation_used(&owner, by_owner);
                     port
                 }
                 None => {
                     if !by_owner {
-                        self.core.unreserve(user);
+                        self.core.allocs.unreserve(user);
                     }
                     return self.fail(m, src, 508, "Insufficient Capacity", k).await;
                 }
             }
         } else {
-            if let Err(r) = self.core.reserve(user) {
+            if let Err(r) = self.core.allocs.reserve(user) {
                 return self.refuse(m, src, user, r, k).await;
             }
             match &even {
                 Some(e) => {
                     let reserve_next = e[0] & 0x80 != 0;
-                    if reserve_next && let Err(r) = self.core.reserve(user) {
-                        self.core.unreserve(user);
+                    if reserve_next && let Err(r) = self.core.allocs.reserve(user) {
+                        self.core.allocs.unreserve(user);
                         return self.refuse(m, src, user, r, k).await;
                     }
                     match self.relays.prebind_even(reserve_next, user).await {
                         Some((p, tok)) => {
                             if tok.is_some() {
-                                self.core.reservation_added();
+                                self.core.allocs.reservation_added();
                             }
                             reservation = tok;
                             p
                         }
                         None => {
-                            self.core.unreserve(user);
+                            self.core.allocs.unreserve(user);
                             if reserve_next {
-                                self.core.unreserve(user);
+                                self.core.allocs.unreserve(user);
                             }
                             return self.fail(m, src, 508, "Insufficient Capacity", k).await;
                         }
@@ -820,14 +674,14 @@ impl Listener {
         let relay = match (created, relay) {
             (Ok(_), Some(relay)) => relay,
             (result, _) => {
-                self.core.unreserve(&auth.username);
+                self.core.allocs.unreserve(&auth.username);
                 if requested_port != 0 {
                     self.relays.release_prebound(requested_port);
                 }
                 if reservation.is_some()
                     && let Some(owner) = self.relays.release_prebound(requested_port + 1)
                 {
-                    self.core.reservation_released(&owner);
+                    self.core.allocs.reservation_released(&owner);
                 }
                 if let Err(e) = result
                     && self.core.misc_log.allow()
@@ -866,7 +720,7 @@ impl Listener {
                 "TURN allocation created"
             );
         }
-        self.core.commit(
+        self.core.allocs.commit(
             key,
             AllocMeta {
                 username: auth.username,
@@ -892,7 +746,7 @@ impl Listener {
         let ft = self.five_tuple(src);
         let k = auth.key.as_slice();
         let alloc = self.manager.get_allocation(&ft).await;
-        let meta = self.core.lookup(&(self.idx, ft));
+        let meta = self.core.allocs.lookup(&(self.idx, ft));
         let (Some(alloc), Some((owner, relay))) = (alloc, meta) else {
             self.fail(m, src, 437, "Allocation Mismatch", k).await;
             return None;
@@ -932,7 +786,7 @@ impl Listener {
             drop(alloc);
             let ft = self.five_tuple(src);
             self.manager.delete_allocation(&ft).await;
-            self.core.remove(&(self.idx, ft), None);
+            self.core.allocs.remove(&(self.idx, ft), None);
             if self.core.alloc_log.allow() {
                 tracing::debug!(client = %src, relay = %relay.advertised, "TURN allocation deleted by the client");
             }
@@ -1028,6 +882,7 @@ impl Listener {
         if !self.core.policy.allows(peer) {
             let user = self
                 .core
+                .allocs
                 .lookup(&(self.idx, self.five_tuple(src)))
                 .map(|(u, _)| u)
                 .unwrap_or_default();

@@ -37,8 +37,10 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("{}: no turn: block", path.display());
         std::process::exit(2);
     };
-    let policy =
-        Arc::new(PeerPolicy::new(&turn.relay, cfg.admin.listen).map_err(anyhow::Error::msg)?);
+    let policy = Arc::new(
+        PeerPolicy::new(&turn.relay, cfg.admin.listen, &cfg.listeners)
+            .map_err(anyhow::Error::msg)?,
+    );
     let ips: Vec<IpAddr> = cfg
         .upstreams
         .values()

@@ -130,8 +130,12 @@ impl App {
         let (turn, turn_policy) = match &config.turn {
             Some(tcfg) => {
                 let policy = Arc::new(
-                    crate::turn::PeerPolicy::new(&tcfg.relay, config.admin.listen)
-                        .map_err(|e| anyhow!("turn.relay.peers: {e}"))?,
+                    crate::turn::PeerPolicy::new(
+                        &tcfg.relay,
+                        config.admin.listen,
+                        &config.listeners,
+                    )
+                    .map_err(|e| anyhow!("turn.relay.peers: {e}"))?,
                 );
                 policy.set_upstream_ips(upstream_ips(&upstreams));
                 let tm = crate::turn::TurnMetrics::register(&mut metrics.registry());

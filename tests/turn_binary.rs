@@ -11,7 +11,9 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_relays_with_credentials_from_ice() {
     let (turn_port, admin) = (free_udp_port(), free_tcp_port());
-    let relay = turn_support::free_port_pair();
+    // Relay ports above the ephemeral range, where no peer of the test binds: a relay port
+    // is never a valid peer (no loops through the gateway).
+    let relay = 61000 + turn_support::free_port_pair() % 2000;
     let b = Balancer::start(
         &format!(
             r#"

@@ -461,13 +461,15 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
     ),
     (
         "TURN without listeners, address, peers or quota",
-        "turn:\n  public_address: ''\n  listeners: []\n  auth: { type: ephemeral, secret: x }\n  relay:\n    peers: [upstreams, self, 10.0.0.0/8, 10.0.0.0/33, fd00::1, everyone]\n  quota: { allocations_per_user: 0 }\n",
+        "turn:\n  public_address: ''\n  listeners: []\n  auth: { type: ephemeral, secret: x }\n  relay:\n    peers: [upstreams, self, 10.0.0.0/8, 10.0.0.0/33, fd00::1, everyone]\n  quota: { allocations_per_user: 0, max_allocations: 0, max_tcp_connections: 0 }\n",
         &[
             "t.yaml:2:19: turn.public_address: the public address is empty",
             "t.yaml:3:14: turn.listeners: no TURN listeners (add at least one)",
             "t.yaml:6:42: turn.relay.peers[3]: invalid peer \"10.0.0.0/33\" (expected upstreams, self, an IP address or a CIDR)",
             "t.yaml:6:64: turn.relay.peers[5]: invalid peer \"everyone\" (expected upstreams, self, an IP address or a CIDR)",
             "t.yaml:7:34: turn.quota.allocations_per_user: must be at least 1",
+            "t.yaml:7:54: turn.quota.max_allocations: must be at least 1",
+            "t.yaml:7:78: turn.quota.max_tcp_connections: must be at least 1",
         ],
     ),
     (
@@ -692,6 +694,8 @@ fn turn_defaults() {
     );
     assert_eq!(t.relay.peers, vec!["upstreams".to_string()]);
     assert_eq!(t.quota.allocations_per_user, 10);
+    assert_eq!(t.quota.max_allocations, 10_000);
+    assert_eq!(t.quota.max_tcp_connections, 4096);
 }
 
 #[test]

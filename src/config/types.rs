@@ -669,7 +669,7 @@ pub struct TurnConfig {
     /// Default: bind 0.0.0.0, ports 49152-65535, peers `[upstreams]`.
     #[serde(default)]
     pub relay: RelayConfig,
-    /// Default: 10 allocations per user.
+    /// Default: 10 allocations per user, 10000 in all, 4096 TCP connections.
     #[serde(default)]
     pub quota: QuotaConfig,
 }
@@ -802,19 +802,35 @@ impl<'de> Deserialize<'de> for PortRange {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaConfig {
-    /// Default 10.
+    /// Allocations plus EVEN-PORT reserved ports one username may hold. Default 10.
     #[serde(default = "default_allocations_per_user")]
     pub allocations_per_user: usize,
+    /// Allocations plus reserved ports over all users; beyond it Allocate gets 508. Clipped
+    /// to the size of `turn.relay.port_range` (each holds one relay port). Default 10000.
+    #[serde(default = "default_max_allocations")]
+    pub max_allocations: usize,
+    /// Concurrent TURN-over-TCP connections over all TCP listeners; further connections
+    /// are closed at once and counted. Default 4096.
+    #[serde(default = "default_max_tcp_connections")]
+    pub max_tcp_connections: usize,
 }
 
 fn default_allocations_per_user() -> usize {
     10
+}
+fn default_max_allocations() -> usize {
+    10_000
+}
+fn default_max_tcp_connections() -> usize {
+    4096
 }
 
 impl Default for QuotaConfig {
     fn default() -> Self {
         QuotaConfig {
             allocations_per_user: default_allocations_per_user(),
+            max_allocations: default_max_allocations(),
+            max_tcp_connections: default_max_tcp_connections(),
         }
     }
 }

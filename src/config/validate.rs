@@ -417,6 +417,14 @@ impl Checker {
             "turn.quota.allocations_per_user".to_string(),
             turn.quota.allocations_per_user as u64,
         );
+        self.at_least_one(
+            "turn.quota.max_allocations".to_string(),
+            turn.quota.max_allocations as u64,
+        );
+        self.at_least_one(
+            "turn.quota.max_tcp_connections".to_string(),
+            turn.quota.max_tcp_connections as u64,
+        );
     }
 
     fn public_address(&mut self, addr: &str) {

@@ -63,6 +63,41 @@ impl DropReason {
     }
 }
 
+/// Why the server closed (or refused) a TURN-over-TCP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TcpClose {
+    /// `turn.quota.max_tcp_connections` reached: closed right after accept.
+    Limit,
+    /// A frame stayed incomplete for longer than the frame timeout.
+    FrameTimeout,
+    /// No allocation was made on the connection within the allocation timeout.
+    NoAllocation,
+    /// A frame larger than the connection may send (before an allocation: 4 KiB).
+    OversizedFrame,
+    /// Nothing was received for the idle timeout.
+    Idle,
+}
+
+impl TcpClose {
+    const ALL: [TcpClose; 5] = [
+        TcpClose::Limit,
+        TcpClose::FrameTimeout,
+        TcpClose::NoAllocation,
+        TcpClose::OversizedFrame,
+        TcpClose::Idle,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            TcpClose::Limit => "limit",
+            TcpClose::FrameTimeout => "frame_timeout",
+            TcpClose::NoAllocation => "no_allocation",
+            TcpClose::OversizedFrame => "oversized_frame",
+            TcpClose::Idle => "idle",
+        }
+    }
+}
+
 /// Handles to the TURN metrics. Cheap to clone (all handles are shared).
 #[derive(Clone, Debug, Default)]
 pub struct TurnMetrics {
@@ -84,6 +119,17 @@ pub struct TurnMetrics {
     /// `mediagate_turn_relayed_packets_total{direction="to_client"}`.
     pub packets_to_client: Counter,
     dropped: Vec<(DropReason, Counter)>,
+    /// `mediagate_turn_loop_refused_total`: relay targets that are the gateway's own ports
+    /// (also counted in `permission_denied`).
+    pub loop_refused: Counter,
+    /// `mediagate_turn_capacity_exceeded_total`: Allocate requests refused with 508 because
+    /// `turn.quota.max_allocations` was reached.
+    pub capacity_exceeded: Counter,
+    /// `mediagate_turn_reserved_ports`: EVEN-PORT reservations held (each holds a port).
+    pub reserved_ports: Gauge,
+    /// `mediagate_turn_tcp_connections`: open TURN-over-TCP connections.
+    pub tcp_connections: Gauge,
+    tcp_closed: Vec<(TcpClose, Counter)>,
 }
 
 impl TurnMetrics {
@@ -93,6 +139,7 @@ impl TurnMetrics {
         let dropped = Family::<ReasonLabels, Counter>::default();
         let bytes = Family::<DirectionLabels, Counter>::default();
         let packets = Family::<DirectionLabels, Counter>::default();
+        let closed = Family::<ReasonLabels, Counter>::default();
         let reason = |f: &Family<ReasonLabels, Counter>, r: &'static str| {
             f.get_or_create(&ReasonLabels { reason: r }).clone()
         };
@@ -115,6 +162,14 @@ impl TurnMetrics {
             dropped: DropReason::ALL
                 .iter()
                 .map(|r| (*r, reason(&dropped, r.as_str())))
+                .collect(),
+            loop_refused: Counter::default(),
+            capacity_exceeded: Counter::default(),
+            reserved_ports: Gauge::default(),
+            tcp_connections: Gauge::default(),
+            tcp_closed: TcpClose::ALL
+                .iter()
+                .map(|r| (*r, reason(&closed, r.as_str())))
                 .collect(),
         };
         registry.register(
@@ -139,7 +194,7 @@ impl TurnMetrics {
         );
         registry.register(
             "mediagate_turn_quota_exceeded",
-            "Allocate requests refused with 486 (allocations_per_user reached)",
+            "Allocate requests refused with 486 (allocations_per_user reached, reservations included)",
             m.quota_exceeded.clone(),
         );
         registry.register(
@@ -157,6 +212,31 @@ impl TurnMetrics {
             "Packets the TURN service dropped",
             dropped,
         );
+        registry.register(
+            "mediagate_turn_loop_refused",
+            "Relay targets refused because they are the gateway's own ports",
+            m.loop_refused.clone(),
+        );
+        registry.register(
+            "mediagate_turn_capacity_exceeded",
+            "Allocate requests refused with 508 (turn.quota.max_allocations reached)",
+            m.capacity_exceeded.clone(),
+        );
+        registry.register(
+            "mediagate_turn_reserved_ports",
+            "Relay ports held by EVEN-PORT reservations",
+            m.reserved_ports.clone(),
+        );
+        registry.register(
+            "mediagate_turn_tcp_connections",
+            "Open TURN-over-TCP connections",
+            m.tcp_connections.clone(),
+        );
+        registry.register(
+            "mediagate_turn_tcp_closed",
+            "TURN-over-TCP connections the server closed or refused",
+            closed,
+        );
         m
     }
 
@@ -168,6 +248,10 @@ impl TurnMetrics {
                 .map(|r| (*r, Counter::default()))
                 .collect(),
             dropped: DropReason::ALL
+                .iter()
+                .map(|r| (*r, Counter::default()))
+                .collect(),
+            tcp_closed: TcpClose::ALL
                 .iter()
                 .map(|r| (*r, Counter::default()))
                 .collect(),
@@ -190,6 +274,14 @@ impl TurnMetrics {
             .find(|(r, _)| *r == reason)
             .map(|(_, c)| c)
             .unwrap_or(&self.dropped[0].1)
+    }
+
+    pub(crate) fn tcp_closed(&self, reason: TcpClose) -> &Counter {
+        self.tcp_closed
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map(|(_, c)| c)
+            .unwrap_or(&self.tcp_closed[0].1)
     }
 
     /// Value of `mediagate_turn_auth_failures_total{reason}`.

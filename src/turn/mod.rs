@@ -5,8 +5,11 @@
 //! lifetimes, permissions and channel bindings and relays the data; this module adds what
 //! the crate lacks (see `server` for the split): TURN over TCP (`transport`), coturn-
 //! compatible credentials and 401 on failure (`auth`), the peer policy (`policy`, enforced
-//! again on every relayed datagram in `relay`), per-user quotas, RFC 8656 lifetimes,
-//! metrics (`metrics`), rate-limited logs (`ratelog`) and ICE configurations (`ice`).
+//! again on every relayed datagram in `relay`; it also keeps relays off the gateway's own
+//! ports), per-user quotas and a global allocation cap (`table`), RFC 8656 lifetimes,
+//! metrics (`metrics`), rate-limited logs (`ratelog`), giving memory back after bursts
+//! of TCP connections (`trim`) and ICE configurations (`ice`). [`fd_demand`] is what the
+//! service may hold in file descriptors.
 //!
 //! `app` wires: [`PeerPolicy`] (fed with upstream IPs), [`TurnMetrics`] (process
 //! registry), [`TurnService`] (started when `turn:` is configured; `allocations()` for
@@ -19,7 +22,9 @@ mod policy;
 use crate::ratelog;
 mod relay;
 mod server;
+mod table;
 mod transport;
+mod trim;
 mod wire;
 
 pub use auth::{
@@ -27,13 +32,14 @@ pub use auth::{
 };
 pub use ice::ice_config;
 pub use metrics::TurnMetrics;
-pub use policy::PeerPolicy;
+pub use policy::{PeerPolicy, Verdict};
 
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use turn::allocation::allocation_manager::{Manager, ManagerConfig};
@@ -57,6 +63,29 @@ pub fn fd_demand(cfg: &TurnConfig) -> usize {
 
 /// Socket buffer size asked for on UDP listener sockets (the kernel may cap it).
 const UDP_BUFFER_BYTES: usize = 4 << 20;
+
+/// How often the service re-reads the host's addresses for the peer policy.
+const HOST_IPS_REFRESH: Duration = Duration::from_secs(30);
+/// How often expired EVEN-PORT reservations are swept (they live 30 s).
+const RESERVATION_SWEEP: Duration = Duration::from_secs(1);
+
+/// The global allocation cap in effect: `turn.quota.max_allocations` clipped to the size of
+/// `turn.relay.port_range` (every allocation and every reservation holds one relay port).
+pub fn effective_max_allocations(cfg: &TurnConfig) -> usize {
+    let range = usize::from(cfg.relay.port_range.last - cfg.relay.port_range.first) + 1;
+    cfg.quota.max_allocations.min(range)
+}
+
+/// File descriptors the TURN service may hold at most with this configuration, for the
+/// process's descriptor budget: one relay socket per allocation or EVEN-PORT reservation
+/// ([`effective_max_allocations`]), plus one more per allocation for the even port bound
+/// together with a reservation while an Allocate is in progress (at most one per
+/// listener), one socket per TURN-over-TCP connection (`turn.quota.max_tcp_connections`),
+/// and one socket per listener. Tokio's and the crate's own descriptors are not counted.
+pub fn fd_demand(cfg: &TurnConfig) -> usize {
+    let listeners = cfg.listeners.len();
+    effective_max_allocations(cfg) + listeners + cfg.quota.max_tcp_connections + listeners
+}
 
 /// The running STUN/TURN service.
 pub struct TurnService {
@@ -99,7 +128,21 @@ impl TurnService {
             Arc::clone(&policy),
             metrics.clone(),
             cfg.quota.allocations_per_user,
+            effective_max_allocations(cfg),
         ));
+        if effective_max_allocations(cfg) < cfg.quota.max_allocations {
+            tracing::info!(
+                max_allocations = cfg.quota.max_allocations,
+                effective = effective_max_allocations(cfg),
+                "turn.quota.max_allocations is clipped to the size of turn.relay.port_range"
+            );
+        }
+        let tcp_limit = Arc::new(Semaphore::new(cfg.quota.max_tcp_connections));
+        let trimmer = Arc::new(trim::Trimmer::default());
+        // The advertised address behind a NAT also reaches this host's own ports.
+        let extra_ips: Vec<std::net::IpAddr> =
+            cfg.public_address.parse().ok().into_iter().collect();
+        policy.add_public_ips(extra_ips);
         let bind_ip = cfg.relay.address;
         let advertised = relay::advertised_ip(bind_ip);
         let cancel = CancellationToken::new();
@@ -119,37 +162,46 @@ impl TurnService {
                 advertised,
                 cfg.relay.port_range,
                 Arc::clone(&core.refusal_log),
+                Arc::clone(&core.misc_log),
             ));
             let (notify_tx, mut notify_rx) = mpsc::channel(4096);
             let manager = Arc::new(Manager::new(ManagerConfig {
                 relay_addr_generator: Box::new(RelayGenerator(Arc::clone(&relays))),
                 alloc_close_notify: Some(notify_tx),
             }));
-            let (conn, local, closed_rx): (Arc<dyn Conn + Send + Sync>, SocketAddr, _) = match l
-                .protocol
-            {
-                Protocol::Udp => {
-                    let socket = bind_udp(l.listen)
-                        .with_context(|| format!("turn.listeners[{idx}]: bind udp {}", l.listen))?;
-                    let t = UdpTransport::new(socket, metrics.clone())?;
-                    let local = t.local_addr()?;
-                    (Arc::new(t), local, None)
-                }
-                Protocol::Tcp => {
-                    let listener = TcpListener::bind(l.listen)
-                        .await
-                        .with_context(|| format!("turn.listeners[{idx}]: bind tcp {}", l.listen))?;
-                    let (t, closed) = TcpTransport::start(
-                        listener,
-                        metrics.clone(),
-                        cancel.clone(),
-                        &tasks,
-                        Arc::clone(&core.refusal_log),
-                    )?;
-                    let local = t.local_addr()?;
-                    (t, local, Some(closed))
-                }
-            };
+            let (conn, local, closed_rx, tcp): (Arc<dyn Conn + Send + Sync>, SocketAddr, _, _) =
+                match l.protocol {
+                    Protocol::Udp => {
+                        let socket = bind_udp(l.listen).with_context(|| {
+                            format!("turn.listeners[{idx}]: bind udp {}", l.listen)
+                        })?;
+                        let t = UdpTransport::new(socket, metrics.clone())?;
+                        let local = t.local_addr()?;
+                        (Arc::new(t), local, None, None)
+                    }
+                    Protocol::Tcp => {
+                        let listener = TcpListener::bind(l.listen).await.with_context(|| {
+                            format!("turn.listeners[{idx}]: bind tcp {}", l.listen)
+                        })?;
+                        let (t, closed) = TcpTransport::start(
+                            listener,
+                            metrics.clone(),
+                            cancel.clone(),
+                            &tasks,
+                            Arc::clone(&core.tcp_log),
+                            Arc::clone(&tcp_limit),
+                            Arc::clone(&trimmer),
+                        )?;
+                        let local = t.local_addr()?;
+                        (
+                            Arc::clone(&t) as Arc<dyn Conn + Send + Sync>,
+                            local,
+                            Some(closed),
+                            Some(t),
+                        )
+                    }
+                };
+            policy.register_listener(local);
             let listener = Arc::new(Listener::new(
                 idx,
                 l.protocol,
@@ -158,8 +210,22 @@ impl TurnService {
                 conn,
                 Arc::clone(&manager),
                 relays,
+                tcp,
             ));
             tasks.spawn(Arc::clone(&listener).run(cancel.clone()));
+
+            // EVEN-PORT reservations expire on their own, Allocate or not.
+            let l2 = Arc::clone(&listener);
+            let stop = cancel.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(RESERVATION_SWEEP);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => l2.expire_reservations(),
+                    }
+                }
+            });
 
             // Allocations that end (expiry, Refresh 0, TCP close, shutdown) leave the table.
             let c = Arc::clone(&core);
@@ -170,8 +236,10 @@ impl TurnService {
                         _ = stop.cancelled() => break,
                         i = notify_rx.recv() => match i { Some(i) => i, None => break },
                     };
-                    c.remove(&(idx, info.five_tuple), Some(info.relay_addr));
-                    tracing::debug!(client = %info.five_tuple.src_addr, relay = %info.relay_addr, "TURN allocation closed");
+                    c.allocs.remove(&(idx, info.five_tuple), Some(info.relay_addr));
+                    if c.alloc_log.allow() {
+                        tracing::debug!(client = %info.five_tuple.src_addr, relay = %info.relay_addr, "TURN allocation closed");
+                    }
                 }
             });
 
@@ -203,6 +271,38 @@ impl TurnService {
             );
             listeners.push(listener);
         }
+        // Memory freed by a burst of closed TCP connections goes back to the OS.
+        let stop = cancel.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(trim::TRIM_EVERY);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {
+                        if trimmer.maybe_trim().await {
+                            tracing::debug!("TURN: freed memory returned to the OS after TCP connections closed");
+                        }
+                    }
+                }
+            }
+        });
+
+        // Interface addresses may change (a new pod IP, an added address).
+        let p = Arc::clone(&policy);
+        let stop = cancel.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(HOST_IPS_REFRESH);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {
+                        let p = Arc::clone(&p);
+                        let _ = tokio::task::spawn_blocking(move || p.refresh_host_ips()).await;
+                    }
+                }
+            }
+        });
         let (g1, g2) = stop_on_error;
         g1.disarm();
         g2.disarm();
@@ -217,7 +317,7 @@ impl TurnService {
 
     /// Live allocations (for `/status`).
     pub fn allocations(&self) -> usize {
-        self.core.allocations()
+        self.core.allocs.allocations()
     }
 
     /// The bound address of every listener, in configuration order (useful with port 0).
@@ -234,10 +334,61 @@ impl TurnService {
         for l in &self.listeners {
             let _ = l.manager.close().await;
         }
-        self.core.clear();
+        self.core.allocs.clear();
         self.bookkeeping.cancel();
         self.tasks.close();
         self.tasks.wait().await;
         tracing::info!("TURN service stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{PortRange, QuotaConfig, RelayConfig, TurnListenerConfig};
+
+    fn cfg(range: (u16, u16), max_allocations: usize, tcp: usize) -> TurnConfig {
+        TurnConfig {
+            realm: "r".into(),
+            public_address: "127.0.0.1".into(),
+            listeners: vec![
+                TurnListenerConfig {
+                    protocol: Protocol::Udp,
+                    listen: "0.0.0.0:3478".parse().unwrap(),
+                },
+                TurnListenerConfig {
+                    protocol: Protocol::Tcp,
+                    listen: "0.0.0.0:3478".parse().unwrap(),
+                },
+            ],
+            auth: crate::config::TurnAuthConfig {
+                kind: crate::config::TurnAuthType::Ephemeral,
+                secret: Some("s".into()),
+                ttl: crate::config::Dur(Duration::from_secs(60)),
+                users: vec![],
+            },
+            relay: RelayConfig {
+                port_range: PortRange {
+                    first: range.0,
+                    last: range.1,
+                },
+                ..RelayConfig::default()
+            },
+            quota: QuotaConfig {
+                max_allocations,
+                max_tcp_connections: tcp,
+                ..QuotaConfig::default()
+            },
+        }
+    }
+
+    #[test]
+    fn the_cap_is_clipped_to_the_port_range_and_counted_in_fd_demand() {
+        let c = cfg((49152, 65535), 10_000, 4096);
+        assert_eq!(effective_max_allocations(&c), 10_000);
+        assert_eq!(fd_demand(&c), 10_000 + 2 + 4096 + 2);
+        let c = cfg((40000, 40099), 10_000, 10);
+        assert_eq!(effective_max_allocations(&c), 100);
+        assert_eq!(fd_demand(&c), 100 + 2 + 10 + 2);
     }
 }

@@ -9,6 +9,16 @@
 //! 127.0.0.1, `0.0.0.0/0` does not); the admin listener (its port on its address, or on
 //! any host address when it binds the wildcard) only by a host route (`/32`, `/128`).
 //!
+//! No loops: the gateway's own ports are never relay targets unless `self` is listed — the
+//! TURN listeners (registered by the service once bound), the relay port range on the relay
+//! address, every `listeners[]` entry of the proxy (UDP and TCP) and the admin port. An own
+//! port bound to a specific IP matches that IP; one bound to the wildcard (`0.0.0.0`, `::`)
+//! matches every address of this host (interface addresses, re-read every 30 s by the
+//! service; loopback and the unspecified address always count). The advertised
+//! `public_address` (when it is an IP: a NAT or load balancer in front of this host)
+//! matches every own port whatever address it binds. With `self`, these checks are skipped: the operator asked for relays
+//! to reach the gateway itself (headless mode). Refusals of own ports are [`Verdict::Loop`].
+//!
 //! The read side is lock-free for the upstream list (arc-swap); the control plane calls
 //! [`PeerPolicy::set_upstream_ips`] whenever upstream server lists change.
 
@@ -18,7 +28,27 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
-use crate::config::RelayConfig;
+use crate::config::{ListenerConfig, RelayConfig};
+
+/// Why [`PeerPolicy::verdict`] allows or refuses a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The peer may be relayed to.
+    Allowed,
+    /// Outside `relay.peers` (or a special-purpose address).
+    Refused,
+    /// One of the gateway's own ports (TURN listener, relay range, proxy listener, admin):
+    /// relaying there would loop through the gateway.
+    Loop,
+}
+
+/// A port range of the gateway itself; `ip` unspecified = every host address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OwnPorts {
+    ip: IpAddr,
+    first: u16,
+    last: u16,
+}
 
 /// Decides whether a relay may exchange datagrams with a peer address.
 #[derive(Debug)]
@@ -27,8 +57,16 @@ pub struct PeerPolicy {
     self_enabled: bool,
     cidrs: Vec<IpNet>,
     admin: SocketAddr,
-    /// Host addresses, used when the admin listener binds the unspecified address.
-    local_ips: HashSet<IpAddr>,
+    /// Host addresses, used for own ports bound to the unspecified address.
+    local_ips: ArcSwap<HashSet<IpAddr>>,
+    /// Addresses that reach this host from outside (the advertised `public_address`):
+    /// every own port counts there, whatever address it binds.
+    public_ips: ArcSwap<HashSet<IpAddr>>,
+    /// The relay range and the proxy listeners (replaced by `set_proxy_listeners`).
+    own_ports: ArcSwap<Vec<OwnPorts>>,
+    /// TURN listeners, registered once bound (their ports may be 0 in the config).
+    turn_ports: ArcSwap<Vec<OwnPorts>>,
+    relay_ports: OwnPorts,
     upstream_ips: ArcSwap<HashSet<IpAddr>>,
     /// Advertised relayed addresses of live allocations (for `self`).
     own_relays: RwLock<HashSet<SocketAddr>>,
@@ -93,8 +131,13 @@ fn host_addresses() -> HashSet<IpAddr> {
 }
 
 impl PeerPolicy {
-    /// Builds the policy from `turn.relay` and the admin listener address.
-    pub fn new(relay: &RelayConfig, admin_listen: SocketAddr) -> Result<Self, String> {
+    /// Builds the policy from `turn.relay`, the admin listener address and the proxy's
+    /// `listeners[]` (own ports that relays must not reach).
+    pub fn new(
+        relay: &RelayConfig,
+        admin_listen: SocketAddr,
+        proxy_listeners: &[ListenerConfig],
+    ) -> Result<Self, String> {
         let mut upstreams_enabled = false;
         let mut self_enabled = false;
         let mut cidrs = Vec::new();
@@ -125,15 +168,92 @@ impl PeerPolicy {
                 }
             }
         }
-        Ok(PeerPolicy {
+        let relay_ports = OwnPorts {
+            ip: canonical_ip(relay.address),
+            first: relay.port_range.first,
+            last: relay.port_range.last,
+        };
+        let policy = PeerPolicy {
             upstreams_enabled,
             self_enabled,
             cidrs,
             admin: canonical(admin_listen),
-            local_ips: host_addresses(),
+            local_ips: ArcSwap::from_pointee(host_addresses()),
+            public_ips: ArcSwap::from_pointee(HashSet::new()),
+            own_ports: ArcSwap::from_pointee(Vec::new()),
+            turn_ports: ArcSwap::from_pointee(Vec::new()),
+            relay_ports,
             upstream_ips: ArcSwap::from_pointee(HashSet::new()),
             own_relays: RwLock::new(HashSet::new()),
-        })
+        };
+        policy.set_proxy_listeners(proxy_listeners);
+        Ok(policy)
+    }
+
+    /// Replaces the proxy listeners whose ports relays must not reach (call on reload).
+    pub fn set_proxy_listeners(&self, listeners: &[ListenerConfig]) {
+        let mut v = vec![self.relay_ports];
+        v.extend(listeners.iter().map(|l| OwnPorts {
+            ip: canonical_ip(l.listen.ip),
+            first: l.listen.first_port,
+            last: l.listen.last_port,
+        }));
+        self.own_ports.store(Arc::new(v));
+    }
+
+    /// Records a bound TURN listener (its actual port) as an own port.
+    pub(crate) fn register_listener(&self, addr: SocketAddr) {
+        let addr = canonical(addr);
+        let mut v = Vec::clone(&self.turn_ports.load());
+        v.push(OwnPorts {
+            ip: addr.ip(),
+            first: addr.port(),
+            last: addr.port(),
+        });
+        self.turn_ports.store(Arc::new(v));
+    }
+
+    /// Adds addresses that reach this host without being on an interface (the advertised
+    /// `public_address` behind a NAT or a load balancer): own ports count there whatever
+    /// address they bind.
+    pub(crate) fn add_public_ips(&self, ips: impl IntoIterator<Item = IpAddr>) {
+        let mut set = HashSet::clone(&self.public_ips.load());
+        set.extend(ips.into_iter().map(canonical_ip));
+        self.public_ips.store(Arc::new(set));
+    }
+
+    /// Re-reads the host's interface addresses (the service calls it every 30 s).
+    pub(crate) fn refresh_host_ips(&self) {
+        self.local_ips.store(Arc::new(host_addresses()));
+    }
+
+    /// Whether `ip` is an address of this host (for wildcard-bound own ports).
+    fn is_host_ip(&self, ip: IpAddr) -> bool {
+        ip.is_loopback() || ip.is_unspecified() || self.local_ips.load().contains(&ip)
+    }
+
+    fn own_port_matches(&self, o: &OwnPorts, peer: SocketAddr) -> bool {
+        let port = peer.port();
+        if port < o.first || port > o.last {
+            return false;
+        }
+        if self.public_ips.load().contains(&peer.ip()) {
+            return true;
+        }
+        if o.ip.is_unspecified() {
+            self.is_host_ip(peer.ip())
+        } else {
+            o.ip == peer.ip()
+        }
+    }
+
+    /// Whether `peer` is one of the gateway's own ports (besides the admin listener).
+    fn is_own_port(&self, peer: SocketAddr) -> bool {
+        self.own_ports
+            .load()
+            .iter()
+            .chain(self.turn_ports.load().iter())
+            .any(|o| self.own_port_matches(o, peer))
     }
 
     /// Replaces the set of upstream server IPs (called whenever upstream lists change).
@@ -144,13 +264,29 @@ impl PeerPolicy {
 
     /// Whether datagrams may be relayed to (and accepted from) `peer`.
     pub fn allows(&self, peer: SocketAddr) -> bool {
+        self.verdict(peer) == Verdict::Allowed
+    }
+
+    /// Whether `peer` is allowed, and if not, whether because it is an own port.
+    pub fn verdict(&self, peer: SocketAddr) -> Verdict {
         let peer = canonical(peer);
-        let ip = peer.ip();
         if self.self_enabled && self.is_own_relay(peer) {
-            return true;
+            return Verdict::Allowed;
         }
-        let special = special_range(ip);
+        if !self.self_enabled && self.is_own_port(peer) {
+            return Verdict::Loop;
+        }
         let admin = self.is_admin(peer);
+        match self.allows_address(peer, admin) {
+            true => Verdict::Allowed,
+            false if admin => Verdict::Loop,
+            false => Verdict::Refused,
+        }
+    }
+
+    fn allows_address(&self, peer: SocketAddr, admin: bool) -> bool {
+        let ip = peer.ip();
+        let special = special_range(ip);
         if special.is_some() || admin {
             return self.cidrs.iter().any(|c| {
                 c.contains(&ip)
@@ -175,7 +311,7 @@ impl PeerPolicy {
         }
         let ip = peer.ip();
         if self.admin.ip().is_unspecified() {
-            ip.is_loopback() || ip.is_unspecified() || self.local_ips.contains(&ip)
+            self.is_host_ip(ip)
         } else {
             ip == self.admin.ip()
         }
@@ -210,7 +346,7 @@ mod tests {
             peers: peers.iter().map(|s| s.to_string()).collect(),
             ..RelayConfig::default()
         };
-        PeerPolicy::new(&relay, admin.parse().unwrap()).unwrap()
+        PeerPolicy::new(&relay, admin.parse().unwrap(), &[]).unwrap()
     }
 
     fn sa(s: &str) -> SocketAddr {
@@ -307,13 +443,85 @@ mod tests {
         assert!(!p.allows(relay));
     }
 
+    fn listener(listen: &str, protocol: crate::config::Protocol) -> ListenerConfig {
+        ListenerConfig {
+            name: "l".into(),
+            protocol,
+            listen: listen.parse().unwrap(),
+            upstream: "u".into(),
+            session: Default::default(),
+        }
+    }
+
+    #[test]
+    fn own_ports_are_loops_unless_self() {
+        use crate::config::{PortRange, Protocol};
+        let relay = RelayConfig {
+            address: "127.0.0.1".parse().unwrap(),
+            port_range: PortRange {
+                first: 40000,
+                last: 40099,
+            },
+            peers: vec!["127.0.0.0/8".into(), "10.0.0.0/8".into()],
+        };
+        let proxy = [
+            listener("127.0.0.1:5000-5009", Protocol::Udp),
+            listener("0.0.0.0:6000", Protocol::Tcp),
+        ];
+        let p = PeerPolicy::new(&relay, sa("127.0.0.1:8086"), &proxy).unwrap();
+        p.register_listener(sa("0.0.0.0:3478"));
+        p.add_public_ips(["10.9.9.9".parse().unwrap()]);
+        for own in [
+            "127.0.0.1:40000", // relay range on the relay address
+            "127.0.0.1:40099", //
+            "127.0.0.1:5004",  // UDP proxy listener range
+            "127.0.0.2:6000",  // wildcard TCP proxy listener: loopback counts
+            "10.9.9.9:6000",   // … and every host address
+            "127.0.0.1:3478",  // wildcard TURN listener
+            "[::ffff:127.0.0.1]:3478",
+            "127.0.0.1:8086", // admin
+        ] {
+            assert_eq!(p.verdict(sa(own)), Verdict::Loop, "{own}");
+        }
+        for other in [
+            "127.0.0.1:40100",
+            "127.0.0.2:40000", // the relay binds 127.0.0.1 only
+            "127.0.0.2:5004",
+            "10.1.1.1:6000", // not a host address: another host's port 6000
+            "10.1.1.1:3478",
+            "127.0.0.1:5010",
+        ] {
+            assert_eq!(p.verdict(sa(other)), Verdict::Allowed, "{other}");
+        }
+        assert_eq!(p.verdict(sa("192.0.2.1:3478")), Verdict::Refused);
+
+        // Reloaded listeners replace the old ones; the relay range stays.
+        p.set_proxy_listeners(&[listener("127.0.0.1:7000", Protocol::Udp)]);
+        assert_eq!(p.verdict(sa("127.0.0.1:5004")), Verdict::Allowed);
+        assert_eq!(p.verdict(sa("127.0.0.1:7000")), Verdict::Loop);
+        assert_eq!(p.verdict(sa("127.0.0.1:40000")), Verdict::Loop);
+
+        // `self` opts in: own ports are judged like any other address.
+        let relay = RelayConfig {
+            peers: vec!["self".into(), "127.0.0.0/8".into()],
+            ..relay
+        };
+        let p = PeerPolicy::new(&relay, sa("127.0.0.1:8086"), &proxy).unwrap();
+        assert!(p.allows(sa("127.0.0.1:5004")));
+        assert!(p.allows(sa("127.0.0.1:40000")));
+        assert!(
+            !p.allows(sa("127.0.0.1:8086")),
+            "admin still needs a host route"
+        );
+    }
+
     #[test]
     fn bad_entries_are_errors() {
         let relay = RelayConfig {
             peers: vec!["upstreams".into(), "everyone".into()],
             ..RelayConfig::default()
         };
-        let err = PeerPolicy::new(&relay, sa("127.0.0.1:8086")).unwrap_err();
+        let err = PeerPolicy::new(&relay, sa("127.0.0.1:8086"), &[]).unwrap_err();
         assert!(err.contains("turn.relay.peers[1]"), "{err}");
         assert!(err.contains("everyone"), "{err}");
     }

@@ -8,7 +8,10 @@
 //!   and counted before the crate sees it (the crate would log every such datagram).
 //! - relayed addresses are registered in the policy for `self` (headless mode).
 //! - ports come from `relay.port_range`; EVEN-PORT and RESERVATION-TOKEN (RFC 8656 §7.2)
-//!   are served from sockets bound in advance and handed over by port number.
+//!   are served from sockets bound in advance and handed over by port number. A reserved
+//!   port belongs to the user who asked for it (it takes one unit of their quota, see
+//!   `server`) and expires after 30 seconds ([`RelayFactory::take_expired`], called every
+//!   second by the service).
 
 use async_trait::async_trait;
 use std::collections::HashMap;
@@ -20,7 +23,7 @@ use tokio::net::UdpSocket;
 use webrtc_util::Conn;
 
 use super::metrics::{DropReason, TurnMetrics};
-use super::policy::PeerPolicy;
+use super::policy::{PeerPolicy, Verdict};
 use super::ratelog::RateLimit;
 use crate::config::PortRange;
 
@@ -59,6 +62,9 @@ struct Prebound {
     socket: UdpSocket,
     /// RESERVATION-TOKEN for the odd port of an EVEN-PORT R=1 request.
     token: Option<[u8; 8]>,
+    /// The user whose quota the reservation counts against; `None` for a socket bound
+    /// for the Allocate in progress (not a reservation).
+    owner: Option<String>,
     expires: Instant,
 }
 
@@ -70,6 +76,8 @@ pub(crate) struct RelayFactory {
     advertised_ip: IpAddr,
     range: PortRange,
     refusal_log: Arc<RateLimit>,
+    /// Relay socket failures.
+    error_log: Arc<RateLimit>,
     /// The state of the relay socket created by the last `allocate_conn`: the listener
     /// loop handles one Allocate at a time, so it picks up its own socket here.
     last_created: Mutex<Option<Arc<RelayState>>>,
@@ -84,6 +92,7 @@ impl RelayFactory {
         advertised_ip: IpAddr,
         range: PortRange,
         refusal_log: Arc<RateLimit>,
+        error_log: Arc<RateLimit>,
     ) -> Self {
         RelayFactory {
             policy,
@@ -92,6 +101,7 @@ impl RelayFactory {
             advertised_ip,
             range,
             refusal_log,
+            error_log,
             last_created: Mutex::new(None),
             prebound: Mutex::new(HashMap::new()),
         }
@@ -124,14 +134,14 @@ impl RelayFactory {
         UdpSocket::bind(SocketAddr::new(self.bind_ip, port)).await
     }
 
-    fn sweep(map: &mut HashMap<u16, Prebound>) {
-        let now = Instant::now();
-        map.retain(|_, p| p.expires > now);
-    }
-
     /// EVEN-PORT: binds an even port (and, when `reserve_next`, the next port under a
-    /// fresh reservation token). Returns the even port, to be passed to `create_allocation`.
-    pub(crate) async fn prebind_even(&self, reserve_next: bool) -> Option<(u16, Option<[u8; 8]>)> {
+    /// fresh reservation token owned by `owner`). Returns the even port, to be passed to
+    /// `create_allocation`.
+    pub(crate) async fn prebind_even(
+        &self,
+        reserve_next: bool,
+        owner: &str,
+    ) -> Option<(u16, Option<[u8; 8]>)> {
         for _ in 0..BIND_ATTEMPTS {
             let port = self.random_port(true);
             if port % 2 == 1 || (reserve_next && port == u16::MAX) {
@@ -150,12 +160,12 @@ impl RelayFactory {
             };
             let expires = Instant::now() + RESERVATION_LIFETIME;
             let mut map = self.prebound.lock().unwrap_or_else(|e| e.into_inner());
-            Self::sweep(&mut map);
             map.insert(
                 port,
                 Prebound {
                     socket: even,
                     token: None,
+                    owner: None,
                     expires,
                 },
             );
@@ -166,6 +176,7 @@ impl RelayFactory {
                     Prebound {
                         socket,
                         token: Some(token),
+                        owner: Some(owner.to_string()),
                         expires,
                     },
                 );
@@ -176,24 +187,56 @@ impl RelayFactory {
         None
     }
 
-    /// Drops reserved ports whose 30 seconds have passed.
-    pub(crate) fn sweep_expired(&self) {
-        Self::sweep(&mut self.prebound.lock().unwrap_or_else(|e| e.into_inner()));
-    }
-
-    /// RESERVATION-TOKEN: the reserved port, if the token is known and not expired.
-    pub(crate) fn reserved_port(&self, token: &[u8]) -> Option<u16> {
+    /// Removes the sockets whose 30 seconds have passed; returns the owners of the expired
+    /// reservations (their quota units are to be released).
+    pub(crate) fn take_expired(&self) -> Vec<String> {
+        let now = Instant::now();
         let mut map = self.prebound.lock().unwrap_or_else(|e| e.into_inner());
-        Self::sweep(&mut map);
-        map.iter()
-            .find(|(_, p)| p.token.as_ref().is_some_and(|t| t.as_slice() == token))
+        let expired: Vec<u16> = map
+            .iter()
+            .filter(|(_, p)| p.expires <= now)
             .map(|(port, _)| *port)
+            .collect();
+        expired
+            .into_iter()
+            .filter_map(|port| map.remove(&port).and_then(|p| p.owner))
+            .collect()
     }
 
-    /// Drops a socket bound in advance that will not be used.
-    pub(crate) fn release_prebound(&self, port: u16) {
+    fn find_token<'a>(
+        map: &'a HashMap<u16, Prebound>,
+        token: &[u8],
+    ) -> Option<(u16, &'a Prebound)> {
+        let now = Instant::now();
+        map.iter()
+            .find(|(_, p)| {
+                p.expires > now && p.token.as_ref().is_some_and(|t| t.as_slice() == token)
+            })
+            .map(|(port, p)| (*port, p))
+    }
+
+    /// RESERVATION-TOKEN: the owner of the reservation, if the token is known and live.
+    pub(crate) fn reservation_owner(&self, token: &[u8]) -> Option<String> {
+        let map = self.prebound.lock().unwrap_or_else(|e| e.into_inner());
+        Self::find_token(&map, token).and_then(|(_, p)| p.owner.clone())
+    }
+
+    /// RESERVATION-TOKEN: turns the reservation into the socket of the Allocate in
+    /// progress; returns its port and former owner.
+    pub(crate) fn take_reservation(&self, token: &[u8]) -> Option<(u16, String)> {
         let mut map = self.prebound.lock().unwrap_or_else(|e| e.into_inner());
-        map.remove(&port);
+        let (port, _) = Self::find_token(&map, token)?;
+        let p = map.get_mut(&port)?;
+        p.token = None;
+        let owner = p.owner.take()?;
+        Some((port, owner))
+    }
+
+    /// Drops a socket bound in advance that will not be used; returns the owner when it
+    /// was a reservation.
+    pub(crate) fn release_prebound(&self, port: u16) -> Option<String> {
+        let mut map = self.prebound.lock().unwrap_or_else(|e| e.into_inner());
+        map.remove(&port).and_then(|p| p.owner)
     }
 
     async fn socket_for(&self, requested_port: u16) -> std::io::Result<UdpSocket> {
@@ -320,7 +363,9 @@ impl Conn for RelayConn {
                     // Not recoverable: park until the allocation ends (the crate's handler
                     // stops on allocation drop). Returning the error would make the crate
                     // forget the allocation without closing it.
-                    tracing::error!(relay = %self.state.advertised, error = %e, "TURN relay socket failed");
+                    if self.factory.error_log.allow() {
+                        tracing::error!(relay = %self.state.advertised, error = %e, "TURN relay socket failed");
+                    }
                     std::future::pending::<()>().await;
                     continue;
                 }
@@ -343,8 +388,12 @@ impl Conn for RelayConn {
 
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
         let m = &self.factory.metrics;
-        if !self.factory.policy.allows(target) {
+        let verdict = self.factory.policy.verdict(target);
+        if verdict != Verdict::Allowed {
             m.permission_denied.inc();
+            if verdict == Verdict::Loop {
+                m.loop_refused.inc();
+            }
             if self.factory.refusal_log.allow() {
                 tracing::warn!(
                     relay = %self.state.advertised,

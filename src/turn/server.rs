@@ -8,11 +8,13 @@
 //!
 //! - long-term authentication with stateless nonces; wrong or expired credentials get
 //!   401 (the crate answers 400) and are counted;
-//! - Allocate (RFC 8656 §7.2): per-user quota (486), lifetime clamped to 600..3600 s,
-//!   EVEN-PORT / RESERVATION-TOKEN, REQUESTED-ADDRESS-FAMILY, idempotent retransmissions;
+//! - Allocate (RFC 8656 §7.2): per-user quota (486) and global cap (508) with
+//!   reservations counted (`table`), lifetime clamped to 600..3600 s, EVEN-PORT /
+//!   RESERVATION-TOKEN, REQUESTED-ADDRESS-FAMILY, idempotent retransmissions;
 //! - Refresh (§7.3): lifetime 0 deletes, 437 without an allocation, 441 for other
 //!   credentials;
-//! - CreatePermission / ChannelBind (§9, §11): the peer policy answers 403 (counted);
+//! - CreatePermission / ChannelBind (§9, §11): the peer policy answers 403 (counted;
+//!   the gateway's own ports also in the loop counter);
 //!   every XOR-PEER-ADDRESS of a CreatePermission is installed (the crate installs only
 //!   the first);
 //! - Send indications to refused peers are dropped and counted.
@@ -28,9 +30,8 @@ use futures_util::FutureExt;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use stun::agent::TransactionId;
 use stun::attributes::*;
 use stun::error_code::{ErrorCode, ErrorCodeAttribute};
 use stun::fingerprint::FINGERPRINT;
@@ -55,9 +56,11 @@ use webrtc_util::Conn;
 
 use super::auth::{AuthFailure, Authenticator, Nonces};
 use super::metrics::{DropReason, TurnMetrics};
-use super::policy::PeerPolicy;
+use super::policy::{PeerPolicy, Verdict};
 use super::ratelog::RateLimit;
 use super::relay::{RelayFactory, RelayState};
+use super::table::{AllocMeta, Allocations, Refusal};
+use super::transport::TcpTransport;
 use super::wire::{self, Kind};
 use crate::config::Protocol;
 
@@ -94,44 +97,22 @@ const KNOWN_REQUIRED: &[u16] = &[
     0x0025, // USE-CANDIDATE
 ];
 
-struct AllocMeta {
-    username: String,
-    relay: Arc<RelayState>,
-    txid: TransactionId,
-    response: Vec<u8>,
-}
-
-/// Allocations of all listeners, with per-user counts for the quota.
-#[derive(Default)]
-struct AllocTable {
-    allocs: HashMap<(usize, FiveTuple), AllocMeta>,
-    per_user: HashMap<String, usize>,
-    total: usize,
-}
-
-impl AllocTable {
-    fn release_user(&mut self, user: &str) {
-        if let Some(n) = self.per_user.get_mut(user) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.per_user.remove(user);
-            }
-        }
-    }
-}
-
 /// State shared by all listeners of the service.
 pub(crate) struct Core {
     auth: Authenticator,
     nonces: Nonces,
     pub(crate) policy: Arc<PeerPolicy>,
     pub(crate) metrics: TurnMetrics,
-    table: Mutex<AllocTable>,
-    quota: usize,
+    /// Allocations, reservations and their quota units.
+    pub(crate) allocs: Allocations,
     auth_log: RateLimit,
     pub(crate) refusal_log: Arc<RateLimit>,
+    /// TURN-over-TCP accept errors, refused and closed connections.
+    pub(crate) tcp_log: Arc<RateLimit>,
     malformed_log: RateLimit,
-    misc_log: RateLimit,
+    pub(crate) misc_log: Arc<RateLimit>,
+    /// Debug lines about allocations being created and deleted.
+    pub(crate) alloc_log: RateLimit,
 }
 
 impl Core {
@@ -140,95 +121,22 @@ impl Core {
         policy: Arc<PeerPolicy>,
         metrics: TurnMetrics,
         quota: usize,
+        max_units: usize,
     ) -> Self {
         let window = Duration::from_secs(10);
         Core {
             auth,
             nonces: Nonces::new(),
             policy,
+            allocs: Allocations::new(metrics.clone(), quota, max_units),
             metrics,
-            table: Mutex::new(AllocTable::default()),
-            quota,
             auth_log: RateLimit::new("turn_auth_failure", window, 10),
             refusal_log: Arc::new(RateLimit::new("turn_peer_refused", window, 10)),
+            tcp_log: Arc::new(RateLimit::new("turn_tcp", window, 10)),
             malformed_log: RateLimit::new("turn_malformed", window, 5),
-            misc_log: RateLimit::new("turn_other", window, 10),
+            misc_log: Arc::new(RateLimit::new("turn_other", window, 10)),
+            alloc_log: RateLimit::new("turn_allocation", window, 20),
         }
-    }
-
-    fn table(&self) -> std::sync::MutexGuard<'_, AllocTable> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Live allocations over all listeners.
-    pub(crate) fn allocations(&self) -> usize {
-        self.table().total
-    }
-
-    /// Takes one unit of `user`'s quota; false when the quota is used up (0 = no limit).
-    fn reserve(&self, user: &str) -> bool {
-        let mut t = self.table();
-        let n = t.per_user.entry(user.to_string()).or_insert(0);
-        if self.quota > 0 && *n >= self.quota {
-            if *n == 0 {
-                t.per_user.remove(user);
-            }
-            return false;
-        }
-        *n += 1;
-        true
-    }
-
-    fn unreserve(&self, user: &str) {
-        self.table().release_user(user);
-    }
-
-    fn commit(&self, key: (usize, FiveTuple), meta: AllocMeta) {
-        let mut t = self.table();
-        if let Some(old) = t.allocs.insert(key, meta) {
-            // A stale entry whose close notification has not arrived yet.
-            t.release_user(&old.username);
-            t.total = t.total.saturating_sub(1);
-        }
-        t.total += 1;
-        self.metrics.allocations.set(t.total as i64);
-    }
-
-    /// Forgets an allocation; with `relay`, only if it is still that allocation.
-    pub(crate) fn remove(&self, key: &(usize, FiveTuple), relay: Option<SocketAddr>) {
-        let mut t = self.table();
-        let matches = match (t.allocs.get(key), relay) {
-            (Some(meta), Some(addr)) => meta.relay.advertised == addr,
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
-        if matches && let Some(meta) = t.allocs.remove(key) {
-            t.release_user(&meta.username);
-            t.total = t.total.saturating_sub(1);
-            self.metrics.allocations.set(t.total as i64);
-        }
-    }
-
-    /// Forgets every allocation (service shutdown).
-    pub(crate) fn clear(&self) {
-        let mut t = self.table();
-        *t = AllocTable::default();
-        self.metrics.allocations.set(0);
-    }
-
-    fn lookup(&self, key: &(usize, FiveTuple)) -> Option<(String, Arc<RelayState>)> {
-        self.table()
-            .allocs
-            .get(key)
-            .map(|m| (m.username.clone(), Arc::clone(&m.relay)))
-    }
-
-    fn retransmission(&self, key: &(usize, FiveTuple), txid: TransactionId) -> Option<Vec<u8>> {
-        self.table()
-            .allocs
-            .get(key)
-            .filter(|m| m.txid == txid)
-            .map(|m| m.response.clone())
     }
 }
 
@@ -246,6 +154,8 @@ pub(crate) struct Listener {
     conn: Arc<dyn Conn + Send + Sync>,
     pub(crate) manager: Arc<Manager>,
     relays: Arc<RelayFactory>,
+    /// The TCP transport, to mark connections that made an allocation.
+    tcp: Option<Arc<TcpTransport>>,
     crate_nonces: Arc<tokio::sync::Mutex<HashMap<String, tokio::time::Instant>>>,
     auth_handler: Arc<dyn AuthHandler + Send + Sync>,
 }
@@ -278,6 +188,7 @@ impl Listener {
         conn: Arc<dyn Conn + Send + Sync>,
         manager: Arc<Manager>,
         relays: Arc<RelayFactory>,
+        tcp: Option<Arc<TcpTransport>>,
     ) -> Self {
         let auth_handler: Arc<dyn AuthHandler + Send + Sync> = Arc::new(core.auth.clone());
         Listener {
@@ -288,6 +199,7 @@ impl Listener {
             conn,
             manager,
             relays,
+            tcp,
             crate_nonces: Arc::new(tokio::sync::Mutex::new(HashMap::new())),
             auth_handler,
         }
@@ -327,7 +239,9 @@ impl Listener {
             let handled = AssertUnwindSafe(self.handle(pkt, src)).catch_unwind().await;
             if handled.is_err() {
                 self.core.metrics.dropped(DropReason::Malformed).inc();
-                tracing::error!(client = %src, listen = %self.local, "TURN: panic while handling a packet (dropped)");
+                if self.core.malformed_log.allow() {
+                    tracing::error!(client = %src, listen = %self.local, "TURN: panic while handling a packet (dropped)");
+                }
             }
         }
     }
@@ -499,13 +413,19 @@ impl Listener {
             .metrics
             .permission_denied
             .inc_by(peers.len() as u64);
+        let loops = peers
+            .iter()
+            .filter(|p| self.core.policy.verdict(**p) == Verdict::Loop)
+            .count();
+        self.core.metrics.loop_refused.inc_by(loops as u64);
         if self.core.refusal_log.allow() {
             tracing::warn!(
                 client = %src,
                 username = ?loggable(username),
                 peers = ?peers,
                 request = what,
-                "TURN: peer outside turn.relay.peers refused"
+                own_ports = loops,
+                "TURN: peer outside turn.relay.peers refused (own_ports: the gateway's own ports, a loop)"
             );
         }
     }
@@ -586,14 +506,58 @@ impl Listener {
         }
     }
 
+    /// Drops EVEN-PORT reservations whose 30 seconds have passed and gives their quota
+    /// units back (called every second by the service and before each Allocate).
+    pub(crate) fn expire_reservations(&self) {
+        for owner in self.relays.take_expired() {
+            self.core.allocs.reservation_released(&owner);
+        }
+    }
+
+    /// Answers an Allocate that got no quota unit: 486 (per-user quota) or 508 (global cap).
+    fn refuse(
+        &self,
+        m: &Message,
+        src: SocketAddr,
+        user: &str,
+        why: Refusal,
+        k: &[u8],
+    ) -> impl Future<Output = ()> + Send + '_ {
+        let (counter, code, reason, what) = match why {
+            Refusal::Quota => (
+                &self.core.metrics.quota_exceeded,
+                486,
+                "Allocation Quota Reached",
+                "TURN allocation quota reached (turn.quota.allocations_per_user)",
+            ),
+            Refusal::Capacity => (
+                &self.core.metrics.capacity_exceeded,
+                508,
+                "Insufficient Capacity",
+                "TURN allocation cap reached (turn.quota.max_allocations)",
+            ),
+        };
+        counter.inc();
+        if self.core.misc_log.allow() {
+            tracing::warn!(
+                client = %src,
+                username = ?loggable(user),
+                quota = self.core.allocs.quota,
+                max_allocations = self.core.allocs.max_units,
+                "{what}"
+            );
+        }
+        self.fail(m, src, code, reason, k)
+    }
+
     /// RFC 8656 §7.2.
     async fn allocate(&self, m: &Message, src: SocketAddr, auth: Authed) {
         let ft = self.five_tuple(src);
         let key = (self.idx, ft);
         let k = auth.key.as_slice();
-        self.relays.sweep_expired();
+        self.expire_reservations();
         if self.manager.get_allocation(&ft).await.is_some() {
-            match self.core.retransmission(&key, m.transaction_id) {
+            match self.core.allocs.retransmission(&key, m.transaction_id) {
                 Some(resp) => {
                     let _ = self.conn.send_to(&resp, src).await;
                 }
@@ -637,40 +601,59 @@ impl Listener {
                 .fail(m, src, 440, "Address Family not Supported", k)
                 .await;
         }
-        if !self.core.reserve(&auth.username) {
-            self.core.metrics.quota_exceeded.inc();
-            if self.core.misc_log.allow() {
-                tracing::warn!(
-                    client = %src,
-                    username = ?loggable(&auth.username),
-                    quota = self.core.quota,
-                    "TURN allocation quota reached"
-                );
-            }
-            return self.fail(m, src, 486, "Allocation Quota Reached", k).await;
-        }
+        let user = auth.username.as_str();
+        // Quota units: one for the allocation, one more for an EVEN-PORT reservation.
         let mut reservation = None;
         let requested_port = if let Some(t) = &token {
-            match self.relays.reserved_port(t) {
-                Some(p) => p,
-                None => {
-                    self.core.unreserve(&auth.username);
-                    return self.fail(m, src, 508, "Insufficient Capacity", k).await;
-                }
+            let Some(owner) = self.relays.reservation_owner(t) else {
+                return self.fail(m, src, 508, "Insufficient Capacity", k).await;
+            };
+            let by_owner = owner == user;
+            if !by_owner && let Err(r) = self.core.allocs.reserve(user) {
+                return self.refuse(m, src, user, r, k).await;
             }
-        } else if let Some(e) = &even {
-            match self.relays.prebind_even(e[0] & 0x80 != 0).await {
-                Some((p, tok)) => {
-                    reservation = tok;
-                    p
+            match self.relays.take_reservation(t) {
+                Some((port, owner)) => {
+                    self.core.allocs.reservation_used(&owner, by_owner);
+                    port
                 }
                 None => {
-                    self.core.unreserve(&auth.username);
+                    if !by_owner {
+                        self.core.allocs.unreserve(user);
+                    }
                     return self.fail(m, src, 508, "Insufficient Capacity", k).await;
                 }
             }
         } else {
-            0
+            if let Err(r) = self.core.allocs.reserve(user) {
+                return self.refuse(m, src, user, r, k).await;
+            }
+            match &even {
+                Some(e) => {
+                    let reserve_next = e[0] & 0x80 != 0;
+                    if reserve_next && let Err(r) = self.core.allocs.reserve(user) {
+                        self.core.allocs.unreserve(user);
+                        return self.refuse(m, src, user, r, k).await;
+                    }
+                    match self.relays.prebind_even(reserve_next, user).await {
+                        Some((p, tok)) => {
+                            if tok.is_some() {
+                                self.core.allocs.reservation_added();
+                            }
+                            reservation = tok;
+                            p
+                        }
+                        None => {
+                            self.core.allocs.unreserve(user);
+                            if reserve_next {
+                                self.core.allocs.unreserve(user);
+                            }
+                            return self.fail(m, src, 508, "Insufficient Capacity", k).await;
+                        }
+                    }
+                }
+                None => 0,
+            }
         };
         let lifetime = requested_lifetime(m)
             .unwrap_or(DEFAULT_LIFETIME)
@@ -691,9 +674,14 @@ impl Listener {
         let relay = match (created, relay) {
             (Ok(_), Some(relay)) => relay,
             (result, _) => {
-                self.core.unreserve(&auth.username);
+                self.core.allocs.unreserve(&auth.username);
                 if requested_port != 0 {
                     self.relays.release_prebound(requested_port);
+                }
+                if reservation.is_some()
+                    && let Some(owner) = self.relays.release_prebound(requested_port + 1)
+                {
+                    self.core.allocs.reservation_released(&owner);
                 }
                 if let Err(e) = result
                     && self.core.misc_log.allow()
@@ -722,15 +710,17 @@ impl Listener {
             self.build(m, CLASS_SUCCESS_RESPONSE, attrs, Some(k))
                 .unwrap_or_default()
         };
-        tracing::debug!(
-            client = %src,
-            transport = %self.protocol,
-            username = ?loggable(&auth.username),
-            relay = %relay.advertised,
-            lifetime_s = lifetime.as_secs(),
-            "TURN allocation created"
-        );
-        self.core.commit(
+        if self.core.alloc_log.allow() {
+            tracing::debug!(
+                client = %src,
+                transport = %self.protocol,
+                username = ?loggable(&auth.username),
+                relay = %relay.advertised,
+                lifetime_s = lifetime.as_secs(),
+                "TURN allocation created"
+            );
+        }
+        self.core.allocs.commit(
             key,
             AllocMeta {
                 username: auth.username,
@@ -740,6 +730,9 @@ impl Listener {
             },
         );
         self.core.metrics.allocations_created.inc();
+        if let Some(t) = &self.tcp {
+            t.mark_allocated(src);
+        }
         let _ = self.conn.send_to(&response, src).await;
     }
 
@@ -753,7 +746,7 @@ impl Listener {
         let ft = self.five_tuple(src);
         let k = auth.key.as_slice();
         let alloc = self.manager.get_allocation(&ft).await;
-        let meta = self.core.lookup(&(self.idx, ft));
+        let meta = self.core.allocs.lookup(&(self.idx, ft));
         let (Some(alloc), Some((owner, relay))) = (alloc, meta) else {
             self.fail(m, src, 437, "Allocation Mismatch", k).await;
             return None;
@@ -793,8 +786,10 @@ impl Listener {
             drop(alloc);
             let ft = self.five_tuple(src);
             self.manager.delete_allocation(&ft).await;
-            self.core.remove(&(self.idx, ft), None);
-            tracing::debug!(client = %src, relay = %relay.advertised, "TURN allocation deleted by the client");
+            self.core.allocs.remove(&(self.idx, ft), None);
+            if self.core.alloc_log.allow() {
+                tracing::debug!(client = %src, relay = %relay.advertised, "TURN allocation deleted by the client");
+            }
         } else {
             alloc.refresh(lifetime).await;
         }
@@ -887,6 +882,7 @@ impl Listener {
         if !self.core.policy.allows(peer) {
             let user = self
                 .core
+                .allocs
                 .lookup(&(self.idx, self.five_tuple(src)))
                 .map(|(u, _)| u)
                 .unwrap_or_default();

@@ -9,6 +9,16 @@
 //!   packets, counted, instead of stalling everyone). A closed connection is reported so
 //!   that its allocation is deleted.
 //!
+//! Memory and time an unauthenticated TCP client can hold are bounded: the read buffer
+//! starts empty, grows only as far as the frame being read needs and is freed when a large
+//! frame is done; before the connection has an allocation its frames may not exceed 4 KiB
+//! (a STUN request needs far less); a started frame must complete within 10 s; a
+//! connection must make an allocation within 30 s; and at most
+//! `turn.quota.max_tcp_connections` connections are open over all TCP listeners (further
+//! ones are closed at once). Every such close is counted in
+//! `mediagate_turn_tcp_closed_total{reason}`. After many connections closed, freed heap
+//! memory is given back to the OS (`trim`).
+//!
 //! Both count the relayed payload they carry to clients and never fail a send towards
 //! the crate (the crate would log every failure); failures are counted instead.
 //! `close()` is a no-op because the crate closes the listener connection whenever one
@@ -18,26 +28,37 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Mutex, Semaphore, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use webrtc_util::Conn;
 
-use super::metrics::{DropReason, TurnMetrics};
+use super::metrics::{DropReason, TcpClose, TurnMetrics};
 use super::ratelog::RateLimit;
+use super::trim::Trimmer;
 use super::wire::{self, Frame};
 
-/// A TCP connection that completes no frame for this long is closed. Clients with an
+/// A TCP connection that sends nothing for this long is closed. Clients with an
 /// allocation refresh their permissions every 5 minutes, so they are never idle this long.
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// A frame whose first byte arrived must be complete within this time.
+pub(crate) const TCP_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection must have made an allocation within this time.
+pub(crate) const TCP_ALLOCATE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest frame a connection without an allocation may send (STUN requests are small).
+pub(crate) const UNALLOCATED_MAX_FRAME: usize = 4096;
+/// Read buffer while no frame is pending (several small frames fit in one read).
+const READ_CHUNK: usize = 2048;
+/// An empty read buffer larger than this is freed rather than kept.
+const KEEP_CAPACITY: usize = 8192;
 /// Frames queued towards one TCP client before further ones are dropped.
 const TCP_SEND_QUEUE: usize = 512;
-/// Upper bound on concurrent TCP connections per listener.
-const MAX_TCP_CONNECTIONS: usize = 16_384;
 
 fn count_to_client(metrics: &TurnMetrics, buf: &[u8]) {
     if let Some(n) = wire::relayed_payload_len(buf) {
@@ -111,23 +132,34 @@ impl Conn for UdpTransport {
     }
 }
 
+/// The send queue of one connection and whether it has an allocation.
+struct Writer {
+    tx: mpsc::Sender<Bytes>,
+    allocated: Arc<AtomicBool>,
+}
+
+type Writers = Arc<RwLock<HashMap<SocketAddr, Writer>>>;
+
 /// A TCP listener seen as one packet connection.
 pub(crate) struct TcpTransport {
     local: SocketAddr,
     frames: Mutex<mpsc::Receiver<(Bytes, SocketAddr)>>,
-    writers: Arc<RwLock<HashMap<SocketAddr, mpsc::Sender<Bytes>>>>,
+    writers: Writers,
     metrics: TurnMetrics,
 }
 
 impl TcpTransport {
-    /// Starts accepting on `listener`. Returns the transport and a channel that yields the
-    /// remote address of every connection that closed.
+    /// Starts accepting on `listener`; `limit` is shared by every TCP listener of the
+    /// service (`turn.quota.max_tcp_connections`). Returns the transport and a channel that
+    /// yields the remote address of every connection that closed.
     pub(crate) fn start(
         listener: TcpListener,
         metrics: TurnMetrics,
         cancel: CancellationToken,
         tasks: &TaskTracker,
         log: Arc<RateLimit>,
+        limit: Arc<Semaphore>,
+        trimmer: Arc<Trimmer>,
     ) -> std::io::Result<(Arc<TcpTransport>, mpsc::UnboundedReceiver<SocketAddr>)> {
         let local = listener.local_addr()?;
         let (frames_tx, frames_rx) = mpsc::channel(1024);
@@ -139,7 +171,6 @@ impl TcpTransport {
             metrics: metrics.clone(),
         });
         let writers = Arc::clone(&transport.writers);
-        let limit = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
         let tracker = tasks.clone();
         tasks.spawn(async move {
             loop {
@@ -159,12 +190,14 @@ impl TcpTransport {
                     }
                 };
                 let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+                    metrics.tcp_closed(TcpClose::Limit).inc();
                     if log.allow() {
-                        tracing::warn!(listen = %local, client = %peer, "TURN TCP connection limit reached");
+                        tracing::warn!(listen = %local, client = %peer, "TURN TCP connection limit reached (turn.quota.max_tcp_connections)");
                     }
                     drop(stream);
                     continue;
                 };
+                metrics.tcp_connections.inc();
                 let conn = Connection {
                     peer,
                     writers: Arc::clone(&writers),
@@ -174,8 +207,12 @@ impl TcpTransport {
                     cancel: cancel.child_token(),
                     log: Arc::clone(&log),
                 };
+                let gauge = metrics.tcp_connections.clone();
+                let trimmer = Arc::clone(&trimmer);
                 tracker.spawn(async move {
                     conn.run(stream).await;
+                    gauge.dec();
+                    trimmer.closed();
                     drop(permit);
                 });
             }
@@ -186,7 +223,7 @@ impl TcpTransport {
 
 struct Connection {
     peer: SocketAddr,
-    writers: Arc<RwLock<HashMap<SocketAddr, mpsc::Sender<Bytes>>>>,
+    writers: Writers,
     frames: mpsc::Sender<(Bytes, SocketAddr)>,
     closed: mpsc::UnboundedSender<SocketAddr>,
     metrics: TurnMetrics,
@@ -199,10 +236,17 @@ impl Connection {
         let _ = stream.set_nodelay(true);
         let (mut rd, mut wr) = stream.into_split();
         let (tx, mut rx) = mpsc::channel::<Bytes>(TCP_SEND_QUEUE);
+        let allocated = Arc::new(AtomicBool::new(false));
         self.writers
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(self.peer, tx);
+            .insert(
+                self.peer,
+                Writer {
+                    tx,
+                    allocated: Arc::clone(&allocated),
+                },
+            );
         let writer_cancel = self.cancel.clone();
         let writer = tokio::spawn(async move {
             loop {
@@ -218,36 +262,11 @@ impl Connection {
             let _ = wr.shutdown().await;
         });
 
-        let mut buf = BytesMut::with_capacity(4096);
-        'conn: loop {
-            loop {
-                match wire::tcp_frame(&buf) {
-                    Frame::Complete(n) => {
-                        let frame = buf.split_to(n).freeze();
-                        if self.frames.send((frame, self.peer)).await.is_err() {
-                            break 'conn;
-                        }
-                    }
-                    Frame::Incomplete => break,
-                    Frame::Invalid => {
-                        self.metrics.dropped(DropReason::Malformed).inc();
-                        if self.log.allow() {
-                            tracing::warn!(client = %self.peer, "TURN TCP stream is not STUN/ChannelData; closing");
-                        }
-                        break 'conn;
-                    }
-                }
-            }
-            if buf.capacity() - buf.len() < 1024 {
-                buf.reserve(4096);
-            }
-            let read = tokio::select! {
-                _ = self.cancel.cancelled() => break,
-                r = tokio::time::timeout(TCP_IDLE_TIMEOUT, rd.read_buf(&mut buf)) => r,
-            };
-            match read {
-                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-                Ok(Ok(_)) => {}
+        let closed = self.read_frames(&mut rd, &allocated).await;
+        if let Some(reason) = closed {
+            self.metrics.tcp_closed(reason).inc();
+            if self.log.allow() {
+                tracing::debug!(client = %self.peer, ?reason, "TURN TCP connection closed by the server");
             }
         }
         self.cancel.cancel();
@@ -257,6 +276,113 @@ impl Connection {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.peer);
         let _ = self.closed.send(self.peer);
+    }
+
+    /// Cuts the stream into frames until it ends; returns why the server closed it, if it
+    /// did so on its own (limits and timeouts).
+    async fn read_frames(
+        &self,
+        rd: &mut tokio::net::tcp::OwnedReadHalf,
+        allocated: &AtomicBool,
+    ) -> Option<TcpClose> {
+        let opened = Instant::now();
+        let mut last_read = opened;
+        let mut frame_started: Option<Instant> = None;
+        // Empty until bytes arrive; grows to what the current frame needs.
+        let mut buf = BytesMut::new();
+        loop {
+            loop {
+                match wire::tcp_frame(&buf) {
+                    Frame::Complete(n) => {
+                        let frame = buf.split_to(n).freeze();
+                        frame_started = None;
+                        if self.frames.send((frame, self.peer)).await.is_err() {
+                            return None;
+                        }
+                    }
+                    Frame::Incomplete => break,
+                    Frame::Invalid => {
+                        self.metrics.dropped(DropReason::Malformed).inc();
+                        if self.log.allow() {
+                            tracing::warn!(client = %self.peer, "TURN TCP stream is not STUN/ChannelData; closing");
+                        }
+                        return None;
+                    }
+                }
+            }
+            let has_allocation = allocated.load(Ordering::Acquire);
+            let needed = wire::tcp_frame_len(&buf);
+            let cap = if has_allocation {
+                wire::MAX_FRAME
+            } else {
+                UNALLOCATED_MAX_FRAME
+            };
+            if needed.is_some_and(|n| n > cap) {
+                return Some(TcpClose::OversizedFrame);
+            }
+            if buf.is_empty() {
+                frame_started = None;
+                if buf.capacity() > KEEP_CAPACITY {
+                    buf = BytesMut::new();
+                }
+            } else if frame_started.is_none() {
+                frame_started = Some(Instant::now());
+            }
+
+            // The earliest of the deadlines that apply, with its reason.
+            let mut deadline = (last_read + TCP_IDLE_TIMEOUT, TcpClose::Idle);
+            if !has_allocation {
+                let d = opened + TCP_ALLOCATE_TIMEOUT;
+                if d < deadline.0 {
+                    deadline = (d, TcpClose::NoAllocation);
+                }
+            }
+            if let Some(started) = frame_started {
+                let d = started + TCP_FRAME_TIMEOUT;
+                if d < deadline.0 {
+                    deadline = (d, TcpClose::FrameTimeout);
+                }
+            }
+
+            // Room for the frame being read, allocated exactly once its header is in; a
+            // small chunk while no frame (or only part of a header) is pending.
+            match needed {
+                Some(n) if buf.capacity() < n => {
+                    let mut grown = BytesMut::with_capacity(n);
+                    grown.extend_from_slice(&buf);
+                    buf = grown;
+                }
+                Some(_) => {}
+                None if buf.capacity() - buf.len() < wire::STUN_HEADER => {
+                    buf.reserve(READ_CHUNK);
+                }
+                None => {}
+            }
+            let read = tokio::select! {
+                _ = self.cancel.cancelled() => return None,
+                r = tokio::time::timeout_at(deadline.0, rd.read_buf(&mut buf)) => r,
+            };
+            match read {
+                Err(_) => return Some(deadline.1),
+                Ok(Ok(0)) | Ok(Err(_)) => return None,
+                Ok(Ok(_)) => last_read = Instant::now(),
+            }
+        }
+    }
+}
+
+impl TcpTransport {
+    /// Marks the connection from `peer` as having an allocation: the allocation timeout
+    /// and the 4 KiB frame limit no longer apply to it.
+    pub(crate) fn mark_allocated(&self, peer: SocketAddr) {
+        if let Some(w) = self
+            .writers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&peer)
+        {
+            w.allocated.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -298,7 +424,7 @@ impl Conn for TcpTransport {
         let sent = {
             let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
             match writers.get(&target) {
-                Some(tx) => tx.try_send(frame).map_err(|e| match e {
+                Some(w) => w.tx.try_send(frame).map_err(|e| match e {
                     mpsc::error::TrySendError::Full(_) => DropReason::ClientBackpressure,
                     mpsc::error::TrySendError::Closed(_) => DropReason::SendError,
                 }),

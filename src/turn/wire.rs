@@ -106,6 +106,20 @@ pub(crate) fn tcp_frame(b: &[u8]) -> Frame {
     }
 }
 
+/// Total length of the frame at the start of a TCP stream once its 4-byte header is in
+/// (`None` before that, or when the first byte starts no frame).
+pub(crate) fn tcp_frame_len(b: &[u8]) -> Option<usize> {
+    if b.len() < 4 {
+        return None;
+    }
+    let len = u16::from_be_bytes([b[2], b[3]]) as usize;
+    match b[0] {
+        0x00..=0x3F => Some(STUN_HEADER + len),
+        0x40..=0x7F => Some(CHANNEL_HEADER + padded(len)),
+        _ => None,
+    }
+}
+
 /// Number of padding bytes a ChannelData frame needs before it goes on a TCP stream.
 pub(crate) fn tcp_padding(b: &[u8]) -> usize {
     if matches!(b.first(), Some(0x40..=0x7F)) {
@@ -193,6 +207,15 @@ mod tests {
         b.extend_from_slice(&[7; 12]);
         b.extend(std::iter::repeat_n(0, len as usize));
         b
+    }
+
+    #[test]
+    fn frame_length_is_known_from_the_header() {
+        assert_eq!(tcp_frame_len(&[0x00, 0x01, 0x00]), None);
+        assert_eq!(tcp_frame_len(&stun(8)[..4]), Some(28));
+        assert_eq!(tcp_frame_len(&[0x00, 0x01, 0xFF, 0xFC]), Some(20 + 0xFFFC));
+        assert_eq!(tcp_frame_len(&[0x40, 0x00, 0x00, 0x05]), Some(12));
+        assert_eq!(tcp_frame_len(&[0xC0, 0x00, 0x00, 0x05]), None);
     }
 
     #[test]

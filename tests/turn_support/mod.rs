@@ -103,14 +103,17 @@ pub fn config(auth: Auth, peers: &[&str], quota: usize) -> TurnConfig {
         },
         relay: RelayConfig {
             address: "127.0.0.1".parse().unwrap(),
+            // Above the ephemeral range (32768-60999): peers of the tests bind ephemeral
+            // ports, and a relay port is never a valid peer (no loops).
             port_range: PortRange {
-                first: 40000,
-                last: 48999,
+                first: 61000,
+                last: 64999,
             },
             peers: peers.iter().map(|s| s.to_string()).collect(),
         },
         quota: QuotaConfig {
             allocations_per_user: quota,
+            ..QuotaConfig::default()
         },
     }
 }
@@ -128,7 +131,7 @@ pub struct Gateway {
 impl Gateway {
     pub async fn start(cfg: TurnConfig) -> Gateway {
         let policy = Arc::new(
-            PeerPolicy::new(&cfg.relay, "127.0.0.1:8086".parse().unwrap()).expect("policy"),
+            PeerPolicy::new(&cfg.relay, "127.0.0.1:8086".parse().unwrap(), &[]).expect("policy"),
         );
         let metrics = TurnMetrics::unregistered();
         let svc = TurnService::start(&cfg, Arc::clone(&policy), metrics.clone())

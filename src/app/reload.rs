@@ -295,6 +295,10 @@ impl AppState {
                 rt.stop();
             }
         }
+        // TURN never relays to the gateway's own proxy listeners, as they are now.
+        if let Some(policy) = &self.turn_policy {
+            policy.set_proxy_listeners(&new.listeners);
+        }
         self.admin_token.store(Arc::new(new.admin.token.clone()));
         self.config.store(Arc::new(new));
     }

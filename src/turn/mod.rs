@@ -19,13 +19,14 @@ mod auth;
 mod ice;
 mod metrics;
 mod policy;
-use crate::ratelog;
 mod relay;
 mod server;
 mod table;
 mod transport;
 mod trim;
 mod wire;
+
+use crate::ratelog;
 
 pub use auth::{
     AuthFailure, ephemeral_expiry, ephemeral_password, ephemeral_username, long_term_key,
@@ -51,15 +52,6 @@ use crate::config::{Protocol, TurnConfig};
 use relay::{RelayFactory, RelayGenerator};
 use server::{Core, Listener};
 use transport::{TcpTransport, UdpTransport};
-
-/// File descriptors the TURN service may hold with `cfg` (for the fd budget, see
-/// `crate::fdbudget`): one per relay port, plus room for TURN-over-TCP clients.
-// replaced on merge (stand-in until the TURN branch's own accounting lands)
-pub fn fd_demand(cfg: &TurnConfig) -> usize {
-    let range =
-        usize::from(cfg.relay.port_range.last) - usize::from(cfg.relay.port_range.first) + 1;
-    range + 1024
-}
 
 /// Socket buffer size asked for on UDP listener sockets (the kernel may cap it).
 const UDP_BUFFER_BYTES: usize = 4 << 20;

@@ -450,6 +450,7 @@ mod tests {
             listen: listen.parse().unwrap(),
             upstream: "u".into(),
             session: Default::default(),
+            max_connections: 10_000,
         }
     }
 

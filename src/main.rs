@@ -47,6 +47,12 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// Print the configuration reference (every key, its default and meaning) as Markdown.
+    Config {
+        /// Print the reference (the only mode; the same text as docs/configuration.md).
+        #[arg(long, required = true)]
+        reference: bool,
+    },
     /// Self-contained failover showcase on loopback.
     Demo,
     /// Show upstreams, servers, active servers, sessions and recent failovers.
@@ -91,6 +97,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(config),
         Command::Run { config } => run(config),
+        Command::Config { reference: _ } => {
+            print!("{}", config::reference::markdown());
+            ExitCode::SUCCESS
+        }
         Command::Demo => with_runtime(demo::run()),
         Command::Status { api, watch } => with_runtime(cli::status(api.admin, api.token, watch)),
         Command::Server {

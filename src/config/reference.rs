@@ -69,8 +69,8 @@ pub const KEYS: &[Key] = &[
     key(
         "admin.token",
         "string",
-        Unset("none: POST endpoints are open"),
-        "When set, every POST endpoint (server state, failback, `/log-level`) needs `Authorization: Bearer <token>`. GET endpoints stay open. Use `${VAR}` to read it from a Secret.",
+        Unset("none: no check"),
+        "When set, every POST endpoint (server state, failback, reload, `/log-level`) and `GET /ice` (it hands out TURN credentials) need `Authorization: Bearer <token>`; the other GET endpoints stay open. Use `${VAR}` to read it from a Secret.",
     ),
     key(
         "admin.max_connections",

@@ -20,7 +20,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::{TurnAuthConfig, TurnAuthType};
 
-
 /// How long a nonce stays valid before the client gets 438 Stale Nonce.
 pub(crate) const NONCE_LIFETIME: Duration = Duration::from_secs(600);
 

@@ -257,6 +257,24 @@ pub const KEYS: &[Key] = &[
         "`http`: the status code that means healthy; any other status, or none, is a failed probe.",
     ),
     key(
+        "upstreams.NAME.health.tls",
+        "bool",
+        Value("false"),
+        "`http`: speak HTTPS to the probe port (TLS 1.2/1.3, rustls). A failed handshake or certificate check fails the probe.",
+    ),
+    key(
+        "upstreams.NAME.health.tls_verify",
+        "bool",
+        Value("true"),
+        "`http` with `tls`: check the certificate against the system's CA certificates (`/etc/ssl/certs`, or `SSL_CERT_FILE`) and `tls_server_name`. `false` accepts any certificate, e.g. a self-signed Janus admin certificate (the handshake is still checked).",
+    ),
+    key(
+        "upstreams.NAME.health.tls_server_name",
+        "string",
+        Unset("none: the server's IP address"),
+        "`http` with `tls`: the name sent as SNI, checked against the certificate and sent as `Host`.",
+    ),
+    key(
         "upstreams.NAME.health.send",
         "string",
         Value("ping"),

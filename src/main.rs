@@ -20,7 +20,7 @@ struct Cli {
 /// How a client command reaches the admin API; accepted by every client command.
 #[derive(Args)]
 struct AdminArgs {
-    /// Admin API base URL.
+    /// Admin API base URL (http:// or https://).
     #[arg(long, env = "MEDIAGATE_ADMIN", default_value = DEFAULT_ADMIN, value_parser = admin_url)]
     admin: String,
     /// Bearer token for the admin API (needed by the POST endpoints when `admin.token` is set).

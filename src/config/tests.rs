@@ -427,6 +427,11 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "https health: a TLS server name that is no name",
+        "listeners:\n  - { name: a, protocol: udp, listen: 127.0.0.1:5004, upstream: u }\nupstreams:\n  u:\n    primary: [127.0.0.1]\n    health: { type: http, tls: true, tls_server_name: \"bad name!\" }\n",
+        &["t.yaml:6:55: upstreams.u.health.tls_server_name: invalid TLS server name \"bad name!\""],
+    ),
+    (
         "udp health with nothing to send",
         "listeners:\n  - { name: a, protocol: udp, listen: 127.0.0.1:5004, upstream: u }\nupstreams:\n  u:\n    primary: [127.0.0.1]\n    health: { type: udp, send: '' }\n",
         &[

@@ -4,14 +4,26 @@
 # CA certificates, no shell, no package manager) as the unprivileged "nonroot" user.
 #
 #   docker build -t ghcr.io/example/mediagate:0.1.0 .
+#   docker buildx build --platform linux/amd64,linux/arm64 -t ghcr.io/example/mediagate:0.1.0 --push .
+#
+# Multi-arch: nothing names an architecture. Each platform builds natively in its own
+# stage (under QEMU emulation when it is not the builder's own), with its own target/ cache.
+#
+# Pinned bases: the Rust toolchain by its exact version (the one the tests run with), the
+# runtime by distroless's Debian-12 "nonroot" tag. For reproducible images pin both by
+# digest as well, e.g. --build-arg RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot@sha256:...
+# (`docker buildx imagetools inspect gcr.io/distroless/cc-debian12:nonroot` prints it).
 #
 # The manifests (manifests/mediagate/deployment.yaml) run it with a read-only root filesystem
 # and every capability dropped: all its ports are above 1024 and it writes nothing to disk.
 
-ARG RUST_VERSION=1.95
+ARG RUST_VERSION=1.95.0
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 
 # ---------------------------------------------------------------------------- build
 FROM rust:${RUST_VERSION}-bookworm AS build
+# Set by BuildKit to the platform being built (amd64, arm64, ...): keys the target/ cache.
+ARG TARGETARCH
 WORKDIR /src
 
 # The whole crate (.dockerignore keeps out target/, .git, manifests/, docs/ ...): Cargo.toml
@@ -22,13 +34,14 @@ COPY . .
 # recompiles mediagate itself. The binary is copied out of the cache mount to /out.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
-    --mount=type=cache,target=/src/target \
+    --mount=type=cache,target=/src/target,id=mediagate-target-${TARGETARCH} \
     cargo build --release --locked --bin mediagate \
  && install -D -m 0755 target/release/mediagate /out/mediagate \
  && strip --strip-debug /out/mediagate
 
 # ---------------------------------------------------------------------------- runtime
-FROM gcr.io/distroless/cc-debian12:nonroot
+# No HEALTHCHECK: Kubernetes ignores it; the Deployment probes /healthz and /readyz.
+FROM ${RUNTIME_IMAGE}
 
 LABEL org.opencontainers.image.title="mediagate" \
       org.opencontainers.image.description="Active-passive failover UDP/TCP load balancer and TURN server for WebRTC media gateways"

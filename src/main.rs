@@ -20,7 +20,7 @@ struct Cli {
 /// How a client command reaches the admin API; accepted by every client command.
 #[derive(Args)]
 struct AdminArgs {
-    /// Admin API base URL.
+    /// Admin API base URL (http:// or https://).
     #[arg(long, env = "MEDIAGATE_ADMIN", default_value = DEFAULT_ADMIN, value_parser = admin_url)]
     admin: String,
     /// Bearer token for the admin API (needed by the POST endpoints when `admin.token` is set).
@@ -46,6 +46,12 @@ enum Command {
         /// Configuration file [default: $MEDIAGATE_CONFIG, else config/mediagate.yaml]
         #[arg(short, long)]
         config: Option<PathBuf>,
+    },
+    /// Print the configuration reference (every key, its default and meaning) as Markdown.
+    Config {
+        /// Print the reference (the only mode; the same text as docs/configuration.md).
+        #[arg(long, required = true)]
+        reference: bool,
     },
     /// Self-contained failover showcase on loopback.
     Demo,
@@ -91,6 +97,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(config),
         Command::Run { config } => run(config),
+        Command::Config { reference: _ } => {
+            print!("{}", config::reference::markdown());
+            ExitCode::SUCCESS
+        }
         Command::Demo => with_runtime(demo::run()),
         Command::Status { api, watch } => with_runtime(cli::status(api.admin, api.token, watch)),
         Command::Server {

@@ -4,6 +4,7 @@
 
 pub mod load;
 pub mod passive;
+pub mod reference;
 pub mod types;
 pub mod validate;
 mod yaml;

@@ -88,7 +88,7 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
         "upstreams:\n  u:\n    primary: [127.0.0.1:6004]\n    health:\n      intervall: 1s\n",
         &[
             "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
-            "t.yaml:5:7: upstreams.u.health.intervall: unknown key \"intervall\" (expected one of: type, interval, timeout, fall, rise, port, path, expect_status, send, expect)",
+            "t.yaml:5:7: upstreams.u.health.intervall: unknown key \"intervall\" (expected one of: type, interval, timeout, fall, rise, port, path, expect_status, send, tls, tls_verify, tls_server_name, expect)",
         ],
     ),
     (
@@ -425,6 +425,11 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
             "t.yaml:6:33: upstreams.u.health.path: the HTTP path must start with \"/\" (got \"janus/info\")",
             "t.yaml:6:60: upstreams.u.health.expect_status: 600 is not an HTTP status (100-599)",
         ],
+    ),
+    (
+        "https health: a TLS server name that is no name",
+        "listeners:\n  - { name: a, protocol: udp, listen: 127.0.0.1:5004, upstream: u }\nupstreams:\n  u:\n    primary: [127.0.0.1]\n    health: { type: http, tls: true, tls_server_name: \"bad name!\" }\n",
+        &["t.yaml:6:55: upstreams.u.health.tls_server_name: invalid TLS server name \"bad name!\""],
     ),
     (
         "udp health with nothing to send",

@@ -474,6 +474,18 @@ pub struct HealthConfig {
     /// udp: payload to send. Default `ping`.
     #[serde(default = "default_send")]
     pub send: String,
+    /// http: speak HTTPS (TLS) to the probe port. Default false.
+    #[serde(default)]
+    pub tls: bool,
+    /// http with `tls`: check the server's certificate against the system's CA
+    /// certificates and the server name. `false` accepts any certificate (self-signed
+    /// Janus admin certificates). Default true.
+    #[serde(default = "default_true")]
+    pub tls_verify: bool,
+    /// http with `tls`: the name sent as SNI and checked against the certificate. Default:
+    /// the server's IP address.
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
     /// udp: the reply must contain this; default: any reply.
     #[serde(default)]
     pub expect: Option<String>,
@@ -512,6 +524,9 @@ impl Default for HealthConfig {
             port: None,
             path: default_path(),
             expect_status: default_expect_status(),
+            tls: false,
+            tls_verify: true,
+            tls_server_name: None,
             send: default_send(),
             expect: None,
         }

@@ -319,6 +319,11 @@ impl Checker {
                         format!("{} is not an HTTP status (100-599)", h.expect_status),
                     );
                 }
+                if let Some(name) = &h.tls_server_name
+                    && let Err(why) = crate::tlsclient::server_name(name)
+                {
+                    self.push(key_path(path, "tls_server_name"), why);
+                }
             }
             HealthType::Udp if h.send.is_empty() => {
                 self.push(

@@ -1,5 +1,7 @@
-//! HTTP probe (SPEC §5 `type: http`): one HTTP/1.1 `GET path` on a fresh connection
-//! (`Connection: close`), healthy when the status equals `expect_status`.
+//! HTTP probe (`type: http`): one HTTP/1.1 `GET path` on a fresh connection
+//! (`Connection: close`), healthy when the status equals `expect_status`. With
+//! `health.tls` the connection is HTTPS (see [`crate::tlsclient`]); a failed handshake or
+//! certificate check fails the probe.
 //!
 //! Uses hyper's low-level HTTP/1 client so that parsing is hyper's, not ours. The
 //! connection driver is polled inside the check's own future instead of being spawned:
@@ -16,7 +18,17 @@ use hyper::header::{CONNECTION, HOST, USER_AGENT};
 use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+
+/// HTTPS settings of the probe (`health.tls*`).
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// Check the certificate (system CAs, server name).
+    pub verify: bool,
+    /// Name for SNI and the certificate check; default the target's IP.
+    pub server_name: Option<String>,
+}
 
 /// `GET path`, healthy on `expect_status`.
 pub struct HttpCheck {
@@ -24,6 +36,7 @@ pub struct HttpCheck {
     /// reason, rather than panicking or silently probing something else.
     uri: Result<Uri, String>,
     expect_status: u16,
+    tls: Option<Tls>,
 }
 
 impl HttpCheck {
@@ -31,7 +44,14 @@ impl HttpCheck {
         HttpCheck {
             uri: parse_path(&path),
             expect_status,
+            tls: None,
         }
+    }
+
+    /// Speak HTTPS when `tls` is set.
+    pub fn with_tls(mut self, tls: Option<Tls>) -> Self {
+        self.tls = tls;
+        self
     }
 }
 
@@ -60,44 +80,67 @@ impl HealthCheck for HttpCheck {
             let stream = TcpStream::connect(target).await.map_err(connect_error)?;
             // The request is one small write; don't let Nagle hold it back.
             let _ = stream.set_nodelay(true);
-            let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| failed(format!("http handshake: {e}")))?;
-            let request = Request::get(uri)
+            let Some(tls) = &self.tls else {
                 // SocketAddr's Display brackets IPv6 literals, as Host requires.
-                .header(HOST, target.to_string())
-                .header(CONNECTION, "close")
-                .header(USER_AGENT, "mediagate-health-check")
-                .body(Empty::<Bytes>::new())
-                .map_err(|e| failed(format!("http request: {e}")))?;
+                return self.get(stream, uri, target.to_string()).await;
+            };
+            let (name, host) = match &tls.server_name {
+                Some(n) => (
+                    crate::tlsclient::server_name(n).map_err(failed)?,
+                    format!("{n}:{}", target.port()),
+                ),
+                None => (target.ip().into(), target.to_string()),
+            };
+            let stream = crate::tlsclient::connect(stream, name, tls.verify)
+                .await
+                .map_err(|e| failed(format!("tls: {}", error_chain(&e))))?;
+            self.get(stream, uri, host).await
+        })
+    }
+}
 
-            let send = sender.send_request(request);
-            tokio::pin!(send, conn);
-            let response = tokio::select! {
-                res = &mut send => res,
-                conn_res = &mut conn => {
-                    // The connection finished first (closed, or hit a parse error). A
-                    // response it parsed before that is already queued for `send`, so ask
-                    // it; if there is none, the connection's own error is the better story.
-                    match (send.await, conn_res) {
-                        (Ok(resp), _) => Ok(resp),
-                        (Err(_), Err(conn_err)) => Err(conn_err),
-                        (Err(send_err), Ok(())) => Err(send_err),
-                    }
+impl HttpCheck {
+    /// `GET uri` over `io` (plain TCP or TLS), checked against `expect_status`.
+    async fn get<S>(&self, io: S, uri: Uri, host: String) -> Result<(), ProbeError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, conn) = http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| failed(format!("http handshake: {e}")))?;
+        let request = Request::get(uri)
+            .header(HOST, host)
+            .header(CONNECTION, "close")
+            .header(USER_AGENT, "mediagate-health-check")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| failed(format!("http request: {e}")))?;
+
+        let send = sender.send_request(request);
+        tokio::pin!(send, conn);
+        let response = tokio::select! {
+            res = &mut send => res,
+            conn_res = &mut conn => {
+                // The connection finished first (closed, or hit a parse error). A
+                // response it parsed before that is already queued for `send`, so ask
+                // it; if there is none, the connection's own error is the better story.
+                match (send.await, conn_res) {
+                    (Ok(resp), _) => Ok(resp),
+                    (Err(_), Err(conn_err)) => Err(conn_err),
+                    (Err(send_err), Ok(())) => Err(send_err),
                 }
             }
-            .map_err(|e| failed(format!("http: {}", error_chain(&e))))?;
+        }
+        .map_err(|e| failed(format!("http: {}", error_chain(&e))))?;
 
-            let status = response.status().as_u16();
-            if status == self.expect_status {
-                Ok(())
-            } else {
-                Err(failed(format!(
-                    "status {status}, expected {}",
-                    self.expect_status
-                )))
-            }
-        })
+        let status = response.status().as_u16();
+        if status == self.expect_status {
+            Ok(())
+        } else {
+            Err(failed(format!(
+                "status {status}, expected {}",
+                self.expect_status
+            )))
+        }
     }
 }
 
@@ -232,5 +275,54 @@ mod tests {
             assert_eq!(err.reason, Reason::ProbeFailed);
             assert!(err.detail.starts_with("invalid http probe path"), "{err}");
         }
+    }
+
+    #[tokio::test]
+    async fn https_probe_checks_a_tls_endpoint() {
+        use crate::tlsclient::testserver;
+        let (cert, key) = testserver::self_signed();
+        let addr =
+            testserver::serve(cert, key, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+        let check = |tls: Option<Tls>, expect: u16| {
+            HttpCheck::new("/janus/info".into(), expect).with_tls(tls)
+        };
+        let run = |c: HttpCheck| async move {
+            timeout(Duration::from_secs(5), c.check(addr))
+                .await
+                .expect("the probe finishes")
+        };
+
+        // tls_verify: false accepts the self-signed certificate and reads the status.
+        let insecure = || {
+            Some(Tls {
+                verify: false,
+                server_name: None,
+            })
+        };
+        run(check(insecure(), 200))
+            .await
+            .expect("https probe with tls_verify: false");
+        let e = run(check(insecure(), 204)).await.unwrap_err();
+        assert!(e.detail.contains("status 200"), "{}", e.detail);
+        let named = Some(Tls {
+            verify: false,
+            server_name: Some("localhost".into()),
+        });
+        run(check(named, 200)).await.expect("with tls_server_name");
+
+        // Verification against the system's CAs refuses a self-signed certificate.
+        let e = run(check(
+            Some(Tls {
+                verify: true,
+                server_name: None,
+            }),
+            200,
+        ))
+        .await
+        .unwrap_err();
+        assert!(e.detail.starts_with("tls:"), "{}", e.detail);
+
+        // Plain HTTP to a TLS port is not healthy either.
+        assert!(run(check(None, 200)).await.is_err());
     }
 }

@@ -137,10 +137,14 @@ pub fn build(cfg: &HealthConfig) -> Option<Box<dyn HealthCheck>> {
             cfg.expect.clone().map(String::into_bytes),
         ))),
         HealthType::Stun => Some(Box::new(stun::StunCheck)),
-        HealthType::Http => Some(Box::new(http::HttpCheck::new(
-            cfg.path.clone(),
-            cfg.expect_status,
-        ))),
+        HealthType::Http => Some(Box::new(
+            http::HttpCheck::new(cfg.path.clone(), cfg.expect_status).with_tls(cfg.tls.then(
+                || http::Tls {
+                    verify: cfg.tls_verify,
+                    server_name: cfg.tls_server_name.clone(),
+                },
+            )),
+        )),
         HealthType::None => None,
     }
 }

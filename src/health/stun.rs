@@ -1,8 +1,9 @@
 //! STUN Binding probe (SPEC §5 `type: stun`): sends an RFC 5389 Binding request over UDP
 //! and is healthy on a Binding success response carrying our transaction id.
 //!
-//! The request is encoded here by hand: a 20-byte header (type 0x0001, magic cookie
-//! 0x2112A442, random 96-bit transaction id) followed by a FINGERPRINT attribute. The
+//! The request is encoded with the `stun` crate (webrtc-rs, the TURN service's own STUN
+//! stack): a 20-byte header (type 0x0001, magic cookie 0x2112A442, random 96-bit
+//! transaction id) followed by a FINGERPRINT attribute (CRC-32 by the crate). The
 //! FINGERPRINT matters for ICE agents: libnice (Janus) runs in a mode that demands it
 //! and silently drops requests without one, which would look like a timeout.
 //!
@@ -21,23 +22,20 @@
 use super::udp::{RECV_BUF, connected_socket, socket_error};
 use super::{CheckFuture, HealthCheck, ProbeError, Reason};
 use std::net::SocketAddr;
+use stun::agent::TransactionId as StunTransactionId;
+use stun::attributes::{ATTR_ERROR_CODE, ATTR_FINGERPRINT};
+use stun::error_code::ErrorCodeAttribute;
+use stun::fingerprint::FINGERPRINT;
+use stun::message::{
+    BINDING_ERROR, BINDING_REQUEST, BINDING_SUCCESS, Getter, MAGIC_COOKIE, MESSAGE_HEADER_SIZE,
+    Message, TRANSACTION_ID_SIZE,
+};
 
-const MAGIC_COOKIE: u32 = 0x2112_A442;
-const BINDING_REQUEST: u16 = 0x0001;
-const BINDING_SUCCESS: u16 = 0x0101;
-const BINDING_ERROR: u16 = 0x0111;
-const ATTR_ERROR_CODE: u16 = 0x0009;
-const ATTR_FINGERPRINT: u16 = 0x8028;
-/// XORed into the CRC-32 so a FINGERPRINT never matches other protocols' CRCs (RFC 5389 §15.5).
-const FINGERPRINT_XOR: u32 = 0x5354_554E;
-const HEADER_LEN: usize = 20;
-const TXID_LEN: usize = 12;
-/// Header plus one FINGERPRINT attribute (4-byte attribute header, 4-byte value).
-const REQUEST_LEN: usize = HEADER_LEN + 8;
+const HEADER_LEN: usize = MESSAGE_HEADER_SIZE;
 /// Longest reason phrase quoted from an error response.
 const MAX_REASON_LEN: usize = 128;
 
-type TransactionId = [u8; TXID_LEN];
+type TransactionId = [u8; TRANSACTION_ID_SIZE];
 
 /// Healthy on a Binding success response to a fresh Binding request.
 pub struct StunCheck;
@@ -47,7 +45,9 @@ impl HealthCheck for StunCheck {
         Box::pin(async move {
             // A new id per check, so nothing from an earlier check can be mistaken for ours.
             let txid: TransactionId = rand::random();
-            let request = encode_binding_request(&txid);
+            let request = encode_binding_request(&txid).map_err(|e| {
+                ProbeError::new(Reason::ProbeFailed, format!("encoding the request: {e}"))
+            })?;
             let sock = connected_socket(target).await?;
             sock.send(&request)
                 .await
@@ -84,24 +84,20 @@ enum Reply {
     Ignore(&'static str),
 }
 
-/// A Binding request with a FINGERPRINT, ready to send.
-fn encode_binding_request(txid: &TransactionId) -> [u8; REQUEST_LEN] {
-    let mut m = [0u8; REQUEST_LEN];
-    m[0..2].copy_from_slice(&BINDING_REQUEST.to_be_bytes());
-    // The length field counts everything after the header, FINGERPRINT included, and
-    // must already say so when the CRC is computed.
-    m[2..4].copy_from_slice(&((REQUEST_LEN - HEADER_LEN) as u16).to_be_bytes());
-    m[4..8].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
-    m[8..HEADER_LEN].copy_from_slice(txid);
-    m[20..22].copy_from_slice(&ATTR_FINGERPRINT.to_be_bytes());
-    m[22..24].copy_from_slice(&4u16.to_be_bytes());
-    let fingerprint = crc32(&m[..HEADER_LEN]) ^ FINGERPRINT_XOR;
-    m[24..28].copy_from_slice(&fingerprint.to_be_bytes());
-    m
+/// A Binding request with a FINGERPRINT, ready to send (the `stun` crate's encoder).
+fn encode_binding_request(txid: &TransactionId) -> Result<Vec<u8>, stun::Error> {
+    let mut m = Message::new();
+    m.build(&[
+        Box::new(StunTransactionId(*txid)),
+        Box::new(BINDING_REQUEST),
+        Box::new(FINGERPRINT),
+    ])?;
+    Ok(m.raw)
 }
 
-/// Decides what `datagram` means for the request with transaction id `txid`. Every
-/// access is bounds-checked: whatever arrives, this returns.
+/// Decides what `datagram` means for the request with transaction id `txid`. The framing
+/// checks that tell a STUN answer from other traffic on a media port come first; the
+/// attributes are then decoded by the `stun` crate. Whatever arrives, this returns.
 fn classify(datagram: &[u8], txid: &TransactionId) -> Reply {
     let Some(header) = datagram.get(..HEADER_LEN) else {
         return Reply::Ignore("shorter than a STUN header");
@@ -121,56 +117,45 @@ fn classify(datagram: &[u8], txid: &TransactionId) -> Reply {
     if header[8..HEADER_LEN] != txid[..] {
         return Reply::Ignore("another transaction");
     }
-    let msg_type = u16::from_be_bytes([header[0], header[1]]);
-
-    let mut error_code = None;
-    let mut offset = HEADER_LEN;
-    while offset < datagram.len() {
-        let Some(attr_header) = datagram.get(offset..offset + 4) else {
-            return Reply::Ignore("truncated attribute header");
-        };
-        let attr_type = u16::from_be_bytes([attr_header[0], attr_header[1]]);
-        let attr_len = usize::from(u16::from_be_bytes([attr_header[2], attr_header[3]]));
-        let value_start = offset + 4;
-        let Some(value) = datagram.get(value_start..value_start + attr_len) else {
-            return Reply::Ignore("truncated attribute");
-        };
-        // Attribute values are padded to a multiple of 4 bytes.
-        let next = value_start + attr_len.next_multiple_of(4);
-        match attr_type {
-            ATTR_FINGERPRINT => {
-                // FINGERPRINT is last and covers everything before it (RFC 5389 §15.5);
-                // a mismatch means a corrupted or foreign datagram, which RFC says to drop.
-                let expected = crc32(&datagram[..offset]) ^ FINGERPRINT_XOR;
-                if attr_len != 4 || next != datagram.len() || value != expected.to_be_bytes() {
-                    return Reply::Ignore("bad FINGERPRINT");
-                }
-            }
-            ATTR_ERROR_CODE if error_code.is_none() => error_code = parse_error_code(value),
-            _ => {}
-        }
-        offset = next;
+    let mut m = Message::new();
+    m.raw = datagram.to_vec();
+    if m.decode().is_err() {
+        return Reply::Ignore("truncated attribute");
+    }
+    // FINGERPRINT is last and covers everything before it (RFC 5389 §15.5); a mismatch
+    // means a corrupted or foreign datagram, which the RFC says to drop.
+    if m.contains(ATTR_FINGERPRINT)
+        && (m.attributes.0.last().map(|a| a.typ) != Some(ATTR_FINGERPRINT)
+            || FINGERPRINT.check(&m).is_err())
+    {
+        return Reply::Ignore("bad FINGERPRINT");
     }
 
-    match msg_type {
-        BINDING_SUCCESS => Reply::Success,
-        BINDING_ERROR if matches!(error_code, Some((400 | 401, _))) => Reply::AliveButRefused,
-        BINDING_ERROR => Reply::Error(match error_code {
-            Some((code, reason)) if reason.is_empty() => format!("binding error {code}"),
-            Some((code, reason)) => format!("binding error {code} {reason}"),
-            None => "binding error response without ERROR-CODE".to_owned(),
-        }),
-        _ => Reply::Ignore("not a Binding response"),
+    if m.typ == BINDING_SUCCESS {
+        return Reply::Success;
+    }
+    if m.typ != BINDING_ERROR {
+        return Reply::Ignore("not a Binding response");
+    }
+    match error_code(&m) {
+        Some((400 | 401, _)) => Reply::AliveButRefused,
+        Some((code, reason)) if reason.is_empty() => Reply::Error(format!("binding error {code}")),
+        Some((code, reason)) => Reply::Error(format!("binding error {code} {reason}")),
+        None => Reply::Error("binding error response without ERROR-CODE".to_owned()),
     }
 }
 
-/// ERROR-CODE value (RFC 5389 §15.6): 21 reserved bits, 3-bit class (hundreds), 8-bit
-/// number, then a UTF-8 reason phrase.
-fn parse_error_code(value: &[u8]) -> Option<(u16, String)> {
-    let fixed = value.get(..4)?;
-    let code = u16::from(fixed[2] & 0x07) * 100 + u16::from(fixed[3]);
-    let phrase = &value[4..];
-    let phrase = &phrase[..phrase.len().min(MAX_REASON_LEN)];
+/// The first ERROR-CODE of `m` (RFC 5389 §15.6) as code and printable reason phrase.
+fn error_code(m: &Message) -> Option<(u16, String)> {
+    if !m.contains(ATTR_ERROR_CODE) {
+        return None;
+    }
+    let mut attr = ErrorCodeAttribute::default();
+    attr.get_from(m).ok()?;
+    // The class is 3 bits; the crate keeps the reserved bits of its byte, we drop them.
+    let (class, number) = (attr.code.0 / 100, attr.code.0 % 100);
+    let code = (class & 0x07) * 100 + number;
+    let phrase = &attr.reason[..attr.reason.len().min(MAX_REASON_LEN)];
     // The phrase is only for humans; lossy decoding keeps a broken one from mattering.
     let reason = String::from_utf8_lossy(phrase)
         .chars()
@@ -179,20 +164,6 @@ fn parse_error_code(value: &[u8]) -> Option<(u16, String)> {
         .trim()
         .to_owned();
     Some((code, reason))
-}
-
-/// CRC-32 (ISO-HDLC / IEEE 802.3, reflected polynomial 0xEDB88320), as FINGERPRINT uses.
-/// Bitwise rather than table-driven: it runs over a few dozen bytes per probe.
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in data {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            let mask = (crc & 1).wrapping_neg();
-            crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
-        }
-    }
-    !crc
 }
 
 #[cfg(test)]
@@ -204,6 +175,28 @@ mod tests {
     use tokio::time::timeout;
 
     const TXID: TransactionId = *b"0123456789ab";
+
+    // The test side builds messages by hand, independently of the `stun` crate, so the
+    // crate's encoding and CRC are checked against RFC 5389 rather than against themselves.
+    const BINDING_REQUEST: u16 = 0x0001;
+    const BINDING_SUCCESS: u16 = 0x0101;
+    const BINDING_ERROR: u16 = 0x0111;
+    const ATTR_ERROR_CODE: u16 = 0x0009;
+    const ATTR_FINGERPRINT: u16 = 0x8028;
+    const FINGERPRINT_XOR: u32 = 0x5354_554E;
+
+    /// CRC-32 (ISO-HDLC, reflected polynomial 0xEDB88320), bitwise.
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &byte in data {
+            crc ^= u32::from(byte);
+            for _ in 0..8 {
+                let mask = (crc & 1).wrapping_neg();
+                crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
+            }
+        }
+        !crc
+    }
 
     /// Builds a STUN message of `msg_type` with the given attributes (type, value);
     /// values are padded, the length field is filled in, and an optional FINGERPRINT
@@ -278,21 +271,26 @@ mod tests {
 
     #[test]
     fn crc32_check_value() {
-        // The standard CRC-32 check value.
+        // The standard CRC-32 check value, by the test's CRC and by the crate's FINGERPRINT.
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
         assert_eq!(crc32(b""), 0);
+        assert_eq!(
+            stun::fingerprint::fingerprint_value(b"123456789") ^ FINGERPRINT_XOR,
+            0xCBF4_3926
+        );
     }
 
     #[test]
     fn request_layout() {
-        let m = encode_binding_request(&TXID);
+        let m = encode_binding_request(&TXID).unwrap();
+        assert_eq!(m.len(), 28, "header + FINGERPRINT");
         assert_eq!(&m[0..2], &[0x00, 0x01], "Binding request");
         assert_eq!(&m[2..4], &[0x00, 0x08], "length covers FINGERPRINT");
         assert_eq!(&m[4..8], &[0x21, 0x12, 0xA4, 0x42], "magic cookie");
         assert_eq!(&m[8..20], &TXID);
         assert_eq!(&m[20..24], &[0x80, 0x28, 0x00, 0x04], "FINGERPRINT header");
         // Same bytes as the independent test builder.
-        assert_eq!(m.to_vec(), message(BINDING_REQUEST, &TXID, &[], true));
+        assert_eq!(m, message(BINDING_REQUEST, &TXID, &[], true));
     }
 
     #[test]
@@ -327,7 +325,7 @@ mod tests {
         assert_eq!(classify(&corrupt, &TXID), Reply::Ignore("bad FINGERPRINT"));
 
         // A request echoed back (same id) is not a response.
-        let echo = encode_binding_request(&TXID);
+        let echo = encode_binding_request(&TXID).unwrap();
         assert_eq!(
             classify(&echo, &TXID),
             Reply::Ignore("not a Binding response")
@@ -369,15 +367,21 @@ mod tests {
 
     #[test]
     fn error_code_phrase_is_sanitised() {
+        let code = |value: &[u8]| {
+            let raw = message(BINDING_ERROR, &TXID, &[(ATTR_ERROR_CODE, value)], false);
+            let mut m = Message::new();
+            m.raw = raw;
+            m.decode().unwrap();
+            error_code(&m)
+        };
         assert_eq!(
-            parse_error_code(b"\0\0\x04\x01Unauthorized\r\n"),
+            code(b"\0\0\x04\x01Unauthorized\r\n"),
             Some((401, "Unauthorized".into()))
         );
-        assert_eq!(
-            parse_error_code(b"\0\0\x05\x00\xff"),
-            Some((500, "\u{fffd}".into()))
-        );
-        assert_eq!(parse_error_code(b"\0\0\x04"), None);
+        assert_eq!(code(b"\0\0\x05\x00\xff"), Some((500, "\u{fffd}".into())));
+        // Reserved bits above the 3-bit class are ignored.
+        assert_eq!(code(b"\0\0\xfc\x01"), Some((401, String::new())));
+        assert_eq!(code(b"\0\0\x04"), None);
     }
 
     #[tokio::test]

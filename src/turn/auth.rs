@@ -13,15 +13,12 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use hmac::{Hmac, KeyInit, Mac};
-use sha1::Sha1;
+use ring::hmac;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::{TurnAuthConfig, TurnAuthType};
-
-type HmacSha1 = Hmac<Sha1>;
 
 /// How long a nonce stays valid before the client gets 438 Stale Nonce.
 pub(crate) const NONCE_LIFETIME: Duration = Duration::from_secs(600);
@@ -73,13 +70,9 @@ impl AuthFailure {
 
 /// `base64(HMAC-SHA1(secret, username))`: the password of a TURN REST API username.
 pub fn ephemeral_password(secret: &str, username: &str) -> String {
-    // HMAC accepts keys of any length, so this cannot fail.
-    let mut mac = match HmacSha1::new_from_slice(secret.as_bytes()) {
-        Ok(m) => m,
-        Err(_) => unreachable!("HMAC takes keys of any length"),
-    };
-    mac.update(username.as_bytes());
-    BASE64.encode(mac.finalize().into_bytes())
+    // ring's HMAC-SHA1, the one the `turn` and `stun` crates use for MESSAGE-INTEGRITY.
+    let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret.as_bytes());
+    BASE64.encode(hmac::sign(&key, username.as_bytes()).as_ref())
 }
 
 /// `EXPIRY:USER`, or the bare timestamp when `user` is empty (both accepted by coturn).
@@ -233,18 +226,16 @@ impl Nonces {
     }
 
     fn mac(&self, issued: u64, ip: IpAddr) -> u64 {
-        let mut mac = match HmacSha1::new_from_slice(&self.key) {
-            Ok(m) => m,
-            Err(_) => unreachable!("HMAC takes keys of any length"),
-        };
+        let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &self.key);
+        let mut mac = hmac::Context::with_key(&key);
         mac.update(&issued.to_be_bytes());
         match ip {
             IpAddr::V4(v4) => mac.update(&v4.octets()),
             IpAddr::V6(v6) => mac.update(&v6.octets()),
         }
-        let out = mac.finalize().into_bytes();
+        let out = mac.sign();
         let mut first = [0u8; 8];
-        first.copy_from_slice(&out[..8]);
+        first.copy_from_slice(&out.as_ref()[..8]);
         u64::from_be_bytes(first)
     }
 

@@ -1,0 +1,414 @@
+//! The configuration reference: one row per key (path, type, default, meaning), printed by
+//! `mediagate config --reference` and committed as `docs/configuration.md`.
+//!
+//! The tests below keep the table and the serde types in `types.rs` in step: every field
+//! of every configuration struct must have a row, every row must be a field, and every
+//! written default must deserialize to the value the code uses when the key is absent.
+//! Adding a key means adding a serde field *and* a row here (then regenerating the doc).
+
+use std::fmt::Write as _;
+
+/// What the reference says about a key's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyDefault {
+    /// The key must be written.
+    Required,
+    /// Absent means unset; the text says what that does ("none: the traffic port").
+    Unset(&'static str),
+    /// A sub-section or list whose keys have their own rows.
+    Section,
+    /// The value used when the key is absent, written as it would be in the file. The
+    /// tests check that writing it changes nothing.
+    Value(&'static str),
+}
+
+/// One row of the reference.
+#[derive(Debug, Clone, Copy)]
+pub struct Key {
+    /// Dotted path: `[]` marks a list entry, `NAME` a map key chosen by the user.
+    pub path: &'static str,
+    /// What may be written.
+    pub kind: &'static str,
+    /// The default.
+    pub default: KeyDefault,
+    /// What the key does.
+    pub meaning: &'static str,
+}
+
+const fn key(
+    path: &'static str,
+    kind: &'static str,
+    default: KeyDefault,
+    meaning: &'static str,
+) -> Key {
+    Key {
+        path,
+        kind,
+        default,
+        meaning,
+    }
+}
+
+use KeyDefault::{Required, Section, Unset, Value};
+
+/// Every configuration key, in the order of the file's sections: one row per line.
+#[rustfmt::skip]
+pub const KEYS: &[Key] = &[
+    // ------------------------------------------------------------------ admin
+    key("admin", "section", Section, "The admin HTTP API: `/metrics`, `/healthz`, `/readyz`, `/status`, `/ice` and the POST endpoints (see [admin-api.md](admin-api.md))."),
+    key("admin.listen", "ip:port", Value("127.0.0.1:8086"), "Where the admin API listens. Loopback by default because the POST endpoints change server states; in Kubernetes bind `0.0.0.0:8086` and restrict it with a token and the `network-policy` component."),
+    key("admin.token", "string", Unset("none: no check"), "When set, every POST endpoint (server state, failback, reload, `/log-level`) and `GET /ice` (it hands out TURN credentials) need `Authorization: Bearer <token>`; the other GET endpoints stay open. Use `${VAR}` to read it from a Secret."),
+    key("admin.max_connections", "integer", Value("128"), "Open admin connections at most. At the cap the oldest connection with no request in progress is closed to make room, or the new one when every connection is busy."),
+    key("admin.header_read_timeout", "duration", Value("5s"), "A connection must deliver a request's headers within this time (also between two requests of a kept-alive connection), or it is closed."),
+    // ------------------------------------------------------------------ log
+    key("log", "section", Section, "Logging to stderr."),
+    key("log.level", "tracing filter", Value("info"), "`error`, `warn`, `info`, `debug`, `trace`, or a filter such as `info,mediagate::health=debug`. `RUST_LOG` overrides it. Applied live on reload and by `POST /log-level`."),
+    key("log.format", "`text` or `json`", Value("text"), "`text`: human-readable lines, coloured only when stderr is a terminal (and `NO_COLOR` is unset). `json`: one JSON object per line for log collectors."),
+    // ------------------------------------------------------------------ listeners
+    key("listeners", "list", Section, "Client-facing sockets; each forwards to one upstream. Default: none."),
+    key("listeners[].name", "string", Required, "Unique; letters, digits, `.`, `-`, `_`. Used as the `listener` label of metrics."),
+    key("listeners[].protocol", "`tcp` or `udp`", Required, "`tcp`: each accepted connection is a session. `udp`: each client `ip:port` is a session."),
+    key("listeners[].listen", "ip:port or ip:first-last", Required, "Address to bind. A port range binds every port and maps each to the same port on the server. Listen addresses must not overlap (`0.0.0.0`/`::` overlap every address)."),
+    key("listeners[].upstream", "string", Required, "Name of an entry of `upstreams`."),
+    key("listeners[].session", "section", Section, "Session limits of this listener."),
+    key("listeners[].session.idle_timeout", "duration", Value("60s"), "A session with no traffic either way for this long is removed (UDP) or reset (TCP: a connection that sends nothing does not hold its descriptors)."),
+    key("listeners[].session.max_sessions", "integer", Value("100000"), "UDP: live sessions at most; new sessions beyond it are dropped and counted (`mediagate_sessions_rejected_total{reason=\"max_sessions\"}`)."),
+    key("listeners[].session.new_per_source_per_second", "integer", Value("200"), "UDP: new sessions one source IP may open per second (a token bucket holding one second's worth); more are dropped and counted (`reason=\"source_rate\"`). `0` turns the limit off."),
+    key("listeners[].session.max_per_source", "integer", Value("10000"), "UDP: live sessions of one source IP at most; more are dropped and counted (`reason=\"source_sessions\"`). `0` turns the limit off."),
+    key("listeners[].max_connections", "integer", Value("10000"), "TCP: open connections at most (each holds two descriptors, client and server); connections beyond it are closed at once and counted."),
+    // ------------------------------------------------------------------ upstreams
+    key("upstreams", "map", Section, "Named groups of servers, in written order. Each key is the upstream's name (used by listeners, metrics, `/status` and the CLI)."),
+    key("upstreams.NAME.primary", "list of servers", Value("[]"), "Preferred servers, in order. A server is `ip:port`, `ip` (the listener's port, or each port of its range), `host[:port]` (DNS: every A/AAAA record is a server), `node/NODE` or `node/*` (Kubernetes endpoints, needs `kubernetes`). `primary` and `backup` together must not be empty."),
+    key("upstreams.NAME.backup", "list of servers", Value("[]"), "Used, in order, when no primary server is eligible. Same forms as `primary`."),
+    key("upstreams.NAME.balance", "`first`, `hash`, `round_robin`, `least_sessions`", Value("first"), "Choice among the eligible servers of the first tier that has one. `first`: strict active-passive, the first eligible server. `hash`: rendezvous hash of the client IP. `round_robin`: rotate. `least_sessions`: fewest live sessions."),
+    key("upstreams.NAME.failback", "`new-sessions`, `all`, `manual`", Value("new-sessions"), "When a higher-priority server is eligible again: `new-sessions` sends new sessions there and leaves existing ones; `all` moves existing sessions back too; `manual` moves nothing until `mediagate failback NAME` (`POST /upstreams/NAME/failback`) or the server in use fails."),
+    key("upstreams.NAME.failback_delay", "duration", Value("0s"), "A recovered server must stay up this long before it is used again."),
+    key("upstreams.NAME.health", "section", Section, "Active health probe of every server of the upstream."),
+    key("upstreams.NAME.health.type", "`tcp`, `udp`, `stun`, `http`, `none`", Value("tcp"), "`tcp`: a TCP connect. `udp`: send `send`, expect a reply (containing `expect` if set). `stun`: an RFC 5389 Binding request over UDP. `http`: `GET path`, expect `expect_status`. `none`: no probe; passive signals and discovery readiness only."),
+    key("upstreams.NAME.health.interval", "duration", Value("1s"), "Time between two probes of a server."),
+    key("upstreams.NAME.health.timeout", "duration", Value("500ms"), "A probe not answered within this time failed. Must not exceed `interval`."),
+    key("upstreams.NAME.health.fall", "integer >= 1", Value("1"), "Failed probes in a row that mark a server down (1: zero tolerance)."),
+    key("upstreams.NAME.health.rise", "integer >= 1", Value("2"), "Good probes in a row that bring a down server back."),
+    key("upstreams.NAME.health.port", "port", Unset("none: the traffic port"), "Probe this port of the server's host instead of the port traffic goes to (for example a Janus HTTP port for an RTP upstream)."),
+    key("upstreams.NAME.health.path", "string", Value("/"), "`http`: the request path."),
+    key("upstreams.NAME.health.expect_status", "integer", Value("200"), "`http`: the status code that means healthy; any other status, or none, is a failed probe."),
+    key("upstreams.NAME.health.tls", "bool", Value("false"), "`http`: speak HTTPS to the probe port (TLS 1.2/1.3, rustls). A failed handshake or certificate check fails the probe."),
+    key("upstreams.NAME.health.tls_verify", "bool", Value("true"), "`http` with `tls`: check the certificate against the system's CA certificates (`/etc/ssl/certs`, or `SSL_CERT_FILE`) and `tls_server_name`. `false` accepts any certificate, e.g. a self-signed Janus admin certificate (the handshake is still checked)."),
+    key("upstreams.NAME.health.tls_server_name", "string", Unset("none: the server's IP address"), "`http` with `tls`: the name sent as SNI, checked against the certificate and sent as `Host`."),
+    key("upstreams.NAME.health.send", "string", Value("ping"), "`udp`: the payload sent."),
+    key("upstreams.NAME.health.expect", "string", Unset("none: any reply"), "`udp`: the reply must contain this string."),
+    key("upstreams.NAME.passive", "bool", Value("true"), "Passive health: an ICMP unreachable on a UDP session, or a refused / timed-out TCP connect, marks the server down at once, without waiting for the probe."),
+    key("upstreams.NAME.passive_scope", "`protocol` or `server`", Value("protocol"), "Which passive failures mark the whole server down. `protocol`: only failures of the protocol that speaks for the server (the upstream's one listener protocol, or, when UDP and TCP listeners share the upstream, the probe's protocol: `udp`/`stun` probes UDP, `tcp`/`http` TCP, `none` both); a failure of the other protocol only steers that protocol's traffic away from the server for 10s. `server`: every passive failure marks the server down."),
+    key("upstreams.NAME.connect_timeout", "duration", Value("1s"), "TCP connect timeout towards a server; a timeout is a passive failure."),
+    key("upstreams.NAME.kubernetes", "section", Unset("none"), "The Service whose EndpointSlices `node/…` servers refer to. Required when the upstream names `node/…` servers; needs `discovery.kubernetes.enabled`."),
+    key("upstreams.NAME.kubernetes.namespace", "string", Required, "Namespace of the Service."),
+    key("upstreams.NAME.kubernetes.service", "string", Required, "Name of the Service whose ready endpoints are the workers."),
+    key("upstreams.NAME.kubernetes.port", "port", Unset("none: the listener's port"), "Port to send traffic to on the endpoint."),
+    // ------------------------------------------------------------------ turn
+    key("turn", "section", Unset("none: no STUN/TURN service"), "The gateway's own STUN/TURN service (see the README's STUN/TURN chapter)."),
+    key("turn.realm", "string", Value("mediagate"), "The realm of long-term credentials."),
+    key("turn.public_address", "IP or host name", Required, "The address browsers reach the TURN listeners at, advertised in `/ice` configurations. No port."),
+    key("turn.listeners", "list", Required, "At least one TURN listener."),
+    key("turn.listeners[].protocol", "`udp` or `tcp`", Required, "Transport of this TURN listener."),
+    key("turn.listeners[].listen", "ip:port", Required, "Address to bind."),
+    key("turn.auth", "section", Required, "How TURN clients authenticate."),
+    key("turn.auth.type", "`static` or `ephemeral`", Required, "`static`: fixed long-term credentials from `users`. `ephemeral`: TURN REST API credentials (`expiry:user` / HMAC-SHA1 of `secret`), compatible with coturn's `use-auth-secret`."),
+    key("turn.auth.secret", "string", Unset("none"), "`ephemeral`: the shared secret (coturn `static-auth-secret`); required for that type. Use `${VAR}`."),
+    key("turn.auth.ttl", "duration", Value("24h"), "`ephemeral`: lifetime of credentials handed out by `/ice` and `mediagate ice`."),
+    key("turn.auth.users", "list", Value("[]"), "`static`: the users; required (non-empty) for that type."),
+    key("turn.auth.users[].username", "string", Required, "Non-empty, unique."),
+    key("turn.auth.users[].password", "string", Required, "Non-empty."),
+    key("turn.relay", "section", Section, "Relay sockets and who may be relayed to."),
+    key("turn.relay.address", "IP", Value("0.0.0.0"), "Where relay sockets bind."),
+    key("turn.relay.port_range", "first-last", Value("49152-65535"), "Ports of relay sockets."),
+    key("turn.relay.peers", "list", Value("[upstreams]"), "Who may be relayed to (no open relay): `upstreams` (the IP of every server of every upstream, any port), `self` (other allocations on this gateway), or CIDRs such as `10.0.0.0/8`."),
+    key("turn.quota", "section", Section, "Limits per user."),
+    key("turn.quota.allocations_per_user", "integer >= 1", Value("10"), "Live allocations one user may hold; more are refused with 486 (Allocation Quota Reached). For ephemeral credentials the user is the whole `EXPIRY:USER` name, so the quota applies per issued credential, as in coturn."),
+    // ------------------------------------------------------------------ discovery
+    key("discovery", "section", Section, "How DNS names and `node/…` servers are resolved."),
+    key("discovery.dns", "section", Section, "DNS discovery of `host[:port]` servers."),
+    key("discovery.dns.nameservers", "list of ip:port", Value("[]"), "Name servers to ask; empty means the system resolver (`/etc/resolv.conf`)."),
+    key("discovery.dns.min_ttl", "duration", Value("1s"), "A name is re-resolved no sooner than this, whatever its TTL."),
+    key("discovery.dns.max_ttl", "duration", Value("30s"), "A name is re-resolved at least this often, whatever its TTL. On a failed resolution the last good set is kept."),
+    key("discovery.kubernetes", "section", Section, "Kubernetes discovery of `node/…` servers."),
+    key("discovery.kubernetes.enabled", "bool", Value("false"), "Watch EndpointSlices and Nodes (in-cluster configuration, else `KUBECONFIG`). Needed by `node/…` servers."),
+    // ------------------------------------------------------------------ shutdown
+    key("shutdown", "section", Section, "Graceful shutdown on SIGTERM/SIGINT."),
+    key("shutdown.drain_timeout", "duration", Value("30s"), "After a termination signal: not ready, no new sessions, existing sessions keep flowing for at most this long. Keep the pod's `terminationGracePeriodSeconds` above it."),
+];
+
+const INTRO: &str = "\
+# Configuration reference
+
+<!-- Generated by `mediagate config --reference` from src/config/reference.rs; do not edit.
+     A test fails when this file and the command's output differ. -->
+
+The configuration file is YAML (`mediagate run -c FILE`, `mediagate check -c FILE`; the
+default file is `$MEDIAGATE_CONFIG`, else `config/mediagate.yaml`). The rules:
+
+- **Unknown keys are errors**, so a typo fails `mediagate check` instead of falling back to
+  a default. Every error names the file, line, column and key path, and `check` reports
+  every error of the file in one run.
+- **Durations** are strings such as `250ms`, `5s`, `2m`, `24h` (a number and its unit
+  written together).
+- **`${VAR}`** in any string value is replaced by the environment variable `VAR`; a missing
+  variable is an error. Use it for secrets (`admin.token`, `turn.auth.secret`).
+- **Reload**: `SIGHUP`, a change of the file's content, or `POST /reload` loads the file
+  again; a file that fails the check is refused and the running configuration stays.
+- In paths below, `[]` is an entry of a list and `NAME` a key of your choosing.
+
+An annotated example is [`config/mediagate.yaml`](../config/mediagate.yaml); the README
+explains each feature. Generate this page again with
+`mediagate config --reference > docs/configuration.md`.
+";
+
+/// The reference as Markdown: one table per top-level section.
+pub fn markdown() -> String {
+    let mut out = String::from(INTRO);
+    let mut section = "";
+    for k in KEYS {
+        let top = k.path.split(['.', '[']).next().unwrap_or(k.path);
+        if top != section {
+            section = top;
+            let _ = write!(
+                out,
+                "\n## `{top}`\n\n| Key | Type | Default | Meaning |\n|---|---|---|---|\n"
+            );
+        }
+        let default = match k.default {
+            Required => "**required**".to_string(),
+            Unset(text) => text.to_string(),
+            Section => "see below".to_string(),
+            Value(v) => format!("`{v}`"),
+        };
+        let _ = writeln!(
+            out,
+            "| `{}` | {} | {} | {} |",
+            k.path,
+            k.kind,
+            default,
+            k.meaning.replace('|', "\\|")
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::types::*;
+    use serde::Deserialize;
+    use serde::de::{self, Deserializer, Visitor};
+    use std::collections::BTreeSet;
+
+    /// A deserializer that records the field names a `#[derive(Deserialize)]` struct asks
+    /// for, then fails: the real field list of a configuration type, renames included.
+    struct Capture<'a>(&'a mut Vec<&'static str>);
+
+    impl<'de> Deserializer<'de> for Capture<'_> {
+        type Error = de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(de::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            self.0.extend_from_slice(fields);
+            Err(de::Error::custom("captured"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+
+    fn fields<T: for<'de> Deserialize<'de>>() -> Vec<&'static str> {
+        let mut v = Vec::new();
+        let _ = T::deserialize(Capture(&mut v));
+        assert!(
+            !v.is_empty(),
+            "{} is not a struct",
+            std::any::type_name::<T>()
+        );
+        v
+    }
+
+    /// Every configuration struct and the path its fields live under. A new struct-valued
+    /// key (a `section` row) needs its type listed here.
+    fn structs() -> Vec<(&'static str, Vec<&'static str>)> {
+        vec![
+            ("", fields::<Config>()),
+            ("admin", fields::<AdminConfig>()),
+            ("log", fields::<LogConfig>()),
+            ("listeners[]", fields::<ListenerConfig>()),
+            ("listeners[].session", fields::<SessionConfig>()),
+            ("upstreams.NAME", fields::<UpstreamConfig>()),
+            ("upstreams.NAME.health", fields::<HealthConfig>()),
+            ("upstreams.NAME.kubernetes", fields::<KubernetesRef>()),
+            ("turn", fields::<TurnConfig>()),
+            ("turn.listeners[]", fields::<TurnListenerConfig>()),
+            ("turn.auth", fields::<TurnAuthConfig>()),
+            ("turn.auth.users[]", fields::<TurnUser>()),
+            ("turn.relay", fields::<RelayConfig>()),
+            ("turn.quota", fields::<QuotaConfig>()),
+            ("discovery", fields::<DiscoveryConfig>()),
+            ("discovery.dns", fields::<DnsConfig>()),
+            (
+                "discovery.kubernetes",
+                fields::<KubernetesDiscoveryConfig>(),
+            ),
+            ("shutdown", fields::<ShutdownConfig>()),
+        ]
+    }
+
+    /// The struct path a row's key belongs to: `turn.auth.users[].username` ->
+    /// `turn.auth.users[]`; the list and map rows themselves (`listeners`, `upstreams`)
+    /// belong to the root.
+    fn parent(path: &str) -> (&str, &str) {
+        match path.rfind('.') {
+            Some(i) => (&path[..i], &path[i + 1..]),
+            None => ("", path),
+        }
+    }
+
+    #[test]
+    fn every_field_of_every_config_struct_has_a_row_and_every_row_is_a_field() {
+        let rows: BTreeSet<&str> = KEYS.iter().map(|k| k.path).collect();
+        assert_eq!(rows.len(), KEYS.len(), "a path appears twice in KEYS");
+        let structs = structs();
+        let mut missing = Vec::new();
+        for (prefix, fields) in &structs {
+            for f in fields {
+                // `upstreams` is a map of UpstreamConfig: its row is `upstreams`, and the
+                // fields of an entry live under `upstreams.NAME`.
+                let path = if prefix.is_empty() {
+                    f.to_string()
+                } else {
+                    format!("{prefix}.{f}")
+                };
+                if !rows.contains(path.as_str()) {
+                    missing.push(path);
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "keys without a row in src/config/reference.rs KEYS: {missing:?}"
+        );
+        for k in KEYS {
+            let (p, name) = parent(k.path);
+            let p = p.trim_end_matches("[]");
+            let owner = structs
+                .iter()
+                .find(|(prefix, _)| prefix.trim_end_matches("[]") == p)
+                .unwrap_or_else(|| panic!("row {}: no struct for {p:?} in structs()", k.path));
+            let name = name.trim_end_matches("[]");
+            assert!(
+                owner.1.contains(&name),
+                "row {} names no field of the configuration types ({:?} has {:?})",
+                k.path,
+                owner.0,
+                owner.1
+            );
+            // Sections, and lists/maps of sections, need their struct in structs(); lists
+            // of scalars (`turn.relay.peers`, …) are `list` rows with a Value default.
+            if k.default == Section || k.kind == "section" {
+                let entry = [format!("{}[]", k.path), format!("{}.NAME", k.path)];
+                let has_struct = structs
+                    .iter()
+                    .any(|(prefix, _)| *prefix == k.path || entry.iter().any(|s| s == prefix));
+                assert!(
+                    has_struct,
+                    "section row {} has no type in structs()",
+                    k.path
+                );
+            }
+        }
+    }
+
+    /// A configuration using every section, with a user-chosen name `NAME`.
+    fn base() -> serde_json::Value {
+        serde_json::json!({
+            "admin": {}, "log": {},
+            "listeners": [{"name": "l", "protocol": "udp", "listen": "127.0.0.1:5004",
+                           "upstream": "NAME", "session": {}}],
+            "upstreams": {"NAME": {"primary": ["127.0.0.1:6000"], "health": {},
+                                   "kubernetes": {"namespace": "n", "service": "s"}}},
+            "turn": {"public_address": "127.0.0.1",
+                     "listeners": [{"protocol": "udp", "listen": "127.0.0.1:3478"}],
+                     "auth": {"type": "static", "users": [{"username": "u", "password": "p"}]},
+                     "relay": {}, "quota": {}},
+            "discovery": {"dns": {}, "kubernetes": {}},
+            "shutdown": {}
+        })
+    }
+
+    /// The JSON value of a default as written in the reference.
+    fn written(v: &str) -> serde_json::Value {
+        if let Ok(j) = serde_json::from_str::<serde_json::Value>(v) {
+            return j;
+        }
+        if let Some(inner) = v.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            return inner
+                .split(',')
+                .map(|s| serde_json::Value::from(s.trim()))
+                .collect();
+        }
+        v.into()
+    }
+
+    /// The object holding the key at `path` in `cfg`, and the key.
+    fn slot<'a>(
+        cfg: &'a mut serde_json::Value,
+        path: &'a str,
+    ) -> (&'a mut serde_json::Map<String, serde_json::Value>, &'a str) {
+        let mut cur = cfg;
+        let mut parts: Vec<&str> = path.split('.').collect();
+        let last = parts.pop().unwrap();
+        for p in parts {
+            cur = match p.strip_suffix("[]") {
+                Some(list) => &mut cur[list][0],
+                None => &mut cur[p],
+            };
+        }
+        (cur.as_object_mut().expect("an object"), last)
+    }
+
+    #[test]
+    fn every_written_default_is_the_value_the_code_uses() {
+        let parse = |v: serde_json::Value| -> Result<Config, String> {
+            serde_json::from_value(v).map_err(|e| e.to_string())
+        };
+        parse(base()).expect("the test's base configuration parses");
+        for k in KEYS {
+            let Value(v) = k.default else { continue };
+            let mut absent = base();
+            let (obj, name) = slot(&mut absent, k.path);
+            obj.remove(name);
+            let mut written_out = base();
+            let (obj, name) = slot(&mut written_out, k.path);
+            obj.insert(name.to_string(), written(v));
+            let absent = parse(absent).unwrap_or_else(|e| panic!("{} absent: {e}", k.path));
+            let with = parse(written_out).unwrap_or_else(|e| panic!("{}: {v}: {e}", k.path));
+            assert_eq!(
+                absent, with,
+                "{}: the documented default {v:?} is not the code's",
+                k.path
+            );
+        }
+    }
+
+    #[test]
+    fn docs_configuration_md_is_the_generated_reference() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md");
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == markdown(),
+            "docs/configuration.md is stale: run `cargo run -- config --reference > docs/configuration.md`"
+        );
+    }
+}

@@ -122,8 +122,10 @@ pub const KEYS: &[Key] = &[
     key("turn.relay.address", "IP", Value("0.0.0.0"), "Where relay sockets bind."),
     key("turn.relay.port_range", "first-last", Value("49152-65535"), "Ports of relay sockets."),
     key("turn.relay.peers", "list", Value("[upstreams]"), "Who may be relayed to (no open relay): `upstreams` (the IP of every server of every upstream, any port), `self` (other allocations on this gateway), or CIDRs such as `10.0.0.0/8`."),
-    key("turn.quota", "section", Section, "Limits per user."),
-    key("turn.quota.allocations_per_user", "integer >= 1", Value("10"), "Live allocations one user may hold; more are refused with 486 (Allocation Quota Reached). For ephemeral credentials the user is the whole `EXPIRY:USER` name, so the quota applies per issued credential, as in coturn."),
+    key("turn.quota", "section", Section, "Limits per user and over all users."),
+    key("turn.quota.allocations_per_user", "integer >= 1", Value("10"), "Live allocations and EVEN-PORT reservations one user may hold; more are refused with 486 (Allocation Quota Reached). For ephemeral credentials the user is the whole `EXPIRY:USER` name, so the quota applies per issued credential, as in coturn."),
+    key("turn.quota.max_allocations", "integer >= 1", Value("10000"), "Allocations plus EVEN-PORT reserved ports over all users; beyond it Allocate gets 508 (Insufficient Capacity). Clipped to the size of `turn.relay.port_range` (each holds one relay port); an info line says so. Counted in the file-descriptor budget."),
+    key("turn.quota.max_tcp_connections", "integer >= 1", Value("4096"), "Concurrent TURN-over-TCP connections over all TCP listeners; further connections are closed at accept and counted in `mediagate_turn_tcp_closed_total{reason=\"limit\"}`."),
     // ------------------------------------------------------------------ discovery
     key("discovery", "section", Section, "How DNS names and `node/…` servers are resolved."),
     key("discovery.dns", "section", Section, "DNS discovery of `host[:port]` servers."),

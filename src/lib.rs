@@ -15,7 +15,6 @@ pub mod discovery;
 pub mod fdbudget;
 pub mod flows;
 pub mod health;
-pub mod loadgen;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

@@ -11,7 +11,9 @@
 //! Every mode is bounded in time; output lines are `key=value` pairs for scripts.
 
 use clap::{Parser, Subcommand};
-use mediagate::loadgen::{self, Generator};
+mod loadgen;
+
+use loadgen::Generator;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;

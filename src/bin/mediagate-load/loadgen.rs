@@ -11,7 +11,7 @@
 //! The echo worker reflects each datagram unchanged with `recvmmsg`/`sendmmsg` on
 //! `SO_REUSEPORT` sockets, one per thread, so the direct path is as cheap as it gets.
 
-use crate::proxy::sys::{self, MsgBatch};
+use mediagate::proxy::sys::{self, MsgBatch};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -74,10 +74,6 @@ impl Histogram {
         self.max = self.max.max(v);
     }
 
-    pub fn count(&self) -> u64 {
-        self.total
-    }
-
     /// The value at quantile `q` (0..=1); 0 when empty.
     pub fn quantile(&self, q: f64) -> u64 {
         if self.total == 0 {
@@ -95,14 +91,6 @@ impl Histogram {
             }
         }
         self.max
-    }
-
-    pub fn merge(&mut self, other: &Histogram) {
-        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-            *a += b;
-        }
-        self.total += other.total;
-        self.max = self.max.max(other.max);
     }
 }
 
@@ -173,6 +161,7 @@ pub struct Generator {
 
 impl Generator {
     /// Opens `flows` sockets on loopback (of the target's family), each connected to `target`.
+    #[cfg(test)]
     pub fn new(target: SocketAddr, flows: usize, size: usize) -> io::Result<Generator> {
         Self::with_source_ports(target, flows, size, 0)
     }
@@ -225,10 +214,6 @@ impl Generator {
             size,
             clock: Instant::now(),
         })
-    }
-
-    pub fn target(&self) -> SocketAddr {
-        self.target
     }
 
     /// Sends one datagram per flow and waits up to `limit` for every flow to be answered

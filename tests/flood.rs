@@ -16,7 +16,7 @@ use std::io::{IoSlice, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -26,38 +26,7 @@ fn start_limited(yaml: &str, admin_port: u16, nofile: Option<u64>) -> Balancer {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("mediagate.yaml");
     std::fs::write(&config, yaml).expect("write config");
-    let mut cmd = Command::new(MEDIAGATE);
-    cmd.args(["run", "-c"])
-        .arg(&config)
-        .env(
-            "RUST_LOG",
-            std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    if let Some(n) = nofile {
-        // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, n, n)
-                    .map_err(std::io::Error::from)
-            });
-        }
-    }
-    let child = cmd.spawn().expect("spawn mediagate");
-    let b = Balancer {
-        proc: Proc {
-            child,
-            name: "mediagate".into(),
-        },
-        admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
-        dir,
-        config,
-    };
-    wait_until(Duration::from_secs(15), "mediagate /readyz", || {
-        matches!(http(b.admin, "GET", "/readyz", None), Ok((200, _)))
-    });
-    b
+    Balancer::start_path_with(dir, config, admin_port, nofile, &[])
 }
 
 /// Resident memory (KiB) and open descriptors of a process.

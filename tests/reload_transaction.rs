@@ -11,7 +11,6 @@ use common::*;
 use mediagate::flows::Flows;
 use nix::sys::signal::Signal;
 use std::net::{SocketAddr, UdpSocket};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -225,44 +224,15 @@ listeners:
 /// Runs `mediagate run -c config` with RLIMIT_NOFILE set to `nofile` (soft and hard, so
 /// the process cannot raise it).
 fn start_with_nofile(b_dir: tempfile::TempDir, yaml: &str, admin: u16, nofile: u64) -> Balancer {
-    use std::os::unix::process::CommandExt;
     let config = b_dir.path().join("mediagate.yaml");
     std::fs::write(&config, yaml).expect("write config");
-    let mut cmd = Command::new(MEDIAGATE);
-    cmd.args(["run", "-c"])
-        .arg(&config)
-        .env(
-            "RUST_LOG",
-            std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .env("MEDIAGATE_UDP_WORKERS", "2")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sys::resource::setrlimit(
-                nix::sys::resource::Resource::RLIMIT_NOFILE,
-                nofile,
-                nofile,
-            )
-            .map_err(std::io::Error::from)
-        });
-    }
-    let child = cmd.spawn().expect("spawn mediagate");
-    let b = Balancer {
-        proc: Proc {
-            child,
-            name: "mediagate".into(),
-        },
-        admin: SocketAddr::from(([127, 0, 0, 1], admin)),
-        dir: b_dir,
+    Balancer::start_path_with(
+        b_dir,
         config,
-    };
-    wait_until(Duration::from_secs(15), "mediagate /readyz", || {
-        matches!(http(b.admin, "GET", "/readyz", None), Ok((200, _)))
-    });
-    b
+        admin,
+        Some(nofile),
+        &[("MEDIAGATE_UDP_WORKERS", "2")],
+    )
 }
 
 /// `count` consecutive free UDP ports on 127.0.0.1 (checked by binding each once).

@@ -172,17 +172,39 @@ impl Balancer {
 
     /// Runs `mediagate run -c config` (a file the caller wrote inside `dir`).
     pub fn start_path(dir: tempfile::TempDir, config: PathBuf, admin_port: u16) -> Balancer {
-        let child = Command::new(MEDIAGATE)
-            .args(["run", "-c"])
+        Self::start_path_with(dir, config, admin_port, None, &[])
+    }
+
+    /// [`Balancer::start_path`] with the open-file limit (soft and hard, so the process
+    /// cannot raise it) set to `nofile`, and extra environment variables.
+    pub fn start_path_with(
+        dir: tempfile::TempDir,
+        config: PathBuf,
+        admin_port: u16,
+        nofile: Option<u64>,
+        env: &[(&str, &str)],
+    ) -> Balancer {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(MEDIAGATE);
+        cmd.args(["run", "-c"])
             .arg(&config)
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn mediagate");
+            .stderr(Stdio::inherit());
+        if let Some(n) = nofile {
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, n, n)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn mediagate");
         let b = Balancer {
             proc: Proc {
                 child,

@@ -181,10 +181,23 @@ async fn set_state(
         return error(StatusCode::NOT_FOUND, format!("no upstream {name}"));
     };
     match up.set_admin(&server, state).await {
-        Ok(()) => Json(serde_json::json!({
-            "upstream": name, "server": server, "state": state.as_str()
-        }))
-        .into_response(),
+        Ok(()) => {
+            if let Some(c) = &ctx.app.cluster {
+                // The peers know servers by label; the API also takes a bare IP.
+                let label = up
+                    .view()
+                    .servers
+                    .iter()
+                    .find(|s| s.handle.label == server || s.handle.ip.to_string() == server)
+                    .map(|s| s.handle.label.clone())
+                    .unwrap_or_else(|| server.clone());
+                c.admin_changed(&name, &label, state).await;
+            }
+            Json(serde_json::json!({
+                "upstream": name, "server": server, "state": state.as_str()
+            }))
+            .into_response()
+        }
         Err(e) => error(StatusCode::NOT_FOUND, e),
     }
 }
@@ -194,10 +207,15 @@ async fn failback(State(ctx): State<Ctx>, Path(name): Path<String>) -> Response 
         return error(StatusCode::NOT_FOUND, format!("no upstream {name}"));
     };
     match up.failback_now().await {
-        Ok(()) => Json(serde_json::json!({
-            "upstream": name, "active": up.view().active
-        }))
-        .into_response(),
+        Ok(()) => {
+            if let Some(c) = &ctx.app.cluster {
+                c.failback_requested(&name).await;
+            }
+            Json(serde_json::json!({
+                "upstream": name, "active": up.view().active
+            }))
+            .into_response()
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }

@@ -35,6 +35,9 @@ pub struct Config {
     /// Graceful shutdown.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Replicas acting as one balancer (shared health and admin states). Default: none.
+    #[serde(default)]
+    pub cluster: Option<super::ClusterConfig>,
 }
 
 /// `admin:` — the HTTP API with /metrics, /status and the POST endpoints.

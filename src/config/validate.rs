@@ -38,6 +38,7 @@ pub fn validate(cfg: &Config) -> Vec<Issue> {
     v.turn(cfg);
     v.addresses(cfg);
     v.discovery(cfg);
+    v.cluster(cfg);
     v.issues
 }
 
@@ -327,6 +328,33 @@ impl Checker {
                 );
             }
             _ => {}
+        }
+    }
+
+    fn cluster(&mut self, cfg: &Config) {
+        let Some(c) = &cfg.cluster else { return };
+        if c.secret.len() < 16 {
+            self.push("cluster.secret", "the secret must be at least 16 bytes");
+        }
+        if c.listen.port() == 0 {
+            self.push("cluster.listen", "a port is required");
+        }
+        for (i, p) in c.peers.iter().enumerate() {
+            let ok = p
+                .rsplit_once(':')
+                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok_and(|x| x > 0));
+            if !ok {
+                self.push(
+                    index_path("cluster.peers", i),
+                    format!("{p:?} is not host:port"),
+                );
+            }
+        }
+        if c.peer_timeout.get() < c.gossip_interval.get() * 2 {
+            self.push(
+                "cluster.peer_timeout",
+                "must be at least twice cluster.gossip_interval",
+            );
         }
     }
 

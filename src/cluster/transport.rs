@@ -4,9 +4,9 @@
 //! | sent-at (u64, Unix ms) | chitchat message | HMAC-SHA256 over everything before it.
 //! A receiver drops (and counts) a frame whose MAC is wrong (`bad_mac`), that is too
 //! short (`malformed`), that was sent more than [`MAX_AGE`] ago or ahead (`stale`), or
-//! whose (sender address, epoch, counter) it has already accepted or that is older than
-//! its window of [`WINDOW`] counters (`replay`). The replay state is bounded
-//! ([`MAX_SENDERS`] senders).
+//! whose (sender epoch, counter) it has already accepted, that carries this process's
+//! own epoch (its frames reflected back), or that is older than its window of [`WINDOW`]
+//! counters (`replay`). The replay state is bounded ([`MAX_SENDERS`] sender epochs).
 //!
 //! chitchat serialises its messages only inside the crate, so this transport lets two of
 //! chitchat's own loopback UDP sockets do the (de)serialisation: an outgoing message is
@@ -91,60 +91,60 @@ impl Reject {
 
 #[derive(Debug)]
 struct Window {
-    epoch: u64,
     highest: u64,
     /// Bit i: counter `highest - i` was accepted.
     seen: u64,
     last_used: u64,
 }
 
-/// Replay protection: per sender address, the newest epoch and a sliding window.
+/// Replay protection: a sliding window of counters per sender epoch (a random number
+/// each sender picks at start, so a frame replayed from another address is still
+/// recognised), and this process's own epoch refused outright (its frames reflected
+/// back at it).
 #[derive(Debug, Default)]
 pub struct ReplayGuard {
-    senders: HashMap<SocketAddr, Window>,
+    own: u64,
+    senders: HashMap<u64, Window>,
     tick: u64,
 }
 
 impl ReplayGuard {
-    /// Accepts (and records) or refuses one (epoch, counter) from `from`.
-    pub fn check(&mut self, from: SocketAddr, epoch: u64, counter: u64) -> bool {
+    pub fn new(own_epoch: u64) -> Self {
+        ReplayGuard {
+            own: own_epoch,
+            ..Default::default()
+        }
+    }
+
+    /// Accepts (and records) or refuses one (epoch, counter).
+    pub fn check(&mut self, epoch: u64, counter: u64) -> bool {
+        if epoch == self.own {
+            return false;
+        }
         self.tick += 1;
         let tick = self.tick;
-        if !self.senders.contains_key(&from) && self.senders.len() >= MAX_SENDERS {
+        if !self.senders.contains_key(&epoch) && self.senders.len() >= MAX_SENDERS {
             if let Some(oldest) = self
                 .senders
                 .iter()
                 .min_by_key(|(_, w)| w.last_used)
-                .map(|(a, _)| *a)
+                .map(|(e, _)| *e)
             {
                 self.senders.remove(&oldest);
             }
         }
-        let w = self.senders.entry(from).or_insert(Window {
-            epoch,
-            highest: counter,
-            seen: 0,
-            last_used: tick,
-        });
-        if epoch < w.epoch {
-            return false;
-        }
-        if epoch > w.epoch {
-            *w = Window {
+        let Some(w) = self.senders.get_mut(&epoch) else {
+            self.senders.insert(
                 epoch,
-                highest: counter,
-                seen: 1,
-                last_used: tick,
-            };
+                Window {
+                    highest: counter,
+                    seen: 1,
+                    last_used: tick,
+                },
+            );
             return true;
-        }
+        };
         w.last_used = tick;
-        if w.seen == 0 {
-            // First frame of this sender.
-            w.highest = counter;
-            w.seen = 1;
-            return true;
-        }
         if counter > w.highest {
             let shift = counter - w.highest;
             w.seen = if shift >= 64 { 0 } else { w.seen << shift };
@@ -169,7 +169,6 @@ impl ReplayGuard {
 pub fn open<'a>(
     key: &[u8],
     guard: &mut ReplayGuard,
-    from: SocketAddr,
     frame: &'a [u8],
     now_ms: u64,
 ) -> Result<&'a [u8], Reject> {
@@ -187,7 +186,7 @@ pub fn open<'a>(
     if sent.abs_diff(now_ms) > MAX_AGE.as_millis() as u64 {
         return Err(Reject::Stale);
     }
-    if !guard.check(from, epoch, counter) {
+    if !guard.check(epoch, counter) {
         return Err(Reject::Replay);
     }
     Ok(&body[HEADER..])
@@ -222,6 +221,7 @@ impl Transport for HmacTransport {
             decoder,
             feeder,
             tx,
+            epoch,
         ));
         Ok(Box::new(HmacSocket {
             outer,
@@ -315,8 +315,9 @@ async fn receive(
     mut decoder: CodecSocket,
     feeder: UdpSocket,
     tx: mpsc::Sender<RecvOutcome>,
+    epoch: u64,
 ) {
-    let mut guard = ReplayGuard::default();
+    let mut guard = ReplayGuard::new(epoch);
     let mut buf = vec![0u8; MAX_FRAME];
     let Ok(decoder_addr) = decoder.local_addr() else {
         return;
@@ -333,7 +334,7 @@ async fn receive(
                 continue;
             }
         };
-        let payload = match open(&key, &mut guard, from, &buf[..n], now_ms()) {
+        let payload = match open(&key, &mut guard, &buf[..n], now_ms()) {
             Ok(p) => p,
             Err(r) => {
                 metrics.rejected(r);
@@ -367,34 +368,33 @@ mod tests {
     #[test]
     fn frames_verify_and_replays_are_refused() {
         let key = b"0123456789abcdef";
-        let from: SocketAddr = "127.0.0.1:7000".parse().unwrap();
-        let mut g = ReplayGuard::default();
+        let mut g = ReplayGuard::new(77);
         let now = now_ms();
         let f1 = seal(key, 5, 1, now, b"hello");
-        assert_eq!(open(key, &mut g, from, &f1, now), Ok(&b"hello"[..]));
-        assert_eq!(open(key, &mut g, from, &f1, now), Err(Reject::Replay));
+        assert_eq!(open(key, &mut g, &f1, now), Ok(&b"hello"[..]));
+        assert_eq!(open(key, &mut g, &f1, now), Err(Reject::Replay));
         let f3 = seal(key, 5, 3, now, b"x");
         let f2 = seal(key, 5, 2, now, b"y");
-        assert!(open(key, &mut g, from, &f3, now).is_ok());
+        assert!(open(key, &mut g, &f3, now).is_ok());
         assert!(
-            open(key, &mut g, from, &f2, now).is_ok(),
+            open(key, &mut g, &f2, now).is_ok(),
             "reordered within the window"
         );
         let old = seal(key, 4, 100, now, b"z");
         assert_eq!(
-            open(key, &mut g, from, &old, now),
+            open(key, &mut g, &old, now),
             Err(Reject::Replay),
             "older epoch"
         );
         let mut bad = seal(key, 5, 9, now, b"hello");
         bad[HEADER] ^= 1;
-        assert_eq!(open(key, &mut g, from, &bad, now), Err(Reject::BadMac));
+        assert_eq!(open(key, &mut g, &bad, now), Err(Reject::BadMac));
         let other = seal(b"another-secret!!", 5, 10, now, b"hello");
-        assert_eq!(open(key, &mut g, from, &other, now), Err(Reject::BadMac));
+        assert_eq!(open(key, &mut g, &other, now), Err(Reject::BadMac));
         let stale = seal(key, 5, 11, now - 60_000, b"hello");
-        assert_eq!(open(key, &mut g, from, &stale, now), Err(Reject::Stale));
+        assert_eq!(open(key, &mut g, &stale, now), Err(Reject::Stale));
         assert_eq!(
-            open(key, &mut g, from, b"junk", now),
+            open(key, &mut g, b"junk", now),
             Err(Reject::Malformed)
         );
     }

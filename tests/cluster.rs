@@ -174,19 +174,31 @@ fn one_replica_sees_the_primary_down_and_every_replica_fails_over() {
             extra,
         )
     };
+    let r1 = Balancer::start(&cfg(0, ""), p[0].admin);
     let r2 = Balancer::start(&cfg(1, ""), p[1].admin);
     let r3 = Balancer::start(&cfg(2, ""), p[2].admin);
-    for b in [&r2, &r3] {
+    for b in [&r1, &r2, &r3] {
+        wait_until(Duration::from_secs(10), "every replica sees 2 live peers", || {
+            alive_peers(b) == 2
+        });
         assert_eq!(b.active("media"), vec![w.primary_addr.to_string()]);
     }
-    let r1 = Balancer::start(&cfg(0, partial), p[0].admin);
+    // Replica 1 only accepts the backup's answer from now on: it alone sees the primary
+    // down (a reload changes its check, nothing else).
+    let healthy = std::fs::read_to_string(&r1.config).unwrap();
+    std::fs::write(
+        &r1.config,
+        healthy.replace("rise: 2 }", &format!("rise: 2{partial} }}")),
+    )
+    .unwrap();
+    let (code, body) = http(r1.admin, "POST", "/reload", None).unwrap();
+    assert_eq!(code, 200, "{body}");
     let backup = vec![w.backup_addr.to_string()];
     for b in [&r1, &r2, &r3] {
         wait_until(Duration::from_secs(5), "every replica on the backup", || {
             b.active("media") == backup
         });
     }
-    // r1 started on the backup already; r2 and r3 failed over because of its view.
     let s2 = r2.status();
     let primary = server(&s2, w.primary_addr);
     assert_eq!(primary["health"], "down");
@@ -196,14 +208,16 @@ fn one_replica_sees_the_primary_down_and_every_replica_fails_over() {
             .is_some_and(|e| e.starts_with("peer:r1:")),
         "{primary}"
     );
-    let (t2, reason2) = last_failover(&r2).expect("r2 failover event");
-    let (t3, reason3) = last_failover(&r3).expect("r3 failover event");
-    assert_eq!((reason2.as_str(), reason3.as_str()), ("peer", "peer"));
-    let skew = t2
-        .duration_since(t3)
-        .unwrap_or_else(|e| e.duration());
-    eprintln!("r2/r3 failover skew {skew:?}");
-    assert!(skew <= Duration::from_millis(150), "skew {skew:?}");
+    let (t1, reason1) = last_failover(&r1).expect("r1 failover event");
+    assert_ne!(reason1, "peer", "r1 saw it by itself");
+    for b in [&r2, &r3] {
+        let (t, reason) = last_failover(b).expect("failover event");
+        assert_eq!(reason, "peer");
+        let lag = t.duration_since(t1).unwrap_or_default();
+        eprintln!("failover lag behind r1: {lag:?}");
+        // One probe interval (100ms) + 50ms.
+        assert!(lag <= Duration::from_millis(150), "lag {lag:?}");
+    }
 
     // Flows through every replica land on the backup.
     for q in &p {
@@ -224,8 +238,7 @@ fn one_replica_sees_the_primary_down_and_every_replica_fails_over() {
     }
 
     // Heal r1's view (reload without the partial check): every replica fails back.
-    let text = std::fs::read_to_string(&r1.config).unwrap().replace(partial, "");
-    std::fs::write(&r1.config, text).unwrap();
+    std::fs::write(&r1.config, healthy).unwrap();
     let (code, body) = http(r1.admin, "POST", "/reload", None).unwrap();
     assert_eq!(code, 200, "{body}");
     let primary_set = vec![w.primary_addr.to_string()];

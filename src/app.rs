@@ -156,6 +156,11 @@ impl App {
 
         let stop_accepting = CancellationToken::new();
         let kill = CancellationToken::new();
+        // Webhooks follow the event bus from now on (not reloaded: a restart applies
+        // changes to `events:`).
+        let hook_metrics =
+            crate::events::webhook::WebhookMetrics::register(&mut metrics.registry());
+        crate::events::webhook::start(&config.events.webhooks, hook_metrics, kill.clone());
         let state = Arc::new(AppState {
             cluster,
             config_path,

@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod discovery;
+pub mod events;
 pub mod fdbudget;
 pub mod flows;
 pub mod health;

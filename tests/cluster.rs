@@ -88,7 +88,9 @@ fn metric(b: &Balancer, line_start: &str) -> f64 {
 }
 
 fn peer_list(p: &[Ports]) -> Vec<String> {
-    p.iter().map(|p| format!("127.0.0.1:{}", p.cluster)).collect()
+    p.iter()
+        .map(|p| format!("127.0.0.1:{}", p.cluster))
+        .collect()
 }
 
 #[test]
@@ -110,9 +112,11 @@ fn drain_on_one_replica_reaches_all_and_survives_a_restart() {
     let r2 = Balancer::start(&cfg(1), p[1].admin);
     let mut r3 = Balancer::start(&cfg(2), p[2].admin);
     for b in [&r1, &r2, &r3] {
-        wait_until(Duration::from_secs(10), "every replica sees 2 live peers", || {
-            alive_peers(b) == 2
-        });
+        wait_until(
+            Duration::from_secs(10),
+            "every replica sees 2 live peers",
+            || alive_peers(b) == 2,
+        );
     }
 
     let (code, body) = http(
@@ -178,9 +182,11 @@ fn one_replica_sees_the_primary_down_and_every_replica_fails_over() {
     let r2 = Balancer::start(&cfg(1, ""), p[1].admin);
     let r3 = Balancer::start(&cfg(2, ""), p[2].admin);
     for b in [&r1, &r2, &r3] {
-        wait_until(Duration::from_secs(10), "every replica sees 2 live peers", || {
-            alive_peers(b) == 2
-        });
+        wait_until(
+            Duration::from_secs(10),
+            "every replica sees 2 live peers",
+            || alive_peers(b) == 2,
+        );
         assert_eq!(b.active("media"), vec![w.primary_addr.to_string()]);
     }
     // Replica 1 only accepts the backup's answer from now on: it alone sees the primary
@@ -195,9 +201,11 @@ fn one_replica_sees_the_primary_down_and_every_replica_fails_over() {
     assert_eq!(code, 200, "{body}");
     let backup = vec![w.backup_addr.to_string()];
     for b in [&r1, &r2, &r3] {
-        wait_until(Duration::from_secs(5), "every replica on the backup", || {
-            b.active("media") == backup
-        });
+        wait_until(
+            Duration::from_secs(5),
+            "every replica on the backup",
+            || b.active("media") == backup,
+        );
     }
     let s2 = r2.status();
     let primary = server(&s2, w.primary_addr);
@@ -223,7 +231,8 @@ fn one_replica_sees_the_primary_down_and_every_replica_fails_over() {
     for q in &p {
         let target = SocketAddr::from(([127, 0, 0, 1], q.listen));
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
         let mut got = None;
         for _ in 0..10 {
             s.send_to(b"12345678hello", target).unwrap();
@@ -243,9 +252,11 @@ fn one_replica_sees_the_primary_down_and_every_replica_fails_over() {
     assert_eq!(code, 200, "{body}");
     let primary_set = vec![w.primary_addr.to_string()];
     for b in [&r1, &r2, &r3] {
-        wait_until(Duration::from_secs(5), "every replica back on the primary", || {
-            b.active("media") == primary_set
-        });
+        wait_until(
+            Duration::from_secs(5),
+            "every replica back on the primary",
+            || b.active("media") == primary_set,
+        );
     }
 }
 
@@ -270,7 +281,9 @@ fn dead_replica_leaves_the_vote_and_forged_or_replayed_messages_change_nothing()
     };
     let r1 = Balancer::start(&cfg(0), p[0].admin);
     let mut r2 = Balancer::start(&cfg(1), p[1].admin);
-    wait_until(Duration::from_secs(10), "r1 sees r2", || alive_peers(&r1) == 1);
+    wait_until(Duration::from_secs(10), "r1 sees r2", || {
+        alive_peers(&r1) == 1
+    });
 
     // A genuine frame of r2, captured on the wire.
     let r2_addr = SocketAddr::from(([127, 0, 0, 1], p[1].cluster));
@@ -331,9 +344,13 @@ fn dead_replica_leaves_the_vote_and_forged_or_replayed_messages_change_nothing()
     assert_eq!(metric(&r1, "mediagate_cluster_peers_alive"), 0.0);
     assert_eq!(r1.active("media"), vec![w.primary_addr.to_string()]);
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-    s.send_to(b"12345678hello", SocketAddr::from(([127, 0, 0, 1], p[0].listen)))
+    s.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
+    s.send_to(
+        b"12345678hello",
+        SocketAddr::from(([127, 0, 0, 1], p[0].listen)),
+    )
+    .unwrap();
     let mut buf = [0u8; 256];
     let (n, _) = s.recv_from(&mut buf).expect("r1 still serves");
     assert!(buf[..n].starts_with(b"primary"));

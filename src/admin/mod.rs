@@ -43,6 +43,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status_handler))
+        .route("/events", get(events_stream))
         .route("/log-level", get(log_level))
         .merge(guarded)
         .with_state(ctx)
@@ -66,6 +67,29 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Arc<AppState>, stop: 
     };
     let metrics = app.metrics.clone();
     conns::serve(listener, router(app), limits, metrics, stop).await;
+}
+
+/// `GET /events`: Server-Sent Events, one `data:` JSON object per event (see
+/// `crate::events`), the SSE event name being its `kind`. A subscriber more than
+/// `events::BUS_CAPACITY` events behind is disconnected (it reconnects and reads
+/// `/status` to catch up); nothing waits for a slow reader.
+async fn events_stream() -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let rx = crate::events::subscribe();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let json = rx.recv().await.ok()?;
+        let kind = serde_json::from_str::<serde_json::Value>(&json)
+            .ok()
+            .and_then(|v| v["kind"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "event".into());
+        Some((
+            Ok::<_, std::convert::Infallible>(Event::default().event(kind).data(&*json)),
+            rx,
+        ))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 async fn readyz(State(ctx): State<Ctx>) -> Response {

@@ -393,9 +393,6 @@ mod tests {
         assert_eq!(open(key, &mut g, &other, now), Err(Reject::BadMac));
         let stale = seal(key, 5, 11, now - 60_000, b"hello");
         assert_eq!(open(key, &mut g, &stale, now), Err(Reject::Stale));
-        assert_eq!(
-            open(key, &mut g, b"junk", now),
-            Err(Reject::Malformed)
-        );
+        assert_eq!(open(key, &mut g, b"junk", now), Err(Reject::Malformed));
     }
 }

@@ -3,6 +3,7 @@
 //! of SPEC §3 (`validate`).
 
 pub mod cluster;
+pub mod events;
 pub mod load;
 pub mod passive;
 pub mod types;
@@ -13,6 +14,7 @@ mod yaml;
 mod tests;
 
 pub use cluster::ClusterConfig;
+pub use events::{EventsConfig, WebhookConfig};
 pub use load::{ConfigError, ConfigErrors, load_file, load_str, load_str_with_env};
 pub use passive::{ProtocolSet, authoritative_protocols};
 pub use types::*;

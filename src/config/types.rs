@@ -38,6 +38,9 @@ pub struct Config {
     /// Replicas acting as one balancer (shared health and admin states). Default: none.
     #[serde(default)]
     pub cluster: Option<super::ClusterConfig>,
+    /// Webhooks for failover events. Default: none.
+    #[serde(default)]
+    pub events: super::EventsConfig,
 }
 
 /// `admin:` — the HTTP API with /metrics, /status and the POST endpoints.

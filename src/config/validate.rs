@@ -39,6 +39,7 @@ pub fn validate(cfg: &Config) -> Vec<Issue> {
     v.addresses(cfg);
     v.discovery(cfg);
     v.cluster(cfg);
+    v.events(cfg);
     v.issues
 }
 
@@ -328,6 +329,14 @@ impl Checker {
                 );
             }
             _ => {}
+        }
+    }
+
+    fn events(&mut self, cfg: &Config) {
+        for (i, h) in cfg.events.webhooks.iter().enumerate() {
+            if let Err(e) = crate::events::webhook::parse_url(&h.url) {
+                self.push(key_path(&index_path("events.webhooks", i), "url"), e);
+            }
         }
     }
 

@@ -462,6 +462,9 @@ impl Controller {
                 reply,
             } => match self.state.set_admin(&server, state, Instant::now(), wall) {
                 Ok(step) => {
+                    if step.publish {
+                        crate::events::admin_changed(&self.state.name, &server, state.as_str());
+                    }
                     tracing::info!(upstream = %self.state.name, %server, state = state.as_str(), "admin state changed");
                     self.replies.push(reply);
                     step
@@ -666,6 +669,7 @@ impl Controller {
         self.came_up_due.extend(step.came_up);
         if let Some(ev) = &step.event {
             let upstream = self.state.name.as_str();
+            crate::events::active_set_changed(upstream, ev);
             match ev.kind {
                 EventKind::Failover => {
                     let reason = ev.reason.unwrap_or("removed");
@@ -716,6 +720,15 @@ impl Controller {
                     .index
                     .get(&key(&sm.handle))
                     .is_some_and(|i| self.state.is_up(*i));
+                if sm.up.get() != i64::from(up) && *self.ready.borrow() {
+                    let reason = self.state.view_reason(&sm.handle).filter(|_| !up);
+                    crate::events::server_health(
+                        &self.state.name,
+                        &sm.handle.label,
+                        up,
+                        reason.as_deref(),
+                    );
+                }
                 sm.up.set(i64::from(up));
                 sm.active.set(i64::from(active.contains(&key(&sm.handle))));
             }

@@ -456,6 +456,19 @@ impl UpstreamState {
             .collect()
     }
 
+    /// Why a server is down, for the `server_down` event: the peer's verdict, the
+    /// discovery reason or the local probe reason.
+    pub fn view_reason(&self, handle: &Arc<ServerHandle>) -> Option<String> {
+        let e = self
+            .entries
+            .iter()
+            .find(|e| Arc::ptr_eq(&e.handle, handle))?;
+        e.peer_down
+            .clone()
+            .or_else(|| e.not_ready.map(|r| r.as_str().to_string()))
+            .or_else(|| e.health.down_reason().map(|r| r.as_str().to_string()))
+    }
+
     /// The peers' verdict (`cluster:`): `down` maps the label of every server that some
     /// live peer sees down to `peer:<node>:<reason>`; every other server is up as far as
     /// the peers are concerned (its own probes and `rise` still decide locally).

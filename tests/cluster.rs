@@ -134,6 +134,17 @@ fn drain_on_one_replica_reaches_all_and_survives_a_restart() {
         });
     }
     eprintln!("drain on r1 seen by r2 and r3 after {:?}", set.elapsed());
+    // `mediagate status` lists the peers and whether they agree.
+    let (code, out, err) = run_cli(&["status", "--admin", &format!("http://{}", r2.admin)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("CLUSTER  node r2"), "{out}");
+    for peer in ["r1", "r3"] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(peer) && l.contains(" yes ")),
+            "{peer} not shown alive:\n{out}"
+        );
+    }
     assert!(set.elapsed() < Duration::from_secs(1));
     // The drained primary takes no new sessions on any replica.
     for b in [&r1, &r2, &r3] {

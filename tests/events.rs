@@ -159,3 +159,62 @@ events:
             .contains("mediagate_webhook_deliveries_total{result=\"ok\"}")
     );
 }
+
+#[test]
+fn mediagate_events_prints_an_admin_change() {
+    let w = UdpPair::start();
+    let yaml = format!(
+        r#"
+admin: {{ listen: "127.0.0.1:{admin}" }}
+listeners:
+  - {{ name: rtp, protocol: udp, listen: "127.0.0.1:{listen}", upstream: media }}
+upstreams:
+  media:
+    primary: ["{primary}"]
+    backup: ["{backup}"]
+    health: {{ type: udp, send: ping, interval: 100ms, timeout: 100ms }}
+"#,
+        admin = w.admin,
+        listen = w.listen,
+        primary = w.primary_addr,
+        backup = w.backup_addr,
+    );
+    let b = Balancer::start(&yaml, w.admin);
+    let mut child = std::process::Command::new(MEDIAGATE)
+        .args(["events", "--admin", &format!("http://{}", b.admin)])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Until the CLI is subscribed, a change may go unseen: repeat drain/enable.
+    let path = format!("/upstreams/media/servers/{}/state", w.primary_addr);
+    let mut seen = None;
+    for i in 0..20 {
+        let state = if i % 2 == 0 { "drain" } else { "enable" };
+        let (code, body) = http(
+            b.admin,
+            "POST",
+            &path,
+            Some(&format!("{{\"state\":\"{state}\"}}")),
+        )
+        .unwrap();
+        assert_eq!(code, 200, "{body}");
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(300)) {
+            seen = Some(line);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = seen.expect("mediagate events printed nothing");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("one JSON object per line");
+    assert_eq!(v["kind"], "admin");
+    assert_eq!(v["upstream"], "media");
+    assert_eq!(v["server"], w.primary_addr.to_string());
+}

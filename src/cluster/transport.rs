@@ -380,18 +380,26 @@ mod tests {
             open(key, &mut g, &f2, now).is_ok(),
             "reordered within the window"
         );
-        let old = seal(key, 4, 100, now, b"z");
+        let mine = seal(key, 77, 100, now, b"z");
         assert_eq!(
-            open(key, &mut g, &old, now),
+            open(key, &mut g, &mine, now),
             Err(Reject::Replay),
-            "older epoch"
+            "own frame reflected back"
         );
-        let mut bad = seal(key, 5, 9, now, b"hello");
+        let far = seal(key, 5, 200, now, b"z");
+        assert!(open(key, &mut g, &far, now).is_ok());
+        let behind = seal(key, 5, 100, now, b"z");
+        assert_eq!(
+            open(key, &mut g, &behind, now),
+            Err(Reject::Replay),
+            "behind the window"
+        );
+        let mut bad = seal(key, 5, 209, now, b"hello");
         bad[HEADER] ^= 1;
         assert_eq!(open(key, &mut g, &bad, now), Err(Reject::BadMac));
-        let other = seal(b"another-secret!!", 5, 10, now, b"hello");
+        let other = seal(b"another-secret!!", 5, 210, now, b"hello");
         assert_eq!(open(key, &mut g, &other, now), Err(Reject::BadMac));
-        let stale = seal(key, 5, 11, now - 60_000, b"hello");
+        let stale = seal(key, 5, 211, now - 60_000, b"hello");
         assert_eq!(open(key, &mut g, &stale, now), Err(Reject::Stale));
         assert_eq!(open(key, &mut g, b"junk", now), Err(Reject::Malformed));
     }

@@ -366,3 +366,35 @@ fn dead_replica_leaves_the_vote_and_forged_or_replayed_messages_change_nothing()
     let (n, _) = s.recv_from(&mut buf).expect("r1 still serves");
     assert!(buf[..n].starts_with(b"primary"));
 }
+
+#[test]
+fn state_file_keeps_admin_states_across_a_restart_of_every_replica() {
+    let w = UdpPair::start();
+    let p = ports(1);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let yaml = format!(
+        "{}  state_file: \"{}\"\n  sync_timeout: 300ms\n",
+        config(
+            "solo",
+            &p[0],
+            &peer_list(&p),
+            w.primary_addr,
+            w.backup_addr,
+            ""
+        ),
+        state.display()
+    );
+    let mut b = Balancer::start(&yaml, p[0].admin);
+    let path = format!("/upstreams/media/servers/{}/state", w.primary_addr);
+    let (code, body) = http(b.admin, "POST", &path, Some(r#"{"state":"maint"}"#)).unwrap();
+    assert_eq!(code, 200, "{body}");
+    wait_until(Duration::from_secs(2), "state file written", || {
+        std::fs::read_to_string(&state).is_ok_and(|t| t.contains("maint"))
+    });
+    b.proc.kill();
+    drop(b);
+    let b = Balancer::start(&yaml, p[0].admin);
+    assert_eq!(server(&b.status(), w.primary_addr)["admin_state"], "maint");
+    assert_eq!(b.active("media"), vec![w.backup_addr.to_string()]);
+}

@@ -370,7 +370,6 @@ impl Cluster {
                     if me.get(&k) != Some(encoded.as_str()) {
                         me.set(k, encoded);
                         push = true;
-                        s.file_dirty = true;
                     }
                     let id = (key, label.clone());
                     if s.applied.get(&id) != Some(st) {
@@ -378,7 +377,10 @@ impl Cluster {
                         apply.push((up.clone(), label.clone(), st.state));
                     }
                 }
-                s.file.insert(name.clone(), best.into_iter().collect());
+                if s.file.get(name) != Some(&best) {
+                    s.file.insert(name.clone(), best);
+                    s.file_dirty = true;
+                }
                 // Manual failback from another replica.
                 let fkey = format!("f/{name}");
                 let newest = cc

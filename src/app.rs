@@ -149,8 +149,11 @@ impl App {
             None => (None, None),
         };
 
+        // The cluster series exist (at zero) without `cluster:` too, for dashboards.
+        let cluster_metrics =
+            crate::cluster::metrics::ClusterMetrics::register(&mut metrics.registry());
         let cluster = match &config.cluster {
-            Some(c) => Some(crate::cluster::Cluster::start(c, &metrics).await?),
+            Some(c) => Some(crate::cluster::Cluster::start(c, cluster_metrics).await?),
             None => None,
         };
 

@@ -111,11 +111,7 @@ pub struct Cluster {
 impl Cluster {
     /// Binds the peer port and joins the peers. Admin states of `cluster.state_file`
     /// are published at once (they compete with the peers' by time).
-    pub async fn start(
-        cfg: &ClusterConfig,
-        registry: &crate::metrics::Metrics,
-    ) -> Result<Arc<Cluster>> {
-        let metrics = ClusterMetrics::register(&mut registry.registry());
+    pub async fn start(cfg: &ClusterConfig, metrics: ClusterMetrics) -> Result<Arc<Cluster>> {
         let address = cfg.advertise.unwrap_or(cfg.listen);
         let node_id = cfg
             .node_id

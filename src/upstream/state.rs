@@ -183,6 +183,8 @@ pub struct UpstreamState {
     first_round_done: bool,
     events: VecDeque<Event>,
     failovers: u64,
+    /// The peers' last verdict (`cluster:`), for servers listed after it came.
+    peer_verdict: std::collections::HashMap<String, String>,
 }
 
 impl UpstreamState {
@@ -207,6 +209,7 @@ impl UpstreamState {
             first_round_done: false,
             events: VecDeque::new(),
             failovers: 0,
+            peer_verdict: Default::default(),
         };
         st.entries = servers
             .into_iter()
@@ -222,7 +225,6 @@ impl UpstreamState {
 
     fn new_entry(&self, handle: Arc<ServerHandle>, now: Instant, wall: SystemTime) -> Entry {
         Entry {
-            handle,
             health: if self.probe_less {
                 HealthState::assumed_up(self.fall, self.rise, now)
             } else {
@@ -235,7 +237,8 @@ impl UpstreamState {
             probed: self.probe_less,
             holds_sessions: false,
             not_ready: None,
-            peer_down: None,
+            peer_down: self.peer_verdict.get(&handle.label).cloned(),
+            handle,
         }
     }
 
@@ -480,6 +483,7 @@ impl UpstreamState {
     ) -> Step {
         let mut changed = false;
         let mut cause = None;
+        self.peer_verdict = down.clone();
         for e in &mut self.entries {
             let verdict = down.get(&e.handle.label).cloned();
             if verdict == e.peer_down {

@@ -64,7 +64,7 @@ cluster:
     )
 }
 
-fn server<'a>(status: &'a serde_json::Value, addr: SocketAddr) -> &'a serde_json::Value {
+fn server(status: &serde_json::Value, addr: SocketAddr) -> &serde_json::Value {
     upstream_of(status, "media")["servers"]
         .as_array()
         .and_then(|a| a.iter().find(|s| s["address"] == addr.to_string()))
@@ -303,10 +303,10 @@ fn dead_replica_leaves_the_vote_and_forged_or_replayed_messages_change_nothing()
     let deadline = Instant::now() + Duration::from_secs(10);
     while frame.is_empty() && Instant::now() < deadline {
         let mut buf = [0u8; 65536];
-        if let Ok((n, from)) = spy.recv_from(&mut buf) {
-            if from == r2_addr {
-                frame = buf[..n].to_vec();
-            }
+        if let Ok((n, from)) = spy.recv_from(&mut buf)
+            && from == r2_addr
+        {
+            frame = buf[..n].to_vec();
         }
     }
     assert!(!frame.is_empty(), "no frame from r2 reached the spy");

@@ -344,7 +344,7 @@ impl Cluster {
             for (name, up) in ups.iter() {
                 let prefix = format!("a/{name}/");
                 let mut best: BTreeMap<String, Stamped> = BTreeMap::new();
-                for (_, ns) in cc.node_states() {
+                for ns in cc.node_states().values() {
                     for (k, v) in ns.iter_prefix(&prefix) {
                         let Some(st) = Stamped::decode(&v.value) else {
                             continue;
@@ -421,10 +421,10 @@ impl Cluster {
             }
             if s.file_dirty {
                 s.file_dirty = false;
-                if let Some(path) = &self.cfg.state_file {
-                    if let Err(e) = write_state_file(path, &s.file) {
-                        tracing::warn!(path, error = %e, "cluster.state_file not written");
-                    }
+                if let Some(path) = &self.cfg.state_file
+                    && let Err(e) = write_state_file(path, &s.file)
+                {
+                    tracing::warn!(path, error = %e, "cluster.state_file not written");
                 }
             }
             let alive = peers.iter().filter(|p| p.alive).count();

@@ -123,15 +123,15 @@ impl ReplayGuard {
         }
         self.tick += 1;
         let tick = self.tick;
-        if !self.senders.contains_key(&epoch) && self.senders.len() >= MAX_SENDERS {
-            if let Some(oldest) = self
+        if !self.senders.contains_key(&epoch)
+            && self.senders.len() >= MAX_SENDERS
+            && let Some(oldest) = self
                 .senders
                 .iter()
                 .min_by_key(|(_, w)| w.last_used)
                 .map(|(e, _)| *e)
-            {
-                self.senders.remove(&oldest);
-            }
+        {
+            self.senders.remove(&oldest);
         }
         let Some(w) = self.senders.get_mut(&epoch) else {
             self.senders.insert(

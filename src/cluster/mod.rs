@@ -16,6 +16,7 @@
 //! `peer_timeout`. Every local change is pushed to every peer at once (a gossip round
 //! started towards each), besides the periodic gossip.
 
+pub mod kube_state;
 pub mod metrics;
 pub mod transport;
 
@@ -105,6 +106,8 @@ pub struct Cluster {
     wake: Arc<Notify>,
     status: ArcSwap<Vec<PeerStatus>>,
     synced: watch::Sender<bool>,
+    /// The latest admin states for the ConfigMap writer (`cluster.state_configmap`).
+    store: Option<watch::Sender<String>>,
     _listener: ListenerHandle,
 }
 
@@ -141,21 +144,30 @@ impl Cluster {
         let mut initial = Vec::new();
         if let Some(path) = &cfg.state_file {
             match std::fs::read_to_string(path) {
-                Ok(text) => match serde_json::from_str::<StateFile>(&text) {
-                    Ok(file) => {
-                        for (up, servers) in file {
-                            for (server, st) in servers {
-                                initial.push((format!("a/{up}/{server}"), st.encode()));
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(path, error = %e, "cluster.state_file unreadable; ignored")
-                    }
-                },
+                Ok(text) => initial.extend(parse_state(&text, path)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
                     tracing::warn!(path, error = %e, "cluster.state_file unreadable; ignored")
+                }
+            }
+        }
+        let mut store_tx = None;
+        if let Some(reference) = &cfg.state_configmap {
+            let (ns, name) = kube_state::split_ref(reference);
+            match kube::Client::try_default().await {
+                Ok(client) => {
+                    let store = kube_state::ConfigMapStore::new(client, &ns, &name);
+                    match store.load().await {
+                        Ok(Some(text)) => initial.extend(parse_state(&text, reference)),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(configmap = %reference, error = %e, "cluster.state_configmap unreadable; starting without it")
+                        }
+                    }
+                    store_tx = Some(spawn_store_writer(store, reference.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster.state_configmap: no Kubernetes client; admin states are not kept there")
                 }
             }
         }
@@ -184,6 +196,7 @@ impl Cluster {
             wake,
             status: ArcSwap::from_pointee(Vec::new()),
             synced: watch::channel(false).0,
+            store: store_tx,
             _listener: listener,
         }))
     }
@@ -426,6 +439,11 @@ impl Cluster {
                 {
                     tracing::warn!(path, error = %e, "cluster.state_file not written");
                 }
+                if let Some(tx) = &self.store
+                    && let Ok(json) = serde_json::to_string_pretty(&s.file)
+                {
+                    tx.send_replace(json);
+                }
             }
             let alive = peers.iter().filter(|p| p.alive).count();
             self.metrics.peers_known.set(peers.len() as i64);
@@ -459,6 +477,42 @@ struct SyncState {
     failback_seen: HashMap<String, String>,
     file: StateFile,
     file_dirty: bool,
+}
+
+/// The keys of a state file's (or ConfigMap's) JSON; a broken one is logged and ignored.
+fn parse_state(text: &str, source: &str) -> Vec<(String, String)> {
+    match serde_json::from_str::<StateFile>(text) {
+        Ok(file) => file
+            .into_iter()
+            .flat_map(|(up, servers)| {
+                servers
+                    .into_iter()
+                    .map(move |(server, st)| (format!("a/{up}/{server}"), st.encode()))
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(source, error = %e, "stored admin states unreadable; ignored");
+            Vec::new()
+        }
+    }
+}
+
+/// Writes the latest admin states to the ConfigMap, one write at a time: changes that
+/// arrive during a write are merged into the next one (only the newest is written).
+fn spawn_store_writer(
+    store: kube_state::ConfigMapStore,
+    reference: String,
+) -> watch::Sender<String> {
+    let (tx, mut rx) = watch::channel(String::new());
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let json = rx.borrow_and_update().clone();
+            if let Err(e) = store.save(&json).await {
+                tracing::warn!(configmap = %reference, error = %e, "cluster.state_configmap not written");
+            }
+        }
+    });
+    tx
 }
 
 /// Writes the admin states with a temporary file and a rename (never half a file).

@@ -42,6 +42,11 @@ pub struct ClusterConfig {
     /// a temporary file and a rename). Default: none.
     #[serde(default)]
     pub state_file: Option<String>,
+    /// In Kubernetes: a ConfigMap (`namespace/name`, or `name` in the pod's namespace)
+    /// that keeps the admin states across restarts of every replica (key `state.json`).
+    /// Needs get/create/patch on it. Default: none.
+    #[serde(default)]
+    pub state_configmap: Option<String>,
 }
 
 fn default_peer_timeout() -> Dur {

@@ -189,7 +189,7 @@ fn one_replica_sees_the_primary_down_and_every_replica_fails_over() {
             extra,
         )
     };
-    let r1 = Balancer::start(&cfg(0, ""), p[0].admin);
+    let mut r1 = Balancer::start(&cfg(0, ""), p[0].admin);
     let r2 = Balancer::start(&cfg(1, ""), p[1].admin);
     let r3 = Balancer::start(&cfg(2, ""), p[2].admin);
     for b in [&r1, &r2, &r3] {
@@ -258,7 +258,7 @@ fn one_replica_sees_the_primary_down_and_every_replica_fails_over() {
     }
 
     // Heal r1's view (reload without the partial check): every replica fails back.
-    std::fs::write(&r1.config, healthy).unwrap();
+    std::fs::write(&r1.config, &healthy).unwrap();
     let (code, body) = http(r1.admin, "POST", "/reload", None).unwrap();
     assert_eq!(code, 200, "{body}");
     let primary_set = vec![w.primary_addr.to_string()];
@@ -269,6 +269,34 @@ fn one_replica_sees_the_primary_down_and_every_replica_fails_over() {
             || b.active("media") == primary_set,
         );
     }
+
+    // Cut again, then kill the replica that sees the primary down: the others drop it
+    // after peer_timeout (1s) and go back to the primary; a dead peer pins nothing down.
+    std::fs::write(
+        &r1.config,
+        healthy.replace("rise: 2 }", &format!("rise: 2{partial} }}")),
+    )
+    .unwrap();
+    let (code, body) = http(r1.admin, "POST", "/reload", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    for b in [&r2, &r3] {
+        wait_until(Duration::from_secs(5), "r2, r3 on the backup again", || {
+            b.active("media") == backup
+        });
+    }
+    r1.proc.kill();
+    let killed = Instant::now();
+    for b in [&r2, &r3] {
+        wait_until(
+            Duration::from_secs(5),
+            "the dead replica's view no longer counts",
+            || b.active("media") == primary_set,
+        );
+    }
+    eprintln!(
+        "back on the primary {:?} after the replica died",
+        killed.elapsed()
+    );
 }
 
 #[test]

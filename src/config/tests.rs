@@ -837,7 +837,7 @@ fn cluster_and_events_sections() {
     );
 
     let err = load(&format!(
-        "{MINIMAL}cluster:\n  listen: 127.0.0.1:7946\n  peers: [nohost]\n  secret: short\n  peer_timeout: 100ms\nevents:\n  webhooks:\n    - {{ url: \"https://x/\" }}\n"
+        "{MINIMAL}cluster:\n  listen: 0.0.0.0:7946\n  peers: [nohost]\n  secret: short\n  peer_timeout: 100ms\nevents:\n  webhooks:\n    - {{ url: \"https://x/\" }}\n"
     ))
     .expect_err("invalid")
     .to_string();
@@ -846,6 +846,7 @@ fn cluster_and_events_sections() {
         "cluster.peers[0]: \"nohost\" is not host:port",
         "cluster.peer_timeout: must be at least twice cluster.gossip_interval",
         "only http:// URLs are supported",
+        "cluster.advertise: required when cluster.listen is a wildcard address",
     ] {
         assert!(err.contains(part), "missing {part:?} in:\n{err}");
     }

@@ -348,6 +348,12 @@ impl Checker {
         if c.listen.port() == 0 {
             self.push("cluster.listen", "a port is required");
         }
+        if c.listen.ip().is_unspecified() && c.advertise.is_none() {
+            self.push(
+                "cluster.advertise",
+                "required when cluster.listen is a wildcard address (peers must know where to reach this replica, e.g. ${POD_IP}:7946)",
+            );
+        }
         for (i, p) in c.peers.iter().enumerate() {
             let ok = p
                 .rsplit_once(':')

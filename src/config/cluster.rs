@@ -12,7 +12,7 @@ use std::time::Duration;
 pub struct ClusterConfig {
     /// UDP address of the peer (gossip) protocol. Required.
     pub listen: SocketAddr,
-    /// Address peers use to reach this replica. Default: `listen` (set it when `listen`
+    /// Address peers use to reach this replica. Default: `listen` (required when `listen`
     /// is a wildcard address, e.g. to the pod IP through `${POD_IP}:7946`).
     #[serde(default)]
     pub advertise: Option<SocketAddr>,

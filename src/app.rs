@@ -79,6 +79,8 @@ pub struct AppState {
     pub turn: tokio::sync::Mutex<Option<crate::turn::TurnService>>,
     /// Who TURN may relay to; follows the upstreams' server lists.
     pub turn_policy: Option<Arc<crate::turn::PeerPolicy>>,
+    /// Membership of the replicas acting as one balancer, when `cluster:` is set.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// One reload at a time.
     reload_lock: tokio::sync::Mutex<()>,
     /// Hash of the file content last loaded or rejected, so the watcher reacts to edits
@@ -147,9 +149,23 @@ impl App {
             None => (None, None),
         };
 
+        // The cluster series exist (at zero) without `cluster:` too, for dashboards.
+        let cluster_metrics =
+            crate::cluster::metrics::ClusterMetrics::register(&mut metrics.registry());
+        let cluster = match &config.cluster {
+            Some(c) => Some(crate::cluster::Cluster::start(c, cluster_metrics).await?),
+            None => None,
+        };
+
         let stop_accepting = CancellationToken::new();
         let kill = CancellationToken::new();
+        // Webhooks follow the event bus from now on (not reloaded: a restart applies
+        // changes to `events:`).
+        let hook_metrics =
+            crate::events::webhook::WebhookMetrics::register(&mut metrics.registry());
+        crate::events::webhook::start(&config.events.webhooks, hook_metrics, kill.clone());
         let state = Arc::new(AppState {
+            cluster,
             config_path,
             config: ArcSwap::from_pointee(config.clone()),
             loaded_at: ArcSwap::from_pointee(SystemTime::now()),
@@ -186,6 +202,11 @@ impl App {
         // SPEC §5: the first probe round completes before listeners accept traffic.
         for u in state.upstreams.load().values() {
             u.wait_ready().await;
+        }
+        // A replica takes its peers' admin states before it turns ready.
+        if let Some(c) = &state.cluster {
+            tasks.push(c.spawn_sync(state.clone()));
+            c.wait_synced().await;
         }
         let mut listeners = Vec::new();
         let start = CancellationToken::new();

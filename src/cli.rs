@@ -1,5 +1,6 @@
 //! Client-side subcommands that talk to a running balancer's admin API: `status` (a table
-//! read from `/status`), `server` (admin state changes), `ice` and `failback`.
+//! read from `/status`, with the cluster's peers), `server` (admin state changes), `ice`,
+//! `failback` and `events` (follows `GET /events`).
 
 use crate::admin::client;
 use crate::admin::status::Status;
@@ -189,7 +190,84 @@ pub fn render(st: &Status) -> String {
             let _ = writeln!(out, "{line}");
         }
     }
+    if let Some(c) = &st.cluster {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "CLUSTER  node {} at {}{}",
+            c.node,
+            c.address,
+            if c.synced { "" } else { "  (not synced yet)" }
+        );
+        let _ = writeln!(
+            out,
+            "{:<24} {:<24} {:<6} {:>10}  {:<7} DOWN",
+            "PEER", "ADDRESS", "ALIVE", "HEARD", "AGREES"
+        );
+        for p in &c.peers {
+            let _ = writeln!(
+                out,
+                "{:<24} {:<24} {:<6} {:>10}  {:<7} {}",
+                p.node,
+                p.address,
+                if p.alive { "yes" } else { "no" },
+                p.last_heard_ms
+                    .map(|ms| format!("{ms}ms ago"))
+                    .unwrap_or_else(|| "never".into()),
+                if p.agrees { "yes" } else { "NO" },
+                list(&p.down)
+            );
+        }
+    }
     out
+}
+
+/// `mediagate events`: follows `GET /events` and prints one JSON event per line until
+/// the balancer closes the stream.
+pub async fn events(admin: String, token: Option<String>) -> Result<()> {
+    use http_body_util::{BodyExt, Empty};
+    use std::io::Write as _;
+    let uri: hyper::Uri = format!("{}/events", admin.trim_end_matches('/'))
+        .parse()
+        .context("admin URL")?;
+    let host = uri.host().context("admin URL has no host")?.to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+        .await
+        .with_context(|| format!("connect {host}:{port}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut req =
+        hyper::Request::get("/events").header(hyper::header::HOST, format!("{host}:{port}"));
+    if let Some(t) = token {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let resp = sender
+        .send_request(req.body(Empty::<bytes::Bytes>::new())?)
+        .await?;
+    if !resp.status().is_success() {
+        bail!("GET /events answered {}", resp.status());
+    }
+    let mut body = resp.into_body();
+    let mut pending = String::new();
+    let mut stdout = std::io::stdout();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        pending.push_str(&String::from_utf8_lossy(&data));
+        while let Some(i) = pending.find('\n') {
+            let line: String = pending.drain(..=i).collect();
+            if let Some(json) = line.trim_end().strip_prefix("data:") {
+                let _ = writeln!(stdout, "{}", json.trim_start());
+                let _ = stdout.flush();
+            }
+        }
+    }
+    Ok(())
 }
 
 fn list(v: &[String]) -> String {

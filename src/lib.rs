@@ -9,9 +9,11 @@
 pub mod admin;
 pub mod app;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod discovery;
+pub mod events;
 pub mod fdbudget;
 pub mod flows;
 pub mod health;

@@ -84,6 +84,12 @@ enum Command {
         #[arg(long)]
         ttl: Option<u64>,
     },
+    /// Follow the event stream (failover, failback, admin, server up/down): one JSON
+    /// object per line.
+    Events {
+        #[command(flatten)]
+        api: AdminArgs,
+    },
     /// Manual failback of an upstream (for `failback: manual`).
     Failback {
         upstream: String,
@@ -112,6 +118,7 @@ fn main() -> ExitCode {
             api.admin, api.token, state, upstream, server,
         )),
         Command::Ice { api, user, ttl } => with_runtime(cli::ice(api.admin, api.token, user, ttl)),
+        Command::Events { api } => with_runtime(cli::events(api.admin, api.token)),
         Command::Failback { upstream, api } => {
             with_runtime(cli::failback(api.admin, api.token, upstream))
         }

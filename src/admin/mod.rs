@@ -43,6 +43,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status_handler))
+        .route("/events", get(events_stream))
         .route("/log-level", get(log_level))
         .merge(guarded)
         .with_state(ctx)
@@ -66,6 +67,29 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Arc<AppState>, stop: 
     };
     let metrics = app.metrics.clone();
     conns::serve(listener, router(app), limits, metrics, stop).await;
+}
+
+/// `GET /events`: Server-Sent Events, one `data:` JSON object per event (see
+/// `crate::events`), the SSE event name being its `kind`. A subscriber more than
+/// `events::BUS_CAPACITY` events behind is disconnected (it reconnects and reads
+/// `/status` to catch up); nothing waits for a slow reader.
+async fn events_stream() -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let rx = crate::events::subscribe();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let json = rx.recv().await.ok()?;
+        let kind = serde_json::from_str::<serde_json::Value>(&json)
+            .ok()
+            .and_then(|v| v["kind"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "event".into());
+        Some((
+            Ok::<_, std::convert::Infallible>(Event::default().event(kind).data(&*json)),
+            rx,
+        ))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 async fn readyz(State(ctx): State<Ctx>) -> Response {
@@ -181,10 +205,23 @@ async fn set_state(
         return error(StatusCode::NOT_FOUND, format!("no upstream {name}"));
     };
     match up.set_admin(&server, state).await {
-        Ok(()) => Json(serde_json::json!({
-            "upstream": name, "server": server, "state": state.as_str()
-        }))
-        .into_response(),
+        Ok(()) => {
+            if let Some(c) = &ctx.app.cluster {
+                // The peers know servers by label; the API also takes a bare IP.
+                let label = up
+                    .view()
+                    .servers
+                    .iter()
+                    .find(|s| s.handle.label == server || s.handle.ip.to_string() == server)
+                    .map(|s| s.handle.label.clone())
+                    .unwrap_or_else(|| server.clone());
+                c.admin_changed(&name, &label, state).await;
+            }
+            Json(serde_json::json!({
+                "upstream": name, "server": server, "state": state.as_str()
+            }))
+            .into_response()
+        }
         Err(e) => error(StatusCode::NOT_FOUND, e),
     }
 }
@@ -194,10 +231,15 @@ async fn failback(State(ctx): State<Ctx>, Path(name): Path<String>) -> Response 
         return error(StatusCode::NOT_FOUND, format!("no upstream {name}"));
     };
     match up.failback_now().await {
-        Ok(()) => Json(serde_json::json!({
-            "upstream": name, "active": up.view().active
-        }))
-        .into_response(),
+        Ok(()) => {
+            if let Some(c) = &ctx.app.cluster {
+                c.failback_requested(&name).await;
+            }
+            Json(serde_json::json!({
+                "upstream": name, "active": up.view().active
+            }))
+            .into_response()
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }

@@ -19,6 +19,9 @@ pub struct Status {
     /// The file-descriptor budget (see `fdbudget`); absent in documents of older versions.
     #[serde(default)]
     pub fds: Option<FdStatus>,
+    /// The replica's peers (`cluster:`), absent without a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterStatus>,
 }
 
 /// `fds` in `/status`: the open-file limit and how it is shared.
@@ -185,6 +188,7 @@ pub fn build(app: &AppState) -> Status {
             })
         }),
         fds: Some(fd_status()),
+        cluster: app.cluster.as_ref().map(|c| c.status()),
     }
 }
 

@@ -140,6 +140,12 @@ impl AppState {
         if new.turn != old.turn {
             tracing::warn!("changes to the turn section take effect at the next restart");
         }
+        if new.cluster != old.cluster {
+            tracing::warn!("changes to the cluster section take effect at the next restart");
+        }
+        if new.events != old.events {
+            tracing::warn!("changes to the events section take effect at the next restart");
+        }
         if new.admin.listen != old.admin.listen {
             tracing::warn!(old = %old.admin.listen, new = %new.admin.listen, "admin.listen changes take effect at the next restart");
         }

@@ -2,6 +2,8 @@
 //! positions (`load`, over the positioned YAML tree of `yaml`), and the semantic checks
 //! of SPEC §3 (`validate`).
 
+pub mod cluster;
+pub mod events;
 pub mod load;
 pub mod passive;
 pub mod reference;
@@ -12,6 +14,8 @@ mod yaml;
 #[cfg(test)]
 mod tests;
 
+pub use cluster::ClusterConfig;
+pub use events::{EventsConfig, WebhookConfig};
 pub use load::{ConfigError, ConfigErrors, load_file, load_str, load_str_with_env};
 pub use passive::{ProtocolSet, authoritative_protocols};
 pub use types::*;

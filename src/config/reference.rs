@@ -135,6 +135,23 @@ pub const KEYS: &[Key] = &[
     key("discovery.kubernetes", "section", Section, "Kubernetes discovery of `node/…` servers."),
     key("discovery.kubernetes.enabled", "bool", Value("false"), "Watch EndpointSlices and Nodes (in-cluster configuration, else `KUBECONFIG`). Needed by `node/…` servers."),
     // ------------------------------------------------------------------ shutdown
+    key("cluster", "section", Unset("none: a single process"), "Replicas that act as one balancer: shared health view, shared admin states, peer protocol over UDP with an HMAC-SHA256 on every message. Changes take effect at the next restart."),
+    key("cluster.listen", "ip:port", Required, "UDP address of the peer (gossip) protocol."),
+    key("cluster.advertise", "ip:port", Unset("`listen`"), "Address peers use to reach this replica; required when `listen` is a wildcard address (e.g. `${POD_IP}:7946`)."),
+    key("cluster.peers", "list of host:port", Value("[]"), "Peers: static addresses or DNS names (a headless Service), re-resolved; this replica's own address in the list is ignored."),
+    key("cluster.secret", "string, >= 16 bytes", Required, "Shared key of the HMAC-SHA256 on every peer message; a message with a wrong MAC, too old (30 s) or replayed is dropped and counted in `mediagate_cluster_messages_rejected_total`."),
+    key("cluster.node_id", "string", Unset("`$HOSTNAME`, else the advertised address"), "Name of this replica in `/status` and in `peer:<node>:<reason>`."),
+    key("cluster.peer_timeout", "duration", Value("3s"), "A peer not heard from for this long leaves the health vote (a dead replica never pins a server down). At least twice `gossip_interval`."),
+    key("cluster.gossip_interval", "duration", Value("200ms"), "Periodic gossip round; changes are also pushed to every peer at once."),
+    key("cluster.sync_timeout", "duration", Value("2s"), "Longest a starting replica waits for its peers' admin states before it turns ready."),
+    key("cluster.state_file", "path", Unset("none"), "Keeps the admin states across restarts of every replica (JSON, written with a temporary file and a rename)."),
+    key("cluster.state_configmap", "namespace/name or name", Unset("none"), "In Kubernetes: a ConfigMap (key `state.json`) that keeps the admin states across restarts of every replica; needs get/create/patch on it."),
+    key("events", "section", Section, "Where failover, failback, admin and server up/down events go besides `GET /events`. Changes take effect at the next restart."),
+    key("events.webhooks", "list", Value("[]"), "Each event is POSTed as JSON to every listed hook; a failing hook never blocks anything (bounded queue, dropped and counted when full)."),
+    key("events.webhooks[].url", "http URL", Required, "`http://host:port/path` (plain HTTP)."),
+    key("events.webhooks[].secret", "string", Unset("none"), "When set, each POST carries `X-Mediagate-Signature: sha256=<hex HMAC-SHA256 of the body>`."),
+    key("events.webhooks[].timeout", "duration", Value("2s"), "Per attempt (connect, send, answer)."),
+    key("events.webhooks[].retries", "integer", Value("3"), "Attempts after the first failed one, 100 ms apart, doubling each time."),
     key("shutdown", "section", Section, "Graceful shutdown on SIGTERM/SIGINT."),
     key("shutdown.drain_timeout", "duration", Value("30s"), "After a termination signal: not ready, no new sessions, existing sessions keep flowing for at most this long. Keep the pod's `terminationGracePeriodSeconds` above it."),
 ];
@@ -264,6 +281,12 @@ mod tests {
                 fields::<KubernetesDiscoveryConfig>(),
             ),
             ("shutdown", fields::<ShutdownConfig>()),
+            ("cluster", fields::<crate::config::ClusterConfig>()),
+            ("events", fields::<crate::config::EventsConfig>()),
+            (
+                "events.webhooks[]",
+                fields::<crate::config::WebhookConfig>(),
+            ),
         ]
     }
 
@@ -345,7 +368,9 @@ mod tests {
                      "auth": {"type": "static", "users": [{"username": "u", "password": "p"}]},
                      "relay": {}, "quota": {}},
             "discovery": {"dns": {}, "kubernetes": {}},
-            "shutdown": {}
+            "shutdown": {},
+            "cluster": {"listen": "127.0.0.1:7946", "secret": "0123456789abcdef"},
+            "events": {"webhooks": [{"url": "http://127.0.0.1:9/hook"}]}
         })
     }
 

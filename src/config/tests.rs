@@ -79,7 +79,7 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
         "unknown top-level key",
         "listners: []\n",
         &[
-            "t.yaml:1:1: listners: unknown key \"listners\" (expected one of: admin, log, listeners, upstreams, turn, discovery, shutdown)",
+            "t.yaml:1:1: listners: unknown key \"listners\" (expected one of: admin, log, listeners, upstreams, turn, discovery, shutdown, cluster, events)",
             "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
         ],
     ),
@@ -816,4 +816,43 @@ fn every_stage_reports_every_error_in_one_run() {
         ]
         .join("\n")
     );
+}
+
+#[test]
+fn cluster_and_events_sections() {
+    let cfg = load_ok(&format!(
+        "{MINIMAL}cluster:\n  listen: 127.0.0.1:7946\n  peers: [\"mediagate-peers:7946\", \"10.0.0.2:7946\"]\n  secret: 0123456789abcdef\nevents:\n  webhooks:\n    - {{ url: \"http://127.0.0.1:9000/hook\" }}\n"
+    ));
+    let c = cfg.cluster.expect("cluster");
+    assert_eq!(c.peer_timeout.get(), std::time::Duration::from_secs(3));
+    assert_eq!(
+        c.gossip_interval.get(),
+        std::time::Duration::from_millis(200)
+    );
+    assert_eq!(c.sync_timeout.get(), std::time::Duration::from_secs(2));
+    assert_eq!(c.state_file, None);
+    let h = &cfg.events.webhooks[0];
+    assert_eq!(
+        (h.retries, h.timeout.get()),
+        (3, std::time::Duration::from_secs(2))
+    );
+    assert!(
+        load_ok(MINIMAL).cluster.is_none(),
+        "absent: a single process"
+    );
+
+    let err = load(&format!(
+        "{MINIMAL}cluster:\n  listen: 0.0.0.0:7946\n  peers: [nohost]\n  secret: short\n  peer_timeout: 100ms\nevents:\n  webhooks:\n    - {{ url: \"https://x/\" }}\n"
+    ))
+    .expect_err("invalid")
+    .to_string();
+    for part in [
+        "cluster.secret: the secret must be at least 16 bytes",
+        "cluster.peers[0]: \"nohost\" is not host:port",
+        "cluster.peer_timeout: must be at least twice cluster.gossip_interval",
+        "only http:// URLs are supported",
+        "cluster.advertise: required when cluster.listen is a wildcard address",
+    ] {
+        assert!(err.contains(part), "missing {part:?} in:\n{err}");
+    }
 }

@@ -35,6 +35,12 @@ pub struct Config {
     /// Graceful shutdown.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Replicas acting as one balancer (shared health and admin states). Default: none.
+    #[serde(default)]
+    pub cluster: Option<super::ClusterConfig>,
+    /// Webhooks for failover events. Default: none.
+    #[serde(default)]
+    pub events: super::EventsConfig,
 }
 
 /// `admin:` — the HTTP API with /metrics, /status and the POST endpoints.

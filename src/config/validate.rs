@@ -38,6 +38,8 @@ pub fn validate(cfg: &Config) -> Vec<Issue> {
     v.turn(cfg);
     v.addresses(cfg);
     v.discovery(cfg);
+    v.cluster(cfg);
+    v.events(cfg);
     v.issues
 }
 
@@ -332,6 +334,47 @@ impl Checker {
                 );
             }
             _ => {}
+        }
+    }
+
+    fn events(&mut self, cfg: &Config) {
+        for (i, h) in cfg.events.webhooks.iter().enumerate() {
+            if let Err(e) = crate::events::webhook::parse_url(&h.url) {
+                self.push(key_path(&index_path("events.webhooks", i), "url"), e);
+            }
+        }
+    }
+
+    fn cluster(&mut self, cfg: &Config) {
+        let Some(c) = &cfg.cluster else { return };
+        if c.secret.len() < 16 {
+            self.push("cluster.secret", "the secret must be at least 16 bytes");
+        }
+        if c.listen.port() == 0 {
+            self.push("cluster.listen", "a port is required");
+        }
+        if c.listen.ip().is_unspecified() && c.advertise.is_none() {
+            self.push(
+                "cluster.advertise",
+                "required when cluster.listen is a wildcard address (peers must know where to reach this replica, e.g. ${POD_IP}:7946)",
+            );
+        }
+        for (i, p) in c.peers.iter().enumerate() {
+            let ok = p
+                .rsplit_once(':')
+                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok_and(|x| x > 0));
+            if !ok {
+                self.push(
+                    index_path("cluster.peers", i),
+                    format!("{p:?} is not host:port"),
+                );
+            }
+        }
+        if c.peer_timeout.get() < c.gossip_interval.get() * 2 {
+            self.push(
+                "cluster.peer_timeout",
+                "must be at least twice cluster.gossip_interval",
+            );
         }
     }
 

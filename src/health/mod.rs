@@ -31,6 +31,9 @@ pub enum Reason {
     NodeNotReady,
     Admin,
     Removed,
+    /// A live peer replica sees the server down (`cluster:`; the detail says which peer
+    /// and why: `peer:<node>:<reason>`).
+    Peer,
     /// The balancer's own resources ran out (EMFILE, ENFILE, ENOBUFS, ENOMEM,
     /// EADDRNOTAVAIL): says nothing about the server, so it never counts toward `fall`,
     /// never marks a server down and never triggers a failover (see [`is_local_error`]).
@@ -39,7 +42,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason a server can be marked down for ([`Reason::LocalError`] never does).
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Reason::ProbeFailed,
         Reason::ProbeTimeout,
         Reason::IcmpUnreachable,
@@ -49,6 +52,7 @@ impl Reason {
         Reason::NodeNotReady,
         Reason::Admin,
         Reason::Removed,
+        Reason::Peer,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -62,6 +66,7 @@ impl Reason {
             Reason::NodeNotReady => "node_not_ready",
             Reason::Admin => "admin",
             Reason::Removed => "removed",
+            Reason::Peer => "peer",
             Reason::LocalError => "local_error",
         }
     }

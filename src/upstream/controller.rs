@@ -69,6 +69,9 @@ pub enum Control {
     },
     /// A new server list, in priority order (discovery, reload).
     Servers(Vec<Target>),
+    /// The peers' health verdict (`cluster:`): label → `peer:<node>:<reason>` for every
+    /// server some live peer sees down.
+    PeerDown(HashMap<String, String>),
     /// A reload: new settings, then a new server list; answered once both apply.
     Reload {
         spec: Box<UpstreamSpec>,
@@ -110,7 +113,12 @@ pub struct UpstreamRuntime {
     commands: mpsc::Sender<Control>,
     ready: watch::Receiver<bool>,
     cancel: CancellationToken,
+    /// What this replica's own probes see down (label, reason), for `cluster:`.
+    local_down: watch::Receiver<LocalDown>,
 }
+
+/// Servers this replica sees down by itself: (label, reason).
+pub type LocalDown = Arc<Vec<(String, &'static str)>>;
 
 /// Per-server metric handles, resolved once.
 struct ServerMetrics {
@@ -150,7 +158,9 @@ impl UpstreamRuntime {
 
         let cancel = CancellationToken::new();
         let (ready_tx, ready_rx) = watch::channel(false);
+        let (local_down_tx, local_down_rx) = watch::channel(LocalDown::default());
         let mut controller = Controller {
+            local_down: local_down_tx,
             state: UpstreamState::new(
                 name.to_string(),
                 Vec::new(),
@@ -195,7 +205,19 @@ impl UpstreamRuntime {
             commands,
             ready: ready_rx,
             cancel,
+            local_down: local_down_rx,
         }
+    }
+
+    /// What this replica's own probes see down, as last published (`cluster:`).
+    pub fn local_down(&self) -> LocalDown {
+        self.local_down.borrow().clone()
+    }
+
+    /// Hands the peers' health verdict to the controller without waiting: `false` when
+    /// the command channel is full (the caller retries at its next round).
+    pub fn peer_down(&self, down: HashMap<String, String>) -> bool {
+        self.commands.try_send(Control::PeerDown(down)).is_ok()
     }
 
     /// Waits until every server has been probed once (or the first round timed out).
@@ -270,6 +292,7 @@ impl Drop for UpstreamRuntime {
 }
 
 struct Controller {
+    local_down: watch::Sender<LocalDown>,
     state: UpstreamState,
     spec: UpstreamSpec,
     check: Option<Arc<dyn HealthCheck>>,
@@ -439,6 +462,9 @@ impl Controller {
                 reply,
             } => match self.state.set_admin(&server, state, Instant::now(), wall) {
                 Ok(step) => {
+                    if step.publish {
+                        crate::events::admin_changed(&self.state.name, &server, state.as_str());
+                    }
                     tracing::info!(upstream = %self.state.name, %server, state = state.as_str(), "admin state changed");
                     self.replies.push(reply);
                     step
@@ -453,6 +479,7 @@ impl Controller {
                 self.state.manual_failback(Instant::now(), wall)
             }
             Control::Servers(targets) => self.set_servers(targets),
+            Control::PeerDown(down) => self.state.set_peer_down(&down, Instant::now(), wall),
             Control::Reload {
                 spec,
                 targets,
@@ -642,6 +669,7 @@ impl Controller {
         self.came_up_due.extend(step.came_up);
         if let Some(ev) = &step.event {
             let upstream = self.state.name.as_str();
+            crate::events::active_set_changed(upstream, ev);
             match ev.kind {
                 EventKind::Failover => {
                     let reason = ev.reason.unwrap_or("removed");
@@ -692,8 +720,21 @@ impl Controller {
                     .index
                     .get(&key(&sm.handle))
                     .is_some_and(|i| self.state.is_up(*i));
+                if sm.up.get() != i64::from(up) && *self.ready.borrow() {
+                    let reason = self.state.view_reason(&sm.handle).filter(|_| !up);
+                    crate::events::server_health(
+                        &self.state.name,
+                        &sm.handle.label,
+                        up,
+                        reason.as_deref(),
+                    );
+                }
                 sm.up.set(i64::from(up));
                 sm.active.set(i64::from(active.contains(&key(&sm.handle))));
+            }
+            let down = self.state.local_down();
+            if **self.local_down.borrow() != down {
+                self.local_down.send_replace(Arc::new(down));
             }
         }
         for h in self.evict_due.drain(..) {

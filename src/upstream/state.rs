@@ -122,12 +122,15 @@ struct Entry {
     holds_sessions: bool,
     /// Discovery says not ready (endpoint or node): down whatever the probes say.
     not_ready: Option<Reason>,
+    /// A live peer replica sees it down (`peer:<node>:<reason>`): down whatever the
+    /// local probes say, until every live peer sees it up again.
+    peer_down: Option<String>,
 }
 
 impl Entry {
     /// Up by probes and not vetoed by discovery.
     fn usable(&self) -> bool {
-        self.health.is_up() && self.not_ready.is_none()
+        self.health.is_up() && self.not_ready.is_none() && self.peer_down.is_none()
     }
 }
 
@@ -180,6 +183,8 @@ pub struct UpstreamState {
     first_round_done: bool,
     events: VecDeque<Event>,
     failovers: u64,
+    /// The peers' last verdict (`cluster:`), for servers listed after it came.
+    peer_verdict: std::collections::HashMap<String, String>,
 }
 
 impl UpstreamState {
@@ -204,6 +209,7 @@ impl UpstreamState {
             first_round_done: false,
             events: VecDeque::new(),
             failovers: 0,
+            peer_verdict: Default::default(),
         };
         st.entries = servers
             .into_iter()
@@ -219,7 +225,6 @@ impl UpstreamState {
 
     fn new_entry(&self, handle: Arc<ServerHandle>, now: Instant, wall: SystemTime) -> Entry {
         Entry {
-            handle,
             health: if self.probe_less {
                 HealthState::assumed_up(self.fall, self.rise, now)
             } else {
@@ -232,6 +237,8 @@ impl UpstreamState {
             probed: self.probe_less,
             holds_sessions: false,
             not_ready: None,
+            peer_down: self.peer_verdict.get(&handle.label).cloned(),
+            handle,
         }
     }
 
@@ -439,6 +446,71 @@ impl UpstreamState {
         Ok(step)
     }
 
+    /// The servers this replica's own probes and passive signals see down, with the
+    /// reason (`cluster:` shares them with the peers; peer verdicts are not included).
+    pub fn local_down(&self) -> Vec<(String, &'static str)> {
+        self.entries
+            .iter()
+            .filter(|e| e.health.health() == crate::health::state::Health::Down)
+            .map(|e| {
+                let reason = e.health.down_reason().unwrap_or(Reason::ProbeFailed);
+                (e.handle.label.clone(), reason.as_str())
+            })
+            .collect()
+    }
+
+    /// Why a server is down, for the `server_down` event: the peer's verdict, the
+    /// discovery reason or the local probe reason.
+    pub fn view_reason(&self, handle: &Arc<ServerHandle>) -> Option<String> {
+        let e = self
+            .entries
+            .iter()
+            .find(|e| Arc::ptr_eq(&e.handle, handle))?;
+        e.peer_down
+            .clone()
+            .or_else(|| e.not_ready.map(|r| r.as_str().to_string()))
+            .or_else(|| e.health.down_reason().map(|r| r.as_str().to_string()))
+    }
+
+    /// The peers' verdict (`cluster:`): `down` maps the label of every server that some
+    /// live peer sees down to `peer:<node>:<reason>`; every other server is up as far as
+    /// the peers are concerned (its own probes and `rise` still decide locally).
+    pub fn set_peer_down(
+        &mut self,
+        down: &std::collections::HashMap<String, String>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Step {
+        let mut changed = false;
+        let mut cause = None;
+        self.peer_verdict = down.clone();
+        for e in &mut self.entries {
+            let verdict = down.get(&e.handle.label).cloned();
+            if verdict == e.peer_down {
+                continue;
+            }
+            changed = true;
+            let was_usable = e.usable();
+            e.peer_down = verdict;
+            if was_usable != e.usable() {
+                e.last_change = wall;
+            }
+            if was_usable && !e.usable() {
+                e.ready_at = None;
+                cause.get_or_insert(Cause {
+                    reason: Reason::Peer,
+                    detection: None,
+                });
+            }
+        }
+        if !changed {
+            return Step::default();
+        }
+        let mut step = self.reconcile(now, wall, cause);
+        step.publish = self.first_round_done;
+        step
+    }
+
     /// `POST /upstreams/NAME/failback`: make the best eligible servers active and move
     /// every session there (servers in `drain` keep theirs).
     pub fn manual_failback(&mut self, now: Instant, wall: SystemTime) -> Step {
@@ -494,14 +566,17 @@ impl UpstreamState {
                 .iter()
                 .map(|e| ServerView {
                     handle: e.handle.clone(),
-                    health: if e.not_ready.is_some() {
+                    health: if e.not_ready.is_some() || e.peer_down.is_some() {
                         "down"
                     } else {
                         e.health.health().as_str()
                     },
                     admin_state: e.admin,
                     last_change: e.last_change,
-                    last_error: e.health.last_error().map(str::to_string),
+                    last_error: e
+                        .peer_down
+                        .clone()
+                        .or_else(|| e.health.last_error().map(str::to_string)),
                 })
                 .collect(),
             active: self.active_labels(),

@@ -1,0 +1,524 @@
+//! Replicas that act as one balancer (`cluster:`): membership and state dissemination by
+//! chitchat (scuttlebutt gossip) over an HMAC-authenticated UDP transport
+//! ([`transport`]), a shared health view and shared admin states.
+//!
+//! Each replica publishes in its own chitchat key space:
+//! - `h/<upstream>/<server>` = the reason its own probes see the server down, or `""`;
+//! - `a/<upstream>/<server>` = `<unix ms> <state> <origin node>`, the admin state it
+//!   applies; the newest (time, origin) over every known replica wins, and a replica
+//!   that adopts a state publishes it too, so it outlives the replica that set it;
+//! - `f/<upstream>` = `<unix ms> <origin node>`, the last manual failback.
+//!
+//! A sync task reads them every [`TICK`] (and at once when a peer's key changes): a
+//! server is down for this replica when any live peer sees it down (`peer:<node>:<reason>`,
+//! fed to the controller as [`Control::PeerDown`](crate::upstream::Control)), up again
+//! when no live peer does. A peer is live while its heartbeat advances within
+//! `peer_timeout`. Every local change is pushed to every peer at once (a gossip round
+//! started towards each), besides the periodic gossip.
+
+pub mod kube_state;
+pub mod metrics;
+pub mod transport;
+
+use crate::app::AppState;
+use crate::config::ClusterConfig;
+use crate::upstream::{AdminState, UpstreamRuntime};
+use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
+use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ListenerHandle};
+use metrics::ClusterMetrics;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{Notify, watch};
+
+/// Longest time between two passes of the sync task.
+pub const TICK: Duration = Duration::from_millis(20);
+
+/// One peer, for `/status` and `mediagate status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerStatus {
+    pub node: String,
+    pub address: String,
+    /// Heard within `peer_timeout`.
+    pub alive: bool,
+    /// Milliseconds since its heartbeat last advanced (absent: not yet).
+    pub last_heard_ms: Option<u64>,
+    /// Servers it sees down, `upstream/server`.
+    pub down: Vec<String>,
+    /// Whether its own view of down servers equals this replica's own.
+    pub agrees: bool,
+}
+
+/// `cluster` in `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterStatus {
+    pub node: String,
+    pub address: String,
+    pub synced: bool,
+    pub peers: Vec<PeerStatus>,
+}
+
+/// An admin state with its last-writer-wins stamp.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Stamped {
+    at_ms: u64,
+    state: AdminState,
+    origin: String,
+}
+
+impl Stamped {
+    fn encode(&self) -> String {
+        format!("{} {} {}", self.at_ms, self.state.as_str(), self.origin)
+    }
+    fn decode(s: &str) -> Option<Stamped> {
+        let mut it = s.splitn(3, ' ');
+        Some(Stamped {
+            at_ms: it.next()?.parse().ok()?,
+            state: it.next()?.parse().ok()?,
+            origin: it.next()?.to_string(),
+        })
+    }
+    fn rank(&self) -> (u64, &str) {
+        (self.at_ms, &self.origin)
+    }
+}
+
+/// `cluster.state_file`: upstream → server → stamped admin state.
+type StateFile = BTreeMap<String, BTreeMap<String, Stamped>>;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A running cluster member.
+pub struct Cluster {
+    handle: ChitchatHandle,
+    pub node_id: String,
+    pub address: SocketAddr,
+    cfg: ClusterConfig,
+    pub metrics: ClusterMetrics,
+    wake: Arc<Notify>,
+    status: ArcSwap<Vec<PeerStatus>>,
+    synced: watch::Sender<bool>,
+    /// The latest admin states for the ConfigMap writer (`cluster.state_configmap`).
+    store: Option<watch::Sender<String>>,
+    _listener: ListenerHandle,
+}
+
+impl Cluster {
+    /// Binds the peer port and joins the peers. Admin states of `cluster.state_file`
+    /// are published at once (they compete with the peers' by time).
+    pub async fn start(cfg: &ClusterConfig, metrics: ClusterMetrics) -> Result<Arc<Cluster>> {
+        let address = cfg.advertise.unwrap_or(cfg.listen);
+        let node_id = cfg
+            .node_id
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| address.to_string());
+        let generation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let chitchat_cfg = ChitchatConfig {
+            chitchat_id: ChitchatId::new(node_id.clone(), generation, address),
+            cluster_id: "mediagate".to_string(),
+            gossip_interval: cfg.gossip_interval.get(),
+            listen_addr: cfg.listen,
+            seed_nodes: cfg.peers.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                initial_interval: cfg.gossip_interval.get(),
+                dead_node_grace_period: cfg.peer_timeout.get() * 20,
+                ..FailureDetectorConfig::default()
+            },
+            marked_for_deletion_grace_period: Duration::from_secs(3600),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: chitchat::ProtocolVersion::V0,
+        };
+        let mut initial = Vec::new();
+        if let Some(path) = &cfg.state_file {
+            match std::fs::read_to_string(path) {
+                Ok(text) => initial.extend(parse_state(&text, path)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path, error = %e, "cluster.state_file unreadable; ignored")
+                }
+            }
+        }
+        let mut store_tx = None;
+        if let Some(reference) = &cfg.state_configmap {
+            let (ns, name) = kube_state::split_ref(reference);
+            match kube::Client::try_default().await {
+                Ok(client) => {
+                    let store = kube_state::ConfigMapStore::new(client, &ns, &name);
+                    match store.load().await {
+                        Ok(Some(text)) => initial.extend(parse_state(&text, reference)),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(configmap = %reference, error = %e, "cluster.state_configmap unreadable; starting without it")
+                        }
+                    }
+                    store_tx = Some(spawn_store_writer(store, reference.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster.state_configmap: no Kubernetes client; admin states are not kept there")
+                }
+            }
+        }
+        let transport = transport::HmacTransport {
+            key: Arc::from(cfg.secret.as_bytes()),
+            metrics: metrics.clone(),
+        };
+        let handle = chitchat::spawn_chitchat(chitchat_cfg, initial, &transport)
+            .await
+            .context("cluster")?;
+        let wake = Arc::new(Notify::new());
+        let w = wake.clone();
+        let listener = handle
+            .with_chitchat(|c| {
+                let w = w.clone();
+                c.subscribe_event("", move |_| w.notify_one())
+            })
+            .await;
+        tracing::info!(node = %node_id, listen = %cfg.listen, peers = ?cfg.peers, "cluster member started");
+        Ok(Arc::new(Cluster {
+            handle,
+            node_id,
+            address,
+            cfg: cfg.clone(),
+            metrics,
+            wake,
+            status: ArcSwap::from_pointee(Vec::new()),
+            synced: watch::channel(false).0,
+            store: store_tx,
+            _listener: listener,
+        }))
+    }
+
+    /// An admin state set through this replica's API: published with the current time.
+    pub async fn admin_changed(&self, upstream: &str, server: &str, state: AdminState) {
+        let st = Stamped {
+            at_ms: now_ms(),
+            state,
+            origin: self.node_id.clone(),
+        };
+        self.handle
+            .with_chitchat(|c| {
+                c.self_node_state()
+                    .set(format!("a/{upstream}/{server}"), st.encode())
+            })
+            .await;
+        self.wake.notify_one();
+    }
+
+    /// A manual failback made through this replica's API: the peers do it too.
+    pub async fn failback_requested(&self, upstream: &str) {
+        let v = format!("{} {}", now_ms(), self.node_id);
+        self.handle
+            .with_chitchat(|c| c.self_node_state().set(format!("f/{upstream}"), v.clone()))
+            .await;
+        self.wake.notify_one();
+    }
+
+    /// Waits until the peers' admin states are applied (or `sync_timeout` passed).
+    pub async fn wait_synced(&self) {
+        let _ = self.synced.subscribe().wait_for(|s| *s).await;
+    }
+
+    /// `cluster` in `/status`.
+    pub fn status(&self) -> ClusterStatus {
+        ClusterStatus {
+            node: self.node_id.clone(),
+            address: self.address.to_string(),
+            synced: *self.synced.borrow(),
+            peers: self.status.load().as_ref().clone(),
+        }
+    }
+
+    /// Starts the task that keeps this replica and its peers in step.
+    pub fn spawn_sync(self: &Arc<Self>, app: Arc<AppState>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move { me.sync(app).await })
+    }
+
+    async fn sync(self: Arc<Self>, app: Arc<AppState>) {
+        let started = Instant::now();
+        let timeout = self.cfg.peer_timeout.get();
+        let mut s = SyncState::default();
+        loop {
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(TICK) => {}
+            }
+            let now = Instant::now();
+            let ups = app.upstreams.load_full();
+            let chitchat = self.handle.chitchat();
+            let mut cc = chitchat.lock().await;
+            let mut push = false;
+            // 1. What this replica sees down, for the peers.
+            let mut own_down = BTreeSet::new();
+            for (name, up) in ups.iter() {
+                let down = up.local_down();
+                let prefix = format!("h/{name}/");
+                let me = cc.self_node_state();
+                for (label, reason) in down.iter() {
+                    own_down.insert(format!("{name}/{label}"));
+                    let k = format!("{prefix}{label}");
+                    if me.get(&k) != Some(*reason) {
+                        me.set(k, *reason);
+                        push = true;
+                    }
+                }
+                let stale: Vec<String> = me
+                    .iter_prefix(&prefix)
+                    .filter(|(k, v)| {
+                        !v.value.is_empty() && !down.iter().any(|(l, _)| k[prefix.len()..] == **l)
+                    })
+                    .map(|(k, _)| k.to_string())
+                    .collect();
+                for k in stale {
+                    me.set(k, "");
+                    push = true;
+                }
+            }
+            // 2. Which peers are live: heartbeat advanced within peer_timeout.
+            let self_id = cc.self_chitchat_id().clone();
+            let mut live = Vec::new();
+            let mut peers = Vec::new();
+            for (id, ns) in cc.node_states() {
+                if *id == self_id
+                    || id.node_id == self_id.node_id && id.generation_id < self_id.generation_id
+                {
+                    continue;
+                }
+                let hb = ns.heartbeat();
+                let e = s.seen.entry(id.clone()).or_insert((hb, None));
+                if e.0 != hb {
+                    *e = (hb, Some(now));
+                }
+                let heard = e.1;
+                let alive = heard.is_some_and(|t| now.duration_since(t) < timeout);
+                if alive {
+                    live.push(id.clone());
+                }
+                let mut down: Vec<String> = Vec::new();
+                for (k, v) in ns.iter_prefix("h/") {
+                    if !v.value.is_empty() {
+                        down.push(k[2..].to_string());
+                    }
+                }
+                let agrees = down.iter().cloned().collect::<BTreeSet<_>>() == own_down;
+                peers.push(PeerStatus {
+                    node: id.node_id.to_string(),
+                    address: id.gossip_advertise_addr.to_string(),
+                    alive,
+                    last_heard_ms: heard.map(|t| now.duration_since(t).as_millis() as u64),
+                    down,
+                    agrees,
+                });
+            }
+            s.seen.retain(|id, (_, t)| {
+                cc.node_state(id).is_some() || t.is_some_and(|t| now.duration_since(t) < timeout)
+            });
+            // 3. The peers' health verdict, per upstream.
+            for (name, up) in ups.iter() {
+                let prefix = format!("h/{name}/");
+                let mut verdict: HashMap<String, String> = HashMap::new();
+                for id in &live {
+                    let Some(ns) = cc.node_state(id) else {
+                        continue;
+                    };
+                    for (k, v) in ns.iter_prefix(&prefix) {
+                        if !v.value.is_empty() {
+                            verdict
+                                .entry(k[prefix.len()..].to_string())
+                                .or_insert_with(|| format!("peer:{}:{}", id.node_id, v.value));
+                        }
+                    }
+                }
+                let key = Arc::as_ptr(up) as usize;
+                if s.sent
+                    .get(name)
+                    .is_none_or(|(k, v)| *k != key || *v != verdict)
+                    && up.peer_down(verdict.clone())
+                {
+                    s.sent.insert(name.clone(), (key, verdict));
+                }
+            }
+            // 4. Admin states: newest (time, origin) over every known replica wins.
+            let mut apply: Vec<(Arc<UpstreamRuntime>, String, AdminState)> = Vec::new();
+            let mut failbacks: Vec<Arc<UpstreamRuntime>> = Vec::new();
+            for (name, up) in ups.iter() {
+                let prefix = format!("a/{name}/");
+                let mut best: BTreeMap<String, Stamped> = BTreeMap::new();
+                for ns in cc.node_states().values() {
+                    for (k, v) in ns.iter_prefix(&prefix) {
+                        let Some(st) = Stamped::decode(&v.value) else {
+                            continue;
+                        };
+                        let label = k[prefix.len()..].to_string();
+                        match best.get(&label) {
+                            Some(b) if b.rank() >= st.rank() => {}
+                            _ => {
+                                best.insert(label, st);
+                            }
+                        }
+                    }
+                }
+                let key = Arc::as_ptr(up) as usize;
+                for (label, st) in &best {
+                    let k = format!("{prefix}{label}");
+                    let encoded = st.encode();
+                    let me = cc.self_node_state();
+                    if me.get(&k) != Some(encoded.as_str()) {
+                        me.set(k, encoded);
+                        push = true;
+                    }
+                    let id = (key, label.clone());
+                    if s.applied.get(&id) != Some(st) {
+                        s.applied.insert(id, st.clone());
+                        apply.push((up.clone(), label.clone(), st.state));
+                    }
+                }
+                if s.file.get(name) != Some(&best) {
+                    s.file.insert(name.clone(), best);
+                    s.file_dirty = true;
+                }
+                // Manual failback from another replica.
+                let fkey = format!("f/{name}");
+                let newest = cc
+                    .node_states()
+                    .values()
+                    .filter_map(|ns| ns.get(&fkey))
+                    .max_by_key(|v| v.split_once(' ').and_then(|(t, _)| t.parse::<u64>().ok()))
+                    .map(str::to_string);
+                if let Some(v) = newest {
+                    let first = !s.failback_seen.contains_key(name);
+                    if s.failback_seen.get(name) != Some(&v) {
+                        s.failback_seen.insert(name.clone(), v.clone());
+                        if !first && !v.ends_with(&format!(" {}", self.node_id)) {
+                            failbacks.push(up.clone());
+                        }
+                    }
+                } else {
+                    s.failback_seen.insert(name.clone(), String::new());
+                }
+            }
+            // 5. Push changes to every peer now.
+            let mut targets: BTreeSet<SocketAddr> = cc.seed_nodes().into_iter().collect();
+            targets.extend(cc.node_states().keys().map(|id| id.gossip_advertise_addr));
+            targets.remove(&self.address);
+            targets.remove(&self.cfg.listen);
+            drop(cc);
+            if push {
+                for addr in &targets {
+                    let _ = self.handle.gossip(*addr);
+                }
+            }
+            for (up, label, state) in apply {
+                if let Err(e) = up.set_admin(&label, state).await {
+                    tracing::debug!(upstream = %up.name, server = %label, error = %e, "cluster: admin state not applied");
+                } else {
+                    tracing::info!(upstream = %up.name, server = %label, state = state.as_str(), "cluster: admin state applied");
+                }
+            }
+            for up in failbacks {
+                tracing::info!(upstream = %up.name, "cluster: manual failback from a peer");
+                let _ = up.failback_now().await;
+            }
+            if s.file_dirty {
+                s.file_dirty = false;
+                if let Some(path) = &self.cfg.state_file
+                    && let Err(e) = write_state_file(path, &s.file)
+                {
+                    tracing::warn!(path, error = %e, "cluster.state_file not written");
+                }
+                if let Some(tx) = &self.store
+                    && let Ok(json) = serde_json::to_string_pretty(&s.file)
+                {
+                    tx.send_replace(json);
+                }
+            }
+            let alive = peers.iter().filter(|p| p.alive).count();
+            self.metrics.peers_known.set(peers.len() as i64);
+            self.metrics.peers_alive.set(alive as i64);
+            self.metrics
+                .disagreements
+                .set(peers.iter().filter(|p| p.alive && !p.agrees).count() as i64);
+            self.status.store(Arc::new(peers));
+            if !*self.synced.borrow()
+                && (alive > 0 || now.duration_since(started) >= self.cfg.sync_timeout.get())
+            {
+                if alive == 0 {
+                    tracing::warn!(
+                        "cluster: no peer answered within cluster.sync_timeout; starting with local admin states"
+                    );
+                }
+                self.synced.send_replace(true);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Last heartbeat of each peer and when it last advanced.
+    seen: HashMap<ChitchatId, (chitchat::Heartbeat, Option<Instant>)>,
+    /// Peer verdict last handed to each upstream's controller (by runtime identity).
+    sent: HashMap<String, (usize, HashMap<String, String>)>,
+    /// Admin state last applied per (runtime, server).
+    applied: HashMap<(usize, String), Stamped>,
+    failback_seen: HashMap<String, String>,
+    file: StateFile,
+    file_dirty: bool,
+}
+
+/// The keys of a state file's (or ConfigMap's) JSON; a broken one is logged and ignored.
+fn parse_state(text: &str, source: &str) -> Vec<(String, String)> {
+    match serde_json::from_str::<StateFile>(text) {
+        Ok(file) => file
+            .into_iter()
+            .flat_map(|(up, servers)| {
+                servers
+                    .into_iter()
+                    .map(move |(server, st)| (format!("a/{up}/{server}"), st.encode()))
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(source, error = %e, "stored admin states unreadable; ignored");
+            Vec::new()
+        }
+    }
+}
+
+/// Writes the latest admin states to the ConfigMap, one write at a time: changes that
+/// arrive during a write are merged into the next one (only the newest is written).
+fn spawn_store_writer(
+    store: kube_state::ConfigMapStore,
+    reference: String,
+) -> watch::Sender<String> {
+    let (tx, mut rx) = watch::channel(String::new());
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let json = rx.borrow_and_update().clone();
+            if let Err(e) = store.save(&json).await {
+                tracing::warn!(configmap = %reference, error = %e, "cluster.state_configmap not written");
+            }
+        }
+    });
+    tx
+}
+
+/// Writes the admin states with a temporary file and a rename (never half a file).
+fn write_state_file(path: &str, file: &StateFile) -> std::io::Result<()> {
+    let tmp = format!("{path}.tmp");
+    let text = serde_json::to_string_pretty(file).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}

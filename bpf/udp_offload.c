@@ -38,6 +38,14 @@ struct flow_nat {
 	__u16 dport;
 	// (listener index << 1) | direction (0: to the server, 1: to the client).
 	__u32 slot;
+	// Where the rewritten datagram leaves: the device the other direction's datagrams
+	// arrive on (taught by them; 0 until then, and user space forwards meanwhile).
+	__u32 ifindex;
+	// The ingress device this entry last taught its paired entry.
+	__u32 taught;
+	// The listener address this entry last taught (wildcard listeners).
+	__u32 taught_addr;
+	__u32 _pad;
 	__u64 packets;
 	__u64 bytes;
 	__u64 last_ns;
@@ -133,19 +141,35 @@ int mg_ingress(struct __sk_buff *skb)
 	// client used: user space answers this one.
 	if (nat->saddr == 0)
 		return TC_ACT_UNSPEC;
-	if (wildcard) {
-		// Teach the reply entry the address the client sent to (its reply source).
-		struct flow_key rk = {
+	// The paired entry (the other direction of the session) learns the device this
+	// direction arrives on, which is where its own datagrams must leave; a wildcard
+	// listener's reply entry also learns the address the client sent to.
+	__u32 in_if = skb->ingress_ifindex;
+	if (nat->taught != in_if || (wildcard && nat->taught_addr != orig_daddr)) {
+		struct flow_key pk = {
 			.saddr = nat->daddr,
 			.daddr = nat->saddr,
 			.sport = nat->dport,
 			.dport = nat->sport,
 		};
-		struct flow_nat *rev = bpf_map_lookup_elem(&mg_flows, &rk);
-		if (rev && rev->saddr != orig_daddr)
-			rev->saddr = orig_daddr;
-		key.daddr = orig_daddr;
+		struct flow_nat *peer = bpf_map_lookup_elem(&mg_flows, &pk);
+		if (!peer) {
+			pk.daddr = 0; // the client entry of a wildcard listener
+			peer = bpf_map_lookup_elem(&mg_flows, &pk);
+		}
+		if (peer) {
+			peer->ifindex = in_if;
+			if (wildcard)
+				peer->saddr = orig_daddr;
+			nat->taught = in_if;
+			nat->taught_addr = orig_daddr;
+		}
 	}
+	if (wildcard)
+		key.daddr = orig_daddr;
+	__u32 out_if = nat->ifindex;
+	if (out_if == 0)
+		return TC_ACT_UNSPEC;
 
 	__u32 payload = bpf_ntohs(udp->len);
 	payload = payload >= sizeof(struct udphdr) ? payload - sizeof(struct udphdr) : 0;
@@ -169,28 +193,18 @@ int mg_ingress(struct __sk_buff *skb)
 		t->bytes += payload;
 	}
 
-	struct bpf_fib_lookup fib = {};
-	fib.family = AF_INET;
-	fib.l4_protocol = IPPROTO_UDP;
-	fib.sport = new_sport;
-	fib.dport = new_dport;
-	fib.tot_len = payload + sizeof(struct udphdr) + sizeof(struct iphdr);
-	fib.ipv4_src = new_saddr;
-	fib.ipv4_dst = new_daddr;
-	fib.ifindex = skb->ingress_ifindex;
-	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		if (fib.ifindex == LOOPBACK_IFINDEX && skb->ingress_ifindex == LOOPBACK_IFINDEX)
-			return TC_ACT_OK; // loopback to loopback: deliver in place
-		return bpf_redirect_neigh(fib.ifindex, NULL, 0, 0);
+	if (out_if == LOOPBACK_IFINDEX) {
+		// Local peer: lo's ingress delivers the rewritten datagram (no entry matches it).
+		if (in_if == LOOPBACK_IFINDEX)
+			return TC_ACT_OK;
+		// From another device (a loopback address must not arrive there): out of lo
+		// with a route attached, as a local send would be; without one, lo's input
+		// routing would drop a 127/8 destination as a martian.
+		return bpf_redirect_neigh(LOOPBACK_IFINDEX, NULL, 0, 0);
 	}
-	// A loopback address arriving on another device would be dropped as a martian:
-	// hand it to lo, whose ingress delivers it (no entry matches it there).
-	if ((bpf_ntohl(new_daddr) >> 24) == 127 && skb->ingress_ifindex != LOOPBACK_IFINDEX)
-		return bpf_redirect(LOOPBACK_IFINDEX, 0);
-	// Local destination (NOT_FWDED) or nothing better: the stack routes the rewritten
-	// datagram (on the same host it is delivered to the peer's socket).
-	return TC_ACT_OK;
+	// Out of a real device (the same one for a hairpin, as in a pod): the kernel routes
+	// it from that device and resolves the next hop's address.
+	return bpf_redirect_neigh(out_if, NULL, 0, 0);
 }
 
 char _license[] SEC("license") = "Dual MIT/GPL";

@@ -207,9 +207,9 @@ fn ip(args: &[&str]) {
 }
 
 impl TestHost {
-    fn create() -> TestHost {
-        // Two tests of this file may create hosts at once (one process each under nextest).
-        let id = std::process::id() % 200 + 20;
+    /// `variant` keeps the two node-gone tests apart when they run in one process.
+    fn create(variant: u32) -> TestHost {
+        let id = (std::process::id() % 100) * 2 + variant + 20;
         let ns = format!("mgtest{id}");
         let host_if = format!("mgh{id}");
         let ns_if = format!("mgn{id}");

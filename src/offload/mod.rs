@@ -14,11 +14,16 @@
 //!   at start (`lo` included). It parses Ethernet/IPv4/UDP (no options, no fragments),
 //!   looks the 4-tuple up in `mg_flows`, rewrites addresses and ports, fixes the IP and
 //!   UDP checksums with `bpf_l3_csum_replace`/`bpf_l4_csum_replace` (a zero UDP
-//!   checksum stays zero), then asks the FIB where the rewritten datagram goes: a local
-//!   destination continues up the stack (`TC_ACT_OK`; the peer's socket receives it), a
-//!   remote one is sent with `bpf_redirect_neigh` to the egress device. A datagram that
-//!   matches no entry returns `TC_ACT_UNSPEC` ("next"), so other programs on the device
-//!   still run.
+//!   checksum stays zero) and sends it out of the device the session's *other*
+//!   direction arrives on: each entry learns that device from the datagrams of its pair
+//!   (no FIB lookup, which would need IP forwarding on the ingress device). To `lo`:
+//!   delivered in place (`TC_ACT_OK`) or redirected to `lo` from another device (a
+//!   loopback address must not arrive on a real device); to any other device:
+//!   `bpf_redirect_neigh`, which routes from that device and resolves the next hop (a
+//!   hairpin on a pod's single `eth0` included). Until an entry has learned its device
+//!   (the first reply of a session), its datagrams go through user space as before. A
+//!   datagram that matches no entry returns `TC_ACT_UNSPEC` ("next"), so other programs
+//!   on the device still run.
 //! - **`mg_flows`** (hash, 262 144 entries = 131 072 sessions): two entries per session,
 //!   keyed by the wire 4-tuple:
 //!   `(client ip:port → listener ip:port)` ⇒ `(balancer ip:session port → server ip:port)`
@@ -75,6 +80,8 @@
 
 mod engine;
 mod sys;
+mod wake;
 
 pub use engine::{Engine, ListenerOffload, SessionKeys, acquire, refresh_metrics, wanted};
 pub use sys::{FlowKey, FlowNat};
+pub use wake::{Waker, evicted};

@@ -36,6 +36,12 @@ pub struct FlowNat {
     pub dport: u16,
     /// `(listener slot << 1) | direction` (0: to the server, 1: to the client).
     pub slot: u32,
+    /// Egress device, learned by the program from the other direction (0: not yet).
+    pub ifindex: u32,
+    /// Program bookkeeping: what this entry last taught its pair.
+    pub taught: u32,
+    pub taught_addr: u32,
+    pub _pad: u32,
     pub packets: u64,
     pub bytes: u64,
     /// `bpf_ktime_get_ns()` of the last datagram (0: none yet).
@@ -171,9 +177,10 @@ mod tests {
 
     #[test]
     fn layouts_match_the_c_structs() {
-        // struct flow_key is 12 bytes; struct flow_nat 40 (u64 counters 8-aligned).
+        // struct flow_key is 12 bytes; struct flow_nat 56.
         assert_eq!(std::mem::size_of::<FlowKey>(), 12);
-        assert_eq!(std::mem::size_of::<FlowNat>(), 40);
+        assert_eq!(std::mem::size_of::<FlowNat>(), 56);
+        assert_eq!(std::mem::offset_of!(FlowNat, packets), 32);
         let k = FlowKey::new(
             "127.0.0.1:258".parse().unwrap(),
             "10.0.0.2:1".parse().unwrap(),

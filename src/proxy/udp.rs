@@ -67,6 +67,8 @@ const TICK_MS: u16 = 50;
 const UPSTREAM_RCVBUF: usize = 1 << 20;
 /// Marks an epoll token as a listen socket (low bits: port index).
 const LISTEN_TOKEN: u64 = 1 << 63;
+/// The epoll token of the eviction eventfd (`offload: ebpf` only; see `crate::offload`).
+const WAKE_TOKEN: u64 = u64::MAX;
 
 /// What all worker threads of one UDP listener share.
 pub struct UdpListener {
@@ -431,6 +433,8 @@ struct Tables {
     sources: Sources,
     /// The kernel fast path (`offload: ebpf`), if available.
     offload: Option<Arc<ListenerOffload>>,
+    /// Woken when a server is evicted (with `offload` only).
+    waker: Option<crate::offload::Waker>,
 }
 
 /// One worker thread of a UDP listener.
@@ -468,8 +472,19 @@ impl Worker {
                 out: MsgBatch::new(BATCH, MAX_DATAGRAM),
             });
         }
+        let waker = match shared.offload.get() {
+            Some(_) => {
+                let w = crate::offload::Waker::new()?;
+                epoll
+                    .add(w.fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))
+                    .map_err(io::Error::from)?;
+                Some(w)
+            }
+            None => None,
+        };
         Ok(Worker {
             t: Tables {
+                waker,
                 epoll,
                 ports,
                 index: SessionIndex::default(),
@@ -519,7 +534,12 @@ impl Worker {
             self.t.flush_replies();
             for ev in &events[..n] {
                 let tok = ev.data();
-                if tok & LISTEN_TOKEN != 0 {
+                if tok == WAKE_TOKEN {
+                    if let Some(w) = &self.t.waker {
+                        w.drain();
+                    }
+                    self.t.offload_scan();
+                } else if tok & LISTEN_TOKEN != 0 {
                     self.on_listen_ready((tok & 0xffff) as usize);
                 }
             }
@@ -787,6 +807,11 @@ impl Tables {
                     }
                 }
                 Err(e) => {
+                    if passive_reason(&e).is_some() {
+                        // A refused offloaded datagram: the next one must come up here
+                        // now (to re-pin), not at the next tick's eviction scan.
+                        offload_remove(self.offload.as_deref(), session);
+                    }
                     if let Some(reason) = passive_reason(&e)
                         && session.server.epoch() == session.pinned_epoch
                     {
@@ -798,8 +823,6 @@ impl Tables {
                             e.to_string(),
                         );
                         session.refused = true;
-                        // Offloaded datagrams must go up now, to re-pin on the next one.
-                        offload_remove(self.offload.as_deref(), session);
                     }
                     return;
                 }

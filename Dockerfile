@@ -14,6 +14,13 @@ ARG RUST_VERSION=1.95
 FROM rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
 
+# clang + libbpf headers: build.rs compiles the kernel fast path (bpf/udp_offload.c) into
+# the binary. It stays off unless a listener says `offload: ebpf` (or the
+# manifests/components/ebpf-offload component sets MEDIAGATE_UDP_OFFLOAD=ebpf).
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends clang llvm libbpf-dev \
+ && rm -rf /var/lib/apt/lists/*
+
 # The whole crate (.dockerignore keeps out target/, .git, manifests/, docs/ ...): Cargo.toml
 # may name benches and tests, and cargo wants their files present even for `build`.
 COPY . .

@@ -274,3 +274,49 @@ async fn unavailable_fast_path_falls_back_to_user_space() {
         "logged once:\n{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_turning_offload_off_detaches_and_keeps_flows() {
+    assert!(nix::unistd::Uid::effective().is_root(), "needs root");
+    if !has_bpftool() {
+        eprintln!("bpftool missing: skipped (scripts/install-test-deps.sh installs it)");
+        return;
+    }
+    let before = loaded_programs();
+    let w = UdpPair::start();
+    let yaml = config(w.listen, w.admin, w.primary_addr, w.backup_addr, "60s");
+    let b = Balancer::start(&yaml, w.admin);
+    let flows = Flows::start(w.listen_addr(), 3, Duration::from_millis(10), 64)
+        .await
+        .expect("flows");
+    wait_until_async(Duration::from_secs(10), "3 sessions offloaded", || {
+        sample(&b.metrics(), OFF_SESSIONS) == 3.0
+    })
+    .await;
+    let ours: Vec<u64> = loaded_programs()
+        .into_iter()
+        .filter(|id| !before.contains(id))
+        .collect();
+    assert!(!ours.is_empty(), "bpftool shows no mg_ingress program");
+    std::fs::write(&b.config, yaml.replace("offload: ebpf", "offload: none")).expect("write");
+    b.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until_async(
+        Duration::from_secs(10),
+        "program unloaded by the reload",
+        || {
+            let now = loaded_programs();
+            ours.iter().all(|id| !now.contains(id))
+        },
+    )
+    .await;
+    // The flows go on through user space.
+    let m0 = b.metrics();
+    wait_until_async(Duration::from_secs(10), "100 replies in user space", || {
+        sample(&b.metrics(), PKT_TO_CLIENT) >= sample(&m0, PKT_TO_CLIENT) + 100.0
+    })
+    .await;
+    let m1 = b.metrics();
+    assert_eq!(sample(&m1, OFF_TO_CLIENT), sample(&m0, OFF_TO_CLIENT));
+    let stats = flows.finish(Duration::from_millis(200)).await;
+    assert!(stats.iter().all(|f| f.last_worker == "primary"));
+}

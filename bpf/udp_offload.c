@@ -170,6 +170,10 @@ int mg_ingress(struct __sk_buff *skb)
 	__u32 out_if = nat->ifindex;
 	if (out_if == 0)
 		return TC_ACT_UNSPEC;
+	// Too big for the egress device: user space sends it (the stack fragments it).
+	__u32 mtu_len = 0;
+	if (bpf_check_mtu(skb, out_if, &mtu_len, 0, 0))
+		return TC_ACT_UNSPEC;
 
 	__u32 payload = bpf_ntohs(udp->len);
 	payload = payload >= sizeof(struct udphdr) ? payload - sizeof(struct udphdr) : 0;

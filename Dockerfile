@@ -26,6 +26,16 @@ FROM rust:${RUST_VERSION}-bookworm AS build
 ARG TARGETARCH
 WORKDIR /src
 
+# clang + libbpf headers: build.rs compiles the kernel fast path (bpf/udp_offload.c) into
+# the binary. It stays off unless a listener says `offload: ebpf` (or the
+# manifests/components/ebpf-offload component sets MEDIAGATE_UDP_OFFLOAD=ebpf).
+# Versions come from the pinned bookworm base image's suite; pinning Debian revisions here
+# would break the build at the next point release, for a build-only tool.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends clang llvm libbpf-dev \
+ && rm -rf /var/lib/apt/lists/*
+
 # The whole crate (.dockerignore keeps out target/, .git, manifests/, docs/ ...): Cargo.toml
 # may name benches and tests, and cargo wants their files present even for `build`.
 COPY . .

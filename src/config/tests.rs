@@ -640,6 +640,7 @@ fn every_default() {
     assert_eq!(l.session.new_per_source_per_second, 200);
     assert_eq!(l.session.max_per_source, 10_000);
     assert_eq!(l.max_connections, 10_000);
+    assert_eq!(l.offload, super::types::Offload::None);
     assert_eq!(c.admin.max_connections, 128);
     assert_eq!(c.admin.header_read_timeout.get(), Duration::from_secs(5));
     let u = &c.upstreams["u"];
@@ -808,7 +809,7 @@ fn every_stage_reports_every_error_in_one_run() {
         [
             "t.yaml:1:17: admin.token: environment variable NOPE is not set",
             "t.yaml:3:39: listeners[0].listen: invalid listen address \"x:1\" (expected ip:port or ip:first-last)",
-            "t.yaml:4:68: listeners[1].colour: unknown key \"colour\" (expected one of: name, protocol, listen, upstream, session, max_connections)",
+            "t.yaml:4:68: listeners[1].colour: unknown key \"colour\" (expected one of: name, protocol, listen, upstream, session, max_connections, offload)",
             "t.yaml:5:65: listeners[2].upstream: unknown upstream \"gone\" (defined: u)",
             "t.yaml:8:31: upstreams.u.primary[1]: invalid server address \"10.0.0.300\"",
             "t.yaml:9:25: upstreams.u.health.interval: invalid duration \"10 mss\"",
@@ -855,4 +856,26 @@ fn cluster_and_events_sections() {
     ] {
         assert!(err.contains(part), "missing {part:?} in:\n{err}");
     }
+}
+
+#[test]
+fn offload_is_for_udp_listeners() {
+    let c = load_ok(
+        "listeners:\n  - { name: a, protocol: udp, listen: 127.0.0.1:5004, upstream: u, offload: ebpf }\nupstreams:\n  u:\n    primary: [127.0.0.1:6004]\n",
+    );
+    assert_eq!(c.listeners[0].offload, super::types::Offload::Ebpf);
+    let e = load(
+        "listeners:\n  - { name: a, protocol: tcp, listen: 127.0.0.1:5004, upstream: u, offload: ebpf }\nupstreams:\n  u:\n    primary: [127.0.0.1:6004]\n",
+    )
+    .expect_err("tcp offload");
+    assert!(
+        e.to_string()
+            .contains("listeners[0].offload: offload: ebpf is only for UDP listeners"),
+        "{e}"
+    );
+    let e = load(
+        "listeners:\n  - { name: a, protocol: udp, listen: 127.0.0.1:5004, upstream: u, offload: xdp }\nupstreams:\n  u:\n    primary: [127.0.0.1:6004]\n",
+    )
+    .expect_err("unknown offload");
+    assert!(e.to_string().contains("listeners[0].offload"), "{e}");
 }

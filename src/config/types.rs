@@ -161,6 +161,23 @@ pub struct ListenerConfig {
     /// connections beyond it are closed at once and counted. Default 10000.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// UDP: `ebpf` forwards established sessions in the kernel (TC ingress eBPF, see
+    /// `crate::offload`); user space keeps every decision. Needs CAP_BPF and
+    /// CAP_NET_ADMIN, a kernel with TCX (6.6+), IPv4 and a specific listen address; when
+    /// unavailable the listener runs in user space (logged once, counted). Default `none`.
+    #[serde(default)]
+    pub offload: Offload,
+}
+
+/// `listeners[].offload`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Offload {
+    /// Every datagram goes through user space.
+    #[default]
+    None,
+    /// The kernel fast path (eBPF) forwards established UDP sessions.
+    Ebpf,
 }
 
 fn default_max_connections() -> usize {

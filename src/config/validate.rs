@@ -171,6 +171,12 @@ impl Checker {
                 l.session.max_sessions as u64,
             );
             self.at_least_one(key_path(&path, "max_connections"), l.max_connections as u64);
+            if l.offload != super::types::Offload::None && l.protocol != Protocol::Udp {
+                self.push(
+                    key_path(&path, "offload"),
+                    "offload: ebpf is only for UDP listeners",
+                );
+            }
         }
     }
 

@@ -26,6 +26,11 @@
 //! A new session is admitted only within the listener's `max_sessions`, its source's
 //! fair share (`sources`) and the process's file-descriptor budget (`crate::fdbudget`);
 //! refusals are counted, never logged per datagram.
+//!
+//! With `offload: ebpf` an established session is also installed in the kernel fast path
+//! (`crate::offload`): its datagrams then bypass this thread. The hooks are the
+//! `offload_*` methods at the end of `impl Tables` (install after a forward, removal on
+//! eviction, refusal, re-pin and close, last-seen times for the idle sweep).
 
 use super::ports::{self, PortLease};
 use super::sources::{Admission, Refusal, Sources};
@@ -34,6 +39,7 @@ use crate::config::{Protocol, SessionConfig};
 use crate::fdbudget::{self, Permit};
 use crate::health::Reason;
 use crate::metrics::ListenerMetrics;
+use crate::offload::{ListenerOffload, SessionKeys};
 use crate::ratelog::RateLimit;
 use crate::upstream::{ServerHandle, UpstreamRoute};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -41,8 +47,8 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -61,6 +67,8 @@ const TICK_MS: u16 = 50;
 const UPSTREAM_RCVBUF: usize = 1 << 20;
 /// Marks an epoll token as a listen socket (low bits: port index).
 const LISTEN_TOKEN: u64 = 1 << 63;
+/// The epoll token of the eviction eventfd (`offload: ebpf` only; see `crate::offload`).
+const WAKE_TOKEN: u64 = u64::MAX;
 
 /// What all worker threads of one UDP listener share.
 pub struct UdpListener {
@@ -81,6 +89,8 @@ pub struct UdpListener {
     draining: AtomicBool,
     /// Reference point for the coarse per-session activity clock.
     epoch: Instant,
+    /// The kernel fast path, when `offload: ebpf` and it is available.
+    offload: OnceLock<Arc<ListenerOffload>>,
 }
 
 impl UdpListener {
@@ -102,7 +112,13 @@ impl UdpListener {
             live: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             epoch: Instant::now(),
+            offload: OnceLock::new(),
         })
+    }
+
+    /// Turns the kernel fast path on for this listener (before [`UdpListener::serve`]).
+    pub fn enable_offload(&self, offload: Arc<ListenerOffload>) {
+        let _ = self.offload.set(offload);
     }
 
     /// Live sessions.
@@ -248,6 +264,10 @@ struct Session {
     refused: bool,
     /// How the session counts in its source's share (released when it closes).
     admission: Admission,
+    /// Its entries in the kernel fast path, while installed.
+    offload: Option<SessionKeys>,
+    /// Installing was tried for the current server (not retried per datagram).
+    offload_tried: bool,
     /// The descriptor `upstream` holds in the process's budget. Declared last: given
     /// back only once the socket is closed.
     _permit: Permit,
@@ -391,6 +411,8 @@ impl Tally {
 struct PortSock {
     sock: Arc<UdpSocket>,
     local_port: u16,
+    /// The listen address (the fast path matches datagrams sent to it).
+    local: SocketAddr,
     /// Replies of this wakeup waiting to go out through `sock`.
     out: MsgBatch,
 }
@@ -409,6 +431,10 @@ struct Tables {
     now_ms: u64,
     /// This worker's share of the per-source limits.
     sources: Sources,
+    /// The kernel fast path (`offload: ebpf`), if available.
+    offload: Option<Arc<ListenerOffload>>,
+    /// Woken when a server is evicted (with `offload` only).
+    waker: Option<crate::offload::Waker>,
 }
 
 /// One worker thread of a UDP listener.
@@ -438,14 +464,27 @@ impl Worker {
                     EpollEvent::new(EpollFlags::EPOLLIN, LISTEN_TOKEN | i as u64),
                 )
                 .map_err(io::Error::from)?;
+            let local = sock.local_addr()?;
             ports.push(PortSock {
-                local_port: sock.local_addr()?.port(),
+                local_port: local.port(),
+                local,
                 sock,
                 out: MsgBatch::new(BATCH, MAX_DATAGRAM),
             });
         }
+        let waker = match shared.offload.get() {
+            Some(_) => {
+                let w = crate::offload::Waker::new()?;
+                epoll
+                    .add(w.fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))
+                    .map_err(io::Error::from)?;
+                Some(w)
+            }
+            None => None,
+        };
         Ok(Worker {
             t: Tables {
+                waker,
                 epoll,
                 ports,
                 index: SessionIndex::default(),
@@ -459,6 +498,7 @@ impl Worker {
                     shared.max_per_source,
                     workers,
                 ),
+                offload: shared.offload.get().cloned(),
                 shared,
             },
             rx: MsgBatch::new(BATCH, MAX_DATAGRAM),
@@ -494,7 +534,12 @@ impl Worker {
             self.t.flush_replies();
             for ev in &events[..n] {
                 let tok = ev.data();
-                if tok & LISTEN_TOKEN != 0 {
+                if tok == WAKE_TOKEN {
+                    if let Some(w) = &self.t.waker {
+                        w.drain();
+                    }
+                    self.t.offload_scan();
+                } else if tok & LISTEN_TOKEN != 0 {
                     self.on_listen_ready((tok & 0xffff) as usize);
                 }
             }
@@ -506,6 +551,7 @@ impl Worker {
                     break;
                 }
                 next_stop_check = now + u64::from(TICK_MS);
+                self.t.offload_scan();
             }
             if now >= next_sweep {
                 self.t.sweep_idle(idle.as_millis() as u64);
@@ -586,7 +632,7 @@ impl Tables {
                 return;
             };
             let local_port = self.ports[usize::from(session.port)].local_port;
-            if let Err(e) = repin(&self.epoll, local_port, idx, gen_, session, server) {
+            if let Err(e) = repin(shared, &self.epoll, local_port, idx, gen_, session, server) {
                 tracing::debug!(listener = %shared.name, error = %e, "re-pin failed");
                 self.tally.send_errors += 1;
                 return;
@@ -608,6 +654,7 @@ impl Tables {
             session,
             data,
         );
+        self.offload_install(idx);
     }
 
     fn new_session(&mut self, p: u16, client: SocketAddr, data: &[u8]) {
@@ -702,6 +749,8 @@ impl Tables {
             last_sent: None,
             refused: false,
             admission,
+            offload: None,
+            offload_tried: false,
             _permit: permit,
         });
         self.index.insert(p, client, idx);
@@ -716,6 +765,7 @@ impl Tables {
             session,
             data,
         );
+        self.offload_install(idx);
     }
 
     /// Reads whatever the server of session `idx` sent, straight into the outgoing batch
@@ -757,6 +807,11 @@ impl Tables {
                     }
                 }
                 Err(e) => {
+                    if passive_reason(&e).is_some() {
+                        // A refused offloaded datagram: the next one must come up here
+                        // now (to re-pin), not at the next tick's eviction scan.
+                        offload_remove(self.offload.as_deref(), session);
+                    }
                     if let Some(reason) = passive_reason(&e)
                         && session.server.epoch() == session.pinned_epoch
                     {
@@ -787,13 +842,15 @@ impl Tables {
 
     fn sweep_idle(&mut self, idle_ms: u64) {
         let now = self.now_ms;
+        self.offload_last_seen();
         let mut removed = 0usize;
         for slot in &mut self.slab {
             let expired = slot
                 .session
                 .as_ref()
                 .is_some_and(|s| now.saturating_sub(s.last_activity_ms) >= idle_ms);
-            if expired && let Some(s) = slot.session.take() {
+            if expired && let Some(mut s) = slot.session.take() {
+                offload_remove(self.offload.as_deref(), &mut s);
                 self.index.remove(s.port, s.client);
                 self.sources.closed(s.client.ip(), s.admission);
                 s.server.session_closed();
@@ -816,7 +873,8 @@ impl Tables {
     fn close_all(&mut self) {
         let mut removed = 0;
         for slot in &mut self.slab {
-            if let Some(s) = slot.session.take() {
+            if let Some(mut s) = slot.session.take() {
+                offload_remove(self.offload.as_deref(), &mut s);
                 s.server.session_closed();
                 removed += 1;
             }
@@ -830,6 +888,82 @@ impl Tables {
             self.shared.live.fetch_sub(removed, Ordering::Relaxed);
             self.shared.metrics.sessions.dec_by(removed as i64);
         }
+    }
+
+    // ---- Kernel fast path hooks (`offload: ebpf`, see `crate::offload`) ----
+
+    /// Installs session `idx` in the fast path once per server, after a datagram went out
+    /// through its upstream socket (so the socket's addresses are final).
+    fn offload_install(&mut self, idx: u32) {
+        let Some(off) = self.offload.as_deref() else {
+            return;
+        };
+        let Some(session) = self
+            .slab
+            .get_mut(idx as usize)
+            .and_then(|s| s.session.as_mut())
+        else {
+            return;
+        };
+        if session.offload_tried
+            || session.refused
+            || session.server.epoch() != session.pinned_epoch
+        {
+            return;
+        }
+        session.offload_tried = true;
+        let (Ok(local), Ok(server)) = (session.upstream.local_addr(), session.upstream.peer_addr())
+        else {
+            return;
+        };
+        let listen = self.ports[usize::from(session.port)].local;
+        session.offload = off.install(session.client, listen, local, server);
+        if session.offload.is_some() {
+            // The ring's copy predates the offloaded datagrams: re-sending it after a
+            // refusal would replay old media.
+            session.last_sent = None;
+        }
+    }
+
+    /// Removes the entries of offloaded sessions whose server was evicted (epoch moved)
+    /// or refused: their next datagram comes up here and re-pins. Runs every tick.
+    fn offload_scan(&mut self) {
+        let Some(off) = self.offload.as_deref() else {
+            return;
+        };
+        for slot in &mut self.slab {
+            if let Some(s) = slot.session.as_mut()
+                && s.offload.is_some()
+                && (s.refused || s.server.epoch() != s.pinned_epoch)
+            {
+                offload_remove(Some(off), s);
+            }
+        }
+    }
+
+    /// Brings each offloaded session's activity time up to its last datagram in the
+    /// kernel (before the idle sweep decides).
+    fn offload_last_seen(&mut self) {
+        let Some(off) = self.offload.as_deref() else {
+            return;
+        };
+        let now = self.now_ms;
+        for slot in &mut self.slab {
+            if let Some(s) = slot.session.as_mut()
+                && let Some(keys) = &s.offload
+                && let Some(idle_ns) = off.idle_ns(keys)
+            {
+                let seen = now.saturating_sub(idle_ns / 1_000_000);
+                s.last_activity_ms = s.last_activity_ms.max(seen);
+            }
+        }
+    }
+}
+
+/// Takes a session out of the fast path (before its upstream socket closes or moves).
+fn offload_remove(off: Option<&ListenerOffload>, session: &mut Session) {
+    if let (Some(off), Some(keys)) = (off, session.offload.take()) {
+        off.remove(&keys);
     }
 }
 
@@ -875,7 +1009,7 @@ fn forward(
                     return;
                 };
                 let local_port = ports[usize::from(session.port)].local_port;
-                if repin(epoll, local_port, idx, gen_, session, next).is_err() {
+                if repin(shared, epoll, local_port, idx, gen_, session, next).is_err() {
                     tally.send_errors += 1;
                     return;
                 }
@@ -922,6 +1056,7 @@ fn open_upstream(epoll: &Epoll, dest: SocketAddr, tok: u64) -> io::Result<(UdpSo
 /// Moves `session` to `server` through a new upstream socket; replies still in flight
 /// from the old server die with the old socket.
 fn repin(
+    shared: &UdpListener,
     epoll: &Epoll,
     local_port: u16,
     idx: u32,
@@ -931,6 +1066,8 @@ fn repin(
 ) -> io::Result<()> {
     let pinned_epoch = server.epoch();
     let (upstream, lease) = open_upstream(epoll, server.dest(local_port), token(idx, gen_))?;
+    offload_remove(shared.offload.get().map(|o| &**o), session);
+    session.offload_tried = false;
     session.server.session_closed();
     server.session_opened();
     // Dropping the old socket closes it, which also removes it from the epoll set; then

@@ -451,6 +451,7 @@ mod tests {
             upstream: "u".into(),
             session: Default::default(),
             max_connections: 10_000,
+            offload: Default::default(),
         }
     }
 

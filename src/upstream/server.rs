@@ -124,6 +124,8 @@ impl ServerHandle {
         let old = self.token.swap(Arc::new(CancellationToken::new()));
         self.epoch.fetch_add(1, Ordering::AcqRel);
         old.cancel();
+        // Offloaded sessions do not pass user space: their workers must look now.
+        crate::offload::evicted();
     }
 
     /// Live sessions pinned here.

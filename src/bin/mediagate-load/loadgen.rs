@@ -178,10 +178,13 @@ impl Generator {
     ) -> io::Result<Generator> {
         let size = size.max(HEADER);
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
-        let local: SocketAddr = if target.is_ipv4() {
-            ([127, 0, 0, 1], 0).into()
-        } else {
-            (std::net::Ipv6Addr::LOCALHOST, 0).into()
+        // Loopback targets get a loopback source; any other (the namespaced benchmark)
+        // the address the route picks.
+        let local: SocketAddr = match (target.is_ipv4(), target.ip().is_loopback()) {
+            (true, true) => ([127, 0, 0, 1], 0).into(),
+            (true, false) => ([0, 0, 0, 0], 0).into(),
+            (false, true) => (std::net::Ipv6Addr::LOCALHOST, 0).into(),
+            (false, false) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         };
         let mut socks = Vec::with_capacity(flows);
         for i in 0..flows {

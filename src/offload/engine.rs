@@ -1,0 +1,379 @@
+//! The loaded fast path (program, links, maps), shared by every offloading listener, and
+//! each listener's handle on it (its counter slot and its sessions' entries).
+
+use super::sys::{self, FlowKey, FlowNat};
+use crate::metrics::{ListenerMetrics, Metrics, child, labels};
+use prometheus_client::metrics::counter::Counter;
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, Weak};
+
+/// The BPF object build.rs compiled (empty when clang was missing).
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/udp_offload.o"));
+
+/// Listener slots in `mg_totals` (256 entries: two directions each).
+const SLOTS: usize = 128;
+
+/// The program attached to the namespace's interfaces and its maps. Dropping it (the last
+/// listener that used it went away) detaches and unloads everything.
+pub struct Engine {
+    /// Owns the program and its TCX links; dropping it closes their descriptors.
+    _ebpf: Mutex<aya::Ebpf>,
+    flows: OwnedFd,
+    totals: OwnedFd,
+    cpus: usize,
+    used: Mutex<[bool; SLOTS]>,
+    pub interfaces: Vec<String>,
+}
+
+/// Why the fast path is not available (a label of `mediagate_offload_errors_total`).
+#[derive(Debug)]
+struct Unavailable {
+    reason: &'static str,
+    detail: String,
+}
+
+fn unavailable(reason: &'static str, detail: impl std::fmt::Display) -> Unavailable {
+    Unavailable {
+        reason,
+        detail: detail.to_string(),
+    }
+}
+
+/// Kernel refusals that mean missing privileges rather than a broken program.
+fn denied(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    let text = e.to_string();
+    text.contains("Operation not permitted") || text.contains("Permission denied")
+}
+
+impl Engine {
+    fn start() -> Result<Engine, Unavailable> {
+        if std::env::var("MEDIAGATE_OFFLOAD").is_ok_and(|v| v == "off") {
+            return Err(unavailable("disabled", "MEDIAGATE_OFFLOAD=off"));
+        }
+        if OBJECT.is_empty() {
+            return Err(unavailable(
+                "built_without_clang",
+                "built without clang (install clang, llvm and libbpf-dev, then rebuild)",
+            ));
+        }
+        // aya parses the ELF in place and wants it 8-byte aligned.
+        let mut aligned = vec![0u64; OBJECT.len().div_ceil(8)];
+        // SAFETY: `aligned` has at least OBJECT.len() bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(aligned.as_mut_ptr().cast::<u8>(), OBJECT.len())
+        };
+        bytes.copy_from_slice(OBJECT);
+        let mut ebpf = aya::Ebpf::load(bytes).map_err(|e| {
+            let reason = if denied(&e) { "permission" } else { "load" };
+            unavailable(reason, format!("{e:#}"))
+        })?;
+        let map_fd = |ebpf: &aya::Ebpf, name: &str| -> Result<OwnedFd, Unavailable> {
+            let data = match ebpf.map(name) {
+                Some(aya::maps::Map::HashMap(d)) | Some(aya::maps::Map::PerCpuArray(d)) => d,
+                _ => return Err(unavailable("load", format!("map {name} missing"))),
+            };
+            data.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| unavailable("load", e))
+        };
+        let flows = map_fd(&ebpf, "mg_flows")?;
+        let totals = map_fd(&ebpf, "mg_totals")?;
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| unavailable("load", format!("{what}: {e}")))?;
+        let prog: &mut aya::programs::SchedClassifier = ebpf
+            .program_mut("mg_ingress")
+            .ok_or_else(|| unavailable("load", "program mg_ingress missing"))?
+            .try_into()
+            .map_err(|e| unavailable("load", e))?;
+        prog.load().map_err(|e| {
+            let reason = if denied(&e) { "permission" } else { "load" };
+            unavailable(reason, format!("{e:#}"))
+        })?;
+        let mut interfaces = Vec::new();
+        let mut last_err = None;
+        for name in interface_names() {
+            match prog.attach_with_options(
+                &name,
+                aya::programs::TcAttachType::Ingress,
+                aya::programs::tc::TcAttachOptions::TcxOrder(aya::programs::LinkOrder::default()),
+            ) {
+                Ok(_) => interfaces.push(name),
+                Err(e) => {
+                    tracing::debug!(interface = %name, error = %e, "offload: attach failed");
+                    let reason = if denied(&e) { "permission" } else { "attach" };
+                    last_err = Some(unavailable(reason, format!("{name}: {e:#}")));
+                }
+            }
+        }
+        if interfaces.is_empty() {
+            return Err(last_err.unwrap_or_else(|| unavailable("attach", "no interface")));
+        }
+        tracing::info!(interfaces = ?interfaces, "offload: kernel fast path attached (TCX ingress)");
+        Ok(Engine {
+            _ebpf: Mutex::new(ebpf),
+            flows,
+            totals,
+            cpus,
+            used: Mutex::new([false; SLOTS]),
+            interfaces,
+        })
+    }
+
+    fn take_slot(&self) -> Option<u32> {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let i = used.iter().position(|u| !u)?;
+        used[i] = true;
+        Some(i as u32)
+    }
+
+    fn totals(&self, slot: u32, dir: u32) -> (u64, u64) {
+        sys::percpu_totals(&self.totals, (slot << 1) | dir, self.cpus).unwrap_or((0, 0))
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        tracing::info!(interfaces = ?self.interfaces, "offload: kernel fast path detached");
+    }
+}
+
+/// The interfaces of this network namespace.
+fn interface_names() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "bonding_masters")
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Whether a listener with `offload: <configured>` uses the fast path: `ebpf`, or `none`
+/// while `$MEDIAGATE_UDP_OFFLOAD=ebpf` is set (how the Kubernetes component turns it on
+/// without editing the config). An explicit `offload: none` cannot be told apart from
+/// the default, so the variable turns on every UDP listener.
+pub fn wanted(configured: crate::config::Offload) -> bool {
+    configured == crate::config::Offload::Ebpf
+        || std::env::var("MEDIAGATE_UDP_OFFLOAD").is_ok_and(|v| v.trim() == "ebpf")
+}
+
+static ENGINE: Mutex<Weak<Engine>> = Mutex::new(Weak::new());
+static LOGGED: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+static LISTENERS: Mutex<Vec<Weak<ListenerOffload>>> = Mutex::new(Vec::new());
+
+fn engine() -> Result<Arc<Engine>, Unavailable> {
+    let mut g = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = g.upgrade() {
+        return Ok(e);
+    }
+    let e = Arc::new(Engine::start()?);
+    *g = Arc::downgrade(&e);
+    Ok(e)
+}
+
+fn count_error(metrics: &Metrics, reason: &'static str) {
+    child(&metrics.offload_errors, &labels(&[("reason", reason)])).inc();
+}
+
+/// The fast path for listener `name`, or None (logged once per reason, counted in
+/// `mediagate_offload_errors_total{reason}`): the listener then runs in user space.
+pub fn acquire(
+    metrics: &Metrics,
+    name: &str,
+    lm: &ListenerMetrics,
+) -> Option<Arc<ListenerOffload>> {
+    let engine = match engine() {
+        Ok(e) => e,
+        Err(u) => {
+            count_error(metrics, u.reason);
+            let mut logged = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
+            if !logged.contains(&u.reason) {
+                logged.push(u.reason);
+                tracing::warn!(listener = %name, reason = u.reason, detail = %u.detail, "offload unavailable: {}; UDP runs in user space", u.detail);
+            }
+            return None;
+        }
+    };
+    let Some(slot) = engine.take_slot() else {
+        count_error(metrics, "slots");
+        tracing::warn!(listener = %name, "offload unavailable: all {SLOTS} listener slots in use; UDP runs in user space");
+        return None;
+    };
+    let base = [engine.totals(slot, 0), engine.totals(slot, 1)];
+    let l = ListenerOffload {
+        engine,
+        slot,
+        lm: lm.clone(),
+        errors_map_full: child(&metrics.offload_errors, &labels(&[("reason", "map_full")])),
+        errors_insert: child(
+            &metrics.offload_errors,
+            &labels(&[("reason", "map_insert")]),
+        ),
+        seen: Mutex::new(base),
+    };
+    let l = Arc::new(l);
+    let mut all = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());
+    all.retain(|w| w.strong_count() > 0);
+    all.push(Arc::downgrade(&l));
+    Some(l)
+}
+
+/// Adds the kernel's per-CPU totals of every offloading listener to its packet and byte
+/// counters (called at every `/metrics` scrape, so they are exact when read).
+pub fn refresh_metrics() {
+    let all: Vec<Arc<ListenerOffload>> = {
+        let all = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter().filter_map(Weak::upgrade).collect()
+    };
+    for l in all {
+        l.refresh();
+    }
+}
+
+/// The two map entries of one offloaded session.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionKeys {
+    /// client → listener.
+    pub fwd: FlowKey,
+    /// server → balancer session port.
+    pub rev: FlowKey,
+}
+
+/// One listener's use of the engine.
+pub struct ListenerOffload {
+    engine: Arc<Engine>,
+    slot: u32,
+    lm: ListenerMetrics,
+    errors_map_full: Counter,
+    errors_insert: Counter,
+    /// Totals already added to the counters, per direction.
+    seen: Mutex<[(u64, u64); 2]>,
+}
+
+fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
+    match a {
+        SocketAddr::V4(a) if !a.ip().is_unspecified() => Some(a),
+        SocketAddr::V6(a) => a
+            .ip()
+            .to_ipv4_mapped()
+            .filter(|ip| !ip.is_unspecified())
+            .map(|ip| SocketAddrV4::new(ip, a.port())),
+        _ => None,
+    }
+}
+
+impl ListenerOffload {
+    /// Installs a session: `client` sent to `listen`; its upstream socket is `local`
+    /// connected to `server`. None when the addresses are not offloadable (IPv6, a
+    /// wildcard listener) or the map refused the entries (counted).
+    pub fn install(
+        &self,
+        client: SocketAddr,
+        listen: SocketAddr,
+        local: SocketAddr,
+        server: SocketAddr,
+    ) -> Option<SessionKeys> {
+        // A wildcard listener (0.0.0.0) installs its client entry with address 0; the
+        // program fills in the address the client used on its first datagram.
+        let listen = match listen {
+            SocketAddr::V4(a) if a.ip().is_unspecified() => a,
+            a => v4(a)?,
+        };
+        let (client, local, server) = (v4(client)?, v4(local)?, v4(server)?);
+        let keys = SessionKeys {
+            fwd: FlowKey::new(client, listen),
+            rev: FlowKey::new(server, local),
+        };
+        let fwd = FlowNat::new(local, server, self.slot << 1);
+        let rev = FlowNat::new(listen, client, (self.slot << 1) | 1);
+        let fail = |e: io::Error| {
+            if e.raw_os_error() == Some(libc::E2BIG) {
+                self.errors_map_full.inc();
+            } else {
+                self.errors_insert.inc();
+            }
+        };
+        if let Err(e) = sys::insert(&self.engine.flows, &keys.fwd, &fwd) {
+            fail(e);
+            return None;
+        }
+        if let Err(e) = sys::insert(&self.engine.flows, &keys.rev, &rev) {
+            sys::remove(&self.engine.flows, &keys.fwd);
+            fail(e);
+            return None;
+        }
+        self.lm.offload_sessions.inc();
+        Some(keys)
+    }
+
+    /// Removes a session's entries: its next datagram goes up to user space.
+    pub fn remove(&self, keys: &SessionKeys) {
+        sys::remove(&self.engine.flows, &keys.fwd);
+        sys::remove(&self.engine.flows, &keys.rev);
+        self.lm.offload_sessions.dec();
+    }
+
+    /// Nanoseconds since the session's last offloaded datagram either way (None: none).
+    pub fn idle_ns(&self, keys: &SessionKeys) -> Option<u64> {
+        let last = [keys.fwd, keys.rev]
+            .iter()
+            .filter_map(|k| sys::lookup(&self.engine.flows, k))
+            .map(|n| n.last_ns)
+            .max()
+            .filter(|&ns| ns > 0)?;
+        Some(sys::monotonic_ns().saturating_sub(last))
+    }
+
+    /// Adds what the kernel forwarded since the last call to the listener's counters.
+    pub fn refresh(&self) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        for dir in 0..2u32 {
+            let (p, b) = self.engine.totals(self.slot, dir);
+            let (sp, sb) = seen[dir as usize];
+            let (dp, db) = (p.saturating_sub(sp), b.saturating_sub(sb));
+            seen[dir as usize] = (p, b);
+            if dp == 0 && db == 0 {
+                continue;
+            }
+            let (packets, bytes, offloaded) = if dir == 0 {
+                (
+                    &self.lm.packets_to_server,
+                    &self.lm.bytes_to_server,
+                    &self.lm.offload_packets_to_server,
+                )
+            } else {
+                (
+                    &self.lm.packets_to_client,
+                    &self.lm.bytes_to_client,
+                    &self.lm.offload_packets_to_client,
+                )
+            };
+            packets.inc_by(dp);
+            bytes.inc_by(db);
+            offloaded.inc_by(dp);
+        }
+    }
+}
+
+impl Drop for ListenerOffload {
+    fn drop(&mut self) {
+        self.refresh();
+        let mut used = self.engine.used.lock().unwrap_or_else(|p| p.into_inner());
+        used[self.slot as usize] = false;
+    }
+}

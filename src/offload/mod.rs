@@ -1,0 +1,87 @@
+//! Kernel fast path for established UDP sessions (`listeners[].offload: ebpf`).
+//!
+//! # Design
+//!
+//! User space keeps every decision: the first datagram of a session, server selection,
+//! health, failover and failback, admin states, limits and idle expiry all stay in
+//! `crate::proxy::udp`. Once a session exists and its datagram went out through the
+//! session's connected upstream socket, the worker *installs* the session in the kernel;
+//! from then on an eBPF program at the TC ingress hook forwards its datagrams without
+//! waking user space:
+//!
+//! - **Program** (`bpf/udp_offload.c`, `mg_ingress`), attached with TCX (a BPF link per
+//!   interface, kernel ≥ 6.6) to the ingress of every interface of the network namespace
+//!   at start (`lo` included). It parses Ethernet/IPv4/UDP (no options, no fragments),
+//!   looks the 4-tuple up in `mg_flows`, rewrites addresses and ports, fixes the IP and
+//!   UDP checksums with `bpf_l3_csum_replace`/`bpf_l4_csum_replace` (a zero UDP
+//!   checksum stays zero) and sends it out of the device the session's *other*
+//!   direction arrives on: each entry learns that device from the datagrams of its pair
+//!   (no FIB lookup, which would need IP forwarding on the ingress device). To `lo`:
+//!   delivered in place (`TC_ACT_OK`) or redirected to `lo` from another device (a
+//!   loopback address must not arrive on a real device); to any other device:
+//!   `bpf_redirect_neigh`, which routes from that device and resolves the next hop (a
+//!   hairpin on a pod's single `eth0` included). Until an entry has learned its device
+//!   (the first reply of a session), its datagrams go through user space as before. A
+//!   datagram that matches no entry returns `TC_ACT_UNSPEC` ("next"), so other programs
+//!   on the device still run.
+//! - **`mg_flows`** (hash, 262 144 entries = 131 072 sessions): two entries per session,
+//!   keyed by the wire 4-tuple:
+//!   `(client ip:port → listener ip:port)` ⇒ `(balancer ip:session port → server ip:port)`
+//!   and `(server ip:port → balancer ip:session port)` ⇒ `(listener ip:port → client ip:port)`.
+//!   Each value carries the session's counters, updated in place by the program (atomic
+//!   packet and byte adds, last-seen `bpf_ktime_get_ns`, which is `CLOCK_MONOTONIC`).
+//! - **`mg_totals`** (per-CPU array): packets and bytes per listener slot and direction,
+//!   no atomics on the hot path; summed over CPUs at every `/metrics` scrape
+//!   ([`refresh_metrics`]) and added to `mediagate_packets_total`/`bytes_total` (so those
+//!   stay exact) and to `mediagate_offload_packets_total`.
+//!
+//! The session's upstream socket stays open: it reserves the session port (no other
+//! socket can take it and receive the offloaded replies) and it still receives the ICMP
+//! errors for offloaded datagrams, because the kernel matches the ICMP's inner header
+//! against connected sockets. A refusal found there removes the session's entries at
+//! once, so the next datagram reaches user space and re-pins.
+//!
+//! **Failover.** Offloaded datagrams never reach the worker, so it cannot notice a moved
+//! server epoch on the next datagram. Instead, every worker tick (50 ms) scans its
+//! offloaded sessions and removes the entries of those whose server epoch moved
+//! (`ServerHandle::evict`: down, maint, removed, failback) or whose upstream socket
+//! reported a refusal; the hot path stays lock-free (one atomic load per session per
+//! tick). The next datagram then goes up, re-pins exactly as without the fast path, and
+//! the session is installed again for its new server. A session's entries are always
+//! removed before its upstream socket closes, so a reused port never inherits them.
+//!
+//! **Idle expiry.** The idle sweep reads both entries' last-seen times and takes the newer
+//! of them and user space's own; expiry then works as without the fast path.
+//!
+//! **Safety.** Nothing is pinned: the links and maps live as long as the process holds
+//! their descriptors, so a crash or `kill -9` detaches everything (no qdisc is created;
+//! TCX needs none). When the object is empty (built without clang), the kernel refuses
+//! the program (no CAP_BPF/CAP_NET_ADMIN, old kernel) or `MEDIAGATE_OFFLOAD=off` is set,
+//! mediagate logs the reason once, counts it in `mediagate_offload_errors_total{reason}`
+//! and the listener runs in user space. The engine is shared by every offloading
+//! listener and detached when the last one goes (shutdown, or a reload that turns
+//! `offload` off).
+//!
+//! **Loader.** aya (pure Rust): it loads the ELF object clang produced and needs no C
+//! toolchain or libbpf at cargo build time, so `cargo build` works without clang; the
+//! per-packet map operations from worker threads use the map descriptors directly
+//! (`bpf(2)` is thread-safe), not aya's `&mut` map wrappers. libbpf-rs would compile
+//! vendored libbpf C and tie the build to a C compiler.
+//!
+//! **Wildcard listeners** (`0.0.0.0`): user space does not know which local address a
+//! client sent to, so the client entry is installed with destination 0 (the program
+//! tries the exact key, then the wildcard one) and the reply entry with source 0; the
+//! first client datagram the program forwards writes the address it was sent to into
+//! the reply entry, and until then replies go through user space.
+//!
+//! **Limits.** IPv4 only (an IPv6 client stays in user space); interfaces created after start are not covered; the re-send of a refused datagram
+//! needs a copy user space no longer has once a session is offloaded, so a dead server
+//! costs an offloaded flow one datagram (the bound of the failover tests).
+
+mod engine;
+mod sys;
+mod wake;
+
+pub use engine::{Engine, ListenerOffload, SessionKeys, acquire, refresh_metrics, wanted};
+pub use sys::{FlowKey, FlowNat};
+pub use wake::{Waker, evicted};

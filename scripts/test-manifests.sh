@@ -2,7 +2,7 @@
 # Checks the Kubernetes manifests (manifests/) without a cluster:
 #
 #   1. `kubectl kustomize` renders the base (manifests/) alone and with every combination of
-#      its components (manifests/components/monitoring, manifests/components/network-policy);
+#      its components (manifests/components/monitoring, network-policy, ebpf-offload);
 #   2. every rendered object, and manifests/mediagate/secret.example.yaml, validates against the
 #      Kubernetes OpenAPI schemas with `kubernetes-validate --strict` (custom resources such as
 #      the PodMonitor have no schema there: checked structurally; the base must have none);
@@ -821,7 +821,7 @@ echo "== manifests: $ROOT/manifests"
 # Every combination of the base with its optional components, rendered the way the
 # kustomization's header tells users to enable them: a `components:` list in
 # manifests/kustomization.yaml (here in a copy of manifests/).
-COMBOS=(base monitoring network-policy monitoring,network-policy)
+COMBOS=(base monitoring network-policy ebpf-offload monitoring,network-policy monitoring,network-policy,ebpf-offload)
 if ! command -v kubectl >/dev/null 2>&1; then
     fail "kubectl kustomize manifests/ renders" "kubectl not found"
     printf 'manifests: %d passed, %d failed, %d skipped\n' "$PASSED" "$FAILED" "$SKIPPED"

@@ -13,13 +13,14 @@
 //! (routing snapshot, gauges, the `/status` view, the next timer) runs once per batch of
 //! queued messages, the view at most every [`VIEW_EVERY`] unless a command waits for it.
 
+use super::control::{Control, UpstreamSpec};
 use super::server::ServerHandle;
 use super::snapshot::{Snapshot, UpstreamRoute};
-use super::state::{AdminState, EventKind, Policy, Step, UpstreamState, UpstreamView};
-use crate::config::{HealthConfig, HealthType, UpstreamConfig};
+use super::state::{AdminState, EventKind, Step, UpstreamState, UpstreamView};
+use crate::config::HealthConfig;
 use crate::discovery::{Readiness, Target};
 use crate::health::prober::{ProbeCounters, Prober};
-use crate::health::{self, HealthCheck, ProbeError, Reason};
+use crate::health::{self, HealthCheck, Reason};
 use crate::metrics::{Labels, Metrics, child, labels};
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::gauge::Gauge;
@@ -43,65 +44,6 @@ const COMMANDS: usize = 64;
 /// The identity of a server handle (its address), for the controller's indexes.
 fn key(h: &Arc<ServerHandle>) -> usize {
     Arc::as_ptr(h) as usize
-}
-
-/// Messages to an upstream's controller.
-#[derive(Debug)]
-pub enum Control {
-    Probe {
-        server: Arc<ServerHandle>,
-        result: Result<(), ProbeError>,
-        at: Instant,
-    },
-    Passive {
-        server: Arc<ServerHandle>,
-        reason: Reason,
-        detail: String,
-        at: Instant,
-    },
-    SetAdmin {
-        server: String,
-        state: AdminState,
-        reply: oneshot::Sender<Result<(), String>>,
-    },
-    Failback {
-        reply: oneshot::Sender<Result<(), String>>,
-    },
-    /// A new server list, in priority order (discovery, reload).
-    Servers(Vec<Target>),
-    /// The peers' health verdict (`cluster:`): label → `peer:<node>:<reason>` for every
-    /// server some live peer sees down.
-    PeerDown(HashMap<String, String>),
-    /// A reload: new settings, then a new server list; answered once both apply.
-    Reload {
-        spec: Box<UpstreamSpec>,
-        targets: Vec<Target>,
-        reply: oneshot::Sender<Result<(), String>>,
-    },
-}
-
-/// What a controller takes from the configuration.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UpstreamSpec {
-    pub config: UpstreamConfig,
-    /// Port probed and shown for port-less servers (the first listener's port).
-    pub default_port: u16,
-    /// Protocols whose passive failures mark a server down.
-    pub passive: crate::config::ProtocolSet,
-}
-
-impl UpstreamSpec {
-    fn policy(&self) -> Policy {
-        let c = &self.config;
-        Policy {
-            balance: c.balance,
-            failback: c.failback,
-            failback_delay: c.failback_delay.get(),
-            fall: c.health.fall,
-            rise: c.health.rise,
-            probe_less: c.health.kind == HealthType::None,
-        }
-    }
 }
 
 /// A running upstream: its route for the data plane and handles for the admin API.

@@ -11,13 +11,15 @@
 //! - `controller`: the task that feeds probe results and passive signals into `state` and
 //!   publishes snapshots.
 
+pub mod control;
 pub mod controller;
 pub mod select;
 pub mod server;
 pub mod snapshot;
 pub mod state;
 
-pub use controller::{Control, UpstreamRuntime, UpstreamSpec};
+pub use control::{Control, UpstreamSpec};
+pub use controller::UpstreamRuntime;
 pub use server::{ServerHandle, Tier};
 pub use snapshot::{Snapshot, UpstreamRoute};
 pub use state::{AdminState, Event, EventKind, UpstreamState};

@@ -2,7 +2,7 @@
 //! form the active set, which are eligible) that the control plane publishes through
 //! arc-swap and the data plane reads without locks on every new session.
 
-use super::controller::Control;
+use super::control::Control;
 use super::select;
 use super::server::PROTOCOL_HOLD;
 use super::server::ServerHandle;

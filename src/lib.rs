@@ -19,6 +19,7 @@ pub mod loadgen;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod proxyproto;
 pub(crate) mod ratelog;
 pub mod run;
 pub mod turn;

@@ -20,6 +20,11 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     direction: &'static str,
 }
@@ -76,15 +81,22 @@ pub(crate) enum TcpClose {
     OversizedFrame,
     /// Nothing was received for the idle timeout.
     Idle,
+    /// tls listener: the TLS handshake failed or took longer than 10 s.
+    TlsHandshake,
+    /// `accept_proxy_protocol`: no valid PROXY v2 header within 5 s (or its client address
+    /// is already connected).
+    ProxyHeader,
 }
 
 impl TcpClose {
-    const ALL: [TcpClose; 5] = [
+    const ALL: [TcpClose; 7] = [
         TcpClose::Limit,
         TcpClose::FrameTimeout,
         TcpClose::NoAllocation,
         TcpClose::OversizedFrame,
         TcpClose::Idle,
+        TcpClose::TlsHandshake,
+        TcpClose::ProxyHeader,
     ];
 
     fn as_str(self) -> &'static str {
@@ -94,6 +106,8 @@ impl TcpClose {
             TcpClose::NoAllocation => "no_allocation",
             TcpClose::OversizedFrame => "oversized_frame",
             TcpClose::Idle => "idle",
+            TcpClose::TlsHandshake => "tls_handshake",
+            TcpClose::ProxyHeader => "proxy_header",
         }
     }
 }
@@ -130,6 +144,11 @@ pub struct TurnMetrics {
     /// `mediagate_turn_tcp_connections`: open TURN-over-TCP connections.
     pub tcp_connections: Gauge,
     tcp_closed: Vec<(TcpClose, Counter)>,
+    /// `mediagate_turn_tls_cert_reloads_total{result="ok"}`: certificates (re)loaded.
+    pub cert_reloads_ok: Counter,
+    /// `mediagate_turn_tls_cert_reloads_total{result="error"}`: changed certificate files
+    /// that could not be loaded (the previous certificate stays in use).
+    pub cert_reloads_failed: Counter,
 }
 
 impl TurnMetrics {
@@ -140,6 +159,7 @@ impl TurnMetrics {
         let bytes = Family::<DirectionLabels, Counter>::default();
         let packets = Family::<DirectionLabels, Counter>::default();
         let closed = Family::<ReasonLabels, Counter>::default();
+        let reloads = Family::<ResultLabels, Counter>::default();
         let reason = |f: &Family<ReasonLabels, Counter>, r: &'static str| {
             f.get_or_create(&ReasonLabels { reason: r }).clone()
         };
@@ -171,6 +191,12 @@ impl TurnMetrics {
                 .iter()
                 .map(|r| (*r, reason(&closed, r.as_str())))
                 .collect(),
+            cert_reloads_ok: reloads
+                .get_or_create(&ResultLabels { result: "ok" })
+                .clone(),
+            cert_reloads_failed: reloads
+                .get_or_create(&ResultLabels { result: "error" })
+                .clone(),
         };
         registry.register(
             "mediagate_turn_allocations",
@@ -236,6 +262,11 @@ impl TurnMetrics {
             "mediagate_turn_tcp_closed",
             "TURN-over-TCP connections the server closed or refused",
             closed,
+        );
+        registry.register(
+            "mediagate_turn_tls_cert_reloads",
+            "TLS certificate loads of TURN tls listeners, by result",
+            reloads,
         );
         m
     }

@@ -163,6 +163,10 @@ impl TurnMetrics {
         let reason = |f: &Family<ReasonLabels, Counter>, r: &'static str| {
             f.get_or_create(&ReasonLabels { reason: r }).clone()
         };
+        // A closure, so that each read guard is dropped before the next `get_or_create`.
+        let result = |f: &Family<ResultLabels, Counter>, r: &'static str| {
+            f.get_or_create(&ResultLabels { result: r }).clone()
+        };
         let dir = |f: &Family<DirectionLabels, Counter>, d: &'static str| {
             f.get_or_create(&DirectionLabels { direction: d }).clone()
         };
@@ -191,12 +195,8 @@ impl TurnMetrics {
                 .iter()
                 .map(|r| (*r, reason(&closed, r.as_str())))
                 .collect(),
-            cert_reloads_ok: reloads
-                .get_or_create(&ResultLabels { result: "ok" })
-                .clone(),
-            cert_reloads_failed: reloads
-                .get_or_create(&ResultLabels { result: "error" })
-                .clone(),
+            cert_reloads_ok: result(&reloads, "ok"),
+            cert_reloads_failed: result(&reloads, "error"),
         };
         registry.register(
             "mediagate_turn_allocations",
@@ -313,6 +313,15 @@ impl TurnMetrics {
             .find(|(r, _)| *r == reason)
             .map(|(_, c)| c)
             .unwrap_or(&self.tcp_closed[0].1)
+    }
+
+    /// Value of `mediagate_turn_tcp_closed_total{reason}` (label value, e.g. `tls_handshake`).
+    pub fn tcp_closed_count(&self, reason: &str) -> u64 {
+        self.tcp_closed
+            .iter()
+            .find(|(r, _)| r.as_str() == reason)
+            .map(|(_, c)| c.get())
+            .unwrap_or(0)
     }
 
     /// Value of `mediagate_turn_auth_failures_total{reason}`.

@@ -451,6 +451,8 @@ mod tests {
             upstream: "u".into(),
             session: Default::default(),
             max_connections: 10_000,
+            proxy_protocol: None,
+            accept_proxy_protocol: false,
         }
     }
 

@@ -6,8 +6,8 @@
 #![allow(dead_code)]
 
 use mediagate::config::{
-    Dur, PortRange, Protocol, QuotaConfig, RelayConfig, TurnAuthConfig, TurnAuthType, TurnConfig,
-    TurnListenerConfig, TurnUser,
+    Dur, PortRange, QuotaConfig, RelayConfig, TurnAuthConfig, TurnAuthType, TurnConfig,
+    TurnListenerConfig, TurnTransport, TurnUser,
 };
 use mediagate::turn::{PeerPolicy, TurnMetrics, TurnService};
 use std::net::SocketAddr;
@@ -76,18 +76,25 @@ pub fn config(auth: Auth, peers: &[&str], quota: usize) -> TurnConfig {
         public_address: "127.0.0.1".into(),
         listeners: vec![
             TurnListenerConfig {
-                protocol: Protocol::Udp,
+                protocol: TurnTransport::Udp,
                 listen: "127.0.0.1:0".parse().unwrap(),
+                cert: None,
+                key: None,
+                accept_proxy_protocol: false,
             },
             TurnListenerConfig {
-                protocol: Protocol::Tcp,
+                protocol: TurnTransport::Tcp,
                 listen: "127.0.0.1:0".parse().unwrap(),
+                cert: None,
+                key: None,
+                accept_proxy_protocol: false,
             },
         ],
         auth: match auth {
             Auth::Static => TurnAuthConfig {
                 kind: TurnAuthType::Static,
                 secret: None,
+                secrets: vec![],
                 ttl: Dur(Duration::from_secs(3600)),
                 users: vec![TurnUser {
                     username: USER.into(),
@@ -97,6 +104,7 @@ pub fn config(auth: Auth, peers: &[&str], quota: usize) -> TurnConfig {
             Auth::Ephemeral => TurnAuthConfig {
                 kind: TurnAuthType::Ephemeral,
                 secret: Some(SECRET.into()),
+                secrets: vec![],
                 ttl: Dur(Duration::from_secs(3600)),
                 users: vec![],
             },
@@ -115,7 +123,42 @@ pub fn config(auth: Auth, peers: &[&str], quota: usize) -> TurnConfig {
             allocations_per_user: quota,
             ..QuotaConfig::default()
         },
+        ice: Default::default(),
     }
+}
+
+/// Adds a `tls` listener on an ephemeral port serving `cert` / `key`.
+pub fn add_tls(cfg: &mut TurnConfig, cert: &Path, key: &Path, accept_proxy_protocol: bool) {
+    cfg.listeners.push(TurnListenerConfig {
+        protocol: TurnTransport::Tls,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cert: Some(cert.to_path_buf()),
+        key: Some(key.to_path_buf()),
+        accept_proxy_protocol,
+    });
+}
+
+/// Writes a self-signed certificate (its own CA) for `name` and 127.0.0.1 with the openssl
+/// CLI; returns the certificate and key paths.
+pub fn self_signed(dir: &Path, file: &str, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let cert = dir.join(format!("{file}.crt"));
+    let key = dir.join(format!("{file}.key"));
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
+        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={name}")])
+        .args(["-addext", &format!("subjectAltName=DNS:{name},IP:127.0.0.1")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs (Debian package openssl)");
+    assert!(
+        out.status.success(),
+        "openssl req failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
 }
 
 /// A running in-process gateway.
@@ -126,6 +169,8 @@ pub struct Gateway {
     pub cfg: TurnConfig,
     pub udp: SocketAddr,
     pub tcp: SocketAddr,
+    /// The `tls` listener, when the config has one.
+    pub tls: Option<SocketAddr>,
 }
 
 impl Gateway {
@@ -138,16 +183,11 @@ impl Gateway {
             .await
             .expect("TURN service starts");
         let addrs = svc.local_addrs();
-        let find = |p: Protocol| {
-            addrs
-                .iter()
-                .find(|(q, _)| *q == p)
-                .map(|(_, a)| *a)
-                .unwrap()
-        };
+        let find = |p: TurnTransport| addrs.iter().find(|(q, _)| *q == p).map(|(_, a)| *a);
         Gateway {
-            udp: find(Protocol::Udp),
-            tcp: find(Protocol::Tcp),
+            udp: find(TurnTransport::Udp).unwrap(),
+            tcp: find(TurnTransport::Tcp).unwrap(),
+            tls: find(TurnTransport::Tls),
             svc,
             metrics,
             policy,

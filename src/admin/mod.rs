@@ -304,9 +304,9 @@ async fn ice(
             origin,
         );
     };
-    let r = match crate::turn::IceRequest::from_query(&pairs).and_then(|req| {
-        crate::turn::ice_config_for(turn, &req, std::time::SystemTime::now())
-    }) {
+    let r = match crate::turn::IceRequest::from_query(&pairs)
+        .and_then(|req| crate::turn::ice_config_for(turn, &req, std::time::SystemTime::now()))
+    {
         Ok(v) => Json(v).into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, e),
     };

@@ -12,7 +12,8 @@
 //!   as they appear in metrics labels and in admin URLs (`/upstreams/NAME/...`).
 
 use super::types::{
-    Config, HealthType, ListenAddr, Protocol, ServerRef, TurnAuthType, TurnTransport, UpstreamConfig,
+    Config, HealthType, ListenAddr, Protocol, ServerRef, TurnAuthType, TurnTransport,
+    UpstreamConfig,
 };
 use super::yaml::{index_path, key_path};
 use std::collections::HashMap;
@@ -386,12 +387,15 @@ impl Checker {
             let ok = o == "*"
                 || ((o.starts_with("https://") || o.starts_with("http://"))
                     && !o.ends_with('/')
-                    && o.split_once("://").is_some_and(|(_, h)| !h.is_empty() && !h.contains('/'))
+                    && o.split_once("://")
+                        .is_some_and(|(_, h)| !h.is_empty() && !h.contains('/'))
                     && !o.chars().any(|c| c.is_whitespace() || c.is_control()));
             if !ok {
                 self.push(
                     index_path("turn.ice.cors_origins", i),
-                    format!("invalid origin {o:?} (expected scheme://host[:port] without a path, or *)"),
+                    format!(
+                        "invalid origin {o:?} (expected scheme://host[:port] without a path, or *)"
+                    ),
                 );
             }
         }

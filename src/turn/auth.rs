@@ -377,9 +377,8 @@ mod tests {
         .unwrap();
         let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let user = ephemeral_username(1_700_000_100, "bob");
-        let key_of = |secret: &str| {
-            long_term_key(&user, "mediagate", &ephemeral_password(secret, &user))
-        };
+        let key_of =
+            |secret: &str| long_term_key(&user, "mediagate", &ephemeral_password(secret, &user));
         let keys = a.keys(&user, "mediagate", now).unwrap();
         assert_eq!(keys, vec![key_of("new"), key_of("old")]);
         assert_eq!(a.key(&user, "mediagate", now).unwrap(), key_of("new"));

@@ -57,7 +57,9 @@ impl IceRequest {
                 }
                 "iceTransportPolicy" if v == "all" || v == "relay" => r.policy = Some(v.clone()),
                 "iceTransportPolicy" => {
-                    return Err(format!("iceTransportPolicy must be all or relay, not {v:?}"));
+                    return Err(format!(
+                        "iceTransportPolicy must be all or relay, not {v:?}"
+                    ));
                 }
                 "listener" => r.listener = Some(v.clone()),
                 "namespace" | "gateway" => {
@@ -176,7 +178,13 @@ pub fn ice_config_for(
         }
     }
     if urls.is_empty() {
-        let shown: String = req.listener.as_deref().unwrap_or("").chars().take(64).collect();
+        let shown: String = req
+            .listener
+            .as_deref()
+            .unwrap_or("")
+            .chars()
+            .take(64)
+            .collect();
         return Err(format!(
             "no TURN listener matches listener={shown:?} (udp, tcp, tls or an index into turn.listeners)"
         ));
@@ -307,7 +315,10 @@ mod tests {
             vec![("ttl", "soon")],
             vec![("usr", "typo")],
             vec![("username", "a"), ("username", "b")],
-            vec![("iceTransportPolicy", "all"), ("icetransportpolicy", "relay")],
+            vec![
+                ("iceTransportPolicy", "all"),
+                ("icetransportpolicy", "relay"),
+            ],
         ] {
             assert!(q(&bad).is_err(), "{bad:?}");
         }

@@ -177,14 +177,18 @@ impl TurnService {
                             (Some(cert), Some(key)) if l.protocol == TurnTransport::Tls => {
                                 let store = tls::CertStore::load(cert, key)
                                     .map_err(anyhow::Error::msg)
-                                    .with_context(|| format!("turn.listeners[{idx}]: certificate"))?;
+                                    .with_context(|| {
+                                        format!("turn.listeners[{idx}]: certificate")
+                                    })?;
                                 metrics.cert_reloads_ok.inc();
                                 let acceptor = store.acceptor().map_err(anyhow::Error::msg)?;
                                 tasks.spawn(store.watch(metrics.clone(), cancel.clone()));
                                 Some(acceptor)
                             }
                             _ if l.protocol == TurnTransport::Tls => {
-                                anyhow::bail!("turn.listeners[{idx}]: a tls listener needs cert and key")
+                                anyhow::bail!(
+                                    "turn.listeners[{idx}]: a tls listener needs cert and key"
+                                )
                             }
                             _ => None,
                         };

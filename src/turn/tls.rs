@@ -50,7 +50,10 @@ fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{}: {e}", cert.display()))?;
     if chain.is_empty() {
-        return Err(format!("{}: no PEM certificate in the file", cert.display()));
+        return Err(format!(
+            "{}: no PEM certificate in the file",
+            cert.display()
+        ));
     }
     let key_der =
         PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;

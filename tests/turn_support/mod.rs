@@ -138,27 +138,80 @@ pub fn add_tls(cfg: &mut TurnConfig, cert: &Path, key: &Path, accept_proxy_proto
     });
 }
 
-/// Writes a self-signed certificate (its own CA) for `name` and 127.0.0.1 with the openssl
-/// CLI; returns the certificate and key paths.
+/// Writes a CA and a leaf certificate for `name` and 127.0.0.1 signed by it, with the
+/// openssl CLI; returns (leaf certificate, leaf key, CA certificate) paths.
 pub fn self_signed(dir: &Path, file: &str, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let cert = dir.join(format!("{file}.crt"));
-    let key = dir.join(format!("{file}.key"));
-    let out = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
-        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={name}")])
-        .args(["-addext", &format!("subjectAltName=DNS:{name},IP:127.0.0.1")])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl runs (Debian package openssl)");
-    assert!(
-        out.status.success(),
-        "openssl req failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (cert, key, _) = cert_chain(dir, file, name);
     (cert, key)
+}
+
+/// See [`self_signed`]; also returns the CA certificate.
+pub fn cert_chain(
+    dir: &Path,
+    file: &str,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let p = |s: &str| dir.join(format!("{file}{s}"));
+    let (ca, ca_key, csr, cert, key, ext) = (
+        p("-ca.crt"),
+        p("-ca.key"),
+        p(".csr"),
+        p(".crt"),
+        p(".key"),
+        p(".ext"),
+    );
+    std::fs::write(
+        &ext,
+        format!("subjectAltName=DNS:{name},IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"),
+    )
+    .unwrap();
+    let run = |args: Vec<String>| {
+        let out = std::process::Command::new("openssl")
+            .args(&args)
+            .output()
+            .expect("openssl runs (Debian package openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let s = |x: &Path| x.to_str().unwrap().to_string();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut a: Vec<String> = vec!["req".into(), "-x509".into()];
+    a.extend(ec.iter().map(|x| x.to_string()));
+    a.extend(["-days", "2", "-subj", &format!("/CN={file} test CA")].map(String::from));
+    a.extend(["-keyout".into(), s(&ca_key), "-out".into(), s(&ca)]);
+    run(a);
+    let mut a: Vec<String> = vec!["req".into()];
+    a.extend(ec.iter().map(|x| x.to_string()));
+    a.extend(["-subj".to_string(), format!("/CN={name}")]);
+    a.extend(["-keyout".into(), s(&key), "-out".into(), s(&csr)]);
+    run(a);
+    run(vec![
+        "x509".into(),
+        "-req".into(),
+        "-in".into(),
+        s(&csr),
+        "-CA".into(),
+        s(&ca),
+        "-CAkey".into(),
+        s(&ca_key),
+        "-CAcreateserial".into(),
+        "-days".into(),
+        "2".into(),
+        "-extfile".into(),
+        s(&ext),
+        "-out".into(),
+        s(&cert),
+    ]);
+    (cert, key, ca)
 }
 
 /// A running in-process gateway.

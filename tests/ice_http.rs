@@ -13,7 +13,12 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 /// One request; returns (status, lower-cased head, body).
-fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
@@ -66,7 +71,12 @@ turn:
     assert_eq!(code, 401);
     let (code, _, _) = request(b.admin, "GET", "/ice", &[("Authorization", "Bearer nope")]);
     assert_eq!(code, 401);
-    let (code, _, _) = request(b.admin, "GET", "/ice", &[("Authorization", "Bearer admin-token")]);
+    let (code, _, _) = request(
+        b.admin,
+        "GET",
+        "/ice",
+        &[("Authorization", "Bearer admin-token")],
+    );
     assert_eq!(code, 200);
     // The /ice token opens nothing else.
     let (code, _, _) = request(b.admin, "POST", "/reload", &ice_auth);
@@ -83,8 +93,12 @@ turn:
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["iceTransportPolicy"], "all");
     let urls = v["iceServers"][0]["urls"].as_array().unwrap();
-    assert!(urls.contains(&serde_json::json!(format!("turn:127.0.0.1:{udp}?transport=udp"))));
-    assert!(urls.contains(&serde_json::json!(format!("turns:127.0.0.1:{tls}?transport=tcp"))));
+    assert!(urls.contains(&serde_json::json!(format!(
+        "turn:127.0.0.1:{udp}?transport=udp"
+    ))));
+    assert!(urls.contains(&serde_json::json!(format!(
+        "turns:127.0.0.1:{tls}?transport=tcp"
+    ))));
     let user = v["iceServers"][0]["username"].as_str().unwrap();
     assert!(user.ends_with(":bob"), "{user}");
     let expiry: u64 = user.split(':').next().unwrap().parse().unwrap();
@@ -100,7 +114,10 @@ turn:
     );
     let (code, _, body) = request(b.admin, "GET", "/ice?listener=tls", &ice_auth);
     assert_eq!(code, 200, "{body}");
-    assert!(!body.contains("transport=udp") && body.contains("turns:"), "{body}");
+    assert!(
+        !body.contains("transport=udp") && body.contains("turns:"),
+        "{body}"
+    );
 
     // Parameters it cannot honour are refused, never ignored.
     for q in [
@@ -128,8 +145,14 @@ turn:
         ],
     );
     assert_eq!(code, 204, "{head}");
-    assert!(head.contains("access-control-allow-origin: https://app.example"), "{head}");
-    assert!(head.contains("access-control-allow-headers: authorization"), "{head}");
+    assert!(
+        head.contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-headers: authorization"),
+        "{head}"
+    );
     let (code, head, _) = request(
         b.admin,
         "GET",
@@ -137,8 +160,16 @@ turn:
         &[("Origin", "https://app.example"), ice_auth[0]],
     );
     assert_eq!(code, 200);
-    assert!(head.contains("access-control-allow-origin: https://app.example"), "{head}");
-    let (code, head, _) = request(b.admin, "OPTIONS", "/ice", &[("Origin", "https://evil.example")]);
+    assert!(
+        head.contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+    let (code, head, _) = request(
+        b.admin,
+        "OPTIONS",
+        "/ice",
+        &[("Origin", "https://evil.example")],
+    );
     assert_eq!(code, 403);
     assert!(!head.contains("access-control-allow-origin"), "{head}");
     let (_, head, _) = request(

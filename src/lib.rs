@@ -21,6 +21,7 @@ pub mod logging;
 pub mod metrics;
 pub mod offload;
 pub mod proxy;
+pub mod proxyproto;
 pub(crate) mod ratelog;
 pub mod run;
 pub mod tlsclient;

@@ -305,6 +305,7 @@ impl Metrics {
             dropped_local_error: dropped("local_error"),
             rejected_local_error: rejected("local_error"),
             rejected_max_connections: rejected("max_connections"),
+            rejected_proxy_header: rejected("proxy_header"),
             closed_idle: child(&self.sessions_closed, &l(&[("reason", "idle_timeout")])),
             offload_sessions: child(&self.offload_sessions, &l(&[])),
             offload_packets_to_server: child(
@@ -371,6 +372,8 @@ pub struct ListenerMetrics {
     pub rejected_local_error: Counter,
     /// TCP: the listener's `max_connections`.
     pub rejected_max_connections: Counter,
+    /// TCP `accept_proxy_protocol`: no valid PROXY v2 header within 5 s.
+    pub rejected_proxy_header: Counter,
     /// Sessions closed for inactivity (`session.idle_timeout`).
     pub closed_idle: Counter,
     /// Sessions the kernel fast path forwards now (`offload: ebpf`).

@@ -26,13 +26,13 @@ struct Ctx {
 
 /// The router, without a listener (tests use it directly).
 ///
-/// Routes that change state or hand out credentials (`/ice`) sit behind the bearer-token
-/// check when `admin.token` is set. The check is a middleware, so it runs before any
+/// Routes that change state sit behind the bearer-token check when `admin.token` is set.
+/// `/ice` hands out credentials and checks its own tokens (the admin token or
+/// `turn.ice.token`, see `ice`) so that it can be exposed to web pages with CORS. The check is a middleware, so it runs before any
 /// extractor: an unauthenticated request is answered 401 without its body being read.
 pub fn router(app: Arc<AppState>) -> Router {
     let ctx = Ctx { app };
     let guarded = Router::new()
-        .route("/ice", get(ice))
         .route("/upstreams/{name}/servers/{server}/state", post(set_state))
         .route("/upstreams/{name}/failback", post(failback))
         .route("/reload", post(reload))
@@ -45,6 +45,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/status", get(status_handler))
         .route("/events", get(events_stream))
         .route("/log-level", get(log_level))
+        .route("/ice", get(ice).options(ice_preflight))
         .merge(guarded)
         .with_state(ctx)
 }
@@ -255,24 +256,66 @@ async fn reload(State(ctx): State<Ctx>) -> Response {
     }
 }
 
-#[derive(Deserialize)]
-struct IceQuery {
-    #[serde(default)]
-    username: String,
-    ttl: Option<u64>,
+/// The `Access-Control-Allow-Origin` value for a request from `origin`, when
+/// `turn.ice.cors_origins` allows it (`*` allows every origin).
+fn cors_origin(turn: &crate::config::TurnConfig, headers: &HeaderMap) -> Option<String> {
+    let origin = headers.get(header::ORIGIN)?.to_str().ok()?;
+    let allowed = &turn.ice.cors_origins;
+    if allowed.iter().any(|o| o == "*") {
+        Some("*".to_string())
+    } else if allowed.iter().any(|o| o.eq_ignore_ascii_case(origin)) {
+        Some(origin.to_string())
+    } else {
+        None
+    }
 }
 
-/// `GET /ice?username=U&ttl=SECONDS`: a browser-ready ICE configuration (SPEC §7).
+fn with_cors(mut r: Response, origin: Option<String>) -> Response {
+    if let Some(o) = origin.and_then(|o| header::HeaderValue::from_str(&o).ok()) {
+        let h = r.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
+        h.insert(header::VARY, header::HeaderValue::from_static("Origin"));
+    }
+    r
+}
+
+/// `OPTIONS /ice`: the CORS preflight, answered without a token (browsers send none)
+/// for origins in `turn.ice.cors_origins`; 403 for others.
+async fn ice_preflight(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
+    let config = ctx.app.config.load();
+    let origin = config.turn.as_ref().and_then(|t| cors_origin(t, &headers));
+    let Some(origin) = origin else {
+        return error(StatusCode::FORBIDDEN, "origin not in turn.ice.cors_origins");
+    };
+    let mut r = with_cors(StatusCode::NO_CONTENT.into_response(), Some(origin));
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        header::HeaderValue::from_static("GET, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        header::HeaderValue::from_static("authorization"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        header::HeaderValue::from_static("600"),
+    );
+    r
+}
+
+/// `GET /ice?service=turn&username=U&ttl=SECONDS&iceTransportPolicy=relay&listener=L`: a
+/// browser-ready ICE configuration (SPEC §7; STUNner's auth-service parameters, see
+/// `turn::IceRequest`). When `admin.token` or `turn.ice.token` is set, a bearer token is
+/// needed and either one is accepted.
 async fn ice(
     State(ctx): State<Ctx>,
-    query: Result<axum::extract::Query<IceQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    query: Result<
+        axum::extract::Query<Vec<(String, String)>>,
+        axum::extract::rejection::QueryRejection,
+    >,
 ) -> Response {
-    let Ok(axum::extract::Query(q)) = query else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "query must be ?username=NAME&ttl=SECONDS",
-        );
-    };
     let config = ctx.app.config.load();
     let Some(turn) = &config.turn else {
         return error(
@@ -280,9 +323,34 @@ async fn ice(
             "no turn section in the configuration",
         );
     };
-    let ttl = q.ttl.map(std::time::Duration::from_secs);
-    match crate::turn::ice_config(turn, &q.username, ttl, std::time::SystemTime::now()) {
+    let origin = cors_origin(turn, &headers);
+    let ice_token_ok = turn.ice.token.as_deref().is_some_and(|want| {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| constant_time_eq(t.as_bytes(), want.as_bytes()))
+    });
+    let admin_ok = authorize(&ctx, &headers).is_ok();
+    // No admin token but an /ice token: the /ice token is required.
+    let needs_ice_token = turn.ice.token.is_some() && ctx.app.admin_token.load().is_none();
+    if !ice_token_ok && (!admin_ok || needs_ice_token) {
+        return with_cors(
+            error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
+            origin,
+        );
+    }
+    let Ok(axum::extract::Query(pairs)) = query else {
+        return with_cors(
+            error(StatusCode::BAD_REQUEST, "unreadable query string"),
+            origin,
+        );
+    };
+    let r = match crate::turn::IceRequest::from_query(&pairs)
+        .and_then(|req| crate::turn::ice_config_for(turn, &req, std::time::SystemTime::now()))
+    {
         Ok(v) => Json(v).into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, e),
-    }
+    };
+    with_cors(r, origin)
 }

@@ -442,9 +442,24 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
         "ephemeral auth without secret",
         "turn:\n  public_address: 203.0.113.7\n  listeners: [{ protocol: udp, listen: 0.0.0.0:3478 }]\n  auth:\n    type: ephemeral\n    ttl: 0s\n    users: [{ username: a, password: b }]\n",
         &[
-            "t.yaml:5:5: turn.auth.secret: auth type ephemeral needs a secret",
+            "t.yaml:5:5: turn.auth.secret: auth type ephemeral needs a secret (or secrets)",
             "t.yaml:6:10: turn.auth.ttl: must be longer than 0s",
             "t.yaml:7:12: turn.auth.users: users are only used with auth type static (remove them, or set type: static)",
+        ],
+    ),
+    (
+        "secret and secrets, tls without cert, proxy protocol on udp",
+        "turn:\n  public_address: 203.0.113.7\n  listeners:\n    - { protocol: tls, listen: 0.0.0.0:443 }\n    - { protocol: udp, listen: 0.0.0.0:3478, cert: c.pem, accept_proxy_protocol: true }\n  auth:\n    type: ephemeral\n    secret: a\n    secrets: [b, '']\n  ice:\n    cors_origins: ['https://ok.example', 'ftp://x/', 'https://a.example/path']\n    token: t\nadmin:\n  token: t\n",
+        &[
+            "t.yaml:4:7: turn.listeners[0].cert: a tls listener needs cert (a PEM file path)",
+            "t.yaml:4:7: turn.listeners[0].key: a tls listener needs key (a PEM file path)",
+            "t.yaml:5:52: turn.listeners[1].cert: cert is only used with protocol tls",
+            "t.yaml:5:82: turn.listeners[1].accept_proxy_protocol: PROXY protocol is only accepted on tcp and tls listeners",
+            "t.yaml:9:14: turn.auth.secrets: set either secret or secrets, not both (secret is a one-element secrets)",
+            "t.yaml:9:18: turn.auth.secrets[1]: the secret is empty",
+            "t.yaml:11:42: turn.ice.cors_origins[1]: invalid origin \"ftp://x/\" (expected scheme://host[:port] without a path, or *)",
+            "t.yaml:11:54: turn.ice.cors_origins[2]: invalid origin \"https://a.example/path\" (expected scheme://host[:port] without a path, or *)",
+            "t.yaml:12:12: turn.ice.token: the /ice token must differ from admin.token (it is handed to web pages)",
         ],
     ),
     (
@@ -809,7 +824,7 @@ fn every_stage_reports_every_error_in_one_run() {
         [
             "t.yaml:1:17: admin.token: environment variable NOPE is not set",
             "t.yaml:3:39: listeners[0].listen: invalid listen address \"x:1\" (expected ip:port or ip:first-last)",
-            "t.yaml:4:68: listeners[1].colour: unknown key \"colour\" (expected one of: name, protocol, listen, upstream, session, max_connections, offload)",
+            "t.yaml:4:68: listeners[1].colour: unknown key \"colour\" (expected one of: name, protocol, listen, upstream, session, max_connections, offload, proxy_protocol, accept_proxy_protocol)",
             "t.yaml:5:65: listeners[2].upstream: unknown upstream \"gone\" (defined: u)",
             "t.yaml:8:31: upstreams.u.primary[1]: invalid server address \"10.0.0.300\"",
             "t.yaml:9:25: upstreams.u.health.interval: invalid duration \"10 mss\"",

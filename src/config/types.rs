@@ -8,6 +8,7 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Deserializer};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The whole configuration file.
@@ -167,6 +168,16 @@ pub struct ListenerConfig {
     /// unavailable the listener runs in user space (logged once, counted). Default `none`.
     #[serde(default)]
     pub offload: Offload,
+    /// TCP: `v2` sends a PROXY protocol v2 header carrying the client's address to the
+    /// server before any data (for coturn `--proxy-protocol`, Janus behind a proxy,
+    /// HAProxy `accept-proxy`). Default none.
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocolVersion>,
+    /// TCP: every connection must start with a PROXY protocol v2 header (from a cloud load
+    /// balancer such as AWS NLB); its source address is the client address. Connections
+    /// without a valid header within 5 s are closed and counted. Default false.
+    #[serde(default)]
+    pub accept_proxy_protocol: bool,
 }
 
 /// `listeners[].offload`.
@@ -178,6 +189,14 @@ pub enum Offload {
     None,
     /// The kernel fast path (eBPF) forwards established UDP sessions.
     Ebpf,
+}
+
+/// `listeners[].proxy_protocol`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocolVersion {
+    /// The binary PROXY protocol version 2.
+    V2,
 }
 
 fn default_max_connections() -> usize {
@@ -710,6 +729,23 @@ pub struct TurnConfig {
     /// Default: 10 allocations per user, 10000 in all, 4096 TCP connections.
     #[serde(default)]
     pub quota: QuotaConfig,
+    /// `GET /ice` settings. Default: no CORS origins, no separate token.
+    #[serde(default)]
+    pub ice: IceHttpConfig,
+}
+
+/// `turn.ice:` — how `GET /ice` may be reached.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IceHttpConfig {
+    /// Origins (`https://app.example.com`, or `*`) allowed to fetch `/ice` from a page
+    /// (CORS); the preflight `OPTIONS /ice` is answered for them. Default none.
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
+    /// When set, `/ice` also accepts `Authorization: Bearer <this token>` (the admin token
+    /// still works), so `/ice` can be exposed without exposing the admin API. Default none.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 fn default_realm() -> String {
@@ -720,10 +756,52 @@ fn default_realm() -> String {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TurnListenerConfig {
-    /// Required: `udp` or `tcp`.
-    pub protocol: Protocol,
+    /// Required: `udp`, `tcp` or `tls` (TURN over TLS over TCP, `turns:`).
+    pub protocol: TurnTransport,
     /// Required: `ip:port`.
     pub listen: SocketAddr,
+    /// tls: PEM certificate chain file (re-read when it changes). Required for tls.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// tls: PEM private key file (re-read when it changes). Required for tls.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// tcp/tls: every connection must start with a PROXY protocol v2 header, whose source
+    /// address is then the client address (quota, nonces, XOR-MAPPED-ADDRESS). Default false.
+    #[serde(default)]
+    pub accept_proxy_protocol: bool,
+}
+
+/// `turn.listeners[].protocol`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TurnTransport {
+    /// STUN/TURN over UDP.
+    Udp,
+    /// STUN/TURN over TCP.
+    Tcp,
+    /// STUN/TURN over TLS over TCP (`turns:`).
+    Tls,
+}
+
+impl TurnTransport {
+    /// The socket protocol underneath.
+    pub fn base(self) -> Protocol {
+        match self {
+            TurnTransport::Udp => Protocol::Udp,
+            TurnTransport::Tcp | TurnTransport::Tls => Protocol::Tcp,
+        }
+    }
+}
+
+impl fmt::Display for TurnTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TurnTransport::Udp => "udp",
+            TurnTransport::Tcp => "tcp",
+            TurnTransport::Tls => "tls",
+        })
+    }
 }
 
 /// `turn.auth.type`.
@@ -746,12 +824,26 @@ pub struct TurnAuthConfig {
     /// ephemeral: shared secret (coturn `static-auth-secret`). Default none.
     #[serde(default)]
     pub secret: Option<String>,
+    /// ephemeral: several shared secrets for rotation; the first signs `/ice` credentials,
+    /// every one verifies. Exclusive with `secret`. Default empty.
+    #[serde(default)]
+    pub secrets: Vec<String>,
     /// ephemeral: lifetime of credentials handed out by /ice. Default 24h.
     #[serde(default = "default_ttl")]
     pub ttl: Dur,
     /// static: the users. Default empty.
     #[serde(default)]
     pub users: Vec<TurnUser>,
+}
+
+impl TurnAuthConfig {
+    /// The ephemeral secrets in order (`secret` alone, else `secrets`); the first signs.
+    pub fn all_secrets(&self) -> Vec<&str> {
+        match &self.secret {
+            Some(s) => vec![s.as_str()],
+            None => self.secrets.iter().map(String::as_str).collect(),
+        }
+    }
 }
 
 fn default_ttl() -> Dur {

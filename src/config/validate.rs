@@ -12,7 +12,8 @@
 //!   as they appear in metrics labels and in admin URLs (`/upstreams/NAME/...`).
 
 use super::types::{
-    Config, HealthType, ListenAddr, Protocol, ServerRef, TurnAuthType, UpstreamConfig,
+    Config, HealthType, ListenAddr, Protocol, ServerRef, TurnAuthType, TurnTransport,
+    UpstreamConfig,
 };
 use super::yaml::{index_path, key_path};
 use std::collections::HashMap;
@@ -176,6 +177,20 @@ impl Checker {
                     key_path(&path, "offload"),
                     "offload: ebpf is only for UDP listeners",
                 );
+            }
+            if l.protocol == Protocol::Udp {
+                if l.proxy_protocol.is_some() {
+                    self.push(
+                        key_path(&path, "proxy_protocol"),
+                        "PROXY protocol is only sent on tcp listeners",
+                    );
+                }
+                if l.accept_proxy_protocol {
+                    self.push(
+                        key_path(&path, "accept_proxy_protocol"),
+                        "PROXY protocol is only accepted on tcp listeners",
+                    );
+                }
             }
         }
     }
@@ -394,21 +409,80 @@ impl Checker {
             self.push("turn.listeners", "no TURN listeners (add at least one)");
         }
         for (i, l) in turn.listeners.iter().enumerate() {
+            let path = index_path("turn.listeners", i);
             if l.listen.port() == 0 {
+                self.push(key_path(&path, "listen"), "port 0 is not allowed");
+            }
+            let tls = l.protocol == TurnTransport::Tls;
+            for (key, value) in [("cert", &l.cert), ("key", &l.key)] {
+                match value {
+                    None if tls => self.push(
+                        key_path(&path, key),
+                        format!("a tls listener needs {key} (a PEM file path)"),
+                    ),
+                    Some(_) if !tls => self.push(
+                        key_path(&path, key),
+                        format!("{key} is only used with protocol tls"),
+                    ),
+                    Some(p) if p.as_os_str().is_empty() => {
+                        self.push(key_path(&path, key), "the path is empty")
+                    }
+                    _ => {}
+                }
+            }
+            if l.accept_proxy_protocol && l.protocol == TurnTransport::Udp {
                 self.push(
-                    key_path(&index_path("turn.listeners", i), "listen"),
-                    "port 0 is not allowed",
+                    key_path(&path, "accept_proxy_protocol"),
+                    "PROXY protocol is only accepted on tcp and tls listeners",
                 );
             }
+        }
+        for (i, o) in turn.ice.cors_origins.iter().enumerate() {
+            let ok = o == "*"
+                || ((o.starts_with("https://") || o.starts_with("http://"))
+                    && !o.ends_with('/')
+                    && o.split_once("://")
+                        .is_some_and(|(_, h)| !h.is_empty() && !h.contains('/'))
+                    && !o.chars().any(|c| c.is_whitespace() || c.is_control()));
+            if !ok {
+                self.push(
+                    index_path("turn.ice.cors_origins", i),
+                    format!(
+                        "invalid origin {o:?} (expected scheme://host[:port] without a path, or *)"
+                    ),
+                );
+            }
+        }
+        if turn.ice.token.as_deref() == Some("") {
+            self.push("turn.ice.token", "the token is empty");
+        }
+        if turn.ice.token.is_some() && turn.ice.token == cfg.admin.token {
+            self.push(
+                "turn.ice.token",
+                "the /ice token must differ from admin.token (it is handed to web pages)",
+            );
         }
 
         let auth = &turn.auth;
         match auth.kind {
             TurnAuthType::Ephemeral => {
                 match auth.secret.as_deref() {
-                    None => self.push("turn.auth.secret", "auth type ephemeral needs a secret"),
+                    None if auth.secrets.is_empty() => self.push(
+                        "turn.auth.secret",
+                        "auth type ephemeral needs a secret (or secrets)",
+                    ),
+                    None => {}
                     Some("") => self.push("turn.auth.secret", "the secret is empty"),
+                    Some(_) if !auth.secrets.is_empty() => self.push(
+                        "turn.auth.secrets",
+                        "set either secret or secrets, not both (secret is a one-element secrets)",
+                    ),
                     Some(_) => {}
+                }
+                for (i, s) in auth.secrets.iter().enumerate() {
+                    if s.is_empty() {
+                        self.push(index_path("turn.auth.secrets", i), "the secret is empty");
+                    }
                 }
                 self.positive("turn.auth.ttl".to_string(), auth.ttl.get());
                 if !auth.users.is_empty() {
@@ -425,7 +499,7 @@ impl Checker {
                         "auth type static needs at least one user",
                     );
                 }
-                if auth.secret.is_some() {
+                if auth.secret.is_some() || !auth.secrets.is_empty() {
                     self.push(
                         "turn.auth.secret",
                         "a secret is only used with auth type ephemeral (remove it, or set type: ephemeral)",
@@ -536,7 +610,7 @@ impl Checker {
                 bound.push(Bound {
                     label: path.clone(),
                     path: key_path(&path, "listen"),
-                    protocol: l.protocol,
+                    protocol: l.protocol.base(),
                     addr: single(l.listen),
                 });
             }

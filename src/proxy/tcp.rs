@@ -17,8 +17,15 @@
 //! no byte either way for `session.idle_timeout` is reset. A connect that fails for a
 //! local reason (EMFILE, ENOBUFS, no local port) is the balancer's problem: counted
 //! (`reason="local_error"`), logged rate-limited, never reported against the server.
+//!
+//! PROXY protocol v2 (`crate::proxyproto`): with `accept_proxy_protocol` every connection
+//! must start with a header (from a cloud load balancer) whose source address then is the
+//! client address (server choice, logs, the header sent on); without a valid one within
+//! 5 s it is reset and counted (`reason="proxy_header"`). With `proxy_protocol: v2` a
+//! header carrying the client address is written to the server right after connecting,
+//! before any client byte.
 
-use crate::config::Protocol;
+use crate::config::{ListenerConfig, Protocol};
 use crate::fdbudget;
 use crate::health::Reason;
 use crate::metrics::ListenerMetrics;
@@ -38,6 +45,25 @@ use tokio_util::sync::CancellationToken;
 /// Copy buffer per direction per connection.
 const COPY_BUF: usize = 32 * 1024;
 
+/// PROXY protocol settings of a TCP listener.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProxyProtocol {
+    /// `proxy_protocol: v2`: send a v2 header to the server.
+    pub send: bool,
+    /// `accept_proxy_protocol`: require a v2 header from the client side.
+    pub accept: bool,
+}
+
+impl ProxyProtocol {
+    /// The settings of listener `l`.
+    pub fn of(l: &ListenerConfig) -> Self {
+        ProxyProtocol {
+            send: l.proxy_protocol.is_some(),
+            accept: l.accept_proxy_protocol,
+        }
+    }
+}
+
 /// What all connections of one TCP listener share.
 pub struct TcpListener {
     pub name: String,
@@ -47,6 +73,8 @@ pub struct TcpListener {
     pub idle_timeout: Duration,
     /// Connections held at most, counting those still connecting (`max_connections`).
     pub max_connections: usize,
+    /// PROXY protocol v2 in and out.
+    pub proxy_protocol: ProxyProtocol,
     /// Connections accepted and not yet closed (including those still connecting).
     held: AtomicUsize,
     /// Connections relaying to a server.
@@ -54,6 +82,7 @@ pub struct TcpListener {
     /// Accept failures and local connect failures: a few lines per window.
     accept_log: RateLimit,
     local_log: RateLimit,
+    proxy_log: RateLimit,
 }
 
 impl TcpListener {
@@ -63,6 +92,7 @@ impl TcpListener {
         idle_timeout: Duration,
         max_connections: usize,
         metrics: ListenerMetrics,
+        proxy_protocol: ProxyProtocol,
     ) -> Arc<Self> {
         Arc::new(TcpListener {
             name,
@@ -70,10 +100,12 @@ impl TcpListener {
             metrics,
             idle_timeout,
             max_connections,
+            proxy_protocol,
             held: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
             accept_log: RateLimit::new("tcp_accept", Duration::from_secs(10), 5),
             local_log: RateLimit::new("tcp_connect_local", Duration::from_secs(10), 5),
+            proxy_log: RateLimit::new("tcp_proxy_header", Duration::from_secs(10), 5),
         })
     }
 
@@ -156,11 +188,29 @@ impl TcpListener {
     async fn handle(
         &self,
         mut client: TcpStream,
-        peer: SocketAddr,
+        mut peer: SocketAddr,
         local_port: u16,
         kill: CancellationToken,
     ) {
         let m = &self.metrics;
+        if self.proxy_protocol.accept {
+            let header = tokio::select! {
+                h = crate::proxyproto::read_v2(&mut client) => h,
+                _ = kill.cancelled() => return,
+            };
+            match header {
+                Ok(Some(real)) => peer = real,
+                Ok(None) => {}
+                Err(e) => {
+                    m.rejected_proxy_header.inc();
+                    if self.proxy_log.allow() {
+                        tracing::warn!(listener = %self.name, %peer, error = %e, "connection refused: accept_proxy_protocol needs a valid PROXY v2 header");
+                    }
+                    reset_on_close(&client);
+                    return;
+                }
+            }
+        }
         let (server, mut upstream, evicted) = match self.connect(peer, local_port).await {
             Ok(c) => c,
             Err(Unconnected::NoServer) => {
@@ -176,6 +226,17 @@ impl TcpListener {
         };
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
+        if self.proxy_protocol.send {
+            let local = client
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::new(peer.ip(), local_port));
+            let header = crate::proxyproto::header_v2(peer, local);
+            if upstream.write_all(&header).await.is_err() {
+                reset_on_close(&client);
+                reset_on_close(&upstream);
+                return;
+            }
+        }
         self.live.fetch_add(1, Ordering::Relaxed);
         server.session_opened();
         m.sessions.inc();

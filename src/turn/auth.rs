@@ -118,7 +118,8 @@ pub struct Authenticator {
 #[derive(Clone)]
 enum Kind {
     Static(HashMap<String, Vec<u8>>),
-    Ephemeral(String),
+    /// Every secret that verifies; the first signs.
+    Ephemeral(Vec<String>),
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -126,7 +127,7 @@ impl std::fmt::Debug for Authenticator {
         // Never print secrets or keys.
         let kind = match &self.kind {
             Kind::Static(users) => format!("static ({} users)", users.len()),
-            Kind::Ephemeral(_) => "ephemeral".to_string(),
+            Kind::Ephemeral(s) => format!("ephemeral ({} secrets)", s.len()),
         };
         f.debug_struct("Authenticator")
             .field("realm", &self.realm)
@@ -155,10 +156,13 @@ impl Authenticator {
                     .collect();
                 Kind::Static(users)
             }
-            TurnAuthType::Ephemeral => match auth.secret.as_deref() {
-                Some(s) if !s.is_empty() => Kind::Ephemeral(s.to_string()),
-                _ => return Err("turn.auth: type ephemeral needs a secret".into()),
-            },
+            TurnAuthType::Ephemeral => {
+                let secrets = auth.all_secrets();
+                if secrets.is_empty() || secrets.iter().any(|s| s.is_empty()) {
+                    return Err("turn.auth: type ephemeral needs a non-empty secret".into());
+                }
+                Kind::Ephemeral(secrets.into_iter().map(String::from).collect())
+            }
         };
         Ok(Authenticator {
             realm: realm.to_string(),
@@ -171,19 +175,37 @@ impl Authenticator {
         &self.realm
     }
 
-    /// The key for `username` in `realm` at time `now`, or why there is none.
+    /// The key for `username` in `realm` at time `now` (with several ephemeral secrets,
+    /// the one of the signing secret), or why there is none.
     pub fn key(
         &self,
         username: &str,
         realm: &str,
         now: SystemTime,
     ) -> Result<Vec<u8>, AuthFailure> {
+        self.keys(username, realm, now)
+            .map(|mut k| k.swap_remove(0))
+    }
+
+    /// Every key `username` may be using in `realm` at time `now`: one per configured
+    /// ephemeral secret (rotation: the first signs, all verify), or the static user's
+    /// key. Never empty on success.
+    pub fn keys(
+        &self,
+        username: &str,
+        realm: &str,
+        now: SystemTime,
+    ) -> Result<Vec<Vec<u8>>, AuthFailure> {
         if realm != self.realm {
             return Err(AuthFailure::RealmMismatch);
         }
         match &self.kind {
-            Kind::Static(users) => users.get(username).cloned().ok_or(AuthFailure::UnknownUser),
-            Kind::Ephemeral(secret) => {
+            Kind::Static(users) => users
+                .get(username)
+                .cloned()
+                .map(|k| vec![k])
+                .ok_or(AuthFailure::UnknownUser),
+            Kind::Ephemeral(secrets) => {
                 let expiry = ephemeral_expiry(username).ok_or(AuthFailure::BadUsername)?;
                 let now_secs = now
                     .duration_since(UNIX_EPOCH)
@@ -192,8 +214,13 @@ impl Authenticator {
                 if expiry < now_secs {
                     return Err(AuthFailure::Expired);
                 }
-                let password = ephemeral_password(secret, username);
-                Ok(long_term_key(username, realm, &password))
+                Ok(secrets
+                    .iter()
+                    .map(|secret| {
+                        let password = ephemeral_password(secret, username);
+                        long_term_key(username, realm, &password)
+                    })
+                    .collect())
             }
         }
     }
@@ -281,6 +308,7 @@ mod tests {
             &TurnAuthConfig {
                 kind: TurnAuthType::Ephemeral,
                 secret: Some(secret.into()),
+                secrets: vec![],
                 ttl: crate::config::Dur(Duration::from_secs(3600)),
                 users: vec![],
             },
@@ -326,12 +354,36 @@ mod tests {
     }
 
     #[test]
+    fn every_secret_verifies_during_rotation() {
+        let a = Authenticator::new(
+            "mediagate",
+            &TurnAuthConfig {
+                kind: TurnAuthType::Ephemeral,
+                secret: None,
+                secrets: vec!["new".into(), "old".into()],
+                ttl: crate::config::Dur(Duration::from_secs(3600)),
+                users: vec![],
+            },
+        )
+        .unwrap();
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let user = ephemeral_username(1_700_000_100, "bob");
+        let key_of =
+            |secret: &str| long_term_key(&user, "mediagate", &ephemeral_password(secret, &user));
+        let keys = a.keys(&user, "mediagate", now).unwrap();
+        assert_eq!(keys, vec![key_of("new"), key_of("old")]);
+        assert_eq!(a.key(&user, "mediagate", now).unwrap(), key_of("new"));
+        assert!(!keys.contains(&key_of("other")));
+    }
+
+    #[test]
     fn static_users() {
         let a = Authenticator::new(
             "r",
             &TurnAuthConfig {
                 kind: TurnAuthType::Static,
                 secret: None,
+                secrets: vec![],
                 ttl: crate::config::Dur(Duration::from_secs(3600)),
                 users: vec![TurnUser {
                     username: "u".into(),

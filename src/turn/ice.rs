@@ -1,15 +1,89 @@
 //! Browser-ready ICE configurations (SPEC §7, `GET /ice` and `mediagate ice`), in the
 //! shape STUNner's auth service returns:
 //! `{"iceServers":[{"urls":[...],"username":"...","credential":"..."}],"iceTransportPolicy":"relay"}`.
+//!
+//! [`IceRequest::from_query`] reads the query parameters of STUNner's auth service
+//! (`/ice?service=turn&username=U&ttl=S&iceTransportPolicy=relay&listener=L`); a parameter
+//! mediagate cannot honour (`namespace`, `gateway`, `key`, anything unknown, a repeated
+//! one) is an error (HTTP 400), never silently ignored.
 
 use serde_json::json;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::auth::{ephemeral_password, ephemeral_username};
-use crate::config::{Protocol, TurnAuthType, TurnConfig};
+use crate::config::{TurnAuthType, TurnConfig, TurnTransport};
 
 /// Longest user id accepted in an ICE request (the STUN USERNAME limit is 509 bytes).
 const MAX_USER_LEN: usize = 256;
+
+/// A parsed `/ice` request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IceRequest {
+    /// `username`: the user id (ephemeral) or the static user's name. Default empty.
+    pub user: String,
+    /// `ttl` in seconds. Default `turn.auth.ttl`.
+    pub ttl: Option<Duration>,
+    /// `iceTransportPolicy` (also `icetransportpolicy`): `all` or `relay`. Default `relay`.
+    pub policy: Option<String>,
+    /// `listener`: only the TURN listeners of this transport (`udp`, `tcp`, `tls`) or at this
+    /// index in `turn.listeners`. Default every listener.
+    pub listener: Option<String>,
+}
+
+impl IceRequest {
+    /// Reads STUNner's auth-service query parameters; errors are one line for a 400 body.
+    pub fn from_query(pairs: &[(String, String)]) -> Result<IceRequest, String> {
+        let mut r = IceRequest::default();
+        let mut seen: Vec<&str> = Vec::new();
+        for (k, v) in pairs {
+            let key = if k == "icetransportpolicy" {
+                "iceTransportPolicy"
+            } else {
+                k.as_str()
+            };
+            if seen.contains(&key) {
+                return Err(format!("parameter {key} is given more than once"));
+            }
+            seen.push(key);
+            match key {
+                "service" if v == "turn" => {}
+                "service" => return Err(format!("service must be turn, not {v:?}")),
+                "username" => r.user = v.clone(),
+                "ttl" => {
+                    let secs: u64 = v
+                        .parse()
+                        .map_err(|_| format!("ttl must be a number of seconds, not {v:?}"))?;
+                    r.ttl = Some(Duration::from_secs(secs));
+                }
+                "iceTransportPolicy" if v == "all" || v == "relay" => r.policy = Some(v.clone()),
+                "iceTransportPolicy" => {
+                    return Err(format!(
+                        "iceTransportPolicy must be all or relay, not {v:?}"
+                    ));
+                }
+                "listener" => r.listener = Some(v.clone()),
+                "namespace" | "gateway" => {
+                    return Err(format!(
+                        "{key} is not supported: mediagate is one gateway (select listeners with listener=udp|tcp|tls or an index)"
+                    ));
+                }
+                "key" => {
+                    return Err(
+                        "key is not supported: send the /ice token as Authorization: Bearer <token>"
+                            .to_string(),
+                    );
+                }
+                other => {
+                    let shown: String = other.chars().take(64).collect();
+                    return Err(format!(
+                        "unknown parameter {shown:?} (accepted: service, username, ttl, iceTransportPolicy, listener)"
+                    ));
+                }
+            }
+        }
+        Ok(r)
+    }
+}
 
 /// The ICE configuration for `user`.
 ///
@@ -26,6 +100,23 @@ pub fn ice_config(
     ttl: Option<Duration>,
     now: SystemTime,
 ) -> Result<serde_json::Value, String> {
+    let req = IceRequest {
+        user: user.to_string(),
+        ttl,
+        ..IceRequest::default()
+    };
+    ice_config_for(cfg, &req, now)
+}
+
+/// The ICE configuration for a parsed `/ice` request (see [`ice_config`] for the
+/// credentials). URLs: `turn:HOST:PORT?transport=udp|tcp` per udp/tcp listener and
+/// `turns:HOST:PORT?transport=tcp` per tls listener, filtered by `listener`.
+pub fn ice_config_for(
+    cfg: &TurnConfig,
+    req: &IceRequest,
+    now: SystemTime,
+) -> Result<serde_json::Value, String> {
+    let (user, ttl) = (req.user.as_str(), req.ttl);
     if user.len() > MAX_USER_LEN || user.chars().any(|c| c.is_control()) {
         return Err(format!(
             "invalid username: at most {MAX_USER_LEN} bytes, no control characters"
@@ -33,10 +124,10 @@ pub fn ice_config(
     }
     let (username, credential) = match cfg.auth.kind {
         TurnAuthType::Ephemeral => {
-            let secret = cfg
-                .auth
-                .secret
-                .as_deref()
+            let secrets = cfg.auth.all_secrets();
+            let secret = secrets
+                .first()
+                .copied()
                 .filter(|s| !s.is_empty())
                 .ok_or("turn.auth.secret is not set")?;
             let max = cfg.auth.ttl.get();
@@ -70,15 +161,33 @@ pub fn ice_config(
         Err(_) => cfg.public_address.clone(),
     };
     let mut urls: Vec<String> = Vec::new();
-    for l in &cfg.listeners {
-        let transport = match l.protocol {
-            Protocol::Udp => "udp",
-            Protocol::Tcp => "tcp",
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        if let Some(want) = &req.listener
+            && *want != l.protocol.to_string()
+            && *want != i.to_string()
+        {
+            continue;
+        }
+        let url = match l.protocol {
+            TurnTransport::Udp => format!("turn:{host}:{}?transport=udp", l.listen.port()),
+            TurnTransport::Tcp => format!("turn:{host}:{}?transport=tcp", l.listen.port()),
+            TurnTransport::Tls => format!("turns:{host}:{}?transport=tcp", l.listen.port()),
         };
-        let url = format!("turn:{host}:{}?transport={transport}", l.listen.port());
         if !urls.contains(&url) {
             urls.push(url);
         }
+    }
+    if urls.is_empty() {
+        let shown: String = req
+            .listener
+            .as_deref()
+            .unwrap_or("")
+            .chars()
+            .take(64)
+            .collect();
+        return Err(format!(
+            "no TURN listener matches listener={shown:?} (udp, tcp, tls or an index into turn.listeners)"
+        ));
     }
     Ok(json!({
         "iceServers": [{
@@ -86,7 +195,7 @@ pub fn ice_config(
             "username": username,
             "credential": credential,
         }],
-        "iceTransportPolicy": "relay",
+        "iceTransportPolicy": req.policy.as_deref().unwrap_or("relay"),
     }))
 }
 
@@ -101,17 +210,24 @@ mod tests {
             public_address: "203.0.113.7".into(),
             listeners: vec![
                 TurnListenerConfig {
-                    protocol: Protocol::Udp,
+                    protocol: TurnTransport::Udp,
                     listen: "0.0.0.0:3478".parse().unwrap(),
+                    cert: None,
+                    key: None,
+                    accept_proxy_protocol: false,
                 },
                 TurnListenerConfig {
-                    protocol: Protocol::Tcp,
+                    protocol: TurnTransport::Tcp,
                     listen: "0.0.0.0:3478".parse().unwrap(),
+                    cert: None,
+                    key: None,
+                    accept_proxy_protocol: false,
                 },
             ],
             auth: TurnAuthConfig {
                 kind,
                 secret: Some("north".into()),
+                secrets: vec![],
                 ttl: Dur(Duration::from_secs(86400)),
                 users: vec![TurnUser {
                     username: "alice".into(),
@@ -120,6 +236,7 @@ mod tests {
             },
             relay: Default::default(),
             quota: Default::default(),
+            ice: Default::default(),
         }
     }
 
@@ -165,5 +282,100 @@ mod tests {
             "turn:[2001:db8::1]:3478?transport=udp"
         );
         assert!(ice_config(&c, "bob", None, SystemTime::now()).is_err());
+    }
+
+    fn q(pairs: &[(&str, &str)]) -> Result<IceRequest, String> {
+        let owned: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        IceRequest::from_query(&owned)
+    }
+
+    #[test]
+    fn stunner_query_parameters_are_honoured_or_refused() {
+        let r = q(&[
+            ("service", "turn"),
+            ("username", "bob"),
+            ("ttl", "60"),
+            ("icetransportpolicy", "all"),
+            ("listener", "tls"),
+        ])
+        .unwrap();
+        assert_eq!(r.user, "bob");
+        assert_eq!(r.ttl, Some(Duration::from_secs(60)));
+        assert_eq!(r.policy.as_deref(), Some("all"));
+        assert_eq!(r.listener.as_deref(), Some("tls"));
+        for bad in [
+            vec![("service", "stun")],
+            vec![("namespace", "stunner")],
+            vec![("gateway", "g")],
+            vec![("key", "k")],
+            vec![("iceTransportPolicy", "none")],
+            vec![("ttl", "soon")],
+            vec![("usr", "typo")],
+            vec![("username", "a"), ("username", "b")],
+            vec![
+                ("iceTransportPolicy", "all"),
+                ("icetransportpolicy", "relay"),
+            ],
+        ] {
+            assert!(q(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tls_listeners_give_turns_urls_and_listener_filters() {
+        let mut c = cfg(TurnAuthType::Ephemeral);
+        c.listeners.push(TurnListenerConfig {
+            protocol: TurnTransport::Tls,
+            listen: "0.0.0.0:443".parse().unwrap(),
+            cert: Some("c.pem".into()),
+            key: Some("k.pem".into()),
+            accept_proxy_protocol: false,
+        });
+        let now = SystemTime::now();
+        let all = ice_config(&c, "", None, now).unwrap();
+        assert_eq!(
+            all["iceServers"][0]["urls"][2],
+            "turns:203.0.113.7:443?transport=tcp"
+        );
+        let req = IceRequest {
+            listener: Some("tls".into()),
+            policy: Some("all".into()),
+            ..Default::default()
+        };
+        let tls = ice_config_for(&c, &req, now).unwrap();
+        assert_eq!(
+            tls["iceServers"][0]["urls"],
+            json!(["turns:203.0.113.7:443?transport=tcp"])
+        );
+        assert_eq!(tls["iceTransportPolicy"], "all");
+        let by_index = IceRequest {
+            listener: Some("0".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            ice_config_for(&c, &by_index, now).unwrap()["iceServers"][0]["urls"],
+            json!(["turn:203.0.113.7:3478?transport=udp"])
+        );
+        let none = IceRequest {
+            listener: Some("dtls".into()),
+            ..Default::default()
+        };
+        assert!(ice_config_for(&c, &none, now).is_err());
+    }
+
+    #[test]
+    fn the_first_of_several_secrets_signs() {
+        let mut c = cfg(TurnAuthType::Ephemeral);
+        c.auth.secret = None;
+        c.auth.secrets = vec!["new".into(), "old".into()];
+        let v = ice_config(&c, "a", None, SystemTime::now()).unwrap();
+        let user = v["iceServers"][0]["username"].as_str().unwrap().to_string();
+        assert_eq!(
+            v["iceServers"][0]["credential"],
+            ephemeral_password("new", &user)
+        );
     }
 }

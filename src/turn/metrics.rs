@@ -20,6 +20,11 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     direction: &'static str,
 }
@@ -76,15 +81,22 @@ pub(crate) enum TcpClose {
     OversizedFrame,
     /// Nothing was received for the idle timeout.
     Idle,
+    /// tls listener: the TLS handshake failed or took longer than 10 s.
+    TlsHandshake,
+    /// `accept_proxy_protocol`: no valid PROXY v2 header within 5 s (or its client address
+    /// is already connected).
+    ProxyHeader,
 }
 
 impl TcpClose {
-    const ALL: [TcpClose; 5] = [
+    const ALL: [TcpClose; 7] = [
         TcpClose::Limit,
         TcpClose::FrameTimeout,
         TcpClose::NoAllocation,
         TcpClose::OversizedFrame,
         TcpClose::Idle,
+        TcpClose::TlsHandshake,
+        TcpClose::ProxyHeader,
     ];
 
     fn as_str(self) -> &'static str {
@@ -94,6 +106,8 @@ impl TcpClose {
             TcpClose::NoAllocation => "no_allocation",
             TcpClose::OversizedFrame => "oversized_frame",
             TcpClose::Idle => "idle",
+            TcpClose::TlsHandshake => "tls_handshake",
+            TcpClose::ProxyHeader => "proxy_header",
         }
     }
 }
@@ -130,6 +144,11 @@ pub struct TurnMetrics {
     /// `mediagate_turn_tcp_connections`: open TURN-over-TCP connections.
     pub tcp_connections: Gauge,
     tcp_closed: Vec<(TcpClose, Counter)>,
+    /// `mediagate_turn_tls_cert_reloads_total{result="ok"}`: certificates (re)loaded.
+    pub cert_reloads_ok: Counter,
+    /// `mediagate_turn_tls_cert_reloads_total{result="error"}`: changed certificate files
+    /// that could not be loaded (the previous certificate stays in use).
+    pub cert_reloads_failed: Counter,
 }
 
 impl TurnMetrics {
@@ -140,8 +159,13 @@ impl TurnMetrics {
         let bytes = Family::<DirectionLabels, Counter>::default();
         let packets = Family::<DirectionLabels, Counter>::default();
         let closed = Family::<ReasonLabels, Counter>::default();
+        let reloads = Family::<ResultLabels, Counter>::default();
         let reason = |f: &Family<ReasonLabels, Counter>, r: &'static str| {
             f.get_or_create(&ReasonLabels { reason: r }).clone()
+        };
+        // A closure, so that each read guard is dropped before the next `get_or_create`.
+        let result = |f: &Family<ResultLabels, Counter>, r: &'static str| {
+            f.get_or_create(&ResultLabels { result: r }).clone()
         };
         let dir = |f: &Family<DirectionLabels, Counter>, d: &'static str| {
             f.get_or_create(&DirectionLabels { direction: d }).clone()
@@ -171,6 +195,8 @@ impl TurnMetrics {
                 .iter()
                 .map(|r| (*r, reason(&closed, r.as_str())))
                 .collect(),
+            cert_reloads_ok: result(&reloads, "ok"),
+            cert_reloads_failed: result(&reloads, "error"),
         };
         registry.register(
             "mediagate_turn_allocations",
@@ -237,6 +263,11 @@ impl TurnMetrics {
             "TURN-over-TCP connections the server closed or refused",
             closed,
         );
+        registry.register(
+            "mediagate_turn_tls_cert_reloads",
+            "TLS certificate loads of TURN tls listeners, by result",
+            reloads,
+        );
         m
     }
 
@@ -282,6 +313,15 @@ impl TurnMetrics {
             .find(|(r, _)| *r == reason)
             .map(|(_, c)| c)
             .unwrap_or(&self.tcp_closed[0].1)
+    }
+
+    /// Value of `mediagate_turn_tcp_closed_total{reason}` (label value, e.g. `tls_handshake`).
+    pub fn tcp_closed_count(&self, reason: &str) -> u64 {
+        self.tcp_closed
+            .iter()
+            .find(|(r, _)| r.as_str() == reason)
+            .map(|(_, c)| c.get())
+            .unwrap_or(0)
     }
 
     /// Value of `mediagate_turn_auth_failures_total{reason}`.

@@ -22,6 +22,7 @@ mod policy;
 mod relay;
 mod server;
 mod table;
+mod tls;
 mod transport;
 mod trim;
 mod wire;
@@ -31,7 +32,7 @@ use crate::ratelog;
 pub use auth::{
     AuthFailure, ephemeral_expiry, ephemeral_password, ephemeral_username, long_term_key,
 };
-pub use ice::ice_config;
+pub use ice::{IceRequest, ice_config, ice_config_for};
 pub use metrics::TurnMetrics;
 pub use policy::{PeerPolicy, Verdict};
 
@@ -48,10 +49,10 @@ use turn::allocation::five_tuple::FiveTuple;
 use turn::proto::PROTO_UDP;
 use webrtc_util::Conn;
 
-use crate::config::{Protocol, TurnConfig};
+use crate::config::{TurnConfig, TurnTransport};
 use relay::{RelayFactory, RelayGenerator};
 use server::{Core, Listener};
-use transport::{TcpTransport, UdpTransport};
+use transport::{TcpOptions, TcpTransport, UdpTransport};
 
 /// Socket buffer size asked for on UDP listener sockets (the kernel may cap it).
 const UDP_BUFFER_BYTES: usize = 4 << 20;
@@ -163,7 +164,7 @@ impl TurnService {
             }));
             let (conn, local, closed_rx, tcp): (Arc<dyn Conn + Send + Sync>, SocketAddr, _, _) =
                 match l.protocol {
-                    Protocol::Udp => {
+                    TurnTransport::Udp => {
                         let socket = bind_udp(l.listen).with_context(|| {
                             format!("turn.listeners[{idx}]: bind udp {}", l.listen)
                         })?;
@@ -171,9 +172,28 @@ impl TurnService {
                         let local = t.local_addr()?;
                         (Arc::new(t), local, None, None)
                     }
-                    Protocol::Tcp => {
+                    TurnTransport::Tcp | TurnTransport::Tls => {
+                        let tls = match (&l.cert, &l.key) {
+                            (Some(cert), Some(key)) if l.protocol == TurnTransport::Tls => {
+                                let store = tls::CertStore::load(cert, key)
+                                    .map_err(anyhow::Error::msg)
+                                    .with_context(|| {
+                                        format!("turn.listeners[{idx}]: certificate")
+                                    })?;
+                                metrics.cert_reloads_ok.inc();
+                                let acceptor = store.acceptor().map_err(anyhow::Error::msg)?;
+                                tasks.spawn(store.watch(metrics.clone(), cancel.clone()));
+                                Some(acceptor)
+                            }
+                            _ if l.protocol == TurnTransport::Tls => {
+                                anyhow::bail!(
+                                    "turn.listeners[{idx}]: a tls listener needs cert and key"
+                                )
+                            }
+                            _ => None,
+                        };
                         let listener = TcpListener::bind(l.listen).await.with_context(|| {
-                            format!("turn.listeners[{idx}]: bind tcp {}", l.listen)
+                            format!("turn.listeners[{idx}]: bind {} {}", l.protocol, l.listen)
                         })?;
                         let (t, closed) = TcpTransport::start(
                             listener,
@@ -183,6 +203,10 @@ impl TurnService {
                             Arc::clone(&core.tcp_log),
                             Arc::clone(&tcp_limit),
                             Arc::clone(&trimmer),
+                            TcpOptions {
+                                tls,
+                                accept_proxy: l.accept_proxy_protocol,
+                            },
                         )?;
                         let local = t.local_addr()?;
                         (
@@ -313,7 +337,7 @@ impl TurnService {
     }
 
     /// The bound address of every listener, in configuration order (useful with port 0).
-    pub fn local_addrs(&self) -> Vec<(Protocol, SocketAddr)> {
+    pub fn local_addrs(&self) -> Vec<(TurnTransport, SocketAddr)> {
         self.listeners
             .iter()
             .map(|l| (l.protocol, l.local))
@@ -345,17 +369,24 @@ mod tests {
             public_address: "127.0.0.1".into(),
             listeners: vec![
                 TurnListenerConfig {
-                    protocol: Protocol::Udp,
+                    protocol: TurnTransport::Udp,
                     listen: "0.0.0.0:3478".parse().unwrap(),
+                    cert: None,
+                    key: None,
+                    accept_proxy_protocol: false,
                 },
                 TurnListenerConfig {
-                    protocol: Protocol::Tcp,
+                    protocol: TurnTransport::Tcp,
                     listen: "0.0.0.0:3478".parse().unwrap(),
+                    cert: None,
+                    key: None,
+                    accept_proxy_protocol: false,
                 },
             ],
             auth: crate::config::TurnAuthConfig {
                 kind: crate::config::TurnAuthType::Ephemeral,
                 secret: Some("s".into()),
+                secrets: vec![],
                 ttl: crate::config::Dur(Duration::from_secs(60)),
                 users: vec![],
             },
@@ -371,6 +402,7 @@ mod tests {
                 max_tcp_connections: tcp,
                 ..QuotaConfig::default()
             },
+            ice: Default::default(),
         }
     }
 

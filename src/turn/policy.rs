@@ -452,6 +452,8 @@ mod tests {
             session: Default::default(),
             max_connections: 10_000,
             offload: Default::default(),
+            proxy_protocol: None,
+            accept_proxy_protocol: false,
         }
     }
 

@@ -62,7 +62,7 @@ use super::relay::{RelayFactory, RelayState};
 use super::table::{AllocMeta, Allocations, Refusal};
 use super::transport::TcpTransport;
 use super::wire::{self, Kind};
-use crate::config::Protocol;
+use crate::config::{Protocol, TurnTransport};
 
 /// RFC 8656 §7.2: default allocation lifetime.
 pub(crate) const DEFAULT_LIFETIME: u32 = 600;
@@ -148,7 +148,7 @@ struct Authed {
 /// One TURN listener: its transport, its allocation manager and its request loop.
 pub(crate) struct Listener {
     pub(crate) idx: usize,
-    pub(crate) protocol: Protocol,
+    pub(crate) protocol: TurnTransport,
     pub(crate) local: SocketAddr,
     core: Arc<Core>,
     conn: Arc<dyn Conn + Send + Sync>,
@@ -182,7 +182,7 @@ impl Listener {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         idx: usize,
-        protocol: Protocol,
+        protocol: TurnTransport,
         local: SocketAddr,
         core: Arc<Core>,
         conn: Arc<dyn Conn + Send + Sync>,
@@ -224,7 +224,7 @@ impl Listener {
             let (n, src) = match received {
                 Ok(v) => v,
                 Err(e) => {
-                    if self.protocol == Protocol::Tcp {
+                    if self.protocol.base() == Protocol::Tcp {
                         break; // the TCP transport only fails when it is shut down
                     }
                     if self.core.misc_log.allow() {
@@ -458,7 +458,7 @@ impl Listener {
             self.challenge(m, src, 438, "Stale Nonce").await;
             return None;
         }
-        let key = match self.core.auth.key(&username.text, &realm.text, now) {
+        let keys = match self.core.auth.keys(&username.text, &realm.text, now) {
             Ok(k) => k,
             Err(reason) => {
                 self.auth_failed(reason, &username.text, src);
@@ -467,11 +467,15 @@ impl Listener {
             }
         };
         let mi_len_ok = m.get(ATTR_MESSAGE_INTEGRITY).is_ok_and(|v| v.len() == 20);
-        if !mi_len_ok || MessageIntegrity(key.clone()).check(m).is_err() {
+        // With several secrets (rotation) any of them may have signed the credential.
+        let matching = keys
+            .into_iter()
+            .find(|k| mi_len_ok && MessageIntegrity(k.clone()).check(m).is_ok());
+        let Some(key) = matching else {
             self.auth_failed(AuthFailure::WrongPassword, &username.text, src);
             self.challenge(m, src, 401, "Unauthorized").await;
             return None;
-        }
+        };
         Some(Authed {
             username: username.text,
             key,

@@ -19,6 +19,11 @@
 //! `mediagate_turn_tcp_closed_total{reason}`. After many connections closed, freed heap
 //! memory is given back to the OS (`trim`).
 //!
+//! A `tls` listener is a [`TcpTransport`] whose connections first complete a TLS
+//! handshake (within 10 s, else closed and counted as `tls_handshake`); with
+//! `accept_proxy_protocol` each connection must first send a PROXY v2 header (within 5 s,
+//! else `proxy_header`), whose source address then stands for the client everywhere.
+//!
 //! Both count the relayed payload they carry to clients and never fail a send towards
 //! the crate (the crate would log every failure); failures are counted instead.
 //! `close()` is a no-op because the crate closes the listener connection whenever one
@@ -31,10 +36,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Mutex, Semaphore, mpsc};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use webrtc_util::Conn;
@@ -140,6 +146,15 @@ struct Writer {
 
 type Writers = Arc<RwLock<HashMap<SocketAddr, Writer>>>;
 
+/// How connections of a TCP listener start: TLS and/or a PROXY v2 header first.
+#[derive(Clone, Default)]
+pub(crate) struct TcpOptions {
+    /// `tls` listener: the handshake comes first (after the PROXY header, if any).
+    pub(crate) tls: Option<TlsAcceptor>,
+    /// `accept_proxy_protocol`: a PROXY v2 header is required first.
+    pub(crate) accept_proxy: bool,
+}
+
 /// A TCP listener seen as one packet connection.
 pub(crate) struct TcpTransport {
     local: SocketAddr,
@@ -152,6 +167,7 @@ impl TcpTransport {
     /// Starts accepting on `listener`; `limit` is shared by every TCP listener of the
     /// service (`turn.quota.max_tcp_connections`). Returns the transport and a channel that
     /// yields the remote address of every connection that closed.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         listener: TcpListener,
         metrics: TurnMetrics,
@@ -160,6 +176,7 @@ impl TcpTransport {
         log: Arc<RateLimit>,
         limit: Arc<Semaphore>,
         trimmer: Arc<Trimmer>,
+        options: TcpOptions,
     ) -> std::io::Result<(Arc<TcpTransport>, mpsc::UnboundedReceiver<SocketAddr>)> {
         let local = listener.local_addr()?;
         let (frames_tx, frames_rx) = mpsc::channel(1024);
@@ -209,8 +226,9 @@ impl TcpTransport {
                 };
                 let gauge = metrics.tcp_connections.clone();
                 let trimmer = Arc::clone(&trimmer);
+                let options = options.clone();
                 tracker.spawn(async move {
-                    conn.run(stream).await;
+                    conn.start(stream, options).await;
                     gauge.dec();
                     trimmer.closed();
                     drop(permit);
@@ -232,9 +250,61 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(self, stream: TcpStream) {
+    /// Reads the PROXY header and completes the TLS handshake as the listener requires,
+    /// then serves the connection.
+    async fn start(mut self, mut stream: TcpStream, options: TcpOptions) {
         let _ = stream.set_nodelay(true);
-        let (mut rd, mut wr) = stream.into_split();
+        if options.accept_proxy {
+            let header = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                h = crate::proxyproto::read_v2(&mut stream) => h,
+            };
+            match header {
+                Ok(Some(client)) => self.peer = client,
+                Ok(None) => {}
+                Err(e) => return self.refuse(TcpClose::ProxyHeader, &e.to_string()),
+            }
+            let taken = self
+                .writers
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&self.peer);
+            if taken {
+                return self.refuse(
+                    TcpClose::ProxyHeader,
+                    "the PROXY header's client address is already connected",
+                );
+            }
+        }
+        match options.tls {
+            None => self.run(stream).await,
+            Some(acceptor) => {
+                let hs = tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    r = tokio::time::timeout(super::tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => r,
+                };
+                match hs {
+                    Ok(Ok(tls)) => self.run(tls).await,
+                    Ok(Err(e)) => self.refuse(TcpClose::TlsHandshake, &e.to_string()),
+                    Err(_) => self.refuse(TcpClose::TlsHandshake, "handshake timed out"),
+                }
+            }
+        }
+    }
+
+    /// Counts and logs a connection closed before it was served.
+    fn refuse(&self, reason: TcpClose, why: &str) {
+        self.metrics.tcp_closed(reason).inc();
+        if self.log.allow() {
+            tracing::debug!(client = %self.peer, ?reason, error = %why, "TURN TCP connection refused");
+        }
+    }
+
+    async fn run<S>(self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (mut rd, mut wr) = tokio::io::split(stream);
         let (tx, mut rx) = mpsc::channel::<Bytes>(TCP_SEND_QUEUE);
         let allocated = Arc::new(AtomicBool::new(false));
         self.writers
@@ -280,9 +350,9 @@ impl Connection {
 
     /// Cuts the stream into frames until it ends; returns why the server closed it, if it
     /// did so on its own (limits and timeouts).
-    async fn read_frames(
+    async fn read_frames<R: AsyncRead + Unpin>(
         &self,
-        rd: &mut tokio::net::tcp::OwnedReadHalf,
+        rd: &mut R,
         allocated: &AtomicBool,
     ) -> Option<TcpClose> {
         let opened = Instant::now();

@@ -6,8 +6,8 @@
 #![allow(dead_code)]
 
 use mediagate::config::{
-    Dur, PortRange, Protocol, QuotaConfig, RelayConfig, TurnAuthConfig, TurnAuthType, TurnConfig,
-    TurnListenerConfig, TurnUser,
+    Dur, PortRange, QuotaConfig, RelayConfig, TurnAuthConfig, TurnAuthType, TurnConfig,
+    TurnListenerConfig, TurnTransport, TurnUser,
 };
 use mediagate::turn::{PeerPolicy, TurnMetrics, TurnService};
 use std::net::SocketAddr;
@@ -76,18 +76,25 @@ pub fn config(auth: Auth, peers: &[&str], quota: usize) -> TurnConfig {
         public_address: "127.0.0.1".into(),
         listeners: vec![
             TurnListenerConfig {
-                protocol: Protocol::Udp,
+                protocol: TurnTransport::Udp,
                 listen: "127.0.0.1:0".parse().unwrap(),
+                cert: None,
+                key: None,
+                accept_proxy_protocol: false,
             },
             TurnListenerConfig {
-                protocol: Protocol::Tcp,
+                protocol: TurnTransport::Tcp,
                 listen: "127.0.0.1:0".parse().unwrap(),
+                cert: None,
+                key: None,
+                accept_proxy_protocol: false,
             },
         ],
         auth: match auth {
             Auth::Static => TurnAuthConfig {
                 kind: TurnAuthType::Static,
                 secret: None,
+                secrets: vec![],
                 ttl: Dur(Duration::from_secs(3600)),
                 users: vec![TurnUser {
                     username: USER.into(),
@@ -97,6 +104,7 @@ pub fn config(auth: Auth, peers: &[&str], quota: usize) -> TurnConfig {
             Auth::Ephemeral => TurnAuthConfig {
                 kind: TurnAuthType::Ephemeral,
                 secret: Some(SECRET.into()),
+                secrets: vec![],
                 ttl: Dur(Duration::from_secs(3600)),
                 users: vec![],
             },
@@ -115,7 +123,95 @@ pub fn config(auth: Auth, peers: &[&str], quota: usize) -> TurnConfig {
             allocations_per_user: quota,
             ..QuotaConfig::default()
         },
+        ice: Default::default(),
     }
+}
+
+/// Adds a `tls` listener on an ephemeral port serving `cert` / `key`.
+pub fn add_tls(cfg: &mut TurnConfig, cert: &Path, key: &Path, accept_proxy_protocol: bool) {
+    cfg.listeners.push(TurnListenerConfig {
+        protocol: TurnTransport::Tls,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cert: Some(cert.to_path_buf()),
+        key: Some(key.to_path_buf()),
+        accept_proxy_protocol,
+    });
+}
+
+/// Writes a CA and a leaf certificate for `name` and 127.0.0.1 signed by it, with the
+/// openssl CLI; returns (leaf certificate, leaf key, CA certificate) paths.
+pub fn self_signed(dir: &Path, file: &str, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key, _) = cert_chain(dir, file, name);
+    (cert, key)
+}
+
+/// See [`self_signed`]; also returns the CA certificate.
+pub fn cert_chain(
+    dir: &Path,
+    file: &str,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let p = |s: &str| dir.join(format!("{file}{s}"));
+    let (ca, ca_key, csr, cert, key, ext) = (
+        p("-ca.crt"),
+        p("-ca.key"),
+        p(".csr"),
+        p(".crt"),
+        p(".key"),
+        p(".ext"),
+    );
+    std::fs::write(
+        &ext,
+        format!("subjectAltName=DNS:{name},IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"),
+    )
+    .unwrap();
+    let run = |args: Vec<String>| {
+        let out = std::process::Command::new("openssl")
+            .args(&args)
+            .output()
+            .expect("openssl runs (Debian package openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let s = |x: &Path| x.to_str().unwrap().to_string();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut a: Vec<String> = vec!["req".into(), "-x509".into()];
+    a.extend(ec.iter().map(|x| x.to_string()));
+    a.extend(["-days", "2", "-subj", &format!("/CN={file} test CA")].map(String::from));
+    a.extend(["-keyout".into(), s(&ca_key), "-out".into(), s(&ca)]);
+    run(a);
+    let mut a: Vec<String> = vec!["req".into()];
+    a.extend(ec.iter().map(|x| x.to_string()));
+    a.extend(["-subj".to_string(), format!("/CN={name}")]);
+    a.extend(["-keyout".into(), s(&key), "-out".into(), s(&csr)]);
+    run(a);
+    run(vec![
+        "x509".into(),
+        "-req".into(),
+        "-in".into(),
+        s(&csr),
+        "-CA".into(),
+        s(&ca),
+        "-CAkey".into(),
+        s(&ca_key),
+        "-CAcreateserial".into(),
+        "-days".into(),
+        "2".into(),
+        "-extfile".into(),
+        s(&ext),
+        "-out".into(),
+        s(&cert),
+    ]);
+    (cert, key, ca)
 }
 
 /// A running in-process gateway.
@@ -126,6 +222,8 @@ pub struct Gateway {
     pub cfg: TurnConfig,
     pub udp: SocketAddr,
     pub tcp: SocketAddr,
+    /// The `tls` listener, when the config has one.
+    pub tls: Option<SocketAddr>,
 }
 
 impl Gateway {
@@ -138,16 +236,11 @@ impl Gateway {
             .await
             .expect("TURN service starts");
         let addrs = svc.local_addrs();
-        let find = |p: Protocol| {
-            addrs
-                .iter()
-                .find(|(q, _)| *q == p)
-                .map(|(_, a)| *a)
-                .unwrap()
-        };
+        let find = |p: TurnTransport| addrs.iter().find(|(q, _)| *q == p).map(|(_, a)| *a);
         Gateway {
-            udp: find(Protocol::Udp),
-            tcp: find(Protocol::Tcp),
+            udp: find(TurnTransport::Udp).unwrap(),
+            tcp: find(TurnTransport::Tcp).unwrap(),
+            tls: find(TurnTransport::Tls),
             svc,
             metrics,
             policy,

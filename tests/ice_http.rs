@@ -1,0 +1,182 @@
+//! `GET /ice` as a drop-in for STUNner's auth service, against the real binary: its query
+//! parameters are honoured or refused with 400; `turns:` URLs appear for a tls listener;
+//! `turn.ice.token` opens `/ice` (and only `/ice`) besides the admin token; CORS origins
+//! from `turn.ice.cors_origins` get the headers and an answered preflight, others do not;
+//! credentials signed with the first of `turn.auth.secrets`.
+
+mod common;
+mod turn_support;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// One request; returns (status, lower-cased head, body).
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    (code, head.to_ascii_lowercase(), body.to_string())
+}
+
+#[test]
+fn ice_speaks_stunners_parameters_with_cors_and_its_own_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = turn_support::self_signed(dir.path(), "server", "turn.test");
+    let admin = free_tcp_port();
+    let (udp, tls) = (free_udp_port(), free_tcp_port());
+    let relay = 40_000 + (admin + 300) % 20_000;
+    let yaml = format!(
+        r#"
+admin: {{ listen: "127.0.0.1:{admin}", token: admin-token }}
+turn:
+  public_address: 127.0.0.1
+  listeners:
+    - {{ protocol: udp, listen: "127.0.0.1:{udp}" }}
+    - {{ protocol: tls, listen: "127.0.0.1:{tls}", cert: "{}", key: "{}" }}
+  auth: {{ type: ephemeral, secrets: [new-secret, old-secret], ttl: 1h }}
+  relay: {{ address: 127.0.0.1, port_range: {relay}-{}, peers: ["127.0.0.1/32"] }}
+  ice:
+    cors_origins: ["https://app.example"]
+    token: ice-token
+"#,
+        cert.display(),
+        key.display(),
+        relay + 20
+    );
+    let b = Balancer::start(&yaml, admin);
+    let ice_auth = [("Authorization", "Bearer ice-token")];
+
+    // The /ice token and the admin token both work; nothing else does.
+    let (code, _, _) = request(b.admin, "GET", "/ice", &[]);
+    assert_eq!(code, 401);
+    let (code, _, _) = request(b.admin, "GET", "/ice", &[("Authorization", "Bearer nope")]);
+    assert_eq!(code, 401);
+    let (code, _, _) = request(
+        b.admin,
+        "GET",
+        "/ice",
+        &[("Authorization", "Bearer admin-token")],
+    );
+    assert_eq!(code, 200);
+    // The /ice token opens nothing else.
+    let (code, _, _) = request(b.admin, "POST", "/reload", &ice_auth);
+    assert_eq!(code, 401);
+
+    // STUNner's parameters, honoured.
+    let (code, _, body) = request(
+        b.admin,
+        "GET",
+        "/ice?service=turn&username=bob&ttl=600&iceTransportPolicy=all",
+        &ice_auth,
+    );
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["iceTransportPolicy"], "all");
+    let urls = v["iceServers"][0]["urls"].as_array().unwrap();
+    assert!(urls.contains(&serde_json::json!(format!(
+        "turn:127.0.0.1:{udp}?transport=udp"
+    ))));
+    assert!(urls.contains(&serde_json::json!(format!(
+        "turns:127.0.0.1:{tls}?transport=tcp"
+    ))));
+    let user = v["iceServers"][0]["username"].as_str().unwrap();
+    assert!(user.ends_with(":bob"), "{user}");
+    let expiry: u64 = user.split(':').next().unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(expiry > now + 590 && expiry <= now + 601, "ttl honoured");
+    assert_eq!(
+        v["iceServers"][0]["credential"],
+        mediagate::turn::ephemeral_password("new-secret", user),
+        "the first secret signs"
+    );
+    let (code, _, body) = request(b.admin, "GET", "/ice?listener=tls", &ice_auth);
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        !body.contains("transport=udp") && body.contains("turns:"),
+        "{body}"
+    );
+
+    // Parameters it cannot honour are refused, never ignored.
+    for q in [
+        "service=stun",
+        "namespace=stunner",
+        "gateway=udp-gateway",
+        "iceTransportPolicy=none",
+        "ttl=86400",
+        "colour=blue",
+        "listener=dtls",
+    ] {
+        let (code, _, body) = request(b.admin, "GET", &format!("/ice?{q}"), &ice_auth);
+        assert_eq!(code, 400, "{q}: {body}");
+    }
+
+    // CORS: the allowed origin gets the headers and its preflight; another origin not.
+    let (code, head, _) = request(
+        b.admin,
+        "OPTIONS",
+        "/ice",
+        &[
+            ("Origin", "https://app.example"),
+            ("Access-Control-Request-Method", "GET"),
+            ("Access-Control-Request-Headers", "authorization"),
+        ],
+    );
+    assert_eq!(code, 204, "{head}");
+    assert!(
+        head.contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-headers: authorization"),
+        "{head}"
+    );
+    let (code, head, _) = request(
+        b.admin,
+        "GET",
+        "/ice",
+        &[("Origin", "https://app.example"), ice_auth[0]],
+    );
+    assert_eq!(code, 200);
+    assert!(
+        head.contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+    let (code, head, _) = request(
+        b.admin,
+        "OPTIONS",
+        "/ice",
+        &[("Origin", "https://evil.example")],
+    );
+    assert_eq!(code, 403);
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+    let (_, head, _) = request(
+        b.admin,
+        "GET",
+        "/ice",
+        &[("Origin", "https://evil.example"), ice_auth[0]],
+    );
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+}

@@ -512,8 +512,10 @@ upstreams:
         conns.len(),
         t.elapsed()
     );
+    // 64 admitted, up to 8 evicted ones still closing, and a few short-lived descriptors
+    // of the balancer's own (a probe's socket, a timer): far from the 10,000 offered.
     assert!(
-        during.fds <= before.fds + 64 + 8,
+        during.fds <= before.fds + 64 + 8 + 4,
         "the balancer held at most max_connections: before {before:?} during {during:?}"
     );
     // A partial request is closed after the header timeout too.

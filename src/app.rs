@@ -1,7 +1,7 @@
 //! Wires everything together: builds upstream controllers and listeners from a validated
 //! configuration, serves the admin API, gates traffic on the first probe round, applies
-//! reloads as a transaction (SPEC §8, [`reload`]) and runs the graceful shutdown of
-//! SPEC §11.
+//! reloads as a transaction ([`reload`]) and runs the graceful shutdown (drain, then
+//! stop).
 
 mod reload;
 
@@ -199,7 +199,7 @@ impl App {
             tasks.push(tokio::spawn(state.clone().follow_upstreams_for_turn()));
         }
 
-        // SPEC §5: the first probe round completes before listeners accept traffic.
+        // The first probe round completes before listeners accept traffic.
         for u in state.upstreams.load().values() {
             u.wait_ready().await;
         }
@@ -232,7 +232,7 @@ impl App {
         })
     }
 
-    /// Graceful shutdown (SPEC §11): not ready, stop accepting, refuse new UDP sessions,
+    /// Graceful shutdown: not ready, stop accepting, refuse new UDP sessions,
     /// let existing sessions finish until `drain_timeout` or `force` fires, then stop.
     pub async fn shutdown(self, force: impl std::future::Future<Output = ()>) {
         let st = &self.state;

@@ -1,4 +1,4 @@
-//! `mediagate demo`: a self-contained failover showcase on loopback (SPEC §2).
+//! `mediagate demo`: a self-contained failover showcase on loopback.
 //!
 //! Two embedded UDP echo workers (primary, backup), the real balancer with 100 ms probes
 //! in front of them, and 20 synthetic media flows. The demo kills the primary, then

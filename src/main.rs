@@ -1,4 +1,4 @@
-//! The `mediagate` command line (SPEC §2). Only argument handling lives here.
+//! The `mediagate` command line. Only argument handling lives here.
 
 use clap::{Args, Parser, Subcommand};
 use mediagate::admin::client::{self, DEFAULT_ADMIN};

@@ -1,4 +1,4 @@
-//! Prometheus metrics (SPEC §10) on one prometheus-client registry.
+//! Prometheus metrics on one prometheus-client registry.
 //!
 //! Label values are resolved once, when a listener or server is created: the data plane
 //! holds plain `Counter`/`Gauge` handles (one atomic each) and never builds a label set

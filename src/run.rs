@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 /// How often the config file is checked for changes.
 const FILE_POLL: Duration = Duration::from_secs(1);
 
-/// Runs until a termination signal, then drains (SPEC §11).
+/// Runs until a termination signal, then drains.
 ///
 /// Reloads run in their own task, one at a time: signals are read all the while, so
 /// SIGTERM starts the shutdown even while a reload is in progress (the reload is

@@ -1,4 +1,4 @@
-//! The admin HTTP API (SPEC §9, axum): health, readiness, metrics, status and the POST
+//! The admin HTTP API (axum, see docs/admin-api.md): health, readiness, metrics, status and the POST
 //! endpoints that send commands to upstream controllers. It only reads snapshots and sends
 //! messages; it never sits on the data path.
 
@@ -305,7 +305,7 @@ async fn ice_preflight(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
 }
 
 /// `GET /ice?service=turn&username=U&ttl=SECONDS&iceTransportPolicy=relay&listener=L`: a
-/// browser-ready ICE configuration (SPEC §7; STUNner's auth-service parameters, see
+/// browser-ready ICE configuration (STUNner's auth-service parameters, see
 /// `turn::IceRequest`). When `admin.token` or `turn.ice.token` is set, a bearer token is
 /// needed and either one is accepted.
 async fn ice(

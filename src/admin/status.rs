@@ -1,4 +1,4 @@
-//! The `/status` document (SPEC §9). Field names are a contract: add, never rename.
+//! The `/status` document. Field names are a contract: add, never rename.
 
 use crate::app::AppState;
 use crate::upstream::state::{Event, serialize_time};

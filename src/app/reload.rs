@@ -1,4 +1,4 @@
-//! Reload as a transaction (SPEC §8): SIGHUP, a file change or `POST /reload`.
+//! Reload as a transaction: SIGHUP, a file change or `POST /reload`.
 //!
 //! [`AppState::reload`] reads and validates the file; [`AppState::prepare`] then builds
 //! everything the new configuration needs *next to* the running one: its discovery
@@ -242,7 +242,7 @@ impl AppState {
             p.listeners.push(rt);
         }
 
-        // SPEC §5 for new upstreams: their first probe round before they route anything.
+        // For new upstreams too: their first probe round before they route anything.
         for u in &p.started {
             u.wait_ready().await;
         }

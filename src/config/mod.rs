@@ -1,6 +1,6 @@
 //! Configuration: the file's types (`types`), loading with `${VAR}` expansion and
-//! positions (`load`, over the positioned YAML tree of `yaml`), and the semantic checks
-//! of SPEC §3 (`validate`).
+//! positions (`load`, over the positioned YAML tree of `yaml`), the semantic checks
+//! (`validate`) and the key reference (`reference`).
 
 pub mod cluster;
 pub mod events;

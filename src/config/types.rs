@@ -1,4 +1,4 @@
-//! The configuration file's shape (SPEC §3), as serde types with their defaults.
+//! The configuration file's shape, as serde types with their defaults.
 //!
 //! Every struct rejects unknown keys so that a typo fails `mediagate check` instead of
 //! silently falling back to a default. Values that need parsing beyond serde (addresses,
@@ -332,7 +332,7 @@ impl<'de> Deserialize<'de> for ListenAddr {
     }
 }
 
-/// Selection policy within the active tier (SPEC §4).
+/// Selection policy within the active tier.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
@@ -359,7 +359,7 @@ impl Balance {
     }
 }
 
-/// What happens when a higher-priority server becomes eligible again (SPEC §4).
+/// What happens when a higher-priority server becomes eligible again.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Failback {
@@ -485,7 +485,7 @@ impl HealthType {
     }
 }
 
-/// `upstreams.NAME.health:` (SPEC §5).
+/// `upstreams.NAME.health:`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
@@ -689,7 +689,7 @@ impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         let bad = || serde::de::Error::custom(format!("invalid duration {s:?}"));
-        // humantime accepts "10 ms"; the SPEC writes a number and its unit together and
+        // humantime accepts "10 ms"; the documented syntax writes a number and its unit together and
         // calls "10 ms" invalid. Spaces between whole terms ("2m 30s") stay allowed.
         let t = s.trim();
         if t.as_bytes()
@@ -710,7 +710,7 @@ impl fmt::Display for Dur {
     }
 }
 
-/// `turn:` — the gateway's own STUN/TURN service (SPEC §7).
+/// `turn:` — the gateway's own STUN/TURN service.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TurnConfig {

@@ -1,9 +1,9 @@
-//! Semantic checks of a parsed [`Config`] (SPEC §3): everything serde cannot see, such as
+//! Semantic checks of a parsed [`Config`]: everything serde cannot see, such as
 //! names that must match, addresses that must not collide and settings that only make
 //! sense together. Plain synchronous code; every problem is reported, not just the first.
 //!
 //! Deliberate choices, as operators should know them:
-//! - `health.timeout` may equal `interval` (SPEC says `timeout >= interval` is an error):
+//! - `health.timeout` may equal `interval` (the original contract called `timeout >= interval` an error):
 //!   probes of one server run one after another, so a probe that uses its whole interval
 //!   never overlaps the next one. Only `timeout > interval` is refused.
 //! - `log.level` is a level (`trace`..`error`, or `off`) or an EnvFilter-style list of

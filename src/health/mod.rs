@@ -1,4 +1,4 @@
-//! Health probing (SPEC §5): the probe trait, one file per probe type, the per-server
+//! Health probing: the probe trait, one file per probe type, the per-server
 //! state machine (`state`), and the prober task that runs a probe on its own timer.
 //!
 //! A probe answers one question — is this target healthy right now? — and knows nothing
@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 
 /// Why a server was marked down (or left the active set). The strings are the
-/// `reason` label values of SPEC §10.
+/// `reason` label values of `mediagate_failovers_total` (docs/metrics.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
     ProbeFailed,

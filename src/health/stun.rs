@@ -1,4 +1,4 @@
-//! STUN Binding probe (SPEC §5 `type: stun`): sends an RFC 5389 Binding request over UDP
+//! STUN Binding probe (`type: stun`): sends an RFC 5389 Binding request over UDP
 //! and is healthy on a Binding success response carrying our transaction id.
 //!
 //! The request is encoded with the `stun` crate (webrtc-rs, the TURN service's own STUN

@@ -1,4 +1,4 @@
-//! TCP connect probe (SPEC §5 `type: tcp`): the target is healthy when a TCP handshake
+//! TCP connect probe (`type: tcp`): the target is healthy when a TCP handshake
 //! completes. Also home of the connect-error mapping the HTTP probe reuses.
 
 use super::{CheckFuture, HealthCheck, ProbeError, Reason};

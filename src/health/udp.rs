@@ -1,4 +1,4 @@
-//! UDP request/reply probe (SPEC §5 `type: udp`), plus the connected-socket plumbing it
+//! UDP request/reply probe (`type: udp`), plus the connected-socket plumbing it
 //! shares with the STUN probe.
 //!
 //! Every check uses a fresh ephemeral socket that is `connect`ed to the target. That buys

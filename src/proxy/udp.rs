@@ -1,4 +1,4 @@
-//! The UDP proxy: where a client datagram goes (SPEC §4, §6).
+//! The UDP proxy: where a client datagram goes.
 //!
 //! Each UDP listener runs `workers` threads. Every thread has its own `SO_REUSEPORT`
 //! socket on each listen port (the kernel spreads clients over them by 4-tuple hash, so a

@@ -1,4 +1,4 @@
-//! Browser-ready ICE configurations (SPEC §7, `GET /ice` and `mediagate ice`), in the
+//! Browser-ready ICE configurations (`GET /ice` and `mediagate ice`), in the
 //! shape STUNner's auth service returns:
 //! `{"iceServers":[{"urls":[...],"username":"...","credential":"..."}],"iceTransportPolicy":"relay"}`.
 //!

@@ -1,4 +1,4 @@
-//! TURN metrics (SPEC §10), registered under their full names in the process registry.
+//! TURN metrics, registered under their full names in the process registry.
 //!
 //! Label sets are resolved once here; the packet paths only touch pre-resolved counter
 //! handles. prometheus-client writes OpenMetrics, where a counter family `X` is exposed

@@ -1,4 +1,4 @@
-//! STUN/TURN service (SPEC §7): clients behind NATs reach the media workers through the
+//! STUN/TURN service: clients behind NATs reach the media workers through the
 //! gateway's public port, as with STUNner.
 //!
 //! Built on the `turn` crate (webrtc-rs): its allocation manager owns relay sockets,

@@ -1,4 +1,4 @@
-//! Peer policy: who the TURN relay may send to (SPEC §7, "no open relay").
+//! Peer policy: who the TURN relay may send to ("no open relay").
 //!
 //! `relay.peers` lists `upstreams` (the IP of every server of every upstream, any port),
 //! `self` (relayed addresses of other allocations on this gateway: headless mode) and

@@ -4,7 +4,7 @@
 //! lifetimes, permissions and channel bindings with their timers, and the peer → client
 //! direction) and handles the data path (ChannelData, Send indications) and Binding
 //! requests. This loop sees every packet first and handles the authenticated TURN methods
-//! itself, because the crate offers no hook for what SPEC §7 needs there:
+//! itself, because the crate offers no hook for what the service needs there:
 //!
 //! - long-term authentication with stateless nonces; wrong or expired credentials get
 //!   401 (the crate answers 400) and are counted;

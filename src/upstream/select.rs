@@ -1,4 +1,4 @@
-//! Balancing policies (SPEC §4) as pure functions: given the candidates of the active set,
+//! Balancing policies as pure functions: given the candidates of the active set,
 //! in priority order, pick one for a new session.
 //!
 //! `hash` uses rendezvous (highest-random-weight) hashing of the client IP and the server's

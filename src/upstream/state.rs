@@ -1,5 +1,5 @@
 //! The control logic of one upstream, as plain synchronous code: per-server health and
-//! admin state in, active set, evictions and failover/failback events out (SPEC §4).
+//! admin state in, active set, evictions and failover/failback events out.
 //!
 //! Every input (`probe_result`, `passive_failure`, `set_admin`, `manual_failback`, `tick`)
 //! returns a [`Step`] saying what the controller must do: publish a new snapshot, evict
@@ -16,13 +16,13 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-/// Events kept per upstream (SPEC §4).
+/// Events kept per upstream.
 pub const EVENTS_KEPT: usize = 100;
 
 /// How long a passively failed server of a probe-less (`type: none`) upstream stays down.
 pub const PASSIVE_RECOVERY: Duration = Duration::from_secs(10);
 
-/// Operator-set state of a server (SPEC §4, §9).
+/// Operator-set state of a server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AdminState {
@@ -351,7 +351,7 @@ impl UpstreamState {
             .position(|e| Arc::ptr_eq(&e.handle, handle))
     }
 
-    /// Whether every server has been probed once (readiness, SPEC §5).
+    /// Whether every server has been probed once (readiness).
     pub fn first_round_done(&self) -> bool {
         self.first_round_done
     }

@@ -31,11 +31,21 @@ fn dnsmasq_path() -> PathBuf {
     }
 }
 
-/// A loopback port free for both UDP and TCP (dnsmasq serves both).
+/// A loopback port free for both UDP and TCP (dnsmasq serves both), below the ephemeral
+/// range: the nameserver is killed and restarted on the same port, and in between no
+/// other test's ephemeral socket may take it.
 fn free_dns_port() -> u16 {
-    for _ in 0..50 {
-        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-        let port = udp.local_addr().expect("local addr").port();
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as u64)
+            .unwrap_or(0);
+    for i in 0..200u64 {
+        let port =
+            12_000 + ((seed.wrapping_mul(2_654_435_761).wrapping_add(i * 7_919)) % 7_000) as u16;
+        let Ok(_udp) = UdpSocket::bind(("127.0.0.1", port)) else {
+            continue;
+        };
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }

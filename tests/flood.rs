@@ -38,14 +38,10 @@ struct Usage {
 
 fn usage(b: &Balancer) -> Usage {
     let pid = b.proc.child.id();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    Usage { rss_kib, fds }
+    Usage {
+        rss_kib: rss_kib(pid),
+        fds: open_fds(pid),
+    }
 }
 
 /// Sum of every sample of `metrics` whose line starts with `prefix`.
@@ -55,45 +51,6 @@ fn metric(metrics: &str, prefix: &str) -> f64 {
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// Polls `/healthz` every 50 ms on its own thread; records failures and the slowest answer.
-struct HealthWatch {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<(u64, u64, Duration)>>,
-}
-
-impl HealthWatch {
-    fn start(admin: SocketAddr) -> HealthWatch {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let (mut ok, mut failed, mut slowest) = (0u64, 0u64, Duration::ZERO);
-            while !s.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                match http(admin, "GET", "/healthz", None) {
-                    Ok((200, _)) => ok += 1,
-                    other => {
-                        eprintln!("/healthz: {other:?}");
-                        failed += 1;
-                    }
-                }
-                slowest = slowest.max(t.elapsed());
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            (ok, failed, slowest)
-        });
-        HealthWatch {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// (answered, failed, slowest answer).
-    fn finish(mut self) -> (u64, u64, Duration) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().unwrap().join().unwrap()
-    }
 }
 
 /// Sends `payload` to `dst` from `src` (any 127/8 address: all of it is local on Linux)
@@ -234,7 +191,7 @@ async fn run_flood(
     // Let the probes run through the aftermath (the flood's sessions still held).
     tokio::time::sleep(Duration::from_millis(700)).await;
     let end = flows.finish(Duration::from_millis(300)).await;
-    let health = watch.finish();
+    let health = watch.finish().counts();
     let lost = start
         .iter()
         .zip(&end)
@@ -446,7 +403,7 @@ upstreams:
         .map(|(s, e)| e.lost_between(s.sent, e.sent))
         .sum();
     assert_eq!(lost, 0, "existing flows lost nothing");
-    let (answered, failed, _) = watch.finish();
+    let (answered, failed, _) = watch.finish().counts();
     assert!(answered > 5 && failed == 0);
     assert_no_server_down(&b);
 }
@@ -546,7 +503,7 @@ upstreams:
         after = usage(&b);
         after.fds <= before.fds + 4
     });
-    let (answered, failed, slowest) = watch.finish();
+    let (answered, failed, slowest) = watch.finish().counts();
     eprintln!(
         "admin slowloris: after {after:?}; /healthz ok {answered} failed {failed} slowest {slowest:?}"
     );
@@ -643,7 +600,7 @@ upstreams:
     stop.store(true, Ordering::Relaxed);
     pinger.join().expect("active connection");
     assert!(echoed.load(Ordering::Relaxed) >= 10);
-    let (answered, failed, _) = watch.finish();
+    let (answered, failed, _) = watch.finish().counts();
     eprintln!("tcp slowloris: after {after:?}; /healthz ok {answered} failed {failed}");
     assert!(answered > 5 && failed == 0);
     let m = b.metrics();

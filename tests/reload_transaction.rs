@@ -11,51 +11,7 @@ use common::*;
 use mediagate::flows::Flows;
 use nix::sys::signal::Signal;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-
-/// Polls `/healthz` every 50 ms on its own thread; [`Healthz::finish`] returns the
-/// failures and the slowest answer.
-struct Healthz {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<(Vec<String>, Duration, usize)>,
-}
-
-impl Healthz {
-    fn watch(admin: SocketAddr) -> Healthz {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let (mut failures, mut slowest, mut polls) = (Vec::new(), Duration::ZERO, 0);
-            while !flag.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                match http(admin, "GET", "/healthz", None) {
-                    Ok((200, _)) => {}
-                    other => failures.push(format!("{other:?}")),
-                }
-                slowest = slowest.max(t.elapsed());
-                polls += 1;
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            (failures, slowest, polls)
-        });
-        Healthz { stop, thread }
-    }
-
-    /// Stops polling and asserts every poll was answered (200) within 3 s.
-    fn finish(self, what: &str) {
-        self.stop.store(true, Ordering::Relaxed);
-        let (failures, slowest, polls) = self.thread.join().expect("healthz thread");
-        eprintln!("{what}: /healthz polled {polls} times, slowest {slowest:?}");
-        assert!(failures.is_empty(), "{what}: /healthz failed: {failures:?}");
-        assert!(polls > 0, "{what}: /healthz never polled");
-        assert!(
-            slowest < Duration::from_secs(3),
-            "{what}: /healthz took {slowest:?}"
-        );
-    }
-}
 
 fn post_reload(b: &Balancer) -> (u16, String) {
     http(b.admin, "POST", "/reload", None).expect("POST /reload")
@@ -155,7 +111,7 @@ listeners:
         flows.snapshot().iter().all(|f| f.received > 5)
     })
     .await;
-    let health = Healthz::watch(b.admin);
+    let health = HealthWatch::start(b.admin);
     let before = flows.snapshot();
     let listeners_before = listeners(&b);
     let servers_before = servers(&b, "media");
@@ -218,7 +174,7 @@ listeners:
         "served on the new port",
     )
     .await;
-    health.finish("taken port");
+    health.finish().assert_healthy("taken port");
 }
 
 /// Runs `mediagate run -c config` with RLIMIT_NOFILE set to `nofile` (soft and hard, so
@@ -247,12 +203,6 @@ fn free_udp_range(count: u16) -> u16 {
         return first;
     }
     panic!("no free range of {count} UDP ports");
-}
-
-fn open_fds(pid: nix::unistd::Pid) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,7 +260,7 @@ listeners:
     })
     .await;
     let fds_before = open_fds(b.proc.pid());
-    let health = Healthz::watch(b.admin);
+    let health = HealthWatch::start(b.admin);
     let before = flows.snapshot();
     let listeners_before = listeners(&b);
 
@@ -361,7 +311,7 @@ listeners:
     assert_eq!(code, 200, "{body}");
     new_client_served(target, "a new client after the good reloads").await;
     assert_eq!(listeners(&b), listeners_before);
-    health.finish("fd exhaustion");
+    health.finish().assert_healthy("fd exhaustion");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -402,7 +352,7 @@ upstreams:
         flows.snapshot().iter().all(|f| f.received > 5)
     })
     .await;
-    let health = Healthz::watch(b.admin);
+    let health = HealthWatch::start(b.admin);
     let before = flows.snapshot();
 
     let timed_reload = |what: &str| {
@@ -455,7 +405,7 @@ upstreams:
     let lost = lost_since(&before, &flows);
     eprintln!("10k reloads: {lost} datagrams lost by the live flows");
     assert_eq!(lost, 0);
-    health.finish("10k servers");
+    health.finish().assert_healthy("10k servers");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -509,7 +459,7 @@ listeners:
         flows.snapshot().iter().all(|f| f.received > 5)
     })
     .await;
-    let health = Healthz::watch(b.admin);
+    let health = HealthWatch::start(b.admin);
     // SIGHUP starts the reload (the signal loop itself ran reloads before the fix).
     let ok = reloads(&b, "ok");
     std::fs::write(&b.config, config(true)).expect("write");
@@ -518,7 +468,7 @@ listeners:
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(reloads(&b, "ok"), ok, "the reload is still in progress");
     assert_eq!(listeners(&b).len(), 1, "nothing of it is visible yet");
-    health.finish("before SIGTERM");
+    health.finish().assert_healthy("before SIGTERM");
     let t = Instant::now();
     b.proc.signal(Signal::SIGTERM);
     let code = b.proc.wait_exit(Duration::from_secs(6));
@@ -579,7 +529,7 @@ upstreams:
         flows.snapshot().iter().all(|f| f.received > 5)
     })
     .await;
-    let health = Healthz::watch(b.admin);
+    let health = HealthWatch::start(b.admin);
     let before = flows.snapshot();
     for (i, idle) in ["30s", "45s", "60s"].iter().enumerate() {
         // The sockets never close. A datagram the old listener forwarded just before it
@@ -618,5 +568,5 @@ upstreams:
         after.iter().all(|f| f.received > before[0].received + 20),
         "every flow kept flowing"
     );
-    health.finish("changed listener");
+    health.finish().assert_healthy("changed listener");
 }

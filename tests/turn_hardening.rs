@@ -9,8 +9,6 @@ mod turn_support;
 
 use common::*;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use stun::attributes::*;
 use stun::message::*;
@@ -117,67 +115,6 @@ fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or(0.0)
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
-fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// Polls `/healthz` every 100 ms on a thread until dropped; counts failures.
-struct HealthWatch {
-    stop: Arc<AtomicBool>,
-    failures: Arc<AtomicU64>,
-    probes: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl HealthWatch {
-    fn start(admin: SocketAddr) -> HealthWatch {
-        let stop = Arc::new(AtomicBool::new(false));
-        let failures = Arc::new(AtomicU64::new(0));
-        let probes = Arc::new(AtomicU64::new(0));
-        let (s, f, p) = (stop.clone(), failures.clone(), probes.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                let ok = matches!(http(admin, "GET", "/healthz", None), Ok((200, _)));
-                p.fetch_add(1, Ordering::Relaxed);
-                if !ok {
-                    f.fetch_add(1, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
-        HealthWatch {
-            stop,
-            failures,
-            probes,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops polling and asserts that every probe answered 200.
-    fn assert_healthy(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.join().expect("health thread");
-        }
-        let (f, p) = (
-            self.failures.load(Ordering::Relaxed),
-            self.probes.load(Ordering::Relaxed),
-        );
-        assert!(p > 0, "no /healthz probe ran");
-        assert_eq!(f, 0, "{f} of {p} /healthz probes failed during the attack");
-    }
 }
 
 /// The XOR-PEER-ADDRESS and DATA of a Data indication.
@@ -341,7 +278,7 @@ async fn relays_never_reach_the_gateways_own_ports() {
     );
 
     flow.check("after").await;
-    health.assert_healthy();
+    health.finish().assert_healthy("during the attack");
 }
 
 /// Raises RLIMIT_NOFILE (inherited by the balancer started afterwards) for 3,000+ sockets.
@@ -505,7 +442,7 @@ async fn partial_tcp_frames_are_bounded_and_freed() {
     assert_eq!(metric(&text, "mediagate_turn_tcp_connections"), 0.0);
 
     flow.check("after").await;
-    health.assert_healthy();
+    health.finish().assert_healthy("during the attack");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -547,7 +484,7 @@ async fn turn_tcp_connections_are_capped() {
     assert!(ok, "closed connections are released");
     let mut t = RawClient::tcp(g.turn, USER, PASSWORD).await;
     assert_eq!(code(&t.allocate().await), None);
-    health.assert_healthy();
+    health.finish().assert_healthy("during the attack");
 }
 
 /// EVEN-PORT with the R bit (reserve the next port too).
@@ -623,7 +560,7 @@ async fn even_port_reservations_count_against_the_quota_and_expire() {
         .request(METHOD_ALLOCATE, &[Attr::Transport(17), even_port_r()])
         .await;
     assert_eq!(code(&r), None, "{r}");
-    health.assert_healthy();
+    health.finish().assert_healthy("during the attack");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -672,5 +609,5 @@ async fn the_global_allocation_cap_answers_508() {
     );
     let r = c.allocate().await;
     assert_eq!(code(&r), None, "{r}");
-    health.assert_healthy();
+    health.finish().assert_healthy("during the attack");
 }

@@ -343,3 +343,103 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Open descriptors of process `pid` (0 once it is gone).
+pub fn open_fds(pid: impl std::fmt::Display) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: impl std::fmt::Display) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Polls `/healthz` every 50 ms on its own thread until [`HealthWatch::finish`].
+pub struct HealthWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<HealthReport>>,
+}
+
+/// What a [`HealthWatch`] saw.
+#[derive(Debug)]
+pub struct HealthReport {
+    pub ok: u64,
+    pub failures: Vec<String>,
+    pub slowest: Duration,
+}
+
+impl HealthWatch {
+    pub fn start(admin: SocketAddr) -> HealthWatch {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut r = HealthReport {
+                ok: 0,
+                failures: Vec::new(),
+                slowest: Duration::ZERO,
+            };
+            while !flag.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                match http(admin, "GET", "/healthz", None) {
+                    Ok((200, _)) => r.ok += 1,
+                    other => r.failures.push(format!("{other:?}")),
+                }
+                r.slowest = r.slowest.max(t.elapsed());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r
+        });
+        HealthWatch {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops polling; what was seen.
+    pub fn finish(mut self) -> HealthReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("running")
+            .join()
+            .expect("healthz thread")
+    }
+}
+
+impl Drop for HealthWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl HealthReport {
+    /// (answered, failed, slowest answer).
+    pub fn counts(&self) -> (u64, u64, Duration) {
+        (self.ok, self.failures.len() as u64, self.slowest)
+    }
+
+    /// Asserts `/healthz` was polled and answered 200 every time, within 3 s.
+    pub fn assert_healthy(&self, what: &str) {
+        eprintln!(
+            "{what}: /healthz answered {} times, slowest {:?}",
+            self.ok, self.slowest
+        );
+        assert!(
+            self.failures.is_empty(),
+            "{what}: /healthz failed: {:?}",
+            self.failures
+        );
+        assert!(self.ok > 0, "{what}: /healthz never polled");
+        assert!(
+            self.slowest < Duration::from_secs(3),
+            "{what}: /healthz took {:?}",
+            self.slowest
+        );
+    }
+}

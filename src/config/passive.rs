@@ -2,7 +2,8 @@
 //! a refused TCP connect must not fail over the UDP media of the same address when UDP
 //! is what the upstream is really about, and the other way round.
 
-use super::types::{Config, HealthType, PassiveScope, Protocol, UpstreamConfig};
+use super::health::HealthType;
+use super::types::{Config, PassiveScope, Protocol, UpstreamConfig};
 
 /// The protocols whose passive failures mark a server of one upstream down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -1,7 +1,7 @@
 //! The configuration reference: one row per key (path, type, default, meaning), printed by
 //! `mediagate config --reference` and committed as `docs/configuration.md`.
 //!
-//! The tests below keep the table and the serde types in `types.rs` in step: every field
+//! The tests below keep the table and the serde types of `config` in step: every field
 //! of every configuration struct must have a row, every row must be a field, and every
 //! written default must deserialize to the value the code uses when the key is absent.
 //! Adding a key means adding a serde field *and* a row here (then regenerating the doc).
@@ -225,7 +225,7 @@ pub fn markdown() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::types::*;
+    use crate::config::*;
     use serde::Deserialize;
     use serde::de::{self, Deserializer, Visitor};
     use std::collections::BTreeSet;

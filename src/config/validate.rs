@@ -11,10 +11,9 @@
 //! - Names of listeners and upstreams are limited to letters, digits, `.`, `-` and `_`,
 //!   as they appear in metrics labels and in admin URLs (`/upstreams/NAME/...`).
 
-use super::types::{
-    Config, HealthType, ListenAddr, Protocol, ServerRef, TurnAuthType, TurnTransport,
-    UpstreamConfig,
-};
+use super::health::HealthType;
+use super::turn::{TurnAuthType, TurnTransport};
+use super::types::{Config, ListenAddr, Protocol, ServerRef, UpstreamConfig};
 use super::yaml::{index_path, key_path};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -1,0 +1,264 @@
+//! `turn:` — the gateway's own STUN/TURN service: listeners, credentials, relay ports and
+//! the ICE configuration endpoint.
+
+use super::types::{Dur, Protocol};
+use serde::{Deserialize, Deserializer};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `turn:` — the gateway's own STUN/TURN service.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TurnConfig {
+    /// Default `mediagate`.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+    /// Required: advertised in ICE configurations; an IP or a host name, no port.
+    pub public_address: String,
+    /// Required, at least one.
+    pub listeners: Vec<TurnListenerConfig>,
+    /// Required.
+    pub auth: TurnAuthConfig,
+    /// Default: bind 0.0.0.0, ports 49152-65535, peers `[upstreams]`.
+    #[serde(default)]
+    pub relay: RelayConfig,
+    /// Default: 10 allocations per user, 10000 in all, 4096 TCP connections.
+    #[serde(default)]
+    pub quota: QuotaConfig,
+    /// `GET /ice` settings. Default: no CORS origins, no separate token.
+    #[serde(default)]
+    pub ice: IceHttpConfig,
+}
+
+/// `turn.ice:` — how `GET /ice` may be reached.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IceHttpConfig {
+    /// Origins (`https://app.example.com`, or `*`) allowed to fetch `/ice` from a page
+    /// (CORS); the preflight `OPTIONS /ice` is answered for them. Default none.
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
+    /// When set, `/ice` also accepts `Authorization: Bearer <this token>` (the admin token
+    /// still works), so `/ice` can be exposed without exposing the admin API. Default none.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+fn default_realm() -> String {
+    "mediagate".to_string()
+}
+
+/// `turn.listeners[]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TurnListenerConfig {
+    /// Required: `udp`, `tcp` or `tls` (TURN over TLS over TCP, `turns:`).
+    pub protocol: TurnTransport,
+    /// Required: `ip:port`.
+    pub listen: SocketAddr,
+    /// tls: PEM certificate chain file (re-read when it changes). Required for tls.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// tls: PEM private key file (re-read when it changes). Required for tls.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// tcp/tls: every connection must start with a PROXY protocol v2 header, whose source
+    /// address is then the client address (quota, nonces, XOR-MAPPED-ADDRESS). Default false.
+    #[serde(default)]
+    pub accept_proxy_protocol: bool,
+}
+
+/// `turn.listeners[].protocol`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TurnTransport {
+    /// STUN/TURN over UDP.
+    Udp,
+    /// STUN/TURN over TCP.
+    Tcp,
+    /// STUN/TURN over TLS over TCP (`turns:`).
+    Tls,
+}
+
+impl TurnTransport {
+    /// The socket protocol underneath.
+    pub fn base(self) -> Protocol {
+        match self {
+            TurnTransport::Udp => Protocol::Udp,
+            TurnTransport::Tcp | TurnTransport::Tls => Protocol::Tcp,
+        }
+    }
+}
+
+impl fmt::Display for TurnTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TurnTransport::Udp => "udp",
+            TurnTransport::Tcp => "tcp",
+            TurnTransport::Tls => "tls",
+        })
+    }
+}
+
+/// `turn.auth.type`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TurnAuthType {
+    /// Fixed long-term credentials from `users`.
+    Static,
+    /// TURN REST API credentials derived from `secret`.
+    Ephemeral,
+}
+
+/// `turn.auth:`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TurnAuthConfig {
+    /// Required: `static` or `ephemeral`.
+    #[serde(rename = "type")]
+    pub kind: TurnAuthType,
+    /// ephemeral: shared secret (coturn `static-auth-secret`). Default none.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// ephemeral: several shared secrets for rotation; the first signs `/ice` credentials,
+    /// every one verifies. Exclusive with `secret`. Default empty.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    /// ephemeral: lifetime of credentials handed out by /ice. Default 24h.
+    #[serde(default = "default_ttl")]
+    pub ttl: Dur,
+    /// static: the users. Default empty.
+    #[serde(default)]
+    pub users: Vec<TurnUser>,
+}
+
+impl TurnAuthConfig {
+    /// The ephemeral secrets in order (`secret` alone, else `secrets`); the first signs.
+    pub fn all_secrets(&self) -> Vec<&str> {
+        match &self.secret {
+            Some(s) => vec![s.as_str()],
+            None => self.secrets.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+fn default_ttl() -> Dur {
+    Dur(Duration::from_secs(24 * 3600))
+}
+
+/// `turn.auth.users[]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TurnUser {
+    /// Required, non-empty, unique.
+    pub username: String,
+    /// Required, non-empty.
+    pub password: String,
+}
+
+/// `turn.relay:`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Where relay sockets bind. Default 0.0.0.0.
+    #[serde(default = "default_relay_address")]
+    pub address: IpAddr,
+    /// Default 49152-65535.
+    #[serde(default = "default_port_range")]
+    pub port_range: PortRange,
+    /// `upstreams`, `self`, or CIDRs. Default `[upstreams]`.
+    #[serde(default = "default_peers")]
+    pub peers: Vec<String>,
+}
+
+fn default_relay_address() -> IpAddr {
+    IpAddr::from([0, 0, 0, 0])
+}
+fn default_port_range() -> PortRange {
+    PortRange {
+        first: 49152,
+        last: 65535,
+    }
+}
+fn default_peers() -> Vec<String> {
+    vec!["upstreams".to_string()]
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            address: default_relay_address(),
+            port_range: default_port_range(),
+            peers: default_peers(),
+        }
+    }
+}
+
+/// An inclusive port range `first-last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    /// First port (never 0).
+    pub first: u16,
+    /// Last port, inclusive (`>= first`).
+    pub last: u16,
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid port range {s:?} (expected first-last)");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let first: u16 = a.trim().parse().map_err(|_| bad())?;
+        let last: u16 = b.trim().parse().map_err(|_| bad())?;
+        if first == 0 || first > last {
+            return Err(bad());
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `turn.quota:`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// Allocations plus EVEN-PORT reserved ports one username may hold. Default 10.
+    #[serde(default = "default_allocations_per_user")]
+    pub allocations_per_user: usize,
+    /// Allocations plus reserved ports over all users; beyond it Allocate gets 508. Clipped
+    /// to the size of `turn.relay.port_range` (each holds one relay port). Default 10000.
+    #[serde(default = "default_max_allocations")]
+    pub max_allocations: usize,
+    /// Concurrent TURN-over-TCP connections over all TCP listeners; further connections
+    /// are closed at once and counted. Default 4096.
+    #[serde(default = "default_max_tcp_connections")]
+    pub max_tcp_connections: usize,
+}
+
+fn default_allocations_per_user() -> usize {
+    10
+}
+fn default_max_allocations() -> usize {
+    10_000
+}
+fn default_max_tcp_connections() -> usize {
+    4096
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig {
+            allocations_per_user: default_allocations_per_user(),
+            max_allocations: default_max_allocations(),
+            max_tcp_connections: default_max_tcp_connections(),
+        }
+    }
+}

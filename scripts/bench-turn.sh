@@ -1,225 +1,205 @@
 #!/usr/bin/env bash
-# TURN relay benchmark: the same turnutils_uclient load against mediagate's TURN service
-# and against coturn, on this machine, in one run. Prints relayed packets per second,
-# server CPU time per relayed packet, loss, and the mediagate/coturn ratios.
+# TURN relay benchmark: mediagate's TURN service and coturn, in one run, driven by
+# `mediagate-load turn` (open loop, several threads, hand-rolled ChannelData) until each
+# loses packets. For every case (allocations x transport x payload size):
+#   - the highest rate (packets/s sent by the clients) with < MAX_LOSS loss, per server;
+#   - at half of coturn's highest rate, both servers: RTT p50/p99 and the server's CPU time
+#     per relayed packet (every packet is relayed twice: client -> peer, peer -> client);
+#   - the ratios mediagate/coturn.
 #
-#   scripts/bench-turn.sh                 # defaults below
-#   PROCS=4 CLIENTS=25 MSGS=2000 LEN=160 scripts/bench-turn.sh
-#   TRANSPORT=tcp scripts/bench-turn.sh   # TURN over TCP instead of UDP
-#   TRANSPORT=tls scripts/bench-turn.sh   # TURN over TLS (uclient -t -S; both servers get
-#                                         # the same self-signed P-256 certificate)
-#   PROFILE=1 scripts/bench-turn.sh       # also `perf record` mediagate (perf.data in $OUT)
-#   SMOKE=1 scripts/bench-turn.sh         # seconds: 1 x 2 allocations x 50 messages, debug
-#                                         # build, PROFILE=1 when perf works here
+#   scripts/bench-turn.sh                       # the full matrix (~15 min)
+#   ALLOCS="100" TRANSPORTS="udp" SIZES="160" scripts/bench-turn.sh   # one case
+#   PROFILE=1 ...                               # also `perf record` mediagate at half rate
+#   SMOKE=1 scripts/bench-turn.sh               # seconds: 2 allocations, one fixed rate
 #
-# Load: PROCS parallel turnutils_uclient processes, each with CLIENTS allocations over
-# UDP or TCP (channels, no RTCP), each sending MSGS messages of LEN bytes as fast as uclient
-# goes (-z 0) to a turnutils_peer echo on loopback. Every message is relayed twice
-# (client -> peer, peer -> client), so relayed packets = sent + received.
-# The rate is taken from uclient's per-second progress lines, between its first and its
-# last second with traffic (uclient idles ~2 s while it allocates).
-# Needs: coturn's turnserver, turnutils_uclient, turnutils_peer (scripts/install-test-deps.sh).
-# Builds the `turn_server` example in release mode.
+# Topology: the generator and both servers on loopback; the echo peer
+# (`mediagate-load echo`) in its own network namespace behind a veth pair, so relayed
+# packets leave through a real interface. Both servers relay from the veth's host address.
+# Threads: mediagate's runtime uses every core (tokio's default); coturn runs with
+# --relay-threads=$(nproc). The generator reports its own kernel drops and schedule lag:
+# a trial where those are not zero measures the generator, not the server.
+# Needs root (ip netns), coturn's turnserver (scripts/install-test-deps.sh).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
 source "$ROOT/scripts/bench-common.sh"
+[[ $(id -u) = 0 ]] || { echo "needs root (ip netns)" >&2; exit 2; }
+command -v turnserver >/dev/null || { echo "turnserver missing: run scripts/install-test-deps.sh" >&2; exit 1; }
+
 if [[ $SMOKE = 1 ]]; then
-    PROCS=${PROCS:-1}; CLIENTS=${CLIENTS:-2}; MSGS=${MSGS:-50}; LEN=${LEN:-100}
-    if [[ -z "${PROFILE:-}" ]]; then
-        PROFILE=0
-        if command -v perf >/dev/null 2>&1 && perf record -q -o /dev/null -- true >/dev/null 2>&1; then
-            PROFILE=1
-        else
-            echo "perf is missing or not permitted here: smoke run without PROFILE" >&2
-        fi
-    fi
+    ALLOCS=${ALLOCS:-2}; TRANSPORTS=${TRANSPORTS:-"udp tcp"}; SIZES=${SIZES:-64}
+    DURATION=${DURATION:-1s}; FIXED_RATE=${FIXED_RATE:-200}
 fi
-PROCS=${PROCS:-4}
-CLIENTS=${CLIENTS:-25}
-MSGS=${MSGS:-2000}
-LEN=${LEN:-160}
+ALLOCS=${ALLOCS:-"1 100 1000"}
+TRANSPORTS=${TRANSPORTS:-"udp tcp"}
+SIZES=${SIZES:-"64 1200"}
+DURATION=${DURATION:-2s}
+MAX_LOSS=${MAX_LOSS:-0.005}
+THREADS=${THREADS:-2}
 PROFILE=${PROFILE:-0}
-TRANSPORT=${TRANSPORT:-udp}
-case "$TRANSPORT" in
-    udp) TFLAG="" ;;
-    tcp) TFLAG="-t" ;;
-    tls) TFLAG="-t -S" ;;
-    *) echo "TRANSPORT must be udp, tcp or tls" >&2; exit 2 ;;
-esac
-# A smoke run removes its scratch directory (unless OUT names one); a real run keeps it.
-OUT_AUTO=
-if [[ -z "${OUT:-}" ]]; then
-    OUT=$(mktemp -d /tmp/bench-turn.XXXXXX)
-    [[ $SMOKE = 1 ]] && OUT_AUTO=1
-fi
-mkdir -p "$OUT"
+FIXED_RATE=${FIXED_RATE:-}
 
-for t in turnserver turnutils_uclient turnutils_peer; do
-    command -v "$t" >/dev/null || { echo "$t missing: run scripts/install-test-deps.sh" >&2; exit 1; }
-done
-
+bench_init bench-turn
 if [[ $SMOKE = 1 ]]; then
-    echo "building mediagate turn_server (debug, smoke run)..." >&2
-    (cd "$ROOT" && cargo build --quiet --example turn_server)
-    MG_BIN="$ROOT/target/debug/examples/turn_server"
+    [[ -n "${SKIP_BUILD:-}" ]] || cargo build --quiet --example turn_server
+    MG_BIN=target/debug/examples/turn_server
 else
-    echo "building mediagate turn_server (release)..." >&2
-    (cd "$ROOT" && cargo build --release --quiet --example turn_server)
-    MG_BIN="$ROOT/target/release/examples/turn_server"
+    [[ -n "${SKIP_BUILD:-}" ]] || cargo build --release --quiet --example turn_server
+    MG_BIN=target/release/examples/turn_server
 fi
+LOAD=$BIN/mediagate-load
 
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    [[ -z "$OUT_AUTO" ]] || rm -rf "$OUT"
-}
-trap cleanup EXIT
+NS=mgturn$$
+VH=mgth$$ VP=mgtp$$
+N=$(($$ % 200 + 20))
+HOST_IP=10.213.$N.1 PEER_IP=10.213.$N.2
+netns_cleanup() { ip netns del "$NS" 2>/dev/null || true; ip link del "$VH" 2>/dev/null || true; }
+trap 'bench_cleanup; netns_cleanup' EXIT
+ip netns add "$NS"
+ip link add "$VH" type veth peer name "$VP" netns "$NS"
+ip addr add "$HOST_IP/30" dev "$VH"; ip link set "$VH" up
+ip netns exec "$NS" ip addr add "$PEER_IP/30" dev "$VP"
+ip netns exec "$NS" ip link set "$VP" up
+ip netns exec "$NS" ip link set lo up
+ip netns exec "$NS" "$LOAD" echo --listen "$PEER_IP:9000" --threads 1 --lifetime 30m >"$TMP/echo.out" 2>&1 &
+PIDS+=($!)
+PEER=$PEER_IP:9000
 
-free_port() { # a UDP+TCP port pair base nobody uses
+free_port() { # a port free for UDP and TCP on loopback
     python3 - <<'EOF'
 import socket, random
 for _ in range(200):
-    p = random.randrange(20000, 30000, 2)
+    p = random.randrange(20000, 30000)
     try:
-        for q in (p, p + 1):
-            for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-                s = socket.socket(socket.AF_INET, kind); s.bind(("127.0.0.1", q)); s.close()
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            s = socket.socket(socket.AF_INET, kind); s.bind(("127.0.0.1", p)); s.close()
         print(p); break
     except OSError:
         pass
 EOF
 }
 
-PEER_PORT=$(free_port)
-turnutils_peer -L 127.0.0.1 -p "$PEER_PORT" >/dev/null 2>&1 &
-PIDS+=($!)
-
-# TLS: one certificate for both servers, on the second port of each pair.
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
-    -subj /CN=bench.test -keyout "$OUT/tls.key" -out "$OUT/tls.crt" >/dev/null 2>&1
-
 MG_PORT=$(free_port)
-cat >"$OUT/mediagate.yaml" <<EOF
+cat >"$TMP/mediagate.yaml" <<EOF
 turn:
   realm: bench
   public_address: 127.0.0.1
   listeners:
     - { protocol: udp, listen: 127.0.0.1:$MG_PORT }
     - { protocol: tcp, listen: 127.0.0.1:$MG_PORT }
-    - { protocol: tls, listen: 127.0.0.1:$((MG_PORT + 1)), cert: $OUT/tls.crt, key: $OUT/tls.key }
   auth:
     type: static
     users: [{ username: bench, password: bench }]
   relay:
-    address: 127.0.0.1
+    address: $HOST_IP
     port_range: 40000-44999
-    peers: [127.0.0.1/32]
-  # Every allocation of the load is the one user's (coturn runs with --user-quota=0,
-  # no limit); the quota must be at least 1, so it is the load's size, with room.
+    peers: [$PEER_IP/32]
   quota:
-    allocations_per_user: $((2 * PROCS * CLIENTS))
+    allocations_per_user: 5000
 EOF
-RUST_LOG=warn "$MG_BIN" "$OUT/mediagate.yaml" >"$OUT/mediagate.out" 2>"$OUT/mediagate.err" &
+RUST_LOG=warn "$MG_BIN" "$TMP/mediagate.yaml" >"$TMP/mediagate.out" 2>"$TMP/mediagate.err" &
 MG_PID=$!
 PIDS+=("$MG_PID")
 
 CT_PORT=$(free_port)
-turnserver -n --listening-ip=127.0.0.1 --listening-port="$CT_PORT" --relay-ip=127.0.0.1 \
-    --min-port=45000 --max-port=49999 --allow-loopback-peers --no-cli --no-dtls \
-    --tls-listening-port="$((CT_PORT + 1))" --cert="$OUT/tls.crt" --pkey="$OUT/tls.key" \
-    --realm=bench --lt-cred-mech --user=bench:bench --total-quota=0 --user-quota=0 \
-    --log-file=stdout --simple-log --no-stdout-log >"$OUT/coturn.out" 2>&1 &
+turnserver -n --listening-ip=127.0.0.1 --listening-port="$CT_PORT" --relay-ip="$HOST_IP" \
+    --min-port=45000 --max-port=49999 --no-cli --no-dtls --no-tls \
+    --relay-threads="$(nproc)" --realm=bench --lt-cred-mech --user=bench:bench \
+    --total-quota=0 --user-quota=0 --max-bps=0 \
+    --log-file=stdout --simple-log --no-stdout-log >"$TMP/coturn.out" 2>&1 &
 CT_PID=$!
 PIDS+=("$CT_PID")
-sleep 1.5
+for _ in $(seq 50); do
+    ss -lnu | grep -q ":$MG_PORT " && ss -lnu | grep -q ":$CT_PORT " && break
+    sleep 0.1
+done
 for p in "$MG_PID" "$CT_PID"; do
-    kill -0 "$p" 2>/dev/null || { echo "a server failed to start; see $OUT" >&2; exit 1; }
+    kill -0 "$p" 2>/dev/null || { echo "a server failed to start; see $TMP" >&2; cat "$TMP"/*.err >&2; exit 1; }
 done
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+field() { tr ' ' '\n' <<<"$2" | sed -n "s/^$1=//p" | head -1; }
 
-# run NAME PORT PID: the load against one server; prints "pps cpu_us_per_pkt lost sent"
-run() {
-    local name=$1 port=$2 pid=$3 i
-    local t0 c0 c1
+# gen PORT TRANSPORT ALLOCS SIZE ARGS...: one generator invocation; prints its last line.
+gen() {
+    local port=$1 tr=$2 n=$3 size=$4
+    shift 4
+    timeout 600 "$LOAD" turn --server "127.0.0.1:$port" --peer "$PEER" --transport "$tr" \
+        --allocations "$n" --size "$size" --threads "$THREADS" --duration "$DURATION" "$@" \
+        2>>"$TMP/gen.err" | tail -1
+}
+
+# sweep NAME PORT TR N SIZE: highest rate under MAX_LOSS (packets/s sent).
+sweep() {
+    local line
+    line=$(gen "$2" "$3" "$4" "$5" --max-loss "$MAX_LOSS" --start 10000 --steps 5)
+    echo "$1 $3 n=$4 size=$5 $line" >>"$TMP/results.txt"
+    field target_pps "$line"
+}
+
+# fixed NAME PORT PID TR N SIZE RATE: one run at RATE; prints "p50 p99 cpu_us_per_pkt loss".
+fixed() {
+    local name=$1 port=$2 pid=$3 c0 c1 line perf_pid=""
     c0=$(cpu_ticks "$pid")
-    local perf_pid=""
-    if [ "$PROFILE" = 1 ] && [ "$name" = mediagate ]; then
-        perf record -F 499 -g -p "$pid" -o "$OUT/perf.data" >/dev/null 2>&1 &
+    if [[ $PROFILE = 1 && $name = mediagate ]]; then
+        perf record -F 999 -g -p "$pid" -o "$TMP/perf-$4-$5-$6.data" >/dev/null 2>&1 &
         perf_pid=$!
     fi
-    for i in $(seq 1 "$PROCS"); do
-        turnutils_uclient $TFLAG -p "$port" -e 127.0.0.1 -r "$PEER_PORT" -u bench -w bench -c \
-            -m "$CLIENTS" -n "$MSGS" -l "$LEN" -z 0 127.0.0.1 >"$OUT/$name.$i.log" 2>&1 &
-    done
-    wait $(jobs -p | tail -n "$PROCS")
+    line=$(gen "$port" "$4" "$5" "$6" --rate "$7")
     c1=$(cpu_ticks "$pid")
-    if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; fi
-    python3 - "$OUT" "$name" "$PROCS" "$((c1 - c0))" "$(getconf CLK_TCK)" <<'EOF'
-import re, sys
-out, name, procs, ticks, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-rate = relayed = lost = sent = 0.0
-for i in range(1, procs + 1):
-    prog, total = [], None
-    for line in open(f"{out}/{name}.{i}.log", errors="replace"):
-        m = re.match(r"(\d+): : start_mclient: msz=\d+, tot_send_msgs=(\d+), tot_recv_msgs=(\d+)", line)
-        if m:
-            prog.append(tuple(int(x) for x in m.groups()))
-        m = re.match(r"\d+: : start_mclient: tot_send_msgs=(\d+), tot_recv_msgs=(\d+)", line)
-        if m:
-            total = tuple(int(x) for x in m.groups())
-    if total is None:
-        sys.exit(f"{name}.{i}: uclient did not finish (see {out}/{name}.{i}.log)")
-    sent += total[0]
-    lost += total[0] - total[1]
-    relayed += total[0] + total[1]
-    busy = [p for p in prog if p[1] > 0]
-    if len(busy) >= 2 and busy[-1][0] > busy[0][0]:
-        (t0, s0, r0), (t1, s1, r1) = busy[0], busy[-1]
-        rate += ((s1 - s0) + (r1 - r0)) / (t1 - t0)
-cpu_us = ticks / hz * 1e6 / relayed if relayed else float("nan")
-print(f"{rate:.0f} {cpu_us:.2f} {lost:.0f} {sent:.0f}")
+    [[ -z "$perf_pid" ]] || { kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; }
+    echo "$name $4 n=$5 size=$6 fixed $line" >>"$TMP/results.txt"
+    python3 - "$line" "$((c1 - c0))" "$(getconf CLK_TCK)" <<'EOF'
+import sys
+kv = dict(x.split("=", 1) for x in sys.argv[1].split() if "=" in x)
+ticks, hz = int(sys.argv[2]), int(sys.argv[3])
+relayed = int(kv.get("sent", 0)) + int(kv.get("received", 0))
+cpu = ticks / hz * 1e6 / relayed if relayed else float("nan")
+print(kv.get("p50_us", "nan"), kv.get("p99_us", "nan"), f"{cpu:.2f}", kv.get("loss", "nan"))
 EOF
 }
 
-echo "load: $PROCS x turnutils_uclient $TFLAG -m $CLIENTS -n $MSGS -l $LEN -z 0 ($TRANSPORT, channels)" >&2
-OFF=0
-[[ $TRANSPORT = tls ]] && OFF=1
-read -r MG_PPS MG_CPU MG_LOST MG_SENT < <(run mediagate "$((MG_PORT + OFF))" "$MG_PID")
-read -r CT_PPS CT_CPU CT_LOST CT_SENT < <(run coturn "$((CT_PORT + OFF))" "$CT_PID")
+ratio() { python3 -c "a,b=float('$1' or 0),float('$2' or 0); print(f'{a/b:.2f}' if b>0 else 'n/a')"; }
 
-smoke_require "mediagate relayed messages" "$MG_SENT"
-smoke_require "coturn relayed messages" "$CT_SENT"
-# A smoke run is too short for a rate (uclient reports once a second): it checks that
-# both servers relayed the load back, nearly all of it.
-if [[ $SMOKE = 1 ]]; then
-    for r in "mediagate $MG_SENT $MG_LOST" "coturn $CT_SENT $CT_LOST"; do
-        read -r name sent lost <<<"$r"
-        if ((sent == 0 || lost * 10 > sent)); then
-            # coturn 4.6.1's TLS with this uclient load loses most echoes ("Wrong integrity
-            # in a message received from server" in its log): reported, not mediagate's.
-            if [[ $TRANSPORT = tls && $name = coturn ]]; then
-                echo "smoke: coturn (tls): $sent sent, $lost lost (known coturn/uclient TLS issue)" >&2
-                continue
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load: mediagate-load turn, $THREADS thread pairs, loss < $MAX_LOSS, trials of $DURATION" | tee "$TMP/table.txt"
+printf '%-5s %6s %5s | %10s %10s %6s | %9s %9s %6s | %8s %8s %6s\n' \
+    tr allocs size mg_max_pps ct_max_pps ratio mg_p99_us ct_p99_us ratio mg_cpu_us ct_cpu_us ratio | tee -a "$TMP/table.txt"
+failed=0
+for tr in $TRANSPORTS; do
+    for n in $ALLOCS; do
+        for size in $SIZES; do
+            if [[ -n "$FIXED_RATE" ]]; then
+                mg_max=$FIXED_RATE ct_max=$FIXED_RATE
+            else
+                mg_max=$(sweep mediagate "$MG_PORT" "$tr" "$n" "$size")
+                ct_max=$(sweep coturn "$CT_PORT" "$tr" "$n" "$size")
             fi
-            echo "smoke: $name: $sent messages sent, $lost lost" >&2
-            exit 1
-        fi
+            half=$(( ${ct_max:-0} / 2 ))
+            [[ $SMOKE = 1 ]] && half=$FIXED_RATE
+            ((half > 0)) || half=1000
+            read -r mg_p50 mg_p99 mg_cpu mg_loss < <(fixed mediagate "$MG_PORT" "$MG_PID" "$tr" "$n" "$size" "$half")
+            read -r ct_p50 ct_p99 ct_cpu ct_loss < <(fixed coturn "$CT_PORT" "$CT_PID" "$tr" "$n" "$size" "$half")
+            printf '%-5s %6s %5s | %10s %10s %6s | %9s %9s %6s | %8s %8s %6s\n' "$tr" "$n" "$size" \
+                "$mg_max" "$ct_max" "$(ratio "$mg_max" "$ct_max")" \
+                "$mg_p99" "$ct_p99" "$(ratio "$mg_p99" "$ct_p99")" \
+                "$mg_cpu" "$ct_cpu" "$(ratio "$mg_cpu" "$ct_cpu")" | tee -a "$TMP/table.txt"
+            if [[ $SMOKE = 1 ]]; then
+                for r in "mediagate $mg_loss" "coturn $ct_loss"; do
+                    read -r name loss <<<"$r"
+                    if ! python3 -c "import sys; sys.exit(0 if float('$loss') < 0.2 else 1)" 2>/dev/null; then
+                        echo "smoke: $name ($tr): loss $loss" >&2; failed=1
+                    fi
+                done
+            fi
+        done
     done
+done
+echo "half: fixed-rate runs at half of coturn's highest rate (p99 RTT, server CPU per relayed packet)" | tee -a "$TMP/table.txt"
+if [[ $SMOKE = 1 ]]; then
+    smoke_require "mediagate relayed packets" "$(grep -c '^mediagate .* fixed .*received=[1-9]' "$TMP/results.txt" || true)"
+    ((failed == 0)) || { cat "$TMP/results.txt" "$TMP/gen.err" >&2; exit 1; }
+else
+    cp "$TMP/results.txt" "$TMP/table.txt" /tmp/ 2>/dev/null || true
+    echo "every trial: /tmp/results.txt" >&2
 fi
-printf '%-10s %14s %16s %10s %10s\n' server relayed_pps cpu_us_per_pkt sent lost
-printf '%-10s %14s %16s %10s %10s\n' mediagate "$MG_PPS" "$MG_CPU" "$MG_SENT" "$MG_LOST"
-printf '%-10s %14s %16s %10s %10s\n' coturn "$CT_PPS" "$CT_CPU" "$CT_SENT" "$CT_LOST"
-python3 -c "
-mg, ct = float('$MG_PPS'), float('$CT_PPS')
-mc, cc = float('$MG_CPU'), float('$CT_CPU')
-r = lambda a, b: f'{a / b:.2f}x' if b > 0 else 'n/a'
-print(f'ratio mediagate/coturn: throughput {r(mg, ct)}, CPU per packet {r(mc, cc)}')
-"
-if [ "$PROFILE" = 1 ]; then
-    smoke_require "perf samples" "$(perf report -i "$OUT/perf.data" --stdio 2>/dev/null | grep -m1 -E '^ +[0-9]' || true)"
-    echo "profile: perf report -i $OUT/perf.data --no-children --sort symbol" >&2
-fi
-echo "logs: $OUT" >&2

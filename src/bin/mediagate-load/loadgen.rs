@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// First bytes of every generated datagram.
-const MAGIC: u32 = 0x4d47_4c44; // "MGLD"
+pub const MAGIC: u32 = 0x4d47_4c44; // "MGLD"
 /// Header: magic u32, flow u32, seq u64, send time u64 (ns since the run's clock origin).
 pub const HEADER: usize = 24;
 
@@ -74,6 +74,15 @@ impl Histogram {
         self.max = self.max.max(v);
     }
 
+    /// Adds another histogram's samples to this one.
+    pub fn merge(&mut self, o: &Histogram) {
+        for (a, b) in self.counts.iter_mut().zip(&o.counts) {
+            *a += b;
+        }
+        self.total += o.total;
+        self.max = self.max.max(o.max);
+    }
+
     /// The value at quantile `q` (0..=1); 0 when empty.
     pub fn quantile(&self, q: f64) -> u64 {
         if self.total == 0 {
@@ -110,6 +119,11 @@ pub struct Report {
     pub max_us: f64,
     /// Longest time any flow went without a reply while sending, ms.
     pub max_silence_ms: f64,
+    /// Self-check: datagrams the kernel dropped in the generator's own receive queues
+    /// (counted as loss, but the generator's, not the target's).
+    pub local_drops: u64,
+    /// Self-check: how far the sender fell behind its schedule at worst, ms.
+    pub max_lag_ms: f64,
 }
 
 impl Report {
@@ -132,7 +146,7 @@ impl Report {
     /// One line of `key=value` pairs (what scripts parse).
     pub fn line(&self) -> String {
         format!(
-            "flows={} size={} target_pps={} sent={} received={} sent_pps={:.0} pps={:.0} loss={:.5} p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1} max_silence_ms={:.1}",
+            "flows={} size={} target_pps={} sent={} received={} sent_pps={:.0} pps={:.0} loss={:.5} p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1} max_silence_ms={:.1} local_drops={} max_lag_ms={:.1}",
             self.flows,
             self.size,
             self.target_pps,
@@ -145,8 +159,22 @@ impl Report {
             self.p99_us,
             self.p999_us,
             self.max_us,
-            self.max_silence_ms
+            self.max_silence_ms,
+            self.local_drops,
+            self.max_lag_ms
         )
+    }
+}
+
+/// Something that can make one measured run at a given rate (what [`sweep`] drives).
+pub trait Trial {
+    /// Sends `rate` datagrams per second for `duration`, receives for `settle` more.
+    fn run(&self, rate: u64, duration: Duration, settle: Duration) -> io::Result<Report>;
+}
+
+impl Trial for Generator {
+    fn run(&self, rate: u64, duration: Duration, settle: Duration) -> io::Result<Report> {
+        Generator::run(self, rate, duration, settle)
     }
 }
 
@@ -305,6 +333,7 @@ impl Generator {
             p999_us: us(recv.rtt.quantile(0.999)),
             max_us: us(recv.rtt.max),
             max_silence_ms: recv.max_silence_ns as f64 / 1e6,
+            ..Report::default()
         })
     }
 
@@ -457,7 +486,7 @@ pub struct Sweep {
 /// fails (or `max` is reached), then bisects `steps` times between the last pass and
 /// the first failure. `on_run` sees every run as it completes.
 pub fn sweep(
-    g: &Generator,
+    g: &impl Trial,
     start: u64,
     max: u64,
     max_loss: f64,

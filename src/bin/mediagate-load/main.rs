@@ -8,10 +8,17 @@
 //! `mediagate-load sweep --target ... --flows 1000 --size 64 [--max-loss 0.001]`
 //!     the highest rate with loss under `max-loss` (doubling, then bisection).
 //!
+//! `mediagate-load turn --server 127.0.0.1:3478 --peer 10.0.0.2:9000 --allocations 100 [--rate N]`
+//!     N TURN allocations (UDP or `--transport tcp`), each with a permission and a channel
+//!     to the echo peer; open-loop ChannelData (or `--send-indications`) at `rate`, or
+//!     without `--rate` a sweep to the highest rate under `--max-loss`.
+//!
 //! Every mode is bounded in time; output lines are `key=value` pairs for scripts.
 
 use clap::{Parser, Subcommand};
 mod loadgen;
+mod turn;
+mod turnctl;
 
 use loadgen::Generator;
 use std::net::SocketAddr;
@@ -87,6 +94,47 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         duration: Duration,
         /// Bisection steps after the first failing rate.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
+    /// TURN relay load: allocations with channels, open-loop ChannelData through them.
+    Turn {
+        /// The TURN server's listener (loopback, or inside the caller's own namespace).
+        #[arg(long)]
+        server: SocketAddr,
+        /// The echo peer every allocation sends to (`mediagate-load echo`).
+        #[arg(long)]
+        peer: SocketAddr,
+        /// `udp` or `tcp` between the generator and the server.
+        #[arg(long, default_value = "udp")]
+        transport: String,
+        #[arg(long, default_value_t = 100)]
+        allocations: usize,
+        /// Payload bytes per packet (at least 24).
+        #[arg(long, default_value_t = 160)]
+        size: usize,
+        #[arg(long, default_value = "bench")]
+        user: String,
+        #[arg(long, default_value = "bench")]
+        password: String,
+        /// Sender/receiver thread pairs.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Send indications instead of ChannelData (no channel is bound).
+        #[arg(long)]
+        send_indications: bool,
+        /// One run at this total rate (packets/s sent); without it, a sweep.
+        #[arg(long)]
+        rate: Option<u64>,
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Sweep: highest rate with loss below this.
+        #[arg(long, default_value_t = 0.005)]
+        max_loss: f64,
+        #[arg(long, default_value_t = 20_000)]
+        start: u64,
+        #[arg(long, default_value_t = 2_000_000)]
+        max: u64,
         #[arg(long, default_value_t = 5)]
         steps: usize,
     },
@@ -229,6 +277,76 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
+        Command::Turn {
+            server,
+            peer,
+            transport,
+            allocations,
+            size,
+            user,
+            password,
+            threads,
+            send_indications,
+            rate,
+            duration,
+            max_loss,
+            start,
+            max,
+            steps,
+        } => (|| {
+            let server = loopback(server)?;
+            let tcp = match transport.as_str() {
+                "udp" => false,
+                "tcp" => true,
+                t => return Err(format!("--transport must be udp or tcp, not {t}")),
+            };
+            if allocations == 0 || allocations > 20_000 {
+                return Err(format!("--allocations must be 1..=20000, not {allocations}"));
+            }
+            let opts = turn::Options {
+                server,
+                tcp,
+                allocations,
+                size: size.clamp(loadgen::HEADER, 8000),
+                peer,
+                creds: turnctl::Credentials {
+                    username: user,
+                    password,
+                },
+                threads,
+                mode: if send_indications {
+                    turn::Mode::Send
+                } else {
+                    turn::Mode::Channel
+                },
+            };
+            let t0 = std::time::Instant::now();
+            let g = turn::TurnGenerator::new(opts).map_err(|e| format!("setup: {e}"))?;
+            eprintln!(
+                "{allocations} allocations ready in {:.1} s",
+                t0.elapsed().as_secs_f64()
+            );
+            let duration = duration.min(Duration::from_secs(60));
+            let settle = Duration::from_millis(300);
+            use loadgen::Trial;
+            match rate {
+                Some(rate) => {
+                    let r = g.run(rate, duration, settle).map_err(|e| format!("run: {e}"))?;
+                    println!("{}", r.line());
+                }
+                None => {
+                    let s = loadgen::sweep(&g, start, max, max_loss, duration, steps.min(12), |r| {
+                        eprintln!("  trial {}", r.line());
+                    })
+                    .map_err(|e| format!("sweep: {e}"))?;
+                    match s.best {
+                        Some(b) => println!("best {}", b.line()),
+                        None => println!("best none runs={}", s.runs.len()),
+                    }
+                }
+            }
+            Ok(())
+        })(),
         Command::TcpServer { listen, lifetime } => tokio_run(1, async move {
             let addr = loadgen::tcp::server(listen)
                 .await

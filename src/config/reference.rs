@@ -129,6 +129,8 @@ pub const KEYS: &[Key] = &[
     key("turn.relay.address", "IP", Value("0.0.0.0"), "Where relay sockets bind."),
     key("turn.relay.port_range", "first-last", Value("49152-65535"), "Ports of relay sockets."),
     key("turn.relay.peers", "list", Value("[upstreams]"), "Who may be relayed to (no open relay): `upstreams` (the IP of every server of every upstream, any port), `self` (other allocations on this gateway), or CIDRs such as `10.0.0.0/8`."),
+    key("turn.relay.recv_buffer", "bytes", Value("1048576"), "Receive buffer of each relay socket (datagrams from peers); 0 keeps the OS default. The kernel caps it at `net.core.rmem_max`. Datagrams lost to a full buffer are counted in `mediagate_turn_kernel_drops_total{socket=\"relay\"}`."),
+    key("turn.relay.listener_buffer", "bytes", Value("4194304"), "Receive and send buffer of each UDP TURN listener socket (datagrams from all clients of the listener); 0 keeps the OS default. Capped by `net.core.rmem_max`/`wmem_max`. Drops: `mediagate_turn_kernel_drops_total{socket=\"listener\"}`."),
     key("turn.quota", "section", Section, "Limits per user and over all users."),
     key("turn.quota.allocations_per_user", "integer >= 1", Value("10"), "Live allocations and EVEN-PORT reservations one user may hold; more are refused with 486 (Allocation Quota Reached). For ephemeral credentials the user is the whole `EXPIRY:USER` name, so the quota applies per issued credential, as in coturn."),
     key("turn.quota.max_allocations", "integer >= 1", Value("10000"), "Allocations plus EVEN-PORT reserved ports over all users; beyond it Allocate gets 508 (Insufficient Capacity). Clipped to the size of `turn.relay.port_range` (each holds one relay port); an info line says so. Counted in the file-descriptor budget."),

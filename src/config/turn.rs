@@ -171,6 +171,21 @@ pub struct RelayConfig {
     /// `upstreams`, `self`, or CIDRs. Default `[upstreams]`.
     #[serde(default = "default_peers")]
     pub peers: Vec<String>,
+    /// Receive buffer of each relay socket, bytes (0: the OS default). Default 1 MiB.
+    #[serde(default = "default_relay_recv_buffer")]
+    pub recv_buffer: usize,
+    /// Receive and send buffer of each UDP listener socket, bytes (0: the OS default).
+    /// Default 4 MiB.
+    #[serde(default = "default_listener_buffer")]
+    pub listener_buffer: usize,
+}
+
+fn default_relay_recv_buffer() -> usize {
+    1 << 20
+}
+
+fn default_listener_buffer() -> usize {
+    4 << 20
 }
 
 fn default_relay_address() -> IpAddr {
@@ -192,6 +207,8 @@ impl Default for RelayConfig {
             address: default_relay_address(),
             port_range: default_port_range(),
             peers: default_peers(),
+            recv_buffer: default_relay_recv_buffer(),
+            listener_buffer: default_listener_buffer(),
         }
     }
 }

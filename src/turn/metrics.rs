@@ -25,6 +25,11 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SocketLabels {
+    socket: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     direction: &'static str,
 }
@@ -144,6 +149,12 @@ pub struct TurnMetrics {
     /// `mediagate_turn_tcp_connections`: open TURN-over-TCP connections.
     pub tcp_connections: Gauge,
     tcp_closed: Vec<(TcpClose, Counter)>,
+    /// `mediagate_turn_kernel_drops_total{socket="listener"}`: datagrams from clients the
+    /// kernel dropped because a UDP listener's receive queue was full.
+    pub kernel_drops_listener: Counter,
+    /// `mediagate_turn_kernel_drops_total{socket="relay"}`: datagrams from peers the
+    /// kernel dropped because a relay socket's receive queue was full.
+    pub kernel_drops_relay: Counter,
     /// `mediagate_turn_tls_cert_reloads_total{result="ok"}`: certificates (re)loaded.
     pub cert_reloads_ok: Counter,
     /// `mediagate_turn_tls_cert_reloads_total{result="error"}`: changed certificate files
@@ -160,6 +171,10 @@ impl TurnMetrics {
         let packets = Family::<DirectionLabels, Counter>::default();
         let closed = Family::<ReasonLabels, Counter>::default();
         let reloads = Family::<ResultLabels, Counter>::default();
+        let kernel = Family::<SocketLabels, Counter>::default();
+        let sock = |f: &Family<SocketLabels, Counter>, s: &'static str| {
+            f.get_or_create(&SocketLabels { socket: s }).clone()
+        };
         let reason = |f: &Family<ReasonLabels, Counter>, r: &'static str| {
             f.get_or_create(&ReasonLabels { reason: r }).clone()
         };
@@ -195,6 +210,8 @@ impl TurnMetrics {
                 .iter()
                 .map(|r| (*r, reason(&closed, r.as_str())))
                 .collect(),
+            kernel_drops_listener: sock(&kernel, "listener"),
+            kernel_drops_relay: sock(&kernel, "relay"),
             cert_reloads_ok: result(&reloads, "ok"),
             cert_reloads_failed: result(&reloads, "error"),
         };
@@ -237,6 +254,11 @@ impl TurnMetrics {
             "mediagate_turn_dropped_packets",
             "Packets the TURN service dropped",
             dropped,
+        );
+        registry.register(
+            "mediagate_turn_kernel_drops",
+            "Datagrams the kernel dropped before the TURN service read them (a full socket receive queue)",
+            kernel,
         );
         registry.register(
             "mediagate_turn_loop_refused",

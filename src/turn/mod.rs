@@ -1,9 +1,11 @@
 //! STUN/TURN service: clients behind NATs reach the media workers through the
 //! gateway's public port, as with STUNner.
 //!
-//! Built on the `turn` crate (webrtc-rs): its allocation manager owns relay sockets,
-//! lifetimes, permissions and channel bindings and relays the data; this module adds what
-//! the crate lacks (see `server` for the split): TURN over TCP (`transport`), coturn-
+//! Built on the `turn` crate (webrtc-rs) for the control messages: its allocation manager
+//! owns relay sockets, lifetimes, permissions and channel bindings; the data is relayed
+//! by the service's own data path (`datapath`, with the relay sockets in `relay`), and
+//! the kernel's receive-queue drops are read in `kdrops`. This module adds what the crate
+//! lacks (see `server` and `requests` for the split): TURN over TCP (`transport`), coturn-
 //! compatible credentials and 401 on failure (`auth`), the peer policy (`policy`, enforced
 //! again on every relayed datagram in `relay`; it also keeps relays off the gateway's own
 //! ports), per-user quotas and a global allocation cap (`table`), RFC 8656 lifetimes,
@@ -16,10 +18,13 @@
 //! `/status`) and [`ice_config`] (`GET /ice`, `mediagate ice`).
 
 mod auth;
+mod datapath;
 mod ice;
+mod kdrops;
 mod metrics;
 mod policy;
 mod relay;
+mod requests;
 mod server;
 mod table;
 mod tls;
@@ -54,9 +59,6 @@ use relay::{RelayFactory, RelayGenerator};
 use server::{Core, Listener};
 use transport::{TcpOptions, TcpTransport, UdpTransport};
 
-/// Socket buffer size asked for on UDP listener sockets (the kernel may cap it).
-const UDP_BUFFER_BYTES: usize = 4 << 20;
-
 /// How often the service re-reads the host's addresses for the peer policy.
 const HOST_IPS_REFRESH: Duration = Duration::from_secs(30);
 /// How often expired EVEN-PORT reservations are swept (they live 30 s).
@@ -89,7 +91,7 @@ pub struct TurnService {
     tasks: TaskTracker,
 }
 
-fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(
         Domain::for_address(addr),
@@ -97,8 +99,10 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
         Some(socket2::Protocol::UDP),
     )?;
     // Best effort: a larger buffer absorbs bursts; the kernel caps it at rmem_max.
-    let _ = s.set_recv_buffer_size(UDP_BUFFER_BYTES);
-    let _ = s.set_send_buffer_size(UDP_BUFFER_BYTES);
+    if buffer > 0 {
+        let _ = s.set_recv_buffer_size(buffer);
+        let _ = s.set_send_buffer_size(buffer);
+    }
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
@@ -146,6 +150,10 @@ impl TurnService {
             bookkeeping.clone().drop_guard(),
         );
         let tasks = TaskTracker::new();
+        let kdrops = Arc::new(kdrops::KernelDrops::new(
+            metrics.kernel_drops_listener.clone(),
+            metrics.kernel_drops_relay.clone(),
+        ));
         let mut listeners = Vec::new();
         for (idx, l) in cfg.listeners.iter().enumerate() {
             let relays = Arc::new(RelayFactory::new(
@@ -154,6 +162,8 @@ impl TurnService {
                 bind_ip,
                 advertised,
                 cfg.relay.port_range,
+                cfg.relay.recv_buffer,
+                Arc::clone(&kdrops),
                 Arc::clone(&core.refusal_log),
                 Arc::clone(&core.misc_log),
             ));
@@ -162,61 +172,61 @@ impl TurnService {
                 relay_addr_generator: Box::new(RelayGenerator(Arc::clone(&relays))),
                 alloc_close_notify: Some(notify_tx),
             }));
-            let (conn, local, closed_rx, tcp): (Arc<dyn Conn + Send + Sync>, SocketAddr, _, _) =
-                match l.protocol {
-                    TurnTransport::Udp => {
-                        let socket = bind_udp(l.listen).with_context(|| {
-                            format!("turn.listeners[{idx}]: bind udp {}", l.listen)
-                        })?;
-                        let t = UdpTransport::new(socket, metrics.clone())?;
-                        let local = t.local_addr()?;
-                        (Arc::new(t), local, None, None)
-                    }
-                    TurnTransport::Tcp | TurnTransport::Tls => {
-                        let tls = match (&l.cert, &l.key) {
-                            (Some(cert), Some(key)) if l.protocol == TurnTransport::Tls => {
-                                let store = tls::CertStore::load(cert, key)
-                                    .map_err(anyhow::Error::msg)
-                                    .with_context(|| {
-                                        format!("turn.listeners[{idx}]: certificate")
-                                    })?;
-                                metrics.cert_reloads_ok.inc();
-                                let acceptor = store.acceptor().map_err(anyhow::Error::msg)?;
-                                tasks.spawn(store.watch(metrics.clone(), cancel.clone()));
-                                Some(acceptor)
-                            }
-                            _ if l.protocol == TurnTransport::Tls => {
-                                anyhow::bail!(
-                                    "turn.listeners[{idx}]: a tls listener needs cert and key"
-                                )
-                            }
-                            _ => None,
-                        };
-                        let listener = TcpListener::bind(l.listen).await.with_context(|| {
-                            format!("turn.listeners[{idx}]: bind {} {}", l.protocol, l.listen)
-                        })?;
-                        let (t, closed) = TcpTransport::start(
-                            listener,
-                            metrics.clone(),
-                            cancel.clone(),
-                            &tasks,
-                            Arc::clone(&core.tcp_log),
-                            Arc::clone(&tcp_limit),
-                            Arc::clone(&trimmer),
-                            TcpOptions {
-                                tls,
-                                accept_proxy: l.accept_proxy_protocol,
-                            },
-                        )?;
-                        let local = t.local_addr()?;
-                        (
-                            Arc::clone(&t) as Arc<dyn Conn + Send + Sync>,
-                            local,
-                            Some(closed),
-                            Some(t),
-                        )
-                    }
-                };
+            type Transports = (
+                Arc<dyn Conn + Send + Sync>,
+                Arc<dyn datapath::ClientSink>,
+                SocketAddr,
+                Option<mpsc::UnboundedReceiver<SocketAddr>>,
+                Option<Arc<UdpTransport>>,
+                Option<Arc<TcpTransport>>,
+            );
+            let (conn, sink, local, closed_rx, udp, tcp): Transports = match l.protocol {
+                TurnTransport::Udp => {
+                    let socket = bind_udp(l.listen, cfg.relay.listener_buffer)
+                        .with_context(|| format!("turn.listeners[{idx}]: bind udp {}", l.listen))?;
+                    kdrops.watch(&socket, kdrops::Kind::Listener);
+                    let t = Arc::new(UdpTransport::new(socket, metrics.clone())?);
+                    let local = t.local_addr()?;
+                    (t.clone(), t.clone(), local, None, Some(t), None)
+                }
+                TurnTransport::Tcp | TurnTransport::Tls => {
+                    let tls = match (&l.cert, &l.key) {
+                        (Some(cert), Some(key)) if l.protocol == TurnTransport::Tls => {
+                            let store = tls::CertStore::load(cert, key)
+                                .map_err(anyhow::Error::msg)
+                                .with_context(|| format!("turn.listeners[{idx}]: certificate"))?;
+                            metrics.cert_reloads_ok.inc();
+                            let acceptor = store.acceptor().map_err(anyhow::Error::msg)?;
+                            tasks.spawn(store.watch(metrics.clone(), cancel.clone()));
+                            Some(acceptor)
+                        }
+                        _ if l.protocol == TurnTransport::Tls => {
+                            anyhow::bail!(
+                                "turn.listeners[{idx}]: a tls listener needs cert and key"
+                            )
+                        }
+                        _ => None,
+                    };
+                    let listener = TcpListener::bind(l.listen).await.with_context(|| {
+                        format!("turn.listeners[{idx}]: bind {} {}", l.protocol, l.listen)
+                    })?;
+                    let (t, closed) = TcpTransport::start(
+                        listener,
+                        metrics.clone(),
+                        cancel.clone(),
+                        &tasks,
+                        Arc::clone(&core.tcp_log),
+                        Arc::clone(&tcp_limit),
+                        Arc::clone(&trimmer),
+                        TcpOptions {
+                            tls,
+                            accept_proxy: l.accept_proxy_protocol,
+                        },
+                    )?;
+                    let local = t.local_addr()?;
+                    (t.clone(), t.clone(), local, Some(closed), None, Some(t))
+                }
+            };
             policy.register_listener(local);
             let listener = Arc::new(Listener::new(
                 idx,
@@ -224,8 +234,10 @@ impl TurnService {
                 local,
                 Arc::clone(&core),
                 conn,
+                sink,
                 Arc::clone(&manager),
                 relays,
+                udp,
                 tcp,
             ));
             tasks.spawn(Arc::clone(&listener).run(cancel.clone()));
@@ -298,6 +310,21 @@ impl TurnService {
                         if trimmer.maybe_trim().await {
                             tracing::debug!("TURN: freed memory returned to the OS after TCP connections closed");
                         }
+                    }
+                }
+            }
+        });
+
+        // Datagrams the kernel dropped in front of the service's sockets.
+        let stop = cancel.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(kdrops::SAMPLE_EVERY);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {
+                        let k = Arc::clone(&kdrops);
+                        let _ = tokio::task::spawn_blocking(move || k.sample()).await;
                     }
                 }
             }

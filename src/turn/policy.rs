@@ -467,6 +467,7 @@ mod tests {
                 last: 40099,
             },
             peers: vec!["127.0.0.0/8".into(), "10.0.0.0/8".into()],
+            ..RelayConfig::default()
         };
         let proxy = [
             listener("127.0.0.1:5000-5009", Protocol::Udp),

@@ -6,6 +6,12 @@
 //!   permissions created before the upstream list changed).
 //! - `recv_from` a peer the policy refuses, or from an IP without a permission: dropped
 //!   and counted before the crate sees it (the crate would log every such datagram).
+//! - datagrams from peers are relayed to the client right here, on the owned data path
+//!   (`datapath`): a ChannelData header written in front of the received payload, or a
+//!   Data indication for peers without a channel; the crate's per-packet path (two
+//!   allocations per packet) only sees datagrams that arrive before the allocation's
+//!   client end is known.
+//! - relay sockets get `turn.relay.recv_buffer` bytes of receive buffer.
 //! - relayed addresses are registered in the policy for `self` (headless mode).
 //! - ports come from `relay.port_range`; EVEN-PORT and RESERVATION-TOKEN (RFC 8656 §7.2)
 //!   are served from sockets bound in advance and handed over by port number. A reserved
@@ -17,11 +23,13 @@ use async_trait::async_trait;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use webrtc_util::Conn;
 
+use super::datapath::ClientSink;
+use super::kdrops::KernelDrops;
 use super::metrics::{DropReason, TurnMetrics};
 use super::policy::{PeerPolicy, Verdict};
 use super::ratelog::RateLimit;
@@ -34,16 +42,96 @@ const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 /// Random ports tried before an Allocate fails with 508.
 const BIND_ATTEMPTS: usize = 64;
 
-/// Per-allocation state shared by the relay socket and the request handlers.
-#[derive(Debug)]
+/// RFC 8656 §11: channel bindings last 10 minutes unless refreshed.
+pub(crate) const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
+/// Largest datagram read from a peer (the crate's buffer was 1500 bytes).
+const PEER_DATAGRAM: usize = 2048;
+
+/// Channel bindings of one allocation, both ways, with their expiry.
+#[derive(Default)]
+struct Channels {
+    by_number: HashMap<u16, (SocketAddr, Instant)>,
+    by_peer: HashMap<SocketAddr, u16>,
+}
+
+/// Where an allocation's data goes back to: the client and its listener's transport.
+pub(crate) struct ClientEnd {
+    pub(crate) addr: SocketAddr,
+    pub(crate) sink: Arc<dyn ClientSink>,
+}
+
+/// Per-allocation state shared by the relay socket, the data path and the request
+/// handlers. Its locks are this allocation's only.
 pub(crate) struct RelayState {
     /// The relayed transport address given to the client.
     pub(crate) advertised: SocketAddr,
     /// Mirror of the crate's permissions (peer IP → expiry).
     permissions: Mutex<HashMap<IpAddr, Instant>>,
+    /// Mirror of the crate's channel bindings.
+    channels: Mutex<Channels>,
+    socket: Arc<UdpSocket>,
+    /// Set when the Allocate succeeded.
+    client: OnceLock<ClientEnd>,
+    /// The crate closed the relay socket: the allocation ended.
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for RelayState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayState")
+            .field("advertised", &self.advertised)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
 }
 
 impl RelayState {
+    /// The relay socket (sends of the data path).
+    pub(crate) fn socket(&self) -> &UdpSocket {
+        &self.socket
+    }
+
+    /// Whether the allocation ended.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Where the allocation's data goes back to (set once, when the Allocate succeeded).
+    pub(crate) fn set_client(&self, addr: SocketAddr, sink: Arc<dyn ClientSink>) {
+        let _ = self.client.set(ClientEnd { addr, sink });
+    }
+
+    /// Installs or refreshes channel `number` → `peer` (called after the crate accepted
+    /// the binding, so number and peer are consistent with the existing ones).
+    pub(crate) fn bind_channel(&self, number: u16, peer: SocketAddr) {
+        let now = Instant::now();
+        let mut c = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        c.by_number.retain(|_, (_, exp)| *exp > now);
+        let Channels { by_number, by_peer } = &mut *c;
+        by_peer.retain(|_, n| by_number.contains_key(n));
+        c.by_number.insert(number, (peer, now + CHANNEL_LIFETIME));
+        c.by_peer.insert(peer, number);
+    }
+
+    /// The peer of a live channel.
+    pub(crate) fn channel_peer(&self, number: u16) -> Option<SocketAddr> {
+        let c = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        c.by_number
+            .get(&number)
+            .filter(|(_, exp)| *exp > Instant::now())
+            .map(|(p, _)| *p)
+    }
+
+    /// The live channel bound to `peer`, if any.
+    fn peer_channel(&self, peer: SocketAddr) -> Option<u16> {
+        let c = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let n = *c.by_peer.get(&peer)?;
+        c.by_number
+            .get(&n)
+            .filter(|(p, exp)| *p == peer && *exp > Instant::now())
+            .map(|_| n)
+    }
+
     /// Installs or refreshes the permission for `ip` (called next to the crate's own).
     pub(crate) fn permit(&self, ip: IpAddr) {
         let now = Instant::now();
@@ -52,7 +140,7 @@ impl RelayState {
         p.insert(ip, now + PERMISSION_LIFETIME);
     }
 
-    fn has_permission(&self, ip: IpAddr) -> bool {
+    pub(crate) fn has_permission(&self, ip: IpAddr) -> bool {
         let p = self.permissions.lock().unwrap_or_else(|e| e.into_inner());
         p.get(&ip).is_some_and(|exp| *exp > Instant::now())
     }
@@ -75,6 +163,9 @@ pub(crate) struct RelayFactory {
     bind_ip: IpAddr,
     advertised_ip: IpAddr,
     range: PortRange,
+    /// `turn.relay.recv_buffer` (0: the OS default).
+    recv_buffer: usize,
+    kdrops: Arc<KernelDrops>,
     refusal_log: Arc<RateLimit>,
     /// Relay socket failures.
     error_log: Arc<RateLimit>,
@@ -91,6 +182,8 @@ impl RelayFactory {
         bind_ip: IpAddr,
         advertised_ip: IpAddr,
         range: PortRange,
+        recv_buffer: usize,
+        kdrops: Arc<KernelDrops>,
         refusal_log: Arc<RateLimit>,
         error_log: Arc<RateLimit>,
     ) -> Self {
@@ -100,6 +193,8 @@ impl RelayFactory {
             bind_ip,
             advertised_ip,
             range,
+            recv_buffer,
+            kdrops,
             refusal_log,
             error_log,
             last_created: Mutex::new(None),
@@ -131,7 +226,19 @@ impl RelayFactory {
     }
 
     async fn bind(&self, port: u16) -> std::io::Result<UdpSocket> {
-        UdpSocket::bind(SocketAddr::new(self.bind_ip, port)).await
+        let addr = SocketAddr::new(self.bind_ip, port);
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        if self.recv_buffer > 0 {
+            // Best effort: the kernel caps it at net.core.rmem_max.
+            let _ = s.set_recv_buffer_size(self.recv_buffer);
+        }
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        UdpSocket::from_std(s.into())
     }
 
     /// EVEN-PORT: binds an even port (and, when `reserve_next`, the next port under a
@@ -290,9 +397,15 @@ impl turn::relay::RelayAddressGenerator for RelayGenerator {
             .map_err(|e| turn::Error::Other(format!("relay socket: {e}")))?
             .port();
         let advertised = SocketAddr::new(f.advertised_ip, port);
+        let socket = Arc::new(socket);
+        f.kdrops.watch(&*socket, super::kdrops::Kind::Relay);
         let state = Arc::new(RelayState {
             advertised,
             permissions: Mutex::new(HashMap::new()),
+            channels: Mutex::new(Channels::default()),
+            socket: Arc::clone(&socket),
+            client: OnceLock::new(),
+            closed: AtomicBool::new(false),
         });
         f.policy.register_relay(advertised);
         *f.last_created.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&state));
@@ -300,7 +413,8 @@ impl turn::relay::RelayAddressGenerator for RelayGenerator {
             socket,
             state,
             factory: Arc::clone(f),
-            closed: AtomicBool::new(false),
+            buf: Mutex::new(None),
+            scratch: Mutex::new(Vec::new()),
         };
         Ok((Arc::new(conn), advertised))
     }
@@ -308,17 +422,40 @@ impl turn::relay::RelayAddressGenerator for RelayGenerator {
 
 /// A relay socket that enforces the peer policy in both directions.
 struct RelayConn {
-    socket: UdpSocket,
+    socket: Arc<UdpSocket>,
     state: Arc<RelayState>,
     factory: Arc<RelayFactory>,
-    closed: AtomicBool,
+    /// The receive buffer of the data path (only the crate's reader task receives; it
+    /// takes the buffer for as long as `recv_from` runs).
+    buf: Mutex<Option<Box<[u8]>>>,
+    /// Where Data indications are built.
+    scratch: Mutex<Vec<u8>>,
 }
 
 impl RelayConn {
     fn unregister(&self) {
-        if !self.closed.swap(true, Ordering::AcqRel) {
+        if !self.state.closed.swap(true, Ordering::AcqRel) {
             self.factory.policy.unregister_relay(self.state.advertised);
+            self.factory.kdrops.unwatch(&*self.socket);
         }
+    }
+
+    /// Relays one datagram from `peer` (at `buf[4..4 + n]`) to the client; false when the
+    /// client end is not known yet.
+    fn to_client(&self, buf: &mut [u8], n: usize, peer: SocketAddr) -> bool {
+        let Some(client) = self.state.client.get() else {
+            return false;
+        };
+        if let Some(number) = self.state.peer_channel(peer) {
+            buf[0..2].copy_from_slice(&number.to_be_bytes());
+            buf[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+            client.sink.send_frame(&buf[..4 + n], client.addr);
+        } else {
+            let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+            super::wire::data_indication(&mut scratch, peer, &buf[4..4 + n]);
+            client.sink.send_frame(&scratch, client.addr);
+        }
+        true
     }
 }
 
@@ -353,10 +490,12 @@ impl Conn for RelayConn {
         Err(webrtc_util::Error::Other("use recv_from".into()))
     }
 
-    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+    async fn recv_from(&self, out: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
         let m = &self.factory.metrics;
+        let taken = self.buf.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut buf = taken.unwrap_or_else(|| vec![0u8; 4 + PEER_DATAGRAM].into_boxed_slice());
         loop {
-            let (n, src) = match self.socket.recv_from(buf).await {
+            let (n, src) = match self.socket.recv_from(&mut buf[4..]).await {
                 Ok(v) => v,
                 Err(e) if transient(&e) => continue,
                 Err(e) => {
@@ -378,7 +517,14 @@ impl Conn for RelayConn {
                 m.dropped(DropReason::NoPermission).inc();
                 continue;
             }
-            return Ok((n, src));
+            if self.to_client(&mut buf, n, src) {
+                continue;
+            }
+            // Before the Allocate's answer: the crate relays it.
+            let k = n.min(out.len());
+            out[..k].copy_from_slice(&buf[4..4 + k]);
+            *self.buf.lock().unwrap_or_else(|e| e.into_inner()) = Some(buf);
+            return Ok((k, src));
         }
     }
 

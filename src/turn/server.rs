@@ -1,10 +1,13 @@
 //! The per-listener request loop in front of the `turn` crate.
 //!
 //! The crate provides the allocation machinery (`allocation::Manager`: relay sockets,
-//! lifetimes, permissions and channel bindings with their timers, and the peer → client
-//! direction) and handles the data path (ChannelData, Send indications) and Binding
-//! requests. This loop sees every packet first and handles the authenticated TURN methods
-//! itself, because the crate offers no hook for what the service needs there:
+//! lifetimes, permissions and channel bindings with their timers) and answers Binding
+//! requests. The data (ChannelData, Send indications, and what peers send back) does not
+//! go through it: the data path (`datapath`) sees every packet first, here for UDP
+//! (received in `recvmmsg` batches) and other packet transports, in the connection's
+//! reader for TCP/TLS. What is left is handled here; the authenticated TURN methods
+//! (in `requests`) are the service's own, because the crate offers no hook for what the
+//! service needs there:
 //!
 //! - long-term authentication with stateless nonces; wrong or expired credentials get
 //!   401 (the crate answers 400) and are counted;
@@ -17,7 +20,8 @@
 //!   the gateway's own ports also in the loop counter);
 //!   every XOR-PEER-ADDRESS of a CreatePermission is installed (the crate installs only
 //!   the first);
-//! - Send indications to refused peers are dropped and counted.
+//! - Send indications to refused peers are dropped and counted (the data path does
+//!   that for the ones it relays).
 //!
 //! Malformed packets are dropped and counted; a panic inside the crate is caught and
 //! counted as malformed instead of killing the listener.
@@ -28,7 +32,9 @@
 
 use futures_util::FutureExt;
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -39,40 +45,35 @@ use stun::integrity::MessageIntegrity;
 use stun::message::*;
 use stun::textattrs::TextAttribute;
 use stun::uattrs::UnknownAttributes;
-use stun::xoraddr::XorMappedAddress;
+use tokio::io::Interest;
 use tokio_util::sync::CancellationToken;
 use turn::allocation::allocation_manager::Manager;
-use turn::allocation::channel_bind::ChannelBind;
 use turn::allocation::five_tuple::FiveTuple;
-use turn::allocation::permission::Permission;
 use turn::auth::AuthHandler;
 use turn::proto::PROTO_UDP;
-use turn::proto::channum::ChannelNumber;
-use turn::proto::lifetime::Lifetime;
-use turn::proto::relayaddr::RelayedAddress;
-use turn::proto::rsrvtoken::ReservationToken;
 use turn::server::request::Request;
 use webrtc_util::Conn;
 
 use super::auth::{AuthFailure, Authenticator, Nonces};
+use super::datapath::{self, ClientSink, DataPath, RouteCache};
 use super::metrics::{DropReason, TurnMetrics};
 use super::policy::{PeerPolicy, Verdict};
 use super::ratelog::RateLimit;
-use super::relay::{RelayFactory, RelayState};
-use super::table::{AllocMeta, Allocations, Refusal};
-use super::transport::TcpTransport;
+use super::relay::RelayFactory;
+use super::table::Allocations;
+use super::transport::{TcpTransport, UdpTransport};
 use super::wire::{self, Kind};
 use crate::config::{Protocol, TurnTransport};
+use crate::proxy::sys::MsgBatch;
 
 /// RFC 8656 §7.2: default allocation lifetime.
 pub(crate) const DEFAULT_LIFETIME: u32 = 600;
 /// RFC 8656 §7.2: the server's maximum allocation lifetime (3600 s recommended).
 pub(crate) const MAX_LIFETIME: u32 = 3600;
 /// RFC 8656 §11: channel bindings last 10 minutes.
-const CHANNEL_BIND_LIFETIME: Duration = Duration::from_secs(600);
-/// Channel numbers clients may bind (RFC 5766 range; RFC 8656 narrows it to 0x4FFF but
-/// coturn clients pick from the whole range).
-const CHANNEL_RANGE: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFF;
+pub(super) const CHANNEL_BIND_LIFETIME: Duration = super::relay::CHANNEL_LIFETIME;
+/// Datagrams taken per `recvmmsg` on a UDP listener.
+const UDP_BATCH: usize = 32;
 
 /// Comprehension-required attributes this server understands (others get 420).
 const KNOWN_REQUIRED: &[u16] = &[
@@ -116,6 +117,34 @@ pub(crate) struct Core {
 }
 
 impl Core {
+    /// Counts and logs peers refused by the policy (`what`: the request or indication).
+    pub(crate) fn refused(
+        &self,
+        src: SocketAddr,
+        username: &str,
+        peers: &[SocketAddr],
+        what: &'static str,
+    ) {
+        self.metrics.permission_denied.inc_by(peers.len() as u64);
+        let loops = peers
+            .iter()
+            .filter(|p| self.policy.verdict(**p) == Verdict::Loop)
+            .count();
+        self.metrics.loop_refused.inc_by(loops as u64);
+        if self.refusal_log.allow() {
+            tracing::warn!(
+                client = %src,
+                username = ?loggable(username),
+                peers = ?peers,
+                request = what,
+                own_ports = loops,
+                "TURN: peer outside turn.relay.peers refused (own_ports: the gateway's own ports, a loop)"
+            );
+        }
+    }
+}
+
+impl Core {
     pub(crate) fn new(
         auth: Authenticator,
         policy: Arc<PeerPolicy>,
@@ -140,9 +169,9 @@ impl Core {
     }
 }
 
-struct Authed {
-    username: String,
-    key: Vec<u8>,
+pub(super) struct Authed {
+    pub(super) username: String,
+    pub(super) key: Vec<u8>,
 }
 
 /// One TURN listener: its transport, its allocation manager and its request loop.
@@ -150,17 +179,22 @@ pub(crate) struct Listener {
     pub(crate) idx: usize,
     pub(crate) protocol: TurnTransport,
     pub(crate) local: SocketAddr,
-    core: Arc<Core>,
-    conn: Arc<dyn Conn + Send + Sync>,
+    pub(super) core: Arc<Core>,
+    pub(super) conn: Arc<dyn Conn + Send + Sync>,
     pub(crate) manager: Arc<Manager>,
-    relays: Arc<RelayFactory>,
+    pub(super) relays: Arc<RelayFactory>,
     /// The TCP transport, to mark connections that made an allocation.
-    tcp: Option<Arc<TcpTransport>>,
+    pub(super) tcp: Option<Arc<TcpTransport>>,
+    /// The UDP transport: received in batches by the request loop.
+    udp: Option<Arc<UdpTransport>>,
+    /// Where relay sockets send the data of this listener's allocations.
+    pub(super) sink: Arc<dyn ClientSink>,
+    datapath: Arc<DataPath>,
     crate_nonces: Arc<tokio::sync::Mutex<HashMap<String, tokio::time::Instant>>>,
     auth_handler: Arc<dyn AuthHandler + Send + Sync>,
 }
 
-fn error_attr(code: u16, reason: &str) -> Box<dyn Setter> {
+pub(super) fn error_attr(code: u16, reason: &str) -> Box<dyn Setter> {
     Box::new(ErrorCodeAttribute {
         code: ErrorCode(code),
         reason: reason.as_bytes().to_vec(),
@@ -168,17 +202,19 @@ fn error_attr(code: u16, reason: &str) -> Box<dyn Setter> {
 }
 
 /// A username fit for a log line: bounded and escaped by `Debug` formatting.
-fn loggable(username: &str) -> String {
+pub(super) fn loggable(username: &str) -> String {
     username.chars().take(64).collect()
 }
 
-fn requested_lifetime(m: &Message) -> Option<u32> {
+pub(super) fn requested_lifetime(m: &Message) -> Option<u32> {
     let v = m.get(ATTR_LIFETIME).ok()?;
     let b: [u8; 4] = v.as_slice().try_into().ok()?;
     Some(u32::from_be_bytes(b))
 }
 
 impl Listener {
+    /// `conn` is the transport as the crate sees it, `sink` the same transport as the
+    /// data path sends through; `udp`/`tcp` are set for those transports.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         idx: usize,
@@ -186,26 +222,35 @@ impl Listener {
         local: SocketAddr,
         core: Arc<Core>,
         conn: Arc<dyn Conn + Send + Sync>,
+        sink: Arc<dyn ClientSink>,
         manager: Arc<Manager>,
         relays: Arc<RelayFactory>,
+        udp: Option<Arc<UdpTransport>>,
         tcp: Option<Arc<TcpTransport>>,
     ) -> Self {
         let auth_handler: Arc<dyn AuthHandler + Send + Sync> = Arc::new(core.auth.clone());
+        let datapath = Arc::new(DataPath::new(idx, local, Arc::clone(&core)));
+        if let Some(t) = &tcp {
+            t.set_datapath(Arc::clone(&datapath));
+        }
         Listener {
             idx,
             protocol,
             local,
             core,
             conn,
+            sink,
+            datapath,
             manager,
             relays,
+            udp,
             tcp,
             crate_nonces: Arc::new(tokio::sync::Mutex::new(HashMap::new())),
             auth_handler,
         }
     }
 
-    fn five_tuple(&self, src: SocketAddr) -> FiveTuple {
+    pub(super) fn five_tuple(&self, src: SocketAddr) -> FiveTuple {
         FiveTuple {
             protocol: PROTO_UDP,
             src_addr: src,
@@ -215,7 +260,12 @@ impl Listener {
 
     /// Reads and handles packets until cancelled or the transport closes.
     pub(crate) async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        if let Some(udp) = self.udp.clone() {
+            return self.run_udp(&udp, cancel).await;
+        }
         let mut buf = vec![0u8; wire::MAX_FRAME + 64];
+        let mut routes = RouteCache::new();
+        let mut prune_at = 64;
         loop {
             let received = tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -236,12 +286,77 @@ impl Listener {
                 }
             };
             let pkt = &buf[..n];
-            let handled = AssertUnwindSafe(self.handle(pkt, src)).catch_unwind().await;
-            if handled.is_err() {
-                self.core.metrics.dropped(DropReason::Malformed).inc();
-                if self.core.malformed_log.allow() {
-                    tracing::error!(client = %src, listen = %self.local, "TURN: panic while handling a packet (dropped)");
+            if !self.relay_data(pkt, src, &mut routes, &mut prune_at) {
+                self.guarded(pkt, src).await;
+            }
+        }
+    }
+
+    /// The UDP listener: `recvmmsg` batches; data relayed on the spot, the rest handled
+    /// in order.
+    async fn run_udp(&self, udp: &UdpTransport, cancel: CancellationToken) {
+        let socket = udp.socket();
+        let fd = socket.as_raw_fd();
+        let mut batch = MsgBatch::new(UDP_BATCH, wire::MAX_FRAME);
+        let mut routes = RouteCache::new();
+        let mut prune_at = 64;
+        loop {
+            let received = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = socket.async_io(Interest::READABLE, || match batch.recv_from(fd) {
+                    Ok(0) => Err(io::ErrorKind::WouldBlock.into()),
+                    r => r,
+                }) => r,
+            };
+            let n = match received {
+                Ok(n) => n,
+                Err(e) => {
+                    if self.core.misc_log.allow() {
+                        tracing::warn!(listen = %self.local, error = %e, "TURN UDP receive failed");
+                    }
+                    // Do not spin on a persistent error.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
                 }
+            };
+            for i in 0..n {
+                let (pkt, src, truncated) = batch.get(i);
+                let Some(src) = src else { continue };
+                if truncated {
+                    self.malformed(src, "datagram larger than any TURN message");
+                    continue;
+                }
+                if !self.relay_data(pkt, src, &mut routes, &mut prune_at) {
+                    self.guarded(pkt, src).await;
+                }
+            }
+        }
+    }
+
+    /// The data path first: true when `pkt` was data and is dealt with.
+    fn relay_data(
+        &self,
+        pkt: &[u8],
+        src: SocketAddr,
+        routes: &mut RouteCache,
+        prune_at: &mut usize,
+    ) -> bool {
+        let slot = routes.entry(src).or_default();
+        let done = self.datapath.client_packet(pkt, src, slot);
+        if slot.is_none() {
+            routes.remove(&src);
+        }
+        datapath::prune(routes, prune_at);
+        done
+    }
+
+    /// Handles one control packet; a panic inside the crate is counted, not fatal.
+    async fn guarded(&self, pkt: &[u8], src: SocketAddr) {
+        let handled = AssertUnwindSafe(self.handle(pkt, src)).catch_unwind().await;
+        if handled.is_err() {
+            self.core.metrics.dropped(DropReason::Malformed).inc();
+            if self.core.malformed_log.allow() {
+                tracing::error!(client = %src, listen = %self.local, "TURN: panic while handling a packet (dropped)");
             }
         }
     }
@@ -254,7 +369,7 @@ impl Listener {
         }
     }
 
-    fn malformed(&self, src: SocketAddr, what: &'static str) {
+    pub(super) fn malformed(&self, src: SocketAddr, what: &'static str) {
         self.core.metrics.dropped(DropReason::Malformed).inc();
         if self.core.malformed_log.allow() {
             tracing::debug!(client = %src, listen = %self.local, what, "TURN: malformed packet dropped");
@@ -262,7 +377,7 @@ impl Listener {
     }
 
     /// Hands a packet to the crate's request handler (data path and Binding).
-    async fn to_crate(&self, pkt: &[u8], src: SocketAddr) {
+    pub(super) async fn to_crate(&self, pkt: &[u8], src: SocketAddr) {
         let mut r = Request {
             conn: Arc::clone(&self.conn),
             src_addr: src,
@@ -318,7 +433,7 @@ impl Listener {
         }
     }
 
-    fn build(
+    pub(super) fn build(
         &self,
         req: &Message,
         class: MessageClass,
@@ -342,7 +457,7 @@ impl Listener {
     }
 
     /// Builds the response now (attribute setters are not `Send`) and returns the send.
-    fn reply(
+    pub(super) fn reply(
         &self,
         req: &Message,
         src: SocketAddr,
@@ -358,7 +473,7 @@ impl Listener {
         }
     }
 
-    fn fail(
+    pub(super) fn fail(
         &self,
         req: &Message,
         src: SocketAddr,
@@ -395,7 +510,7 @@ impl Listener {
         self.reply(req, src, CLASS_ERROR_RESPONSE, attrs, None)
     }
 
-    fn auth_failed(&self, reason: AuthFailure, username: &str, src: SocketAddr) {
+    pub(super) fn auth_failed(&self, reason: AuthFailure, username: &str, src: SocketAddr) {
         self.core.metrics.auth_failure(reason).inc();
         if self.core.auth_log.allow() {
             tracing::warn!(
@@ -408,26 +523,14 @@ impl Listener {
         }
     }
 
-    fn refused(&self, src: SocketAddr, username: &str, peers: &[SocketAddr], what: &'static str) {
-        self.core
-            .metrics
-            .permission_denied
-            .inc_by(peers.len() as u64);
-        let loops = peers
-            .iter()
-            .filter(|p| self.core.policy.verdict(**p) == Verdict::Loop)
-            .count();
-        self.core.metrics.loop_refused.inc_by(loops as u64);
-        if self.core.refusal_log.allow() {
-            tracing::warn!(
-                client = %src,
-                username = ?loggable(username),
-                peers = ?peers,
-                request = what,
-                own_ports = loops,
-                "TURN: peer outside turn.relay.peers refused (own_ports: the gateway's own ports, a loop)"
-            );
-        }
+    pub(super) fn refused(
+        &self,
+        src: SocketAddr,
+        username: &str,
+        peers: &[SocketAddr],
+        what: &'static str,
+    ) {
+        self.core.refused(src, username, peers, what);
     }
 
     /// Long-term credential check (RFC 8489 §9.2). Answers the client itself on failure.
@@ -508,391 +611,5 @@ impl Listener {
             METHOD_CREATE_PERMISSION => self.create_permission(&m, src, auth).await,
             _ => self.channel_bind(&m, src, auth).await,
         }
-    }
-
-    /// Drops EVEN-PORT reservations whose 30 seconds have passed and gives their quota
-    /// units back (called every second by the service and before each Allocate).
-    pub(crate) fn expire_reservations(&self) {
-        for owner in self.relays.take_expired() {
-            self.core.allocs.reservation_released(&owner);
-        }
-    }
-
-    /// Answers an Allocate that got no quota unit: 486 (per-user quota) or 508 (global cap).
-    fn refuse(
-        &self,
-        m: &Message,
-        src: SocketAddr,
-        user: &str,
-        why: Refusal,
-        k: &[u8],
-    ) -> impl Future<Output = ()> + Send + '_ {
-        let (counter, code, reason, what) = match why {
-            Refusal::Quota => (
-                &self.core.metrics.quota_exceeded,
-                486,
-                "Allocation Quota Reached",
-                "TURN allocation quota reached (turn.quota.allocations_per_user)",
-            ),
-            Refusal::Capacity => (
-                &self.core.metrics.capacity_exceeded,
-                508,
-                "Insufficient Capacity",
-                "TURN allocation cap reached (turn.quota.max_allocations)",
-            ),
-        };
-        counter.inc();
-        if self.core.misc_log.allow() {
-            tracing::warn!(
-                client = %src,
-                username = ?loggable(user),
-                quota = self.core.allocs.quota,
-                max_allocations = self.core.allocs.max_units,
-                "{what}"
-            );
-        }
-        self.fail(m, src, code, reason, k)
-    }
-
-    /// RFC 8656 §7.2.
-    async fn allocate(&self, m: &Message, src: SocketAddr, auth: Authed) {
-        let ft = self.five_tuple(src);
-        let key = (self.idx, ft);
-        let k = auth.key.as_slice();
-        self.expire_reservations();
-        if self.manager.get_allocation(&ft).await.is_some() {
-            match self.core.allocs.retransmission(&key, m.transaction_id) {
-                Some(resp) => {
-                    let _ = self.conn.send_to(&resp, src).await;
-                }
-                None => self.fail(m, src, 437, "Allocation Mismatch", k).await,
-            }
-            return;
-        }
-        match m.get(ATTR_REQUESTED_TRANSPORT) {
-            Ok(v) if v.len() == 4 => {
-                if v[0] != 17 {
-                    return self
-                        .fail(m, src, 442, "Unsupported Transport Protocol", k)
-                        .await;
-                }
-            }
-            _ => return self.fail(m, src, 400, "Bad Request", k).await,
-        }
-        let token = m.get(ATTR_RESERVATION_TOKEN).ok();
-        let even = m.get(ATTR_EVEN_PORT).ok();
-        let family = m.get(ATTR_REQUESTED_ADDRESS_FAMILY).ok();
-        if token.is_some() && (even.is_some() || family.is_some()) {
-            return self.fail(m, src, 400, "Bad Request", k).await;
-        }
-        if even.as_ref().is_some_and(|e| e.len() != 1)
-            || token.as_ref().is_some_and(|t| t.len() != 8)
-        {
-            return self.fail(m, src, 400, "Bad Request", k).await;
-        }
-        let want_ipv4 = match family.as_deref() {
-            None => true,
-            Some([1, 0, 0, 0]) => true,
-            Some([2, 0, 0, 0]) => false,
-            Some(_) => {
-                return self
-                    .fail(m, src, 440, "Address Family not Supported", k)
-                    .await;
-            }
-        };
-        if want_ipv4 != self.relays.is_ipv4() {
-            return self
-                .fail(m, src, 440, "Address Family not Supported", k)
-                .await;
-        }
-        let user = auth.username.as_str();
-        // Quota units: one for the allocation, one more for an EVEN-PORT reservation.
-        let mut reservation = None;
-        let requested_port = if let Some(t) = &token {
-            let Some(owner) = self.relays.reservation_owner(t) else {
-                return self.fail(m, src, 508, "Insufficient Capacity", k).await;
-            };
-            let by_owner = owner == user;
-            if !by_owner && let Err(r) = self.core.allocs.reserve(user) {
-                return self.refuse(m, src, user, r, k).await;
-            }
-            match self.relays.take_reservation(t) {
-                Some((port, owner)) => {
-                    self.core.allocs.reservation_used(&owner, by_owner);
-                    port
-                }
-                None => {
-                    if !by_owner {
-                        self.core.allocs.unreserve(user);
-                    }
-                    return self.fail(m, src, 508, "Insufficient Capacity", k).await;
-                }
-            }
-        } else {
-            if let Err(r) = self.core.allocs.reserve(user) {
-                return self.refuse(m, src, user, r, k).await;
-            }
-            match &even {
-                Some(e) => {
-                    let reserve_next = e[0] & 0x80 != 0;
-                    if reserve_next && let Err(r) = self.core.allocs.reserve(user) {
-                        self.core.allocs.unreserve(user);
-                        return self.refuse(m, src, user, r, k).await;
-                    }
-                    match self.relays.prebind_even(reserve_next, user).await {
-                        Some((p, tok)) => {
-                            if tok.is_some() {
-                                self.core.allocs.reservation_added();
-                            }
-                            reservation = tok;
-                            p
-                        }
-                        None => {
-                            self.core.allocs.unreserve(user);
-                            if reserve_next {
-                                self.core.allocs.unreserve(user);
-                            }
-                            return self.fail(m, src, 508, "Insufficient Capacity", k).await;
-                        }
-                    }
-                }
-                None => 0,
-            }
-        };
-        let lifetime = requested_lifetime(m)
-            .unwrap_or(DEFAULT_LIFETIME)
-            .clamp(DEFAULT_LIFETIME, MAX_LIFETIME);
-        let lifetime = Duration::from_secs(lifetime.into());
-        let created = self
-            .manager
-            .create_allocation(
-                ft,
-                Arc::clone(&self.conn),
-                requested_port,
-                lifetime,
-                TextAttribute::new(ATTR_USERNAME, auth.username.clone()),
-                want_ipv4,
-            )
-            .await;
-        let relay = self.relays.take_last_created();
-        let relay = match (created, relay) {
-            (Ok(_), Some(relay)) => relay,
-            (result, _) => {
-                self.core.allocs.unreserve(&auth.username);
-                if requested_port != 0 {
-                    self.relays.release_prebound(requested_port);
-                }
-                if reservation.is_some()
-                    && let Some(owner) = self.relays.release_prebound(requested_port + 1)
-                {
-                    self.core.allocs.reservation_released(&owner);
-                }
-                if let Err(e) = result
-                    && self.core.misc_log.allow()
-                {
-                    tracing::warn!(client = %src, error = %e, "TURN allocation failed");
-                }
-                return self.fail(m, src, 508, "Insufficient Capacity", k).await;
-            }
-        };
-        // Setters are not `Send`: build the response in a block that ends before any await.
-        let response = {
-            let mut attrs: Vec<Box<dyn Setter>> = vec![
-                Box::new(RelayedAddress {
-                    ip: relay.advertised.ip(),
-                    port: relay.advertised.port(),
-                }),
-                Box::new(Lifetime(lifetime)),
-                Box::new(XorMappedAddress {
-                    ip: src.ip(),
-                    port: src.port(),
-                }),
-            ];
-            if let Some(t) = reservation {
-                attrs.push(Box::new(ReservationToken(t.to_vec())));
-            }
-            self.build(m, CLASS_SUCCESS_RESPONSE, attrs, Some(k))
-                .unwrap_or_default()
-        };
-        if self.core.alloc_log.allow() {
-            tracing::debug!(
-                client = %src,
-                transport = %self.protocol,
-                username = ?loggable(&auth.username),
-                relay = %relay.advertised,
-                lifetime_s = lifetime.as_secs(),
-                "TURN allocation created"
-            );
-        }
-        self.core.allocs.commit(
-            key,
-            AllocMeta {
-                username: auth.username,
-                relay,
-                txid: m.transaction_id,
-                response: response.clone(),
-            },
-        );
-        self.core.metrics.allocations_created.inc();
-        if let Some(t) = &self.tcp {
-            t.mark_allocated(src);
-        }
-        let _ = self.conn.send_to(&response, src).await;
-    }
-
-    /// The allocation of `src` and its relay state, or the error already answered.
-    async fn existing(
-        &self,
-        m: &Message,
-        src: SocketAddr,
-        auth: &Authed,
-    ) -> Option<(Arc<turn::allocation::Allocation>, Arc<RelayState>)> {
-        let ft = self.five_tuple(src);
-        let k = auth.key.as_slice();
-        let alloc = self.manager.get_allocation(&ft).await;
-        let meta = self.core.allocs.lookup(&(self.idx, ft));
-        let (Some(alloc), Some((owner, relay))) = (alloc, meta) else {
-            self.fail(m, src, 437, "Allocation Mismatch", k).await;
-            return None;
-        };
-        if owner != auth.username {
-            self.auth_failed(AuthFailure::WrongCredentials, &auth.username, src);
-            self.fail(m, src, 441, "Wrong Credentials", k).await;
-            return None;
-        }
-        Some((alloc, relay))
-    }
-
-    fn peers(m: &Message) -> Option<Vec<SocketAddr>> {
-        wire::attributes(&m.raw)
-            .filter(|(t, _)| *t == ATTR_XOR_PEER_ADDRESS.value())
-            .map(|(_, v)| wire::xor_address(v, &m.transaction_id.0))
-            .collect()
-    }
-
-    /// RFC 8656 §7.3.
-    async fn refresh(&self, m: &Message, src: SocketAddr, auth: Authed) {
-        let Some((alloc, relay)) = self.existing(m, src, &auth).await else {
-            return;
-        };
-        let k = auth.key.as_slice();
-        if let Ok(v) = m.get(ATTR_REQUESTED_ADDRESS_FAMILY) {
-            let ipv4 = v.first() == Some(&1);
-            if ipv4 != relay.advertised.is_ipv4() {
-                return self
-                    .fail(m, src, 443, "Peer Address Family Mismatch", k)
-                    .await;
-            }
-        }
-        let lifetime = requested_lifetime(m).map_or(DEFAULT_LIFETIME, |l| l.min(MAX_LIFETIME));
-        let lifetime = Duration::from_secs(lifetime.into());
-        if lifetime.is_zero() {
-            drop(alloc);
-            let ft = self.five_tuple(src);
-            self.manager.delete_allocation(&ft).await;
-            self.core.allocs.remove(&(self.idx, ft), None);
-            if self.core.alloc_log.allow() {
-                tracing::debug!(client = %src, relay = %relay.advertised, "TURN allocation deleted by the client");
-            }
-        } else {
-            alloc.refresh(lifetime).await;
-        }
-        let attrs: Vec<Box<dyn Setter>> = vec![Box::new(Lifetime(lifetime))];
-        self.reply(m, src, CLASS_SUCCESS_RESPONSE, attrs, Some(k))
-            .await;
-    }
-
-    /// RFC 8656 §9.2.
-    async fn create_permission(&self, m: &Message, src: SocketAddr, auth: Authed) {
-        let Some((alloc, relay)) = self.existing(m, src, &auth).await else {
-            return;
-        };
-        let k = auth.key.as_slice();
-        let peers = match Self::peers(m) {
-            Some(p) if !p.is_empty() => p,
-            _ => return self.fail(m, src, 400, "Bad Request", k).await,
-        };
-        if peers
-            .iter()
-            .any(|p| p.is_ipv4() != relay.advertised.is_ipv4())
-        {
-            return self
-                .fail(m, src, 443, "Peer Address Family Mismatch", k)
-                .await;
-        }
-        let refused: Vec<SocketAddr> = peers
-            .iter()
-            .copied()
-            .filter(|p| !self.core.policy.allows(*p))
-            .collect();
-        if !refused.is_empty() {
-            self.refused(src, &auth.username, &refused, "CreatePermission");
-            return self.fail(m, src, 403, "Forbidden", k).await;
-        }
-        for p in peers {
-            alloc.add_permission(Permission::new(p)).await;
-            relay.permit(p.ip());
-        }
-        self.reply(m, src, CLASS_SUCCESS_RESPONSE, vec![], Some(k))
-            .await;
-    }
-
-    /// RFC 8656 §11.2.
-    async fn channel_bind(&self, m: &Message, src: SocketAddr, auth: Authed) {
-        let Some((alloc, relay)) = self.existing(m, src, &auth).await else {
-            return;
-        };
-        let k = auth.key.as_slice();
-        let number = match m.get(ATTR_CHANNEL_NUMBER) {
-            Ok(v) if v.len() == 4 => u16::from_be_bytes([v[0], v[1]]),
-            _ => return self.fail(m, src, 400, "Bad Request", k).await,
-        };
-        let peer = match Self::peers(m).and_then(|p| p.first().copied()) {
-            Some(p) => p,
-            None => return self.fail(m, src, 400, "Bad Request", k).await,
-        };
-        if !CHANNEL_RANGE.contains(&number) {
-            return self.fail(m, src, 400, "Bad Request", k).await;
-        }
-        if peer.is_ipv4() != relay.advertised.is_ipv4() {
-            return self
-                .fail(m, src, 443, "Peer Address Family Mismatch", k)
-                .await;
-        }
-        if !self.core.policy.allows(peer) {
-            self.refused(src, &auth.username, &[peer], "ChannelBind");
-            return self.fail(m, src, 403, "Forbidden", k).await;
-        }
-        let bound = alloc
-            .add_channel_bind(
-                ChannelBind::new(ChannelNumber(number), peer),
-                CHANNEL_BIND_LIFETIME,
-            )
-            .await;
-        if bound.is_err() {
-            // The channel is bound to another peer, or the peer to another channel.
-            return self.fail(m, src, 400, "Bad Request", k).await;
-        }
-        relay.permit(peer.ip());
-        self.reply(m, src, CLASS_SUCCESS_RESPONSE, vec![], Some(k))
-            .await;
-    }
-
-    /// Send indication: the policy first, then the crate relays it.
-    async fn send_indication(&self, m: &Message, pkt: &[u8], src: SocketAddr) {
-        let Some(peer) = Self::peers(m).and_then(|p| p.first().copied()) else {
-            return self.malformed(src, "Send indication without XOR-PEER-ADDRESS");
-        };
-        if !self.core.policy.allows(peer) {
-            let user = self
-                .core
-                .allocs
-                .lookup(&(self.idx, self.five_tuple(src)))
-                .map(|(u, _)| u)
-                .unwrap_or_default();
-            self.refused(src, &user, &[peer], "Send");
-            return;
-        }
-        self.to_crate(pkt, src).await;
     }
 }

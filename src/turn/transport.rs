@@ -24,6 +24,12 @@
 //! `accept_proxy_protocol` each connection must first send a PROXY v2 header (within 5 s,
 //! else `proxy_header`), whose source address then stands for the client everywhere.
 //!
+//! Both are the [`ClientSink`] of the data path (`datapath`): frames from relay sockets
+//! are sent without blocking (UDP: `sendto` on the listener socket; TCP: the connection's
+//! send queue). A TCP connection's reader hands ChannelData and Send indications to the
+//! data path itself (no hop through the listener task); only control frames (STUN
+//! requests) travel to the listener's request loop.
+//!
 //! Both count the relayed payload they carry to clients and never fail a send towards
 //! the crate (the crate would log every failure); failures are counted instead.
 //! `close()` is a no-op because the crate closes the listener connection whenever one
@@ -34,7 +40,7 @@ use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -45,8 +51,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use webrtc_util::Conn;
 
+use super::datapath::{ClientSink, DataPath};
 use super::metrics::{DropReason, TcpClose, TurnMetrics};
 use super::ratelog::RateLimit;
+use super::relay::RelayState;
 use super::trim::Trimmer;
 use super::wire::{self, Frame};
 
@@ -95,6 +103,24 @@ impl UdpTransport {
             local,
             metrics,
         })
+    }
+}
+
+impl UdpTransport {
+    /// The listener socket (the request loop receives in batches on it).
+    pub(crate) fn socket(&self) -> &UdpSocket {
+        &self.socket
+    }
+}
+
+impl ClientSink for UdpTransport {
+    fn send_frame(&self, frame: &[u8], client: SocketAddr) {
+        match self.socket.try_send_to(frame, client) {
+            Ok(_) => count_to_client(&self.metrics, frame),
+            Err(_) => {
+                self.metrics.dropped(DropReason::SendError).inc();
+            }
+        }
     }
 }
 
@@ -161,6 +187,8 @@ pub(crate) struct TcpTransport {
     frames: Mutex<mpsc::Receiver<(Bytes, SocketAddr)>>,
     writers: Writers,
     metrics: TurnMetrics,
+    /// The listener's data path, set once the listener exists.
+    datapath: Arc<OnceLock<Arc<DataPath>>>,
 }
 
 impl TcpTransport {
@@ -186,8 +214,10 @@ impl TcpTransport {
             frames: Mutex::new(frames_rx),
             writers: Arc::new(RwLock::new(HashMap::new())),
             metrics: metrics.clone(),
+            datapath: Arc::new(OnceLock::new()),
         });
         let writers = Arc::clone(&transport.writers);
+        let datapath = Arc::clone(&transport.datapath);
         let tracker = tasks.clone();
         tasks.spawn(async move {
             loop {
@@ -223,6 +253,7 @@ impl TcpTransport {
                     metrics: metrics.clone(),
                     cancel: cancel.child_token(),
                     log: Arc::clone(&log),
+                    datapath: Arc::clone(&datapath),
                 };
                 let gauge = metrics.tcp_connections.clone();
                 let trimmer = Arc::clone(&trimmer);
@@ -247,6 +278,7 @@ struct Connection {
     metrics: TurnMetrics,
     cancel: CancellationToken,
     log: Arc<RateLimit>,
+    datapath: Arc<OnceLock<Arc<DataPath>>>,
 }
 
 impl Connection {
@@ -360,12 +392,20 @@ impl Connection {
         let mut frame_started: Option<Instant> = None;
         // Empty until bytes arrive; grows to what the current frame needs.
         let mut buf = BytesMut::new();
+        // This connection's allocation, for the data path.
+        let mut route: Option<Arc<RelayState>> = None;
         loop {
             loop {
                 match wire::tcp_frame(&buf) {
                     Frame::Complete(n) => {
-                        let frame = buf.split_to(n).freeze();
                         frame_started = None;
+                        if let Some(dp) = self.datapath.get()
+                            && dp.client_packet(&buf[..n], self.peer, &mut route)
+                        {
+                            bytes::Buf::advance(&mut buf, n);
+                            continue;
+                        }
+                        let frame = buf.split_to(n).freeze();
                         if self.frames.send((frame, self.peer)).await.is_err() {
                             return None;
                         }
@@ -442,6 +482,42 @@ impl Connection {
 }
 
 impl TcpTransport {
+    /// Connects the listener's data path: from now on the connections' readers relay
+    /// ChannelData and Send indications themselves.
+    pub(crate) fn set_datapath(&self, dp: Arc<DataPath>) {
+        let _ = self.datapath.set(dp);
+    }
+
+    /// Queues one frame for `target`'s connection without blocking (padded to four bytes
+    /// if it is ChannelData); a full queue drops it, counted.
+    fn queue(&self, buf: &[u8], target: SocketAddr) {
+        let pad = wire::tcp_padding(buf);
+        let frame = if pad == 0 {
+            Bytes::copy_from_slice(buf)
+        } else {
+            let mut b = BytesMut::with_capacity(buf.len() + pad);
+            b.extend_from_slice(buf);
+            b.resize(buf.len() + pad, 0);
+            b.freeze()
+        };
+        let sent = {
+            let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
+            match writers.get(&target) {
+                Some(w) => w.tx.try_send(frame).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => DropReason::ClientBackpressure,
+                    mpsc::error::TrySendError::Closed(_) => DropReason::SendError,
+                }),
+                None => Err(DropReason::SendError),
+            }
+        };
+        match sent {
+            Ok(()) => count_to_client(&self.metrics, buf),
+            Err(reason) => {
+                self.metrics.dropped(reason).inc();
+            }
+        }
+    }
+
     /// Marks the connection from `peer` as having an allocation: the allocation timeout
     /// and the 4 KiB frame limit no longer apply to it.
     pub(crate) fn mark_allocated(&self, peer: SocketAddr) {
@@ -482,31 +558,7 @@ impl Conn for TcpTransport {
         not_applicable()
     }
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
-        let pad = wire::tcp_padding(buf);
-        let frame = if pad == 0 {
-            Bytes::copy_from_slice(buf)
-        } else {
-            let mut b = BytesMut::with_capacity(buf.len() + pad);
-            b.extend_from_slice(buf);
-            b.resize(buf.len() + pad, 0);
-            b.freeze()
-        };
-        let sent = {
-            let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
-            match writers.get(&target) {
-                Some(w) => w.tx.try_send(frame).map_err(|e| match e {
-                    mpsc::error::TrySendError::Full(_) => DropReason::ClientBackpressure,
-                    mpsc::error::TrySendError::Closed(_) => DropReason::SendError,
-                }),
-                None => Err(DropReason::SendError),
-            }
-        };
-        match sent {
-            Ok(()) => count_to_client(&self.metrics, buf),
-            Err(reason) => {
-                self.metrics.dropped(reason).inc();
-            }
-        }
+        self.queue(buf, target);
         Ok(buf.len())
     }
     fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
@@ -520,5 +572,11 @@ impl Conn for TcpTransport {
     }
     fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
         self
+    }
+}
+
+impl ClientSink for TcpTransport {
+    fn send_frame(&self, frame: &[u8], client: SocketAddr) {
+        self.queue(frame, client);
     }
 }

@@ -168,6 +168,36 @@ pub(crate) fn attributes(b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
+/// Builds into `out` (cleared first) a Data indication (RFC 8656 §11.4) carrying `data`
+/// (at most 65,000 bytes) from `peer`: XOR-PEER-ADDRESS and DATA, a random transaction
+/// ID, no FINGERPRINT (as the `turn` crate builds them).
+pub(crate) fn data_indication(out: &mut Vec<u8>, peer: SocketAddr, data: &[u8]) {
+    let txid: [u8; 12] = rand::random();
+    let addr_len: usize = if peer.is_ipv4() { 8 } else { 20 };
+    let body = 4 + addr_len + 4 + padded(data.len());
+    out.clear();
+    out.extend_from_slice(&[0x00, 0x17]);
+    out.extend_from_slice(&(body as u16).to_be_bytes());
+    out.extend_from_slice(&MAGIC_COOKIE);
+    out.extend_from_slice(&txid);
+    out.extend_from_slice(&0x0012u16.to_be_bytes());
+    out.extend_from_slice(&(addr_len as u16).to_be_bytes());
+    out.push(0);
+    out.push(if peer.is_ipv4() { 1 } else { 2 });
+    out.extend_from_slice(&(peer.port() ^ 0x2112).to_be_bytes());
+    let mut key = [0u8; 16];
+    key[..4].copy_from_slice(&MAGIC_COOKIE);
+    key[4..].copy_from_slice(&txid);
+    match peer.ip() {
+        IpAddr::V4(ip) => out.extend(ip.octets().iter().zip(key).map(|(b, k)| b ^ k)),
+        IpAddr::V6(ip) => out.extend(ip.octets().iter().zip(key).map(|(b, k)| b ^ k)),
+    }
+    out.extend_from_slice(&0x0013u16.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len() + padded(data.len()) - data.len(), 0);
+}
+
 /// Decodes an XOR-PEER-ADDRESS / XOR-MAPPED-ADDRESS / XOR-RELAYED-ADDRESS value.
 pub(crate) fn xor_address(value: &[u8], txid: &[u8; 12]) -> Option<SocketAddr> {
     if value.len() < 4 {
@@ -284,6 +314,22 @@ mod tests {
         bad[34] = 0xFF;
         assert_eq!(relayed_payload_len(&bad[..30]), None);
         let _ = attributes(&bad).count();
+    }
+
+    #[test]
+    fn data_indications_decode() {
+        for peer in ["10.1.2.3:4000", "[2001:db8::7]:5000"] {
+            let peer: SocketAddr = peer.parse().unwrap();
+            let mut out = Vec::new();
+            data_indication(&mut out, peer, b"hello");
+            assert_eq!(classify(&out), Kind::Stun);
+            assert_eq!(relayed_payload_len(&out), Some(5));
+            let txid: [u8; 12] = out[8..20].try_into().unwrap();
+            let got: Vec<(u16, Vec<u8>)> = attributes(&out).map(|(t, v)| (t, v.to_vec())).collect();
+            assert_eq!(got.len(), 2);
+            assert_eq!(xor_address(&got[0].1, &txid), Some(peer));
+            assert_eq!(got[1], (0x0013, b"hello".to_vec()));
+        }
     }
 
     #[test]

@@ -118,6 +118,7 @@ pub fn config(auth: Auth, peers: &[&str], quota: usize) -> TurnConfig {
                 last: 64999,
             },
             peers: peers.iter().map(|s| s.to_string()).collect(),
+            ..RelayConfig::default()
         },
         quota: QuotaConfig {
             allocations_per_user: quota,

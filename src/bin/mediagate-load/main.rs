@@ -301,7 +301,9 @@ fn main() -> ExitCode {
                 t => return Err(format!("--transport must be udp or tcp, not {t}")),
             };
             if allocations == 0 || allocations > 20_000 {
-                return Err(format!("--allocations must be 1..=20000, not {allocations}"));
+                return Err(format!(
+                    "--allocations must be 1..=20000, not {allocations}"
+                ));
             }
             let opts = turn::Options {
                 server,
@@ -331,14 +333,17 @@ fn main() -> ExitCode {
             use loadgen::Trial;
             match rate {
                 Some(rate) => {
-                    let r = g.run(rate, duration, settle).map_err(|e| format!("run: {e}"))?;
+                    let r = g
+                        .run(rate, duration, settle)
+                        .map_err(|e| format!("run: {e}"))?;
                     println!("{}", r.line());
                 }
                 None => {
-                    let s = loadgen::sweep(&g, start, max, max_loss, duration, steps.min(12), |r| {
-                        eprintln!("  trial {}", r.line());
-                    })
-                    .map_err(|e| format!("sweep: {e}"))?;
+                    let s =
+                        loadgen::sweep(&g, start, max, max_loss, duration, steps.min(12), |r| {
+                            eprintln!("  trial {}", r.line());
+                        })
+                        .map_err(|e| format!("sweep: {e}"))?;
                     match s.best {
                         Some(b) => println!("best {}", b.line()),
                         None => println!("best none runs={}", s.runs.len()),

@@ -52,6 +52,8 @@ pub struct Options {
 /// One allocation's socket and its frame template.
 struct Flow {
     fd: RawFd,
+    /// Deleted (Refresh 0) when the generator is dropped.
+    alloc: Allocation,
     /// Keeps the socket open.
     _sock: Sock,
     /// ChannelData header + payload (+ padding), or a Send indication.
@@ -143,7 +145,6 @@ impl TurnGenerator {
                     }
                     Mode::Send => turnctl::send_indication(opts.peer, size)?,
                 };
-                drop(a);
                 match &sock {
                     Sock::Udp(s) => {
                         s.set_nonblocking(true)?;
@@ -159,6 +160,7 @@ impl TurnGenerator {
                     .map_err(io::Error::from)?;
                 flows.push(Flow {
                     fd,
+                    alloc: a,
                     _sock: sock,
                     frame,
                     payload_at,
@@ -260,7 +262,9 @@ impl TurnGenerator {
             };
             for ev in &events[..k] {
                 let i = ev.data() as usize;
-                let Some(f) = shard.flows.get(i) else { continue };
+                let Some(f) = shard.flows.get(i) else {
+                    continue;
+                };
                 if self.opts.tcp {
                     let buf = &mut streams[i];
                     loop {
@@ -327,6 +331,18 @@ impl TurnGenerator {
         for s in &self.shards {
             for f in &s.flows {
                 while matches!(sys::recv(f.fd, &mut buf), Ok(n) if n > 0) {}
+            }
+        }
+    }
+}
+
+impl Drop for TurnGenerator {
+    /// Deletes the allocations, so a later run that reuses a source port is not refused
+    /// (437) by a leftover allocation.
+    fn drop(&mut self) {
+        for s in &mut self.shards {
+            for f in &mut s.flows {
+                f.alloc.release();
             }
         }
     }
@@ -493,7 +509,9 @@ mod tests {
         assert_eq!(frame_len(&b), Some(12));
         b.truncate(11);
         assert_eq!(frame_len(&b), None);
-        let stun = [0u8, 0x17, 0, 0, 0x21, 0x12, 0xA4, 0x42, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let stun = [
+            0u8, 0x17, 0, 0, 0x21, 0x12, 0xA4, 0x42, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
         assert_eq!(frame_len(&stun), Some(20));
     }
 
@@ -502,7 +520,10 @@ mod tests {
         let peer: SocketAddr = "10.0.0.2:9000".parse().unwrap();
         let (mut m, at) = turnctl::send_indication(peer, 40).unwrap();
         m[at..at + 4].copy_from_slice(&loadgen::MAGIC.to_be_bytes());
-        assert_eq!(payload(&m).map(|p| &p[..4]), Some(&loadgen::MAGIC.to_be_bytes()[..]));
+        assert_eq!(
+            payload(&m).map(|p| &p[..4]),
+            Some(&loadgen::MAGIC.to_be_bytes()[..])
+        );
         let mut cd = vec![0x40, 0x01, 0, 4];
         cd.extend_from_slice(&loadgen::MAGIC.to_be_bytes());
         assert_eq!(payload(&cd), Some(&loadgen::MAGIC.to_be_bytes()[..]));

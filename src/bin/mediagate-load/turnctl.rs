@@ -71,7 +71,11 @@ impl Control {
 
     /// One request/response transaction, retransmitted over UDP.
     fn transact(&mut self, req: &Message) -> io::Result<Message> {
-        let tries = if matches!(self, Control::Udp(_)) { 4 } else { 1 };
+        let tries = if matches!(self, Control::Udp(_)) {
+            4
+        } else {
+            1
+        };
         for _ in 0..tries {
             self.send(&req.raw)?;
             loop {
@@ -156,7 +160,7 @@ impl Allocation {
             s.push(Box::new(RequestedTransport {
                 protocol: PROTO_UDP,
             }));
-            s.push(Box::new(Lifetime(Duration::from_secs(3600))));
+            s.push(Box::new(Lifetime(Duration::from_secs(600))));
         })?;
         check(&resp, "Allocate")?;
         let mut r = RelayedAddress::default();
@@ -203,6 +207,34 @@ impl Allocation {
             return Ok(resp);
         }
         Err(io::Error::other("stale nonce twice"))
+    }
+
+    /// Refresh with lifetime 0: deletes the allocation. Sent once, not waited for (the
+    /// socket may be non-blocking by now; a lost one expires on the server in 10 min).
+    pub fn release(&mut self) {
+        let msg = (|| {
+            let mut s: Vec<Box<dyn Setter>> = vec![
+                Box::new(TransactionId::new()),
+                Box::new(MessageType::new(METHOD_REFRESH, CLASS_REQUEST)),
+                Box::new(Lifetime(Duration::ZERO)),
+                Box::new(TextAttribute::new(
+                    ATTR_USERNAME,
+                    self.creds.username.clone(),
+                )),
+                Box::new(TextAttribute::new(ATTR_REALM, self.realm.clone())),
+                Box::new(TextAttribute::new(ATTR_NONCE, self.nonce.clone())),
+            ];
+            s.push(Box::new(MessageIntegrity::new_long_term_integrity(
+                self.creds.username.clone(),
+                self.realm.clone(),
+                self.creds.password.clone(),
+            )));
+            s.push(Box::new(FINGERPRINT));
+            build(s)
+        })();
+        if let Ok(m) = msg {
+            let _ = self.control.send(&m.raw);
+        }
     }
 
     /// CreatePermission for `peer`.

@@ -1,0 +1,422 @@
+//! The authenticated TURN requests of a listener (RFC 8656): Allocate with quotas,
+//! EVEN-PORT and RESERVATION-TOKEN; Refresh; CreatePermission and ChannelBind under the
+//! peer policy; and Send indications that the data path left to the control path. The
+//! allocation machinery is the `turn` crate's; the service mirrors what the data path
+//! needs (the client end, permissions and channels) into the allocation's `RelayState`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use stun::attributes::*;
+use stun::message::*;
+use stun::textattrs::TextAttribute;
+use stun::xoraddr::XorMappedAddress;
+use turn::allocation::channel_bind::ChannelBind;
+use turn::allocation::permission::Permission;
+use turn::proto::channum::ChannelNumber;
+use turn::proto::lifetime::Lifetime;
+use turn::proto::relayaddr::RelayedAddress;
+use turn::proto::rsrvtoken::ReservationToken;
+
+use super::auth::AuthFailure;
+use super::relay::RelayState;
+use super::server::{
+    Authed, CHANNEL_BIND_LIFETIME, DEFAULT_LIFETIME, Listener, MAX_LIFETIME, loggable,
+    requested_lifetime,
+};
+use super::table::{AllocMeta, Refusal};
+use super::wire;
+
+/// Channel numbers clients may bind (RFC 5766 range; RFC 8656 narrows it to 0x4FFF but
+/// coturn clients pick from the whole range).
+const CHANNEL_RANGE: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFF;
+
+impl Listener {
+    /// Drops EVEN-PORT reservations whose 30 seconds have passed and gives their quota
+    /// units back (called every second by the service and before each Allocate).
+    pub(crate) fn expire_reservations(&self) {
+        for owner in self.relays.take_expired() {
+            self.core.allocs.reservation_released(&owner);
+        }
+    }
+
+    /// Answers an Allocate that got no quota unit: 486 (per-user quota) or 508 (global cap).
+    fn refuse(
+        &self,
+        m: &Message,
+        src: SocketAddr,
+        user: &str,
+        why: Refusal,
+        k: &[u8],
+    ) -> impl Future<Output = ()> + Send + '_ {
+        let (counter, code, reason, what) = match why {
+            Refusal::Quota => (
+                &self.core.metrics.quota_exceeded,
+                486,
+                "Allocation Quota Reached",
+                "TURN allocation quota reached (turn.quota.allocations_per_user)",
+            ),
+            Refusal::Capacity => (
+                &self.core.metrics.capacity_exceeded,
+                508,
+                "Insufficient Capacity",
+                "TURN allocation cap reached (turn.quota.max_allocations)",
+            ),
+        };
+        counter.inc();
+        if self.core.misc_log.allow() {
+            tracing::warn!(
+                client = %src,
+                username = ?loggable(user),
+                quota = self.core.allocs.quota,
+                max_allocations = self.core.allocs.max_units,
+                "{what}"
+            );
+        }
+        self.fail(m, src, code, reason, k)
+    }
+
+    /// RFC 8656 §7.2.
+    pub(super) async fn allocate(&self, m: &Message, src: SocketAddr, auth: Authed) {
+        let ft = self.five_tuple(src);
+        let key = (self.idx, ft);
+        let k = auth.key.as_slice();
+        self.expire_reservations();
+        if self.manager.get_allocation(&ft).await.is_some() {
+            match self.core.allocs.retransmission(&key, m.transaction_id) {
+                Some(resp) => {
+                    let _ = self.conn.send_to(&resp, src).await;
+                }
+                None => self.fail(m, src, 437, "Allocation Mismatch", k).await,
+            }
+            return;
+        }
+        match m.get(ATTR_REQUESTED_TRANSPORT) {
+            Ok(v) if v.len() == 4 => {
+                if v[0] != 17 {
+                    return self
+                        .fail(m, src, 442, "Unsupported Transport Protocol", k)
+                        .await;
+                }
+            }
+            _ => return self.fail(m, src, 400, "Bad Request", k).await,
+        }
+        let token = m.get(ATTR_RESERVATION_TOKEN).ok();
+        let even = m.get(ATTR_EVEN_PORT).ok();
+        let family = m.get(ATTR_REQUESTED_ADDRESS_FAMILY).ok();
+        if token.is_some() && (even.is_some() || family.is_some()) {
+            return self.fail(m, src, 400, "Bad Request", k).await;
+        }
+        if even.as_ref().is_some_and(|e| e.len() != 1)
+            || token.as_ref().is_some_and(|t| t.len() != 8)
+        {
+            return self.fail(m, src, 400, "Bad Request", k).await;
+        }
+        let want_ipv4 = match family.as_deref() {
+            None => true,
+            Some([1, 0, 0, 0]) => true,
+            Some([2, 0, 0, 0]) => false,
+            Some(_) => {
+                return self
+                    .fail(m, src, 440, "Address Family not Supported", k)
+                    .await;
+            }
+        };
+        if want_ipv4 != self.relays.is_ipv4() {
+            return self
+                .fail(m, src, 440, "Address Family not Supported", k)
+                .await;
+        }
+        let user = auth.username.as_str();
+        // Quota units: one for the allocation, one more for an EVEN-PORT reservation.
+        let mut reservation = None;
+        let requested_port = if let Some(t) = &token {
+            let Some(owner) = self.relays.reservation_owner(t) else {
+                return self.fail(m, src, 508, "Insufficient Capacity", k).await;
+            };
+            let by_owner = owner == user;
+            if !by_owner && let Err(r) = self.core.allocs.reserve(user) {
+                return self.refuse(m, src, user, r, k).await;
+            }
+            match self.relays.take_reservation(t) {
+                Some((port, owner)) => {
+                    self.core.allocs.reservation_used(&owner, by_owner);
+                    port
+                }
+                None => {
+                    if !by_owner {
+                        self.core.allocs.unreserve(user);
+                    }
+                    return self.fail(m, src, 508, "Insufficient Capacity", k).await;
+                }
+            }
+        } else {
+            if let Err(r) = self.core.allocs.reserve(user) {
+                return self.refuse(m, src, user, r, k).await;
+            }
+            match &even {
+                Some(e) => {
+                    let reserve_next = e[0] & 0x80 != 0;
+                    if reserve_next && let Err(r) = self.core.allocs.reserve(user) {
+                        self.core.allocs.unreserve(user);
+                        return self.refuse(m, src, user, r, k).await;
+                    }
+                    match self.relays.prebind_even(reserve_next, user).await {
+                        Some((p, tok)) => {
+                            if tok.is_some() {
+                                self.core.allocs.reservation_added();
+                            }
+                            reservation = tok;
+                            p
+                        }
+                        None => {
+                            self.core.allocs.unreserve(user);
+                            if reserve_next {
+                                self.core.allocs.unreserve(user);
+                            }
+                            return self.fail(m, src, 508, "Insufficient Capacity", k).await;
+                        }
+                    }
+                }
+                None => 0,
+            }
+        };
+        let lifetime = requested_lifetime(m)
+            .unwrap_or(DEFAULT_LIFETIME)
+            .clamp(DEFAULT_LIFETIME, MAX_LIFETIME);
+        let lifetime = Duration::from_secs(lifetime.into());
+        let created = self
+            .manager
+            .create_allocation(
+                ft,
+                Arc::clone(&self.conn),
+                requested_port,
+                lifetime,
+                TextAttribute::new(ATTR_USERNAME, auth.username.clone()),
+                want_ipv4,
+            )
+            .await;
+        let relay = self.relays.take_last_created();
+        let relay = match (created, relay) {
+            (Ok(_), Some(relay)) => relay,
+            (result, _) => {
+                self.core.allocs.unreserve(&auth.username);
+                if requested_port != 0 {
+                    self.relays.release_prebound(requested_port);
+                }
+                if reservation.is_some()
+                    && let Some(owner) = self.relays.release_prebound(requested_port + 1)
+                {
+                    self.core.allocs.reservation_released(&owner);
+                }
+                if let Err(e) = result
+                    && self.core.misc_log.allow()
+                {
+                    tracing::warn!(client = %src, error = %e, "TURN allocation failed");
+                }
+                return self.fail(m, src, 508, "Insufficient Capacity", k).await;
+            }
+        };
+        // Setters are not `Send`: build the response in a block that ends before any await.
+        let response = {
+            let mut attrs: Vec<Box<dyn Setter>> = vec![
+                Box::new(RelayedAddress {
+                    ip: relay.advertised.ip(),
+                    port: relay.advertised.port(),
+                }),
+                Box::new(Lifetime(lifetime)),
+                Box::new(XorMappedAddress {
+                    ip: src.ip(),
+                    port: src.port(),
+                }),
+            ];
+            if let Some(t) = reservation {
+                attrs.push(Box::new(ReservationToken(t.to_vec())));
+            }
+            self.build(m, CLASS_SUCCESS_RESPONSE, attrs, Some(k))
+                .unwrap_or_default()
+        };
+        if self.core.alloc_log.allow() {
+            tracing::debug!(
+                client = %src,
+                transport = %self.protocol,
+                username = ?loggable(&auth.username),
+                relay = %relay.advertised,
+                lifetime_s = lifetime.as_secs(),
+                "TURN allocation created"
+            );
+        }
+        relay.set_client(src, Arc::clone(&self.sink));
+        self.core.allocs.commit(
+            key,
+            AllocMeta {
+                username: auth.username,
+                relay,
+                txid: m.transaction_id,
+                response: response.clone(),
+            },
+        );
+        self.core.metrics.allocations_created.inc();
+        if let Some(t) = &self.tcp {
+            t.mark_allocated(src);
+        }
+        let _ = self.conn.send_to(&response, src).await;
+    }
+
+    /// The allocation of `src` and its relay state, or the error already answered.
+    async fn existing(
+        &self,
+        m: &Message,
+        src: SocketAddr,
+        auth: &Authed,
+    ) -> Option<(Arc<turn::allocation::Allocation>, Arc<RelayState>)> {
+        let ft = self.five_tuple(src);
+        let k = auth.key.as_slice();
+        let alloc = self.manager.get_allocation(&ft).await;
+        let meta = self.core.allocs.lookup(&(self.idx, ft));
+        let (Some(alloc), Some((owner, relay))) = (alloc, meta) else {
+            self.fail(m, src, 437, "Allocation Mismatch", k).await;
+            return None;
+        };
+        if owner != auth.username {
+            self.auth_failed(AuthFailure::WrongCredentials, &auth.username, src);
+            self.fail(m, src, 441, "Wrong Credentials", k).await;
+            return None;
+        }
+        Some((alloc, relay))
+    }
+
+    fn peers(m: &Message) -> Option<Vec<SocketAddr>> {
+        wire::attributes(&m.raw)
+            .filter(|(t, _)| *t == ATTR_XOR_PEER_ADDRESS.value())
+            .map(|(_, v)| wire::xor_address(v, &m.transaction_id.0))
+            .collect()
+    }
+
+    /// RFC 8656 §7.3.
+    pub(super) async fn refresh(&self, m: &Message, src: SocketAddr, auth: Authed) {
+        let Some((alloc, relay)) = self.existing(m, src, &auth).await else {
+            return;
+        };
+        let k = auth.key.as_slice();
+        if let Ok(v) = m.get(ATTR_REQUESTED_ADDRESS_FAMILY) {
+            let ipv4 = v.first() == Some(&1);
+            if ipv4 != relay.advertised.is_ipv4() {
+                return self
+                    .fail(m, src, 443, "Peer Address Family Mismatch", k)
+                    .await;
+            }
+        }
+        let lifetime = requested_lifetime(m).map_or(DEFAULT_LIFETIME, |l| l.min(MAX_LIFETIME));
+        let lifetime = Duration::from_secs(lifetime.into());
+        if lifetime.is_zero() {
+            drop(alloc);
+            let ft = self.five_tuple(src);
+            self.manager.delete_allocation(&ft).await;
+            self.core.allocs.remove(&(self.idx, ft), None);
+            if self.core.alloc_log.allow() {
+                tracing::debug!(client = %src, relay = %relay.advertised, "TURN allocation deleted by the client");
+            }
+        } else {
+            alloc.refresh(lifetime).await;
+        }
+        let attrs: Vec<Box<dyn Setter>> = vec![Box::new(Lifetime(lifetime))];
+        self.reply(m, src, CLASS_SUCCESS_RESPONSE, attrs, Some(k))
+            .await;
+    }
+
+    /// RFC 8656 §9.2.
+    pub(super) async fn create_permission(&self, m: &Message, src: SocketAddr, auth: Authed) {
+        let Some((alloc, relay)) = self.existing(m, src, &auth).await else {
+            return;
+        };
+        let k = auth.key.as_slice();
+        let peers = match Self::peers(m) {
+            Some(p) if !p.is_empty() => p,
+            _ => return self.fail(m, src, 400, "Bad Request", k).await,
+        };
+        if peers
+            .iter()
+            .any(|p| p.is_ipv4() != relay.advertised.is_ipv4())
+        {
+            return self
+                .fail(m, src, 443, "Peer Address Family Mismatch", k)
+                .await;
+        }
+        let refused: Vec<SocketAddr> = peers
+            .iter()
+            .copied()
+            .filter(|p| !self.core.policy.allows(*p))
+            .collect();
+        if !refused.is_empty() {
+            self.refused(src, &auth.username, &refused, "CreatePermission");
+            return self.fail(m, src, 403, "Forbidden", k).await;
+        }
+        for p in peers {
+            alloc.add_permission(Permission::new(p)).await;
+            relay.permit(p.ip());
+        }
+        self.reply(m, src, CLASS_SUCCESS_RESPONSE, vec![], Some(k))
+            .await;
+    }
+
+    /// RFC 8656 §11.2.
+    pub(super) async fn channel_bind(&self, m: &Message, src: SocketAddr, auth: Authed) {
+        let Some((alloc, relay)) = self.existing(m, src, &auth).await else {
+            return;
+        };
+        let k = auth.key.as_slice();
+        let number = match m.get(ATTR_CHANNEL_NUMBER) {
+            Ok(v) if v.len() == 4 => u16::from_be_bytes([v[0], v[1]]),
+            _ => return self.fail(m, src, 400, "Bad Request", k).await,
+        };
+        let peer = match Self::peers(m).and_then(|p| p.first().copied()) {
+            Some(p) => p,
+            None => return self.fail(m, src, 400, "Bad Request", k).await,
+        };
+        if !CHANNEL_RANGE.contains(&number) {
+            return self.fail(m, src, 400, "Bad Request", k).await;
+        }
+        if peer.is_ipv4() != relay.advertised.is_ipv4() {
+            return self
+                .fail(m, src, 443, "Peer Address Family Mismatch", k)
+                .await;
+        }
+        if !self.core.policy.allows(peer) {
+            self.refused(src, &auth.username, &[peer], "ChannelBind");
+            return self.fail(m, src, 403, "Forbidden", k).await;
+        }
+        let bound = alloc
+            .add_channel_bind(
+                ChannelBind::new(ChannelNumber(number), peer),
+                CHANNEL_BIND_LIFETIME,
+            )
+            .await;
+        if bound.is_err() {
+            // The channel is bound to another peer, or the peer to another channel.
+            return self.fail(m, src, 400, "Bad Request", k).await;
+        }
+        relay.permit(peer.ip());
+        relay.bind_channel(number, peer);
+        self.reply(m, src, CLASS_SUCCESS_RESPONSE, vec![], Some(k))
+            .await;
+    }
+
+    /// Send indication: the policy first, then the crate relays it.
+    pub(super) async fn send_indication(&self, m: &Message, pkt: &[u8], src: SocketAddr) {
+        let Some(peer) = Self::peers(m).and_then(|p| p.first().copied()) else {
+            return self.malformed(src, "Send indication without XOR-PEER-ADDRESS");
+        };
+        if !self.core.policy.allows(peer) {
+            let user = self
+                .core
+                .allocs
+                .lookup(&(self.idx, self.five_tuple(src)))
+                .map(|(u, _)| u)
+                .unwrap_or_default();
+            self.refused(src, &user, &[peer], "Send");
+            return;
+        }
+        self.to_crate(pkt, src).await;
+    }
+}

@@ -65,8 +65,11 @@ ip addr add "$HOST_IP/30" dev "$VH"; ip link set "$VH" up
 ip netns exec "$NS" ip addr add "$PEER_IP/30" dev "$VP"
 ip netns exec "$NS" ip link set "$VP" up
 ip netns exec "$NS" ip link set lo up
-ip netns exec "$NS" "$LOAD" echo --listen "$PEER_IP:9000" --threads 1 --lifetime 30m >"$TMP/echo.out" 2>&1 &
+# Two echo threads: one saturates before either server does (the generator reports the
+# echo's own drops as peer_drops, so a trial limited by the peer shows).
+ip netns exec "$NS" nice -n "$NICE" "$LOAD" echo --listen "$PEER_IP:9000" --threads 2 --lifetime 30m >"$TMP/echo.out" 2>&1 &
 PIDS+=($!)
+ECHO_PID=$!
 PEER=$PEER_IP:9000
 
 free_port() { # a port free for UDP and TCP on loopback
@@ -129,7 +132,8 @@ gen() {
     local port=$1 tr=$2 n=$3 size=$4
     shift 4
     timeout 600 nice -n "$NICE" "$LOAD" turn --server "127.0.0.1:$port" --peer "$PEER" --transport "$tr" \
-        --allocations "$n" --size "$size" --threads "$THREADS" --duration "$DURATION" "$@" \
+        --allocations "$n" --size "$size" --threads "$THREADS" --duration "$DURATION" \
+        --peer-pid "$ECHO_PID" "$@" \
         2>>"$TMP/gen.err" | tail -1
 }
 

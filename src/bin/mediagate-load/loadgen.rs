@@ -122,6 +122,9 @@ pub struct Report {
     /// Self-check: datagrams the kernel dropped in the generator's own receive queues
     /// (counted as loss, but the generator's, not the target's).
     pub local_drops: u64,
+    /// Self-check: datagrams the echo peer's kernel dropped (its receive queue was full);
+    /// when not zero the peer, not the target, lost them.
+    pub peer_drops: u64,
     /// Self-check: how far the sender fell behind its schedule at worst, ms.
     pub max_lag_ms: f64,
 }
@@ -146,7 +149,7 @@ impl Report {
     /// One line of `key=value` pairs (what scripts parse).
     pub fn line(&self) -> String {
         format!(
-            "flows={} size={} target_pps={} sent={} received={} sent_pps={:.0} pps={:.0} loss={:.5} p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1} max_silence_ms={:.1} local_drops={} max_lag_ms={:.1}",
+            "flows={} size={} target_pps={} sent={} received={} sent_pps={:.0} pps={:.0} loss={:.5} p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1} max_silence_ms={:.1} local_drops={} peer_drops={} max_lag_ms={:.1}",
             self.flows,
             self.size,
             self.target_pps,
@@ -161,6 +164,7 @@ impl Report {
             self.max_us,
             self.max_silence_ms,
             self.local_drops,
+            self.peer_drops,
             self.max_lag_ms
         )
     }

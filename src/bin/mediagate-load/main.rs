@@ -120,6 +120,9 @@ enum Command {
         /// Sender/receiver thread pairs.
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        /// The echo peer's process id: its socket drops are reported (`peer_drops`).
+        #[arg(long)]
+        peer_pid: Option<u32>,
         /// Send indications instead of ChannelData (no channel is bound).
         #[arg(long)]
         send_indications: bool,
@@ -269,6 +272,9 @@ fn main() -> ExitCode {
             let duration = duration.min(Duration::from_secs(30));
             let s = loadgen::sweep(&g, start, max, max_loss, duration, steps.min(12), |r| {
                 eprintln!("  trial {}", r.line());
+ if r.local_drops > 0 || r.peer_drops > 0 {
+ eprintln!("  warning: the generator or the echo peer dropped packets: this trial measured the load, not the server");
+ }
             })
             .map_err(|e| format!("sweep: {e}"))?;
             match s.best {
@@ -286,6 +292,7 @@ fn main() -> ExitCode {
             user,
             password,
             threads,
+            peer_pid,
             send_indications,
             rate,
             duration,
@@ -316,6 +323,7 @@ fn main() -> ExitCode {
                     password,
                 },
                 threads,
+                peer_pid,
                 mode: if send_indications {
                     turn::Mode::Send
                 } else {
@@ -342,6 +350,9 @@ fn main() -> ExitCode {
                     let s =
                         loadgen::sweep(&g, start, max, max_loss, duration, steps.min(12), |r| {
                             eprintln!("  trial {}", r.line());
+ if r.local_drops > 0 || r.peer_drops > 0 {
+ eprintln!("  warning: the generator or the echo peer dropped packets: this trial measured the load, not the server");
+ }
                         })
                         .map_err(|e| format!("sweep: {e}"))?;
                     match s.best {

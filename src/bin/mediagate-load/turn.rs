@@ -12,7 +12,8 @@
 //!
 //! Self-checks, so that the generator is not the bottleneck unnoticed: the kernel drops in
 //! its own sockets' receive queues (the `drops` column of `/proc/net/udp` for its ports,
-//! read before and after each run) and the sender's worst lag behind its schedule.
+//! read before and after each run), the echo peer's drops (`--peer-pid`: the same column
+//! in the peer's network namespace) and the sender's worst lag behind its schedule.
 
 use crate::loadgen::{self, HEADER, Histogram, Report, Trial};
 use crate::turnctl::{self, Allocation, Control, Credentials};
@@ -47,6 +48,9 @@ pub struct Options {
     /// Sender/receiver thread pairs.
     pub threads: usize,
     pub mode: Mode,
+    /// The echo peer's process, to read its socket drops (`/proc/PID/net/udp*`: its
+    /// network namespace's table).
+    pub peer_pid: Option<u32>,
 }
 
 /// One allocation's socket and its frame template.
@@ -300,11 +304,29 @@ impl TurnGenerator {
 
     /// Datagrams dropped in the generator's own UDP receive queues so far.
     fn local_drops(&self) -> u64 {
-        if self.ports.is_empty() {
+        udp_drops("/proc/net", &self.ports)
+    }
+
+    /// Datagrams dropped in the echo peer's receive queues so far.
+    fn peer_drops(&self) -> u64 {
+        match self.opts.peer_pid {
+            Some(pid) => udp_drops(
+                &format!("/proc/{pid}/net"),
+                &HashSet::from([self.opts.peer.port()]),
+            ),
+            None => 0,
+        }
+    }
+}
+
+/// Sum of the `drops` column of `DIR/udp` and `DIR/udp6` over sockets bound to `ports`.
+fn udp_drops(dir: &str, ports: &HashSet<u16>) -> u64 {
+    {
+        if ports.is_empty() {
             return 0;
         }
         let mut total = 0;
-        for file in ["/proc/net/udp", "/proc/net/udp6"] {
+        for file in [format!("{dir}/udp"), format!("{dir}/udp6")] {
             let Ok(text) = std::fs::read_to_string(file) else {
                 continue;
             };
@@ -317,14 +339,16 @@ impl TurnGenerator {
                     .rsplit(':')
                     .next()
                     .and_then(|p| u16::from_str_radix(p, 16).ok());
-                if port.is_some_and(|p| self.ports.contains(&p)) {
+                if port.is_some_and(|p| ports.contains(&p)) {
                     total += drops.parse::<u64>().unwrap_or(0);
                 }
             }
         }
         total
     }
+}
 
+impl TurnGenerator {
     /// Reads whatever is still queued (stragglers of an earlier run).
     fn drain(&self) {
         let mut buf = vec![0u8; 65_536];
@@ -435,6 +459,7 @@ impl Trial for TurnGenerator {
     fn run(&self, rate: u64, duration: Duration, settle: Duration) -> io::Result<Report> {
         self.drain();
         let drops0 = self.local_drops();
+        let peer0 = self.peer_drops();
         let stop = AtomicBool::new(false);
         let epoch_ns = self.clock.elapsed().as_nanos() as u64;
         let total_flows = self.opts.allocations.max(1) as u64;
@@ -493,6 +518,7 @@ impl Trial for TurnGenerator {
             max_us: us(rtt.quantile(1.0)),
             max_silence_ms: max_gap as f64 / 1e6,
             local_drops: self.local_drops().saturating_sub(drops0),
+            peer_drops: self.peer_drops().saturating_sub(peer0),
             max_lag_ms: sends.iter().map(|s| s.1).max().unwrap_or(0) as f64 / 1e6,
         })
     }

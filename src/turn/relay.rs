@@ -176,6 +176,7 @@ pub(crate) struct RelayFactory {
 }
 
 impl RelayFactory {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         policy: Arc<PeerPolicy>,
         metrics: TurnMetrics,

@@ -383,11 +383,8 @@ fn sock_fd(s: &Sock) -> std::os::fd::BorrowedFd<'_> {
 /// socket does not take. Returns false when the frame was dropped (over 256 KiB pending).
 fn tcp_send(fd: RawFd, pending: &mut Vec<u8>, frame: &[u8]) -> bool {
     if !pending.is_empty() {
-        match sys::send(fd, pending) {
-            Ok(n) => {
-                pending.drain(..n);
-            }
-            Err(_) => {}
+        if let Ok(n) = sys::send(fd, pending) {
+            pending.drain(..n);
         }
         if !pending.is_empty() {
             if pending.len() > 256 * 1024 {

@@ -212,7 +212,7 @@ impl Allocation {
     /// Refresh with lifetime 0: deletes the allocation. Sent once, not waited for (the
     /// socket may be non-blocking by now; a lost one expires on the server in 10 min).
     pub fn release(&mut self) {
-        let msg = (|| {
+        let msg = {
             let mut s: Vec<Box<dyn Setter>> = vec![
                 Box::new(TransactionId::new()),
                 Box::new(MessageType::new(METHOD_REFRESH, CLASS_REQUEST)),
@@ -231,7 +231,7 @@ impl Allocation {
             )));
             s.push(Box::new(FINGERPRINT));
             build(s)
-        })();
+        };
         if let Ok(m) = msg {
             let _ = self.control.send(&m.raw);
         }

@@ -858,7 +858,7 @@ fn cluster_and_events_sections() {
     );
 
     let err = load(&format!(
-        "{MINIMAL}cluster:\n  listen: 0.0.0.0:7946\n  peers: [nohost]\n  secret: short\n  peer_timeout: 100ms\nevents:\n  webhooks:\n    - {{ url: \"https://x/\" }}\n"
+        "{MINIMAL}cluster:\n  listen: 0.0.0.0:7946\n  peers: [nohost]\n  secret: short\n  peer_timeout: 100ms\nevents:\n  webhooks:\n    - {{ url: \"ftp://x/\" }}\n    - {{ url: \"http://x/\", ca: ca.pem }}\n"
     ))
     .expect_err("invalid")
     .to_string();
@@ -866,7 +866,8 @@ fn cluster_and_events_sections() {
         "cluster.secret: the secret must be at least 16 bytes",
         "cluster.peers[0]: \"nohost\" is not host:port",
         "cluster.peer_timeout: must be at least twice cluster.gossip_interval",
-        "only http:// URLs are supported",
+        "only http:// and https:// URLs are supported",
+        "events.webhooks[1].ca: only for https:// URLs",
         "cluster.advertise: required when cluster.listen is a wildcard address",
     ] {
         assert!(err.contains(part), "missing {part:?} in:\n{err}");

@@ -359,8 +359,13 @@ impl Checker {
 
     fn events(&mut self, cfg: &Config) {
         for (i, h) in cfg.events.webhooks.iter().enumerate() {
-            if let Err(e) = crate::events::webhook::parse_url(&h.url) {
-                self.push(key_path(&index_path("events.webhooks", i), "url"), e);
+            match crate::events::webhook::parse_url(&h.url) {
+                Err(e) => self.push(key_path(&index_path("events.webhooks", i), "url"), e),
+                Ok(u) if !u.tls && h.ca.is_some() => self.push(
+                    key_path(&index_path("events.webhooks", i), "ca"),
+                    "only for https:// URLs",
+                ),
+                Ok(_) => {}
             }
         }
     }

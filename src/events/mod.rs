@@ -10,12 +10,51 @@
 
 pub mod webhook;
 
-use crate::admin::status::EventStatus;
 use crate::upstream::Event;
-use serde::Serialize;
+use crate::upstream::state::serialize_time;
+use serde::{Deserialize, Serialize};
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 use tokio::sync::broadcast;
+
+/// A failover or failback as JSON, in `/status` and on the bus; mirrors [`Event`] so
+/// that the CLI can read it back.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EventStatus {
+    pub at: String,
+    pub kind: String,
+    pub from: Vec<String>,
+    pub to: Vec<String>,
+    pub reason: Option<String>,
+    pub detection_ms: Option<u64>,
+    pub sessions_moved: usize,
+}
+
+impl From<&Event> for EventStatus {
+    fn from(e: &Event) -> Self {
+        // Reuse the event's own serialisation for the time format.
+        let at = serde_json::to_value(TimeOnly(e.at))
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        EventStatus {
+            at,
+            kind: match e.kind {
+                crate::upstream::EventKind::Failover => "failover",
+                crate::upstream::EventKind::Failback => "failback",
+            }
+            .to_string(),
+            from: e.from.clone(),
+            to: e.to.clone(),
+            reason: e.reason.map(str::to_string),
+            detection_ms: e.detection_ms,
+            sessions_moved: e.sessions_moved,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct TimeOnly(#[serde(serialize_with = "serialize_time")] SystemTime);
 
 /// Events buffered per subscriber.
 pub const BUS_CAPACITY: usize = 256;

@@ -315,10 +315,12 @@ impl Socket for HmacSocket {
     }
 
     async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
-        self.incoming
-            .recv()
-            .await
-            .context("cluster: receive task stopped")
+        match self.incoming.recv().await {
+            Some(m) => Ok(m),
+            // Stopped on purpose: chitchat's loop ends by its own shutdown, quietly.
+            None if self.stop.is_cancelled() => std::future::pending().await,
+            None => anyhow::bail!("cluster: receive task stopped"),
+        }
     }
 }
 

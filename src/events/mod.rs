@@ -10,15 +10,13 @@
 
 pub mod webhook;
 
-use crate::upstream::Event;
-use crate::upstream::state::serialize_time;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 use tokio::sync::broadcast;
 
-/// A failover or failback as JSON, in `/status` and on the bus; mirrors [`Event`] so
-/// that the CLI can read it back.
+/// A failover or failback as JSON, in `/status` and on the bus; mirrors the upstream's
+/// `Event` (which converts into it) so that the CLI can read it back.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct EventStatus {
     pub at: String,
@@ -29,32 +27,6 @@ pub struct EventStatus {
     pub detection_ms: Option<u64>,
     pub sessions_moved: usize,
 }
-
-impl From<&Event> for EventStatus {
-    fn from(e: &Event) -> Self {
-        // Reuse the event's own serialisation for the time format.
-        let at = serde_json::to_value(TimeOnly(e.at))
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        EventStatus {
-            at,
-            kind: match e.kind {
-                crate::upstream::EventKind::Failover => "failover",
-                crate::upstream::EventKind::Failback => "failback",
-            }
-            .to_string(),
-            from: e.from.clone(),
-            to: e.to.clone(),
-            reason: e.reason.map(str::to_string),
-            detection_ms: e.detection_ms,
-            sessions_moved: e.sessions_moved,
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct TimeOnly(#[serde(serialize_with = "serialize_time")] SystemTime);
 
 /// Events buffered per subscriber.
 pub const BUS_CAPACITY: usize = 256;
@@ -101,8 +73,8 @@ fn send<T: Serialize>(upstream: &str, body: T) {
 }
 
 /// A failover or failback.
-pub fn active_set_changed(upstream: &str, event: &Event) {
-    send(upstream, EventStatus::from(event));
+pub fn active_set_changed(upstream: &str, event: impl Into<EventStatus>) {
+    send(upstream, event.into());
 }
 
 /// An admin state change (`kind: admin`).

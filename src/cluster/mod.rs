@@ -259,6 +259,7 @@ impl Cluster {
     /// socket) and starts: reading, gossip, and the task that keeps this replica and its
     /// peers in step. Cannot fail.
     pub async fn launch(self: &Arc<Self>, upstreams: Upstreams, previous: Option<Arc<Cluster>>) {
+        let mut reach: Vec<SocketAddr> = Vec::new();
         if let Some(old) = &previous {
             old.stop();
             // Its admin states and last failbacks live on in this member.
@@ -287,16 +288,18 @@ impl Cluster {
                     }
                 })
                 .await;
-            let live: BTreeSet<String> = old
-                .status
-                .load()
-                .iter()
-                .filter(|p| p.alive)
-                .map(|p| p.node.clone())
-                .collect();
-            *self.expect.lock().expect("expect lock") = live;
+            let status = old.status.load();
+            let live = status.iter().filter(|p| p.alive);
+            *self.expect.lock().expect("expect lock") =
+                live.clone().map(|p| p.node.clone()).collect();
+            reach = live.filter_map(|p| p.address.parse().ok()).collect();
         }
         self.start.cancel();
+        // The peers the old member talked to hear of this one at once, whatever the new
+        // `peers` list says (it only seeds the membership).
+        for addr in reach {
+            let _ = self.handle.gossip(addr);
+        }
         let me = self.clone();
         tokio::spawn(async move { me.sync(upstreams).await });
         tracing::info!(node = %self.node_id, listen = %self.cfg.listen, peers = ?self.cfg.peers, replaces = previous.is_some(), "cluster member started");

@@ -8,6 +8,8 @@
 pub mod client;
 pub mod conns;
 pub mod status;
+#[cfg(test)]
+mod tests;
 
 use crate::cluster::Cluster;
 use crate::config::Config;

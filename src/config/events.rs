@@ -21,7 +21,8 @@ pub struct WebhookConfig {
     /// `http://host[:port]/path` or `https://host[:port]/path`. Required.
     pub url: String,
     /// `https://` hooks: a PEM file of the CA certificates that may sign the receiver's
-    /// certificate (instead of the system's). Default: the system's CA certificates.
+    /// certificate, or of its own self-signed certificate (trusted instead of the
+    /// system's). Default: the system's CA certificates.
     #[serde(default)]
     pub ca: Option<String>,
     /// When set, `X-Mediagate-Signature: sha256=<hex HMAC-SHA256 of the body>`. Default none.

@@ -159,7 +159,7 @@ pub const KEYS: &[Key] = &[
     key("events", "section", Section, "Where failover, failback, admin and server up/down events go besides `GET /events`. Reloadable: unchanged hooks keep running."),
     key("events.webhooks", "list", Value("[]"), "Each event is POSTed as JSON to every listed hook; a failing hook never blocks anything (bounded queue, dropped and counted when full)."),
     key("events.webhooks[].url", "http(s) URL", Required, "`http://host[:port]/path` or `https://host[:port]/path` (rustls)."),
-    key("events.webhooks[].ca", "path", Unset("the system's CA certificates"), "`https://` hooks: PEM file of the CA certificates that may sign the receiver's certificate (a CA, not the receiver's own self-signed certificate)."),
+    key("events.webhooks[].ca", "path", Unset("the system's CA certificates"), "`https://` hooks: PEM file of the CA certificates that may sign the receiver's certificate (or the receiver's own self-signed certificate), trusted instead of the system's."),
     key("events.webhooks[].secret", "string", Unset("none"), "When set, each POST carries `X-Mediagate-Signature: sha256=<hex HMAC-SHA256 of the body>`."),
     key("events.webhooks[].timeout", "duration", Value("2s"), "Per attempt (connect, send, answer)."),
     key("events.webhooks[].retries", "integer", Value("3"), "Attempts after the first failed one, 100 ms apart, doubling each time."),

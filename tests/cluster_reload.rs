@@ -1,7 +1,8 @@
 //! `cluster:` reloads live: a replica that starts alone joins by a reload and takes the
 //! admin states, a new peers list and a removed section apply without touching its
 //! sessions, a bad section changes nothing; and an admin state reaches a server that
-//! appears later (a reload), from a peer and from the state file.
+//! appears later (a reload), from a peer and from the state file; a replaced member
+//! keeps the peers' verdict in force, and another secret cuts a replica off.
 
 mod common;
 
@@ -413,4 +414,28 @@ fn replacing_the_member_keeps_the_peers_verdict_in_force() {
     assert!(!flapped, "r2 left the backup during the reload");
     assert_eq!(events(&r2), before, "no failback/failover event on r2");
     assert!(alive(&r2, "r1"));
+
+    // Another secret on r2 only: the two no longer understand each other. r1 counts
+    // r2's frames as forged, each drops the other after peer_timeout, and r2, no longer
+    // bound by r1's verdict, goes back to the primary.
+    let bad_mac = |b: &Balancer| {
+        b.metrics()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("mediagate_cluster_messages_rejected_total{reason=\"bad_mac\"} ")
+            })
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let forged = bad_mac(&r1);
+    let (code, body) = reload(&r2, &yaml.replace(SECRET, "another-secret-0123456789"));
+    assert_eq!(code, 200, "{body}");
+    wait_until(Duration::from_secs(3), "r1 refuses r2's frames", || {
+        bad_mac(&r1) > forged
+    });
+    wait_until(Duration::from_secs(5), "r1 drops r2", || !alive(&r1, "r2"));
+    let primary = vec![w.primary_addr.to_string()];
+    wait_until(Duration::from_secs(5), "r2 back on the primary", || {
+        r2.active("media") == primary
+    });
 }

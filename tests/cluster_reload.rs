@@ -311,16 +311,21 @@ fn admin_state_reaches_a_server_that_appears_later() {
         w.primary_addr,
         &cluster_section("r2", &p2, &[peer(&p1)], &state_line),
     );
-    let mut r2 = Balancer::start(&without, p2.admin);
+    // r2 starts without a state file.
+    let no_file = without.replace(&state_line, "");
+    let mut r2 = Balancer::start(&no_file, p2.admin);
     wait_until(Duration::from_secs(5), "r1 and r2 see each other", || {
         alive(&r1, "r2") && alive(&r2, "r1")
     });
 
-    // From a peer: r1 puts the server r2 does not have yet in maintenance.
+    // From a peer: r1 puts the server r2 does not have yet in maintenance; a reload
+    // gives r2 a state file, which keeps it.
     set_state(&r1, later, "maint");
+    let (code, body) = reload(&r2, &without);
+    assert_eq!(code, 200, "{body}");
     wait_until(
         Duration::from_secs(3),
-        "r2 keeps it in its state file",
+        "r2 keeps it in its new state file",
         || std::fs::read_to_string(&state).is_ok_and(|t| t.contains(&later.to_string())),
     );
     let (code, body) = reload(&r2, &with);

@@ -31,11 +31,12 @@ pub fn client_config(verify: bool) -> Arc<ClientConfig> {
 }
 
 /// A verifying client configuration that trusts the CA certificates of a PEM file (and
-/// nothing else), e.g. `events.webhooks[].ca`.
-pub fn client_config_with_ca(path: &str) -> Result<Arc<ClientConfig>, String> {
+/// nothing else), e.g. `events.webhooks[].ca`; `pem` is the file's content, `path` names
+/// it in errors.
+pub fn client_config_with_ca(path: &str, pem: &[u8]) -> Result<Arc<ClientConfig>, String> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("{path}: {e}"))? {
+    for cert in CertificateDer::pem_slice_iter(pem) {
         let cert = cert.map_err(|e| format!("{path}: {e}"))?;
         roots
             .add(cert)

@@ -301,6 +301,23 @@ fn test_pki(dir: &std::path::Path) -> (Arc<rustls::ServerConfig>, std::path::Pat
     ]
     .concat());
     run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "other-ca.key",
+            "-out",
+            "other-ca.pem",
+            "-subj",
+            "/CN=another CA",
+            "-days",
+            "2",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+        ],
+    ]
+    .concat());
+    run(&[
         &["req"][..],
         &ec,
         &[
@@ -454,4 +471,21 @@ upstreams:
         let at = humantime::parse_rfc3339(v["at"].as_str().unwrap()).unwrap();
         assert!(at < cut, "an unverified receiver got {v}");
     }
+
+    // A CA file rotated in place (as a mounted Secret is): the next reload, with the
+    // configuration file unchanged, takes the new content.
+    let rotated = pki_dir.path().join("rotated.pem");
+    std::fs::copy(pki_dir.path().join("other-ca.pem"), &rotated).unwrap();
+    let (code, body) = reload(&hook(&format!(", ca: \"{}\"", rotated.display())));
+    assert_eq!(code, 200, "{body}");
+    let failed = deliveries(&b, "failed");
+    set("enable");
+    wait_until(Duration::from_secs(3), "refused: another CA", || {
+        deliveries(&b, "failed") > failed
+    });
+    std::fs::copy(&ca, &rotated).unwrap();
+    let (code, body) = http(b.admin, "POST", "/reload", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    set("drain");
+    next_admin(&rx, "drain");
 }

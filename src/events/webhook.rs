@@ -7,9 +7,9 @@
 //! `https://` hooks use rustls (see `crate::tlsclient`): the server's certificate is
 //! checked against the system's CA certificates, or those of the hook's `ca` file.
 //!
-//! Reload ([`Hooks::prepare`], then [`Hooks::commit`]): a hook whose settings did not
-//! change keeps its task (and its place in the stream); removed or changed ones stop,
-//! new ones start.
+//! Reload ([`Hooks::prepare`], then [`Hooks::commit`]): a hook whose settings and `ca`
+//! file content did not change keeps its task (and its place in the stream); removed or
+//! changed ones stop, new ones start.
 //!
 //! `mediagate_webhook_deliveries_total{result}`: `ok`, `failed` (after every retry),
 //! `dropped` (lost while the hook was behind).
@@ -130,21 +130,29 @@ struct Target {
     url: HookUrl,
     /// `https://`: the client configuration and the name checked against the certificate.
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    /// The content of the `ca` file when it was read (a changed file is a changed hook).
+    ca_pem: Option<Vec<u8>>,
 }
 
 impl Target {
     fn of(hook: &WebhookConfig) -> Result<Target, String> {
         let url = parse_url(&hook.url)?;
+        let mut ca_pem = None;
         let tls = if url.tls {
             let config = match &hook.ca {
-                Some(path) => crate::tlsclient::client_config_with_ca(path)?,
+                Some(path) => {
+                    let pem = std::fs::read(path).map_err(|e| format!("ca: {path}: {e}"))?;
+                    let config = crate::tlsclient::client_config_with_ca(path, &pem)?;
+                    ca_pem = Some(pem);
+                    config
+                }
                 None => crate::tlsclient::client_config(true),
             };
             Some((config, crate::tlsclient::server_name(&url.host)?))
         } else {
             None
         };
-        Ok(Target { url, tls })
+        Ok(Target { url, tls, ca_pem })
     }
 }
 
@@ -153,8 +161,11 @@ pub struct Hooks {
     metrics: WebhookMetrics,
     /// Every delivery task stops with it (the application's end).
     parent: CancellationToken,
-    running: Mutex<Vec<(WebhookConfig, CancellationToken)>>,
+    /// Each running hook: its settings, the `ca` file content it uses, its task's token.
+    running: Mutex<Vec<Running>>,
 }
+
+type Running = (WebhookConfig, Option<Vec<u8>>, CancellationToken);
 
 /// The hooks of a new configuration, checked (URLs, CA files), not started.
 pub struct PreparedHooks(Vec<(WebhookConfig, Target)>);
@@ -189,15 +200,19 @@ impl Hooks {
         let mut running = self.running.lock().expect("hooks lock");
         let mut next = Vec::new();
         for (hook, target) in prepared.0 {
-            if let Some(i) = running.iter().position(|(h, _)| *h == hook) {
+            if let Some(i) = running
+                .iter()
+                .position(|(h, ca, _)| *h == hook && *ca == target.ca_pem)
+            {
                 next.push(running.remove(i));
                 continue;
             }
             let stop = self.parent.child_token();
+            let ca = target.ca_pem.clone();
             spawn_hook(hook.clone(), target, self.metrics.clone(), stop.clone());
-            next.push((hook, stop));
+            next.push((hook, ca, stop));
         }
-        for (hook, stop) in running.drain(..) {
+        for (hook, _, stop) in running.drain(..) {
             tracing::info!(url = %hook.url, "webhook removed");
             stop.cancel();
         }

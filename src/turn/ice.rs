@@ -25,8 +25,8 @@ pub struct IceRequest {
     pub ttl: Option<Duration>,
     /// `iceTransportPolicy` (also `icetransportpolicy`): `all` or `relay`. Default `relay`.
     pub policy: Option<String>,
-    /// `listener`: only the TURN listeners of this transport (`udp`, `tcp`, `tls`) or at this
-    /// index in `turn.listeners`. Default every listener.
+    /// `listener`: only the TURN listeners of this transport (`udp`, `tcp`, `tls`, `dtls`)
+    /// or at this index in `turn.listeners`. Default every listener but `dtls` ones.
     pub listener: Option<String>,
 }
 
@@ -110,7 +110,9 @@ pub fn ice_config(
 
 /// The ICE configuration for a parsed `/ice` request (see [`ice_config`] for the
 /// credentials). URLs: `turn:HOST:PORT?transport=udp|tcp` per udp/tcp listener and
-/// `turns:HOST:PORT?transport=tcp` per tls listener, filtered by `listener`.
+/// `turns:HOST:PORT?transport=tcp` per tls listener, filtered by `listener`;
+/// `turns:HOST:PORT?transport=udp` per dtls listener only when `listener` selects it
+/// (`dtls` or its index), because browsers do not speak TURN over DTLS.
 pub fn ice_config_for(
     cfg: &TurnConfig,
     req: &IceRequest,
@@ -168,7 +170,13 @@ pub fn ice_config_for(
         {
             continue;
         }
+        // Browsers do not speak TURN over DTLS (and some reject the URL): a dtls listener
+        // is listed only when asked for by name or index.
+        if l.protocol == TurnTransport::Dtls && req.listener.is_none() {
+            continue;
+        }
         let url = match l.protocol {
+            TurnTransport::Dtls => format!("turns:{host}:{}?transport=udp", l.listen.port()),
             TurnTransport::Udp => format!("turn:{host}:{}?transport=udp", l.listen.port()),
             TurnTransport::Tcp => format!("turn:{host}:{}?transport=tcp", l.listen.port()),
             TurnTransport::Tls => format!("turns:{host}:{}?transport=tcp", l.listen.port()),
@@ -186,7 +194,7 @@ pub fn ice_config_for(
             .take(64)
             .collect();
         return Err(format!(
-            "no TURN listener matches listener={shown:?} (udp, tcp, tls or an index into turn.listeners)"
+            "no TURN listener matches listener={shown:?} (udp, tcp, tls, dtls or an index into turn.listeners)"
         ));
     }
     Ok(json!({

@@ -66,14 +66,14 @@ const KEEP_CAPACITY: usize = 8192;
 /// Frames queued towards one TCP client before further ones are dropped.
 const TCP_SEND_QUEUE: usize = 512;
 
-fn count_to_client(metrics: &TurnMetrics, buf: &[u8]) {
+pub(crate) fn count_to_client(metrics: &TurnMetrics, buf: &[u8]) {
     if let Some(n) = wire::relayed_payload_len(buf) {
         metrics.packets_to_client.inc();
         metrics.bytes_to_client.inc_by(n as u64);
     }
 }
 
-fn not_applicable<T>() -> webrtc_util::Result<T> {
+pub(crate) fn not_applicable<T>() -> webrtc_util::Result<T> {
     Err(webrtc_util::Error::Other(
         "not applicable to a TURN listener".into(),
     ))

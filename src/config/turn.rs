@@ -60,11 +60,12 @@ pub struct TurnListenerConfig {
     /// Required: `ip:port`.
     pub listen: SocketAddr,
     /// tls/dtls: PEM certificate chain file (re-read when it changes). Required for tls
-    /// and dtls.
+    /// and dtls; on a tcp listener, the port also serves TLS (told apart by the first
+    /// byte of each connection). Default none.
     #[serde(default)]
     pub cert: Option<PathBuf>,
-    /// tls/dtls: PEM private key file (re-read when it changes). Required for tls and
-    /// dtls (dtls: an ECDSA P-256 or Ed25519 key).
+    /// tls/dtls (and tcp with `cert`): PEM private key file (re-read when it changes).
+    /// Required with `cert` (dtls: an ECDSA P-256 or Ed25519 key). Default none.
     #[serde(default)]
     pub key: Option<PathBuf>,
     /// tcp/tls: every connection must start with a PROXY protocol v2 header, whose source

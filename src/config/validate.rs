@@ -413,15 +413,21 @@ impl Checker {
                 self.push(key_path(&path, "listen"), "port 0 is not allowed");
             }
             let tls = matches!(l.protocol, TurnTransport::Tls | TurnTransport::Dtls);
+            if l.protocol == TurnTransport::Tcp && l.cert.is_some() != l.key.is_some() {
+                self.push(
+                    path.clone(),
+                    "a tcp listener that also serves TLS needs both cert and key",
+                );
+            }
             for (key, value) in [("cert", &l.cert), ("key", &l.key)] {
                 match value {
                     None if tls => self.push(
                         key_path(&path, key),
                         format!("a {} listener needs {key} (a PEM file path)", l.protocol),
                     ),
-                    Some(_) if !tls => self.push(
+                    Some(_) if l.protocol == TurnTransport::Udp => self.push(
                         key_path(&path, key),
-                        format!("{key} is only used with protocol tls or dtls"),
+                        format!("{key} is only used with protocol tcp, tls or dtls"),
                     ),
                     Some(p) if p.as_os_str().is_empty() => {
                         self.push(key_path(&path, key), "the path is empty")

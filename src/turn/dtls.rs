@@ -16,7 +16,8 @@
 //! once and each must complete within [`HANDSHAKE_TIMEOUT`], at most
 //! `turn.quota.max_dtls_sessions` sessions exist over all `dtls` listeners, a session
 //! must make an allocation within 30 s and is closed after 10 minutes without a record.
-//! Queues towards a session are bounded; what overflows is dropped and counted. Every
+//! Queues towards a session are bounded (64 datagrams of at most 8 KiB from the client,
+//! 512 frames towards it); what overflows is dropped and counted. Every
 //! close the server decides is counted in `mediagate_turn_dtls_closed_total{reason}`.
 //! A new ClientHello (epoch 0) from the address of an established session replaces that
 //! session (a client that restarted on the same port).
@@ -60,8 +61,11 @@ pub(crate) const MAX_HANDSHAKES: usize = 256;
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session that receives nothing for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
-/// Datagrams queued from the socket towards one session's DTLS layer.
-const INBOUND_QUEUE: usize = 256;
+/// Datagrams queued from the socket towards one session's DTLS layer (at most
+/// [`MAX_DATAGRAM`] bytes each: 512 KiB per session at worst).
+const INBOUND_QUEUE: usize = 64;
+/// Largest datagram handed to a session: the `dtls` crate reads at most 8 KiB.
+const MAX_DATAGRAM: usize = 8192;
 /// Frames queued towards one client before further ones are dropped.
 const SEND_QUEUE: usize = 512;
 /// Largest UDP datagram read from the socket.
@@ -387,6 +391,10 @@ impl Shared {
         cancel: &CancellationToken,
         tracker: &TaskTracker,
     ) {
+        if datagram.len() > MAX_DATAGRAM {
+            self.metrics.dropped(DropReason::Malformed).inc();
+            return;
+        }
         let hello = is_client_hello(datagram);
         {
             let sessions = self.sessions.read().unwrap_or_else(|e| e.into_inner());

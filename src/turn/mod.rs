@@ -203,8 +203,9 @@ impl TurnService {
                         (t as Arc<dyn Conn + Send + Sync>, local, Some(closed), None)
                     }
                     TurnTransport::Tcp | TurnTransport::Tls => {
+                        // A tcp listener given a certificate also speaks TLS on its port.
                         let tls = match (&l.cert, &l.key) {
-                            (Some(cert), Some(key)) if l.protocol == TurnTransport::Tls => {
+                            (Some(cert), Some(key)) => {
                                 let store = tls::CertStore::load(cert, key)
                                     .map_err(anyhow::Error::msg)
                                     .with_context(|| {
@@ -234,6 +235,7 @@ impl TurnService {
                             Arc::clone(&tcp_limit),
                             Arc::clone(&trimmer),
                             TcpOptions {
+                                plain_too: l.protocol == TurnTransport::Tcp && tls.is_some(),
                                 tls,
                                 accept_proxy: l.accept_proxy_protocol,
                             },

@@ -114,7 +114,14 @@ async fn uclient_relays_over_dtls_with_static_and_rest_credentials() {
             args.extend(["-u", USER, "-w", PASSWORD]);
         }
         let r = uclient(&args).await;
-        ok_run(if ephemeral { "dtls rest" } else { "dtls static" }, &r);
+        ok_run(
+            if ephemeral {
+                "dtls rest"
+            } else {
+                "dtls static"
+            },
+            &r,
+        );
         assert!(gw.metrics.allocations_created.get() >= 2);
         assert!(gw.metrics.bytes_to_client.get() >= 2 * 20 * 100);
         gw.svc.close().await;
@@ -134,7 +141,11 @@ async fn wrong_certificate_or_host_name_fails_on_the_client() {
     // The right CA and name: the handshake completes and STUN Binding is answered.
     let (good, local) = dtls_connect(addr, &ca, HOST).await.expect("handshake");
     assert_eq!(binding(&good).await, local);
-    assert!(wait_until(Duration::from_secs(5), || gw.metrics.dtls_sessions.get() == 1).await);
+    assert!(
+        wait_until(Duration::from_secs(5), || gw.metrics.dtls_sessions.get()
+            == 1)
+        .await
+    );
 
     // Another host name, or another CA: the client refuses the server.
     let wrong_name = dtls_connect(addr, &ca, "other.test").await;
@@ -170,7 +181,20 @@ async fn a_certificate_renewed_in_place_is_served_without_dropping_allocations()
     let (_peer, port) = echo_peer().await;
     let (p, d) = (port.to_string(), addr.port().to_string());
     let run = tokio::spawn(uclient(&[
-        "-S", "-p", &d, "-e", "127.0.0.1", "-r", &p, "-n", "150", "-z", "20", "-u", USER, "-w",
+        "-S",
+        "-p",
+        &d,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &p,
+        "-n",
+        "150",
+        "-z",
+        "20",
+        "-u",
+        USER,
+        "-w",
         PASSWORD,
     ]));
     assert!(

@@ -357,7 +357,14 @@ async fn a_tcp_listener_with_a_certificate_serves_tls_and_plain_turn_on_one_port
         args.extend(["-p", &t, "-e", "127.0.0.1", "-r", &p, "-n", "10", "-z", "5"]);
         args.extend(["-u", USER, "-w", PASSWORD]);
         let r = uclient(&args).await;
-        ok_run(if secure { "tls on the tcp port" } else { "plain tcp" }, &r);
+        ok_run(
+            if secure {
+                "tls on the tcp port"
+            } else {
+                "plain tcp"
+            },
+            &r,
+        );
     }
     drop((tls, plain));
     gw.svc.close().await;

@@ -142,7 +142,9 @@ impl AppState {
             (n, o) => n.is_some() != o.is_some(),
         };
         if restart_part_differs {
-            tracing::warn!("changes to the turn section (but turn.auth and turn.ice) take effect at the next restart");
+            tracing::warn!(
+                "changes to the turn section (but turn.auth and turn.ice) take effect at the next restart"
+            );
         }
         if new.cluster != old.cluster {
             tracing::warn!("changes to the cluster section take effect at the next restart");

@@ -27,12 +27,12 @@
 //! polled like the TLS certificate and swapped for new handshakes; established sessions
 //! and their allocations are untouched.
 
-use arc_swap::ArcSwap;
-use async_trait::async_trait;
-use bytes::Bytes;
 use ::dtls::config::{Config as DtlsConfig, ExtendedMasterSecretType};
 use ::dtls::conn::DTLSConn;
 use ::dtls::crypto::{Certificate, CryptoPrivateKey, CryptoPrivateKeyKind};
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, Ed25519KeyPair};
 use rustls_pki_types::pem::PemObject;
@@ -100,8 +100,8 @@ fn sec1_p256_to_pkcs8(sec1: &[u8]) -> Vec<u8> {
     }
     // version 0, AlgorithmIdentifier { id-ecPublicKey, prime256v1 }
     const HEAD: [u8; 24] = [
-        0x02, 0x01, 0x00, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
-        0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+        0x02, 0x01, 0x00, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
+        0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
     ];
     let mut octets = vec![0x04];
     der_len(sec1.len(), &mut octets);
@@ -115,9 +115,11 @@ fn sec1_p256_to_pkcs8(sec1: &[u8]) -> Vec<u8> {
 
 /// A private key the `dtls` crate can sign with, from PKCS#8 DER.
 fn private_key(pkcs8: Vec<u8>) -> Result<CryptoPrivateKey, String> {
-    if let Ok(k) =
-        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &pkcs8, &SystemRandom::new())
-    {
+    if let Ok(k) = EcdsaKeyPair::from_pkcs8(
+        &ECDSA_P256_SHA256_ASN1_SIGNING,
+        &pkcs8,
+        &SystemRandom::new(),
+    ) {
         return Ok(CryptoPrivateKey {
             kind: CryptoPrivateKeyKind::Ecdsa256(k),
             serialized_der: pkcs8,
@@ -262,7 +264,11 @@ impl Conn for SessionConn {
     }
     async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
         // A failed send is a lost datagram, as on the wire; DTLS retransmits handshakes.
-        Ok(self.socket.send_to(buf, self.peer).await.unwrap_or(buf.len()))
+        Ok(self
+            .socket
+            .send_to(buf, self.peer)
+            .await
+            .unwrap_or(buf.len()))
     }
     async fn send_to(&self, buf: &[u8], _target: SocketAddr) -> webrtc_util::Result<usize> {
         self.send(buf).await
@@ -405,7 +411,10 @@ impl Shared {
                     s.cancel.cancel();
                     return;
                 }
-                if s.inbound.try_send(Bytes::copy_from_slice(datagram)).is_err() {
+                if s.inbound
+                    .try_send(Bytes::copy_from_slice(datagram))
+                    .is_err()
+                {
                     self.metrics.dropped(DropReason::ClientBackpressure).inc();
                 }
                 return;
@@ -693,15 +702,28 @@ mod tests {
                 .success();
             assert!(ok, "openssl {args:?}");
         };
-        run(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "sec1.key"]);
-        run(&["pkcs8", "-topk8", "-nocrypt", "-in", "sec1.key", "-out", "p8.key"]);
+        run(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "sec1.key",
+        ]);
+        run(&[
+            "pkcs8", "-topk8", "-nocrypt", "-in", "sec1.key", "-out", "p8.key",
+        ]);
         run(&["genrsa", "-out", "rsa.key", "2048"]);
         for key in ["sec1.key", "p8.key"] {
             run(&[
                 "req", "-x509", "-key", key, "-days", "1", "-subj", "/CN=t", "-out", "c.crt",
             ]);
             let c = load(&dir.path().join("c.crt"), &dir.path().join(key)).expect(key);
-            assert!(matches!(c.private_key.kind, CryptoPrivateKeyKind::Ecdsa256(_)));
+            assert!(matches!(
+                c.private_key.kind,
+                CryptoPrivateKeyKind::Ecdsa256(_)
+            ));
         }
         run(&[
             "req", "-x509", "-key", "rsa.key", "-days", "1", "-subj", "/CN=t", "-out", "r.crt",

@@ -3,7 +3,8 @@
 //! DTLS client (webrtc-rs `dtls`, which checks the chain and the name as a browser would)
 //! that trusts another CA, or expects another host name, fails the handshake while the
 //! right one gets its STUN Binding answered; a certificate renewed in place is served to
-//! new handshakes while a running relay goes on.
+//! new handshakes while a running relay goes on; `turn.quota.max_dtls_sessions` refuses
+//! sessions beyond it, and a closed session frees its place.
 
 mod turn_support;
 
@@ -40,6 +41,15 @@ async fn dtls_connect(
     ca: &Path,
     name: &str,
 ) -> Result<(dtls::conn::DTLSConn, SocketAddr), String> {
+    dtls_connect_within(addr, ca, name, Duration::from_secs(10)).await
+}
+
+async fn dtls_connect_within(
+    addr: SocketAddr,
+    ca: &Path,
+    name: &str,
+    within: Duration,
+) -> Result<(dtls::conn::DTLSConn, SocketAddr), String> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
@@ -54,12 +64,7 @@ async fn dtls_connect(
         ..Default::default()
     };
     let conn: Arc<dyn webrtc_util::Conn + Send + Sync> = Arc::new(sock);
-    match timeout(
-        Duration::from_secs(10),
-        dtls::conn::DTLSConn::new(conn, cfg, true, None),
-    )
-    .await
-    {
+    match timeout(within, dtls::conn::DTLSConn::new(conn, cfg, true, None)).await {
         Ok(Ok(c)) => Ok((c, local)),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("handshake timed out".into()),
@@ -230,5 +235,37 @@ async fn a_certificate_renewed_in_place_is_served_without_dropping_allocations()
     );
     let r = run.await.unwrap();
     ok_run("relay across the renewal", &r);
+    gw.svc.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_beyond_max_dtls_sessions_are_refused_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = cert_chain(dir.path(), "server", HOST);
+    let mut cfg = config(Auth::Static, &["127.0.0.1/32"], 10);
+    cfg.quota.max_dtls_sessions = 1;
+    add_dtls(&mut cfg, &cert, &key);
+    let gw = Gateway::start(cfg).await;
+    let addr = gw.dtls.unwrap();
+
+    let (first, local) = dtls_connect(addr, &ca, HOST).await.expect("handshake");
+    assert_eq!(binding(&first).await, local);
+    // The second session finds the cap reached: its ClientHellos are dropped.
+    let second = dtls_connect_within(addr, &ca, HOST, Duration::from_secs(3)).await;
+    assert!(second.is_err(), "a session beyond the cap was served");
+    assert!(gw.metrics.dtls_closed_count("limit") >= 1);
+
+    // The first one closes (close_notify): its place is free again.
+    let _ = first.close().await;
+    assert!(
+        wait_until(Duration::from_secs(5), || gw.metrics.dtls_sessions.get()
+            == 0)
+        .await
+    );
+    let (third, local) = dtls_connect(addr, &ca, HOST)
+        .await
+        .expect("handshake after close");
+    assert_eq!(binding(&third).await, local);
+    let _ = third.close().await;
     gw.svc.close().await;
 }

@@ -161,8 +161,14 @@ impl AppState {
             return Err(anyhow!("shutting down: reload refused"));
         }
         let old = self.config.load_full();
-        if new.turn != old.turn {
-            tracing::warn!("changes to the turn section take effect at the next restart");
+        let restart_part_differs = match (&new.turn, &old.turn) {
+            (Some(n), Some(o)) => turn_restart_part_differs(n, o),
+            (n, o) => n.is_some() != o.is_some(),
+        };
+        if restart_part_differs {
+            tracing::warn!(
+                "changes to the turn section (but turn.auth and turn.ice) take effect at the next restart"
+            );
         }
         if new.admin.listen != old.admin.listen {
             tracing::warn!(old = %old.admin.listen, new = %new.admin.listen, "admin.listen changes take effect at the next restart");
@@ -289,10 +295,11 @@ impl AppState {
     /// listeners start on sockets that are already bound.
     async fn commit(&self, mut p: Prepared) {
         p.committed = true;
-        let new = p.config.take().expect("prepared config");
+        let mut new = p.config.take().expect("prepared config");
         if let Some(hooks) = p.hooks.take() {
             self.hooks.commit(hooks);
         }
+        self.reload_turn_auth(&mut new).await;
         for (rt, spec, list) in std::mem::take(&mut p.changes) {
             if let Err(e) = rt.reload(spec, list).await {
                 tracing::warn!(upstream = %rt.name, error = %e, "upstream did not take the new settings");
@@ -367,6 +374,47 @@ impl AppState {
         }
         self.admin_token.store(Arc::new(new.admin.token.clone()));
         self.config.store(Arc::new(new));
+    }
+}
+
+/// The part of a `turn` section that only a restart applies: all of it but `auth` (the
+/// running service takes new credentials) and `ice` (read per `/ice` request).
+fn turn_restart_part_differs(a: &crate::config::TurnConfig, b: &crate::config::TurnConfig) -> bool {
+    let mut b = b.clone();
+    b.auth = a.auth.clone();
+    b.ice = a.ice.clone();
+    *a != b
+}
+
+impl AppState {
+    /// The running TURN service takes the new `turn.auth` (secret rotation: `/ice` signs
+    /// with the new first secret and the service verifies with every new secret at once).
+    /// The `turn` section stored for `/ice` and `/config` is the one that runs: the new
+    /// `auth` (if the service took it) and `ice`, everything else as started.
+    async fn reload_turn_auth(&self, new: &mut Config) {
+        let old = self.config.load_full();
+        let Some(running) = old.turn.as_ref() else {
+            new.turn = None;
+            return;
+        };
+        let mut stored = running.clone();
+        if let Some(wanted) = new.turn.as_ref() {
+            stored.ice = wanted.ice.clone();
+            if wanted.auth != running.auth
+                && let Some(svc) = self.turn.lock().await.as_ref()
+            {
+                match svc.set_auth(&wanted.auth) {
+                    Ok(()) => {
+                        tracing::info!("TURN credentials (turn.auth) reloaded");
+                        stored.auth = wanted.auth.clone();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "TURN credentials not reloaded; the previous ones stay in force")
+                    }
+                }
+            }
+        }
+        new.turn = Some(stored);
     }
 }
 

@@ -453,7 +453,7 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
         &[
             "t.yaml:4:7: turn.listeners[0].cert: a tls listener needs cert (a PEM file path)",
             "t.yaml:4:7: turn.listeners[0].key: a tls listener needs key (a PEM file path)",
-            "t.yaml:5:52: turn.listeners[1].cert: cert is only used with protocol tls",
+            "t.yaml:5:52: turn.listeners[1].cert: cert is only used with protocol tcp, tls or dtls",
             "t.yaml:5:82: turn.listeners[1].accept_proxy_protocol: PROXY protocol is only accepted on tcp and tls listeners",
             "t.yaml:9:14: turn.auth.secrets: set either secret or secrets, not both (secret is a one-element secrets)",
             "t.yaml:9:18: turn.auth.secrets[1]: the secret is empty",

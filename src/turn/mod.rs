@@ -16,6 +16,7 @@
 //! `/status`) and [`ice_config`] (`GET /ice`, `mediagate ice`).
 
 mod auth;
+mod dtls;
 mod ice;
 mod metrics;
 mod policy;
@@ -83,6 +84,8 @@ pub fn fd_demand(cfg: &TurnConfig) -> usize {
 /// The running STUN/TURN service.
 pub struct TurnService {
     core: Arc<Core>,
+    /// Shares its credentials with the one `core` checks requests with.
+    auth: auth::Authenticator,
     listeners: Vec<Arc<Listener>>,
     cancel: CancellationToken,
     bookkeeping: CancellationToken,
@@ -117,7 +120,7 @@ impl TurnService {
         let authenticator =
             auth::Authenticator::new(&cfg.realm, &cfg.auth).map_err(anyhow::Error::msg)?;
         let core = Arc::new(Core::new(
-            authenticator,
+            authenticator.clone(),
             Arc::clone(&policy),
             metrics.clone(),
             cfg.quota.allocations_per_user,
@@ -131,6 +134,7 @@ impl TurnService {
             );
         }
         let tcp_limit = Arc::new(Semaphore::new(cfg.quota.max_tcp_connections));
+        let dtls_limit = Arc::new(Semaphore::new(cfg.quota.max_dtls_sessions));
         let trimmer = Arc::new(trim::Trimmer::default());
         // The advertised address behind a NAT also reaches this host's own ports.
         let extra_ips: Vec<std::net::IpAddr> =
@@ -172,9 +176,36 @@ impl TurnService {
                         let local = t.local_addr()?;
                         (Arc::new(t), local, None, None)
                     }
+                    TurnTransport::Dtls => {
+                        let (Some(cert), Some(key)) = (&l.cert, &l.key) else {
+                            anyhow::bail!(
+                                "turn.listeners[{idx}]: a dtls listener needs cert and key"
+                            )
+                        };
+                        let store = dtls::DtlsCert::load(cert, key)
+                            .map_err(anyhow::Error::msg)
+                            .with_context(|| format!("turn.listeners[{idx}]: certificate"))?;
+                        metrics.cert_reloads_ok.inc();
+                        tasks.spawn(Arc::clone(&store).watch(metrics.clone(), cancel.clone()));
+                        let socket = bind_udp(l.listen).with_context(|| {
+                            format!("turn.listeners[{idx}]: bind dtls {}", l.listen)
+                        })?;
+                        let (t, closed) = dtls::DtlsTransport::start(
+                            socket,
+                            store,
+                            metrics.clone(),
+                            cancel.clone(),
+                            &tasks,
+                            Arc::clone(&core.tcp_log),
+                            Arc::clone(&dtls_limit),
+                        )?;
+                        let local = t.local_addr()?;
+                        (t as Arc<dyn Conn + Send + Sync>, local, Some(closed), None)
+                    }
                     TurnTransport::Tcp | TurnTransport::Tls => {
+                        // A tcp listener given a certificate also speaks TLS on its port.
                         let tls = match (&l.cert, &l.key) {
-                            (Some(cert), Some(key)) if l.protocol == TurnTransport::Tls => {
+                            (Some(cert), Some(key)) => {
                                 let store = tls::CertStore::load(cert, key)
                                     .map_err(anyhow::Error::msg)
                                     .with_context(|| {
@@ -204,6 +235,7 @@ impl TurnService {
                             Arc::clone(&tcp_limit),
                             Arc::clone(&trimmer),
                             TcpOptions {
+                                plain_too: l.protocol == TurnTransport::Tcp && tls.is_some(),
                                 tls,
                                 accept_proxy: l.accept_proxy_protocol,
                             },
@@ -324,11 +356,19 @@ impl TurnService {
         g2.disarm();
         Ok(TurnService {
             core,
+            auth: authenticator,
             listeners,
             cancel,
             bookkeeping,
             tasks,
         })
+    }
+
+    /// Replaces the credentials in force (`turn.auth` on reload: secret rotation, users
+    /// added or removed); the realm and everything else stay as started. Fails, changing
+    /// nothing, when `auth` lacks its secret or users.
+    pub fn set_auth(&self, auth: &crate::config::TurnAuthConfig) -> Result<(), String> {
+        self.auth.update(auth)
     }
 
     /// Live allocations (for `/status`).

@@ -4,6 +4,11 @@
 
 use super::table::{Session, Tables};
 use crate::offload::ListenerOffload;
+use std::time::Duration;
+
+/// How old a pass over the kernel's flow map an idle sweep accepts (passes are shared by
+/// the workers and listeners that sweep within this window).
+const LAST_SEEN_MAX_AGE: Duration = Duration::from_millis(100);
 
 impl Tables {
     /// Installs session `idx` in the fast path once per server, after a datagram went out
@@ -55,17 +60,32 @@ impl Tables {
         }
     }
 
-    /// Brings each offloaded session's activity time up to its last datagram in the
-    /// kernel (before the idle sweep decides).
-    pub(super) fn offload_last_seen(&mut self) {
+    /// Brings the activity time of each offloaded session that would otherwise expire up
+    /// to its last datagram in the kernel (before the idle sweep decides). The kernel's
+    /// times come from one batched pass over the flow map shared by every worker
+    /// (`ListenerOffload::last_seen`), made only when some session needs it: a sweep
+    /// costs a few `bpf(2)` calls, not two per session.
+    pub(super) fn offload_last_seen(&mut self, idle_ms: u64) {
         let Some(off) = self.offload.as_deref() else {
             return;
         };
         let now = self.now_ms;
+        let expiring =
+            |s: &Session| s.offload.is_some() && now.saturating_sub(s.last_activity_ms) >= idle_ms;
+        if !self
+            .slab
+            .iter()
+            .any(|slot| slot.session.as_ref().is_some_and(expiring))
+        {
+            return;
+        }
+        let seen = off.last_seen(LAST_SEEN_MAX_AGE);
+        let now_ns = crate::offload::monotonic_ns();
         for slot in &mut self.slab {
             if let Some(s) = slot.session.as_mut()
+                && expiring(s)
                 && let Some(keys) = &s.offload
-                && let Some(idle_ns) = off.idle_ns(keys)
+                && let Some(idle_ns) = seen.idle_ns(keys, now_ns)
             {
                 let seen = now.saturating_sub(idle_ns / 1_000_000);
                 s.last_activity_ms = s.last_activity_ms.max(seen);

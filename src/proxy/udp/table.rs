@@ -222,7 +222,7 @@ impl Tables {
 
     pub(super) fn sweep_idle(&mut self, idle_ms: u64) {
         let now = self.now_ms;
-        self.offload_last_seen();
+        self.offload_last_seen(idle_ms);
         let mut removed = 0usize;
         for slot in &mut self.slab {
             let expired = slot

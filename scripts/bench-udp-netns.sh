@@ -45,7 +45,9 @@ if [[ $SMOKE = 1 ]]; then
   FLOWS=${FLOWS:-10}; SIZES=${SIZES:-64}; TRIAL=${TRIAL:-300ms}; LAT=${LAT:-300ms}
   ROUNDS=${ROUNDS:-1}; SWEEP_MAX=${SWEEP_MAX:-20000}; STEPS=${STEPS:-1}
   SESSIONS=${SESSIONS:-"20 300"}; LIVE=${LIVE:-10}; RATE=${RATE:-5000}
+  START=${START:-1000} # a loaded machine and debug binaries: start the sweeps low
 fi
+START=${START:-10000}
 MODE=${MODE:-compare}
 ECHO=${ECHO:-xdp}
 PIN=${PIN:-1}
@@ -89,6 +91,10 @@ PROXY_CPU=(); CLIENT_CPU=()
 if [[ $PIN = 1 ]]; then PROXY_CPU=(taskset -c 1); CLIENT_CPU=(taskset -c 0); fi
 LOAD="$BIN/mediagate-load"
 ECHO_PIDS=()
+if [[ $ECHO = xdp ]] && ! command -v clang >/dev/null; then
+  echo "clang not found: user-space echo workers instead of the XDP reflector (ECHO=socket)" >&2
+  ECHO=socket
+fi
 if [[ $ECHO = xdp ]]; then
   clang -O2 -g -target bpf -I/usr/include/"$(uname -m)"-linux-gnu -c scripts/bpf/xdp_reflect.c -o "$TMP/xdp_reflect.o"
   inns $W ip link set dev ebw0 xdp obj "$TMP/xdp_reflect.o" sec xdp program reflect
@@ -153,7 +159,19 @@ if metrics | grep -q '^mediagate_offload_errors_total{reason="\(built_without_cl
 fi
 sleep 0.3
 NGINX_PID=$(cat "$TMP/nginx.pid" 2>/dev/null || true)
-NGINX_PIDS="$NGINX_PID $(pgrep -P "${NGINX_PID:-1}" 2>/dev/null | xargs)"
+# pids_where FIELD VALUE: processes whose /proc/PID/stat FIELD (2: comm, 4: parent) is VALUE.
+pids_where() {
+  local f stat pid comm rest v
+  for f in /proc/[0-9]*/stat; do
+    { read -r stat <"$f"; } 2>/dev/null || continue
+    pid=${f#/proc/}; pid=${pid%/stat}
+    comm=${stat#*(}; comm=${comm%)*}
+    read -ra rest <<<"${stat##*) }" # from field 3 on
+    if [[ $1 = 2 ]]; then v=$comm; else v=${rest[$(($1 - 3))]:-}; fi
+    if [[ $v = "$2" ]]; then echo "$pid"; fi
+  done | xargs
+}
+NGINX_PIDS="$NGINX_PID $(pids_where 4 "${NGINX_PID:-1}")"
 
 # cpu_ns PID...: CPU time so far of every thread of the processes, ns (the scheduler's
 # per-task clock; with no IRQ time accounting it includes softirq work done in them).
@@ -166,7 +184,7 @@ cpu_ns() {
   done
   echo $total
 }
-KSOFTIRQD=$(pgrep ksoftirqd | xargs)
+KSOFTIRQD="$(for c in $(seq 0 $(($(nproc) - 1))); do pids_where 2 "ksoftirqd/$c"; done | xargs)"
 declare -A PROXY_PIDS=([direct]="" [nginx]="$NGINX_PIDS" [user]="$MG_PID" [fast]="$MG_PID")
 # measure TARGET FLOWS SIZE RATE: one latency run; prints the generator's line plus
 # cpu_us_per_rt= (CPU of everything on the path per reply).
@@ -196,7 +214,7 @@ for flows in $FLOWS; do
     for t in $TARGETS; do
       if ((SECONDS > DEADLINE)); then say "time budget spent; stopping"; break 3; fi
       line=$(timeout 120 ip netns exec $C ${CLIENT_CPU[@]} $LOAD sweep --target ${ADDR[$t]} --flows "$flows" --size "$size" \
-        --src-base "$SRC_BASE" --duration "$TRIAL" --start 10000 --max "$SWEEP_MAX" --steps "$STEPS" 2>"$TMP/sweep-$t-$k.log" | grep '^best' || true)
+        --src-base "$SRC_BASE" --duration "$TRIAL" --start "$START" --max "$SWEEP_MAX" --steps "$STEPS" 2>"$TMP/sweep-$t-$k.log" | grep '^best' || true)
       MAX[$t,$k]=$(field pps "$line")
       say "sweep $t flows=$flows size=$size: max ${MAX[$t,$k]:-?} pps"
       [[ -n "${MAX[$t,$k]}" ]] || tail -3 "$TMP/sweep-$t-$k.log" >&2

@@ -43,9 +43,12 @@ pub struct LastSeen {
 
 impl LastSeen {
     /// Reads every entry's last-seen time from a flow map in one batched pass; returns
-    /// them and the number of `bpf(2)` calls it took.
-    pub fn read(flows: &OwnedFd) -> io::Result<(LastSeen, usize)> {
-        let mut seen = LastSeen::default();
+    /// them and the number of `bpf(2)` calls it took. `expected`: about how many entries
+    /// saw a datagram (the previous pass's count), to size the table once.
+    pub fn read(flows: &OwnedFd, expected: usize) -> io::Result<(LastSeen, usize)> {
+        let mut seen = LastSeen {
+            last_ns: HashMap::with_capacity(expected),
+        };
         let calls = sys::for_each(flows, |k, v| {
             if v.last_ns > 0 {
                 seen.last_ns.insert(*k, v.last_ns);
@@ -196,8 +199,9 @@ impl Engine {
         {
             return seen.clone();
         }
+        let expected = pass.as_ref().map_or(0, |(_, seen)| seen.len());
         let started = Instant::now();
-        let seen = match LastSeen::read(&self.flows) {
+        let seen = match LastSeen::read(&self.flows, expected) {
             Ok((seen, calls)) => {
                 tracing::trace!(entries = seen.len(), calls, took = ?started.elapsed(), "offload: last-seen pass");
                 seen
@@ -401,6 +405,18 @@ impl ListenerOffload {
         sys::remove(&self.engine.flows, &keys.fwd);
         sys::remove(&self.engine.flows, &keys.rev);
         self.lm.offload_sessions.dec();
+    }
+
+    /// Nanoseconds since the session's last offloaded datagram either way (None: none),
+    /// read now: two lookups.
+    pub fn idle_ns(&self, keys: &SessionKeys) -> Option<u64> {
+        let last = [keys.fwd, keys.rev]
+            .iter()
+            .filter_map(|k| sys::lookup(&self.engine.flows, k))
+            .map(|n| n.last_ns)
+            .max()
+            .filter(|&ns| ns > 0)?;
+        Some(sys::monotonic_ns().saturating_sub(last))
     }
 
     /// The last-seen times of every offloaded session (of every listener), from one

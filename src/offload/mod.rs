@@ -55,11 +55,15 @@
 //! path. The kernel's times are read in batches, not per session: a sweep first picks
 //! the offloaded sessions that would expire on user space's time alone (a session whose
 //! time was brought up to date is not asked again before another idle timeout), and only
-//! if there are any, the engine reads the whole flow map in one pass
+//! if there are any, it takes the engine's pass over the whole flow map
 //! (`BPF_MAP_LOOKUP_BATCH`, 8192 entries per call; a key walk on kernels without batch
-//! operations) into a table the sweeps of every worker and listener share for 100 ms
-//! ([`LastSeen`]). A sweep thus costs a few `bpf(2)` calls however many sessions it
-//! holds, not two per session.
+//! operations), which every worker and listener sweeping within one sweep interval
+//! shares ([`LastSeen`]). A shared pass may be up to that interval old, so it is used
+//! only to move times forward; the sessions that still look idle afterwards are
+//! confirmed with a fresh lookup of their two entries before they expire. The sweeps of
+//! all workers together thus make about one pass per sweep interval plus two lookups per
+//! session that really expires, instead of two lookups per offloaded session per sweep
+//! (`benches/offload_sweep.rs` measures a pass against per-entry lookups).
 //!
 //! **Safety.** Nothing is pinned: the links and maps live as long as the process holds
 //! their descriptors, so a crash or `kill -9` detaches everything (no qdisc is created;

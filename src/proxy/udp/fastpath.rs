@@ -6,10 +6,6 @@ use super::table::{Session, Tables};
 use crate::offload::ListenerOffload;
 use std::time::Duration;
 
-/// How old a pass over the kernel's flow map an idle sweep accepts (passes are shared by
-/// the workers and listeners that sweep within this window).
-const LAST_SEEN_MAX_AGE: Duration = Duration::from_millis(100);
-
 impl Tables {
     /// Installs session `idx` in the fast path once per server, after a datagram went out
     /// through its upstream socket (so the socket's addresses are final).
@@ -61,11 +57,16 @@ impl Tables {
     }
 
     /// Brings the activity time of each offloaded session that would otherwise expire up
-    /// to its last datagram in the kernel (before the idle sweep decides). The kernel's
-    /// times come from one batched pass over the flow map shared by every worker
-    /// (`ListenerOffload::last_seen`), made only when some session needs it: a sweep
-    /// costs a few `bpf(2)` calls, not two per session.
-    pub(super) fn offload_last_seen(&mut self, idle_ms: u64) {
+    /// to its last datagram in the kernel (before the idle sweep decides), in two steps:
+    ///
+    /// 1. from one batched pass over the whole flow map (`ListenerOffload::last_seen`),
+    ///    shared by every worker and listener that sweeps within `pass_age` of it, and
+    ///    made only when some session needs it. A pass that old may miss a session's
+    ///    latest datagrams, but what it shows happened: it only ever moves times forward.
+    /// 2. The sessions that still look idle are confirmed one by one with a fresh lookup
+    ///    of their two entries before they expire: only truly idle sessions cost
+    ///    syscalls of their own, each once.
+    pub(super) fn offload_last_seen(&mut self, idle_ms: u64, pass_age: Duration) {
         let Some(off) = self.offload.as_deref() else {
             return;
         };
@@ -79,13 +80,22 @@ impl Tables {
         {
             return;
         }
-        let seen = off.last_seen(LAST_SEEN_MAX_AGE);
+        let seen = off.last_seen(pass_age);
         let now_ns = crate::offload::monotonic_ns();
         for slot in &mut self.slab {
-            if let Some(s) = slot.session.as_mut()
-                && expiring(s)
-                && let Some(keys) = &s.offload
-                && let Some(idle_ns) = seen.idle_ns(keys, now_ns)
+            let Some(s) = slot.session.as_mut() else {
+                continue;
+            };
+            if !expiring(s) {
+                continue;
+            }
+            let Some(keys) = &s.offload else { continue };
+            if let Some(idle_ns) = seen.idle_ns(keys, now_ns) {
+                let seen = now.saturating_sub(idle_ns / 1_000_000);
+                s.last_activity_ms = s.last_activity_ms.max(seen);
+            }
+            if expiring(s)
+                && let Some(idle_ns) = off.idle_ns(keys)
             {
                 let seen = now.saturating_sub(idle_ns / 1_000_000);
                 s.last_activity_ms = s.last_activity_ms.max(seen);

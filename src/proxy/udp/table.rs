@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 /// One client flow, owned by one worker thread.
 pub(super) struct Session {
@@ -220,9 +221,10 @@ impl Tables {
         self.offload_install(idx);
     }
 
-    pub(super) fn sweep_idle(&mut self, idle_ms: u64) {
+    /// Closes the sessions idle for `idle_ms`; sweeps run every `every`.
+    pub(super) fn sweep_idle(&mut self, idle_ms: u64, every: Duration) {
         let now = self.now_ms;
-        self.offload_last_seen(idle_ms);
+        self.offload_last_seen(idle_ms, every);
         let mut removed = 0usize;
         for slot in &mut self.slab {
             let expired = slot

@@ -13,6 +13,7 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Largest UDP payload (a slot holds any datagram).
@@ -191,7 +192,8 @@ impl Worker {
                 self.t.offload_scan();
             }
             if now >= next_sweep {
-                self.t.sweep_idle(idle.as_millis() as u64);
+                self.t
+                    .sweep_idle(idle.as_millis() as u64, Duration::from_millis(sweep_every));
                 next_sweep = now + sweep_every;
             }
         }

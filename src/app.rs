@@ -1,8 +1,9 @@
 //! Wires everything together: builds upstream controllers and listeners from a validated
 //! configuration, serves the admin API, gates traffic on the first probe round, applies
 //! reloads as a transaction ([`reload`]) and runs the graceful shutdown (drain, then
-//! stop).
+//! stop). What the admin API sees of it is in [`backend`].
 
+mod backend;
 mod reload;
 
 use crate::admin;
@@ -12,7 +13,7 @@ use crate::metrics::{Metrics, child, labels};
 use crate::proxy::{tcp, udp};
 use crate::upstream::{Control, UpstreamRoute, UpstreamRuntime, UpstreamSpec};
 use anyhow::{Context, Result, anyhow};
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use indexmap::IndexMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -63,7 +64,8 @@ pub struct AppState {
     pub last_reload_error: ArcSwap<Option<String>>,
     pub started: Instant,
     pub metrics: Metrics,
-    pub upstreams: ArcSwap<IndexMap<String, Arc<UpstreamRuntime>>>,
+    /// Shared with the cluster's sync task (see [`AppState::upstreams_fn`]).
+    pub upstreams: Arc<ArcSwap<IndexMap<String, Arc<UpstreamRuntime>>>>,
     pub listeners: ArcSwap<Vec<Arc<ListenerRuntime>>>,
     pub ready: AtomicBool,
     pub draining: AtomicBool,
@@ -79,8 +81,13 @@ pub struct AppState {
     pub turn: tokio::sync::Mutex<Option<crate::turn::TurnService>>,
     /// Who TURN may relay to; follows the upstreams' server lists.
     pub turn_policy: Option<Arc<crate::turn::PeerPolicy>>,
-    /// Membership of the replicas acting as one balancer, when `cluster:` is set.
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Membership of the replicas acting as one balancer, when `cluster:` is set (a
+    /// reload may add, replace or remove it).
+    pub cluster: ArcSwapOption<crate::cluster::Cluster>,
+    /// The cluster's metrics, shared by every member a reload starts.
+    cluster_metrics: crate::cluster::metrics::ClusterMetrics,
+    /// `events.webhooks` in force.
+    hooks: crate::events::webhook::Hooks,
     /// One reload at a time.
     reload_lock: tokio::sync::Mutex<()>,
     /// Hash of the file content last loaded or rejected, so the watcher reacts to edits
@@ -153,26 +160,30 @@ impl App {
         let cluster_metrics =
             crate::cluster::metrics::ClusterMetrics::register(&mut metrics.registry());
         let cluster = match &config.cluster {
-            Some(c) => Some(crate::cluster::Cluster::start(c, cluster_metrics).await?),
+            Some(c) => {
+                Some(crate::cluster::Cluster::prepare(c, cluster_metrics.clone(), None).await?)
+            }
             None => None,
         };
 
         let stop_accepting = CancellationToken::new();
         let kill = CancellationToken::new();
-        // Webhooks follow the event bus from now on (not reloaded: a restart applies
-        // changes to `events:`).
+        // Webhooks follow the event bus from now on.
         let hook_metrics =
             crate::events::webhook::WebhookMetrics::register(&mut metrics.registry());
-        crate::events::webhook::start(&config.events.webhooks, hook_metrics, kill.clone());
+        let hooks = crate::events::webhook::Hooks::new(hook_metrics, kill.clone());
+        hooks.commit(hooks.prepare(&config.events.webhooks)?);
         let state = Arc::new(AppState {
-            cluster,
+            cluster: ArcSwapOption::from(None),
+            cluster_metrics,
+            hooks,
             config_path,
             config: ArcSwap::from_pointee(config.clone()),
             loaded_at: ArcSwap::from_pointee(SystemTime::now()),
             last_reload_error: ArcSwap::from_pointee(None),
             started: Instant::now(),
             metrics,
-            upstreams: ArcSwap::from_pointee(upstreams),
+            upstreams: Arc::new(ArcSwap::from_pointee(upstreams)),
             listeners: ArcSwap::from_pointee(Vec::new()),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -186,13 +197,19 @@ impl App {
             seen_hash: std::sync::atomic::AtomicU64::new(reload::file_hash(&config_path_for_hash)),
         });
 
+        // The member joins now (peers' admin states arrive during the first probe round).
+        if let Some(c) = cluster {
+            c.launch(state.upstreams_fn(), None).await;
+            state.cluster.store(Some(c));
+        }
+
         let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
             .await
             .with_context(|| format!("admin: bind {}", config.admin.listen))?;
         let admin_addr = admin_listener.local_addr()?;
         let mut tasks = vec![tokio::spawn(admin::serve(
             admin_listener,
-            state.clone(),
+            state.clone() as Arc<dyn admin::Backend>,
             state.kill.clone(),
         ))];
         if state.turn_policy.is_some() {
@@ -204,8 +221,7 @@ impl App {
             u.wait_ready().await;
         }
         // A replica takes its peers' admin states before it turns ready.
-        if let Some(c) = &state.cluster {
-            tasks.push(c.spawn_sync(state.clone()));
+        if let Some(c) = state.cluster.load_full() {
             c.wait_synced().await;
         }
         let mut listeners = Vec::new();
@@ -259,6 +275,9 @@ impl App {
             _ = force => tracing::info!("second signal: stopping now"),
         }
         st.kill.cancel();
+        if let Some(c) = st.cluster.swap(None) {
+            c.stop();
+        }
         if let Some((discovery, feeders)) = st.discovery.lock().await.take() {
             feeders.cancel();
             discovery.stop();
@@ -333,6 +352,12 @@ fn bind_listener(
 }
 
 impl AppState {
+    /// How the cluster's sync task reads the upstreams in force.
+    fn upstreams_fn(&self) -> crate::cluster::Upstreams {
+        let upstreams = self.upstreams.clone();
+        Arc::new(move || upstreams.load_full())
+    }
+
     /// Builds one listener on already bound sockets, routing to `route`; it serves once
     /// `start` fires (see [`udp::UdpListener::serve`]). Everything fallible happens here.
     fn serve_listener(

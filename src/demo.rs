@@ -186,7 +186,7 @@ fn loss_line(before: &[FlowStats], after: &[FlowStats]) -> String {
 }
 
 fn print_event(app: &App, kind: &str, stamp: &str) {
-    let status = crate::admin::status::build(&app.state);
+    let status = crate::admin::status::build(app.state.as_ref());
     let Some(ev) = status
         .upstreams
         .iter()

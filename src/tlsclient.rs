@@ -1,5 +1,5 @@
-//! TLS for the two HTTP clients: the `type: http` health probe with `health.tls: true`, and
-//! the CLI talking to an `https://` admin endpoint.
+//! TLS for the HTTP clients: the `type: http` health probe with `health.tls: true`, the
+//! CLI talking to an `https://` admin endpoint, and `https://` webhooks.
 //!
 //! rustls with the ring provider (what the `kube` client and the `turn`/`stun` crates
 //! already use, so nothing new is compiled) and the system's CA certificates
@@ -28,6 +28,29 @@ pub fn client_config(verify: bool) -> Arc<ClientConfig> {
     static ACCEPTING: OnceLock<Arc<ClientConfig>> = OnceLock::new();
     let cell = if verify { &VERIFYING } else { &ACCEPTING };
     cell.get_or_init(|| Arc::new(build(verify))).clone()
+}
+
+/// A verifying client configuration that trusts the CA certificates of a PEM file (and
+/// nothing else), e.g. `events.webhooks[].ca`; `pem` is the file's content, `path` names
+/// it in errors.
+pub fn client_config_with_ca(path: &str, pem: &[u8]) -> Result<Arc<ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| format!("{path}: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{path}: not a usable CA certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{path}: no PEM certificate in the file"));
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports TLS 1.2 and 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 fn build(verify: bool) -> ClientConfig {

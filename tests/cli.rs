@@ -258,11 +258,23 @@ fn status_and_server_commands_drive_a_running_balancer() {
 
 #[test]
 fn sigterm_drains_udp_sessions_then_exits_0() {
+    sigterm_drains(false);
+}
+
+/// The same with the kernel fast path (`offload: ebpf`, needs root and a build with
+/// clang): the session keeps flowing in the kernel while draining.
+#[test]
+fn offloaded_sigterm_drains_udp_sessions_then_exits_0() {
+    sigterm_drains(true);
+}
+
+fn sigterm_drains(offload: bool) {
     let w = UdpPair::start();
-    let mut b = Balancer::start(
-        &simple(w.listen, w.admin, w.primary_addr, w.backup_addr, ""),
-        w.admin,
-    );
+    let mut config = simple(w.listen, w.admin, w.primary_addr, w.backup_addr, "");
+    if offload {
+        config = config.replace("upstream: media }", "upstream: media, offload: ebpf }");
+    }
+    let mut b = Balancer::start(&config, w.admin);
     let listen = w.listen_addr();
     let client = UdpSocket::bind("127.0.0.1:0").expect("bind");
     client
@@ -271,6 +283,16 @@ fn sigterm_drains_udp_sessions_then_exits_0() {
     let mut buf = [0u8; 64];
     client.send_to(b"12345678", listen).expect("send");
     client.recv_from(&mut buf).expect("first reply");
+    if offload {
+        // The second datagram teaches the fast path its way; from then on it forwards.
+        let want = "mediagate_offload_sessions{listener=\"rtp\"} 1";
+        wait_until(Duration::from_secs(5), "session offloaded", || {
+            client.send_to(b"12345678", listen).expect("send");
+            let _ = client.recv_from(&mut buf);
+            b.metrics().lines().any(|l| l == want) && offloaded_to_server(&b) > 0
+        });
+    }
+    let offloaded = offloaded_to_server(&b);
 
     b.proc.signal(Signal::SIGTERM);
     let t = Instant::now();
@@ -283,6 +305,11 @@ fn sigterm_drains_udp_sessions_then_exits_0() {
         client.recv_from(&mut buf).is_ok(),
         "existing session must keep flowing while draining"
     );
+    if offload {
+        wait_until(Duration::from_secs(1), "drained datagram offloaded", || {
+            offloaded_to_server(&b) > offloaded
+        });
+    }
     // ...a new one is refused.
     let newcomer = UdpSocket::bind("127.0.0.1:0").expect("bind");
     newcomer
@@ -300,6 +327,19 @@ fn sigterm_drains_udp_sessions_then_exits_0() {
         t.elapsed() >= Duration::from_millis(1500),
         "exited before the drain timeout"
     );
+}
+
+/// Datagrams the fast path forwarded to the servers of listener `rtp`.
+fn offloaded_to_server(b: &Balancer) -> u64 {
+    b.metrics()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "mediagate_offload_packets_total{listener=\"rtp\",direction=\"to_server\"} ",
+            )
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 #[test]

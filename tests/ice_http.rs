@@ -180,3 +180,99 @@ turn:
     );
     assert!(!head.contains("access-control-allow-origin"), "{head}");
 }
+
+/// The credential `/ice` hands out now, with its username.
+fn ice_credential(admin: SocketAddr) -> (String, String) {
+    let (code, _, body) = request(
+        admin,
+        "GET",
+        "/ice?username=carol",
+        &[("Authorization", "Bearer admin-token")],
+    );
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let s = &v["iceServers"][0];
+    (
+        s["username"].as_str().unwrap().to_string(),
+        s["credential"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Whether the running TURN service accepts these credentials (an Allocate over UDP).
+async fn turn_accepts(server: SocketAddr, user: &str, password: &str) -> bool {
+    let mut c = turn_support::RawClient::udp(server, user, password).await;
+    let m = c.allocate().await;
+    match turn_support::code(&m) {
+        None => true,
+        Some(401) => false,
+        Some(other) => panic!("Allocate answered {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ice_follows_the_turn_secrets_of_a_reload() {
+    let admin = free_tcp_port();
+    let udp = free_udp_port();
+    let relay = 40_000 + (admin + 700) % 20_000;
+    let yaml = |secrets: &str| {
+        format!(
+            r#"
+admin: {{ listen: "127.0.0.1:{admin}", token: admin-token }}
+turn:
+  public_address: 127.0.0.1
+  listeners:
+    - {{ protocol: udp, listen: "127.0.0.1:{udp}" }}
+  auth: {{ type: ephemeral, secrets: [{secrets}], ttl: 1h }}
+  relay: {{ address: 127.0.0.1, port_range: {relay}-{}, peers: ["127.0.0.1/32"] }}
+"#,
+            relay + 20
+        )
+    };
+    let b = Balancer::start(&yaml("old-secret"), admin);
+    let server: SocketAddr = format!("127.0.0.1:{udp}").parse().unwrap();
+    let (old_user, old_cred) = ice_credential(b.admin);
+    assert_eq!(
+        old_cred,
+        mediagate::turn::ephemeral_password("old-secret", &old_user)
+    );
+    assert!(turn_accepts(server, &old_user, &old_cred).await);
+
+    // Rotation, step 1: a new secret first, the old one still verifying.
+    std::fs::write(&b.config, yaml("new-secret, old-secret")).unwrap();
+    let (code, _, body) = request(
+        b.admin,
+        "POST",
+        "/reload",
+        &[("Authorization", "Bearer admin-token")],
+    );
+    assert_eq!(code, 200, "{body}");
+    let (new_user, new_cred) = ice_credential(b.admin);
+    assert_eq!(
+        new_cred,
+        mediagate::turn::ephemeral_password("new-secret", &new_user),
+        "/ice signs with the new first secret"
+    );
+    assert!(
+        turn_accepts(server, &new_user, &new_cred).await,
+        "the running service takes what /ice hands out"
+    );
+    assert!(
+        turn_accepts(server, &old_user, &old_cred).await,
+        "credentials signed with the old secret still work"
+    );
+
+    // Step 2: the old secret retired.
+    std::fs::write(&b.config, yaml("new-secret")).unwrap();
+    let (code, _, body) = request(
+        b.admin,
+        "POST",
+        "/reload",
+        &[("Authorization", "Bearer admin-token")],
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(turn_accepts(server, &new_user, &new_cred).await);
+    assert!(
+        !turn_accepts(server, &old_user, &old_cred).await,
+        "the retired secret no longer verifies"
+    );
+}

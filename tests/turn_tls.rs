@@ -3,7 +3,8 @@
 //! another CA, or expects another host name, fails the handshake; a
 //! certificate renewed in place is served to new handshakes while a running relay goes on;
 //! with `accept_proxy_protocol` the client address comes from the PROXY v2 header and a
-//! connection without one is refused and counted.
+//! connection without one is refused and counted; a `tcp` listener with a certificate
+//! serves TLS and plain TURN on one port.
 
 mod turn_support;
 
@@ -325,5 +326,46 @@ async fn proxy_header_gives_the_client_address_and_is_required() {
         .await
     );
     drop(tls);
+    gw.svc.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_listener_with_a_certificate_serves_tls_and_plain_turn_on_one_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = cert_chain(dir.path(), "server", HOST);
+    let mut cfg = config(Auth::Static, &["127.0.0.1/32"], 10);
+    // The tcp listener (index 1) also gets the certificate.
+    cfg.listeners[1].cert = Some(cert.clone());
+    cfg.listeners[1].key = Some(key.clone());
+    let gw = Gateway::start(cfg).await;
+    let addr = gw.tcp;
+
+    // TLS on the port: handshake, then STUN Binding.
+    let mut tls = tls_connect(addr, &ca, HOST).await.expect("handshake");
+    let local = tls.get_ref().0.local_addr().unwrap();
+    assert_eq!(binding(&mut tls).await, local);
+    // Plain STUN on the same port.
+    let mut plain = TcpStream::connect(addr).await.unwrap();
+    let local = plain.local_addr().unwrap();
+    assert_eq!(binding(&mut plain).await, local);
+
+    // uclient relays over both, on the one port.
+    let (_peer, port) = echo_peer().await;
+    let (p, t) = (port.to_string(), addr.port().to_string());
+    for secure in [true, false] {
+        let mut args: Vec<&str> = if secure { vec!["-t", "-S"] } else { vec!["-t"] };
+        args.extend(["-p", &t, "-e", "127.0.0.1", "-r", &p, "-n", "10", "-z", "5"]);
+        args.extend(["-u", USER, "-w", PASSWORD]);
+        let r = uclient(&args).await;
+        ok_run(
+            if secure {
+                "tls on the tcp port"
+            } else {
+                "plain tcp"
+            },
+            &r,
+        );
+    }
+    drop((tls, plain));
     gw.svc.close().await;
 }

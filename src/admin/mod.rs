@@ -1,13 +1,20 @@
 //! The admin HTTP API (axum, see docs/admin-api.md): health, readiness, metrics, status and the POST
 //! endpoints that send commands to upstream controllers. It only reads snapshots and sends
 //! messages; it never sits on the data path.
+//!
+//! It sees the running balancer through [`Backend`], a narrow interface the application
+//! implements (`crate::app`), so this module does not depend on the application's types.
 
 pub mod client;
 pub mod conns;
 pub mod status;
+#[cfg(test)]
+mod tests;
 
-use crate::app::AppState;
-use crate::upstream::AdminState;
+use crate::cluster::Cluster;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::upstream::{AdminState, UpstreamRuntime};
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -15,13 +22,46 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// A reload's outcome: the errors that rejected it.
+pub type ReloadFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Vec<String>>> + Send + 'a>>;
+
+/// What the admin API reads from and asks of the running balancer.
+pub trait Backend: Send + Sync + 'static {
+    /// The configuration in force.
+    fn config(&self) -> Arc<Config>;
+    /// The metrics registry.
+    fn metrics(&self) -> &Metrics;
+    /// The admin token in force (a reload may change it).
+    fn admin_token(&self) -> Arc<Option<String>>;
+    /// Serving traffic (after the first probe round).
+    fn ready(&self) -> bool;
+    /// Shutting down.
+    fn draining(&self) -> bool;
+    /// The upstreams, in configuration order.
+    fn upstreams(&self) -> Arc<indexmap::IndexMap<String, Arc<UpstreamRuntime>>>;
+    /// The listeners as `/status` shows them.
+    fn listeners(&self) -> Vec<status::ListenerStatus>;
+    /// The configuration file, when it was loaded and the last reload error.
+    fn config_status(&self) -> status::ConfigStatus;
+    /// Time since start.
+    fn uptime(&self) -> Duration;
+    /// TURN allocations, when the TURN service runs.
+    fn turn_allocations(&self) -> Option<usize>;
+    /// The cluster membership in force, when `cluster:` is set.
+    fn cluster(&self) -> Option<Arc<Cluster>>;
+    /// Reloads the configuration file (a transaction: all or nothing).
+    fn reload(&self) -> ReloadFuture<'_>;
+}
 
 #[derive(Clone)]
 struct Ctx {
-    app: Arc<AppState>,
+    app: Arc<dyn Backend>,
 }
 
 /// The router, without a listener (tests use it directly).
@@ -30,7 +70,7 @@ struct Ctx {
 /// `/ice` hands out credentials and checks its own tokens (the admin token or
 /// `turn.ice.token`, see `ice`) so that it can be exposed to web pages with CORS. The check is a middleware, so it runs before any
 /// extractor: an unauthenticated request is answered 401 without its body being read.
-pub fn router(app: Arc<AppState>) -> Router {
+pub fn router(app: Arc<dyn Backend>) -> Router {
     let ctx = Ctx { app };
     let guarded = Router::new()
         .route("/upstreams/{name}/servers/{server}/state", post(set_state))
@@ -60,13 +100,17 @@ async fn require_token(State(ctx): State<Ctx>, req: Request, next: Next) -> Resp
 
 /// Serves the API on `listener` until `stop` fires, within `admin.max_connections` and
 /// `admin.header_read_timeout` (see `conns`).
-pub async fn serve(listener: tokio::net::TcpListener, app: Arc<AppState>, stop: CancellationToken) {
-    let admin = app.config.load().admin.clone();
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Arc<dyn Backend>,
+    stop: CancellationToken,
+) {
+    let admin = app.config().admin.clone();
     let limits = conns::Limits {
         max_connections: admin.max_connections,
         header_read_timeout: admin.header_read_timeout.get(),
     };
-    let metrics = app.metrics.clone();
+    let metrics = app.metrics().clone();
     conns::serve(listener, router(app), limits, metrics, stop).await;
 }
 
@@ -94,9 +138,9 @@ async fn events_stream() -> Response {
 }
 
 async fn readyz(State(ctx): State<Ctx>) -> Response {
-    if ctx.app.draining.load(Ordering::Acquire) {
+    if ctx.app.draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
-    } else if ctx.app.ready.load(Ordering::Acquire) {
+    } else if ctx.app.ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
@@ -111,11 +155,11 @@ async fn metrics(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let (content_type, body) = if crate::metrics::wants_openmetrics(accept) {
-        (crate::metrics::OPENMETRICS_TYPE, ctx.app.metrics.encode())
+        (crate::metrics::OPENMETRICS_TYPE, ctx.app.metrics().encode())
     } else {
         (
             crate::metrics::PROMETHEUS_TYPE,
-            ctx.app.metrics.encode_prometheus(),
+            ctx.app.metrics().encode_prometheus(),
         )
     };
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
@@ -152,7 +196,7 @@ async fn set_log_level(
 }
 
 async fn status_handler(State(ctx): State<Ctx>) -> Response {
-    Json(status::build(&ctx.app)).into_response()
+    Json(status::build(ctx.app.as_ref())).into_response()
 }
 
 #[derive(Deserialize)]
@@ -166,7 +210,7 @@ fn error(code: StatusCode, msg: impl Into<String>) -> Response {
 
 /// Checks `Authorization: Bearer <token>` when a token is configured.
 fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let token = ctx.app.admin_token.load();
+    let token = ctx.app.admin_token();
     let Some(want) = token.as_deref() else {
         return Ok(());
     };
@@ -202,12 +246,12 @@ async fn set_state(
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let Some(up) = ctx.app.upstreams.load().get(&name).cloned() else {
+    let Some(up) = ctx.app.upstreams().get(&name).cloned() else {
         return error(StatusCode::NOT_FOUND, format!("no upstream {name}"));
     };
     match up.set_admin(&server, state).await {
         Ok(()) => {
-            if let Some(c) = &ctx.app.cluster {
+            if let Some(c) = ctx.app.cluster() {
                 // The peers know servers by label; the API also takes a bare IP.
                 let label = up
                     .view()
@@ -228,12 +272,12 @@ async fn set_state(
 }
 
 async fn failback(State(ctx): State<Ctx>, Path(name): Path<String>) -> Response {
-    let Some(up) = ctx.app.upstreams.load().get(&name).cloned() else {
+    let Some(up) = ctx.app.upstreams().get(&name).cloned() else {
         return error(StatusCode::NOT_FOUND, format!("no upstream {name}"));
     };
     match up.failback_now().await {
         Ok(()) => {
-            if let Some(c) = &ctx.app.cluster {
+            if let Some(c) = ctx.app.cluster() {
                 c.failback_requested(&name).await;
             }
             Json(serde_json::json!({
@@ -282,7 +326,7 @@ fn with_cors(mut r: Response, origin: Option<String>) -> Response {
 /// `OPTIONS /ice`: the CORS preflight, answered without a token (browsers send none)
 /// for origins in `turn.ice.cors_origins`; 403 for others.
 async fn ice_preflight(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
-    let config = ctx.app.config.load();
+    let config = ctx.app.config();
     let origin = config.turn.as_ref().and_then(|t| cors_origin(t, &headers));
     let Some(origin) = origin else {
         return error(StatusCode::FORBIDDEN, "origin not in turn.ice.cors_origins");
@@ -316,7 +360,7 @@ async fn ice(
         axum::extract::rejection::QueryRejection,
     >,
 ) -> Response {
-    let config = ctx.app.config.load();
+    let config = ctx.app.config();
     let Some(turn) = &config.turn else {
         return error(
             StatusCode::NOT_FOUND,
@@ -333,7 +377,7 @@ async fn ice(
     });
     let admin_ok = authorize(&ctx, &headers).is_ok();
     // No admin token but an /ice token: the /ice token is required.
-    let needs_ice_token = turn.ice.token.is_some() && ctx.app.admin_token.load().is_none();
+    let needs_ice_token = turn.ice.token.is_some() && ctx.app.admin_token().is_none();
     if !ice_token_ok && (!admin_ok || needs_ice_token) {
         return with_cors(
             error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),

@@ -1,7 +1,7 @@
 //! The `/status` document. Field names are a contract: add, never rename.
 
-use crate::app::AppState;
-use crate::upstream::state::{Event, serialize_time};
+use super::Backend;
+pub use crate::events::EventStatus;
 use serde::{Deserialize, Serialize};
 use std::time::SystemTime;
 
@@ -86,65 +86,16 @@ pub struct ServerStatus {
     pub last_error: Option<String>,
 }
 
-/// An event as JSON; mirrors [`Event`] so that the CLI can read it back.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct EventStatus {
-    pub at: String,
-    pub kind: String,
-    pub from: Vec<String>,
-    pub to: Vec<String>,
-    pub reason: Option<String>,
-    pub detection_ms: Option<u64>,
-    pub sessions_moved: usize,
-}
-
-fn rfc3339(t: SystemTime) -> String {
+/// RFC 3339 with milliseconds, as every time in the document.
+pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-impl From<&Event> for EventStatus {
-    fn from(e: &Event) -> Self {
-        // Reuse the event's own serialisation for the time format.
-        let at = serde_json::to_value(TimeOnly(e.at))
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        EventStatus {
-            at,
-            kind: match e.kind {
-                crate::upstream::EventKind::Failover => "failover",
-                crate::upstream::EventKind::Failback => "failback",
-            }
-            .to_string(),
-            from: e.from.clone(),
-            to: e.to.clone(),
-            reason: e.reason.map(str::to_string),
-            detection_ms: e.detection_ms,
-            sessions_moved: e.sessions_moved,
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct TimeOnly(#[serde(serialize_with = "serialize_time")] SystemTime);
-
 /// Builds the document from the live state.
-pub fn build(app: &AppState) -> Status {
-    let listeners = app
-        .listeners
-        .load()
-        .iter()
-        .map(|l| ListenerStatus {
-            name: l.config.name.clone(),
-            protocol: l.config.protocol.to_string(),
-            listen: l.config.listen.to_string(),
-            upstream: l.config.upstream.clone(),
-            sessions: l.sessions(),
-        })
-        .collect();
+pub fn build(app: &dyn Backend) -> Status {
+    let listeners = app.listeners();
     let upstreams = app
-        .upstreams
-        .load()
+        .upstreams()
         .values()
         .map(|u| {
             let view = u.view();
@@ -173,22 +124,16 @@ pub fn build(app: &AppState) -> Status {
         .collect();
     Status {
         version: env!("CARGO_PKG_VERSION").to_string(),
-        uptime_seconds: (app.started.elapsed().as_millis() as f64) / 1000.0,
-        ready: app.ready.load(std::sync::atomic::Ordering::Acquire),
-        config: ConfigStatus {
-            path: app.config_path.clone(),
-            loaded_at: rfc3339(**app.loaded_at.load()),
-            last_reload_error: (**app.last_reload_error.load()).clone(),
-        },
+        uptime_seconds: (app.uptime().as_millis() as f64) / 1000.0,
+        ready: app.ready(),
+        config: app.config_status(),
         listeners,
         upstreams,
-        turn: app.turn.try_lock().ok().and_then(|t| {
-            t.as_ref().map(|t| TurnStatus {
-                allocations: t.allocations(),
-            })
-        }),
+        turn: app
+            .turn_allocations()
+            .map(|allocations| TurnStatus { allocations }),
         fds: Some(fd_status()),
-        cluster: app.cluster.as_ref().map(|c| c.status()),
+        cluster: app.cluster().map(|c| c.status()),
     }
 }
 

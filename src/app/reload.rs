@@ -14,6 +14,13 @@
 //! same sockets, which never close, so a port cannot be lost to another process in
 //! between and no queued datagram or connection is dropped. Only addresses nothing holds
 //! are bound, and all of them before anything stops.
+//!
+//! `cluster:` and `events:` reload too. A changed cluster section gets a new member,
+//! prepared inert (on the same peer socket when `listen` stays, see
+//! `crate::cluster::Cluster::prepare`) and launched at commit in place of the old one; a
+//! removed section stops the member (its peers drop it after their `peer_timeout`) and
+//! clears the peers' health verdict. Webhooks are checked (URL, CA file) while preparing;
+//! unchanged hooks keep running.
 
 use super::*;
 use tokio::sync::{mpsc, watch};
@@ -39,7 +46,21 @@ pub(super) struct Prepared {
     /// Listeners this reload built; they read nothing before `start` fires.
     built: Vec<Arc<ListenerRuntime>>,
     start: CancellationToken,
+    /// `events.webhooks` of the new configuration, checked.
+    hooks: Option<crate::events::webhook::PreparedHooks>,
+    /// What becomes of the cluster membership.
+    cluster: ClusterChange,
     committed: bool,
+}
+
+/// The cluster membership after a reload.
+enum ClusterChange {
+    /// The section did not change (or is absent before and after).
+    Keep,
+    /// A new member (inert until the commit launches it).
+    Replace(Arc<crate::cluster::Cluster>),
+    /// The section was removed.
+    Remove,
 }
 
 impl Drop for Prepared {
@@ -53,6 +74,9 @@ impl Drop for Prepared {
         }
         for u in &self.started {
             u.stop();
+        }
+        if let ClusterChange::Replace(c) = &self.cluster {
+            c.stop();
         }
         if let Some((discovery, feeders)) = self.discovery.take() {
             feeders.cancel();
@@ -137,14 +161,14 @@ impl AppState {
             return Err(anyhow!("shutting down: reload refused"));
         }
         let old = self.config.load_full();
-        if new.turn != old.turn {
-            tracing::warn!("changes to the turn section take effect at the next restart");
-        }
-        if new.cluster != old.cluster {
-            tracing::warn!("changes to the cluster section take effect at the next restart");
-        }
-        if new.events != old.events {
-            tracing::warn!("changes to the events section take effect at the next restart");
+        let restart_part_differs = match (&new.turn, &old.turn) {
+            (Some(n), Some(o)) => turn_restart_part_differs(n, o),
+            (n, o) => n.is_some() != o.is_some(),
+        };
+        if restart_part_differs {
+            tracing::warn!(
+                "changes to the turn section (but turn.auth and turn.ice) take effect at the next restart"
+            );
         }
         if new.admin.listen != old.admin.listen {
             tracing::warn!(old = %old.admin.listen, new = %new.admin.listen, "admin.listen changes take effect at the next restart");
@@ -179,6 +203,8 @@ impl AppState {
             listeners: Vec::new(),
             built: Vec::new(),
             start: CancellationToken::new(),
+            hooks: None,
+            cluster: ClusterChange::Keep,
             committed: false,
         };
         let Some((discovery, _)) = &p.discovery else {
@@ -242,6 +268,20 @@ impl AppState {
             p.listeners.push(rt);
         }
 
+        // Webhooks: URLs and CA files.
+        p.hooks = Some(self.hooks.prepare(&new.events.webhooks)?);
+        // The cluster member, last of what can fail: built inert, launched at commit.
+        let running = self.cluster.load_full();
+        p.cluster = match (&new.cluster, running) {
+            (Some(c), Some(r)) if r.config() == c => ClusterChange::Keep,
+            (Some(c), r) => ClusterChange::Replace(
+                crate::cluster::Cluster::prepare(c, self.cluster_metrics.clone(), r.as_deref())
+                    .await?,
+            ),
+            (None, Some(_)) => ClusterChange::Remove,
+            (None, None) => ClusterChange::Keep,
+        };
+
         // For new upstreams too: their first probe round before they route anything.
         for u in &p.started {
             u.wait_ready().await;
@@ -255,7 +295,11 @@ impl AppState {
     /// listeners start on sockets that are already bound.
     async fn commit(&self, mut p: Prepared) {
         p.committed = true;
-        let new = p.config.take().expect("prepared config");
+        let mut new = p.config.take().expect("prepared config");
+        if let Some(hooks) = p.hooks.take() {
+            self.hooks.commit(hooks);
+        }
+        self.reload_turn_auth(&mut new).await;
         for (rt, spec, list) in std::mem::take(&mut p.changes) {
             if let Err(e) = rt.reload(spec, list).await {
                 tracing::warn!(upstream = %rt.name, error = %e, "upstream did not take the new settings");
@@ -305,8 +349,72 @@ impl AppState {
         if let Some(policy) = &self.turn_policy {
             policy.set_proxy_listeners(&new.listeners);
         }
+        // The cluster member last: it reads the upstreams as they are now.
+        match std::mem::replace(&mut p.cluster, ClusterChange::Keep) {
+            ClusterChange::Keep => {}
+            ClusterChange::Replace(c) => {
+                let previous = self.cluster.load_full();
+                c.launch(self.upstreams_fn(), previous).await;
+                self.cluster.store(Some(c));
+            }
+            ClusterChange::Remove => {
+                if let Some(old) = self.cluster.swap(None) {
+                    old.stop();
+                    tracing::info!(node = %old.node_id, "cluster member stopped (section removed)");
+                }
+                // Without peers, only this replica's own probes count.
+                for u in self.upstreams.load().values() {
+                    let _ = u
+                        .control()
+                        .send(Control::PeerDown(Default::default()))
+                        .await;
+                }
+                self.cluster_metrics.clear();
+            }
+        }
         self.admin_token.store(Arc::new(new.admin.token.clone()));
         self.config.store(Arc::new(new));
+    }
+}
+
+/// The part of a `turn` section that only a restart applies: all of it but `auth` (the
+/// running service takes new credentials) and `ice` (read per `/ice` request).
+fn turn_restart_part_differs(a: &crate::config::TurnConfig, b: &crate::config::TurnConfig) -> bool {
+    let mut b = b.clone();
+    b.auth = a.auth.clone();
+    b.ice = a.ice.clone();
+    *a != b
+}
+
+impl AppState {
+    /// The running TURN service takes the new `turn.auth` (secret rotation: `/ice` signs
+    /// with the new first secret and the service verifies with every new secret at once).
+    /// The `turn` section stored for `/ice` and `/config` is the one that runs: the new
+    /// `auth` (if the service took it) and `ice`, everything else as started.
+    async fn reload_turn_auth(&self, new: &mut Config) {
+        let old = self.config.load_full();
+        let Some(running) = old.turn.as_ref() else {
+            new.turn = None;
+            return;
+        };
+        let mut stored = running.clone();
+        if let Some(wanted) = new.turn.as_ref() {
+            stored.ice = wanted.ice.clone();
+            if wanted.auth != running.auth
+                && let Some(svc) = self.turn.lock().await.as_ref()
+            {
+                match svc.set_auth(&wanted.auth) {
+                    Ok(()) => {
+                        tracing::info!("TURN credentials (turn.auth) reloaded");
+                        stored.auth = wanted.auth.clone();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "TURN credentials not reloaded; the previous ones stay in force")
+                    }
+                }
+            }
+        }
+        new.turn = Some(stored);
     }
 }
 

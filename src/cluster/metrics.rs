@@ -78,6 +78,13 @@ impl ClusterMetrics {
         m
     }
 
+    /// Back to no peers (the `cluster:` section was removed).
+    pub fn clear(&self) {
+        self.peers_known.set(0);
+        self.peers_alive.set(0);
+        self.disagreements.set(0);
+    }
+
     pub fn rejected(&self, r: Reject) {
         self.rejected
             .get_or_create(&ReasonLabels { reason: r.as_str() })

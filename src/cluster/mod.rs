@@ -15,17 +15,24 @@
 //! when no live peer does. A peer is live while its heartbeat advances within
 //! `peer_timeout`. Every local change is pushed to every peer at once (a gossip round
 //! started towards each), besides the periodic gossip.
+//!
+//! Reload: a changed `cluster:` section gets a new member ([`Cluster::prepare`], inert,
+//! on the same peer socket when `listen` stays), which takes over in one step at commit
+//! ([`Cluster::launch`]): the old member goes quiet, the new one carries its admin states
+//! on and keeps the peers' last health verdict until the peers it knew are heard again
+//! (or `sync_timeout`), so a reload never flaps a server. Its peers see a new generation
+//! of the same node, which replaces the old one as soon as it is heard.
 
 pub mod kube_state;
 pub mod metrics;
 pub mod transport;
 
-use crate::app::AppState;
 use crate::config::ClusterConfig;
 use crate::upstream::{AdminState, UpstreamRuntime};
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ListenerHandle};
+use indexmap::IndexMap;
 use metrics::ClusterMetrics;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -33,6 +40,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+/// How the sync task reads the upstreams in force (a reload replaces the map).
+pub type Upstreams = Arc<dyn Fn() -> Arc<IndexMap<String, Arc<UpstreamRuntime>>> + Send + Sync>;
 
 /// Longest time between two passes of the sync task.
 pub const TICK: Duration = Duration::from_millis(20);
@@ -109,12 +120,42 @@ pub struct Cluster {
     /// The latest admin states for the ConfigMap writer (`cluster.state_configmap`).
     store: Option<watch::Sender<String>>,
     _listener: ListenerHandle,
+    /// The peer socket (handed to the member that replaces this one on the same address).
+    socket: Arc<tokio::net::UdpSocket>,
+    /// Fires at [`Cluster::launch`]: reading, sending and syncing begin.
+    start: CancellationToken,
+    /// Fires at [`Cluster::stop`]: everything of this member ends.
+    stop: CancellationToken,
+    /// Peers that must be heard again before the health verdict is handed on (the live
+    /// peers of the member this one replaced).
+    expect: std::sync::Mutex<BTreeSet<String>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 impl Cluster {
-    /// Binds the peer port and joins the peers. Admin states of `cluster.state_file`
-    /// are published at once (they compete with the peers' by time).
-    pub async fn start(cfg: &ClusterConfig, metrics: ClusterMetrics) -> Result<Arc<Cluster>> {
+    /// Builds a member of `cfg` that reads, sends and does nothing until
+    /// [`launch`](Cluster::launch): binds the peer port, or takes the socket of
+    /// `previous` (the member it replaces) when the address is the same, reads
+    /// `state_file` / `state_configmap`. Every step that can fail is here. Admin states
+    /// of the state file are published at launch (they compete with the peers' by time).
+    pub async fn prepare(
+        cfg: &ClusterConfig,
+        metrics: ClusterMetrics,
+        previous: Option<&Cluster>,
+    ) -> Result<Arc<Cluster>> {
+        let socket = match previous {
+            Some(p) if p.cfg.listen == cfg.listen => p.socket.clone(),
+            _ => Arc::new(
+                tokio::net::UdpSocket::bind(cfg.listen)
+                    .await
+                    .with_context(|| format!("cluster: bind {}/udp", cfg.listen))?,
+            ),
+        };
         let address = cfg.advertise.unwrap_or(cfg.listen);
         let node_id = cfg
             .node_id
@@ -171,9 +212,14 @@ impl Cluster {
                 }
             }
         }
+        let start = CancellationToken::new();
+        let stop = CancellationToken::new();
         let transport = transport::HmacTransport {
             key: Arc::from(cfg.secret.as_bytes()),
             metrics: metrics.clone(),
+            socket: socket.clone(),
+            start: start.clone(),
+            stop: stop.clone(),
         };
         let handle = chitchat::spawn_chitchat(chitchat_cfg, initial, &transport)
             .await
@@ -186,7 +232,6 @@ impl Cluster {
                 c.subscribe_event("", move |_| w.notify_one())
             })
             .await;
-        tracing::info!(node = %node_id, listen = %cfg.listen, peers = ?cfg.peers, "cluster member started");
         Ok(Arc::new(Cluster {
             handle,
             node_id,
@@ -198,7 +243,75 @@ impl Cluster {
             synced: watch::channel(false).0,
             store: store_tx,
             _listener: listener,
+            socket,
+            start,
+            stop,
+            expect: std::sync::Mutex::new(BTreeSet::new()),
         }))
+    }
+
+    /// The settings of this member.
+    pub fn config(&self) -> &ClusterConfig {
+        &self.cfg
+    }
+
+    /// Takes over from `previous` (stopped first, so one member at a time reads the
+    /// socket) and starts: reading, gossip, and the task that keeps this replica and its
+    /// peers in step. Cannot fail.
+    pub async fn launch(self: &Arc<Self>, upstreams: Upstreams, previous: Option<Arc<Cluster>>) {
+        let mut reach: Vec<SocketAddr> = Vec::new();
+        if let Some(old) = &previous {
+            old.stop();
+            // Its admin states and last failbacks live on in this member.
+            let carried: Vec<(String, String)> = old
+                .handle
+                .with_chitchat(|c| {
+                    c.self_node_state()
+                        .key_values()
+                        .filter(|(k, _)| k.starts_with("a/") || k.starts_with("f/"))
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect()
+                })
+                .await;
+            self.handle
+                .with_chitchat(|c| {
+                    let me = c.self_node_state();
+                    for (k, v) in &carried {
+                        let newer = match (Stamped::decode(v), me.get(k).and_then(Stamped::decode))
+                        {
+                            (Some(a), Some(b)) => a.rank() > b.rank(),
+                            _ => me.get(k).is_none(),
+                        };
+                        if newer {
+                            me.set(k.clone(), v.clone());
+                        }
+                    }
+                })
+                .await;
+            let status = old.status.load();
+            let live = status.iter().filter(|p| p.alive);
+            *self.expect.lock().expect("expect lock") =
+                live.clone().map(|p| p.node.clone()).collect();
+            reach = live.filter_map(|p| p.address.parse().ok()).collect();
+        }
+        self.start.cancel();
+        // The peers the old member talked to hear of this one at once, whatever the new
+        // `peers` list says (it only seeds the membership).
+        for addr in reach {
+            let _ = self.handle.gossip(addr);
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.sync(upstreams).await });
+        tracing::info!(node = %self.node_id, listen = %self.cfg.listen, peers = ?self.cfg.peers, replaces = previous.is_some(), "cluster member started");
+    }
+
+    /// Stops this member: nothing is read, sent or applied any more. Its peers drop it
+    /// after their `peer_timeout`.
+    pub fn stop(&self) {
+        if !self.stop.is_cancelled() {
+            self.stop.cancel();
+            let _ = self.handle.initiate_shutdown();
+        }
     }
 
     /// An admin state set through this replica's API: published with the current time.
@@ -241,23 +354,18 @@ impl Cluster {
         }
     }
 
-    /// Starts the task that keeps this replica and its peers in step.
-    pub fn spawn_sync(self: &Arc<Self>, app: Arc<AppState>) -> tokio::task::JoinHandle<()> {
-        let me = self.clone();
-        tokio::spawn(async move { me.sync(app).await })
-    }
-
-    async fn sync(self: Arc<Self>, app: Arc<AppState>) {
+    async fn sync(self: Arc<Self>, upstreams: Upstreams) {
         let started = Instant::now();
         let timeout = self.cfg.peer_timeout.get();
         let mut s = SyncState::default();
         loop {
             tokio::select! {
+                _ = self.stop.cancelled() => return,
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(TICK) => {}
             }
             let now = Instant::now();
-            let ups = app.upstreams.load_full();
+            let ups = upstreams();
             let chitchat = self.handle.chitchat();
             let mut cc = chitchat.lock().await;
             let mut push = false;
@@ -287,14 +395,13 @@ impl Cluster {
                     push = true;
                 }
             }
-            // 2. Which peers are live: heartbeat advanced within peer_timeout.
+            // 2. Which peers are live: heartbeat advanced within peer_timeout. A replica
+            //    that restarted its membership (a restart, a reload) shows up as a newer
+            //    generation of the same node: once that one is live, the older is gone.
             let self_id = cc.self_chitchat_id().clone();
-            let mut live = Vec::new();
-            let mut peers = Vec::new();
+            let mut known: Vec<(ChitchatId, bool, Option<Instant>)> = Vec::new();
             for (id, ns) in cc.node_states() {
-                if *id == self_id
-                    || id.node_id == self_id.node_id && id.generation_id < self_id.generation_id
-                {
+                if id.node_id == self_id.node_id {
                     continue;
                 }
                 let hb = ns.heartbeat();
@@ -304,9 +411,25 @@ impl Cluster {
                 }
                 let heard = e.1;
                 let alive = heard.is_some_and(|t| now.duration_since(t) < timeout);
-                if alive {
+                known.push((id.clone(), alive, heard));
+            }
+            let superseded = |id: &ChitchatId| {
+                known.iter().any(|(other, alive, _)| {
+                    *alive && other.node_id == id.node_id && other.generation_id > id.generation_id
+                })
+            };
+            let mut live = Vec::new();
+            let mut peers = Vec::new();
+            for (id, alive, heard) in &known {
+                if superseded(id) {
+                    continue;
+                }
+                if *alive {
                     live.push(id.clone());
                 }
+                let Some(ns) = cc.node_state(id) else {
+                    continue;
+                };
                 let mut down: Vec<String> = Vec::new();
                 for (k, v) in ns.iter_prefix("h/") {
                     if !v.value.is_empty() {
@@ -317,7 +440,7 @@ impl Cluster {
                 peers.push(PeerStatus {
                     node: id.node_id.to_string(),
                     address: id.gossip_advertise_addr.to_string(),
-                    alive,
+                    alive: *alive,
                     last_heard_ms: heard.map(|t| now.duration_since(t).as_millis() as u64),
                     down,
                     agrees,
@@ -326,8 +449,30 @@ impl Cluster {
             s.seen.retain(|id, (_, t)| {
                 cc.node_state(id).is_some() || t.is_some_and(|t| now.duration_since(t) < timeout)
             });
-            // 3. The peers' health verdict, per upstream.
-            for (name, up) in ups.iter() {
+            // Synced: a peer answered (after a reload: every peer the replaced member
+            // heard), or sync_timeout passed.
+            let alive = peers.iter().filter(|p| p.alive).count();
+            if !*self.synced.borrow() {
+                let expect = self.expect.lock().expect("expect lock").clone();
+                let heard_all = if expect.is_empty() {
+                    alive > 0
+                } else {
+                    expect
+                        .iter()
+                        .all(|n| peers.iter().any(|p| p.alive && p.node == *n))
+                };
+                if heard_all || now.duration_since(started) >= self.cfg.sync_timeout.get() {
+                    if !heard_all {
+                        tracing::warn!(
+                            "cluster: peers did not answer within cluster.sync_timeout; going on with the ones heard"
+                        );
+                    }
+                    self.synced.send_replace(true);
+                }
+            }
+            // 3. The peers' health verdict, per upstream; held back until synced, so that
+            //    a member that replaces another keeps the verdict in force meanwhile.
+            for (name, up) in ups.iter().filter(|_| *self.synced.borrow()) {
                 let prefix = format!("h/{name}/");
                 let mut verdict: HashMap<String, String> = HashMap::new();
                 for id in &live {
@@ -351,7 +496,9 @@ impl Cluster {
                     s.sent.insert(name.clone(), (key, verdict));
                 }
             }
-            // 4. Admin states: newest (time, origin) over every known replica wins.
+            // 4. Admin states: newest (time, origin) over every known replica wins. A
+            //    server that is not in the upstream (yet) gets its state when it appears
+            //    (discovery, a reload), and again if it leaves and comes back.
             let mut apply: Vec<(Arc<UpstreamRuntime>, String, AdminState)> = Vec::new();
             let mut failbacks: Vec<Arc<UpstreamRuntime>> = Vec::new();
             for (name, up) in ups.iter() {
@@ -372,6 +519,12 @@ impl Cluster {
                     }
                 }
                 let key = Arc::as_ptr(up) as usize;
+                let view = up.view();
+                let present = |label: &str| {
+                    view.servers
+                        .iter()
+                        .any(|sv| sv.handle.label == label || sv.handle.ip.to_string() == label)
+                };
                 for (label, st) in &best {
                     let k = format!("{prefix}{label}");
                     let encoded = st.encode();
@@ -381,7 +534,9 @@ impl Cluster {
                         push = true;
                     }
                     let id = (key, label.clone());
-                    if s.applied.get(&id) != Some(st) {
+                    if !present(label) {
+                        s.applied.remove(&id);
+                    } else if s.applied.get(&id) != Some(st) {
                         s.applied.insert(id, st.clone());
                         apply.push((up.clone(), label.clone(), st.state));
                     }
@@ -445,23 +600,15 @@ impl Cluster {
                     tx.send_replace(json);
                 }
             }
-            let alive = peers.iter().filter(|p| p.alive).count();
+            if self.stop.is_cancelled() {
+                return;
+            }
             self.metrics.peers_known.set(peers.len() as i64);
             self.metrics.peers_alive.set(alive as i64);
             self.metrics
                 .disagreements
                 .set(peers.iter().filter(|p| p.alive && !p.agrees).count() as i64);
             self.status.store(Arc::new(peers));
-            if !*self.synced.borrow()
-                && (alive > 0 || now.duration_since(started) >= self.cfg.sync_timeout.get())
-            {
-                if alive == 0 {
-                    tracing::warn!(
-                        "cluster: no peer answered within cluster.sync_timeout; starting with local admin states"
-                    );
-                }
-                self.synced.send_replace(true);
-            }
         }
     }
 }

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 const MAGIC: &[u8; 4] = b"MGC1";
 const HEADER: usize = 4 + 8 + 8 + 8;
@@ -188,19 +189,23 @@ pub fn open<'a>(
 }
 
 /// A chitchat [`Transport`] that authenticates every message with the cluster secret.
+///
+/// The peer socket is bound (or handed over from the member this one replaces) by the
+/// caller, so that opening cannot fail on a port in use. Nothing is read or sent before
+/// `start` fires, and nothing after `stop`: a member prepared by a reload stays inert
+/// until the reload commits, and the member it replaces goes quiet first.
 pub struct HmacTransport {
     pub key: Arc<[u8]>,
     pub metrics: ClusterMetrics,
+    pub socket: Arc<UdpSocket>,
+    pub start: CancellationToken,
+    pub stop: CancellationToken,
 }
 
 #[async_trait]
 impl Transport for HmacTransport {
-    async fn open(&self, listen: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
-        let outer = Arc::new(
-            UdpSocket::bind(listen)
-                .await
-                .with_context(|| format!("cluster: bind {listen}/udp"))?,
-        );
+    async fn open(&self, _listen: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let outer = self.socket.clone();
         let local = outer.local_addr()?;
         let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
         let encoder = CodecSocket::open(loopback).await?;
@@ -209,7 +214,9 @@ impl Transport for HmacTransport {
         let feeder = UdpSocket::bind(loopback).await?;
         let (tx, rx) = mpsc::channel(64);
         let epoch = rand::random::<u64>() >> 1 | (now_ms() << 20);
-        tokio::spawn(receive(
+        let start = self.start.clone();
+        let stop = self.stop.clone();
+        let receiver = receive(
             outer.clone(),
             self.key.clone(),
             self.metrics.clone(),
@@ -217,7 +224,13 @@ impl Transport for HmacTransport {
             feeder,
             tx,
             epoch,
-        ));
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = async { start.cancelled().await; receiver.await } => {}
+            }
+        });
         Ok(Box::new(HmacSocket {
             outer,
             local,
@@ -231,6 +244,8 @@ impl Transport for HmacTransport {
             counter: 0,
             incoming: rx,
             buf: vec![0; MAX_FRAME],
+            start: self.start.clone(),
+            stop: self.stop.clone(),
         }))
     }
 }
@@ -248,6 +263,8 @@ struct HmacSocket {
     counter: u64,
     incoming: mpsc::Receiver<RecvOutcome>,
     buf: Vec<u8>,
+    start: CancellationToken,
+    stop: CancellationToken,
 }
 
 #[async_trait]
@@ -261,6 +278,10 @@ impl Socket for HmacSocket {
         to: SocketAddr,
         envelope: ChitchatEnvelope,
     ) -> anyhow::Result<SendOutcome> {
+        // Prepared but not started, or replaced: silent.
+        if !self.start.is_cancelled() || self.stop.is_cancelled() {
+            return Ok(SendOutcome { num_bytes_sent: 0 });
+        }
         // Leftovers of a cancelled send would be sent to the wrong peer: drop them.
         while self.sink.try_recv_from(&mut self.buf).is_ok() {}
         self.encoder.send(self.sink_addr, envelope).await?;
@@ -294,10 +315,12 @@ impl Socket for HmacSocket {
     }
 
     async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
-        self.incoming
-            .recv()
-            .await
-            .context("cluster: receive task stopped")
+        match self.incoming.recv().await {
+            Some(m) => Ok(m),
+            // Stopped on purpose: chitchat's loop ends by its own shutdown, quietly.
+            None if self.stop.is_cancelled() => std::future::pending().await,
+            None => anyhow::bail!("cluster: receive task stopped"),
+        }
     }
 }
 

@@ -18,8 +18,13 @@ pub struct EventsConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
-    /// `http://host:port/path` (plain HTTP; put a TLS proxy in front for https). Required.
+    /// `http://host[:port]/path` or `https://host[:port]/path`. Required.
     pub url: String,
+    /// `https://` hooks: a PEM file of the CA certificates that may sign the receiver's
+    /// certificate, or of its own self-signed certificate (trusted instead of the
+    /// system's). Default: the system's CA certificates.
+    #[serde(default)]
+    pub ca: Option<String>,
     /// When set, `X-Mediagate-Signature: sha256=<hex HMAC-SHA256 of the body>`. Default none.
     #[serde(default)]
     pub secret: Option<String>,

@@ -453,7 +453,7 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
         &[
             "t.yaml:4:7: turn.listeners[0].cert: a tls listener needs cert (a PEM file path)",
             "t.yaml:4:7: turn.listeners[0].key: a tls listener needs key (a PEM file path)",
-            "t.yaml:5:52: turn.listeners[1].cert: cert is only used with protocol tls",
+            "t.yaml:5:52: turn.listeners[1].cert: cert is only used with protocol tcp, tls or dtls",
             "t.yaml:5:82: turn.listeners[1].accept_proxy_protocol: PROXY protocol is only accepted on tcp and tls listeners",
             "t.yaml:9:14: turn.auth.secrets: set either secret or secrets, not both (secret is a one-element secrets)",
             "t.yaml:9:18: turn.auth.secrets[1]: the secret is empty",
@@ -858,7 +858,7 @@ fn cluster_and_events_sections() {
     );
 
     let err = load(&format!(
-        "{MINIMAL}cluster:\n  listen: 0.0.0.0:7946\n  peers: [nohost]\n  secret: short\n  peer_timeout: 100ms\nevents:\n  webhooks:\n    - {{ url: \"https://x/\" }}\n"
+        "{MINIMAL}cluster:\n  listen: 0.0.0.0:7946\n  peers: [nohost]\n  secret: short\n  peer_timeout: 100ms\nevents:\n  webhooks:\n    - {{ url: \"ftp://x/\" }}\n    - {{ url: \"http://x/\", ca: ca.pem }}\n"
     ))
     .expect_err("invalid")
     .to_string();
@@ -866,7 +866,8 @@ fn cluster_and_events_sections() {
         "cluster.secret: the secret must be at least 16 bytes",
         "cluster.peers[0]: \"nohost\" is not host:port",
         "cluster.peer_timeout: must be at least twice cluster.gossip_interval",
-        "only http:// URLs are supported",
+        "only http:// and https:// URLs are supported",
+        "events.webhooks[1].ca: only for https:// URLs",
         "cluster.advertise: required when cluster.listen is a wildcard address",
     ] {
         assert!(err.contains(part), "missing {part:?} in:\n{err}");

@@ -54,14 +54,18 @@ fn default_realm() -> String {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TurnListenerConfig {
-    /// Required: `udp`, `tcp` or `tls` (TURN over TLS over TCP, `turns:`).
+    /// Required: `udp`, `tcp`, `tls` (TURN over TLS over TCP, `turns:`) or `dtls` (TURN
+    /// over DTLS over UDP, `turns:…?transport=udp`).
     pub protocol: TurnTransport,
     /// Required: `ip:port`.
     pub listen: SocketAddr,
-    /// tls: PEM certificate chain file (re-read when it changes). Required for tls.
+    /// tls/dtls: PEM certificate chain file (re-read when it changes). Required for tls
+    /// and dtls; on a tcp listener, the port also serves TLS (told apart by the first
+    /// byte of each connection). Default none.
     #[serde(default)]
     pub cert: Option<PathBuf>,
-    /// tls: PEM private key file (re-read when it changes). Required for tls.
+    /// tls/dtls (and tcp with `cert`): PEM private key file (re-read when it changes).
+    /// Required with `cert` (dtls: an ECDSA P-256 or Ed25519 key). Default none.
     #[serde(default)]
     pub key: Option<PathBuf>,
     /// tcp/tls: every connection must start with a PROXY protocol v2 header, whose source
@@ -80,13 +84,15 @@ pub enum TurnTransport {
     Tcp,
     /// STUN/TURN over TLS over TCP (`turns:`).
     Tls,
+    /// STUN/TURN over DTLS over UDP (`turns:…?transport=udp`, RFC 7350).
+    Dtls,
 }
 
 impl TurnTransport {
     /// The socket protocol underneath.
     pub fn base(self) -> Protocol {
         match self {
-            TurnTransport::Udp => Protocol::Udp,
+            TurnTransport::Udp | TurnTransport::Dtls => Protocol::Udp,
             TurnTransport::Tcp | TurnTransport::Tls => Protocol::Tcp,
         }
     }
@@ -98,6 +104,7 @@ impl fmt::Display for TurnTransport {
             TurnTransport::Udp => "udp",
             TurnTransport::Tcp => "tcp",
             TurnTransport::Tls => "tls",
+            TurnTransport::Dtls => "dtls",
         })
     }
 }
@@ -258,6 +265,14 @@ pub struct QuotaConfig {
     /// are closed at once and counted. Default 4096.
     #[serde(default = "default_max_tcp_connections")]
     pub max_tcp_connections: usize,
+    /// Concurrent DTLS sessions (handshaking or established) over all `dtls` listeners;
+    /// datagrams that would open more are dropped and counted. Default 4096.
+    #[serde(default = "default_max_dtls_sessions")]
+    pub max_dtls_sessions: usize,
+}
+
+fn default_max_dtls_sessions() -> usize {
+    4096
 }
 
 fn default_allocations_per_user() -> usize {
@@ -276,6 +291,7 @@ impl Default for QuotaConfig {
             allocations_per_user: default_allocations_per_user(),
             max_allocations: default_max_allocations(),
             max_tcp_connections: default_max_tcp_connections(),
+            max_dtls_sessions: default_max_dtls_sessions(),
         }
     }
 }

@@ -359,8 +359,13 @@ impl Checker {
 
     fn events(&mut self, cfg: &Config) {
         for (i, h) in cfg.events.webhooks.iter().enumerate() {
-            if let Err(e) = crate::events::webhook::parse_url(&h.url) {
-                self.push(key_path(&index_path("events.webhooks", i), "url"), e);
+            match crate::events::webhook::parse_url(&h.url) {
+                Err(e) => self.push(key_path(&index_path("events.webhooks", i), "url"), e),
+                Ok(u) if !u.tls && h.ca.is_some() => self.push(
+                    key_path(&index_path("events.webhooks", i), "ca"),
+                    "only for https:// URLs",
+                ),
+                Ok(_) => {}
             }
         }
     }
@@ -412,16 +417,22 @@ impl Checker {
             if l.listen.port() == 0 {
                 self.push(key_path(&path, "listen"), "port 0 is not allowed");
             }
-            let tls = l.protocol == TurnTransport::Tls;
+            let tls = matches!(l.protocol, TurnTransport::Tls | TurnTransport::Dtls);
+            if l.protocol == TurnTransport::Tcp && l.cert.is_some() != l.key.is_some() {
+                self.push(
+                    path.clone(),
+                    "a tcp listener that also serves TLS needs both cert and key",
+                );
+            }
             for (key, value) in [("cert", &l.cert), ("key", &l.key)] {
                 match value {
                     None if tls => self.push(
                         key_path(&path, key),
-                        format!("a tls listener needs {key} (a PEM file path)"),
+                        format!("a {} listener needs {key} (a PEM file path)", l.protocol),
                     ),
-                    Some(_) if !tls => self.push(
+                    Some(_) if l.protocol == TurnTransport::Udp => self.push(
                         key_path(&path, key),
-                        format!("{key} is only used with protocol tls"),
+                        format!("{key} is only used with protocol tcp, tls or dtls"),
                     ),
                     Some(p) if p.as_os_str().is_empty() => {
                         self.push(key_path(&path, key), "the path is empty")
@@ -429,7 +440,9 @@ impl Checker {
                     _ => {}
                 }
             }
-            if l.accept_proxy_protocol && l.protocol == TurnTransport::Udp {
+            if l.accept_proxy_protocol
+                && matches!(l.protocol, TurnTransport::Udp | TurnTransport::Dtls)
+            {
                 self.push(
                     key_path(&path, "accept_proxy_protocol"),
                     "PROXY protocol is only accepted on tcp and tls listeners",
@@ -551,6 +564,10 @@ impl Checker {
         self.at_least_one(
             "turn.quota.max_tcp_connections".to_string(),
             turn.quota.max_tcp_connections as u64,
+        );
+        self.at_least_one(
+            "turn.quota.max_dtls_sessions".to_string(),
+            turn.quota.max_dtls_sessions as u64,
         );
     }
 

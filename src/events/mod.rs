@@ -10,12 +10,23 @@
 
 pub mod webhook;
 
-use crate::admin::status::EventStatus;
-use crate::upstream::Event;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 use tokio::sync::broadcast;
+
+/// A failover or failback as JSON, in `/status` and on the bus; mirrors the upstream's
+/// `Event` (which converts into it) so that the CLI can read it back.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EventStatus {
+    pub at: String,
+    pub kind: String,
+    pub from: Vec<String>,
+    pub to: Vec<String>,
+    pub reason: Option<String>,
+    pub detection_ms: Option<u64>,
+    pub sessions_moved: usize,
+}
 
 /// Events buffered per subscriber.
 pub const BUS_CAPACITY: usize = 256;
@@ -62,8 +73,8 @@ fn send<T: Serialize>(upstream: &str, body: T) {
 }
 
 /// A failover or failback.
-pub fn active_set_changed(upstream: &str, event: &Event) {
-    send(upstream, EventStatus::from(event));
+pub fn active_set_changed(upstream: &str, event: impl Into<EventStatus>) {
+    send(upstream, event.into());
 }
 
 /// An admin state change (`kind: admin`).

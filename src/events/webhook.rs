@@ -1,8 +1,15 @@
 //! `events.webhooks`: each event POSTed as JSON to every hook, by one task per hook that
-//! follows the event bus. A delivery that fails (connect, timeout, a non-2xx answer) is
-//! retried `retries` times, 100ms apart doubling; a hook that falls [`super::BUS_CAPACITY`]
-//! events behind loses the oldest. Nothing here can hold up the data plane or a
-//! controller: publishing on the bus never waits.
+//! follows the event bus. A delivery that fails (connect, TLS, timeout, a non-2xx answer)
+//! is retried `retries` times, 100ms apart doubling; a hook that falls
+//! [`super::BUS_CAPACITY`] events behind loses the oldest. Nothing here can hold up the
+//! data plane or a controller: publishing on the bus never waits.
+//!
+//! `https://` hooks use rustls (see `crate::tlsclient`): the server's certificate is
+//! checked against the system's CA certificates, or those of the hook's `ca` file.
+//!
+//! Reload ([`Hooks::prepare`], then [`Hooks::commit`]): a hook whose settings and `ca`
+//! file content did not change keeps its task (and its place in the stream); removed or
+//! changed ones stop, new ones start.
 //!
 //! `mediagate_webhook_deliveries_total{result}`: `ok`, `failed` (after every retry),
 //! `dropped` (lost while the hook was behind).
@@ -13,6 +20,8 @@ use http_body_util::Full;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use rustls::pki_types::ServerName;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
@@ -52,11 +61,30 @@ impl WebhookMetrics {
     }
 }
 
-/// `http://host:port/path` → (authority, path).
-pub fn parse_url(url: &str) -> Result<(String, String), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{url:?}: only http:// URLs are supported"))?;
+/// A hook's URL, taken apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookUrl {
+    /// `https://`.
+    pub tls: bool,
+    /// The host as written (a name, an IPv4 address or a bracketed IPv6 address).
+    pub host: String,
+    /// `host:port`, to connect to and for the `Host` header.
+    pub authority: String,
+    /// The path and query, `/` at least.
+    pub path: String,
+}
+
+/// `http://host[:port]/path` or `https://host[:port]/path` (ports 80 and 443 by default).
+pub fn parse_url(url: &str) -> Result<HookUrl, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else {
+        return Err(format!(
+            "{url:?}: only http:// and https:// URLs are supported"
+        ));
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -64,12 +92,26 @@ pub fn parse_url(url: &str) -> Result<(String, String), String> {
     if authority.is_empty() {
         return Err(format!("{url:?}: no host"));
     }
-    let authority = if authority.contains(':') && !authority.ends_with(']') {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
+    let has_port = match authority.rfind(':') {
+        Some(i) => !authority[i..].contains(']'),
+        None => false,
     };
-    Ok((authority, path.to_string()))
+    let (host, authority) = if has_port {
+        let i = authority.rfind(':').expect("checked");
+        if authority[i + 1..].parse::<u16>().is_err() {
+            return Err(format!("{url:?}: bad port"));
+        }
+        (authority[..i].to_string(), authority.to_string())
+    } else {
+        let port = if tls { 443 } else { 80 };
+        (authority.to_string(), format!("{authority}:{port}"))
+    };
+    Ok(HookUrl {
+        tls,
+        host,
+        authority,
+        path: path.to_string(),
+    })
 }
 
 /// Hex HMAC-SHA256 of `body`.
@@ -82,93 +124,204 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
         .collect()
 }
 
-/// Starts one delivery task per hook; they stop with `stop`.
-pub fn start(hooks: &[WebhookConfig], metrics: WebhookMetrics, stop: CancellationToken) {
-    for hook in hooks {
-        let Ok((authority, path)) = parse_url(&hook.url) else {
-            continue;
-        };
-        let hook = hook.clone();
-        let metrics = metrics.clone();
-        let stop = stop.clone();
-        let mut rx = super::subscribe();
-        tokio::spawn(async move {
-            loop {
-                let event = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    e = rx.recv() => e,
-                };
-                let body = match event {
-                    Ok(b) => b,
-                    Err(RecvError::Lagged(n)) => {
-                        tracing::warn!(url = %hook.url, lost = n, "webhook behind: events dropped");
-                        metrics.count("dropped", n);
-                        continue;
-                    }
-                    Err(RecvError::Closed) => return,
-                };
-                let mut delay = Duration::from_millis(100);
-                let mut attempt = 0;
-                loop {
-                    match deliver(&hook, &authority, &path, body.as_bytes()).await {
-                        Ok(()) => {
-                            metrics.count("ok", 1);
-                            break;
-                        }
-                        Err(e) if attempt < hook.retries => {
-                            tracing::debug!(url = %hook.url, error = %e, attempt, "webhook delivery failed; retrying");
-                            attempt += 1;
-                            tokio::time::sleep(delay).await;
-                            delay *= 2;
-                        }
-                        Err(e) => {
-                            tracing::warn!(url = %hook.url, error = %e, "webhook delivery failed");
-                            metrics.count("failed", 1);
-                            break;
-                        }
-                    }
+/// Where and how one hook is reached.
+#[derive(Clone)]
+struct Target {
+    url: HookUrl,
+    /// `https://`: the client configuration and the name checked against the certificate.
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    /// The content of the `ca` file when it was read (a changed file is a changed hook).
+    ca_pem: Option<Vec<u8>>,
+}
+
+impl Target {
+    fn of(hook: &WebhookConfig) -> Result<Target, String> {
+        let url = parse_url(&hook.url)?;
+        let mut ca_pem = None;
+        let tls = if url.tls {
+            let config = match &hook.ca {
+                Some(path) => {
+                    let pem = std::fs::read(path).map_err(|e| format!("ca: {path}: {e}"))?;
+                    let config = crate::tlsclient::client_config_with_ca(path, &pem)?;
+                    ca_pem = Some(pem);
+                    config
                 }
-            }
-        });
+                None => crate::tlsclient::client_config(true),
+            };
+            Some((config, crate::tlsclient::server_name(&url.host)?))
+        } else {
+            None
+        };
+        Ok(Target { url, tls, ca_pem })
     }
 }
 
-async fn deliver(
-    hook: &WebhookConfig,
-    authority: &str,
-    path: &str,
-    body: &[u8],
-) -> Result<(), String> {
-    let attempt = async {
-        let stream = tokio::net::TcpStream::connect(authority)
-            .await
-            .map_err(|e| format!("connect {authority}: {e}"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut req = hyper::Request::post(path)
-            .header(hyper::header::HOST, authority)
-            .header(hyper::header::CONTENT_TYPE, "application/json");
-        if let Some(secret) = &hook.secret {
-            req = req.header(SIGNATURE_HEADER, format!("sha256={}", sign(secret, body)));
+/// The webhooks in force, one delivery task each.
+pub struct Hooks {
+    metrics: WebhookMetrics,
+    /// Every delivery task stops with it (the application's end).
+    parent: CancellationToken,
+    /// Each running hook: its settings, the `ca` file content it uses, its task's token.
+    running: Mutex<Vec<Running>>,
+}
+
+type Running = (WebhookConfig, Option<Vec<u8>>, CancellationToken);
+
+/// The hooks of a new configuration, checked (URLs, CA files), not started.
+pub struct PreparedHooks(Vec<(WebhookConfig, Target)>);
+
+impl Hooks {
+    /// No hooks yet; every task it starts stops with `parent`.
+    pub fn new(metrics: WebhookMetrics, parent: CancellationToken) -> Hooks {
+        Hooks {
+            metrics,
+            parent,
+            running: Mutex::new(Vec::new()),
         }
-        let req = req
-            .body(Full::new(Bytes::copy_from_slice(body)))
-            .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!("answered {}", resp.status()))
+    }
+
+    /// Checks `hooks` and reads their CA files; every error names its hook.
+    pub fn prepare(&self, hooks: &[WebhookConfig]) -> anyhow::Result<PreparedHooks> {
+        hooks
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                Target::of(h)
+                    .map(|t| (h.clone(), t))
+                    .map_err(|e| anyhow::anyhow!("events.webhooks[{i}]: {e}"))
+            })
+            .collect::<anyhow::Result<_>>()
+            .map(PreparedHooks)
+    }
+
+    /// Puts the prepared hooks in force: unchanged ones keep running, the others stop,
+    /// new ones start.
+    pub fn commit(&self, prepared: PreparedHooks) {
+        let mut running = self.running.lock().expect("hooks lock");
+        let mut next = Vec::new();
+        for (hook, target) in prepared.0 {
+            if let Some(i) = running
+                .iter()
+                .position(|(h, ca, _)| *h == hook && *ca == target.ca_pem)
+            {
+                next.push(running.remove(i));
+                continue;
+            }
+            let stop = self.parent.child_token();
+            let ca = target.ca_pem.clone();
+            spawn_hook(hook.clone(), target, self.metrics.clone(), stop.clone());
+            next.push((hook, ca, stop));
+        }
+        for (hook, _, stop) in running.drain(..) {
+            tracing::info!(url = %hook.url, "webhook removed");
+            stop.cancel();
+        }
+        *running = next;
+    }
+}
+
+/// One hook's delivery task: follows the bus until `stop`.
+fn spawn_hook(
+    hook: WebhookConfig,
+    target: Target,
+    metrics: WebhookMetrics,
+    stop: CancellationToken,
+) {
+    let mut rx = super::subscribe();
+    tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                _ = stop.cancelled() => return,
+                e = rx.recv() => e,
+            };
+            let body = match event {
+                Ok(b) => b,
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(url = %hook.url, lost = n, "webhook behind: events dropped");
+                    metrics.count("dropped", n);
+                    continue;
+                }
+                Err(RecvError::Closed) => return,
+            };
+            let mut delay = Duration::from_millis(100);
+            let mut attempt = 0;
+            loop {
+                let result = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = deliver(&hook, &target, body.as_bytes()) => r,
+                };
+                match result {
+                    Ok(()) => {
+                        metrics.count("ok", 1);
+                        break;
+                    }
+                    Err(e) if attempt < hook.retries => {
+                        tracing::debug!(url = %hook.url, error = %e, attempt, "webhook delivery failed; retrying");
+                        attempt += 1;
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                    }
+                    Err(e) => {
+                        tracing::warn!(url = %hook.url, error = %e, "webhook delivery failed");
+                        metrics.count("failed", 1);
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}
+
+async fn deliver(hook: &WebhookConfig, target: &Target, body: &[u8]) -> Result<(), String> {
+    let url = &target.url;
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect(&url.authority)
+            .await
+            .map_err(|e| format!("connect {}: {e}", url.authority))?;
+        let _ = tcp.set_nodelay(true);
+        match &target.tls {
+            None => post(hook, url, tcp, body).await,
+            Some((config, name)) => {
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| format!("TLS with {}: {e}", url.authority))?;
+                post(hook, url, tls, body).await
+            }
         }
     };
     tokio::time::timeout(hook.timeout.get(), attempt)
         .await
         .map_err(|_| "timeout".to_string())?
+}
+
+/// One POST on an open connection.
+async fn post<S>(hook: &WebhookConfig, url: &HookUrl, stream: S, body: &[u8]) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut req = hyper::Request::post(url.path.as_str())
+        .header(hyper::header::HOST, url.authority.as_str())
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(secret) = &hook.secret {
+        req = req.header(SIGNATURE_HEADER, format!("sha256={}", sign(secret, body)));
+    }
+    let req = req
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    if resp.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("answered {}", resp.status()))
+    }
 }
 
 #[cfg(test)]
@@ -177,15 +330,30 @@ mod tests {
 
     #[test]
     fn urls_and_signatures() {
+        let u = parse_url("http://127.0.0.1:9000/hook").unwrap();
         assert_eq!(
-            parse_url("http://127.0.0.1:9000/hook").unwrap(),
-            ("127.0.0.1:9000".into(), "/hook".into())
+            (u.tls, u.authority.as_str(), u.path.as_str()),
+            (false, "127.0.0.1:9000", "/hook")
         );
+        let u = parse_url("http://hooks.local").unwrap();
         assert_eq!(
-            parse_url("http://hooks.local").unwrap(),
-            ("hooks.local:80".into(), "/".into())
+            (u.host.as_str(), u.authority.as_str(), u.path.as_str()),
+            ("hooks.local", "hooks.local:80", "/")
         );
-        assert!(parse_url("https://x/").is_err());
+        let u = parse_url("https://hooks.local/a?b=1").unwrap();
+        assert_eq!(
+            (u.tls, u.authority.as_str(), u.path.as_str()),
+            (true, "hooks.local:443", "/a?b=1")
+        );
+        let u = parse_url("https://[::1]:8443/h").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.authority.as_str()),
+            ("[::1]", "[::1]:8443")
+        );
+        assert_eq!(parse_url("https://[::1]/").unwrap().authority, "[::1]:443");
+        assert!(parse_url("ftp://x/").is_err());
+        assert!(parse_url("http:///x").is_err());
+        assert!(parse_url("http://x:port/").is_err());
         // echo -n '{}' | openssl dgst -sha256 -hmac key
         assert_eq!(
             sign("key", b"{}"),

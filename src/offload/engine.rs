@@ -4,10 +4,12 @@
 use super::sys::{self, FlowKey, FlowNat};
 use crate::metrics::{ListenerMetrics, Metrics, child, labels};
 use prometheus_client::metrics::counter::Counter;
+use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 /// The BPF object build.rs compiled (empty when clang was missing).
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/udp_offload.o"));
@@ -24,7 +26,56 @@ pub struct Engine {
     totals: OwnedFd,
     cpus: usize,
     used: Mutex<[bool; SLOTS]>,
+    /// The last pass over `mg_flows` (see [`Engine::last_seen`]) and when it was taken.
+    seen_pass: Mutex<Option<(Instant, Arc<LastSeen>)>>,
     pub interfaces: Vec<String>,
+}
+
+/// Every flow entry's last-seen time, read from the kernel in one batched pass: the idle
+/// sweeps of all workers and listeners look their sessions up here instead of making two
+/// `bpf(2)` calls per session.
+#[derive(Default)]
+pub struct LastSeen {
+    /// `bpf_ktime_get_ns()` of each entry's last datagram (entries that saw none are left
+    /// out).
+    last_ns: HashMap<FlowKey, u64>,
+}
+
+impl LastSeen {
+    /// Reads every entry's last-seen time from a flow map in one batched pass; returns
+    /// them and the number of `bpf(2)` calls it took. `expected`: about how many entries
+    /// saw a datagram (the previous pass's count), to size the table once.
+    pub fn read(flows: &OwnedFd, expected: usize) -> io::Result<(LastSeen, usize)> {
+        let mut seen = LastSeen {
+            last_ns: HashMap::with_capacity(expected),
+        };
+        let calls = sys::for_each(flows, |k, v| {
+            if v.last_ns > 0 {
+                seen.last_ns.insert(*k, v.last_ns);
+            }
+        })?;
+        Ok((seen, calls))
+    }
+
+    /// Nanoseconds from the session's last offloaded datagram either way to `now_ns`
+    /// (`CLOCK_MONOTONIC`); None when neither entry saw a datagram.
+    pub fn idle_ns(&self, keys: &SessionKeys, now_ns: u64) -> Option<u64> {
+        let last = [keys.fwd, keys.rev]
+            .iter()
+            .filter_map(|k| self.last_ns.get(k).copied())
+            .max()?;
+        Some(now_ns.saturating_sub(last))
+    }
+
+    /// Entries that saw a datagram.
+    pub fn len(&self) -> usize {
+        self.last_ns.len()
+    }
+
+    /// No entry saw a datagram.
+    pub fn is_empty(&self) -> bool {
+        self.last_ns.is_empty()
+    }
 }
 
 /// Why the fast path is not available (a label of `mediagate_offload_errors_total`).
@@ -127,6 +178,7 @@ impl Engine {
             totals,
             cpus,
             used: Mutex::new([false; SLOTS]),
+            seen_pass: Mutex::new(None),
             interfaces,
         })
     }
@@ -136,6 +188,33 @@ impl Engine {
         let i = used.iter().position(|u| !u)?;
         used[i] = true;
         Some(i as u32)
+    }
+
+    /// The last-seen times of every entry, from a pass at most `max_age` old (a newer pass
+    /// is made when needed; concurrent callers wait for it and share it).
+    pub fn last_seen(&self, max_age: Duration) -> Arc<LastSeen> {
+        let mut pass = self.seen_pass.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, seen)) = pass.as_ref()
+            && at.elapsed() <= max_age
+        {
+            return seen.clone();
+        }
+        let expected = pass.as_ref().map_or(0, |(_, seen)| seen.len());
+        let started = Instant::now();
+        let seen = match LastSeen::read(&self.flows, expected) {
+            Ok((seen, calls)) => {
+                tracing::trace!(entries = seen.len(), calls, took = ?started.elapsed(), "offload: last-seen pass");
+                seen
+            }
+            Err(e) => {
+                // Nothing is expired on a failed read: sessions only live longer.
+                tracing::debug!(error = %e, "offload: last-seen pass failed");
+                LastSeen::default()
+            }
+        };
+        let seen = Arc::new(seen);
+        *pass = Some((Instant::now(), seen.clone()));
+        seen
     }
 
     fn totals(&self, slot: u32, dir: u32) -> (u64, u64) {
@@ -328,7 +407,8 @@ impl ListenerOffload {
         self.lm.offload_sessions.dec();
     }
 
-    /// Nanoseconds since the session's last offloaded datagram either way (None: none).
+    /// Nanoseconds since the session's last offloaded datagram either way (None: none),
+    /// read now: two lookups.
     pub fn idle_ns(&self, keys: &SessionKeys) -> Option<u64> {
         let last = [keys.fwd, keys.rev]
             .iter()
@@ -337,6 +417,12 @@ impl ListenerOffload {
             .max()
             .filter(|&ns| ns > 0)?;
         Some(sys::monotonic_ns().saturating_sub(last))
+    }
+
+    /// The last-seen times of every offloaded session (of every listener), from one
+    /// batched pass over the kernel's map at most `max_age` old.
+    pub fn last_seen(&self, max_age: Duration) -> Arc<LastSeen> {
+        self.engine.last_seen(max_age)
     }
 
     /// Adds what the kernel forwarded since the last call to the listener's counters.

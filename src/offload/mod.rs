@@ -50,8 +50,20 @@
 //! the session is installed again for its new server. A session's entries are always
 //! removed before its upstream socket closes, so a reused port never inherits them.
 //!
-//! **Idle expiry.** The idle sweep reads both entries' last-seen times and takes the newer
-//! of them and user space's own; expiry then works as without the fast path.
+//! **Idle expiry.** The idle sweep takes, for each session, the newer of user space's own
+//! activity time and both entries' last-seen times; expiry then works as without the fast
+//! path. The kernel's times are read in batches, not per session: a sweep first picks
+//! the offloaded sessions that would expire on user space's time alone (a session whose
+//! time was brought up to date is not asked again before another idle timeout), and only
+//! if there are any, it takes the engine's pass over the whole flow map
+//! (`BPF_MAP_LOOKUP_BATCH`, 8192 entries per call; a key walk on kernels without batch
+//! operations), which every worker and listener sweeping within one sweep interval
+//! shares ([`LastSeen`]). A shared pass may be up to that interval old, so it is used
+//! only to move times forward; the sessions that still look idle afterwards are
+//! confirmed with a fresh lookup of their two entries before they expire. The sweeps of
+//! all workers together thus make about one pass per sweep interval plus two lookups per
+//! session that really expires, instead of two lookups per offloaded session per sweep
+//! (`benches/offload_sweep.rs` measures a pass against per-entry lookups).
 //!
 //! **Safety.** Nothing is pinned: the links and maps live as long as the process holds
 //! their descriptors, so a crash or `kill -9` detaches everything (no qdisc is created;
@@ -79,9 +91,11 @@
 //! costs an offloaded flow one datagram (the bound of the failover tests).
 
 mod engine;
-mod sys;
+pub mod sys;
 mod wake;
 
-pub use engine::{Engine, ListenerOffload, SessionKeys, acquire, refresh_metrics, wanted};
-pub use sys::{FlowKey, FlowNat};
+pub use engine::{
+    Engine, LastSeen, ListenerOffload, SessionKeys, acquire, refresh_metrics, wanted,
+};
+pub use sys::{FlowKey, FlowNat, monotonic_ns};
 pub use wake::{Waker, evicted};

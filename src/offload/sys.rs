@@ -1,5 +1,6 @@
 //! Map entries of the fast path and the `bpf(2)` calls that read and write them from any
-//! thread (the layouts mirror `bpf/udp_offload.c`).
+//! thread (the layouts mirror `bpf/udp_offload.c`). Public for the benchmark of the idle
+//! sweep (`benches/offload_sweep.rs`).
 
 use std::io;
 use std::net::SocketAddrV4;
@@ -7,7 +8,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 /// A datagram's addresses as on the wire (`struct flow_key`, network byte order).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub saddr: u32,
     pub daddr: u32,
@@ -62,9 +63,12 @@ impl FlowNat {
     }
 }
 
+const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// `BPF_NOEXIST`: an update fails rather than overwrite another session's entry.
 const BPF_NOEXIST: u64 = 1;
 
@@ -108,6 +112,33 @@ fn elem(
     }
 }
 
+/// A new, empty hash map shaped like the program's `mg_flows` (`FlowKey` → `FlowNat`,
+/// `max_entries` entries), for tests and benchmarks of the user-space side without
+/// loading the program. Needs CAP_BPF.
+pub fn create_flow_map(max_entries: u32) -> io::Result<OwnedFd> {
+    // `union bpf_attr` for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries,
+    // then fields that must be zero.
+    let mut attr = [0u32; 18];
+    attr[0] = 1; // BPF_MAP_TYPE_HASH
+    attr[1] = std::mem::size_of::<FlowKey>() as u32;
+    attr[2] = std::mem::size_of::<FlowNat>() as u32;
+    attr[3] = max_entries;
+    // SAFETY: `attr` is a zero-padded bpf_attr of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
 /// Inserts `key → nat`; fails with `EEXIST` if the key is taken, `E2BIG` when full.
 pub fn insert(fd: &OwnedFd, key: &FlowKey, nat: &FlowNat) -> io::Result<()> {
     let mut v = *nat;
@@ -145,6 +176,112 @@ pub fn lookup(fd: &OwnedFd, key: &FlowKey) -> Option<FlowNat> {
     Some(v)
 }
 
+/// `union bpf_attr` as the `BPF_MAP_*_BATCH` commands read it.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Entries read per `BPF_MAP_LOOKUP_BATCH` call (one pass over 100k sessions, i.e.
+/// 200k entries, takes 25 calls).
+pub const BATCH_ENTRIES: usize = 8192;
+
+/// Calls `f` with every entry of the flow map, read [`BATCH_ENTRIES`] at a time with
+/// `BPF_MAP_LOOKUP_BATCH` (kernel ≥ 5.6); where the kernel has no batch operations, one
+/// key walk (`BPF_MAP_GET_NEXT_KEY` and a lookup per entry). Returns the number of
+/// `bpf(2)` calls made. Entries inserted or removed during the pass may be missed or seen.
+pub fn for_each(fd: &OwnedFd, mut f: impl FnMut(&FlowKey, &FlowNat)) -> io::Result<usize> {
+    let mut keys = vec![FlowKey::default(); BATCH_ENTRIES];
+    let mut values = vec![FlowNat::default(); BATCH_ENTRIES];
+    // The hash map's batch cursor is a bucket index (u32).
+    let (mut cursor_in, mut cursor_out) = (0u32, 0u32);
+    let mut calls = 0usize;
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                (&cursor_in as *const u32) as u64
+            },
+            out_batch: (&mut cursor_out as *mut u32) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH_ENTRIES as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: keys and values hold `count` entries of the map's key and value sizes
+        // (the repr(C) types the map was declared with); the cursors are u32, as the
+        // hash map's batch operations expect; all outlive the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        calls += 1;
+        let err = (r < 0).then(io::Error::last_os_error);
+        match err.as_ref().and_then(io::Error::raw_os_error) {
+            None | Some(libc::ENOENT) => {
+                // ENOENT: the pass is complete; `count` still says what this call read.
+                let n = (attr.count as usize).min(BATCH_ENTRIES);
+                for (k, v) in keys[..n].iter().zip(&values[..n]) {
+                    f(k, v);
+                }
+                if err.is_some() {
+                    return Ok(calls);
+                }
+            }
+            Some(libc::EINVAL | libc::ENOTSUP | libc::EOPNOTSUPP) if first => {
+                return walk(fd, f).map(|c| c + calls);
+            }
+            _ => return Err(err.unwrap_or_else(|| io::Error::other("bpf batch"))),
+        }
+        cursor_in = cursor_out;
+        first = false;
+    }
+}
+
+/// [`for_each`] without batch operations: one `GET_NEXT_KEY` and one lookup per entry.
+pub fn walk(fd: &OwnedFd, mut f: impl FnMut(&FlowKey, &FlowNat)) -> io::Result<usize> {
+    let mut calls = 0usize;
+    let mut prev: Option<FlowKey> = None;
+    loop {
+        let mut next = FlowKey::default();
+        let key = prev
+            .as_ref()
+            .map_or(std::ptr::null(), |k| (k as *const FlowKey).cast());
+        calls += 1;
+        match elem(
+            BPF_MAP_GET_NEXT_KEY,
+            fd,
+            key,
+            (&mut next as *mut FlowKey).cast(),
+            0,
+        ) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(calls),
+            Err(e) => return Err(e),
+        }
+        calls += 1;
+        if let Some(v) = lookup(fd, &next) {
+            f(&next, &v);
+        }
+        prev = Some(next);
+    }
+}
+
 /// Per-CPU `(packets, bytes)` of `mg_totals[slot]`, summed over `cpus` CPUs.
 pub fn percpu_totals(fd: &OwnedFd, slot: u32, cpus: usize) -> io::Result<(u64, u64)> {
     let mut buf = vec![[0u64; 2]; cpus.max(1)];
@@ -174,6 +311,47 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pass_over_the_map_reads_every_entry_in_batches() {
+        let fd = match create_flow_map(16_384) {
+            Ok(fd) => fd,
+            Err(e) => {
+                eprintln!("skipped: cannot create a BPF map here ({e})");
+                return;
+            }
+        };
+        let n = 10_000u32;
+        for i in 0..n {
+            let key = FlowKey {
+                saddr: i,
+                ..FlowKey::default()
+            };
+            let nat = FlowNat {
+                last_ns: u64::from(i) + 1,
+                ..FlowNat::default()
+            };
+            insert(&fd, &key, &nat).expect("insert");
+        }
+        for batched in [true, false] {
+            let mut seen = vec![false; n as usize];
+            let check = |k: &FlowKey, v: &FlowNat| {
+                assert_eq!(v.last_ns, u64::from(k.saddr) + 1);
+                seen[k.saddr as usize] = true;
+            };
+            let calls = if batched {
+                for_each(&fd, check)
+            } else {
+                walk(&fd, check)
+            }
+            .expect("pass");
+            assert!(seen.iter().all(|s| *s), "every entry read once");
+            assert!(calls >= 2, "{calls} calls");
+        }
+        // Batched: a couple of calls for 10k entries, not one or two per entry.
+        let calls = for_each(&fd, |_, _| {}).expect("pass");
+        assert!(calls <= 3, "{calls} calls for {n} entries");
+    }
 
     #[test]
     fn layouts_match_the_c_structs() {

@@ -1,5 +1,5 @@
 //! The data plane: UDP and TCP listeners that forward client traffic to the server the
-//! routing snapshot picks. Start reading at `udp.rs`.
+//! routing snapshot picks. Start reading at `udp/mod.rs`.
 
 pub mod ports;
 pub mod sources;

@@ -11,11 +11,13 @@
 //! HMAC-SHA1 over the issue time and the client IP under a per-process random key, so
 //! the server keeps no nonce table (a flood of unauthenticated requests costs no memory).
 
+use arc_swap::ArcSwap;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use ring::hmac;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::{TurnAuthConfig, TurnAuthType};
@@ -108,11 +110,12 @@ pub fn long_term_key(username: &str, realm: &str, password: &str) -> Vec<u8> {
     turn::auth::generate_auth_key(username, realm, password)
 }
 
-/// Looks up the long-term key of a username, per `turn.auth`.
+/// Looks up the long-term key of a username, per `turn.auth`. Clones share the
+/// credentials, which [`Authenticator::update`] replaces for all of them (reload).
 #[derive(Clone)]
 pub struct Authenticator {
     realm: String,
-    kind: Kind,
+    kind: Arc<ArcSwap<Kind>>,
 }
 
 #[derive(Clone)]
@@ -125,7 +128,7 @@ enum Kind {
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print secrets or keys.
-        let kind = match &self.kind {
+        let kind = match &**self.kind.load() {
             Kind::Static(users) => format!("static ({} users)", users.len()),
             Kind::Ephemeral(s) => format!("ephemeral ({} secrets)", s.len()),
         };
@@ -139,7 +142,24 @@ impl std::fmt::Debug for Authenticator {
 impl Authenticator {
     /// Builds the authenticator; fails when the auth type lacks its secret or users.
     pub fn new(realm: &str, auth: &TurnAuthConfig) -> Result<Self, String> {
-        let kind = match auth.kind {
+        let kind = Self::kind(realm, auth)?;
+        Ok(Authenticator {
+            realm: realm.to_string(),
+            kind: Arc::new(ArcSwap::from_pointee(kind)),
+        })
+    }
+
+    /// Replaces the credentials (users or secrets; the realm stays) for every clone;
+    /// requests authenticated from then on use the new ones. Fails, changing nothing, as
+    /// [`Authenticator::new`] does.
+    pub fn update(&self, auth: &TurnAuthConfig) -> Result<(), String> {
+        let kind = Self::kind(&self.realm, auth)?;
+        self.kind.store(Arc::new(kind));
+        Ok(())
+    }
+
+    fn kind(realm: &str, auth: &TurnAuthConfig) -> Result<Kind, String> {
+        Ok(match auth.kind {
             TurnAuthType::Static => {
                 if auth.users.is_empty() {
                     return Err("turn.auth: type static needs at least one user".into());
@@ -163,10 +183,6 @@ impl Authenticator {
                 }
                 Kind::Ephemeral(secrets.into_iter().map(String::from).collect())
             }
-        };
-        Ok(Authenticator {
-            realm: realm.to_string(),
-            kind,
         })
     }
 
@@ -199,7 +215,7 @@ impl Authenticator {
         if realm != self.realm {
             return Err(AuthFailure::RealmMismatch);
         }
-        match &self.kind {
+        match &**self.kind.load() {
             Kind::Static(users) => users
                 .get(username)
                 .cloned()

@@ -218,20 +218,3 @@ pub(crate) fn prune(cache: &mut RouteCache, prune_at: &mut usize) {
         *prune_at = 2 * cache.len() + 64;
     }
 }
-
-/// A [`ClientSink`] for any packet transport that only offers the crate's async `Conn`
-/// (a transport without a non-blocking send of its own): each frame is copied and sent
-/// from a task of its own. Correct but not fast; a transport on the hot path implements
-/// [`ClientSink`] itself, as `UdpTransport` and `TcpTransport` do.
-#[allow(dead_code)] // for packet transports without their own (DTLS, branch `edge`)
-pub(crate) struct ConnSink(pub(crate) Arc<dyn webrtc_util::Conn + Send + Sync>);
-
-impl ClientSink for ConnSink {
-    fn send_frame(&self, frame: &[u8], client: SocketAddr) {
-        let conn = Arc::clone(&self.0);
-        let frame = frame.to_vec();
-        tokio::spawn(async move {
-            let _ = conn.send_to(&frame, client).await;
-        });
-    }
-}

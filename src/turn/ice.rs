@@ -25,8 +25,8 @@ pub struct IceRequest {
     pub ttl: Option<Duration>,
     /// `iceTransportPolicy` (also `icetransportpolicy`): `all` or `relay`. Default `relay`.
     pub policy: Option<String>,
-    /// `listener`: only the TURN listeners of this transport (`udp`, `tcp`, `tls`) or at this
-    /// index in `turn.listeners`. Default every listener.
+    /// `listener`: only the TURN listeners of this transport (`udp`, `tcp`, `tls`, `dtls`)
+    /// or at this index in `turn.listeners`. Default every listener but `dtls` ones.
     pub listener: Option<String>,
 }
 
@@ -110,7 +110,9 @@ pub fn ice_config(
 
 /// The ICE configuration for a parsed `/ice` request (see [`ice_config`] for the
 /// credentials). URLs: `turn:HOST:PORT?transport=udp|tcp` per udp/tcp listener and
-/// `turns:HOST:PORT?transport=tcp` per tls listener, filtered by `listener`.
+/// `turns:HOST:PORT?transport=tcp` per tls listener, filtered by `listener`;
+/// `turns:HOST:PORT?transport=udp` per dtls listener only when `listener` selects it
+/// (`dtls` or its index), because browsers do not speak TURN over DTLS.
 pub fn ice_config_for(
     cfg: &TurnConfig,
     req: &IceRequest,
@@ -168,13 +170,26 @@ pub fn ice_config_for(
         {
             continue;
         }
-        let url = match l.protocol {
-            TurnTransport::Udp => format!("turn:{host}:{}?transport=udp", l.listen.port()),
-            TurnTransport::Tcp => format!("turn:{host}:{}?transport=tcp", l.listen.port()),
-            TurnTransport::Tls => format!("turns:{host}:{}?transport=tcp", l.listen.port()),
-        };
-        if !urls.contains(&url) {
-            urls.push(url);
+        // Browsers do not speak TURN over DTLS (and some reject the URL): a dtls listener
+        // is listed only when asked for by name or index.
+        if l.protocol == TurnTransport::Dtls && req.listener.is_none() {
+            continue;
+        }
+        let port = l.listen.port();
+        let mut these = vec![match l.protocol {
+            TurnTransport::Dtls => format!("turns:{host}:{port}?transport=udp"),
+            TurnTransport::Udp => format!("turn:{host}:{port}?transport=udp"),
+            TurnTransport::Tcp => format!("turn:{host}:{port}?transport=tcp"),
+            TurnTransport::Tls => format!("turns:{host}:{port}?transport=tcp"),
+        }];
+        // A tcp listener with a certificate serves TLS on the same port.
+        if l.protocol == TurnTransport::Tcp && l.cert.is_some() {
+            these.push(format!("turns:{host}:{port}?transport=tcp"));
+        }
+        for url in these {
+            if !urls.contains(&url) {
+                urls.push(url);
+            }
         }
     }
     if urls.is_empty() {
@@ -186,7 +201,7 @@ pub fn ice_config_for(
             .take(64)
             .collect();
         return Err(format!(
-            "no TURN listener matches listener={shown:?} (udp, tcp, tls or an index into turn.listeners)"
+            "no TURN listener matches listener={shown:?} (udp, tcp, tls, dtls or an index into turn.listeners)"
         ));
     }
     Ok(json!({
@@ -364,6 +379,39 @@ mod tests {
             ..Default::default()
         };
         assert!(ice_config_for(&c, &none, now).is_err());
+    }
+
+    #[test]
+    fn dtls_only_when_asked_and_tls_on_a_tcp_port() {
+        let mut c = cfg(TurnAuthType::Ephemeral);
+        // The tcp listener (index 1) also serves TLS.
+        c.listeners[1].cert = Some("c.pem".into());
+        c.listeners[1].key = Some("k.pem".into());
+        c.listeners.push(TurnListenerConfig {
+            protocol: TurnTransport::Dtls,
+            listen: "0.0.0.0:5349".parse().unwrap(),
+            cert: Some("c.pem".into()),
+            key: Some("k.pem".into()),
+            accept_proxy_protocol: false,
+        });
+        let now = SystemTime::now();
+        let all = ice_config(&c, "", None, now).unwrap();
+        assert_eq!(
+            all["iceServers"][0]["urls"],
+            json!([
+                "turn:203.0.113.7:3478?transport=udp",
+                "turn:203.0.113.7:3478?transport=tcp",
+                "turns:203.0.113.7:3478?transport=tcp"
+            ])
+        );
+        let req = IceRequest {
+            listener: Some("dtls".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            ice_config_for(&c, &req, now).unwrap()["iceServers"][0]["urls"],
+            json!(["turns:203.0.113.7:5349?transport=udp"])
+        );
     }
 
     #[test]

@@ -118,6 +118,41 @@ impl TcpClose {
 }
 
 /// Handles to the TURN metrics. Cheap to clone (all handles are shared).
+/// Why a DTLS session was closed or never opened (`mediagate_turn_dtls_closed_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DtlsClose {
+    /// `turn.quota.max_dtls_sessions` reached: the ClientHello was dropped.
+    Limit,
+    /// Too many handshakes in flight: the ClientHello was dropped (the client retries).
+    HandshakeLimit,
+    /// The handshake failed or did not complete in time.
+    Handshake,
+    /// No allocation within 30 s of the handshake.
+    NoAllocation,
+    /// Nothing received for 10 minutes.
+    Idle,
+}
+
+impl DtlsClose {
+    const ALL: [DtlsClose; 5] = [
+        DtlsClose::Limit,
+        DtlsClose::HandshakeLimit,
+        DtlsClose::Handshake,
+        DtlsClose::NoAllocation,
+        DtlsClose::Idle,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            DtlsClose::Limit => "limit",
+            DtlsClose::HandshakeLimit => "handshake_limit",
+            DtlsClose::Handshake => "dtls_handshake",
+            DtlsClose::NoAllocation => "no_allocation",
+            DtlsClose::Idle => "idle",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct TurnMetrics {
     /// `mediagate_turn_allocations`: live allocations.
@@ -155,6 +190,9 @@ pub struct TurnMetrics {
     /// `mediagate_turn_kernel_drops_total{socket="relay"}`: datagrams from peers the
     /// kernel dropped because a relay socket's receive queue was full.
     pub kernel_drops_relay: Counter,
+    /// `mediagate_turn_dtls_sessions`: DTLS sessions established on `dtls` listeners.
+    pub dtls_sessions: Gauge,
+    dtls_closed: Vec<(DtlsClose, Counter)>,
     /// `mediagate_turn_tls_cert_reloads_total{result="ok"}`: certificates (re)loaded.
     pub cert_reloads_ok: Counter,
     /// `mediagate_turn_tls_cert_reloads_total{result="error"}`: changed certificate files
@@ -170,6 +208,7 @@ impl TurnMetrics {
         let bytes = Family::<DirectionLabels, Counter>::default();
         let packets = Family::<DirectionLabels, Counter>::default();
         let closed = Family::<ReasonLabels, Counter>::default();
+        let dtls_closed = Family::<ReasonLabels, Counter>::default();
         let reloads = Family::<ResultLabels, Counter>::default();
         let kernel = Family::<SocketLabels, Counter>::default();
         let sock = |f: &Family<SocketLabels, Counter>, s: &'static str| {
@@ -212,6 +251,11 @@ impl TurnMetrics {
                 .collect(),
             kernel_drops_listener: sock(&kernel, "listener"),
             kernel_drops_relay: sock(&kernel, "relay"),
+            dtls_sessions: Gauge::default(),
+            dtls_closed: DtlsClose::ALL
+                .iter()
+                .map(|r| (*r, reason(&dtls_closed, r.as_str())))
+                .collect(),
             cert_reloads_ok: result(&reloads, "ok"),
             cert_reloads_failed: result(&reloads, "error"),
         };
@@ -286,8 +330,18 @@ impl TurnMetrics {
             closed,
         );
         registry.register(
+            "mediagate_turn_dtls_sessions",
+            "Established TURN-over-DTLS sessions",
+            m.dtls_sessions.clone(),
+        );
+        registry.register(
+            "mediagate_turn_dtls_closed",
+            "TURN-over-DTLS sessions the server closed or refused",
+            dtls_closed,
+        );
+        registry.register(
             "mediagate_turn_tls_cert_reloads",
-            "TLS certificate loads of TURN tls listeners, by result",
+            "TLS and DTLS certificate loads of TURN tls/dtls listeners, by result",
             reloads,
         );
         m
@@ -305,6 +359,10 @@ impl TurnMetrics {
                 .map(|r| (*r, Counter::default()))
                 .collect(),
             tcp_closed: TcpClose::ALL
+                .iter()
+                .map(|r| (*r, Counter::default()))
+                .collect(),
+            dtls_closed: DtlsClose::ALL
                 .iter()
                 .map(|r| (*r, Counter::default()))
                 .collect(),
@@ -340,6 +398,23 @@ impl TurnMetrics {
     /// Value of `mediagate_turn_tcp_closed_total{reason}` (label value, e.g. `tls_handshake`).
     pub fn tcp_closed_count(&self, reason: &str) -> u64 {
         self.tcp_closed
+            .iter()
+            .find(|(r, _)| r.as_str() == reason)
+            .map(|(_, c)| c.get())
+            .unwrap_or(0)
+    }
+
+    pub(crate) fn dtls_closed(&self, reason: DtlsClose) -> &Counter {
+        self.dtls_closed
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map(|(_, c)| c)
+            .unwrap_or(&self.dtls_closed[0].1)
+    }
+
+    /// Value of `mediagate_turn_dtls_closed_total{reason}` (label value, e.g. `dtls_handshake`).
+    pub fn dtls_closed_count(&self, reason: &str) -> u64 {
+        self.dtls_closed
             .iter()
             .find(|(r, _)| r.as_str() == reason)
             .map(|(_, c)| c.get())

@@ -19,6 +19,7 @@
 
 mod auth;
 mod datapath;
+mod dtls;
 mod ice;
 mod kdrops;
 mod metrics;
@@ -85,6 +86,8 @@ pub fn fd_demand(cfg: &TurnConfig) -> usize {
 /// The running STUN/TURN service.
 pub struct TurnService {
     core: Arc<Core>,
+    /// Shares its credentials with the one `core` checks requests with.
+    auth: auth::Authenticator,
     listeners: Vec<Arc<Listener>>,
     cancel: CancellationToken,
     bookkeeping: CancellationToken,
@@ -121,7 +124,7 @@ impl TurnService {
         let authenticator =
             auth::Authenticator::new(&cfg.realm, &cfg.auth).map_err(anyhow::Error::msg)?;
         let core = Arc::new(Core::new(
-            authenticator,
+            authenticator.clone(),
             Arc::clone(&policy),
             metrics.clone(),
             cfg.quota.allocations_per_user,
@@ -135,6 +138,7 @@ impl TurnService {
             );
         }
         let tcp_limit = Arc::new(Semaphore::new(cfg.quota.max_tcp_connections));
+        let dtls_limit = Arc::new(Semaphore::new(cfg.quota.max_dtls_sessions));
         let trimmer = Arc::new(trim::Trimmer::default());
         // The advertised address behind a NAT also reaches this host's own ports.
         let extra_ips: Vec<std::net::IpAddr> =
@@ -189,9 +193,36 @@ impl TurnService {
                     let local = t.local_addr()?;
                     (t.clone(), t.clone(), local, None, Some(t), None)
                 }
+                TurnTransport::Dtls => {
+                    let (Some(cert), Some(key)) = (&l.cert, &l.key) else {
+                        anyhow::bail!("turn.listeners[{idx}]: a dtls listener needs cert and key")
+                    };
+                    let store = dtls::DtlsCert::load(cert, key)
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| format!("turn.listeners[{idx}]: certificate"))?;
+                    metrics.cert_reloads_ok.inc();
+                    tasks.spawn(Arc::clone(&store).watch(metrics.clone(), cancel.clone()));
+                    let socket =
+                        bind_udp(l.listen, cfg.relay.listener_buffer).with_context(|| {
+                            format!("turn.listeners[{idx}]: bind dtls {}", l.listen)
+                        })?;
+                    kdrops.watch(&socket, kdrops::Kind::Listener);
+                    let (t, closed) = dtls::DtlsTransport::start(
+                        socket,
+                        store,
+                        metrics.clone(),
+                        cancel.clone(),
+                        &tasks,
+                        Arc::clone(&core.tcp_log),
+                        Arc::clone(&dtls_limit),
+                    )?;
+                    let local = t.local_addr()?;
+                    (t.clone(), t, local, Some(closed), None, None)
+                }
                 TurnTransport::Tcp | TurnTransport::Tls => {
+                    // A tcp listener given a certificate also speaks TLS on its port.
                     let tls = match (&l.cert, &l.key) {
-                        (Some(cert), Some(key)) if l.protocol == TurnTransport::Tls => {
+                        (Some(cert), Some(key)) => {
                             let store = tls::CertStore::load(cert, key)
                                 .map_err(anyhow::Error::msg)
                                 .with_context(|| format!("turn.listeners[{idx}]: certificate"))?;
@@ -219,6 +250,7 @@ impl TurnService {
                         Arc::clone(&tcp_limit),
                         Arc::clone(&trimmer),
                         TcpOptions {
+                            plain_too: l.protocol == TurnTransport::Tcp && tls.is_some(),
                             tls,
                             accept_proxy: l.accept_proxy_protocol,
                         },
@@ -351,11 +383,19 @@ impl TurnService {
         g2.disarm();
         Ok(TurnService {
             core,
+            auth: authenticator,
             listeners,
             cancel,
             bookkeeping,
             tasks,
         })
+    }
+
+    /// Replaces the credentials in force (`turn.auth` on reload: secret rotation, users
+    /// added or removed); the realm and everything else stay as started. Fails, changing
+    /// nothing, when `auth` lacks its secret or users.
+    pub fn set_auth(&self, auth: &crate::config::TurnAuthConfig) -> Result<(), String> {
+        self.auth.update(auth)
     }
 
     /// Live allocations (for `/status`).

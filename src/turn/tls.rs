@@ -31,9 +31,9 @@ pub(crate) const CERT_POLL: Duration = Duration::from_secs(2);
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What identifies a version of the files: modification time and length of each.
-type Stamp = Option<(SystemTime, u64, SystemTime, u64)>;
+pub(crate) type Stamp = Option<(SystemTime, u64, SystemTime, u64)>;
 
-fn stamp(cert: &Path, key: &Path) -> Stamp {
+pub(crate) fn stamp(cert: &Path, key: &Path) -> Stamp {
     let c = std::fs::metadata(cert).ok()?;
     let k = std::fs::metadata(key).ok()?;
     Some((c.modified().ok()?, c.len(), k.modified().ok()?, k.len()))

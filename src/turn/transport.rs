@@ -20,7 +20,9 @@
 //! memory is given back to the OS (`trim`).
 //!
 //! A `tls` listener is a [`TcpTransport`] whose connections first complete a TLS
-//! handshake (within 10 s, else closed and counted as `tls_handshake`); with
+//! handshake (within 10 s, else closed and counted as `tls_handshake`); a `tcp` listener
+//! given a certificate serves both on one port, by the first byte of each connection
+//! (0x16, a TLS handshake record, or STUN/ChannelData); with
 //! `accept_proxy_protocol` each connection must first send a PROXY v2 header (within 5 s,
 //! else `proxy_header`), whose source address then stands for the client everywhere.
 //!
@@ -74,14 +76,14 @@ const KEEP_CAPACITY: usize = 8192;
 /// Frames queued towards one TCP client before further ones are dropped.
 const TCP_SEND_QUEUE: usize = 512;
 
-fn count_to_client(metrics: &TurnMetrics, buf: &[u8]) {
+pub(crate) fn count_to_client(metrics: &TurnMetrics, buf: &[u8]) {
     if let Some(n) = wire::relayed_payload_len(buf) {
         metrics.packets_to_client.inc();
         metrics.bytes_to_client.inc_by(n as u64);
     }
 }
 
-fn not_applicable<T>() -> webrtc_util::Result<T> {
+pub(crate) fn not_applicable<T>() -> webrtc_util::Result<T> {
     Err(webrtc_util::Error::Other(
         "not applicable to a TURN listener".into(),
     ))
@@ -179,6 +181,9 @@ pub(crate) struct TcpOptions {
     pub(crate) tls: Option<TlsAcceptor>,
     /// `accept_proxy_protocol`: a PROXY v2 header is required first.
     pub(crate) accept_proxy: bool,
+    /// With `tls`: a connection whose first byte is not a TLS handshake record (0x16) is
+    /// served as plain TURN over TCP (a `tcp` listener given a certificate).
+    pub(crate) plain_too: bool,
 }
 
 /// A TCP listener seen as one packet connection.
@@ -306,6 +311,20 @@ impl Connection {
                     TcpClose::ProxyHeader,
                     "the PROXY header's client address is already connected",
                 );
+            }
+        }
+        if options.plain_too && options.tls.is_some() {
+            // STUN and ChannelData start with 0x00-0x7F; a TLS ClientHello record with 0x16.
+            let mut first = [0u8; 1];
+            let peeked = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                r = tokio::time::timeout(super::tls::HANDSHAKE_TIMEOUT, stream.peek(&mut first)) => r,
+            };
+            match peeked {
+                Ok(Ok(1)) if first[0] != 0x16 => return self.run(stream).await,
+                Ok(Ok(1)) => {}
+                Ok(_) => return,
+                Err(_) => return self.refuse(TcpClose::TlsHandshake, "nothing sent"),
             }
         }
         match options.tls {

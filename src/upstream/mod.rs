@@ -23,3 +23,21 @@ pub use controller::UpstreamRuntime;
 pub use server::{ServerHandle, Tier};
 pub use snapshot::{Snapshot, UpstreamRoute};
 pub use state::{AdminState, Event, EventKind, UpstreamState};
+
+impl From<&Event> for crate::events::EventStatus {
+    fn from(e: &Event) -> Self {
+        crate::events::EventStatus {
+            at: humantime::format_rfc3339_millis(e.at).to_string(),
+            kind: match e.kind {
+                EventKind::Failover => "failover",
+                EventKind::Failback => "failback",
+            }
+            .to_string(),
+            from: e.from.clone(),
+            to: e.to.clone(),
+            reason: e.reason.map(str::to_string),
+            detection_ms: e.detection_ms,
+            sessions_moved: e.sessions_moved,
+        }
+    }
+}

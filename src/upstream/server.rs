@@ -166,7 +166,10 @@ mod tests {
     fn evict_moves_epoch_and_cancels_only_old_token() {
         let s = ServerHandle::new("10.0.0.1".parse().unwrap(), None, 5004, Tier::Primary);
         assert_eq!(s.label, "10.0.0.1:5004");
-        assert_eq!(s.dest(5006), "10.0.0.1:5006".parse().unwrap());
+        assert_eq!(
+            s.dest(5006),
+            "10.0.0.1:5006".parse::<std::net::SocketAddr>().unwrap()
+        );
         let t = s.eviction_token();
         let e = s.epoch();
         s.evict();

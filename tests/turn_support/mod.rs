@@ -139,6 +139,17 @@ pub fn add_tls(cfg: &mut TurnConfig, cert: &Path, key: &Path, accept_proxy_proto
     });
 }
 
+/// Adds a `dtls` listener on an ephemeral port serving `cert` / `key`.
+pub fn add_dtls(cfg: &mut TurnConfig, cert: &Path, key: &Path) {
+    cfg.listeners.push(TurnListenerConfig {
+        protocol: TurnTransport::Dtls,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cert: Some(cert.to_path_buf()),
+        key: Some(key.to_path_buf()),
+        accept_proxy_protocol: false,
+    });
+}
+
 /// Writes a CA and a leaf certificate for `name` and 127.0.0.1 signed by it, with the
 /// openssl CLI; returns (leaf certificate, leaf key, CA certificate) paths.
 pub fn self_signed(dir: &Path, file: &str, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -225,6 +236,8 @@ pub struct Gateway {
     pub tcp: SocketAddr,
     /// The `tls` listener, when the config has one.
     pub tls: Option<SocketAddr>,
+    /// The `dtls` listener, when the config has one.
+    pub dtls: Option<SocketAddr>,
 }
 
 impl Gateway {
@@ -242,6 +255,7 @@ impl Gateway {
             udp: find(TurnTransport::Udp).unwrap(),
             tcp: find(TurnTransport::Tcp).unwrap(),
             tls: find(TurnTransport::Tls),
+            dtls: find(TurnTransport::Dtls),
             svc,
             metrics,
             policy,

@@ -127,6 +127,9 @@ pub struct Report {
     pub peer_drops: u64,
     /// Self-check: how far the sender fell behind its schedule at worst, ms.
     pub max_lag_ms: f64,
+    /// CPU time of this process (both threads, user and system, with the kernel's
+    /// forwarding work done in its context) during the run, ms.
+    pub cpu_ms: f64,
 }
 
 impl Report {
@@ -149,7 +152,7 @@ impl Report {
     /// One line of `key=value` pairs (what scripts parse).
     pub fn line(&self) -> String {
         format!(
-            "flows={} size={} target_pps={} sent={} received={} sent_pps={:.0} pps={:.0} loss={:.5} p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1} max_silence_ms={:.1} local_drops={} peer_drops={} max_lag_ms={:.1}",
+            "flows={} size={} target_pps={} sent={} received={} sent_pps={:.0} pps={:.0} loss={:.5} p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1} max_silence_ms={:.1} local_drops={} peer_drops={} max_lag_ms={:.1} cpu_ms={:.1}",
             self.flows,
             self.size,
             self.target_pps,
@@ -165,7 +168,8 @@ impl Report {
             self.max_silence_ms,
             self.local_drops,
             self.peer_drops,
-            self.max_lag_ms
+            self.max_lag_ms,
+            self.cpu_ms
         )
     }
 }
@@ -189,6 +193,9 @@ pub struct Generator {
     target: SocketAddr,
     size: usize,
     clock: Instant,
+    /// Never spin while ahead of schedule: sleep (the wakeups batch a few datagrams), so
+    /// the process's CPU time is the work of sending and receiving, not waiting.
+    pub sleep_only: bool,
 }
 
 impl Generator {
@@ -248,6 +255,7 @@ impl Generator {
             target,
             size,
             clock: Instant::now(),
+            sleep_only: false,
         })
     }
 
@@ -309,6 +317,7 @@ impl Generator {
     /// `duration`, keeps receiving for `settle` afterwards, and reports.
     pub fn run(&self, rate: u64, duration: Duration, settle: Duration) -> io::Result<Report> {
         self.drain();
+        let cpu_before = process_cpu_ns();
         let flows = self.socks.len();
         let stop = AtomicBool::new(false);
         let epoch_ns = self.clock.elapsed().as_nanos() as u64;
@@ -323,6 +332,7 @@ impl Generator {
             (sent, secs, recv)
         });
         let recv = recv?;
+        let cpu_ms = process_cpu_ns().saturating_sub(cpu_before) as f64 / 1e6;
         let sent_total: u64 = sent.iter().sum();
         let us = |ns: u64| ns as f64 / 1000.0;
         Ok(Report {
@@ -337,6 +347,7 @@ impl Generator {
             p999_us: us(recv.rtt.quantile(0.999)),
             max_us: us(recv.rtt.max),
             max_silence_ms: recv.max_silence_ns as f64 / 1e6,
+            cpu_ms,
             ..Report::default()
         })
     }
@@ -364,7 +375,7 @@ impl Generator {
                 // only; the kernel rounds small ones up anyway).
                 let next_ns = ((u128::from(total) * 1_000_000_000) / u128::from(rate)) as u64;
                 let wait = next_ns.saturating_sub(now_ns);
-                if wait > 20_000 {
+                if wait > 20_000 || self.sleep_only {
                     std::thread::sleep(Duration::from_nanos(wait.min(1_000_000)));
                 } else {
                     std::hint::spin_loop();
@@ -447,6 +458,17 @@ impl Generator {
             max_silence_ns: max_gap.iter().copied().max().unwrap_or(0),
         })
     }
+}
+
+/// CPU time of this process so far (all threads), ns.
+pub fn process_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 struct Received {

@@ -54,6 +54,10 @@ struct Flows {
     /// Bind flow i to source port BASE+i (0: ephemeral ports).
     #[arg(long, default_value_t = 0)]
     src_base: u16,
+    /// Sleep whenever ahead of schedule instead of spinning for short waits (datagrams
+    /// then leave in small bursts; the reported cpu_ms is the work, not the waiting).
+    #[arg(long)]
+    sleep_only: bool,
 }
 
 #[derive(Subcommand)]
@@ -216,8 +220,9 @@ fn generator(f: &Flows) -> Result<Generator, String> {
             f.target
         ));
     }
-    let g = Generator::with_source_ports(f.target, f.flows, f.size, f.src_base)
+    let mut g = Generator::with_source_ports(f.target, f.flows, f.size, f.src_base)
         .map_err(|e| format!("open flows: {e}"))?;
+    g.sleep_only = f.sleep_only;
     let answered = g.prime(f.prime).map_err(|e| format!("prime: {e}"))?;
     if answered < f.flows {
         eprintln!(

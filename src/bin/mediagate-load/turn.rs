@@ -457,6 +457,7 @@ impl Trial for TurnGenerator {
         self.drain();
         let drops0 = self.local_drops();
         let peer0 = self.peer_drops();
+        let cpu0 = loadgen::process_cpu_ns();
         let stop = AtomicBool::new(false);
         let epoch_ns = self.clock.elapsed().as_nanos() as u64;
         let total_flows = self.opts.allocations.max(1) as u64;
@@ -517,6 +518,7 @@ impl Trial for TurnGenerator {
             local_drops: self.local_drops().saturating_sub(drops0),
             peer_drops: self.peer_drops().saturating_sub(peer0),
             max_lag_ms: sends.iter().map(|s| s.1).max().unwrap_or(0) as f64 / 1e6,
+            cpu_ms: loadgen::process_cpu_ns().saturating_sub(cpu0) as f64 / 1e6,
         })
     }
 }

@@ -1,0 +1,190 @@
+//! A UDP listener as a whole: the state its worker threads share (route, limits, live
+//! session count, drain flag, fast path), starting the threads, and binding the
+//! `SO_REUSEPORT` socket group of a listen port.
+
+use super::worker::Worker;
+use crate::config::SessionConfig;
+use crate::metrics::ListenerMetrics;
+use crate::offload::ListenerOffload;
+use crate::ratelog::RateLimit;
+use crate::upstream::UpstreamRoute;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// What all worker threads of one UDP listener share.
+pub struct UdpListener {
+    pub name: String,
+    pub route: Arc<UpstreamRoute>,
+    pub idle_timeout: Duration,
+    pub max_sessions: usize,
+    /// `session.new_per_source_per_second` (0: off).
+    pub new_per_source_per_second: u32,
+    /// `session.max_per_source` (0: off).
+    pub max_per_source: usize,
+    pub metrics: ListenerMetrics,
+    /// Failures to open an upstream socket: logged a few times per window, not per datagram.
+    pub(super) open_failures: RateLimit,
+    /// Live sessions over all ports and threads of this listener.
+    pub(super) live: AtomicUsize,
+    /// Set on shutdown: new sessions are refused, existing ones keep flowing.
+    pub(super) draining: AtomicBool,
+    /// Reference point for the coarse per-session activity clock.
+    epoch: Instant,
+    /// The kernel fast path, when `offload: ebpf` and it is available.
+    pub(super) offload: OnceLock<Arc<ListenerOffload>>,
+}
+
+impl UdpListener {
+    pub fn new(
+        name: String,
+        route: Arc<UpstreamRoute>,
+        session: &SessionConfig,
+        metrics: ListenerMetrics,
+    ) -> Arc<Self> {
+        Arc::new(UdpListener {
+            name,
+            route,
+            idle_timeout: session.idle_timeout.get(),
+            max_sessions: session.max_sessions,
+            new_per_source_per_second: session.new_per_source_per_second,
+            max_per_source: session.max_per_source,
+            metrics,
+            open_failures: RateLimit::new("udp_open_upstream", Duration::from_secs(10), 5),
+            live: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            epoch: Instant::now(),
+            offload: OnceLock::new(),
+        })
+    }
+
+    /// Turns the kernel fast path on for this listener (before [`UdpListener::serve`]).
+    pub fn enable_offload(&self, offload: Arc<ListenerOffload>) {
+        let _ = self.offload.set(offload);
+    }
+
+    /// Live sessions.
+    pub fn sessions(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Refuse new sessions from now on (graceful shutdown).
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub(super) fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Serves the listener's ports until `stop` fires. `ports[p][w]` is worker `w`'s
+    /// socket on port `p` (see [`bind_group`]); every port has the same number of sockets.
+    /// The sockets are shared (a reload hands a port's sockets from the listener it
+    /// replaces to the new one without closing them).
+    ///
+    /// Everything that can fail (epoll instances, registrations, threads) happens here;
+    /// the threads then wait until `start` fires before they read a datagram, so a reload
+    /// can prepare a listener and still drop it. Worker threads stop within a tick of
+    /// `stop` firing or of the returned task being aborted or dropped.
+    pub fn serve(
+        self: &Arc<Self>,
+        ports: Vec<Vec<Arc<UdpSocket>>>,
+        stop: CancellationToken,
+        start: CancellationToken,
+    ) -> io::Result<JoinHandle<()>> {
+        let workers = ports.first().map_or(0, Vec::len);
+        if workers == 0 || ports.iter().any(|p| p.len() != workers) {
+            return Err(io::Error::other("every port needs one socket per worker"));
+        }
+        // Transpose: worker w gets socket w of every port.
+        let mut per_worker: Vec<Vec<Arc<UdpSocket>>> = (0..workers).map(|_| Vec::new()).collect();
+        for port in ports {
+            for (w, s) in port.into_iter().enumerate() {
+                per_worker[w].push(s);
+            }
+        }
+        // Workers watch a child token; the returned task holds a guard that cancels it
+        // when the task ends or is dropped (shutdown, aborted start-up, runtime drop),
+        // so the threads never outlive the listener's owner.
+        let workers_stop = stop.child_token();
+        // Created first: an error below drops it and stops the threads already started.
+        let guard = workers_stop.clone().drop_guard();
+        let runtime = tokio::runtime::Handle::current();
+        for (w, socks) in per_worker.into_iter().enumerate() {
+            let worker = Worker::new(self.clone(), socks, workers)?;
+            let stop = workers_stop.clone();
+            let start = start.clone();
+            let runtime = runtime.clone();
+            std::thread::Builder::new()
+                .name(format!("udp-{}-{w}", self.name))
+                .spawn(move || {
+                    let go = runtime.block_on(async {
+                        tokio::select! {
+                            _ = start.cancelled() => true,
+                            _ = stop.cancelled() => false,
+                        }
+                    });
+                    if go {
+                        worker.run(stop);
+                    }
+                })?;
+        }
+        Ok(tokio::spawn(async move {
+            let _guard = guard;
+            stop.cancelled().await;
+        }))
+    }
+}
+
+/// Worker threads per UDP listener: `$MEDIAGATE_UDP_WORKERS`, else one per CPU.
+pub fn default_workers() -> usize {
+    std::env::var("MEDIAGATE_UDP_WORKERS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .min(64)
+}
+
+/// Binds `workers` `SO_REUSEPORT` sockets on `addr`, with room for bursts. A port that
+/// another socket already holds fails here, as a plain bind would.
+pub fn bind_group(addr: SocketAddr, workers: usize) -> io::Result<Vec<UdpSocket>> {
+    let new = || {
+        let domain = socket2::Domain::for_address(addr);
+        let sock =
+            socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+        if addr.is_ipv6() {
+            sock.set_only_v6(false).ok();
+        }
+        // Media arrives in bursts; a bigger buffer absorbs them while the worker is busy.
+        let _ = sock.set_recv_buffer_size(4 << 20);
+        let _ = sock.set_send_buffer_size(4 << 20);
+        io::Result::Ok(sock)
+    };
+    // Probe without SO_REUSEPORT first: a port in use (even by a reuseport group of
+    // another process) must fail start-up, not silently share traffic.
+    let mut addr = addr;
+    {
+        let probe = new()?;
+        probe.bind(&addr.into())?;
+        if addr.port() == 0 {
+            addr = probe
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("bound socket has no address"))?;
+        }
+    }
+    let mut out = Vec::with_capacity(workers.max(1));
+    for _ in 0..workers.max(1) {
+        let sock = new()?;
+        sock.set_reuse_port(true)?;
+        sock.bind(&addr.into())?;
+        sock.set_nonblocking(true)?;
+        out.push(sock.into());
+    }
+    Ok(out)
+}

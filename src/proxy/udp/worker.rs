@@ -1,0 +1,234 @@
+//! One worker thread of a UDP listener: its event loop (epoll wait, replies first, then
+//! client datagrams in receive batches), its ticks (stop check, eviction scan, idle
+//! sweep), and the per-wakeup counters it publishes once per wakeup.
+
+use super::listener::UdpListener;
+use super::ring::Ring;
+use super::table::{SessionIndex, Tables};
+use crate::metrics::ListenerMetrics;
+use crate::proxy::sources::Sources;
+use crate::proxy::sys::MsgBatch;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Largest UDP payload (a slot holds any datagram).
+const MAX_DATAGRAM: usize = 65_536;
+/// Datagrams per `recvmmsg` on a listen socket, and per reply batch.
+const BATCH: usize = 32;
+/// Listen-socket batches read per wakeup before turning to replies (fairness).
+const MAX_RX_ROUNDS: usize = 4;
+/// Epoll events per wait.
+const EVENTS: usize = 256;
+/// Longest a worker sleeps in `epoll_wait`: the shutdown and idle-sweep latency.
+const TICK_MS: u16 = 50;
+/// Receive buffer limit of each upstream socket.
+pub(super) const UPSTREAM_RCVBUF: usize = 1 << 20;
+/// Marks an epoll token as a listen socket (low bits: port index).
+const LISTEN_TOKEN: u64 = 1 << 63;
+/// The epoll token of the eviction eventfd (`offload: ebpf` only; see `crate::offload`).
+const WAKE_TOKEN: u64 = u64::MAX;
+
+/// A listen port as one worker sees it.
+pub(super) struct PortSock {
+    pub(super) sock: Arc<UdpSocket>,
+    pub(super) local_port: u16,
+    /// The listen address (the fast path matches datagrams sent to it).
+    pub(super) local: SocketAddr,
+    /// Replies of this wakeup waiting to go out through `sock`.
+    pub(super) out: MsgBatch,
+}
+
+/// Packet and byte counts of one wakeup, added to the shared counters once.
+#[derive(Default)]
+pub(super) struct Tally {
+    pub(super) packets_to_server: u64,
+    pub(super) bytes_to_server: u64,
+    pub(super) packets_to_client: u64,
+    pub(super) bytes_to_client: u64,
+    pub(super) send_errors: u64,
+    pub(super) stale: u64,
+}
+
+impl Tally {
+    #[inline]
+    pub(super) fn add_to_server(&mut self, n: usize) {
+        self.packets_to_server += 1;
+        self.bytes_to_server += n as u64;
+    }
+
+    pub(super) fn publish(&mut self, m: &ListenerMetrics) {
+        if self.packets_to_server > 0 {
+            m.packets_to_server.inc_by(self.packets_to_server);
+            m.bytes_to_server.inc_by(self.bytes_to_server);
+        }
+        if self.packets_to_client > 0 {
+            m.packets_to_client.inc_by(self.packets_to_client);
+            m.bytes_to_client.inc_by(self.bytes_to_client);
+        }
+        if self.send_errors > 0 {
+            m.dropped_send_error.inc_by(self.send_errors);
+        }
+        if self.stale > 0 {
+            m.dropped_stale_server.inc_by(self.stale);
+        }
+        *self = Tally::default();
+    }
+}
+
+/// One worker thread of a UDP listener.
+pub(super) struct Worker {
+    t: Tables,
+    rx: MsgBatch,
+}
+
+impl Worker {
+    pub(super) fn new(
+        shared: Arc<UdpListener>,
+        socks: Vec<Arc<UdpSocket>>,
+        workers: usize,
+    ) -> io::Result<Worker> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
+        let mut ports = Vec::with_capacity(socks.len());
+        for (i, sock) in socks.into_iter().enumerate() {
+            sock.set_nonblocking(true)?;
+            epoll
+                .add(
+                    sock.as_fd(),
+                    EpollEvent::new(EpollFlags::EPOLLIN, LISTEN_TOKEN | i as u64),
+                )
+                .map_err(io::Error::from)?;
+            let local = sock.local_addr()?;
+            ports.push(PortSock {
+                local_port: local.port(),
+                local,
+                sock,
+                out: MsgBatch::new(BATCH, MAX_DATAGRAM),
+            });
+        }
+        let waker = match shared.offload.get() {
+            Some(_) => {
+                let w = crate::offload::Waker::new()?;
+                epoll
+                    .add(w.fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))
+                    .map_err(io::Error::from)?;
+                Some(w)
+            }
+            None => None,
+        };
+        Ok(Worker {
+            t: Tables {
+                waker,
+                epoll,
+                ports,
+                index: SessionIndex::default(),
+                slab: Vec::new(),
+                free: Vec::new(),
+                ring: Ring::new(),
+                tally: Tally::default(),
+                now_ms: 0,
+                sources: Sources::new(
+                    shared.new_per_source_per_second,
+                    shared.max_per_source,
+                    workers,
+                ),
+                offload: shared.offload.get().cloned(),
+                shared,
+            },
+            rx: MsgBatch::new(BATCH, MAX_DATAGRAM),
+        })
+    }
+
+    pub(super) fn run(mut self, stop: CancellationToken) {
+        let mut events = vec![EpollEvent::empty(); EVENTS];
+        let idle = self.t.shared.idle_timeout;
+        let sweep_every = (idle.as_millis() as u64 / 4).clamp(100, 5000);
+        let mut next_sweep = 0u64;
+        let mut next_stop_check = 0u64;
+        loop {
+            let n = match self.t.epoll.wait(&mut events, EpollTimeout::from(TICK_MS)) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => 0,
+                Err(e) => {
+                    tracing::error!(listener = %self.t.shared.name, error = %e, "epoll_wait failed; worker stops");
+                    break;
+                }
+            };
+            self.t.now_ms = self.t.shared.now_ms();
+            // Replies first, and out before any client datagram is forwarded: a reply
+            // then never waits behind a batch of upstream sends.
+            for ev in &events[..n] {
+                let tok = ev.data();
+                if tok & LISTEN_TOKEN == 0 {
+                    let idx = (tok & 0xffff_ffff) as u32;
+                    let gen_ = (tok >> 32) as u32;
+                    self.t.on_reply_ready(idx, gen_);
+                }
+            }
+            self.t.flush_replies();
+            for ev in &events[..n] {
+                let tok = ev.data();
+                if tok == WAKE_TOKEN {
+                    if let Some(w) = &self.t.waker {
+                        w.drain();
+                    }
+                    self.t.offload_scan();
+                } else if tok & LISTEN_TOKEN != 0 {
+                    self.on_listen_ready((tok & 0xffff) as usize);
+                }
+            }
+            self.t.tally.publish(&self.t.shared.metrics);
+            let now = self.t.now_ms;
+            if now >= next_stop_check {
+                // Checked at most every tick: the token's state sits behind a mutex.
+                if stop.is_cancelled() {
+                    break;
+                }
+                next_stop_check = now + u64::from(TICK_MS);
+                self.t.offload_scan();
+            }
+            if now >= next_sweep {
+                self.t
+                    .sweep_idle(idle.as_millis() as u64, Duration::from_millis(sweep_every));
+                next_sweep = now + sweep_every;
+            }
+        }
+        self.t.close_all();
+    }
+
+    /// Reads client datagrams from listen port `p` in batches and forwards each.
+    fn on_listen_ready(&mut self, p: usize) {
+        let Some(fd) = self.t.ports.get(p).map(|s| s.sock.as_raw_fd()) else {
+            return;
+        };
+        for _ in 0..MAX_RX_ROUNDS {
+            let n = match self.rx.recv_from(fd) {
+                Ok(n) => n,
+                // ICMP errors for replies sent to clients surface here; they are the
+                // client's problem, not the listener's.
+                Err(e) => {
+                    tracing::trace!(listener = %self.t.shared.name, error = %e, "udp recv");
+                    continue;
+                }
+            };
+            for i in 0..n {
+                let (data, client, truncated) = self.rx.get(i);
+                let Some(client) = client else { continue };
+                if truncated {
+                    self.t.tally.send_errors += 1;
+                    continue;
+                }
+                self.t.on_datagram(p as u16, client, data);
+            }
+            if n < self.rx.capacity() {
+                break;
+            }
+            // Replies may be piling up while clients keep us busy: send them now.
+            self.t.flush_replies();
+        }
+    }
+}

@@ -5,10 +5,10 @@
 //! owns relay sockets, lifetimes, permissions and channel bindings; the data is relayed
 //! by the service's own data path (`datapath`, with the relay sockets in `relay`), and
 //! the kernel's receive-queue drops are read in `kdrops`. This module adds what the crate
-//! lacks (see `server` and `requests` for the split): TURN over TCP (`transport`), coturn-
-//! compatible credentials and 401 on failure (`auth`), the peer policy (`policy`, enforced
-//! again on every relayed datagram in `relay`; it also keeps relays off the gateway's own
-//! ports), per-user quotas and a global allocation cap (`table`), RFC 8656 lifetimes,
+//! lacks (see `server` and `requests` for the split): TURN over TCP and TLS (`transport`,
+//! `tls`) and DTLS (`dtls`), coturn-compatible credentials and 401 on failure (`auth`),
+//! the peer policy (`policy`, enforced again on every relayed datagram in `relay`; it
+//! also keeps relays off the gateway's own ports), per-user quotas and a global allocation cap (`table`), RFC 8656 lifetimes,
 //! metrics (`metrics`), rate-limited logs (`ratelog`), giving memory back after bursts
 //! of TCP connections (`trim`) and ICE configurations (`ice`). [`fd_demand`] is what the
 //! service may hold in file descriptors.

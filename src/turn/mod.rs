@@ -8,10 +8,11 @@
 //! lacks (see `server` and `requests` for the split): TURN over TCP and TLS (`transport`,
 //! `tls`) and DTLS (`dtls`), coturn-compatible credentials and 401 on failure (`auth`),
 //! the peer policy (`policy`, enforced again on every relayed datagram in `relay`; it
-//! also keeps relays off the gateway's own ports), per-user quotas and a global allocation cap (`table`), RFC 8656 lifetimes,
-//! metrics (`metrics`), rate-limited logs (`ratelog`), giving memory back after bursts
-//! of TCP connections (`trim`) and ICE configurations (`ice`). [`fd_demand`] is what the
-//! service may hold in file descriptors.
+//! also keeps relays off the gateway's own ports), per-user quotas and a global
+//! allocation cap (`table`), RFC 8656 lifetimes, metrics (`metrics`), rate-limited logs
+//! (`ratelog`), giving memory back after bursts of TCP connections (`trim`) and ICE
+//! configurations (`ice`). [`fd_demand`] is what the service may hold in file
+//! descriptors.
 //!
 //! `app` wires: [`PeerPolicy`] (fed with upstream IPs), [`TurnMetrics`] (process
 //! registry), [`TurnService`] (started when `turn:` is configured; `allocations()` for

@@ -68,8 +68,9 @@ struct Ctx {
 ///
 /// Routes that change state sit behind the bearer-token check when `admin.token` is set.
 /// `/ice` hands out credentials and checks its own tokens (the admin token or
-/// `turn.ice.token`, see `ice`) so that it can be exposed to web pages with CORS. The check is a middleware, so it runs before any
-/// extractor: an unauthenticated request is answered 401 without its body being read.
+/// `turn.ice.token`, see `ice`) so that it can be exposed to web pages with CORS. The
+/// check is a middleware, so it runs before any extractor: an unauthenticated request is
+/// answered 401 without its body being read.
 pub fn router(app: Arc<dyn Backend>) -> Router {
     let ctx = Ctx { app };
     let guarded = Router::new()

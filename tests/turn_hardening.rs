@@ -611,3 +611,83 @@ async fn the_global_allocation_cap_answers_508() {
     assert_eq!(code(&r), None, "{r}");
     health.finish().assert_healthy("during the attack");
 }
+
+/// A TCP client that never reads while its peer floods it: the gateway buffers a bounded
+/// amount for it and drops the rest, counted as `client_backpressure`; another TCP
+/// client fed between the flood's bursts still gets every one of its datagrams, and the
+/// stalled connection is still served once it reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_client_that_does_not_read_loses_its_own_frames_only() {
+    let _ports = PORTS.read().await;
+    let g = Gateway::start("{ allocations_per_user: 10 }");
+    let peer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let mut relays = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let mut c = RawClient::tcp(g.turn, USER, PASSWORD).await;
+        let a = c.allocate().await;
+        assert_eq!(code(&a), None, "allocation: {a}");
+        let p = c
+            .request(METHOD_CREATE_PERMISSION, &[Attr::Peer(peer_addr)])
+            .await;
+        assert_eq!(code(&p), None, "permission: {p}");
+        relays.push(relayed(&a));
+        clients.push(c);
+    }
+    let (mut stalled, mut good) = (clients.remove(0), clients.remove(0));
+
+    // 40 bursts of 500 x 1000 B (20 MB) towards the stalled client, far beyond its
+    // outbox and the kernel's buffers; one datagram to the good client after each burst.
+    let blob = vec![0xAB; 1000];
+    let dropped = "mediagate_turn_dropped_packets_total{reason=\"client_backpressure\"}";
+    for i in 0..40u32 {
+        for _ in 0..500 {
+            let _ = peer.send_to(&blob, relays[0]).await;
+        }
+        peer.send_to(format!("good-{i}").as_bytes(), relays[1])
+            .await
+            .unwrap();
+        sleep(Duration::from_millis(5)).await;
+    }
+    wait_until_async(
+        Duration::from_secs(5),
+        "frames to a client that does not read dropped",
+        || g.metric(dropped) > 0.0,
+    )
+    .await;
+
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while got < 40 && Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(raw) = good.recv_raw(left).await else {
+            break;
+        };
+        if let Some((from, d)) = data_indication(&raw) {
+            assert_eq!(from, peer_addr);
+            assert_eq!(d, format!("good-{got}").into_bytes(), "in order, none lost");
+            got += 1;
+        }
+    }
+    assert_eq!(got, 40, "the other TCP client lost datagrams");
+
+    // The stalled client reads again: what was buffered arrives as whole frames, then
+    // new datagrams go through again.
+    let mut drained = 0;
+    while let Some(raw) = stalled.recv_raw(Duration::from_millis(500)).await {
+        let (_, d) = data_indication(&raw).expect("whole Data indications only");
+        assert_eq!(d, blob);
+        drained += 1;
+    }
+    assert!(drained > 0, "nothing was buffered for the stalled client");
+    peer.send_to(b"after", relays[0]).await.unwrap();
+    let raw = stalled.recv_raw(Duration::from_secs(2)).await;
+    let seen_new = raw
+        .and_then(|r| data_indication(&r))
+        .is_some_and(|(_, d)| d == b"after");
+    assert!(
+        seen_new,
+        "the stalled client was not served after reading again"
+    );
+}

@@ -45,7 +45,8 @@ pub(crate) enum DropReason {
     NoPermission,
     /// A Send indication or ChannelData without an allocation.
     NoAllocation,
-    /// A TCP client does not read fast enough; its send queue is full.
+    /// A TCP/TLS/DTLS client does not read fast enough: the bytes waiting towards it (256 KiB
+    /// per TCP/TLS connection) or its DTLS send queue are at their bound.
     ClientBackpressure,
     /// A socket error while sending.
     SendError,

@@ -24,6 +24,7 @@ mod dtls;
 mod ice;
 mod kdrops;
 mod metrics;
+mod outbox;
 mod policy;
 mod relay;
 mod requests;

@@ -4,8 +4,8 @@
 //! - [`TcpTransport`]: a TCP listener multiplexed into one packet connection. Each
 //!   connection's byte stream is cut into STUN messages and ChannelData (RFC 8656 §12.5:
 //!   over TCP, ChannelData is padded to four bytes), and each frame comes out of
-//!   `recv_from` with the connection's remote address as source. `send_to(addr)` queues the
-//!   frame on that connection's writer (bounded: a client that does not read loses
+//!   `recv_from` with the connection's remote address as source. `send_to(addr)` hands the
+//!   frame to that connection's [`Outbox`] (bounded: a client that does not read loses
 //!   packets, counted, instead of stalling everyone). A closed connection is reported so
 //!   that its allocation is deleted.
 //!
@@ -27,8 +27,9 @@
 //! else `proxy_header`), whose source address then stands for the client everywhere.
 //!
 //! Both are the [`ClientSink`] of the data path (`datapath`): frames from relay sockets
-//! are sent without blocking (UDP: `sendto` on the listener socket; TCP: the connection's
-//! send queue). A TCP connection's reader hands ChannelData and Send indications to the
+//! are sent without blocking (UDP: `sendto` on the listener socket; TCP: written to the
+//! connection's socket on the spot by the relay socket's reader, see `outbox`; TLS:
+//! appended to the connection's outbox, which its writer task encrypts and writes). A TCP connection's reader hands ChannelData and Send indications to the
 //! data path itself (no hop through the listener task); only control frames (STUN
 //! requests) travel to the listener's request loop.
 //!
@@ -44,7 +45,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Mutex, Semaphore, mpsc};
 use tokio::time::Instant;
@@ -55,6 +56,7 @@ use webrtc_util::Conn;
 
 use super::datapath::{ClientSink, DataPath};
 use super::metrics::{DropReason, TcpClose, TurnMetrics};
+use super::outbox::Outbox;
 use super::ratelog::RateLimit;
 use super::relay::RelayState;
 use super::trim::Trimmer;
@@ -73,8 +75,6 @@ pub(crate) const UNALLOCATED_MAX_FRAME: usize = 4096;
 const READ_CHUNK: usize = 2048;
 /// An empty read buffer larger than this is freed rather than kept.
 const KEEP_CAPACITY: usize = 8192;
-/// Frames queued towards one TCP client before further ones are dropped.
-const TCP_SEND_QUEUE: usize = 512;
 
 pub(crate) fn count_to_client(metrics: &TurnMetrics, buf: &[u8]) {
     if let Some(n) = wire::relayed_payload_len(buf) {
@@ -166,9 +166,9 @@ impl Conn for UdpTransport {
     }
 }
 
-/// The send queue of one connection and whether it has an allocation.
+/// The outbox of one connection and whether it has an allocation.
 struct Writer {
-    tx: mpsc::Sender<Bytes>,
+    out: Arc<Outbox>,
     allocated: Arc<AtomicBool>,
 }
 
@@ -321,14 +321,14 @@ impl Connection {
                 r = tokio::time::timeout(super::tls::HANDSHAKE_TIMEOUT, stream.peek(&mut first)) => r,
             };
             match peeked {
-                Ok(Ok(1)) if first[0] != 0x16 => return self.run(stream).await,
+                Ok(Ok(1)) if first[0] != 0x16 => return self.run_plain(stream).await,
                 Ok(Ok(1)) => {}
                 Ok(_) => return,
                 Err(_) => return self.refuse(TcpClose::TlsHandshake, "nothing sent"),
             }
         }
         match options.tls {
-            None => self.run(stream).await,
+            None => self.run_plain(stream).await,
             Some(acceptor) => {
                 let hs = tokio::select! {
                     _ = self.cancel.cancelled() => return,
@@ -351,12 +351,36 @@ impl Connection {
         }
     }
 
+    /// Plain TCP: frames are written on the spot by whoever sends them (see [`Outbox`]);
+    /// the writer task only flushes what the socket did not take at once.
+    async fn run_plain(self, stream: TcpStream) {
+        let (mut rd, wr) = stream.into_split();
+        let wr = Arc::new(wr);
+        let out = Arc::new(Outbox::new(Some(Arc::clone(&wr)), self.cancel.clone()));
+        let flusher = Arc::clone(&out);
+        let writer = tokio::spawn(async move { flusher.flush_direct(&wr).await });
+        self.serve(&mut rd, out, writer).await;
+    }
+
+    /// TLS: frames are appended to the outbox; the writer task encrypts and writes
+    /// everything pending in one go each time it is woken.
     async fn run<S>(self, stream: S)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let (mut rd, mut wr) = tokio::io::split(stream);
-        let (tx, mut rx) = mpsc::channel::<Bytes>(TCP_SEND_QUEUE);
+        let (mut rd, wr) = tokio::io::split(stream);
+        let out = Arc::new(Outbox::new(None, self.cancel.clone()));
+        let flusher = Arc::clone(&out);
+        let writer = tokio::spawn(async move { flusher.flush_queued(wr).await });
+        self.serve(&mut rd, out, writer).await;
+    }
+
+    async fn serve<R: AsyncRead + Unpin>(
+        self,
+        rd: &mut R,
+        out: Arc<Outbox>,
+        writer: tokio::task::JoinHandle<()>,
+    ) {
         let allocated = Arc::new(AtomicBool::new(false));
         self.writers
             .write()
@@ -364,26 +388,11 @@ impl Connection {
             .insert(
                 self.peer,
                 Writer {
-                    tx,
+                    out: Arc::clone(&out),
                     allocated: Arc::clone(&allocated),
                 },
             );
-        let writer_cancel = self.cancel.clone();
-        let writer = tokio::spawn(async move {
-            loop {
-                let frame = tokio::select! {
-                    _ = writer_cancel.cancelled() => break,
-                    f = rx.recv() => match f { Some(f) => f, None => break },
-                };
-                if wr.write_all(&frame).await.is_err() {
-                    writer_cancel.cancel();
-                    break;
-                }
-            }
-            let _ = wr.shutdown().await;
-        });
-
-        let closed = self.read_frames(&mut rd, &allocated).await;
+        let closed = self.read_frames(rd, &allocated).await;
         if let Some(reason) = closed {
             self.metrics.tcp_closed(reason).inc();
             if self.log.allow() {
@@ -391,6 +400,7 @@ impl Connection {
             }
         }
         self.cancel.cancel();
+        out.close();
         let _ = writer.await;
         self.writers
             .write()
@@ -507,25 +517,13 @@ impl TcpTransport {
         let _ = self.datapath.set(dp);
     }
 
-    /// Queues one frame for `target`'s connection without blocking (padded to four bytes
-    /// if it is ChannelData); a full queue drops it, counted.
+    /// Sends one frame to `target`'s connection without blocking (padded to four bytes
+    /// if it is ChannelData); a full outbox drops it, counted.
     fn queue(&self, buf: &[u8], target: SocketAddr) {
-        let pad = wire::tcp_padding(buf);
-        let frame = if pad == 0 {
-            Bytes::copy_from_slice(buf)
-        } else {
-            let mut b = BytesMut::with_capacity(buf.len() + pad);
-            b.extend_from_slice(buf);
-            b.resize(buf.len() + pad, 0);
-            b.freeze()
-        };
         let sent = {
             let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
             match writers.get(&target) {
-                Some(w) => w.tx.try_send(frame).map_err(|e| match e {
-                    mpsc::error::TrySendError::Full(_) => DropReason::ClientBackpressure,
-                    mpsc::error::TrySendError::Closed(_) => DropReason::SendError,
-                }),
+                Some(w) => w.out.send(buf, wire::tcp_padding(buf)),
                 None => Err(DropReason::SendError),
             }
         };

@@ -1,0 +1,336 @@
+//! The send side of one TURN TCP/TLS connection: a bounded byte buffer behind a short,
+//! per-connection lock.
+//!
+//! Every frame towards the client (relayed ChannelData and Data indications from the
+//! relay sockets' readers, control responses from the crate through `Conn::send_to`)
+//! goes through [`Outbox::send`], which takes the frame whole or not at all, so frames
+//! are never interleaved. Plain TCP: while nothing is pending the sender writes the frame
+//! (and its padding) to the socket on the spot with a non-blocking `try_write`: no copy,
+//! no task hop. Only what the socket does not take at once is buffered, and the
+//! connection's writer task is woken to flush it when the socket is writable; frames sent
+//! meanwhile are appended behind it. TLS: the stream cannot be written without awaiting,
+//! so frames are appended and the writer task, woken once per batch, encrypts and writes
+//! everything pending, one TLS record per frame (`turnutils_uclient`, for one, reads one
+//! message per record).
+//!
+//! At most [`OUTBOX_BYTES`] (256 KiB; over TLS also at most [`OUTBOX_FRAMES`], 4096
+//! frames) wait per connection: a client that does not read
+//! loses further frames (counted as `client_backpressure`) and never stalls the relay
+//! socket readers or other clients.
+
+use bytes::{Buf, BytesMut};
+use std::collections::VecDeque;
+use std::io::{ErrorKind, IoSlice};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::DropReason;
+
+/// Bytes waiting towards one client before further frames are dropped.
+pub(crate) const OUTBOX_BYTES: usize = 256 * 1024;
+/// TLS: frames waiting towards one client before further ones are dropped.
+pub(crate) const OUTBOX_FRAMES: usize = 4096;
+/// An emptied buffer larger than this is freed rather than kept.
+const KEEP_CAPACITY: usize = 16 * 1024;
+/// How long a closing connection may take to send its TLS close_notify.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+const ZEROS: [u8; 3] = [0; 3];
+
+/// The send side of one connection.
+pub(crate) struct Outbox {
+    state: Mutex<State>,
+    /// Wakes the writer task: something was buffered.
+    wake: Notify,
+    /// Plain TCP: the socket, written on the spot.
+    direct: Option<Arc<OwnedWriteHalf>>,
+    /// The connection's: cancelled when a write fails.
+    cancel: CancellationToken,
+}
+
+#[derive(Default)]
+struct State {
+    /// Bytes not yet handed to the socket (whole frames, except a first partial one).
+    pending: BytesMut,
+    /// TLS: the length of every pending frame (each is written as its own TLS record:
+    /// some clients read one message per record).
+    lens: VecDeque<u32>,
+    /// TLS: bytes the writer task took and is still writing.
+    inflight: usize,
+    closed: bool,
+}
+
+enum Flush {
+    Done,
+    Blocked,
+    Failed,
+}
+
+impl Outbox {
+    pub(crate) fn new(direct: Option<Arc<OwnedWriteHalf>>, cancel: CancellationToken) -> Self {
+        Outbox {
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            direct,
+            cancel,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends `frame` followed by `pad` (0..=3) zero bytes, whole or not at all; never
+    /// blocks.
+    pub(crate) fn send(&self, frame: &[u8], pad: usize) -> Result<(), DropReason> {
+        let total = frame.len() + pad;
+        let mut st = self.state();
+        if st.closed {
+            return Err(DropReason::SendError);
+        }
+        if st.pending.len() + st.inflight + total > OUTBOX_BYTES || st.lens.len() >= OUTBOX_FRAMES {
+            return Err(DropReason::ClientBackpressure);
+        }
+        let mut written = 0;
+        if st.pending.is_empty()
+            && let Some(wr) = &self.direct
+        {
+            let r = if pad == 0 {
+                wr.try_write(frame)
+            } else {
+                wr.try_write_vectored(&[IoSlice::new(frame), IoSlice::new(&ZEROS[..pad])])
+            };
+            match r {
+                Ok(n) if n == total => return Ok(()),
+                Ok(n) if n > 0 => written = n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                _ => {
+                    st.closed = true;
+                    drop(st);
+                    self.cancel.cancel();
+                    return Err(DropReason::SendError);
+                }
+            }
+        }
+        let was_empty = st.pending.is_empty();
+        append(&mut st.pending, frame, pad, written);
+        if self.direct.is_none() {
+            st.lens.push_back((total - written) as u32);
+        }
+        drop(st);
+        if was_empty {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Refuses further frames (the connection is closing).
+    pub(crate) fn close(&self) {
+        self.state().closed = true;
+        self.wake.notify_one();
+    }
+
+    /// Writes what is pending until the socket would block.
+    fn flush_now(&self, wr: &OwnedWriteHalf) -> Flush {
+        let mut st = self.state();
+        loop {
+            if st.pending.is_empty() {
+                if st.pending.capacity() > KEEP_CAPACITY {
+                    st.pending = BytesMut::new();
+                }
+                return Flush::Done;
+            }
+            match wr.try_write(&st.pending) {
+                Ok(n) if n > 0 => st.pending.advance(n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Flush::Blocked,
+                _ => {
+                    st.closed = true;
+                    return Flush::Failed;
+                }
+            }
+        }
+    }
+
+    /// Plain TCP writer task: flushes what `send` could not write, when the socket is
+    /// writable. Returns when the connection is cancelled or a write fails.
+    pub(crate) async fn flush_direct(&self, wr: &OwnedWriteHalf) {
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = self.wake.notified() => {}
+            }
+            loop {
+                match self.flush_now(wr) {
+                    Flush::Done => break,
+                    Flush::Blocked => {}
+                    Flush::Failed => return self.cancel.cancel(),
+                }
+                let ready = tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    r = wr.writable() => r,
+                };
+                if ready.is_err() {
+                    self.state().closed = true;
+                    return self.cancel.cancel();
+                }
+            }
+        }
+    }
+
+    /// TLS writer task: writes everything pending, frame by frame, each time it is woken.
+    /// Returns (after a bounded shutdown) when the connection is cancelled or a write
+    /// fails.
+    pub(crate) async fn flush_queued<W: AsyncWrite + Unpin>(&self, mut wr: W) {
+        'outer: loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = self.wake.notified() => {}
+            }
+            loop {
+                let (batch, lens) = {
+                    let mut st = self.state();
+                    if st.pending.is_empty() {
+                        break;
+                    }
+                    let batch = std::mem::take(&mut st.pending);
+                    let lens = std::mem::take(&mut st.lens);
+                    st.inflight = batch.len();
+                    (batch, lens)
+                };
+                let written = tokio::select! {
+                    _ = self.cancel.cancelled() => break 'outer,
+                    r = async {
+                        let mut at = 0;
+                        for len in lens {
+                            let end = at + len as usize;
+                            wr.write_all(&batch[at..end]).await?;
+                            at = end;
+                        }
+                        wr.flush().await
+                    } => r,
+                };
+                let mut st = self.state();
+                st.inflight = 0;
+                if written.is_err() {
+                    st.closed = true;
+                    drop(st);
+                    self.cancel.cancel();
+                    break 'outer;
+                }
+            }
+        }
+        let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, wr.shutdown()).await;
+    }
+}
+
+/// Appends what is left of `frame` + `pad` zero bytes after the first `skip` bytes.
+fn append(pending: &mut BytesMut, frame: &[u8], pad: usize, skip: usize) {
+    if skip < frame.len() {
+        pending.extend_from_slice(&frame[skip..]);
+        pending.extend_from_slice(&ZEROS[..pad]);
+    } else {
+        pending.extend_from_slice(&ZEROS[..pad - (skip - frame.len())]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn append_skips_what_was_written() {
+        let mut b = BytesMut::new();
+        append(&mut b, b"abcde", 3, 0);
+        assert_eq!(&b[..], b"abcde\0\0\0");
+        let mut b = BytesMut::new();
+        append(&mut b, b"abcde", 3, 2);
+        assert_eq!(&b[..], b"cde\0\0\0");
+        let mut b = BytesMut::new();
+        append(&mut b, b"abcde", 3, 6);
+        assert_eq!(&b[..], b"\0\0");
+    }
+
+    /// A client that does not read: the outbox fills up to its bound, then drops whole
+    /// frames; once the client reads, it gets every accepted frame, in order, padded,
+    /// and nothing of the dropped ones.
+    #[tokio::test]
+    async fn a_client_that_does_not_read_is_bounded_and_gets_whole_frames() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        // Small kernel buffers, so that the outbox is what fills.
+        let _ = socket2::SockRef::from(&server).set_send_buffer_size(16 * 1024);
+        let _ = socket2::SockRef::from(&client).set_recv_buffer_size(16 * 1024);
+        let (_rd, wr) = server.into_split();
+        let wr = Arc::new(wr);
+        let cancel = CancellationToken::new();
+        let out = Arc::new(Outbox::new(Some(Arc::clone(&wr)), cancel.clone()));
+        let flusher = Arc::clone(&out);
+        let writer = tokio::spawn(async move { flusher.flush_direct(&wr).await });
+
+        // 161-byte frames + 3 bytes of padding, numbered.
+        let frame = |i: u32| {
+            let mut f = vec![(i % 251) as u8; 161];
+            f[..4].copy_from_slice(&i.to_be_bytes());
+            f
+        };
+        let mut accepted = 0u32;
+        let mut dropped = 0;
+        for i in 0..200_000u32 {
+            if dropped == 100 {
+                break;
+            }
+            match out.send(&frame(i), 3) {
+                Ok(()) if dropped == 0 => accepted += 1,
+                Ok(()) => panic!("frame {i} accepted after drops began without reading"),
+                Err(DropReason::ClientBackpressure) => dropped += 1,
+                Err(_) => panic!("frame {i}: not backpressure"),
+            }
+        }
+        assert!(dropped > 0, "the outbox never filled");
+        assert!(out.state().pending.len() <= OUTBOX_BYTES);
+        // The socket buffers took some, the outbox at most its bound.
+        assert!((accepted as usize) * 164 > OUTBOX_BYTES / 2);
+
+        let want = accepted as usize * 164;
+        let mut got = vec![0u8; want];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .expect("every accepted frame arrives")
+            .unwrap();
+        for (i, chunk) in got.chunks(164).enumerate() {
+            let mut want = frame(i as u32);
+            want.extend_from_slice(&[0; 3]);
+            assert_eq!(chunk, &want[..], "frame {i}");
+        }
+        // Once drained, frames go through again.
+        assert!(eventually(|| out.state().pending.is_empty()).await);
+        out.send(b"more", 0).unwrap();
+        let mut more = [0u8; 4];
+        client.read_exact(&mut more).await.unwrap();
+        assert_eq!(&more, b"more");
+
+        out.close();
+        cancel.cancel();
+        writer.await.unwrap();
+        assert!(matches!(out.send(b"x", 0), Err(DropReason::SendError)));
+    }
+
+    async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < deadline {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        false
+    }
+}

@@ -72,14 +72,27 @@ fn start_piped(dir: &tempfile::TempDir, yaml: &str, admin: u16) -> (Proc, Arc<Mu
                 .push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     });
-    let proc = Proc {
+    let mut proc = Proc {
         child,
         name: "mediagate".into(),
     };
     let addr = SocketAddr::from(([127, 0, 0, 1], admin));
-    wait_until(Duration::from_secs(15), "mediagate /readyz", || {
-        matches!(http(addr, "GET", "/readyz", None), Ok((200, _)))
-    });
+    // Not `wait_until`: a failed start must say why (its log), not only that it timed out.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !matches!(http(addr, "GET", "/readyz", None), Ok((200, _))) {
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            panic!(
+                "mediagate exited ({status}) before ready; its log:\n{}",
+                log.lock().unwrap()
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mediagate not ready after 15 s; its log:\n{}",
+            log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     (proc, log)
 }
 

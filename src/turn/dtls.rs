@@ -195,33 +195,8 @@ impl DtlsCert {
 
     /// Polls the files until `stop` and loads them again when they change.
     pub(crate) async fn watch(self: Arc<Self>, metrics: TurnMetrics, stop: CancellationToken) {
-        let mut seen = super::tls::stamp(&self.cert, &self.key);
-        let mut tick = tokio::time::interval(super::tls::CERT_POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let now = super::tls::stamp(&self.cert, &self.key);
-            if now == seen || now.is_none() {
-                continue;
-            }
-            seen = now;
-            let (cert, key) = (self.cert.clone(), self.key.clone());
-            match tokio::task::spawn_blocking(move || load(&cert, &key)).await {
-                Ok(Ok(c)) => {
-                    self.current.store(Arc::new(c));
-                    metrics.cert_reloads_ok.inc();
-                    tracing::info!(cert = %self.cert.display(), "TURN DTLS certificate reloaded");
-                }
-                Ok(Err(e)) => {
-                    metrics.cert_reloads_failed.inc();
-                    tracing::warn!(error = %e, "TURN DTLS certificate changed but does not load; the previous one stays in use");
-                }
-                Err(_) => {}
-            }
-        }
+        let (cert, key, current) = (&self.cert, &self.key, &self.current);
+        super::tls::watch_files(cert, key, current, load, "DTLS", metrics, stop).await
     }
 }
 

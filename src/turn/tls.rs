@@ -99,33 +99,56 @@ impl CertStore {
 
     /// Polls the files until `stop` and loads them again when they change.
     pub(crate) async fn watch(self: Arc<Self>, metrics: TurnMetrics, stop: CancellationToken) {
-        let mut seen = stamp(&self.cert, &self.key);
-        let mut tick = tokio::time::interval(CERT_POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
+        watch_files(
+            &self.cert,
+            &self.key,
+            &self.current,
+            load,
+            "TLS",
+            metrics,
+            stop,
+        )
+        .await
+    }
+}
+
+/// Polls `cert` and `key` every [`CERT_POLL`] until `stop`; when they change, loads them
+/// with `load` (off the runtime) into `current`. A pair that does not load is counted and
+/// logged, and the previous certificate stays in use. `what` names the listener kind in logs.
+pub(crate) async fn watch_files<T: Send + Sync + 'static>(
+    cert: &Path,
+    key: &Path,
+    current: &ArcSwap<T>,
+    load: fn(&Path, &Path) -> Result<T, String>,
+    what: &'static str,
+    metrics: TurnMetrics,
+    stop: CancellationToken,
+) {
+    let mut seen = stamp(cert, key);
+    let mut tick = tokio::time::interval(CERT_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = stamp(cert, key);
+        if now == seen || now.is_none() {
+            continue;
+        }
+        seen = now;
+        let (c, k) = (cert.to_path_buf(), key.to_path_buf());
+        match tokio::task::spawn_blocking(move || load(&c, &k)).await {
+            Ok(Ok(loaded)) => {
+                current.store(Arc::new(loaded));
+                metrics.cert_reloads_ok.inc();
+                tracing::info!(cert = %cert.display(), "TURN {what} certificate reloaded");
             }
-            let now = stamp(&self.cert, &self.key);
-            if now == seen || now.is_none() {
-                continue;
+            Ok(Err(e)) => {
+                metrics.cert_reloads_failed.inc();
+                tracing::warn!(error = %e, "TURN {what} certificate changed but does not load; the previous one stays in use");
             }
-            seen = now;
-            let (cert, key) = (self.cert.clone(), self.key.clone());
-            let loaded = tokio::task::spawn_blocking(move || load(&cert, &key)).await;
-            match loaded {
-                Ok(Ok(ck)) => {
-                    self.current.store(Arc::new(ck));
-                    metrics.cert_reloads_ok.inc();
-                    tracing::info!(cert = %self.cert.display(), "TURN TLS certificate reloaded");
-                }
-                Ok(Err(e)) => {
-                    metrics.cert_reloads_failed.inc();
-                    tracing::warn!(error = %e, "TURN TLS certificate changed but does not load; the previous one stays in use");
-                }
-                Err(_) => {}
-            }
+            Err(_) => {}
         }
     }
 }

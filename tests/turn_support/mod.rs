@@ -69,6 +69,23 @@ pub enum Auth {
     Ephemeral,
 }
 
+/// Polls `presented` (the certificate a new handshake gets) every 200 ms for up to 20 s
+/// until it differs from `first`: whether a certificate renewed in place is served.
+pub async fn new_certificate_served<F, Fut>(first: &[u8], mut presented: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<Vec<u8>>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::time::Instant::now() < deadline {
+        if presented().await.is_some_and(|c| c != first) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
 /// A TURN config on 127.0.0.1 with one UDP and one TCP listener on ephemeral ports.
 pub fn config(auth: Auth, peers: &[&str], quota: usize) -> TurnConfig {
     TurnConfig {

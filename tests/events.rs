@@ -106,12 +106,9 @@ fn lag(received: SystemTime, event: &serde_json::Value) -> Duration {
     received.duration_since(at).unwrap_or_default()
 }
 
-#[test]
-fn sse_and_webhook_see_a_failover_within_100ms() {
-    let mut w = UdpPair::start();
-    let (hook_port, hook_rx) = hook_receiver();
-    let secret = "hook-secret";
-    let yaml = format!(
+/// One UDP listener in front of a primary/backup pair probed every 100 ms.
+fn base_config(w: &UdpPair) -> String {
+    format!(
         r#"
 admin: {{ listen: "127.0.0.1:{admin}" }}
 listeners:
@@ -121,14 +118,24 @@ upstreams:
     primary: ["{primary}"]
     backup: ["{backup}"]
     health: {{ type: udp, send: ping, interval: 100ms, timeout: 100ms }}
-events:
-  webhooks:
-    - {{ url: "http://127.0.0.1:{hook_port}/hook", secret: {secret}, timeout: 1s, retries: 2 }}
 "#,
         admin = w.admin,
         listen = w.listen,
         primary = w.primary_addr,
         backup = w.backup_addr,
+    )
+}
+#[test]
+fn sse_and_webhook_see_a_failover_within_100ms() {
+    let mut w = UdpPair::start();
+    let (hook_port, hook_rx) = hook_receiver();
+    let secret = "hook-secret";
+    let yaml = format!(
+        r#"{base}events:
+  webhooks:
+    - {{ url: "http://127.0.0.1:{hook_port}/hook", secret: {secret}, timeout: 1s, retries: 2 }}
+"#,
+        base = base_config(&w),
     );
     let b = Balancer::start(&yaml, w.admin);
     let events = sse(b.admin);
@@ -177,22 +184,7 @@ events:
 #[test]
 fn mediagate_events_prints_an_admin_change() {
     let w = UdpPair::start();
-    let yaml = format!(
-        r#"
-admin: {{ listen: "127.0.0.1:{admin}" }}
-listeners:
-  - {{ name: rtp, protocol: udp, listen: "127.0.0.1:{listen}", upstream: media }}
-upstreams:
-  media:
-    primary: ["{primary}"]
-    backup: ["{backup}"]
-    health: {{ type: udp, send: ping, interval: 100ms, timeout: 100ms }}
-"#,
-        admin = w.admin,
-        listen = w.listen,
-        primary = w.primary_addr,
-        backup = w.backup_addr,
-    );
+    let yaml = base_config(&w);
     let b = Balancer::start(&yaml, w.admin);
     let mut child = std::process::Command::new(MEDIAGATE)
         .args(["events", "--admin", &format!("http://{}", b.admin)])
@@ -400,22 +392,7 @@ fn https_webhook_added_by_a_reload_is_verified_with_its_ca() {
     let pki_dir = tempfile::tempdir().unwrap();
     let (tls, ca) = test_pki(pki_dir.path());
     let (port, rx) = hook_receiver_with(Some(tls));
-    let base = format!(
-        r#"
-admin: {{ listen: "127.0.0.1:{admin}" }}
-listeners:
-  - {{ name: rtp, protocol: udp, listen: "127.0.0.1:{listen}", upstream: media }}
-upstreams:
-  media:
-    primary: ["{primary}"]
-    backup: ["{backup}"]
-    health: {{ type: udp, send: ping, interval: 100ms, timeout: 100ms }}
-"#,
-        admin = w.admin,
-        listen = w.listen,
-        primary = w.primary_addr,
-        backup = w.backup_addr,
-    );
+    let base = base_config(&w);
     let b = Balancer::start(&base, w.admin);
     let reload = |yaml: &str| {
         std::fs::write(&b.config, yaml).unwrap();

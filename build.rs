@@ -11,6 +11,7 @@ use std::process::Command;
 fn main() {
     let src = "bpf/udp_offload.c";
     println!("cargo:rerun-if-changed={src}");
+    println!("cargo:rerun-if-changed=bpf/turn_offload.h");
     println!("cargo:rerun-if-env-changed=MEDIAGATE_BPF_CLANG");
     println!("cargo:rerun-if-env-changed=MEDIAGATE_NO_BPF");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("udp_offload.o");

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 //
 // mediagate kernel fast path: forwards datagrams of established UDP sessions that user
-// space installed in `mg_flows`, at the TC ingress hook (see src/offload/mod.rs for the
-// design). IPv4 only. A datagram that matches no entry is left alone with TC_ACT_UNSPEC
+// space installed in `mg_flows`, and relays the data of TURN channels that user space
+// installed in `mg_turn_chan`/`mg_turn_peer`, at the TC ingress hook (see
+// src/offload/mod.rs and src/offload/turn.rs for the design). IPv4 only. A datagram that matches no entry is left alone with TC_ACT_UNSPEC
 // ("next"), so other TCX programs on the same device (another mediagate, Cilium) still
 // see it.
 //
@@ -45,10 +46,15 @@ struct flow_nat {
 	__u32 taught;
 	// The listener address this entry last taught (wildcard listeners).
 	__u32 taught_addr;
-	__u32 _pad;
+	// TURN: the channel number (network order) written in front of a peer's datagram.
+	__u32 channel;
 	__u64 packets;
 	__u64 bytes;
 	__u64 last_ns;
+	// TURN: bpf_ktime_get_ns() after which the entry no longer relays (the channel's or
+	// the permission's end, whichever comes first); user space moves it on refreshes.
+	// 0: no end (UDP sessions).
+	__u64 expires_ns;
 };
 
 struct totals {
@@ -102,6 +108,25 @@ static __always_inline int rewrite_port(struct __sk_buff *skb, __u32 off, __u16 
 	return bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0);
 }
 
+// Sends a rewritten datagram on: out of `out_if`, or into lo for a local peer.
+static __always_inline int deliver(__u32 in_if, __u32 out_if)
+{
+	if (out_if == LOOPBACK_IFINDEX) {
+		// Local peer: lo's ingress delivers the rewritten datagram (no entry matches it).
+		if (in_if == LOOPBACK_IFINDEX)
+			return TC_ACT_OK;
+		// From another device (a loopback address must not arrive there): out of lo
+		// with a route attached, as a local send would be; without one, lo's input
+		// routing would drop a 127/8 destination as a martian.
+		return bpf_redirect_neigh(LOOPBACK_IFINDEX, NULL, 0, 0);
+	}
+	// Out of a real device (the same one for a hairpin, as in a pod): the kernel routes
+	// it from that device and resolves the next hop's address.
+	return bpf_redirect_neigh(out_if, NULL, 0, 0);
+}
+
+#include "turn_offload.h"
+
 SEC("classifier")
 int mg_ingress(struct __sk_buff *skb)
 {
@@ -134,7 +159,7 @@ int mg_ingress(struct __sk_buff *skb)
 		key.daddr = 0;
 		nat = bpf_map_lookup_elem(&mg_flows, &key);
 		if (!nat)
-			return TC_ACT_UNSPEC;
+			return turn_ingress(skb);
 		wildcard = 1;
 	}
 	// The reply entry of a wildcard listener before the kernel saw which address the
@@ -197,18 +222,7 @@ int mg_ingress(struct __sk_buff *skb)
 		t->bytes += payload;
 	}
 
-	if (out_if == LOOPBACK_IFINDEX) {
-		// Local peer: lo's ingress delivers the rewritten datagram (no entry matches it).
-		if (in_if == LOOPBACK_IFINDEX)
-			return TC_ACT_OK;
-		// From another device (a loopback address must not arrive there): out of lo
-		// with a route attached, as a local send would be; without one, lo's input
-		// routing would drop a 127/8 destination as a martian.
-		return bpf_redirect_neigh(LOOPBACK_IFINDEX, NULL, 0, 0);
-	}
-	// Out of a real device (the same one for a hairpin, as in a pod): the kernel routes
-	// it from that device and resolves the next hop's address.
-	return bpf_redirect_neigh(out_if, NULL, 0, 0);
+	return deliver(in_if, out_if);
 }
 
 char _license[] SEC("license") = "Dual MIT/GPL";

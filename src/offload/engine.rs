@@ -2,8 +2,9 @@
 //! each listener's handle on it (its counter slot and its sessions' entries).
 
 use super::sys::{self, FlowKey, FlowNat};
-use crate::metrics::{ListenerMetrics, Metrics, child, labels};
+use crate::metrics::{Labels, ListenerMetrics, Metrics, child, labels};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -24,6 +25,9 @@ pub struct Engine {
     _ebpf: Mutex<aya::Ebpf>,
     flows: OwnedFd,
     totals: OwnedFd,
+    /// TURN: `mg_turn_chan` (client ChannelData → peer) and `mg_turn_peer` (peer → client).
+    pub(super) turn_chan: OwnedFd,
+    pub(super) turn_peer: OwnedFd,
     cpus: usize,
     used: Mutex<[bool; SLOTS]>,
     /// The last pass over `mg_flows` (see [`Engine::last_seen`]) and when it was taken.
@@ -141,6 +145,8 @@ impl Engine {
         };
         let flows = map_fd(&ebpf, "mg_flows")?;
         let totals = map_fd(&ebpf, "mg_totals")?;
+        let turn_chan = map_fd(&ebpf, "mg_turn_chan")?;
+        let turn_peer = map_fd(&ebpf, "mg_turn_peer")?;
         let cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| unavailable("load", format!("{what}: {e}")))?;
         let prog: &mut aya::programs::SchedClassifier = ebpf
@@ -176,6 +182,8 @@ impl Engine {
             _ebpf: Mutex::new(ebpf),
             flows,
             totals,
+            turn_chan,
+            turn_peer,
             cpus,
             used: Mutex::new([false; SLOTS]),
             seen_pass: Mutex::new(None),
@@ -183,7 +191,7 @@ impl Engine {
         })
     }
 
-    fn take_slot(&self) -> Option<u32> {
+    pub(super) fn take_slot(&self) -> Option<u32> {
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
         let i = used.iter().position(|u| !u)?;
         used[i] = true;
@@ -217,8 +225,14 @@ impl Engine {
         seen
     }
 
-    fn totals(&self, slot: u32, dir: u32) -> (u64, u64) {
+    pub(super) fn totals(&self, slot: u32, dir: u32) -> (u64, u64) {
         sys::percpu_totals(&self.totals, (slot << 1) | dir, self.cpus).unwrap_or((0, 0))
+    }
+
+    /// Gives a slot taken with [`Engine::take_slot`] back.
+    pub(super) fn free_slot(&self, slot: u32) {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        used[slot as usize] = false;
     }
 }
 
@@ -265,8 +279,36 @@ fn engine() -> Result<Arc<Engine>, Unavailable> {
     Ok(e)
 }
 
-fn count_error(metrics: &Metrics, reason: &'static str) {
-    child(&metrics.offload_errors, &labels(&[("reason", reason)])).inc();
+fn count_error(errors: &Family<Labels, Counter>, reason: &'static str) {
+    child(errors, &labels(&[("reason", reason)])).inc();
+}
+
+/// The engine and a counter slot for `name` (a listener, or the TURN service), or None:
+/// logged once per reason, counted in `mediagate_offload_errors_total{reason}`; `what`
+/// then runs in user space.
+pub(super) fn engine_and_slot(
+    errors: &Family<Labels, Counter>,
+    name: &str,
+    what: &str,
+) -> Option<(Arc<Engine>, u32)> {
+    let engine = match engine() {
+        Ok(e) => e,
+        Err(u) => {
+            count_error(errors, u.reason);
+            let mut logged = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
+            if !logged.contains(&u.reason) {
+                logged.push(u.reason);
+                tracing::warn!(listener = %name, reason = u.reason, detail = %u.detail, "offload unavailable: {}; {what} runs in user space", u.detail);
+            }
+            return None;
+        }
+    };
+    let Some(slot) = engine.take_slot() else {
+        count_error(errors, "slots");
+        tracing::warn!(listener = %name, "offload unavailable: all {SLOTS} counter slots in use; {what} runs in user space");
+        return None;
+    };
+    Some((engine, slot))
 }
 
 /// The fast path for listener `name`, or None (logged once per reason, counted in
@@ -276,23 +318,7 @@ pub fn acquire(
     name: &str,
     lm: &ListenerMetrics,
 ) -> Option<Arc<ListenerOffload>> {
-    let engine = match engine() {
-        Ok(e) => e,
-        Err(u) => {
-            count_error(metrics, u.reason);
-            let mut logged = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
-            if !logged.contains(&u.reason) {
-                logged.push(u.reason);
-                tracing::warn!(listener = %name, reason = u.reason, detail = %u.detail, "offload unavailable: {}; UDP runs in user space", u.detail);
-            }
-            return None;
-        }
-    };
-    let Some(slot) = engine.take_slot() else {
-        count_error(metrics, "slots");
-        tracing::warn!(listener = %name, "offload unavailable: all {SLOTS} listener slots in use; UDP runs in user space");
-        return None;
-    };
+    let (engine, slot) = engine_and_slot(&metrics.offload_errors, name, "UDP")?;
     let base = [engine.totals(slot, 0), engine.totals(slot, 1)];
     let l = ListenerOffload {
         engine,
@@ -322,6 +348,7 @@ pub fn refresh_metrics() {
     for l in all {
         l.refresh();
     }
+    super::turn::refresh_all();
 }
 
 /// The two map entries of one offloaded session.
@@ -344,7 +371,7 @@ pub struct ListenerOffload {
     seen: Mutex<[(u64, u64); 2]>,
 }
 
-fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
+pub(super) fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
     match a {
         SocketAddr::V4(a) if !a.ip().is_unspecified() => Some(a),
         SocketAddr::V6(a) => a
@@ -459,7 +486,6 @@ impl ListenerOffload {
 impl Drop for ListenerOffload {
     fn drop(&mut self) {
         self.refresh();
-        let mut used = self.engine.used.lock().unwrap_or_else(|p| p.into_inner());
-        used[self.slot as usize] = false;
+        self.engine.free_slot(self.slot);
     }
 }

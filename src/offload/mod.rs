@@ -1,4 +1,6 @@
-//! Kernel fast path for established UDP sessions (`listeners[].offload: ebpf`).
+//! Kernel fast path for established UDP sessions (`listeners[].offload: ebpf`) and for
+//! the TURN relay's channel data (`turn.relay.offload: ebpf`, see [`turn`]; this page
+//! describes the UDP part, which the TURN part shares the program and engine with).
 //!
 //! # Design
 //!
@@ -92,10 +94,12 @@
 
 mod engine;
 pub mod sys;
+mod turn;
 mod wake;
 
 pub use engine::{
     Engine, LastSeen, ListenerOffload, SessionKeys, acquire, refresh_metrics, wanted,
 };
 pub use sys::{FlowKey, FlowNat, monotonic_ns};
+pub use turn::{ChannelEntries, TurnCounters, TurnOffload, acquire_turn};
 pub use wake::{Waker, evicted};

@@ -42,11 +42,14 @@ pub struct FlowNat {
     /// Program bookkeeping: what this entry last taught its pair.
     pub taught: u32,
     pub taught_addr: u32,
-    pub _pad: u32,
+    /// TURN: the channel number (network order) of a peer's entry.
+    pub channel: u32,
     pub packets: u64,
     pub bytes: u64,
     /// `bpf_ktime_get_ns()` of the last datagram (0: none yet).
     pub last_ns: u64,
+    /// TURN: `bpf_ktime_get_ns()` from which the entry no longer relays (0: never).
+    pub expires_ns: u64,
 }
 
 impl FlowNat {
@@ -63,6 +66,21 @@ impl FlowNat {
     }
 }
 
+/// A TURN client's ChannelData as on the wire (`struct turn_chan_key`): client →
+/// listener, and the channel number (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TurnChanKey {
+    pub flow: FlowKey,
+    pub channel: u16,
+    pub _pad: u16,
+}
+
+/// The key types of the fast path's hash maps.
+pub trait MapKey: Copy {}
+impl MapKey for FlowKey {}
+impl MapKey for TurnChanKey {}
+
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
@@ -71,6 +89,8 @@ const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// `BPF_NOEXIST`: an update fails rather than overwrite another session's entry.
 const BPF_NOEXIST: u64 = 1;
+/// `BPF_EXIST`: an update only replaces an entry that is there.
+const BPF_EXIST: u64 = 2;
 
 #[repr(C)]
 struct ElemAttr {
@@ -140,35 +160,44 @@ pub fn create_flow_map(max_entries: u32) -> io::Result<OwnedFd> {
 }
 
 /// Inserts `key → nat`; fails with `EEXIST` if the key is taken, `E2BIG` when full.
-pub fn insert(fd: &OwnedFd, key: &FlowKey, nat: &FlowNat) -> io::Result<()> {
+pub fn insert<K: MapKey>(fd: &OwnedFd, key: &K, nat: &FlowNat) -> io::Result<()> {
+    write(fd, key, nat, BPF_NOEXIST)
+}
+
+/// Replaces the entry of `key`, which must exist (`ENOENT` otherwise).
+pub fn replace<K: MapKey>(fd: &OwnedFd, key: &K, nat: &FlowNat) -> io::Result<()> {
+    write(fd, key, nat, BPF_EXIST)
+}
+
+fn write<K: MapKey>(fd: &OwnedFd, key: &K, nat: &FlowNat, flags: u64) -> io::Result<()> {
     let mut v = *nat;
     elem(
         BPF_MAP_UPDATE_ELEM,
         fd,
-        (key as *const FlowKey).cast(),
+        (key as *const K).cast(),
         (&mut v as *mut FlowNat).cast(),
-        BPF_NOEXIST,
+        flags,
     )
 }
 
 /// Removes `key` (absent is fine).
-pub fn remove(fd: &OwnedFd, key: &FlowKey) {
+pub fn remove<K: MapKey>(fd: &OwnedFd, key: &K) {
     let _ = elem(
         BPF_MAP_DELETE_ELEM,
         fd,
-        (key as *const FlowKey).cast(),
+        (key as *const K).cast(),
         std::ptr::null_mut(),
         0,
     );
 }
 
 /// The entry for `key`, counters included.
-pub fn lookup(fd: &OwnedFd, key: &FlowKey) -> Option<FlowNat> {
+pub fn lookup<K: MapKey>(fd: &OwnedFd, key: &K) -> Option<FlowNat> {
     let mut v = FlowNat::default();
     elem(
         BPF_MAP_LOOKUP_ELEM,
         fd,
-        (key as *const FlowKey).cast(),
+        (key as *const K).cast(),
         (&mut v as *mut FlowNat).cast(),
         0,
     )
@@ -355,10 +384,14 @@ mod tests {
 
     #[test]
     fn layouts_match_the_c_structs() {
-        // struct flow_key is 12 bytes; struct flow_nat 56.
+        // struct flow_key is 12 bytes, struct turn_chan_key 16, struct flow_nat 64.
         assert_eq!(std::mem::size_of::<FlowKey>(), 12);
-        assert_eq!(std::mem::size_of::<FlowNat>(), 56);
+        assert_eq!(std::mem::size_of::<TurnChanKey>(), 16);
+        assert_eq!(std::mem::offset_of!(TurnChanKey, channel), 12);
+        assert_eq!(std::mem::size_of::<FlowNat>(), 64);
+        assert_eq!(std::mem::offset_of!(FlowNat, channel), 28);
         assert_eq!(std::mem::offset_of!(FlowNat, packets), 32);
+        assert_eq!(std::mem::offset_of!(FlowNat, expires_ns), 56);
         let k = FlowKey::new(
             "127.0.0.1:258".parse().unwrap(),
             "10.0.0.2:1".parse().unwrap(),

@@ -194,6 +194,16 @@ pub struct TurnMetrics {
     /// `mediagate_turn_dtls_sessions`: DTLS sessions established on `dtls` listeners.
     pub dtls_sessions: Gauge,
     dtls_closed: Vec<(DtlsClose, Counter)>,
+    /// `mediagate_turn_offload_packets_total{direction="to_peer"}`: the part of
+    /// `packets_to_peer` the kernel fast path relayed.
+    pub offload_to_peer: Counter,
+    /// `mediagate_turn_offload_packets_total{direction="to_client"}`.
+    pub offload_to_client: Counter,
+    /// `mediagate_turn_offload_channels`: channels installed in the kernel fast path.
+    pub offload_channels: Gauge,
+    /// `mediagate_turn_offload_errors_total{reason}`: the fast path was unavailable
+    /// (`permission`, `load`, …) or refused an entry (`map_full`, `map_insert`).
+    pub offload_errors: prometheus_client::metrics::family::Family<crate::metrics::Labels, Counter>,
     /// `mediagate_turn_tls_cert_reloads_total{result="ok"}`: certificates (re)loaded.
     pub cert_reloads_ok: Counter,
     /// `mediagate_turn_tls_cert_reloads_total{result="error"}`: changed certificate files
@@ -212,6 +222,7 @@ impl TurnMetrics {
         let dtls_closed = Family::<ReasonLabels, Counter>::default();
         let reloads = Family::<ResultLabels, Counter>::default();
         let kernel = Family::<SocketLabels, Counter>::default();
+        let offloaded = Family::<DirectionLabels, Counter>::default();
         let sock = |f: &Family<SocketLabels, Counter>, s: &'static str| {
             f.get_or_create(&SocketLabels { socket: s }).clone()
         };
@@ -257,6 +268,10 @@ impl TurnMetrics {
                 .iter()
                 .map(|r| (*r, reason(&dtls_closed, r.as_str())))
                 .collect(),
+            offload_to_peer: dir(&offloaded, "to_peer"),
+            offload_to_client: dir(&offloaded, "to_client"),
+            offload_channels: Gauge::default(),
+            offload_errors: Default::default(),
             cert_reloads_ok: result(&reloads, "ok"),
             cert_reloads_failed: result(&reloads, "error"),
         };
@@ -304,6 +319,21 @@ impl TurnMetrics {
             "mediagate_turn_kernel_drops",
             "Datagrams the kernel dropped before the TURN service read them (a full socket receive queue)",
             kernel,
+        );
+        registry.register(
+            "mediagate_turn_offload_packets",
+            "Datagrams the kernel fast path relayed (turn.relay.offload: ebpf; included in mediagate_turn_relayed_packets)",
+            offloaded,
+        );
+        registry.register(
+            "mediagate_turn_offload_channels",
+            "Channels of UDP allocations installed in the kernel fast path",
+            m.offload_channels.clone(),
+        );
+        registry.register(
+            "mediagate_turn_offload_errors",
+            "Times the kernel fast path was unavailable to the TURN relay, or refused a channel, by reason",
+            m.offload_errors.clone(),
         );
         registry.register(
             "mediagate_turn_loop_refused",

@@ -23,6 +23,7 @@ mod datapath;
 mod dtls;
 mod ice;
 mod kdrops;
+mod kernel;
 mod metrics;
 mod outbox;
 mod policy;
@@ -160,6 +161,11 @@ impl TurnService {
             metrics.kernel_drops_listener.clone(),
             metrics.kernel_drops_relay.clone(),
         ));
+        let kernel = if cfg.relay.offload == crate::config::Offload::Ebpf {
+            kernel::KernelChannels::start(&metrics, Arc::clone(&policy))
+        } else {
+            None
+        };
         let mut listeners = Vec::new();
         for (idx, l) in cfg.listeners.iter().enumerate() {
             let relays = Arc::new(RelayFactory::new(
@@ -172,6 +178,7 @@ impl TurnService {
                 Arc::clone(&kdrops),
                 Arc::clone(&core.refusal_log),
                 Arc::clone(&core.misc_log),
+                kernel.clone(),
             ));
             let (notify_tx, mut notify_rx) = mpsc::channel(4096);
             let manager = Arc::new(Manager::new(ManagerConfig {
@@ -348,6 +355,20 @@ impl TurnService {
                 }
             }
         });
+
+        // Channels in the kernel fast path follow lapsed channels, permissions and policy.
+        if let Some(k) = kernel {
+            let stop = cancel.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => k.sweep(),
+                    }
+                }
+            });
+        }
 
         // Datagrams the kernel dropped in front of the service's sockets.
         let stop = cancel.clone();

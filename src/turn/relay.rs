@@ -30,6 +30,7 @@ use webrtc_util::Conn;
 
 use super::datapath::ClientSink;
 use super::kdrops::KernelDrops;
+use super::kernel::{Installed, KernelChannels};
 use super::metrics::{DropReason, TurnMetrics};
 use super::policy::{PeerPolicy, Verdict};
 use super::ratelog::RateLimit;
@@ -58,6 +59,8 @@ struct Channels {
 pub(crate) struct ClientEnd {
     pub(crate) addr: SocketAddr,
     pub(crate) sink: Arc<dyn ClientSink>,
+    /// The UDP listener the client sent to (None: TCP, TLS, DTLS), for the fast path.
+    pub(crate) udp_listen: Option<SocketAddr>,
 }
 
 /// Per-allocation state shared by the relay socket, the data path and the request
@@ -74,6 +77,10 @@ pub(crate) struct RelayState {
     client: OnceLock<ClientEnd>,
     /// The crate closed the relay socket: the allocation ended.
     closed: AtomicBool,
+    /// The kernel fast path (`turn.relay.offload: ebpf`) and this allocation's channels
+    /// in it.
+    kernel: Option<Arc<KernelChannels>>,
+    installed: Mutex<HashMap<u16, Installed>>,
 }
 
 impl std::fmt::Debug for RelayState {
@@ -96,9 +103,57 @@ impl RelayState {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// Where the allocation's data goes back to (set once, when the Allocate succeeded).
-    pub(crate) fn set_client(&self, addr: SocketAddr, sink: Arc<dyn ClientSink>) {
-        let _ = self.client.set(ClientEnd { addr, sink });
+    /// Where the allocation's data goes back to (set once, when the Allocate succeeded);
+    /// `udp_listen`: the UDP listener's address, for a client over UDP.
+    pub(crate) fn set_client(
+        &self,
+        addr: SocketAddr,
+        sink: Arc<dyn ClientSink>,
+        udp_listen: Option<SocketAddr>,
+    ) {
+        let _ = self.client.set(ClientEnd {
+            addr,
+            sink,
+            udp_listen,
+        });
+    }
+
+    /// Brings this allocation's channels in the kernel fast path in line with its
+    /// bindings, permissions and the peer policy (see `kernel`).
+    pub(crate) fn sync_kernel(&self) {
+        let Some(k) = &self.kernel else {
+            return;
+        };
+        let mut installed = self.installed.lock().unwrap_or_else(|e| e.into_inner());
+        let end = self
+            .client
+            .get()
+            .and_then(|c| c.udp_listen.map(|l| (c.addr, l)))
+            .filter(|_| !self.is_closed());
+        let (Some((client, listen)), Ok(relay)) = (end, self.socket.local_addr()) else {
+            k.clear(&mut installed);
+            return;
+        };
+        let now = Instant::now();
+        let channels: Vec<(u16, SocketAddr, Instant)> = {
+            let c = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+            c.by_number
+                .iter()
+                .filter(|(_, (_, exp))| *exp > now)
+                .map(|(n, (p, exp))| (*n, *p, *exp))
+                .collect()
+        };
+        let want: Vec<(u16, SocketAddr, Instant)> = {
+            let perms = self.permissions.lock().unwrap_or_else(|e| e.into_inner());
+            channels
+                .into_iter()
+                .filter_map(|(n, p, exp)| {
+                    let perm = perms.get(&p.ip()).filter(|e| **e > now)?;
+                    Some((n, p, exp.min(*perm)))
+                })
+                .collect()
+        };
+        k.apply(&mut installed, &want, client, listen, relay);
     }
 
     /// Installs or refreshes channel `number` → `peer` (called after the crate accepted
@@ -111,6 +166,8 @@ impl RelayState {
         by_peer.retain(|_, n| by_number.contains_key(n));
         c.by_number.insert(number, (peer, now + CHANNEL_LIFETIME));
         c.by_peer.insert(peer, number);
+        drop(c);
+        self.sync_kernel();
     }
 
     /// The peer of a live channel.
@@ -138,6 +195,8 @@ impl RelayState {
         let mut p = self.permissions.lock().unwrap_or_else(|e| e.into_inner());
         p.retain(|_, exp| *exp > now);
         p.insert(ip, now + PERMISSION_LIFETIME);
+        drop(p);
+        self.sync_kernel();
     }
 
     pub(crate) fn has_permission(&self, ip: IpAddr) -> bool {
@@ -169,6 +228,8 @@ pub(crate) struct RelayFactory {
     refusal_log: Arc<RateLimit>,
     /// Relay socket failures.
     error_log: Arc<RateLimit>,
+    /// The kernel fast path, when on.
+    kernel: Option<Arc<KernelChannels>>,
     /// The state of the relay socket created by the last `allocate_conn`: the listener
     /// loop handles one Allocate at a time, so it picks up its own socket here.
     last_created: Mutex<Option<Arc<RelayState>>>,
@@ -187,8 +248,10 @@ impl RelayFactory {
         kdrops: Arc<KernelDrops>,
         refusal_log: Arc<RateLimit>,
         error_log: Arc<RateLimit>,
+        kernel: Option<Arc<KernelChannels>>,
     ) -> Self {
         RelayFactory {
+            kernel,
             policy,
             metrics,
             bind_ip,
@@ -407,7 +470,12 @@ impl turn::relay::RelayAddressGenerator for RelayGenerator {
             socket: Arc::clone(&socket),
             client: OnceLock::new(),
             closed: AtomicBool::new(false),
+            kernel: f.kernel.clone(),
+            installed: Mutex::new(HashMap::new()),
         });
+        if let Some(k) = &f.kernel {
+            k.register(&state);
+        }
         f.policy.register_relay(advertised);
         *f.last_created.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&state));
         let conn = RelayConn {
@@ -436,6 +504,7 @@ struct RelayConn {
 impl RelayConn {
     fn unregister(&self) {
         if !self.state.closed.swap(true, Ordering::AcqRel) {
+            self.state.sync_kernel();
             self.factory.policy.unregister_relay(self.state.advertised);
             self.factory.kdrops.unwatch(&*self.socket);
         }

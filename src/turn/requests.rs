@@ -246,7 +246,8 @@ impl Listener {
                 "TURN allocation created"
             );
         }
-        relay.set_client(src, Arc::clone(&self.sink));
+        let udp_listen = (self.protocol == crate::config::TurnTransport::Udp).then_some(self.local);
+        relay.set_client(src, Arc::clone(&self.sink), udp_listen);
         self.core.allocs.commit(
             key,
             AllocMeta {

@@ -344,10 +344,23 @@ pub fn uclient(args: &[&str]) -> impl std::future::Future<Output = Uclient> + us
     run_uclient(args)
 }
 
+/// Runs `turnutils_uclient ARGS SERVER` inside network namespace `netns` (40 s limit).
+pub async fn uclient_in(netns: &str, server: &str, args: &[&str]) -> Uclient {
+    let mut full: Vec<String> = ["netns", "exec", netns, &tool("turnutils_uclient")]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    full.extend(args.iter().map(|s| s.to_string()));
+    run_tool("ip", full, server).await
+}
+
 async fn run_uclient(args: Vec<String>) -> Uclient {
-    let bin = tool("turnutils_uclient");
+    run_tool(&tool("turnutils_uclient"), args, "127.0.0.1").await
+}
+
+async fn run_tool(bin: &str, args: Vec<String>, server: &str) -> Uclient {
     let mut cmd = Command::new(bin);
-    cmd.args(&args).arg("127.0.0.1").kill_on_drop(true);
+    cmd.args(&args).arg(server).kill_on_drop(true);
     let out = timeout(Duration::from_secs(40), cmd.output())
         .await
         .expect("turnutils_uclient finished in time")
@@ -512,6 +525,18 @@ pub fn relayed(m: &Message) -> SocketAddr {
 impl RawClient {
     pub async fn udp(server: SocketAddr, username: &str, password: &str) -> RawClient {
         let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        RawClient::with(Link::Udp(sock), server, username, password)
+    }
+
+    /// Over a UDP socket made elsewhere (in another network namespace, say).
+    pub fn udp_socket(
+        sock: std::net::UdpSocket,
+        server: SocketAddr,
+        username: &str,
+        password: &str,
+    ) -> RawClient {
+        sock.set_nonblocking(true).unwrap();
+        let sock = UdpSocket::from_std(sock).unwrap();
         RawClient::with(Link::Udp(sock), server, username, password)
     }
 

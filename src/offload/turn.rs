@@ -1,0 +1,259 @@
+//! The TURN relay's part of the kernel fast path (`turn.relay.offload: ebpf`): the data of
+//! channel bindings of UDP allocations, relayed by the program of [`super`] instead of
+//! the service's sockets.
+//!
+//! # Design
+//!
+//! User space keeps every TURN decision: authentication, Allocate, Refresh,
+//! CreatePermission, ChannelBind, quotas, the peer policy, Send and Data indications, and
+//! every datagram of an allocation before its channel is installed. The TURN service
+//! (`crate::turn::kernel`) installs a channel once three things hold: the allocation's
+//! client came over a UDP listener, the channel is bound, and the peer has a live
+//! permission that the peer policy allows. It then writes two entries, in the same
+//! program's maps as the UDP sessions:
+//!
+//! - `mg_turn_chan`: `(client ip:port → listener ip:port, channel number)` ⇒
+//!   `(relay ip:port → peer ip:port)`. ChannelData from the client loses its 4-byte
+//!   header (the payload moves up through a per-CPU buffer and the tail is trimmed) and
+//!   leaves from the relay address to the peer.
+//! - `mg_turn_peer`: `(peer ip:port → relay ip:port)` ⇒ `(listener ip:port → client
+//!   ip:port, channel number)`. A datagram from the peer gets the ChannelData header and
+//!   leaves for the client.
+//!
+//! Both carry `expires_ns`, the end of the channel or of the permission, whichever comes
+//! first (`CLOCK_MONOTONIC`, as `bpf_ktime_get_ns`). From then on the program sends the
+//! datagrams up, so the kernel never relays past a lifetime even between user space's
+//! sweeps; a refresh (ChannelBind, CreatePermission) moves it. User space removes the
+//! entries when the allocation ends, when the channel or permission lapses and when a
+//! reload makes the policy refuse the peer (a sweep every second).
+//!
+//! The entries learn where their datagrams leave exactly as UDP sessions do: each from
+//! the datagrams of its pair (the client's device from the client's ChannelData, the
+//! peer's device from the peer's datagrams), so until the peer has sent once, both
+//! directions go through user space. A listener or relay socket on `0.0.0.0` installs
+//! its side with address 0, filled in by the first datagram that side receives.
+//!
+//! **Checksums.** The IP checksum and the UDP checksum (pseudo header, ports, length and
+//! the header word) are updated incrementally; a zero UDP checksum stays zero;
+//! `skb->csum` is kept exact for `CHECKSUM_COMPLETE` devices. A datagram that a socket of
+//! this host sent with checksum offload (`CHECKSUM_PARTIAL`: only the pseudo-header sum in
+//! the field, completed later from `csum_start`) cannot change length safely, so it stays
+//! with user space: the fast path serves datagrams that arrive from a network (a
+//! client's, a peer's), not those of local processes.
+//!
+//! **Left to user space:** IPv6; TCP, TLS and DTLS clients; padded ChannelData (padding
+//! is optional over UDP and browsers send none); payloads over 2040 bytes or over the
+//! egress device's MTU; GRO batches; link-layer padding (frames shorter than 60 bytes on
+//! Ethernet). Counted like the rest: `mediagate_turn_packets_total` and `bytes_total`
+//! include what the kernel relayed (summed from per-CPU counters at every scrape), and
+//! `mediagate_turn_offload_packets_total` tells that part apart.
+
+use super::engine::{Engine, engine_and_slot};
+use super::sys::{self, FlowKey, FlowNat, TurnChanKey};
+use crate::metrics::{Labels, child, labels};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, Mutex, Weak};
+
+/// The TURN service's counters that the kernel's relaying adds to.
+#[derive(Clone, Default)]
+pub struct TurnCounters {
+    pub packets_to_peer: Counter,
+    pub bytes_to_peer: Counter,
+    pub packets_to_client: Counter,
+    pub bytes_to_client: Counter,
+    pub offload_to_peer: Counter,
+    pub offload_to_client: Counter,
+    /// Channels installed now.
+    pub channels: Gauge,
+}
+
+/// The TURN service's use of the engine: its counter slot and its channels' entries.
+pub struct TurnOffload {
+    engine: Arc<Engine>,
+    slot: u32,
+    counters: TurnCounters,
+    errors_map_full: Counter,
+    errors_insert: Counter,
+    /// Totals already added to the counters, per direction.
+    seen: Mutex<[(u64, u64); 2]>,
+}
+
+/// The two entries of one installed channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelEntries {
+    /// Client ChannelData → peer.
+    pub chan: TurnChanKey,
+    /// Peer → client.
+    pub peer: FlowKey,
+}
+
+static USERS: Mutex<Vec<Weak<TurnOffload>>> = Mutex::new(Vec::new());
+
+/// The fast path for the TURN service, or None (logged once per reason, counted in
+/// `errors`, `mediagate_turn_offload_errors_total{reason}`): the relay then runs in user
+/// space.
+pub fn acquire_turn(
+    errors: &Family<Labels, Counter>,
+    counters: TurnCounters,
+) -> Option<Arc<TurnOffload>> {
+    let (engine, slot) = engine_and_slot(errors, "turn", "the TURN relay")?;
+    let error = |reason| child(errors, &labels(&[("reason", reason)]));
+    let base = [engine.totals(slot, 0), engine.totals(slot, 1)];
+    let t = Arc::new(TurnOffload {
+        engine,
+        slot,
+        counters,
+        errors_map_full: error("map_full"),
+        errors_insert: error("map_insert"),
+        seen: Mutex::new(base),
+    });
+    let mut all = USERS.lock().unwrap_or_else(|p| p.into_inner());
+    all.retain(|w| w.strong_count() > 0);
+    all.push(Arc::downgrade(&t));
+    Some(t)
+}
+
+/// Adds what the kernel relayed to the TURN counters of every user (each scrape).
+pub(super) fn refresh_all() {
+    let all: Vec<Arc<TurnOffload>> = {
+        let all = USERS.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter().filter_map(Weak::upgrade).collect()
+    };
+    for t in all {
+        t.refresh();
+    }
+}
+
+/// An IPv4 address for an entry: specific, `0.0.0.0` (a wildcard socket, also `[::]`) or
+/// IPv4-mapped; None for IPv6.
+fn entry_addr(a: SocketAddr) -> Option<SocketAddrV4> {
+    match a {
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(a) if a.ip().is_unspecified() => {
+            Some(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, a.port()))
+        }
+        SocketAddr::V6(a) => a
+            .ip()
+            .to_ipv4_mapped()
+            .map(|ip| SocketAddrV4::new(ip, a.port())),
+    }
+}
+
+/// A specific IPv4 address (a client or a peer).
+fn host_addr(a: SocketAddr) -> Option<SocketAddrV4> {
+    entry_addr(a).filter(|a| !a.ip().is_unspecified())
+}
+
+impl TurnOffload {
+    /// Installs channel `channel` (client `client` → `listen`, relay socket bound to
+    /// `relay`, bound to `peer`), relaying until `expires_ns` (`CLOCK_MONOTONIC`). None when
+    /// the addresses are not IPv4 or the map refused the entries (counted).
+    pub fn install(
+        &self,
+        client: SocketAddr,
+        listen: SocketAddr,
+        relay: SocketAddr,
+        peer: SocketAddr,
+        channel: u16,
+        expires_ns: u64,
+    ) -> Option<ChannelEntries> {
+        let (client, peer) = (host_addr(client)?, host_addr(peer)?);
+        let (listen, relay) = (entry_addr(listen)?, entry_addr(relay)?);
+        let entries = ChannelEntries {
+            chan: TurnChanKey {
+                flow: FlowKey::new(client, listen),
+                channel: channel.to_be(),
+                _pad: 0,
+            },
+            peer: FlowKey::new(peer, relay),
+        };
+        let to_peer = FlowNat {
+            expires_ns,
+            ..FlowNat::new(relay, peer, self.slot << 1)
+        };
+        let to_client = FlowNat {
+            channel: u32::from(channel.to_be()),
+            expires_ns,
+            ..FlowNat::new(listen, client, (self.slot << 1) | 1)
+        };
+        let fail = |e: io::Error| {
+            if e.raw_os_error() == Some(libc::E2BIG) {
+                self.errors_map_full.inc();
+            } else {
+                self.errors_insert.inc();
+            }
+        };
+        if let Err(e) = sys::insert(&self.engine.turn_chan, &entries.chan, &to_peer) {
+            fail(e);
+            return None;
+        }
+        if let Err(e) = sys::insert(&self.engine.turn_peer, &entries.peer, &to_client) {
+            sys::remove(&self.engine.turn_chan, &entries.chan);
+            fail(e);
+            return None;
+        }
+        self.counters.channels.inc();
+        Some(entries)
+    }
+
+    /// Moves the end of an installed channel (a refresh). The entries re-learn their
+    /// devices on their next datagrams (what the program learned meanwhile may be
+    /// overwritten).
+    pub fn set_expiry(&self, e: &ChannelEntries, expires_ns: u64) {
+        if let Some(mut nat) = sys::lookup(&self.engine.turn_chan, &e.chan) {
+            nat.expires_ns = expires_ns;
+            nat.taught = 0;
+            let _ = sys::replace(&self.engine.turn_chan, &e.chan, &nat);
+        }
+        if let Some(mut nat) = sys::lookup(&self.engine.turn_peer, &e.peer) {
+            nat.expires_ns = expires_ns;
+            nat.taught = 0;
+            let _ = sys::replace(&self.engine.turn_peer, &e.peer, &nat);
+        }
+    }
+
+    /// Removes a channel's entries: its datagrams go through user space again.
+    pub fn remove(&self, e: &ChannelEntries) {
+        sys::remove(&self.engine.turn_chan, &e.chan);
+        sys::remove(&self.engine.turn_peer, &e.peer);
+        self.counters.channels.dec();
+    }
+
+    /// Adds what the kernel relayed since the last call to the TURN counters.
+    pub fn refresh(&self) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        for dir in 0..2u32 {
+            let (p, b) = self.engine.totals(self.slot, dir);
+            let (sp, sb) = seen[dir as usize];
+            let (dp, db) = (p.saturating_sub(sp), b.saturating_sub(sb));
+            seen[dir as usize] = (p, b);
+            if dp == 0 && db == 0 {
+                continue;
+            }
+            let c = &self.counters;
+            let (packets, bytes, offloaded) = if dir == 0 {
+                (&c.packets_to_peer, &c.bytes_to_peer, &c.offload_to_peer)
+            } else {
+                (
+                    &c.packets_to_client,
+                    &c.bytes_to_client,
+                    &c.offload_to_client,
+                )
+            };
+            packets.inc_by(dp);
+            bytes.inc_by(db);
+            offloaded.inc_by(dp);
+        }
+    }
+}
+
+impl Drop for TurnOffload {
+    fn drop(&mut self) {
+        self.refresh();
+        self.engine.free_slot(self.slot);
+    }
+}

@@ -13,9 +13,13 @@
 //       a datagram from the peer gets a ChannelData header and leaves for the client.
 //
 // Everything else (STUN, Send and Data indications, unbound channels, padded ChannelData,
-// entries past their `expires_ns`, datagrams whose checksum a local socket left to
-// offload) returns TC_ACT_UNSPEC and reaches user space, which answers as without the
-// fast path.
+// entries past their `expires_ns`) returns TC_ACT_UNSPEC and reaches user space, which
+// answers as without the fast path.
+//
+// The payload moves by 4 bytes at the tail end (bpf_skb_change_tail plus a copy through a
+// per-CPU buffer), never the headers: a datagram a local socket sent with checksum offload
+// (CHECKSUM_PARTIAL, completed later from skb->csum_start) keeps its UDP header where
+// csum_start points, so such datagrams are relayed too.
 
 struct turn_chan_key {
 	__u32 saddr;
@@ -59,25 +63,6 @@ struct {
 #define UDP_LEN_OFF (UDP_OFF + offsetof(struct udphdr, len))
 #define TURN_HDR_OFF (UDP_OFF + sizeof(struct udphdr))
 
-static __always_inline __u16 fold16(__u32 s)
-{
-	s = (s & 0xffff) + (s >> 16);
-	s = (s & 0xffff) + (s >> 16);
-	return (__u16)s;
-}
-
-// Whether the UDP checksum field holds only the pseudo-header sum: a datagram that a
-// socket of this host sent with checksum offload (CHECKSUM_PARTIAL), to be completed later
-// from skb->csum_start. Changing the datagram's length moves its UDP header away from
-// csum_start, so such datagrams stay with user space. (A full checksum that happens to
-// equal the pseudo-header sum, one in 65536, goes up too: still correct, only slower.)
-static __always_inline int csum_partial_like(const struct iphdr *ip, const struct udphdr *udp)
-{
-	__u32 s = (ip->saddr & 0xffff) + (ip->saddr >> 16) + (ip->daddr & 0xffff) +
-		  (ip->daddr >> 16) + bpf_htons(IPPROTO_UDP) + udp->len;
-	return udp->check != 0 && udp->check == fold16(s);
-}
-
 // The header fields a relayed datagram had when it arrived.
 struct turn_old {
 	struct flow_key addrs;
@@ -88,7 +73,9 @@ struct turn_old {
 
 // After the payload moved (user data shifted, length changed by `grow` ? +4 : -4 bytes):
 // new lengths, addresses and ports, with the IP and UDP checksums. `hdr` is the
-// ChannelData header word removed or added. A zero UDP checksum (none) stays zero.
+// ChannelData header word removed or added. A zero UDP checksum (none) stays zero. For
+// CHECKSUM_PARTIAL only the pseudo-header changes apply (the helpers skip the others: the
+// checksum is completed over the final bytes later).
 static __always_inline int turn_rewrite(struct __sk_buff *skb, const struct turn_old *old,
 					const struct flow_nat *to, __u32 hdr, int grow)
 {
@@ -134,9 +121,7 @@ static __always_inline __u32 turn_parse(struct __sk_buff *skb, struct turn_old *
 	__u32 tot = bpf_ntohs(ip->tot_len), ulen = bpf_ntohs(udp->len);
 	// Link-layer padding, GRO batches and odd lengths stay with the stack.
 	if (skb->len != ETH_HLEN + tot || tot != sizeof(struct iphdr) + ulen ||
-	    ulen <= sizeof(struct udphdr) || skb->gso_segs > 1)
-		return 0;
-	if (csum_partial_like(ip, udp))
+	    ulen <= sizeof(struct udphdr) || skb->gso_size != 0 || skb->gso_segs > 1)
 		return 0;
 	old->addrs.saddr = ip->saddr;
 	old->addrs.daddr = ip->daddr;

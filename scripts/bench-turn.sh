@@ -12,13 +12,20 @@
 #   PROFILE=1 ...                               # also `perf record` mediagate at half rate
 #   SMOKE=1 scripts/bench-turn.sh               # seconds: 2 allocations, one fixed rate
 #
-# Topology: the generator and both servers on loopback; the echo peer
-# (`mediagate-load echo`) in its own network namespace behind a veth pair, so relayed
-# packets leave through a real interface. Both servers relay from the veth's host address.
+# Topology: the generator in a network namespace of its own and the echo peer
+# (`mediagate-load echo`) in another, each behind a veth pair whose namespace end computes
+# UDP checksums in software (`ethtool -K tx off`), so datagrams reach the servers with full
+# checksums as they do from a network (mediagate's kernel fast path leaves datagrams of
+# local sockets, whose checksum is left to offload, to user space). Both servers listen on
+# the clients' veth host address and relay from the peer veth's host address.
+# mediagate runs with `turn.relay.offload: ebpf` (OFFLOAD=none: user space only).
+# CPU per relayed packet is given twice: the server process's own, and the whole
+# machine's (/proc/stat, all cores: generator, echo, softirq and server together), since
+# what the kernel relays is not charged to the server process.
 # Threads: mediagate's runtime uses every core (tokio's default); coturn runs with
 # --relay-threads=$(nproc). The generator reports its own kernel drops and schedule lag:
 # a trial where those are not zero measures the generator, not the server.
-# Needs root (ip netns), coturn's turnserver (scripts/install-test-deps.sh).
+# Needs root (ip netns, BPF), coturn's turnserver and ethtool (scripts/install-test-deps.sh).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,6 +33,8 @@ cd "$ROOT"
 source "$ROOT/scripts/bench-common.sh"
 [[ $(id -u) = 0 ]] || { echo "needs root (ip netns)" >&2; exit 2; }
 command -v turnserver >/dev/null || { echo "turnserver missing: run scripts/install-test-deps.sh" >&2; exit 1; }
+command -v ethtool >/dev/null || [[ -x /usr/sbin/ethtool ]] || { echo "ethtool missing: run scripts/install-test-deps.sh" >&2; exit 1; }
+PATH=$PATH:/usr/sbin
 
 if [[ $SMOKE = 1 ]]; then
     ALLOCS=${ALLOCS:-2}; TRANSPORTS=${TRANSPORTS:-"udp tcp"}; SIZES=${SIZES:-64}
@@ -42,6 +51,7 @@ FIXED_RATE=${FIXED_RATE:-}
 # Both servers and the generator run at this nice level, so that other work on a shared
 # machine (builds) disturbs the comparison less; same level for both servers.
 NICE=${NICE:--10}
+OFFLOAD=${OFFLOAD:-ebpf}
 
 bench_init bench-turn
 if [[ $SMOKE = 1 ]]; then
@@ -53,18 +63,28 @@ else
 fi
 LOAD=$BIN/mediagate-load
 
-NS=mgturn$$
-VH=mgth$$ VP=mgtp$$
+NS=mgturn$$ CNS=mgturnc$$
+VH=mgth$$ VP=mgtp$$ CH=mgtch$$ CP=mgtcp$$
 N=$(($$ % 200 + 20))
 HOST_IP=10.213.$N.1 PEER_IP=10.213.$N.2
-netns_cleanup() { ip netns del "$NS" 2>/dev/null || true; ip link del "$VH" 2>/dev/null || true; }
+SERVER_IP=10.214.$N.1 CLIENT_IP=10.214.$N.2
+netns_cleanup() {
+    ip netns del "$NS" 2>/dev/null || true; ip link del "$VH" 2>/dev/null || true
+    ip netns del "$CNS" 2>/dev/null || true; ip link del "$CH" 2>/dev/null || true
+}
 trap 'bench_cleanup; netns_cleanup' EXIT
-ip netns add "$NS"
-ip link add "$VH" type veth peer name "$VP" netns "$NS"
-ip addr add "$HOST_IP/30" dev "$VH"; ip link set "$VH" up
-ip netns exec "$NS" ip addr add "$PEER_IP/30" dev "$VP"
-ip netns exec "$NS" ip link set "$VP" up
-ip netns exec "$NS" ip link set lo up
+# veth_ns NS HOSTDEV NSDEV HOSTIP NSIP: a namespace behind a veth pair, software checksums.
+veth_ns() {
+    ip netns add "$1"
+    ip link add "$2" type veth peer name "$3" netns "$1"
+    ip addr add "$4/30" dev "$2"; ip link set "$2" up
+    ip netns exec "$1" ip addr add "$5/30" dev "$3"
+    ip netns exec "$1" ip link set "$3" up
+    ip netns exec "$1" ip link set lo up
+    ip netns exec "$1" ethtool -K "$3" tx off >/dev/null
+}
+veth_ns "$NS" "$VH" "$VP" "$HOST_IP" "$PEER_IP"
+veth_ns "$CNS" "$CH" "$CP" "$SERVER_IP" "$CLIENT_IP"
 # Two echo threads: one saturates before either server does (the generator reports the
 # echo's own drops as peer_drops, so a trial limited by the peer shows).
 ip netns exec "$NS" nice -n "$NICE" "$LOAD" echo --listen "$PEER_IP:9000" --threads 2 --lifetime 30m >"$TMP/echo.out" 2>&1 &
@@ -72,14 +92,14 @@ PIDS+=($!)
 ECHO_PID=$!
 PEER=$PEER_IP:9000
 
-free_port() { # a port free for UDP and TCP on loopback
+free_port() { # a port free for UDP and TCP on the servers' address
     python3 - <<'EOF'
 import socket, random
 for _ in range(200):
     p = random.randrange(20000, 30000)
     try:
         for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-            s = socket.socket(socket.AF_INET, kind); s.bind(("127.0.0.1", p)); s.close()
+            s = socket.socket(socket.AF_INET, kind); s.bind(("0.0.0.0", p)); s.close()
         print(p); break
     except OSError:
         pass
@@ -90,10 +110,10 @@ MG_PORT=$(free_port)
 cat >"$TMP/mediagate.yaml" <<EOF
 turn:
   realm: bench
-  public_address: 127.0.0.1
+  public_address: $SERVER_IP
   listeners:
-    - { protocol: udp, listen: 127.0.0.1:$MG_PORT }
-    - { protocol: tcp, listen: 127.0.0.1:$MG_PORT }
+    - { protocol: udp, listen: $SERVER_IP:$MG_PORT }
+    - { protocol: tcp, listen: $SERVER_IP:$MG_PORT }
   auth:
     type: static
     users: [{ username: bench, password: bench }]
@@ -101,6 +121,7 @@ turn:
     address: $HOST_IP
     port_range: 40000-44999
     peers: [$PEER_IP/32]
+    offload: $OFFLOAD
   quota:
     allocations_per_user: 5000
 EOF
@@ -109,7 +130,7 @@ MG_PID=$!
 PIDS+=("$MG_PID")
 
 CT_PORT=$(free_port)
-nice -n "$NICE" turnserver -n --listening-ip=127.0.0.1 --listening-port="$CT_PORT" --relay-ip="$HOST_IP" \
+nice -n "$NICE" turnserver -n --listening-ip="$SERVER_IP" --listening-port="$CT_PORT" --relay-ip="$HOST_IP" \
     --min-port=45000 --max-port=49999 --no-cli --no-dtls --no-tls \
     --relay-threads="$(nproc)" --realm=bench --lt-cred-mech --user=bench:bench \
     --total-quota=0 --user-quota=0 --max-bps=0 \
@@ -125,13 +146,15 @@ for p in "$MG_PID" "$CT_PID"; do
 done
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Busy ticks of the whole machine (all cores; everything but idle and iowait).
+machine_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 field() { tr ' ' '\n' <<<"$2" | sed -n "s/^$1=//p" | head -1; }
 
 # gen PORT TRANSPORT ALLOCS SIZE ARGS...: one generator invocation; prints its last line.
 gen() {
     local port=$1 tr=$2 n=$3 size=$4
     shift 4
-    timeout 600 nice -n "$NICE" "$LOAD" turn --server "127.0.0.1:$port" --peer "$PEER" --transport "$tr" \
+    timeout 600 ip netns exec "$CNS" nice -n "$NICE" "$LOAD" turn --server "$SERVER_IP:$port" --peer "$PEER" --transport "$tr" \
         --allocations "$n" --size "$size" --threads "$THREADS" --duration "$DURATION" \
         --peer-pid "$ECHO_PID" "$@" \
         2>>"$TMP/gen.err" | tail -1
@@ -145,33 +168,37 @@ sweep() {
     field target_pps "$line"
 }
 
-# fixed NAME PORT PID TR N SIZE RATE: one run at RATE; prints "p50 p99 cpu_us_per_pkt loss".
+# fixed NAME PORT PID TR N SIZE RATE: one run at RATE; prints
+# "p50 p99 server_cpu_us_per_pkt loss machine_cpu_us_per_pkt".
 fixed() {
-    local name=$1 port=$2 pid=$3 c0 c1 line perf_pid=""
+    local name=$1 port=$2 pid=$3 c0 c1 m0 m1 line perf_pid=""
     c0=$(cpu_ticks "$pid")
+    m0=$(machine_ticks)
     if [[ $PROFILE = 1 && $name = mediagate ]]; then
         perf record -F 999 -g -p "$pid" -o "$TMP/perf-$4-$5-$6.data" >/dev/null 2>&1 &
         perf_pid=$!
     fi
     line=$(gen "$port" "$4" "$5" "$6" --rate "$7")
     c1=$(cpu_ticks "$pid")
+    m1=$(machine_ticks)
     [[ -z "$perf_pid" ]] || { kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; }
     echo "$name $4 n=$5 size=$6 fixed $line" >>"$TMP/results.txt"
-    python3 - "$line" "$((c1 - c0))" "$(getconf CLK_TCK)" <<'EOF'
+    python3 - "$line" "$((c1 - c0))" "$(getconf CLK_TCK)" "$((m1 - m0))" <<'EOF'
 import sys
 kv = dict(x.split("=", 1) for x in sys.argv[1].split() if "=" in x)
-ticks, hz = int(sys.argv[2]), int(sys.argv[3])
+ticks, hz, machine = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 relayed = int(kv.get("sent", 0)) + int(kv.get("received", 0))
 cpu = ticks / hz * 1e6 / relayed if relayed else float("nan")
-print(kv.get("p50_us", "nan"), kv.get("p99_us", "nan"), f"{cpu:.2f}", kv.get("loss", "nan"))
+mcpu = machine / hz * 1e6 / relayed if relayed else float("nan")
+print(kv.get("p50_us", "nan"), kv.get("p99_us", "nan"), f"{cpu:.2f}", kv.get("loss", "nan"), f"{mcpu:.2f}")
 EOF
 }
 
 ratio() { python3 -c "a,b=float('$1' or 0),float('$2' or 0); print(f'{a/b:.2f}' if b>0 else 'n/a')"; }
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load: mediagate-load turn, $THREADS thread pairs, loss < $MAX_LOSS, trials of $DURATION" | tee "$TMP/table.txt"
-printf '%-5s %6s %5s | %10s %10s %6s | %9s %9s %6s | %8s %8s %6s\n' \
-    tr allocs size mg_max_pps ct_max_pps ratio mg_p99_us ct_p99_us ratio mg_cpu_us ct_cpu_us ratio | tee -a "$TMP/table.txt"
+printf '%-5s %6s %5s | %10s %10s %6s | %9s %9s %6s | %8s %8s %6s | %8s %8s %6s\n' \
+    tr allocs size mg_max_pps ct_max_pps ratio mg_p99_us ct_p99_us ratio mg_cpu_us ct_cpu_us ratio mg_all_us ct_all_us ratio | tee -a "$TMP/table.txt"
 failed=0
 for tr in $TRANSPORTS; do
     for n in $ALLOCS; do
@@ -185,12 +212,13 @@ for tr in $TRANSPORTS; do
             half=$(( ${ct_max:-0} / 2 ))
             [[ $SMOKE = 1 ]] && half=$FIXED_RATE
             ((half > 0)) || half=1000
-            read -r mg_p50 mg_p99 mg_cpu mg_loss < <(fixed mediagate "$MG_PORT" "$MG_PID" "$tr" "$n" "$size" "$half")
-            read -r ct_p50 ct_p99 ct_cpu ct_loss < <(fixed coturn "$CT_PORT" "$CT_PID" "$tr" "$n" "$size" "$half")
-            printf '%-5s %6s %5s | %10s %10s %6s | %9s %9s %6s | %8s %8s %6s\n' "$tr" "$n" "$size" \
+            read -r mg_p50 mg_p99 mg_cpu mg_loss mg_all < <(fixed mediagate "$MG_PORT" "$MG_PID" "$tr" "$n" "$size" "$half")
+            read -r ct_p50 ct_p99 ct_cpu ct_loss ct_all < <(fixed coturn "$CT_PORT" "$CT_PID" "$tr" "$n" "$size" "$half")
+            printf '%-5s %6s %5s | %10s %10s %6s | %9s %9s %6s | %8s %8s %6s | %8s %8s %6s\n' "$tr" "$n" "$size" \
                 "$mg_max" "$ct_max" "$(ratio "$mg_max" "$ct_max")" \
                 "$mg_p99" "$ct_p99" "$(ratio "$mg_p99" "$ct_p99")" \
-                "$mg_cpu" "$ct_cpu" "$(ratio "$mg_cpu" "$ct_cpu")" | tee -a "$TMP/table.txt"
+                "$mg_cpu" "$ct_cpu" "$(ratio "$mg_cpu" "$ct_cpu")" \
+                "$mg_all" "$ct_all" "$(ratio "$mg_all" "$ct_all")" | tee -a "$TMP/table.txt"
             if [[ $SMOKE = 1 ]]; then
                 for r in "mediagate $mg_loss" "coturn $ct_loss"; do
                     read -r name loss <<<"$r"
@@ -202,7 +230,7 @@ for tr in $TRANSPORTS; do
         done
     done
 done
-echo "half: fixed-rate runs at half of coturn's highest rate (p99 RTT, server CPU per relayed packet)" | tee -a "$TMP/table.txt"
+echo "half: fixed-rate runs at half of coturn's highest rate (p99 RTT; CPU per relayed packet: the server's own (cpu), the whole machine's (all))" | tee -a "$TMP/table.txt"
 if [[ $SMOKE = 1 ]]; then
     for name in mediagate coturn; do
         grep -q "^$name .* fixed .*received=[1-9]" "$TMP/results.txt" \

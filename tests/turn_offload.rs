@@ -8,8 +8,8 @@
 //!   nothing more;
 //! - the program itself stops relaying at an entry's end (`expires_ns`), between user
 //!   space's sweeps;
-//! - a client on this host's loopback (checksum left to offload) is relayed by user space,
-//!   correctly.
+//! - clients and peers on this host's loopback (their checksums left to offload,
+//!   CHECKSUM_PARTIAL) are relayed by the kernel too, without loss.
 
 mod turn_support;
 
@@ -433,7 +433,7 @@ async fn the_program_stops_relaying_at_the_entrys_end() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn loopback_clients_are_relayed_by_user_space() {
+async fn loopback_clients_with_checksum_offload_are_relayed_by_the_kernel() {
     root();
     let gw = gateway(
         "127.0.0.1:0".parse().unwrap(),
@@ -456,7 +456,7 @@ async fn loopback_clients_are_relayed_by_user_space() {
         &p,
         "-c",
         "-n",
-        "50",
+        "200",
         "-z",
         "2",
     ])
@@ -466,11 +466,12 @@ async fn loopback_clients_are_relayed_by_user_space() {
     mediagate::offload::refresh_metrics();
     let m = &gw.metrics;
     let sent = r.sent.unwrap_or(0);
-    assert!(sent >= 50 && m.packets_to_peer.get() >= sent, "{}", r.out);
-    assert_eq!(
-        (m.offload_to_peer.get(), m.offload_to_client.get()),
-        (0, 0),
-        "datagrams of local sockets (checksum offload) stay in user space"
+    assert!(sent >= 200 && m.packets_to_peer.get() >= sent, "{}", r.out);
+    assert!(
+        m.offload_to_peer.get() * 2 >= sent && m.offload_to_client.get() * 2 >= sent,
+        "most datagrams relayed by the kernel: {} and {} of {sent}",
+        m.offload_to_peer.get(),
+        m.offload_to_client.get()
     );
     gw.svc.close().await;
 }

@@ -35,11 +35,12 @@
 //!
 //! **Checksums.** The IP checksum and the UDP checksum (pseudo header, ports, length and
 //! the header word) are updated incrementally; a zero UDP checksum stays zero;
-//! `skb->csum` is kept exact for `CHECKSUM_COMPLETE` devices. A datagram that a socket of
-//! this host sent with checksum offload (`CHECKSUM_PARTIAL`: only the pseudo-header sum in
-//! the field, completed later from `csum_start`) cannot change length safely, so it stays
-//! with user space: the fast path serves datagrams that arrive from a network (a
-//! client's, a peer's), not those of local processes.
+//! `skb->csum` is kept exact for `CHECKSUM_COMPLETE` devices. The payload moves at the
+//! tail end (`bpf_skb_change_tail` and a copy), never the headers, so a datagram that a
+//! socket of this host sent with checksum offload (`CHECKSUM_PARTIAL`: only the
+//! pseudo-header sum in the field, completed later from `csum_start`, which must keep
+//! pointing at the UDP header) is relayed as well: `bpf_skb_adjust_room` would have moved
+//! the headers away from `csum_start`.
 //!
 //! **Left to user space:** IPv6; TCP, TLS and DTLS clients; padded ChannelData (padding
 //! is optional over UDP and browsers send none); payloads over 2040 bytes or over the

@@ -265,6 +265,13 @@ pub fn wanted(configured: crate::config::Offload) -> bool {
         || std::env::var("MEDIAGATE_UDP_OFFLOAD").is_ok_and(|v| v.trim() == "ebpf")
 }
 
+/// Whether the TURN relay uses the fast path: `turn.relay.offload: ebpf`, or
+/// `$MEDIAGATE_TURN_OFFLOAD=ebpf` (set by the Kubernetes component).
+pub fn turn_wanted(configured: crate::config::Offload) -> bool {
+    configured == crate::config::Offload::Ebpf
+        || std::env::var("MEDIAGATE_TURN_OFFLOAD").is_ok_and(|v| v.trim() == "ebpf")
+}
+
 static ENGINE: Mutex<Weak<Engine>> = Mutex::new(Weak::new());
 static LOGGED: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
 static LISTENERS: Mutex<Vec<Weak<ListenerOffload>>> = Mutex::new(Vec::new());

@@ -98,7 +98,7 @@ mod turn;
 mod wake;
 
 pub use engine::{
-    Engine, LastSeen, ListenerOffload, SessionKeys, acquire, refresh_metrics, wanted,
+    Engine, LastSeen, ListenerOffload, SessionKeys, acquire, refresh_metrics, turn_wanted, wanted,
 };
 pub use sys::{FlowKey, FlowNat, monotonic_ns};
 pub use turn::{ChannelEntries, TurnCounters, TurnOffload, acquire_turn};

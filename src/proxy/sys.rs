@@ -16,6 +16,8 @@ use std::os::fd::RawFd;
 /// allocations (which never move or grow after construction).
 pub struct MsgBatch {
     slot_len: usize,
+    /// Bytes kept free in front of each slot (see [`MsgBatch::with_headroom`]).
+    headroom: usize,
     buf: Box<[u8]>,
     iov: Box<[libc::iovec]>,
     addrs: Box<[libc::sockaddr_storage]>,
@@ -31,15 +33,24 @@ unsafe impl Send for MsgBatch {}
 impl MsgBatch {
     /// A batch of `slots` datagrams of up to `slot_len` bytes.
     pub fn new(slots: usize, slot_len: usize) -> MsgBatch {
+        MsgBatch::with_headroom(slots, slot_len, 0)
+    }
+
+    /// Like [`MsgBatch::new`], with `headroom` bytes free in front of each received
+    /// datagram, where a header can be written without moving it
+    /// ([`MsgBatch::frame_mut`]).
+    pub fn with_headroom(slots: usize, slot_len: usize, headroom: usize) -> MsgBatch {
         let slots = slots.max(1);
-        let mut buf = vec![0u8; slots * slot_len].into_boxed_slice();
+        let stride = headroom + slot_len;
+        let mut buf = vec![0u8; slots * stride].into_boxed_slice();
         // SAFETY: all-zero is a valid value for these plain C structs.
         let mut addrs: Box<[libc::sockaddr_storage]> =
             (0..slots).map(|_| unsafe { zeroed() }).collect();
         let mut iov: Box<[libc::iovec]> = (0..slots)
             .map(|i| libc::iovec {
-                // SAFETY: `i * slot_len` is inside `buf` (slots * slot_len bytes).
-                iov_base: unsafe { buf.as_mut_ptr().add(i * slot_len) }.cast(),
+                // SAFETY: `i * stride + headroom` is inside `buf` (slots * stride bytes),
+                // with `slot_len` bytes after it.
+                iov_base: unsafe { buf.as_mut_ptr().add(i * stride + headroom) }.cast(),
                 iov_len: slot_len,
             })
             .collect();
@@ -57,6 +68,7 @@ impl MsgBatch {
             .collect();
         MsgBatch {
             slot_len,
+            headroom,
             buf,
             iov,
             addrs,
@@ -145,17 +157,33 @@ impl MsgBatch {
     pub fn get(&self, i: usize) -> (&[u8], Option<SocketAddr>, bool) {
         let h = &self.hdrs[i];
         let n = (h.msg_len as usize).min(self.slot_len);
-        let start = i * self.slot_len;
+        let start = i * (self.headroom + self.slot_len) + self.headroom;
         let addr = from_storage(&self.addrs[i], h.msg_hdr.msg_namelen);
         let truncated = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
         (&self.buf[start..start + n], addr, truncated)
+    }
+
+    /// Datagram `i` of the last receive with the headroom in front of it (writable):
+    /// `headroom + len` bytes, its source, and whether it was truncated.
+    #[inline]
+    pub fn frame_mut(&mut self, i: usize) -> (&mut [u8], Option<SocketAddr>, bool) {
+        let h = &self.hdrs[i];
+        let n = (h.msg_len as usize).min(self.slot_len);
+        let start = i * (self.headroom + self.slot_len);
+        let addr = from_storage(&self.addrs[i], h.msg_hdr.msg_namelen);
+        let truncated = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+        (
+            &mut self.buf[start..start + self.headroom + n],
+            addr,
+            truncated,
+        )
     }
 
     /// The next free slot, to receive a datagram into before [`MsgBatch::commit`]ting it.
     /// Panics if the batch is full (callers flush first).
     #[inline]
     pub fn next_slot(&mut self) -> &mut [u8] {
-        let start = self.len * self.slot_len;
+        let start = self.len * (self.headroom + self.slot_len) + self.headroom;
         &mut self.buf[start..start + self.slot_len]
     }
 

@@ -161,7 +161,7 @@ impl TurnService {
             metrics.kernel_drops_listener.clone(),
             metrics.kernel_drops_relay.clone(),
         ));
-        let kernel = if cfg.relay.offload == crate::config::Offload::Ebpf {
+        let kernel = if crate::offload::turn_wanted(cfg.relay.offload) {
             kernel::KernelChannels::start(&metrics, Arc::clone(&policy))
         } else {
             None

@@ -25,8 +25,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use std::os::fd::AsRawFd;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use webrtc_util::Conn;
+
+use crate::proxy::sys::MsgBatch;
 
 use super::datapath::ClientSink;
 use super::kdrops::KernelDrops;
@@ -482,7 +486,7 @@ impl turn::relay::RelayAddressGenerator for RelayGenerator {
             socket,
             state,
             factory: Arc::clone(f),
-            buf: Mutex::new(None),
+            rx: Mutex::new(None),
             scratch: Mutex::new(Vec::new()),
         };
         Ok((Arc::new(conn), advertised))
@@ -494,9 +498,9 @@ struct RelayConn {
     socket: Arc<UdpSocket>,
     state: Arc<RelayState>,
     factory: Arc<RelayFactory>,
-    /// The receive buffer of the data path (only the crate's reader task receives; it
-    /// takes the buffer for as long as `recv_from` runs).
-    buf: Mutex<Option<Box<[u8]>>>,
+    /// The receive batch of the data path (only the crate's reader task receives; it
+    /// takes the batch for as long as `recv_from` runs).
+    rx: Mutex<Option<PeerBatch>>,
     /// Where Data indications are built.
     scratch: Mutex<Vec<u8>>,
 }
@@ -526,6 +530,70 @@ impl RelayConn {
             client.sink.send_frame(&scratch, client.addr);
         }
         true
+    }
+}
+
+/// The relay socket's receive batch: two datagrams, each with room for the ChannelData
+/// header in front, and how far the reader got through the last receive.
+struct PeerBatch {
+    batch: MsgBatch,
+    got: usize,
+    next: usize,
+}
+
+impl PeerBatch {
+    fn new() -> PeerBatch {
+        PeerBatch {
+            batch: MsgBatch::with_headroom(2, PEER_DATAGRAM, 4),
+            got: 0,
+            next: 0,
+        }
+    }
+}
+
+impl RelayConn {
+    /// Datagram `i` of the batch, from a peer: relayed to the client (None), dropped and
+    /// counted (None), or, before the allocation's client end is known, copied to `out`
+    /// for the crate (its length and source).
+    fn peer_datagram(
+        &self,
+        batch: &mut MsgBatch,
+        i: usize,
+        out: &mut [u8],
+    ) -> Option<(usize, SocketAddr)> {
+        let m = &self.factory.metrics;
+        let (frame, src, truncated) = batch.frame_mut(i);
+        let src = src?;
+        if truncated {
+            m.dropped(DropReason::Malformed).inc();
+            return None;
+        }
+        if !self.factory.policy.allows(src) {
+            m.dropped(DropReason::PeerNotAllowed).inc();
+            return None;
+        }
+        if !self.state.has_permission(src.ip()) {
+            m.dropped(DropReason::NoPermission).inc();
+            return None;
+        }
+        let n = frame.len() - 4;
+        if self.to_client(frame, n, src) {
+            return None;
+        }
+        // Before the Allocate's answer: the crate relays it.
+        let k = n.min(out.len());
+        out[..k].copy_from_slice(&frame[4..4 + k]);
+        Some((k, src))
+    }
+
+    /// A receive error that is not transient: parks until the allocation ends (the crate's
+    /// handler stops on allocation drop). Returning the error would make the crate forget
+    /// the allocation without closing it.
+    async fn failed(&self, e: std::io::Error) {
+        if self.factory.error_log.allow() {
+            tracing::error!(relay = %self.state.advertised, error = %e, "TURN relay socket failed");
+        }
+        std::future::pending::<()>().await;
     }
 }
 
@@ -561,40 +629,43 @@ impl Conn for RelayConn {
     }
 
     async fn recv_from(&self, out: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        let m = &self.factory.metrics;
-        let taken = self.buf.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let mut buf = taken.unwrap_or_else(|| vec![0u8; 4 + PEER_DATAGRAM].into_boxed_slice());
+        let taken = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut rx = taken.unwrap_or_else(PeerBatch::new);
+        let fd = self.socket.as_raw_fd();
         loop {
-            let (n, src) = match self.socket.recv_from(&mut buf[4..]).await {
-                Ok(v) => v,
-                Err(e) if transient(&e) => continue,
-                Err(e) => {
-                    // Not recoverable: park until the allocation ends (the crate's handler
-                    // stops on allocation drop). Returning the error would make the crate
-                    // forget the allocation without closing it.
-                    if self.factory.error_log.allow() {
-                        tracing::error!(relay = %self.state.advertised, error = %e, "TURN relay socket failed");
-                    }
-                    std::future::pending::<()>().await;
-                    continue;
+            while rx.next < rx.got {
+                let i = rx.next;
+                rx.next += 1;
+                if let Some(r) = self.peer_datagram(&mut rx.batch, i, out) {
+                    *self.rx.lock().unwrap_or_else(|e| e.into_inner()) = Some(rx);
+                    return Ok(r);
                 }
-            };
-            if !self.factory.policy.allows(src) {
-                m.dropped(DropReason::PeerNotAllowed).inc();
+            }
+            rx.next = 0;
+            rx.got = 0;
+            if let Err(e) = self.socket.readable().await {
+                self.failed(e).await;
                 continue;
             }
-            if !self.state.has_permission(src.ip()) {
-                m.dropped(DropReason::NoPermission).inc();
-                continue;
+            // Two slots: one datagram back means the queue was empty, and the readiness
+            // is cleared right there (the `WouldBlock`), without a second call that only
+            // says so.
+            let batch = &mut rx.batch;
+            let got = &mut rx.got;
+            let r = self.socket.try_io(Interest::READABLE, || {
+                *got = batch.recv_from(fd)?;
+                if *got < batch.capacity() {
+                    Err(std::io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            match r {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if transient(&e) => {}
+                Err(e) => self.failed(e).await,
             }
-            if self.to_client(&mut buf, n, src) {
-                continue;
-            }
-            // Before the Allocate's answer: the crate relays it.
-            let k = n.min(out.len());
-            out[..k].copy_from_slice(&buf[4..4 + k]);
-            *self.buf.lock().unwrap_or_else(|e| e.into_inner()) = Some(buf);
-            return Ok((k, src));
         }
     }
 

@@ -301,15 +301,26 @@ impl Listener {
         let mut routes = RouteCache::new();
         let mut prune_at = 64;
         loop {
-            let received = tokio::select! {
+            let ready = tokio::select! {
                 _ = cancel.cancelled() => break,
-                r = socket.async_io(Interest::READABLE, || match batch.recv_from(fd) {
-                    Ok(0) => Err(io::ErrorKind::WouldBlock.into()),
-                    r => r,
-                }) => r,
+                r = socket.readable() => r,
             };
-            let n = match received {
-                Ok(n) => n,
+            // A batch that is not full emptied the queue: its `WouldBlock` clears the
+            // readiness at once, without a second call that only says so.
+            let mut n = 0;
+            let received = ready.and_then(|()| {
+                socket.try_io(Interest::READABLE, || {
+                    n = batch.recv_from(fd)?;
+                    if n < batch.capacity() {
+                        Err(io::ErrorKind::WouldBlock.into())
+                    } else {
+                        Ok(())
+                    }
+                })
+            });
+            match received {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
                     if self.core.misc_log.allow() {
                         tracing::warn!(listen = %self.local, error = %e, "TURN UDP receive failed");
@@ -318,7 +329,7 @@ impl Listener {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     continue;
                 }
-            };
+            }
             for i in 0..n {
                 let (pkt, src, truncated) = batch.get(i);
                 let Some(src) = src else { continue };

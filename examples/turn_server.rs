@@ -64,6 +64,8 @@ async fn main() -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     service.close().await;
+    // What the kernel fast path relayed (turn.relay.offload: ebpf) is added at a scrape.
+    mediagate::offload::refresh_metrics();
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry)?;
     print!("{out}");

@@ -38,7 +38,11 @@ wait_ready() {
 bench_cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$TMP"
+  if [[ "${KEEP_TMP:-0}" = 1 ]]; then
+    echo "kept: $TMP" >&2
+  else
+    rm -rf "$TMP"
+  fi
 }
 
 # find_nginx: sets NGINX and STREAM_MOD, or exits 2 naming the missing package.

@@ -9,7 +9,7 @@
 #
 #   scripts/bench-turn.sh                       # the full matrix (~15 min)
 #   ALLOCS="100" TRANSPORTS="udp" SIZES="160" scripts/bench-turn.sh   # one case
-#   PROFILE=1 ...                               # also `perf record` mediagate at half rate
+#   PROFILE=1 KEEP_TMP=1 ...                    # also `perf record` mediagate at half rate (kept)
 #   SMOKE=1 scripts/bench-turn.sh               # seconds: 2 allocations, one fixed rate
 #
 # Topology: the generator in a network namespace of its own and the echo peer

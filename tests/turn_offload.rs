@@ -8,6 +8,8 @@
 //!   nothing more;
 //! - the program itself stops relaying at an entry's end (`expires_ns`), between user
 //!   space's sweeps;
+//! - a peer the policy stops allowing (its upstream went away) leaves the kernel within
+//!   the sweep's second, and nothing more is relayed to or from it;
 //! - clients and peers on this host's loopback (their checksums left to offload,
 //!   CHECKSUM_PARTIAL) are relayed by the kernel too, without loss.
 
@@ -347,6 +349,78 @@ async fn exact_payloads_both_ways_and_nothing_after_the_allocation_ends() {
         next_channel_data(&mut c).await,
         None,
         "nothing reaches the client"
+    );
+    gw.svc.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_the_policy_stops_allowing_leaves_the_kernel() {
+    root();
+    let clients = Net::create("f", 221);
+    let peers = Net::create("s", 222);
+    let gw = gateway(SocketAddr::new(clients.host, 0), peers.host, "upstreams").await;
+    gw.policy.set_upstream_ips([peers.inside]);
+    let server = SocketAddr::new(clients.host, gw.udp.port());
+    let mut c = RawClient::udp_socket(clients.socket(0), server, USER, PASSWORD);
+    let relay = relayed(&c.allocate().await);
+    let peer = peers.tokio_socket(0);
+    let r = c
+        .request(
+            METHOD_CHANNEL_BIND,
+            &[
+                Attr::Channel(0x4002),
+                Attr::Peer(peer.local_addr().unwrap()),
+            ],
+        )
+        .await;
+    assert_eq!(code(&r), None, "channel bound");
+    let mut buf = vec![0u8; 2048];
+    // Learn both ways, then one datagram each way by the kernel.
+    channel_data(&mut c, 0x4002, b"a").await;
+    timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
+        .await
+        .expect("peer gets a")
+        .unwrap();
+    peer.send_to(b"b", relay).await.unwrap();
+    assert_eq!(
+        next_channel_data(&mut c).await,
+        Some((0x4002, b"b".to_vec()))
+    );
+    channel_data(&mut c, 0x4002, b"c").await;
+    timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
+        .await
+        .expect("peer gets c")
+        .unwrap();
+    mediagate::offload::refresh_metrics();
+    assert!(
+        gw.metrics.offload_to_peer.get() >= 1,
+        "relayed by the kernel"
+    );
+
+    // The peer's upstream goes away (a reload, DNS): no longer a permitted peer.
+    gw.policy.set_upstream_ips([]);
+    assert!(
+        wait_until(Duration::from_secs(3), || gw.metrics.offload_channels.get()
+            == 0)
+        .await,
+        "the sweep removes the channel"
+    );
+    channel_data(&mut c, 0x4002, b"d").await;
+    peer.send_to(b"e", relay).await.unwrap();
+    assert!(
+        timeout(Duration::from_millis(300), peer.recv_from(&mut buf))
+            .await
+            .is_err(),
+        "nothing reaches the refused peer"
+    );
+    assert_eq!(
+        next_channel_data(&mut c).await,
+        None,
+        "nothing from the refused peer"
+    );
+    assert!(
+        gw.metrics.permission_denied.get() >= 1,
+        "user space refused the client's datagram"
     );
     gw.svc.close().await;
 }

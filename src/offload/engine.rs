@@ -291,8 +291,7 @@ fn count_error(errors: &Family<Labels, Counter>, reason: &'static str) {
 }
 
 /// The engine and a counter slot for `name` (a listener, or the TURN service), or None:
-/// logged once per reason, counted in `mediagate_offload_errors_total{reason}`; `what`
-/// then runs in user space.
+/// logged once per reason, counted in `errors` by reason; `what` then runs in user space.
 pub(super) fn engine_and_slot(
     errors: &Family<Labels, Counter>,
     name: &str,
@@ -378,7 +377,7 @@ pub struct ListenerOffload {
     seen: Mutex<[(u64, u64); 2]>,
 }
 
-pub(super) fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
+fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
     match a {
         SocketAddr::V4(a) if !a.ip().is_unspecified() => Some(a),
         SocketAddr::V6(a) => a

@@ -45,8 +45,8 @@
 //! **Left to user space:** IPv6; TCP, TLS and DTLS clients; padded ChannelData (padding
 //! is optional over UDP and browsers send none); payloads over 2040 bytes or over the
 //! egress device's MTU; GRO batches; link-layer padding (frames shorter than 60 bytes on
-//! Ethernet). Counted like the rest: `mediagate_turn_packets_total` and `bytes_total`
-//! include what the kernel relayed (summed from per-CPU counters at every scrape), and
+//! Ethernet). Counted like the rest: `mediagate_turn_relayed_packets_total` and
+//! `mediagate_turn_relayed_bytes_total` include what the kernel relayed (summed from per-CPU counters at every scrape), and
 //! `mediagate_turn_offload_packets_total` tells that part apart.
 
 use super::engine::{Engine, engine_and_slot};

@@ -428,4 +428,34 @@ mod tests {
         assert_eq!(got, vec![b"one".to_vec(), b"two".to_vec()]);
         assert_eq!(inb.recv_from(rx.as_raw_fd()).unwrap(), 0);
     }
+
+    #[test]
+    fn headroom_stays_free_in_front_of_each_datagram() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        tx.send_to(b"abc", to).unwrap();
+        tx.send_to(b"defgh", to).unwrap();
+        let mut b = MsgBatch::with_headroom(2, 16, 4);
+        let mut n = 0;
+        for _ in 0..100 {
+            n += b.recv_append(rx.as_raw_fd(), 2).unwrap();
+            if n == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(n, 2);
+        assert_eq!(b.get(1).0, b"defgh");
+        let (frame, from, trunc) = b.frame_mut(0);
+        assert_eq!(
+            (frame.len(), from, trunc),
+            (7, Some(tx.local_addr().unwrap()), false)
+        );
+        frame[..4].copy_from_slice(b"HDR:");
+        assert_eq!(&b.frame_mut(0).0[..], b"HDR:abc");
+        // Writing the header of one datagram leaves the next one alone.
+        assert_eq!(b.get(1).0, b"defgh");
+        assert_eq!(&b.frame_mut(1).0[4..], b"defgh");
+    }
 }

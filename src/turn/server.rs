@@ -300,9 +300,11 @@ impl Listener {
         let mut batch = MsgBatch::new(UDP_BATCH, wire::MAX_FRAME);
         let mut routes = RouteCache::new();
         let mut prune_at = 64;
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
         loop {
             let ready = tokio::select! {
-                _ = cancel.cancelled() => break,
+                _ = &mut cancelled => break,
                 r = socket.readable() => r,
             };
             // A batch that is not full emptied the queue: its `WouldBlock` clears the

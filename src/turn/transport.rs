@@ -423,6 +423,15 @@ impl Connection {
         let mut buf = BytesMut::new();
         // This connection's allocation, for the data path.
         let mut route: Option<Arc<RelayState>> = None;
+        // Registered once, not once per read.
+        let cancelled = self.cancel.cancelled();
+        tokio::pin!(cancelled);
+        // One timer for the connection's deadlines. Reads do not touch it (a timer per
+        // read is two operations on the runtime's timer wheel per packet): it is moved
+        // only when a nearer deadline appears (a frame started) or when it fires before
+        // the deadline in force (which then moved on).
+        let timer = tokio::time::sleep_until(opened + TCP_ALLOCATE_TIMEOUT);
+        tokio::pin!(timer);
         loop {
             loop {
                 match wire::tcp_frame(&buf) {
@@ -497,14 +506,20 @@ impl Connection {
                 }
                 None => {}
             }
+            if Instant::now() >= deadline.0 {
+                return Some(deadline.1);
+            }
+            if timer.is_elapsed() || timer.deadline() > deadline.0 {
+                timer.as_mut().reset(deadline.0);
+            }
             let read = tokio::select! {
-                _ = self.cancel.cancelled() => return None,
-                r = tokio::time::timeout_at(deadline.0, rd.read_buf(&mut buf)) => r,
+                _ = &mut cancelled => return None,
+                () = &mut timer => continue,
+                r = rd.read_buf(&mut buf) => r,
             };
             match read {
-                Err(_) => return Some(deadline.1),
-                Ok(Ok(0)) | Ok(Err(_)) => return None,
-                Ok(Ok(_)) => last_read = Instant::now(),
+                Ok(0) | Err(_) => return None,
+                Ok(_) => last_read = Instant::now(),
             }
         }
     }

@@ -45,8 +45,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Interest};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Mutex, Semaphore, mpsc};
 use tokio::time::Instant;
@@ -373,10 +372,10 @@ impl Connection {
         let out = Arc::new(Outbox::new(None, self.cancel.clone()));
         let flusher = Arc::clone(&out);
         let writer = tokio::spawn(async move { flusher.flush_queued(wr).await });
-        self.serve(&mut Stream(&mut rd), out, writer).await;
+        self.serve(&mut rd, out, writer).await;
     }
 
-    async fn serve<R: ReadSome>(
+    async fn serve<R: AsyncRead + Unpin>(
         self,
         rd: &mut R,
         out: Arc<Outbox>,
@@ -412,7 +411,7 @@ impl Connection {
 
     /// Cuts the stream into frames until it ends; returns why the server closed it, if it
     /// did so on its own (limits and timeouts).
-    async fn read_frames<R: ReadSome>(
+    async fn read_frames<R: AsyncRead + Unpin>(
         &self,
         rd: &mut R,
         allocated: &AtomicBool,
@@ -516,65 +515,13 @@ impl Connection {
             let read = tokio::select! {
                 _ = &mut cancelled => return None,
                 () = &mut timer => continue,
-                r = rd.read_some(&mut buf) => r,
+                r = rd.read_buf(&mut buf) => r,
             };
             match read {
                 Ok(0) | Err(_) => return None,
                 Ok(_) => last_read = Instant::now(),
             }
         }
-    }
-}
-
-/// Where a connection's bytes come from.
-trait ReadSome: Send {
-    /// Appends what is there (at least one byte; 0 at the end of the stream) to `buf`,
-    /// within its spare capacity (which the caller keeps above zero).
-    fn read_some(
-        &mut self,
-        buf: &mut BytesMut,
-    ) -> impl Future<Output = std::io::Result<usize>> + Send;
-}
-
-/// A plain TCP connection: a read that leaves room in the buffer drained the socket, and
-/// clears its readiness right there, instead of a second call that only says so (one
-/// receive call per wake-up, as for UDP).
-impl ReadSome for OwnedReadHalf {
-    async fn read_some(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
-        use std::io::{ErrorKind, Read};
-        loop {
-            self.as_ref().readable().await?;
-            let len = buf.len();
-            let spare = buf.capacity() - len;
-            buf.resize(len + spare, 0);
-            let mut got = 0;
-            let r = self.as_ref().try_io(Interest::READABLE, || {
-                let sock = socket2::SockRef::from(self.as_ref());
-                got = (&*sock).read(&mut buf[len..])?;
-                // 0 is the end of the stream: reported, not waited on.
-                if got == 0 || got == spare {
-                    Ok(())
-                } else {
-                    Err(ErrorKind::WouldBlock.into())
-                }
-            });
-            buf.truncate(len + got);
-            match r {
-                Ok(()) => return Ok(got),
-                Err(e) if e.kind() == ErrorKind::WouldBlock && got > 0 => return Ok(got),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-}
-
-/// Any other byte stream (TLS).
-struct Stream<'a, R>(&'a mut R);
-
-impl<R: AsyncRead + Unpin + Send> ReadSome for Stream<'_, R> {
-    async fn read_some(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
-        self.0.read_buf(buf).await
     }
 }
 

@@ -147,10 +147,9 @@ static __always_inline void turn_count(struct flow_nat *nat, __u32 bytes, __u64 
 }
 
 // ChannelData from a client on an installed channel: to the peer.
-static __always_inline int turn_to_peer(struct __sk_buff *skb)
+static __always_inline int turn_to_peer(struct __sk_buff *skb, const struct turn_old *old,
+					__u32 payload)
 {
-	struct turn_old old = {};
-	__u32 payload = turn_parse(skb, &old);
 	if (payload < 5)
 		return TC_ACT_UNSPEC;
 	void *data = (void *)(long)skb->data;
@@ -167,10 +166,10 @@ static __always_inline int turn_to_peer(struct __sk_buff *skb)
 	__u32 hdr;
 	__builtin_memcpy(&hdr, h, sizeof(hdr));
 	struct turn_chan_key key = {
-		.saddr = old.addrs.saddr,
-		.daddr = old.addrs.daddr,
-		.sport = old.addrs.sport,
-		.dport = old.addrs.dport,
+		.saddr = old->addrs.saddr,
+		.daddr = old->addrs.daddr,
+		.sport = old->addrs.sport,
+		.dport = old->addrs.dport,
 		.channel = (__u16)(h[0] | (h[1] << 8)),
 	};
 	int wildcard = 0;
@@ -188,7 +187,7 @@ static __always_inline int turn_to_peer(struct __sk_buff *skb)
 	// The peer entry learns where its datagrams leave (the client's device) and, for a
 	// wildcard listener, the address the client sent to.
 	__u32 in_if = skb->ingress_ifindex;
-	if (nat->taught != in_if || (wildcard && nat->taught_addr != old.addrs.daddr)) {
+	if (must_teach(nat, in_if, wildcard, old->addrs.daddr)) {
 		struct flow_key pk = {
 			.saddr = nat->daddr,
 			.daddr = nat->saddr,
@@ -200,13 +199,7 @@ static __always_inline int turn_to_peer(struct __sk_buff *skb)
 			pk.daddr = 0; // a relay socket on 0.0.0.0
 			peer = bpf_map_lookup_elem(&mg_turn_peer, &pk);
 		}
-		if (peer) {
-			peer->ifindex = in_if;
-			if (wildcard)
-				peer->saddr = old.addrs.daddr;
-			nat->taught = in_if;
-			nat->taught_addr = old.addrs.daddr;
-		}
+		teach(nat, peer, in_if, wildcard, old->addrs.daddr);
 	}
 	// Until the peer sent once, user space relays (the relay address or the peer's
 	// device is not known yet).
@@ -226,19 +219,18 @@ static __always_inline int turn_to_peer(struct __sk_buff *skb)
 	turn_count(nat, clen, now);
 	// From here on the datagram is being changed: a failure drops it.
 	if (bpf_skb_store_bytes(skb, TURN_HDR_OFF, sc->buf, clen, BPF_F_RECOMPUTE_CSUM) ||
-	    bpf_skb_change_tail(skb, skb->len - 4, 0) || turn_rewrite(skb, &old, &to, hdr, 0))
+	    bpf_skb_change_tail(skb, skb->len - 4, 0) || turn_rewrite(skb, old, &to, hdr, 0))
 		return TC_ACT_SHOT;
 	return deliver(in_if, out_if);
 }
 
 // A datagram from a peer with an installed channel: to the client, as ChannelData.
-static __always_inline int turn_to_client(struct __sk_buff *skb)
+static __always_inline int turn_to_client(struct __sk_buff *skb, const struct turn_old *old,
+					  __u32 n)
 {
-	struct turn_old old = {};
-	__u32 n = turn_parse(skb, &old);
 	if (n < 1 || n > TURN_MAX_DATA)
 		return TC_ACT_UNSPEC;
-	struct flow_key key = old.addrs;
+	struct flow_key key = old->addrs;
 	int wildcard = 0;
 	struct flow_nat *nat = bpf_map_lookup_elem(&mg_turn_peer, &key);
 	if (!nat) {
@@ -254,7 +246,7 @@ static __always_inline int turn_to_client(struct __sk_buff *skb)
 	// The channel entry learns where its datagrams leave (the peer's device) and, for
 	// a wildcard relay socket, the relay address the peer sent to.
 	__u32 in_if = skb->ingress_ifindex;
-	if (nat->taught != in_if || (wildcard && nat->taught_addr != old.addrs.daddr)) {
+	if (must_teach(nat, in_if, wildcard, old->addrs.daddr)) {
 		struct turn_chan_key ck = {
 			.saddr = nat->daddr,
 			.daddr = nat->saddr,
@@ -267,13 +259,7 @@ static __always_inline int turn_to_client(struct __sk_buff *skb)
 			ck.daddr = 0; // a listener on 0.0.0.0
 			chan = bpf_map_lookup_elem(&mg_turn_chan, &ck);
 		}
-		if (chan) {
-			chan->ifindex = in_if;
-			if (wildcard)
-				chan->saddr = old.addrs.daddr;
-			nat->taught = in_if;
-			nat->taught_addr = old.addrs.daddr;
-		}
+		teach(nat, chan, in_if, wildcard, old->addrs.daddr);
 	}
 	__u32 out_if = nat->ifindex;
 	if (nat->saddr == 0 || out_if == 0)
@@ -295,7 +281,7 @@ static __always_inline int turn_to_client(struct __sk_buff *skb)
 	if (bpf_skb_change_tail(skb, skb->len + 4, 0) ||
 	    bpf_skb_store_bytes(skb, TURN_HDR_OFF + 4, sc->buf, n, BPF_F_RECOMPUTE_CSUM) ||
 	    bpf_skb_store_bytes(skb, TURN_HDR_OFF, &hdr, sizeof(hdr), BPF_F_RECOMPUTE_CSUM) ||
-	    turn_rewrite(skb, &old, &to, hdr, 1))
+	    turn_rewrite(skb, old, &to, hdr, 1))
 		return TC_ACT_SHOT;
 	return deliver(in_if, out_if);
 }
@@ -303,8 +289,12 @@ static __always_inline int turn_to_client(struct __sk_buff *skb)
 // A datagram no UDP session claimed: TURN data, or none of ours.
 static __always_inline int turn_ingress(struct __sk_buff *skb)
 {
-	int r = turn_to_peer(skb);
+	struct turn_old old = {};
+	__u32 payload = turn_parse(skb, &old);
+	if (payload == 0)
+		return TC_ACT_UNSPEC;
+	int r = turn_to_peer(skb, &old, payload);
 	if (r != TC_ACT_UNSPEC)
 		return r;
-	return turn_to_client(skb);
+	return turn_to_client(skb, &old, payload);
 }

@@ -125,6 +125,28 @@ static __always_inline int deliver(__u32 in_if, __u32 out_if)
 	return bpf_redirect_neigh(out_if, NULL, 0, 0);
 }
 
+// Whether `nat`, matched by a datagram that arrived on `in_if` sent to `daddr` (by its
+// wildcard key when `wildcard`), has something to teach its pair.
+static __always_inline int must_teach(const struct flow_nat *nat, __u32 in_if, int wildcard,
+				      __u32 daddr)
+{
+	return nat->taught != in_if || (wildcard && nat->taught_addr != daddr);
+}
+
+// The pair of `nat` (the other direction's entry, if found) learns that its datagrams
+// leave from `in_if`, and for a wildcard match the address to send them from, `daddr`.
+static __always_inline void teach(struct flow_nat *nat, struct flow_nat *pair, __u32 in_if,
+				  int wildcard, __u32 daddr)
+{
+	if (!pair)
+		return;
+	pair->ifindex = in_if;
+	if (wildcard)
+		pair->saddr = daddr;
+	nat->taught = in_if;
+	nat->taught_addr = daddr;
+}
+
 #include "turn_offload.h"
 
 SEC("classifier")
@@ -170,7 +192,7 @@ int mg_ingress(struct __sk_buff *skb)
 	// direction arrives on, which is where its own datagrams must leave; a wildcard
 	// listener's reply entry also learns the address the client sent to.
 	__u32 in_if = skb->ingress_ifindex;
-	if (nat->taught != in_if || (wildcard && nat->taught_addr != orig_daddr)) {
+	if (must_teach(nat, in_if, wildcard, orig_daddr)) {
 		struct flow_key pk = {
 			.saddr = nat->daddr,
 			.daddr = nat->saddr,
@@ -182,13 +204,7 @@ int mg_ingress(struct __sk_buff *skb)
 			pk.daddr = 0; // the client entry of a wildcard listener
 			peer = bpf_map_lookup_elem(&mg_flows, &pk);
 		}
-		if (peer) {
-			peer->ifindex = in_if;
-			if (wildcard)
-				peer->saddr = orig_daddr;
-			nat->taught = in_if;
-			nat->taught_addr = orig_daddr;
-		}
+		teach(nat, peer, in_if, wildcard, orig_daddr);
 	}
 	if (wildcard)
 		key.daddr = orig_daddr;

@@ -1,7 +1,7 @@
 //! The loaded fast path (program, links, maps), shared by every offloading listener, and
 //! each listener's handle on it (its counter slot and its sessions' entries).
 
-use super::sys::{self, FlowKey, FlowNat};
+use super::sys::{self, FlowKey, FlowNat, MapKey};
 use crate::metrics::{Labels, ListenerMetrics, Metrics, child, labels};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -290,31 +290,102 @@ fn count_error(errors: &Family<Labels, Counter>, reason: &'static str) {
     child(errors, &labels(&[("reason", reason)])).inc();
 }
 
-/// The engine and a counter slot for `name` (a listener, or the TURN service), or None:
-/// logged once per reason, counted in `errors` by reason; `what` then runs in user space.
-pub(super) fn engine_and_slot(
-    errors: &Family<Labels, Counter>,
-    name: &str,
-    what: &str,
-) -> Option<(Arc<Engine>, u32)> {
-    let engine = match engine() {
-        Ok(e) => e,
-        Err(u) => {
-            count_error(errors, u.reason);
-            let mut logged = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
-            if !logged.contains(&u.reason) {
-                logged.push(u.reason);
-                tracing::warn!(listener = %name, reason = u.reason, detail = %u.detail, "offload unavailable: {}; {what} runs in user space", u.detail);
+/// One user's share of the engine (a listener, or the TURN service): its counter slot in
+/// `mg_totals`, what of those totals its counters already have, and the counters of
+/// entries the kernel refused. Dropping it frees the slot.
+pub(super) struct Slot {
+    engine: Arc<Engine>,
+    index: u32,
+    /// Totals already added to the user's counters, per direction.
+    seen: Mutex<[(u64, u64); 2]>,
+    map_full: Counter,
+    insert_failed: Counter,
+}
+
+impl Slot {
+    /// The engine and a free slot for `name`, or None: logged once per reason, counted in
+    /// `errors` by reason; `what` then runs in user space.
+    pub(super) fn take(errors: &Family<Labels, Counter>, name: &str, what: &str) -> Option<Slot> {
+        let engine = match engine() {
+            Ok(e) => e,
+            Err(u) => {
+                count_error(errors, u.reason);
+                let mut logged = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
+                if !logged.contains(&u.reason) {
+                    logged.push(u.reason);
+                    tracing::warn!(listener = %name, reason = u.reason, detail = %u.detail, "offload unavailable: {}; {what} runs in user space", u.detail);
+                }
+                return None;
             }
+        };
+        let Some(index) = engine.take_slot() else {
+            count_error(errors, "slots");
+            tracing::warn!(listener = %name, "offload unavailable: all {SLOTS} counter slots in use; {what} runs in user space");
             return None;
+        };
+        let seen = Mutex::new([engine.totals(index, 0), engine.totals(index, 1)]);
+        let error = |reason| child(errors, &labels(&[("reason", reason)]));
+        Some(Slot {
+            engine,
+            index,
+            seen,
+            map_full: error("map_full"),
+            insert_failed: error("map_insert"),
+        })
+    }
+
+    pub(super) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The `slot` value of this user's entries in direction `dir` (0 or 1).
+    pub(super) fn entry_slot(&self, dir: u32) -> u32 {
+        (self.index << 1) | dir
+    }
+
+    /// Inserts the two entries of one session or channel, both or neither; a refusal is
+    /// counted (`map_full`, `map_insert`).
+    pub(super) fn insert_pair<A: MapKey, B: MapKey>(
+        &self,
+        first: (&OwnedFd, &A, &FlowNat),
+        second: (&OwnedFd, &B, &FlowNat),
+    ) -> bool {
+        let inserted = sys::insert(first.0, first.1, first.2).and_then(|()| {
+            sys::insert(second.0, second.1, second.2).inspect_err(|_| sys::remove(first.0, first.1))
+        });
+        match inserted {
+            Ok(()) => true,
+            Err(e) if e.raw_os_error() == Some(libc::E2BIG) => {
+                self.map_full.inc();
+                false
+            }
+            Err(_) => {
+                self.insert_failed.inc();
+                false
+            }
         }
-    };
-    let Some(slot) = engine.take_slot() else {
-        count_error(errors, "slots");
-        tracing::warn!(listener = %name, "offload unavailable: all {SLOTS} counter slots in use; {what} runs in user space");
-        return None;
-    };
-    Some((engine, slot))
+    }
+
+    /// Adds what the kernel counted since the last call to the user's counters:
+    /// `counters[dir]` = (packets, bytes, offloaded packets) of direction `dir`.
+    pub(super) fn refresh(&self, counters: [[&Counter; 3]; 2]) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        for (dir, [packets, bytes, offloaded]) in counters.into_iter().enumerate() {
+            let (p, b) = self.engine.totals(self.index, dir as u32);
+            let (sp, sb) = seen[dir];
+            seen[dir] = (p, b);
+            let (dp, db) = (p.saturating_sub(sp), b.saturating_sub(sb));
+            packets.inc_by(dp);
+            bytes.inc_by(db);
+            offloaded.inc_by(dp);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.engine.free_slot(self.index);
+    }
 }
 
 /// The fast path for listener `name`, or None (logged once per reason, counted in
@@ -324,18 +395,9 @@ pub fn acquire(
     name: &str,
     lm: &ListenerMetrics,
 ) -> Option<Arc<ListenerOffload>> {
-    let (engine, slot) = engine_and_slot(&metrics.offload_errors, name, "UDP")?;
-    let base = [engine.totals(slot, 0), engine.totals(slot, 1)];
     let l = ListenerOffload {
-        engine,
-        slot,
+        slot: Slot::take(&metrics.offload_errors, name, "UDP")?,
         lm: lm.clone(),
-        errors_map_full: child(&metrics.offload_errors, &labels(&[("reason", "map_full")])),
-        errors_insert: child(
-            &metrics.offload_errors,
-            &labels(&[("reason", "map_insert")]),
-        ),
-        seen: Mutex::new(base),
     };
     let l = Arc::new(l);
     let mut all = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());
@@ -368,13 +430,8 @@ pub struct SessionKeys {
 
 /// One listener's use of the engine.
 pub struct ListenerOffload {
-    engine: Arc<Engine>,
-    slot: u32,
+    slot: Slot,
     lm: ListenerMetrics,
-    errors_map_full: Counter,
-    errors_insert: Counter,
-    /// Totals already added to the counters, per direction.
-    seen: Mutex<[(u64, u64); 2]>,
 }
 
 fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
@@ -411,22 +468,13 @@ impl ListenerOffload {
             fwd: FlowKey::new(client, listen),
             rev: FlowKey::new(server, local),
         };
-        let fwd = FlowNat::new(local, server, self.slot << 1);
-        let rev = FlowNat::new(listen, client, (self.slot << 1) | 1);
-        let fail = |e: io::Error| {
-            if e.raw_os_error() == Some(libc::E2BIG) {
-                self.errors_map_full.inc();
-            } else {
-                self.errors_insert.inc();
-            }
-        };
-        if let Err(e) = sys::insert(&self.engine.flows, &keys.fwd, &fwd) {
-            fail(e);
-            return None;
-        }
-        if let Err(e) = sys::insert(&self.engine.flows, &keys.rev, &rev) {
-            sys::remove(&self.engine.flows, &keys.fwd);
-            fail(e);
+        let fwd = FlowNat::new(local, server, self.slot.entry_slot(0));
+        let rev = FlowNat::new(listen, client, self.slot.entry_slot(1));
+        let flows = &self.slot.engine().flows;
+        if !self
+            .slot
+            .insert_pair((flows, &keys.fwd, &fwd), (flows, &keys.rev, &rev))
+        {
             return None;
         }
         self.lm.offload_sessions.inc();
@@ -435,8 +483,9 @@ impl ListenerOffload {
 
     /// Removes a session's entries: its next datagram goes up to user space.
     pub fn remove(&self, keys: &SessionKeys) {
-        sys::remove(&self.engine.flows, &keys.fwd);
-        sys::remove(&self.engine.flows, &keys.rev);
+        let flows = &self.slot.engine().flows;
+        sys::remove(flows, &keys.fwd);
+        sys::remove(flows, &keys.rev);
         self.lm.offload_sessions.dec();
     }
 
@@ -445,7 +494,7 @@ impl ListenerOffload {
     pub fn idle_ns(&self, keys: &SessionKeys) -> Option<u64> {
         let last = [keys.fwd, keys.rev]
             .iter()
-            .filter_map(|k| sys::lookup(&self.engine.flows, k))
+            .filter_map(|k| sys::lookup(&self.slot.engine().flows, k))
             .map(|n| n.last_ns)
             .max()
             .filter(|&ns| ns > 0)?;
@@ -455,43 +504,29 @@ impl ListenerOffload {
     /// The last-seen times of every offloaded session (of every listener), from one
     /// batched pass over the kernel's map at most `max_age` old.
     pub fn last_seen(&self, max_age: Duration) -> Arc<LastSeen> {
-        self.engine.last_seen(max_age)
+        self.slot.engine().last_seen(max_age)
     }
 
     /// Adds what the kernel forwarded since the last call to the listener's counters.
     pub fn refresh(&self) {
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        for dir in 0..2u32 {
-            let (p, b) = self.engine.totals(self.slot, dir);
-            let (sp, sb) = seen[dir as usize];
-            let (dp, db) = (p.saturating_sub(sp), b.saturating_sub(sb));
-            seen[dir as usize] = (p, b);
-            if dp == 0 && db == 0 {
-                continue;
-            }
-            let (packets, bytes, offloaded) = if dir == 0 {
-                (
-                    &self.lm.packets_to_server,
-                    &self.lm.bytes_to_server,
-                    &self.lm.offload_packets_to_server,
-                )
-            } else {
-                (
-                    &self.lm.packets_to_client,
-                    &self.lm.bytes_to_client,
-                    &self.lm.offload_packets_to_client,
-                )
-            };
-            packets.inc_by(dp);
-            bytes.inc_by(db);
-            offloaded.inc_by(dp);
-        }
+        let lm = &self.lm;
+        self.slot.refresh([
+            [
+                &lm.packets_to_server,
+                &lm.bytes_to_server,
+                &lm.offload_packets_to_server,
+            ],
+            [
+                &lm.packets_to_client,
+                &lm.bytes_to_client,
+                &lm.offload_packets_to_client,
+            ],
+        ]);
     }
 }
 
 impl Drop for ListenerOffload {
     fn drop(&mut self) {
         self.refresh();
-        self.engine.free_slot(self.slot);
     }
 }

@@ -49,14 +49,14 @@
 //! `mediagate_turn_relayed_bytes_total` include what the kernel relayed (summed from per-CPU counters at every scrape), and
 //! `mediagate_turn_offload_packets_total` tells that part apart.
 
-use super::engine::{Engine, engine_and_slot};
-use super::sys::{self, FlowKey, FlowNat, TurnChanKey};
-use crate::metrics::{Labels, child, labels};
+use super::engine::Slot;
+use super::sys::{self, FlowKey, FlowNat, MapKey, TurnChanKey};
+use crate::metrics::Labels;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, Weak};
 
 /// The TURN service's counters that the kernel's relaying adds to.
@@ -74,13 +74,8 @@ pub struct TurnCounters {
 
 /// The TURN service's use of the engine: its counter slot and its channels' entries.
 pub struct TurnOffload {
-    engine: Arc<Engine>,
-    slot: u32,
+    slot: Slot,
     counters: TurnCounters,
-    errors_map_full: Counter,
-    errors_insert: Counter,
-    /// Totals already added to the counters, per direction.
-    seen: Mutex<[(u64, u64); 2]>,
 }
 
 /// The two entries of one installed channel.
@@ -101,16 +96,9 @@ pub fn acquire_turn(
     errors: &Family<Labels, Counter>,
     counters: TurnCounters,
 ) -> Option<Arc<TurnOffload>> {
-    let (engine, slot) = engine_and_slot(errors, "turn", "the TURN relay")?;
-    let error = |reason| child(errors, &labels(&[("reason", reason)]));
-    let base = [engine.totals(slot, 0), engine.totals(slot, 1)];
     let t = Arc::new(TurnOffload {
-        engine,
-        slot,
+        slot: Slot::take(errors, "turn", "the TURN relay")?,
         counters,
-        errors_map_full: error("map_full"),
-        errors_insert: error("map_insert"),
-        seen: Mutex::new(base),
     });
     let mut all = USERS.lock().unwrap_or_else(|p| p.into_inner());
     all.retain(|w| w.strong_count() > 0);
@@ -174,27 +162,18 @@ impl TurnOffload {
         };
         let to_peer = FlowNat {
             expires_ns,
-            ..FlowNat::new(relay, peer, self.slot << 1)
+            ..FlowNat::new(relay, peer, self.slot.entry_slot(0))
         };
         let to_client = FlowNat {
             channel: u32::from(channel.to_be()),
             expires_ns,
-            ..FlowNat::new(listen, client, (self.slot << 1) | 1)
+            ..FlowNat::new(listen, client, self.slot.entry_slot(1))
         };
-        let fail = |e: io::Error| {
-            if e.raw_os_error() == Some(libc::E2BIG) {
-                self.errors_map_full.inc();
-            } else {
-                self.errors_insert.inc();
-            }
-        };
-        if let Err(e) = sys::insert(&self.engine.turn_chan, &entries.chan, &to_peer) {
-            fail(e);
-            return None;
-        }
-        if let Err(e) = sys::insert(&self.engine.turn_peer, &entries.peer, &to_client) {
-            sys::remove(&self.engine.turn_chan, &entries.chan);
-            fail(e);
+        let engine = self.slot.engine();
+        if !self.slot.insert_pair(
+            (&engine.turn_chan, &entries.chan, &to_peer),
+            (&engine.turn_peer, &entries.peer, &to_client),
+        ) {
             return None;
         }
         self.counters.channels.inc();
@@ -205,56 +184,44 @@ impl TurnOffload {
     /// devices on their next datagrams (what the program learned meanwhile may be
     /// overwritten).
     pub fn set_expiry(&self, e: &ChannelEntries, expires_ns: u64) {
-        if let Some(mut nat) = sys::lookup(&self.engine.turn_chan, &e.chan) {
-            nat.expires_ns = expires_ns;
-            nat.taught = 0;
-            let _ = sys::replace(&self.engine.turn_chan, &e.chan, &nat);
-        }
-        if let Some(mut nat) = sys::lookup(&self.engine.turn_peer, &e.peer) {
-            nat.expires_ns = expires_ns;
-            nat.taught = 0;
-            let _ = sys::replace(&self.engine.turn_peer, &e.peer, &nat);
-        }
+        let engine = self.slot.engine();
+        set_expiry(&engine.turn_chan, &e.chan, expires_ns);
+        set_expiry(&engine.turn_peer, &e.peer, expires_ns);
     }
 
     /// Removes a channel's entries: its datagrams go through user space again.
     pub fn remove(&self, e: &ChannelEntries) {
-        sys::remove(&self.engine.turn_chan, &e.chan);
-        sys::remove(&self.engine.turn_peer, &e.peer);
+        let engine = self.slot.engine();
+        sys::remove(&engine.turn_chan, &e.chan);
+        sys::remove(&engine.turn_peer, &e.peer);
         self.counters.channels.dec();
     }
 
     /// Adds what the kernel relayed since the last call to the TURN counters.
     pub fn refresh(&self) {
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        for dir in 0..2u32 {
-            let (p, b) = self.engine.totals(self.slot, dir);
-            let (sp, sb) = seen[dir as usize];
-            let (dp, db) = (p.saturating_sub(sp), b.saturating_sub(sb));
-            seen[dir as usize] = (p, b);
-            if dp == 0 && db == 0 {
-                continue;
-            }
-            let c = &self.counters;
-            let (packets, bytes, offloaded) = if dir == 0 {
-                (&c.packets_to_peer, &c.bytes_to_peer, &c.offload_to_peer)
-            } else {
-                (
-                    &c.packets_to_client,
-                    &c.bytes_to_client,
-                    &c.offload_to_client,
-                )
-            };
-            packets.inc_by(dp);
-            bytes.inc_by(db);
-            offloaded.inc_by(dp);
-        }
+        let c = &self.counters;
+        self.slot.refresh([
+            [&c.packets_to_peer, &c.bytes_to_peer, &c.offload_to_peer],
+            [
+                &c.packets_to_client,
+                &c.bytes_to_client,
+                &c.offload_to_client,
+            ],
+        ]);
+    }
+}
+
+/// Moves one entry's end; it re-learns its device on its next datagram.
+fn set_expiry<K: MapKey>(fd: &OwnedFd, key: &K, expires_ns: u64) {
+    if let Some(mut nat) = sys::lookup(fd, key) {
+        nat.expires_ns = expires_ns;
+        nat.taught = 0;
+        let _ = sys::replace(fd, key, &nat);
     }
 }
 
 impl Drop for TurnOffload {
     fn drop(&mut self) {
         self.refresh();
-        self.engine.free_slot(self.slot);
     }
 }

@@ -160,9 +160,11 @@ impl RelayState {
         k.apply(&mut installed, &want, client, listen, relay);
     }
 
-    /// Installs or refreshes channel `number` → `peer` (called after the crate accepted
-    /// the binding, so number and peer are consistent with the existing ones).
+    /// Installs or refreshes channel `number` → `peer` and the peer's permission (called
+    /// after the crate accepted the binding, so number and peer are consistent with the
+    /// existing ones).
     pub(crate) fn bind_channel(&self, number: u16, peer: SocketAddr) {
+        self.set_permission(peer.ip());
         let now = Instant::now();
         let mut c = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         c.by_number.retain(|_, (_, exp)| *exp > now);
@@ -195,12 +197,15 @@ impl RelayState {
 
     /// Installs or refreshes the permission for `ip` (called next to the crate's own).
     pub(crate) fn permit(&self, ip: IpAddr) {
+        self.set_permission(ip);
+        self.sync_kernel();
+    }
+
+    fn set_permission(&self, ip: IpAddr) {
         let now = Instant::now();
         let mut p = self.permissions.lock().unwrap_or_else(|e| e.into_inner());
         p.retain(|_, exp| *exp > now);
         p.insert(ip, now + PERMISSION_LIFETIME);
-        drop(p);
-        self.sync_kernel();
     }
 
     pub(crate) fn has_permission(&self, ip: IpAddr) -> bool {

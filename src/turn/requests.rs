@@ -397,7 +397,6 @@ impl Listener {
             // The channel is bound to another peer, or the peer to another channel.
             return self.fail(m, src, 400, "Bad Request", k).await;
         }
-        relay.permit(peer.ip());
         relay.bind_channel(number, peer);
         self.reply(m, src, CLASS_SUCCESS_RESPONSE, vec![], Some(k))
             .await;

@@ -10,6 +10,11 @@
 #   scripts/bench-turn.sh                       # the full matrix (~15 min)
 #   ALLOCS="100" TRANSPORTS="udp" SIZES="160" scripts/bench-turn.sh   # one case
 #   PROFILE=1 KEEP_TMP=1 ...                    # also `perf record` mediagate at half rate (kept)
+#   PROFILE=all KEEP_TMP=1 ...                  # `perf record -a` (whole machine) at half rate,
+#                                               # for each server
+#   STAT=1 ...                                  # also count both servers' syscalls and context
+#                                               # switches per relayed packet at half rate
+#   MG_BIN=path SKIP_BUILD=1 ...                # another mediagate build (A/B runs)
 #   SMOKE=1 scripts/bench-turn.sh               # seconds: 2 allocations, one fixed rate
 #
 # Topology: the generator in a network namespace of its own and the echo peer
@@ -47,6 +52,7 @@ DURATION=${DURATION:-2s}
 MAX_LOSS=${MAX_LOSS:-0.005}
 THREADS=${THREADS:-2}
 PROFILE=${PROFILE:-0}
+STAT=${STAT:-0}
 FIXED_RATE=${FIXED_RATE:-}
 # Both servers and the generator run at this nice level, so that other work on a shared
 # machine (builds) disturbs the comparison less; same level for both servers.
@@ -59,7 +65,7 @@ if [[ $SMOKE = 1 ]]; then
     MG_BIN=target/debug/examples/turn_server
 else
     [[ -n "${SKIP_BUILD:-}" ]] || cargo build --release --quiet --example turn_server
-    MG_BIN=target/release/examples/turn_server
+    MG_BIN=${MG_BIN:-target/release/examples/turn_server}
 fi
 LOAD=$BIN/mediagate-load
 
@@ -171,17 +177,39 @@ sweep() {
 # fixed NAME PORT PID TR N SIZE RATE: one run at RATE; prints
 # "p50 p99 server_cpu_us_per_pkt loss machine_cpu_us_per_pkt".
 fixed() {
-    local name=$1 port=$2 pid=$3 c0 c1 m0 m1 line perf_pid=""
+    local name=$1 port=$2 pid=$3 c0 c1 m0 m1 line perf_pid="" stat_pid=""
     c0=$(cpu_ticks "$pid")
     m0=$(machine_ticks)
     if [[ $PROFILE = 1 && $name = mediagate ]]; then
         perf record -F 999 -g -p "$pid" -o "$TMP/perf-$4-$5-$6.data" >/dev/null 2>&1 &
         perf_pid=$!
+    elif [[ $PROFILE = all ]]; then
+        perf record -F 999 -g -a -o "$TMP/perf-all-$name-$4-$5-$6.data" >/dev/null 2>&1 &
+        perf_pid=$!
+    fi
+    if [[ $STAT = 1 ]]; then
+        perf stat -x, -e raw_syscalls:sys_enter,context-switches,cpu-migrations -p "$pid" \
+            -o "$TMP/stat-$name-$4-$5-$6.csv" >/dev/null 2>&1 &
+        stat_pid=$!
     fi
     line=$(gen "$port" "$4" "$5" "$6" --rate "$7")
     c1=$(cpu_ticks "$pid")
     m1=$(machine_ticks)
     [[ -z "$perf_pid" ]] || { kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; }
+    if [[ -n "$stat_pid" ]]; then
+        kill -INT "$stat_pid"; wait "$stat_pid" 2>/dev/null || true
+        python3 - "$TMP/stat-$name-$4-$5-$6.csv" "$line" "$name $4 n=$5 size=$6" >>"$TMP/stat.txt" <<'EOF'
+import sys
+kv = dict(x.split("=", 1) for x in sys.argv[2].split() if "=" in x)
+relayed = int(kv.get("sent", 0)) + int(kv.get("received", 0)) or 1
+counts = {}
+for row in open(sys.argv[1]):
+    f = row.strip().split(",")
+    if len(f) > 2 and f[0].replace(".", "").isdigit():
+        counts[f[2]] = float(f[0])
+print(sys.argv[3], " ".join(f"{k}/pkt={v / relayed:.3f}" for k, v in counts.items()))
+EOF
+    fi
     echo "$name $4 n=$5 size=$6 fixed $line" >>"$TMP/results.txt"
     python3 - "$line" "$((c1 - c0))" "$(getconf CLK_TCK)" "$((m1 - m0))" <<'EOF'
 import sys
@@ -239,5 +267,6 @@ if [[ $SMOKE = 1 ]]; then
     ((failed == 0)) || { cat "$TMP/results.txt" "$TMP/gen.err" >&2; exit 1; }
 else
     cp "$TMP/results.txt" "$TMP/table.txt" /tmp/ 2>/dev/null || true
+    [[ $STAT = 0 ]] || { cat "$TMP/stat.txt"; cp "$TMP/stat.txt" /tmp/ 2>/dev/null || true; }
     echo "every trial: /tmp/results.txt" >&2
 fi

@@ -14,6 +14,11 @@
 //! its own sockets' receive queues (the `drops` column of `/proc/net/udp` for its ports,
 //! read before and after each run), the echo peer's drops (`--peer-pid`: the same column
 //! in the peer's network namespace) and the sender's worst lag behind its schedule.
+//!
+//! Runs are independent: before each, the generator waits until the server has been idle
+//! for 200 ms (TCP loses nothing, so an overloaded run leaves a backlog the server keeps
+//! relaying), and a TCP stream is never cut between runs (unsent bytes and partly received
+//! frames carry over), so a later run's frames stay aligned.
 
 use crate::loadgen::{self, HEADER, Histogram, Report, Trial};
 use crate::turnctl::{self, Allocation, Control, Credentials};
@@ -23,6 +28,7 @@ use std::collections::HashSet;
 use std::io;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -76,6 +82,11 @@ struct Shard {
     base: usize,
     flows: Vec<Flow>,
     epoll: Epoll,
+    /// TCP, per flow, kept from one run to the next so that no frame is ever cut: bytes
+    /// the connection has not taken yet (the sender's) and the start of a frame not
+    /// received whole yet (the receiver's).
+    tx: Mutex<Vec<Vec<u8>>>,
+    rx: Mutex<Vec<Vec<u8>>>,
 }
 
 /// The allocations, made once and reused by every run.
@@ -170,7 +181,14 @@ impl TurnGenerator {
                     payload_at,
                 });
             }
-            shards.push(Shard { base, flows, epoll });
+            let streams = vec![Vec::new(); if opts.tcp { flows.len() } else { 0 }];
+            shards.push(Shard {
+                base,
+                flows,
+                epoll,
+                tx: Mutex::new(streams.clone()),
+                rx: Mutex::new(streams),
+            });
         }
         Ok(TurnGenerator {
             shards,
@@ -196,7 +214,7 @@ impl TurnGenerator {
         }
         let mut frames: Vec<Vec<u8>> = shard.flows.iter().map(|f| f.frame.clone()).collect();
         // TCP: bytes a connection could not take yet (sent before its next frame).
-        let mut pending: Vec<Vec<u8>> = vec![Vec::new(); if self.opts.tcp { n } else { 0 }];
+        let mut pending = std::mem::take(&mut *lock(&shard.tx));
         let mut seq = 0u64;
         let mut sent = 0u64;
         let mut total = 0u64;
@@ -242,6 +260,7 @@ impl TurnGenerator {
         }
         // Attempts count as sent: a frame the server's queues refused is lost.
         let _ = sent;
+        *lock(&shard.tx) = pending;
         (total, worst_lag)
     }
 
@@ -255,7 +274,7 @@ impl TurnGenerator {
             max_gap: vec![0; n],
         };
         let mut batch = MsgBatch::new(32, 2048.max(self.opts.size + 128));
-        let mut streams: Vec<Vec<u8>> = vec![Vec::new(); if self.opts.tcp { n } else { 0 }];
+        let mut streams = std::mem::take(&mut *lock(&shard.rx));
         let mut chunk = vec![0u8; 65_536];
         let mut events = vec![EpollEvent::empty(); 1024];
         while !stop.load(Ordering::Acquire) {
@@ -299,6 +318,7 @@ impl TurnGenerator {
                 }
             }
         }
+        *lock(&shard.rx) = streams;
         Ok(got)
     }
 
@@ -349,15 +369,61 @@ fn udp_drops(dir: &str, ports: &HashSet<u16>) -> u64 {
 }
 
 impl TurnGenerator {
-    /// Reads whatever is still queued (stragglers of an earlier run).
+    /// Waits for the server to be idle before a run: sends what TCP connections have not
+    /// taken yet and discards whatever still arrives (stragglers of an earlier run, whole
+    /// frames only), until nothing has arrived for [`QUIET`] (at most [`MAX_DRAIN`]).
+    /// Over TCP nothing is lost: after an overloaded run the server may still be relaying
+    /// its backlog, and a run started then would measure that run's leftovers.
     fn drain(&self) {
-        let mut buf = vec![0u8; 65_536];
-        for s in &self.shards {
-            for f in &s.flows {
-                while matches!(sys::recv(f.fd, &mut buf), Ok(n) if n > 0) {}
+        let mut chunk = vec![0u8; 65_536];
+        let started = Instant::now();
+        let mut last_data = Instant::now();
+        while started.elapsed() < MAX_DRAIN && last_data.elapsed() < QUIET {
+            let mut busy = false;
+            for s in &self.shards {
+                let mut tx = lock(&s.tx);
+                let mut rx = lock(&s.rx);
+                for (i, f) in s.flows.iter().enumerate() {
+                    if let Some(p) = tx.get_mut(i).filter(|p| !p.is_empty()) {
+                        if let Ok(n) = sys::send(f.fd, p) {
+                            p.drain(..n);
+                        }
+                        busy |= !p.is_empty();
+                    }
+                    loop {
+                        match sys::recv(f.fd, &mut chunk) {
+                            Ok(0) | Err(_) => break,
+                            Ok(r) => {
+                                busy = true;
+                                if let Some(buf) = rx.get_mut(i) {
+                                    buf.extend_from_slice(&chunk[..r]);
+                                    let mut at = 0;
+                                    while let Some(len) = frame_len(&buf[at..]) {
+                                        at += len;
+                                    }
+                                    buf.drain(..at);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if busy {
+                last_data = Instant::now();
+            } else {
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
     }
+}
+
+/// How long nothing must arrive before a run starts.
+const QUIET: Duration = Duration::from_millis(200);
+/// Longest wait for the server to become idle before a run.
+const MAX_DRAIN: Duration = Duration::from_secs(20);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Drop for TurnGenerator {

@@ -2,7 +2,8 @@
 //! requests where the exact answer matters: Binding on every listener, Allocate/Refresh
 //! lifetimes and deallocation (RFC 8656 §7), expired REST credentials, the per-user
 //! quota, channel rebinding rules, the peer policy following upstream changes, TCP
-//! allocations ending with their connection, and malformed input.
+//! allocations ending with their connection, malformed input, and the bounded socket
+//! buffers of TCP clients (`turn.relay.tcp_buffer`).
 
 mod turn_support;
 
@@ -444,4 +445,47 @@ async fn malformed_packets_are_dropped_and_counted() {
     let mut c = RawClient::udp(gw.udp, USER, PASSWORD).await;
     assert_eq!(code(&c.allocate().await), None);
     gw.svc.close().await;
+}
+
+/// The server side's socket buffers of the connection from `client`, as the kernel shows
+/// them (`ss -tm`: `rb` receive, `tb` send).
+fn server_buffers(server: SocketAddr, client: SocketAddr) -> Option<(u64, u64)> {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tmnH",
+            "state",
+            "established",
+            &format!(
+                "( sport = :{} and dport = :{} )",
+                server.port(),
+                client.port()
+            ),
+        ])
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        let at = text.find(&format!(",{name}"))? + name.len() + 1;
+        let digits: String = text[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
+        digits.parse().ok()
+    };
+    Some((field("rb")?, field("tb")?))
+}
+
+#[tokio::test]
+async fn tcp_client_buffers_are_bounded_by_tcp_buffer() {
+    // The kernel doubles what it is given (bookkeeping), and caps it at rmem_max/wmem_max.
+    for (set, shown) in [(32_768usize, 65_536u64), (20_000, 40_000)] {
+        let mut cfg = config(Auth::Static, &["127.0.0.1/32"], 10);
+        cfg.relay.tcp_buffer = set;
+        let gw = Gateway::start(cfg).await;
+        let mut c = RawClient::tcp(gw.tcp, USER, PASSWORD).await;
+        assert_eq!(code(&c.allocate().await), None);
+        let (rb, tb) = server_buffers(gw.tcp, c.local_addr()).expect("the server's socket");
+        assert_eq!((rb, tb), (shown, shown), "tcp_buffer {set}");
+        gw.svc.close().await;
+    }
 }

@@ -189,10 +189,18 @@ pub struct RelayConfig {
     /// `none`.
     #[serde(default)]
     pub offload: super::types::Offload,
+    /// Receive and send buffer of each TURN-over-TCP/TLS connection, bytes (0: the
+    /// kernel's autotuning). Default 64 KiB.
+    #[serde(default = "default_tcp_buffer")]
+    pub tcp_buffer: usize,
 }
 
 fn default_relay_recv_buffer() -> usize {
     1 << 20
+}
+
+fn default_tcp_buffer() -> usize {
+    64 << 10
 }
 
 fn default_listener_buffer() -> usize {
@@ -221,6 +229,7 @@ impl Default for RelayConfig {
             recv_buffer: default_relay_recv_buffer(),
             listener_buffer: default_listener_buffer(),
             offload: super::types::Offload::None,
+            tcp_buffer: default_tcp_buffer(),
         }
     }
 }

@@ -198,7 +198,7 @@ impl DataPath {
             }
             return;
         }
-        match state.socket().try_send_to(data, peer) {
+        match state.socket().send_to(data, peer) {
             Ok(n) => {
                 m.packets_to_peer.inc();
                 m.bytes_to_peer.inc_by(n as u64);

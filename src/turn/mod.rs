@@ -26,6 +26,7 @@ mod kdrops;
 mod kernel;
 mod metrics;
 mod outbox;
+mod peer_reader;
 mod policy;
 mod relay;
 mod requests;
@@ -141,6 +142,7 @@ impl TurnService {
             );
         }
         let tcp_limit = Arc::new(Semaphore::new(cfg.quota.max_tcp_connections));
+
         let dtls_limit = Arc::new(Semaphore::new(cfg.quota.max_dtls_sessions));
         let trimmer = Arc::new(trim::Trimmer::default());
         // The advertised address behind a NAT also reaches this host's own ports.
@@ -262,6 +264,7 @@ impl TurnService {
                             plain_too: l.protocol == TurnTransport::Tcp && tls.is_some(),
                             tls,
                             accept_proxy: l.accept_proxy_protocol,
+                            buffer: cfg.relay.tcp_buffer,
                         },
                     )?;
                     let local = t.local_addr()?;

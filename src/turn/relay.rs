@@ -4,13 +4,10 @@
 //! - `send_to` a peer the policy refuses: dropped, counted in
 //!   `mediagate_turn_permission_denied_total`, never sent (this catches ChannelData and
 //!   permissions created before the upstream list changed).
-//! - `recv_from` a peer the policy refuses, or from an IP without a permission: dropped
-//!   and counted before the crate sees it (the crate would log every such datagram).
-//! - datagrams from peers are relayed to the client right here, on the owned data path
-//!   (`datapath`): a ChannelData header written in front of the received payload, or a
-//!   Data indication for peers without a channel; the crate's per-packet path (two
-//!   allocations per packet) only sees datagrams that arrive before the allocation's
-//!   client end is known.
+//! - datagrams from peers never reach the crate: the service's own reader
+//!   (`peer_reader`, started with the allocation's client end) checks the policy and the
+//!   permission and relays them to the client on the owned data path (`datapath`); the
+//!   crate's per-allocation reader waits in `recv_from` until the allocation ends.
 //! - relay sockets get `turn.relay.recv_buffer` bytes of receive buffer.
 //! - relayed addresses are registered in the policy for `self` (headless mode).
 //! - ports come from `relay.port_range`; EVEN-PORT and RESERVATION-TOKEN (RFC 8656 §7.2)
@@ -21,16 +18,13 @@
 
 use async_trait::async_trait;
 use std::collections::HashMap;
+use std::net::UdpSocket;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
 use webrtc_util::Conn;
-
-use crate::proxy::sys::MsgBatch;
 
 use super::datapath::ClientSink;
 use super::kdrops::KernelDrops;
@@ -49,8 +43,6 @@ const BIND_ATTEMPTS: usize = 64;
 
 /// RFC 8656 §11: channel bindings last 10 minutes unless refreshed.
 pub(crate) const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
-/// Largest datagram read from a peer (the crate's buffer was 1500 bytes).
-const PEER_DATAGRAM: usize = 2048;
 
 /// Channel bindings of one allocation, both ways, with their expiry.
 #[derive(Default)]
@@ -81,6 +73,8 @@ pub(crate) struct RelayState {
     client: OnceLock<ClientEnd>,
     /// The crate closed the relay socket: the allocation ended.
     closed: AtomicBool,
+    /// Cancelled when the allocation ends: stops the relay socket's reader.
+    stop: CancellationToken,
     /// The kernel fast path (`turn.relay.offload: ebpf`) and this allocation's channels
     /// in it.
     kernel: Option<Arc<KernelChannels>>,
@@ -97,29 +91,29 @@ impl std::fmt::Debug for RelayState {
 }
 
 impl RelayState {
-    /// The relay socket (sends of the data path).
+    /// The relay socket (non-blocking; sends of the data path).
     pub(crate) fn socket(&self) -> &UdpSocket {
         &self.socket
+    }
+
+    /// The relay socket, for its reader to register.
+    pub(crate) fn shared_socket(&self) -> Arc<UdpSocket> {
+        Arc::clone(&self.socket)
+    }
+
+    /// Resolves when the allocation has ended.
+    pub(crate) fn stopped(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.stop.clone().cancelled_owned()
+    }
+
+    /// Where the allocation's data goes back to, once known.
+    pub(crate) fn client_end(&self) -> Option<&ClientEnd> {
+        self.client.get()
     }
 
     /// Whether the allocation ended.
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
-    }
-
-    /// Where the allocation's data goes back to (set once, when the Allocate succeeded);
-    /// `udp_listen`: the UDP listener's address, for a client over UDP.
-    pub(crate) fn set_client(
-        &self,
-        addr: SocketAddr,
-        sink: Arc<dyn ClientSink>,
-        udp_listen: Option<SocketAddr>,
-    ) {
-        let _ = self.client.set(ClientEnd {
-            addr,
-            sink,
-            udp_listen,
-        });
     }
 
     /// Brings this allocation's channels in the kernel fast path in line with its
@@ -186,7 +180,7 @@ impl RelayState {
     }
 
     /// The live channel bound to `peer`, if any.
-    fn peer_channel(&self, peer: SocketAddr) -> Option<u16> {
+    pub(crate) fn peer_channel(&self, peer: SocketAddr) -> Option<u16> {
         let c = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         let n = *c.by_peer.get(&peer)?;
         c.by_number
@@ -275,6 +269,24 @@ impl RelayFactory {
         }
     }
 
+    /// The service's TURN metrics.
+    pub(crate) fn metrics(&self) -> &TurnMetrics {
+        &self.metrics
+    }
+
+    /// Rate limit of relay socket failure logs.
+    pub(crate) fn error_log(&self) -> &RateLimit {
+        &self.error_log
+    }
+
+    /// Sets the allocation's client end and starts its relay socket's reader (see
+    /// `peer_reader`).
+    pub(crate) fn start_relaying(self: &Arc<Self>, state: &Arc<RelayState>, client: ClientEnd) {
+        if state.client.set(client).is_ok() {
+            tokio::spawn(super::peer_reader::run(Arc::clone(state), Arc::clone(self)));
+        }
+    }
+
     /// Whether relay sockets are IPv4 (else IPv6).
     pub(crate) fn is_ipv4(&self) -> bool {
         self.bind_ip.is_ipv4()
@@ -311,7 +323,7 @@ impl RelayFactory {
         }
         s.set_nonblocking(true)?;
         s.bind(&addr.into())?;
-        UdpSocket::from_std(s.into())
+        Ok(s.into())
     }
 
     /// EVEN-PORT: binds an even port (and, when `reserve_next`, the next port under a
@@ -479,6 +491,7 @@ impl turn::relay::RelayAddressGenerator for RelayGenerator {
             socket: Arc::clone(&socket),
             client: OnceLock::new(),
             closed: AtomicBool::new(false),
+            stop: CancellationToken::new(),
             kernel: f.kernel.clone(),
             installed: Mutex::new(HashMap::new()),
         });
@@ -491,8 +504,6 @@ impl turn::relay::RelayAddressGenerator for RelayGenerator {
             socket,
             state,
             factory: Arc::clone(f),
-            rx: Mutex::new(None),
-            scratch: Mutex::new(Vec::new()),
         };
         Ok((Arc::new(conn), advertised))
     }
@@ -503,102 +514,16 @@ struct RelayConn {
     socket: Arc<UdpSocket>,
     state: Arc<RelayState>,
     factory: Arc<RelayFactory>,
-    /// The receive batch of the data path (only the crate's reader task receives; it
-    /// takes the batch for as long as `recv_from` runs).
-    rx: Mutex<Option<PeerBatch>>,
-    /// Where Data indications are built.
-    scratch: Mutex<Vec<u8>>,
 }
 
 impl RelayConn {
     fn unregister(&self) {
         if !self.state.closed.swap(true, Ordering::AcqRel) {
+            self.state.stop.cancel();
             self.state.sync_kernel();
             self.factory.policy.unregister_relay(self.state.advertised);
             self.factory.kdrops.unwatch(&*self.socket);
         }
-    }
-
-    /// Relays one datagram from `peer` (at `buf[4..4 + n]`) to the client; false when the
-    /// client end is not known yet.
-    fn to_client(&self, buf: &mut [u8], n: usize, peer: SocketAddr) -> bool {
-        let Some(client) = self.state.client.get() else {
-            return false;
-        };
-        if let Some(number) = self.state.peer_channel(peer) {
-            buf[0..2].copy_from_slice(&number.to_be_bytes());
-            buf[2..4].copy_from_slice(&(n as u16).to_be_bytes());
-            client.sink.send_frame(&buf[..4 + n], client.addr);
-        } else {
-            let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-            super::wire::data_indication(&mut scratch, peer, &buf[4..4 + n]);
-            client.sink.send_frame(&scratch, client.addr);
-        }
-        true
-    }
-}
-
-/// The relay socket's receive batch: two datagrams, each with room for the ChannelData
-/// header in front, and how far the reader got through the last receive.
-struct PeerBatch {
-    batch: MsgBatch,
-    got: usize,
-    next: usize,
-}
-
-impl PeerBatch {
-    fn new() -> PeerBatch {
-        PeerBatch {
-            batch: MsgBatch::with_headroom(2, PEER_DATAGRAM, 4),
-            got: 0,
-            next: 0,
-        }
-    }
-}
-
-impl RelayConn {
-    /// Datagram `i` of the batch, from a peer: relayed to the client (None), dropped and
-    /// counted (None), or, before the allocation's client end is known, copied to `out`
-    /// for the crate (its length and source).
-    fn peer_datagram(
-        &self,
-        batch: &mut MsgBatch,
-        i: usize,
-        out: &mut [u8],
-    ) -> Option<(usize, SocketAddr)> {
-        let m = &self.factory.metrics;
-        let (frame, src, truncated) = batch.frame_mut(i);
-        let src = src?;
-        if truncated {
-            m.dropped(DropReason::Malformed).inc();
-            return None;
-        }
-        if !self.factory.policy.allows(src) {
-            m.dropped(DropReason::PeerNotAllowed).inc();
-            return None;
-        }
-        if !self.state.has_permission(src.ip()) {
-            m.dropped(DropReason::NoPermission).inc();
-            return None;
-        }
-        let n = frame.len() - 4;
-        if self.to_client(frame, n, src) {
-            return None;
-        }
-        // Before the Allocate's answer: the crate relays it.
-        let k = n.min(out.len());
-        out[..k].copy_from_slice(&frame[4..4 + k]);
-        Some((k, src))
-    }
-
-    /// A receive error that is not transient: parks until the allocation ends (the crate's
-    /// handler stops on allocation drop). Returning the error would make the crate forget
-    /// the allocation without closing it.
-    async fn failed(&self, e: std::io::Error) {
-        if self.factory.error_log.allow() {
-            tracing::error!(relay = %self.state.advertised, error = %e, "TURN relay socket failed");
-        }
-        std::future::pending::<()>().await;
     }
 }
 
@@ -606,19 +531,6 @@ impl Drop for RelayConn {
     fn drop(&mut self) {
         self.unregister();
     }
-}
-
-fn transient(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        ConnectionRefused
-            | ConnectionReset
-            | Interrupted
-            | WouldBlock
-            | HostUnreachable
-            | NetworkUnreachable
-    )
 }
 
 #[async_trait]
@@ -633,45 +545,11 @@ impl Conn for RelayConn {
         Err(webrtc_util::Error::Other("use recv_from".into()))
     }
 
-    async fn recv_from(&self, out: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        let taken = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let mut rx = taken.unwrap_or_else(PeerBatch::new);
-        let fd = self.socket.as_raw_fd();
-        loop {
-            while rx.next < rx.got {
-                let i = rx.next;
-                rx.next += 1;
-                if let Some(r) = self.peer_datagram(&mut rx.batch, i, out) {
-                    *self.rx.lock().unwrap_or_else(|e| e.into_inner()) = Some(rx);
-                    return Ok(r);
-                }
-            }
-            rx.next = 0;
-            rx.got = 0;
-            if let Err(e) = self.socket.readable().await {
-                self.failed(e).await;
-                continue;
-            }
-            // Two slots: one datagram back means the queue was empty, and the readiness
-            // is cleared right there (the `WouldBlock`), without a second call that only
-            // says so.
-            let batch = &mut rx.batch;
-            let got = &mut rx.got;
-            let r = self.socket.try_io(Interest::READABLE, || {
-                *got = batch.recv_from(fd)?;
-                if *got < batch.capacity() {
-                    Err(std::io::ErrorKind::WouldBlock.into())
-                } else {
-                    Ok(())
-                }
-            });
-            match r {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) if transient(&e) => {}
-                Err(e) => self.failed(e).await,
-            }
-        }
+    /// The crate's per-allocation reader: it never gets a datagram. The relay socket is
+    /// read by the service's own reader (`peer_reader`), started with the client end; the
+    /// crate stops waiting here when the allocation ends.
+    async fn recv_from(&self, _out: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        std::future::pending().await
     }
 
     async fn send(&self, _buf: &[u8]) -> webrtc_util::Result<usize> {
@@ -696,7 +574,7 @@ impl Conn for RelayConn {
             // Pretend success: the datagram is dropped on purpose and counted.
             return Ok(buf.len());
         }
-        match self.socket.send_to(buf, target).await {
+        match self.socket.send_to(buf, target) {
             Ok(n) => {
                 m.packets_to_peer.inc();
                 m.bytes_to_peer.inc_by(n as u64);

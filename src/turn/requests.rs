@@ -19,7 +19,7 @@ use turn::proto::relayaddr::RelayedAddress;
 use turn::proto::rsrvtoken::ReservationToken;
 
 use super::auth::AuthFailure;
-use super::relay::RelayState;
+use super::relay::{ClientEnd, RelayState};
 use super::server::{
     Authed, CHANNEL_BIND_LIFETIME, DEFAULT_LIFETIME, Listener, MAX_LIFETIME, loggable,
     requested_lifetime,
@@ -247,7 +247,20 @@ impl Listener {
             );
         }
         let udp_listen = (self.protocol == crate::config::TurnTransport::Udp).then_some(self.local);
-        relay.set_client(src, Arc::clone(&self.sink), udp_listen);
+        // Over TCP/TLS frames go straight to the connection's outbox.
+        let sink = self
+            .tcp
+            .as_ref()
+            .and_then(|t| t.connection_sink(src))
+            .unwrap_or_else(|| Arc::clone(&self.sink));
+        self.relays.start_relaying(
+            &relay,
+            ClientEnd {
+                addr: src,
+                sink,
+                udp_listen,
+            },
+        );
         self.core.allocs.commit(
             key,
             AllocMeta {

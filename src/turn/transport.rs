@@ -73,6 +73,10 @@ pub(crate) const TCP_ALLOCATE_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) const UNALLOCATED_MAX_FRAME: usize = 4096;
 /// Read buffer while no frame is pending (several small frames fit in one read).
 const READ_CHUNK: usize = 2048;
+/// Room for each read once the connection has an allocation: under load several frames
+/// (also of 1200 bytes) come in with one read, and a frame that arrived in parts is not
+/// copied into a buffer of its own size.
+const ALLOCATED_READ_ROOM: usize = 4096;
 /// An empty read buffer larger than this is freed rather than kept.
 const KEEP_CAPACITY: usize = 8192;
 
@@ -172,6 +176,24 @@ struct Writer {
     allocated: Arc<AtomicBool>,
 }
 
+/// Frames towards one connection's client, straight into its outbox (the sink of an
+/// allocation made over TCP/TLS: no lookup in the listener's connection map per frame).
+struct ConnSink {
+    out: Arc<Outbox>,
+    metrics: TurnMetrics,
+}
+
+impl ClientSink for ConnSink {
+    fn send_frame(&self, frame: &[u8], _client: SocketAddr) {
+        match self.out.send(frame, wire::tcp_padding(frame)) {
+            Ok(()) => count_to_client(&self.metrics, frame),
+            Err(reason) => {
+                self.metrics.dropped(reason).inc();
+            }
+        }
+    }
+}
+
 type Writers = Arc<RwLock<HashMap<SocketAddr, Writer>>>;
 
 /// How connections of a TCP listener start: TLS and/or a PROXY v2 header first.
@@ -184,6 +206,9 @@ pub(crate) struct TcpOptions {
     /// With `tls`: a connection whose first byte is not a TLS handshake record (0x16) is
     /// served as plain TURN over TCP (a `tcp` listener given a certificate).
     pub(crate) plain_too: bool,
+    /// `turn.relay.tcp_buffer`: each connection's receive and send buffer (0: the
+    /// kernel's autotuning).
+    pub(crate) buffer: usize,
 }
 
 /// A TCP listener seen as one packet connection.
@@ -291,6 +316,14 @@ impl Connection {
     /// then serves the connection.
     async fn start(mut self, mut stream: TcpStream, options: TcpOptions) {
         let _ = stream.set_nodelay(true);
+        if options.buffer > 0 {
+            // Bounded, as coturn's (64 KiB): what a client sends faster than it is relayed
+            // waits here, and an autotuned buffer (up to `tcp_rmem`'s maximum) would let
+            // that backlog grow to seconds of media before TCP pushes back.
+            let sock = socket2::SockRef::from(&stream);
+            let _ = sock.set_recv_buffer_size(options.buffer);
+            let _ = sock.set_send_buffer_size(options.buffer);
+        }
         if options.accept_proxy {
             let header = tokio::select! {
                 _ = self.cancel.cancelled() => return,
@@ -493,8 +526,15 @@ impl Connection {
             }
 
             // Room for the frame being read, allocated exactly once its header is in; a
-            // small chunk while no frame (or only part of a header) is pending.
+            // small chunk while no frame (or only part of a header) is pending. With an
+            // allocation: room for several frames per read, the buffer reused in place.
             match needed {
+                _ if has_allocation => {
+                    let must = needed.map_or(0, |n| n.saturating_sub(buf.len()));
+                    if buf.capacity() - buf.len() < must.max(ALLOCATED_READ_ROOM / 2) {
+                        buf.reserve(must.max(ALLOCATED_READ_ROOM));
+                    }
+                }
                 Some(n) if buf.capacity() < n => {
                     let mut grown = BytesMut::with_capacity(n);
                     grown.extend_from_slice(&buf);
@@ -548,6 +588,17 @@ impl TcpTransport {
                 self.metrics.dropped(reason).inc();
             }
         }
+    }
+
+    /// Where an allocation of the connection from `peer` sends its frames: straight to
+    /// the connection's outbox; None once the connection has closed.
+    pub(crate) fn connection_sink(&self, peer: SocketAddr) -> Option<Arc<dyn ClientSink>> {
+        let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
+        let w = writers.get(&peer)?;
+        Some(Arc::new(ConnSink {
+            out: Arc::clone(&w.out),
+            metrics: self.metrics.clone(),
+        }))
     }
 
     /// Marks the connection from `peer` as having an allocation: the allocation timeout

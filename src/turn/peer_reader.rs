@@ -1,0 +1,140 @@
+//! The reader of one allocation's relay socket: datagrams from peers to the client.
+//!
+//! Started when the Allocate succeeded (the client end is known); before that, no peer
+//! has a permission, so nothing could be relayed. The socket is registered with the
+//! runtime for reading only; sends (the data path's, towards peers) are plain
+//! non-blocking `sendto` calls from the client's reader.
+//!
+//! Per datagram: the peer policy (refusals counted in `dropped{peer_not_allowed}`), the
+//! permission of the peer's IP, then a ChannelData header written in front of the
+//! payload where it was received (or a Data indication for peers without a channel),
+//! handed to the client's sink. Receives are `recvmmsg` batches of two: one datagram back
+//! means the queue was empty, and the readiness is cleared right there, without a second
+//! call that only says so. The reader ends when the allocation does.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+use crate::proxy::sys::MsgBatch;
+
+use super::metrics::DropReason;
+use super::relay::{RelayFactory, RelayState};
+
+/// Largest datagram read from a peer.
+const PEER_DATAGRAM: usize = 2048;
+/// Room in front of each received datagram for the ChannelData header.
+const HEADROOM: usize = 4;
+
+/// Reads `state`'s relay socket until the allocation ends.
+pub(crate) async fn run(state: Arc<RelayState>, factory: Arc<RelayFactory>) {
+    let stopped = state.stopped();
+    tokio::pin!(stopped);
+    // SAFETY: the `Arc` held by the `AsyncFd` keeps the socket, and so its descriptor,
+    // open and unchanged for the `AsyncFd`'s whole life.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(state.shared_socket(), Interest::READABLE) };
+    let socket = match registered {
+        Ok(s) => s,
+        Err(e) => return failed(&state, &factory, e.into(), stopped).await,
+    };
+    let fd = socket.as_raw_fd();
+    let mut batch = MsgBatch::with_headroom(2, PEER_DATAGRAM, HEADROOM);
+    let mut scratch = Vec::new();
+    loop {
+        let mut guard = tokio::select! {
+            _ = &mut stopped => return,
+            r = socket.readable() => match r {
+                Ok(g) => g,
+                Err(e) => return failed(&state, &factory, e, stopped).await,
+            },
+        };
+        let mut got = 0;
+        let r = guard.try_io(|_| {
+            got = batch.recv_from(fd)?;
+            if got < batch.capacity() {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(())
+            }
+        });
+        if let Ok(Err(e)) = r {
+            if !transient(&e) {
+                return failed(&state, &factory, e, stopped).await;
+            }
+            continue;
+        }
+        for i in 0..got {
+            peer_datagram(&state, &factory, &mut batch, i, &mut scratch);
+        }
+    }
+}
+
+/// Datagram `i` of the batch: relayed to the client, or dropped and counted.
+fn peer_datagram(
+    state: &RelayState,
+    factory: &RelayFactory,
+    batch: &mut MsgBatch,
+    i: usize,
+    scratch: &mut Vec<u8>,
+) {
+    let m = factory.metrics();
+    let (frame, src, truncated) = batch.frame_mut(i);
+    let Some(peer) = src else {
+        return;
+    };
+    if truncated {
+        m.dropped(DropReason::Malformed).inc();
+        return;
+    }
+    if !factory.policy.allows(peer) {
+        m.dropped(DropReason::PeerNotAllowed).inc();
+        return;
+    }
+    if !state.has_permission(peer.ip()) {
+        m.dropped(DropReason::NoPermission).inc();
+        return;
+    }
+    let Some(client) = state.client_end() else {
+        return; // not started before the client end is set
+    };
+    let n = frame.len() - HEADROOM;
+    if let Some(number) = state.peer_channel(peer) {
+        frame[0..2].copy_from_slice(&number.to_be_bytes());
+        frame[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+        client.sink.send_frame(frame, client.addr);
+    } else {
+        super::wire::data_indication(scratch, peer, &frame[HEADROOM..]);
+        client.sink.send_frame(scratch, client.addr);
+    }
+}
+
+/// A receive error that is not transient: logged, and the reader waits for the
+/// allocation to end (the client keeps its allocation; nothing more arrives from peers).
+async fn failed(
+    state: &RelayState,
+    factory: &RelayFactory,
+    e: std::io::Error,
+    stopped: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) {
+    if factory.error_log().allow() {
+        tracing::error!(relay = %state.advertised, error = %e, "TURN relay socket failed");
+    }
+    stopped.await;
+}
+
+/// Errors a relay socket reports for one datagram (ICMP errors of earlier sends and the
+/// like): the socket goes on working.
+fn transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused
+            | ConnectionReset
+            | Interrupted
+            | WouldBlock
+            | HostUnreachable
+            | NetworkUnreachable
+    )
+}

@@ -179,6 +179,15 @@ impl MsgBatch {
         )
     }
 
+    /// Datagram `i` of the last receive with the headroom in front of it: `headroom + len`
+    /// bytes (what [`MsgBatch::frame_mut`] wrote there).
+    #[inline]
+    pub fn frame(&self, i: usize) -> &[u8] {
+        let n = (self.hdrs[i].msg_len as usize).min(self.slot_len);
+        let start = i * (self.headroom + self.slot_len);
+        &self.buf[start..start + self.headroom + n]
+    }
+
     /// The next free slot, to receive a datagram into before [`MsgBatch::commit`]ting it.
     /// Panics if the batch is full (callers flush first).
     #[inline]

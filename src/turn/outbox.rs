@@ -39,6 +39,9 @@ const KEEP_CAPACITY: usize = 16 * 1024;
 /// How long a closing connection may take to send its TLS close_notify.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 const ZEROS: [u8; 3] = [0; 3];
+/// Frames written with one vectored write by [`Outbox::send_many`] (more are buffered and
+/// flushed by the writer task).
+pub(crate) const MANY: usize = 16;
 
 /// The send side of one connection.
 pub(crate) struct Outbox {
@@ -125,6 +128,77 @@ impl Outbox {
             self.wake.notify_one();
         }
         Ok(())
+    }
+
+    /// Sends `frames` (each with its padding, 0..=3 zero bytes) in order: as many whole
+    /// frames as the budget takes, with one vectored write while nothing is pending (one
+    /// TCP segment for all of them instead of one each). Returns how many were taken and,
+    /// if not all, why the rest was dropped. Never blocks.
+    pub(crate) fn send_many(&self, frames: &[(&[u8], usize)]) -> (usize, Option<DropReason>) {
+        let mut st = self.state();
+        if st.closed {
+            return (0, Some(DropReason::SendError));
+        }
+        let mut used = st.pending.len() + st.inflight;
+        let mut k = 0;
+        for (f, pad) in frames {
+            if used + f.len() + pad > OUTBOX_BYTES || st.lens.len() + k >= OUTBOX_FRAMES {
+                break;
+            }
+            used += f.len() + pad;
+            k += 1;
+        }
+        let rest = (k < frames.len()).then_some(DropReason::ClientBackpressure);
+        if k == 0 {
+            return (0, rest);
+        }
+        let frames = &frames[..k];
+        let mut written = 0;
+        if st.pending.is_empty()
+            && let Some(wr) = &self.direct
+        {
+            let mut iov = [IoSlice::new(&[]); 2 * MANY];
+            let mut n_iov = 0;
+            let mut total = 0;
+            for (f, pad) in frames.iter().take(MANY) {
+                iov[n_iov] = IoSlice::new(f);
+                n_iov += 1;
+                if *pad > 0 {
+                    iov[n_iov] = IoSlice::new(&ZEROS[..*pad]);
+                    n_iov += 1;
+                }
+                total += f.len() + pad;
+            }
+            match wr.try_write_vectored(&iov[..n_iov]) {
+                Ok(n) if n == total && frames.len() <= MANY => return (k, rest),
+                Ok(n) => written = n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    st.closed = true;
+                    drop(st);
+                    self.cancel.cancel();
+                    return (0, Some(DropReason::SendError));
+                }
+            }
+        }
+        let was_empty = st.pending.is_empty();
+        let mut at = 0;
+        for (f, pad) in frames {
+            let len = f.len() + pad;
+            let skip = written.saturating_sub(at).min(len);
+            if skip < len {
+                append(&mut st.pending, f, *pad, skip);
+                if self.direct.is_none() {
+                    st.lens.push_back((len - skip) as u32);
+                }
+            }
+            at += len;
+        }
+        drop(st);
+        if was_empty {
+            self.wake.notify_one();
+        }
+        (k, rest)
     }
 
     /// Refuses further frames (the connection is closing).
@@ -253,6 +327,76 @@ mod tests {
         let mut b = BytesMut::new();
         append(&mut b, b"abcde", 3, 6);
         assert_eq!(&b[..], b"\0\0");
+    }
+
+    /// Batches of frames (up to three times [`MANY`] at once, odd sizes with padding) sent
+    /// with `send_many` to a client that does not read: whole frames are taken up to the
+    /// bound, the rest of a batch is dropped and reported, and once the client reads it
+    /// gets exactly the taken frames, in order, padded, also across a write that the
+    /// socket took only in part.
+    #[tokio::test]
+    async fn send_many_takes_whole_frames_in_order_up_to_the_bound() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let _ = socket2::SockRef::from(&server).set_send_buffer_size(16 * 1024);
+        let _ = socket2::SockRef::from(&client).set_recv_buffer_size(16 * 1024);
+        let (_rd, wr) = server.into_split();
+        let wr = Arc::new(wr);
+        let cancel = CancellationToken::new();
+        let out = Arc::new(Outbox::new(Some(Arc::clone(&wr)), cancel.clone()));
+        let flusher = Arc::clone(&out);
+        let writer = tokio::spawn(async move { flusher.flush_direct(&wr).await });
+
+        let frame = |i: u32| {
+            let mut f = vec![(i % 251) as u8; 100 + (i as usize % 7) * 150];
+            f[..4].copy_from_slice(&i.to_be_bytes());
+            f
+        };
+        let pad = |f: &Vec<u8>| (4 - f.len() % 4) % 4;
+        let mut expected = Vec::new();
+        let mut next = 0u32;
+        let mut refused = 0;
+        while refused == 0 {
+            let n = 1 + (next as usize % (3 * MANY));
+            let frames: Vec<Vec<u8>> = (next..next + n as u32).map(frame).collect();
+            let batch: Vec<(&[u8], usize)> = frames.iter().map(|f| (&f[..], pad(f))).collect();
+            let (taken, why) = out.send_many(&batch);
+            for f in &frames[..taken] {
+                expected.extend_from_slice(f);
+                expected.extend_from_slice(&ZEROS[..pad(f)]);
+            }
+            if taken < n {
+                assert_eq!(why, Some(DropReason::ClientBackpressure));
+                refused = n - taken;
+            } else {
+                assert_eq!(why, None);
+            }
+            next += n as u32;
+            assert!(next < 100_000, "the outbox never filled");
+        }
+        assert!(out.state().pending.len() <= OUTBOX_BYTES);
+        let mut got = vec![0u8; expected.len()];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .expect("every taken frame arrives")
+            .unwrap();
+        assert!(
+            got == expected,
+            "the bytes are the taken frames, in order, padded"
+        );
+        assert!(eventually(|| out.state().pending.is_empty()).await);
+        cancel.cancel();
+        let _ = writer.await;
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), client.read_to_end(&mut rest)).await;
+        assert!(
+            rest.is_empty(),
+            "nothing of the refused frames: {} bytes",
+            rest.len()
+        );
     }
 
     /// A client that does not read: the outbox fills up to its bound, then drops whole

@@ -8,9 +8,15 @@
 //! Per datagram: the peer policy (refusals counted in `dropped{peer_not_allowed}`), the
 //! permission of the peer's IP, then a ChannelData header written in front of the
 //! payload where it was received (or a Data indication for peers without a channel),
-//! handed to the client's sink. Receives are `recvmmsg` batches of two: one datagram back
-//! means the queue was empty, and the readiness is cleared right there, without a second
-//! call that only says so. The reader ends when the allocation does.
+//! handed to the client's sink. Receives are `recvmmsg` batches of up to [`SLOTS`]: a
+//! batch that is not full means the queue was empty, and the readiness is cleared right
+//! there, without a second call that only says so. The ChannelData of one batch goes to
+//! the client together (over TCP one write, one segment): when the reader falls behind
+//! under load, several datagrams wait in the socket and leave in one write, the more the
+//! busier, and with no added delay when it keeps up. The batch buffer belongs to the
+//! thread, not to the allocation (receive and relay happen without an await in
+//! between), so thousands of allocations do not each hold one. The reader ends when the
+//! allocation does.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -20,12 +26,20 @@ use tokio::io::unix::AsyncFd;
 use crate::proxy::sys::MsgBatch;
 
 use super::metrics::DropReason;
-use super::relay::{RelayFactory, RelayState};
+use super::relay::{ClientEnd, RelayFactory, RelayState};
 
 /// Largest datagram read from a peer.
 const PEER_DATAGRAM: usize = 2048;
 /// Room in front of each received datagram for the ChannelData header.
 const HEADROOM: usize = 4;
+/// Datagrams per receive call.
+const SLOTS: usize = 16;
+
+thread_local! {
+    /// The receive batch of the relay readers running on this thread (32 KiB).
+    static BATCH: std::cell::RefCell<MsgBatch> =
+        std::cell::RefCell::new(MsgBatch::with_headroom(SLOTS, PEER_DATAGRAM, HEADROOM));
+}
 
 /// Reads `state`'s relay socket until the allocation ends.
 pub(crate) async fn run(state: Arc<RelayState>, factory: Arc<RelayFactory>) {
@@ -40,7 +54,6 @@ pub(crate) async fn run(state: Arc<RelayState>, factory: Arc<RelayFactory>) {
         Err(e) => return failed(&state, &factory, e.into(), stopped).await,
     };
     let fd = socket.as_raw_fd();
-    let mut batch = MsgBatch::with_headroom(2, PEER_DATAGRAM, HEADROOM);
     let mut scratch = Vec::new();
     loop {
         let mut guard = tokio::select! {
@@ -50,63 +63,91 @@ pub(crate) async fn run(state: Arc<RelayState>, factory: Arc<RelayFactory>) {
                 Err(e) => return failed(&state, &factory, e, stopped).await,
             },
         };
-        let mut got = 0;
-        let r = guard.try_io(|_| {
-            got = batch.recv_from(fd)?;
-            if got < batch.capacity() {
-                Err(std::io::ErrorKind::WouldBlock.into())
-            } else {
-                Ok(())
+        let error = BATCH.with_borrow_mut(|batch| {
+            let mut got = 0;
+            let r = guard.try_io(|_| {
+                got = batch.recv_from(fd)?;
+                if got < batch.capacity() {
+                    Err(std::io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            if let Ok(Err(e)) = r {
+                return (!transient(&e)).then_some(e);
             }
+            relay(&state, &factory, batch, got, &mut scratch);
+            None
         });
-        if let Ok(Err(e)) = r {
-            if !transient(&e) {
-                return failed(&state, &factory, e, stopped).await;
-            }
-            continue;
-        }
-        for i in 0..got {
-            peer_datagram(&state, &factory, &mut batch, i, &mut scratch);
+        if let Some(e) = error {
+            return failed(&state, &factory, e, stopped).await;
         }
     }
 }
 
-/// Datagram `i` of the batch: relayed to the client, or dropped and counted.
-fn peer_datagram(
+/// Relays the first `got` datagrams of the batch to the client (ChannelData together,
+/// in order), or drops and counts them.
+fn relay(
     state: &RelayState,
     factory: &RelayFactory,
     batch: &mut MsgBatch,
-    i: usize,
+    got: usize,
     scratch: &mut Vec<u8>,
 ) {
-    let m = factory.metrics();
-    let (frame, src, truncated) = batch.frame_mut(i);
-    let Some(peer) = src else {
-        return;
-    };
-    if truncated {
-        m.dropped(DropReason::Malformed).inc();
-        return;
-    }
-    if !factory.policy.allows(peer) {
-        m.dropped(DropReason::PeerNotAllowed).inc();
-        return;
-    }
-    if !state.has_permission(peer.ip()) {
-        m.dropped(DropReason::NoPermission).inc();
-        return;
-    }
     let Some(client) = state.client_end() else {
         return; // not started before the client end is set
     };
-    let n = frame.len() - HEADROOM;
-    if let Some(number) = state.peer_channel(peer) {
-        frame[0..2].copy_from_slice(&number.to_be_bytes());
-        frame[2..4].copy_from_slice(&(n as u16).to_be_bytes());
-        client.sink.send_frame(frame, client.addr);
-    } else {
-        super::wire::data_indication(scratch, peer, &frame[HEADROOM..]);
-        client.sink.send_frame(scratch, client.addr);
+    let m = factory.metrics();
+    // ChannelData whose header is written, waiting to go out together.
+    let mut ready = [0usize; SLOTS];
+    let mut n_ready = 0;
+    for i in 0..got {
+        let (frame, src, truncated) = batch.frame_mut(i);
+        let Some(peer) = src else {
+            continue;
+        };
+        if truncated {
+            m.dropped(DropReason::Malformed).inc();
+            continue;
+        }
+        if !factory.policy.allows(peer) {
+            m.dropped(DropReason::PeerNotAllowed).inc();
+            continue;
+        }
+        if !state.has_permission(peer.ip()) {
+            m.dropped(DropReason::NoPermission).inc();
+            continue;
+        }
+        let n = frame.len() - HEADROOM;
+        if let Some(number) = state.peer_channel(peer) {
+            frame[0..2].copy_from_slice(&number.to_be_bytes());
+            frame[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+            ready[n_ready] = i;
+            n_ready += 1;
+        } else {
+            // Keep the order: what is ready goes first.
+            flush(client, batch, &ready[..n_ready]);
+            n_ready = 0;
+            let (frame, _, _) = batch.frame_mut(i);
+            super::wire::data_indication(scratch, peer, &frame[HEADROOM..]);
+            client.sink.send_frame(scratch, client.addr);
+        }
+    }
+    flush(client, batch, &ready[..n_ready]);
+}
+
+/// Sends the ChannelData frames of datagrams `ready` to the client together.
+fn flush(client: &ClientEnd, batch: &MsgBatch, ready: &[usize]) {
+    match ready {
+        [] => {}
+        [i] => client.sink.send_frame(batch.frame(*i), client.addr),
+        _ => {
+            let mut frames = [&[][..]; SLOTS];
+            for (f, i) in frames.iter_mut().zip(ready) {
+                *f = batch.frame(*i);
+            }
+            client.sink.send_frames(&frames[..ready.len()], client.addr);
+        }
     }
 }
 

@@ -56,7 +56,7 @@ use webrtc_util::Conn;
 
 use super::datapath::{ClientSink, DataPath};
 use super::metrics::{DropReason, TcpClose, TurnMetrics};
-use super::outbox::Outbox;
+use super::outbox::{MANY, Outbox};
 use super::ratelog::RateLimit;
 use super::relay::RelayState;
 use super::trim::Trimmer;
@@ -189,6 +189,27 @@ impl ClientSink for ConnSink {
             Ok(()) => count_to_client(&self.metrics, frame),
             Err(reason) => {
                 self.metrics.dropped(reason).inc();
+            }
+        }
+    }
+
+    fn send_frames(&self, frames: &[&[u8]], client: SocketAddr) {
+        if frames.len() == 1 {
+            return self.send_frame(frames[0], client);
+        }
+        let mut padded = [(&[][..], 0usize); MANY];
+        for chunk in frames.chunks(MANY) {
+            for (p, f) in padded.iter_mut().zip(chunk) {
+                *p = (f, wire::tcp_padding(f));
+            }
+            let (taken, dropped) = self.out.send_many(&padded[..chunk.len()]);
+            for f in &chunk[..taken] {
+                count_to_client(&self.metrics, f);
+            }
+            if let Some(reason) = dropped {
+                self.metrics
+                    .dropped(reason)
+                    .inc_by((chunk.len() - taken) as u64);
             }
         }
     }

@@ -309,6 +309,51 @@ impl MsgBatch {
     }
 }
 
+/// Most datagrams [`send_many_to`] passes to one `sendmmsg` call.
+pub const SEND_MANY: usize = 16;
+
+/// Sends each of `frames` (at most [`SEND_MANY`]; more are not sent) as its own datagram
+/// to `to` on the unconnected socket `fd`, with as few `sendmmsg` calls as the kernel
+/// allows and without copying them; a datagram the kernel refuses is skipped. Returns how
+/// many were sent.
+pub fn send_many_to(fd: RawFd, frames: &[&[u8]], to: SocketAddr) -> usize {
+    let count = frames.len().min(SEND_MANY);
+    // SAFETY: all-zero is a valid value for these plain C structs.
+    let mut addr: libc::sockaddr_storage = unsafe { zeroed() };
+    let namelen = to_storage(to, &mut addr);
+    // SAFETY: as above.
+    let mut iov: [libc::iovec; SEND_MANY] = unsafe { zeroed() };
+    let mut hdrs: [libc::mmsghdr; SEND_MANY] = unsafe { zeroed() };
+    for i in 0..count {
+        iov[i].iov_base = frames[i].as_ptr() as *mut libc::c_void;
+        iov[i].iov_len = frames[i].len();
+        hdrs[i].msg_hdr.msg_iov = &mut iov[i];
+        hdrs[i].msg_hdr.msg_iovlen = 1;
+        hdrs[i].msg_hdr.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
+        hdrs[i].msg_hdr.msg_namelen = namelen;
+    }
+    let (mut sent, mut at) = (0, 0);
+    while at < count {
+        // SAFETY: entries `at..count` point at `iov` entries, which point at the frames
+        // (only read by the kernel), and at `addr`; all outlive the call.
+        let n = unsafe {
+            libc::sendmmsg(
+                fd,
+                hdrs.as_mut_ptr().add(at),
+                (count - at) as libc::c_uint,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 {
+            at += 1; // refused: skip it, go on with the rest
+        } else {
+            sent += n as usize;
+            at += n as usize;
+        }
+    }
+    sent
+}
+
 /// `recv` on a connected socket, without blocking.
 #[inline]
 pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
@@ -396,6 +441,28 @@ pub fn to_storage(addr: SocketAddr, s: &mut libc::sockaddr_storage) -> libc::soc
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn send_many_to_sends_each_frame_as_its_own_datagram() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let frames: Vec<Vec<u8>> = (0..SEND_MANY + 3)
+            .map(|i| vec![i as u8; 1 + i * 37])
+            .collect();
+        let refs: Vec<&[u8]> = frames.iter().map(|f| &f[..]).collect();
+        let to = rx.local_addr().unwrap();
+        // At most SEND_MANY per call: the rest is the caller's.
+        assert_eq!(send_many_to(tx.as_raw_fd(), &refs, to), SEND_MANY);
+        assert_eq!(send_many_to(tx.as_raw_fd(), &refs[SEND_MANY..], to), 3);
+        let mut buf = [0u8; 2048];
+        for want in frames[..SEND_MANY].iter().chain(&frames[SEND_MANY..]) {
+            let (n, from) = rx.recv_from(&mut buf).unwrap();
+            assert_eq!(from, tx.local_addr().unwrap());
+            assert_eq!(&buf[..n], &want[..]);
+        }
+    }
 
     #[test]
     fn addresses_round_trip() {

@@ -8,10 +8,11 @@
 //! (and its padding) to the socket on the spot with a non-blocking `try_write`: no copy,
 //! no task hop. Only what the socket does not take at once is buffered, and the
 //! connection's writer task is woken to flush it when the socket is writable; frames sent
-//! meanwhile are appended behind it. TLS: the stream cannot be written without awaiting,
-//! so frames are appended and the writer task, woken once per batch, encrypts and writes
-//! everything pending, one TLS record per frame (`turnutils_uclient`, for one, reads one
-//! message per record).
+//! meanwhile are appended behind it. [`Outbox::send_many`] does the same for the frames
+//! of one relay-socket batch with one vectored write. TLS: the stream cannot be written
+//! without awaiting, so frames are appended and the writer task, woken once per batch,
+//! encrypts and writes everything pending, one TLS record per frame (`turnutils_uclient`,
+//! for one, reads one message per record).
 //!
 //! At most [`OUTBOX_BYTES`] (256 KiB; over TLS also at most [`OUTBOX_FRAMES`], 4096
 //! frames) wait per connection: a client that does not read

@@ -147,6 +147,22 @@ static __always_inline void turn_count(struct flow_nat *nat, __u32 bytes, __u64 
 }
 
 // ChannelData from a client on an installed channel: to the peer.
+// Looks `key` up in `map`, then, if absent, with its destination address (`*daddr`, a
+// field of `key`) zeroed: the entry of a socket bound to 0.0.0.0. `*wildcard` tells which
+// one matched (may be NULL).
+static __always_inline struct flow_nat *turn_lookup(void *map, void *key, __u32 *daddr,
+						    int *wildcard)
+{
+	struct flow_nat *v = bpf_map_lookup_elem(map, key);
+	if (v)
+		return v;
+	*daddr = 0;
+	v = bpf_map_lookup_elem(map, key);
+	if (v && wildcard)
+		*wildcard = 1;
+	return v;
+}
+
 static __always_inline int turn_to_peer(struct __sk_buff *skb, const struct turn_old *old,
 					__u32 payload)
 {
@@ -172,15 +188,10 @@ static __always_inline int turn_to_peer(struct __sk_buff *skb, const struct turn
 		.dport = old->addrs.dport,
 		.channel = (__u16)(h[0] | (h[1] << 8)),
 	};
-	int wildcard = 0;
-	struct flow_nat *nat = bpf_map_lookup_elem(&mg_turn_chan, &key);
-	if (!nat) {
-		key.daddr = 0; // a listener on 0.0.0.0
-		nat = bpf_map_lookup_elem(&mg_turn_chan, &key);
-		if (!nat)
-			return TC_ACT_UNSPEC;
-		wildcard = 1;
-	}
+	int wildcard = 0; // a listener on 0.0.0.0
+	struct flow_nat *nat = turn_lookup(&mg_turn_chan, &key, &key.daddr, &wildcard);
+	if (!nat)
+		return TC_ACT_UNSPEC;
 	__u64 now = bpf_ktime_get_ns();
 	if (nat->expires_ns && now >= nat->expires_ns)
 		return TC_ACT_UNSPEC;
@@ -194,11 +205,7 @@ static __always_inline int turn_to_peer(struct __sk_buff *skb, const struct turn
 			.sport = nat->dport,
 			.dport = nat->sport,
 		};
-		struct flow_nat *peer = bpf_map_lookup_elem(&mg_turn_peer, &pk);
-		if (!peer) {
-			pk.daddr = 0; // a relay socket on 0.0.0.0
-			peer = bpf_map_lookup_elem(&mg_turn_peer, &pk);
-		}
+		struct flow_nat *peer = turn_lookup(&mg_turn_peer, &pk, &pk.daddr, NULL);
 		teach(nat, peer, in_if, wildcard, old->addrs.daddr);
 	}
 	// Until the peer sent once, user space relays (the relay address or the peer's
@@ -231,15 +238,10 @@ static __always_inline int turn_to_client(struct __sk_buff *skb, const struct tu
 	if (n < 1 || n > TURN_MAX_DATA)
 		return TC_ACT_UNSPEC;
 	struct flow_key key = old->addrs;
-	int wildcard = 0;
-	struct flow_nat *nat = bpf_map_lookup_elem(&mg_turn_peer, &key);
-	if (!nat) {
-		key.daddr = 0; // a relay socket on 0.0.0.0
-		nat = bpf_map_lookup_elem(&mg_turn_peer, &key);
-		if (!nat)
-			return TC_ACT_UNSPEC;
-		wildcard = 1;
-	}
+	int wildcard = 0; // a relay socket on 0.0.0.0
+	struct flow_nat *nat = turn_lookup(&mg_turn_peer, &key, &key.daddr, &wildcard);
+	if (!nat)
+		return TC_ACT_UNSPEC;
 	__u64 now = bpf_ktime_get_ns();
 	if (nat->expires_ns && now >= nat->expires_ns)
 		return TC_ACT_UNSPEC;
@@ -254,11 +256,7 @@ static __always_inline int turn_to_client(struct __sk_buff *skb, const struct tu
 			.dport = nat->sport,
 			.channel = (__u16)nat->channel,
 		};
-		struct flow_nat *chan = bpf_map_lookup_elem(&mg_turn_chan, &ck);
-		if (!chan) {
-			ck.daddr = 0; // a listener on 0.0.0.0
-			chan = bpf_map_lookup_elem(&mg_turn_chan, &ck);
-		}
+		struct flow_nat *chan = turn_lookup(&mg_turn_chan, &ck, &ck.daddr, NULL);
 		teach(nat, chan, in_if, wildcard, old->addrs.daddr);
 	}
 	__u32 out_if = nat->ifindex;

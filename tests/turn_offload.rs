@@ -234,6 +234,31 @@ async fn next_channel_data(c: &mut RawClient) -> Option<(u16, Vec<u8>)> {
     }
 }
 
+/// Sends ChannelData on `channel` and a datagram from `peer` to `relay`: neither is
+/// relayed (`when` names the case).
+async fn nothing_relayed(
+    c: &mut RawClient,
+    channel: u16,
+    peer: &UdpSocket,
+    relay: SocketAddr,
+    when: &str,
+) {
+    channel_data(c, channel, b"late").await;
+    peer.send_to(b"late", relay).await.unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        timeout(Duration::from_millis(300), peer.recv_from(&mut buf))
+            .await
+            .is_err(),
+        "nothing reaches the peer {when}"
+    );
+    assert_eq!(
+        next_channel_data(c).await,
+        None,
+        "nothing reaches the client {when}"
+    );
+}
+
 fn payload(n: usize, seed: u8) -> Vec<u8> {
     (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
 }
@@ -337,19 +362,7 @@ async fn exact_payloads_both_ways_and_nothing_after_the_allocation_ends() {
         .await,
         "channel removed"
     );
-    channel_data(&mut c, 0x4001, b"late").await;
-    peer.send_to(b"late", relay).await.unwrap();
-    assert!(
-        timeout(Duration::from_millis(300), peer.recv_from(&mut buf))
-            .await
-            .is_err(),
-        "nothing reaches the peer after the allocation ended"
-    );
-    assert_eq!(
-        next_channel_data(&mut c).await,
-        None,
-        "nothing reaches the client"
-    );
+    nothing_relayed(&mut c, 0x4001, &peer, relay, "after the allocation ended").await;
     gw.svc.close().await;
 }
 
@@ -405,19 +418,7 @@ async fn a_peer_the_policy_stops_allowing_leaves_the_kernel() {
         .await,
         "the sweep removes the channel"
     );
-    channel_data(&mut c, 0x4002, b"d").await;
-    peer.send_to(b"e", relay).await.unwrap();
-    assert!(
-        timeout(Duration::from_millis(300), peer.recv_from(&mut buf))
-            .await
-            .is_err(),
-        "nothing reaches the refused peer"
-    );
-    assert_eq!(
-        next_channel_data(&mut c).await,
-        None,
-        "nothing from the refused peer"
-    );
+    nothing_relayed(&mut c, 0x4002, &peer, relay, "with the refused peer").await;
     assert!(
         gw.metrics.permission_denied.get() >= 1,
         "user space refused the client's datagram"

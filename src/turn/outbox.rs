@@ -317,6 +317,32 @@ mod tests {
     use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpStream};
 
+    /// A plain TCP connection's outbox with its writer task, the client end of the
+    /// connection (small kernel buffers, so that the outbox is what fills) and the
+    /// server's read half (kept open).
+    async fn direct() -> (
+        TcpStream,
+        Arc<Outbox>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+        tokio::net::tcp::OwnedReadHalf,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let _ = socket2::SockRef::from(&server).set_send_buffer_size(16 * 1024);
+        let _ = socket2::SockRef::from(&client).set_recv_buffer_size(16 * 1024);
+        let (rd, wr) = server.into_split();
+        let wr = Arc::new(wr);
+        let cancel = CancellationToken::new();
+        let out = Arc::new(Outbox::new(Some(Arc::clone(&wr)), cancel.clone()));
+        let flusher = Arc::clone(&out);
+        let writer = tokio::spawn(async move { flusher.flush_direct(&wr).await });
+        (client, out, cancel, writer, rd)
+    }
+
     #[test]
     fn append_skips_what_was_written() {
         let mut b = BytesMut::new();
@@ -337,19 +363,7 @@ mod tests {
     /// socket took only in part.
     #[tokio::test]
     async fn send_many_takes_whole_frames_in_order_up_to_the_bound() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let _ = socket2::SockRef::from(&server).set_send_buffer_size(16 * 1024);
-        let _ = socket2::SockRef::from(&client).set_recv_buffer_size(16 * 1024);
-        let (_rd, wr) = server.into_split();
-        let wr = Arc::new(wr);
-        let cancel = CancellationToken::new();
-        let out = Arc::new(Outbox::new(Some(Arc::clone(&wr)), cancel.clone()));
-        let flusher = Arc::clone(&out);
-        let writer = tokio::spawn(async move { flusher.flush_direct(&wr).await });
+        let (mut client, out, cancel, writer, _rd) = direct().await;
 
         let frame = |i: u32| {
             let mut f = vec![(i % 251) as u8; 100 + (i as usize % 7) * 150];
@@ -405,20 +419,7 @@ mod tests {
     /// and nothing of the dropped ones.
     #[tokio::test]
     async fn a_client_that_does_not_read_is_bounded_and_gets_whole_frames() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        // Small kernel buffers, so that the outbox is what fills.
-        let _ = socket2::SockRef::from(&server).set_send_buffer_size(16 * 1024);
-        let _ = socket2::SockRef::from(&client).set_recv_buffer_size(16 * 1024);
-        let (_rd, wr) = server.into_split();
-        let wr = Arc::new(wr);
-        let cancel = CancellationToken::new();
-        let out = Arc::new(Outbox::new(Some(Arc::clone(&wr)), cancel.clone()));
-        let flusher = Arc::clone(&out);
-        let writer = tokio::spawn(async move { flusher.flush_direct(&wr).await });
+        let (mut client, out, cancel, writer, _rd) = direct().await;
 
         // 161-byte frames + 3 bytes of padding, numbered.
         let frame = |i: u32| {

@@ -138,17 +138,14 @@ fn relay(
 
 /// Sends the ChannelData frames of datagrams `ready` to the client together.
 fn flush(client: &ClientEnd, batch: &MsgBatch, ready: &[usize]) {
-    match ready {
-        [] => {}
-        [i] => client.sink.send_frame(batch.frame(*i), client.addr),
-        _ => {
-            let mut frames = [&[][..]; SLOTS];
-            for (f, i) in frames.iter_mut().zip(ready) {
-                *f = batch.frame(*i);
-            }
-            client.sink.send_frames(&frames[..ready.len()], client.addr);
-        }
+    if ready.is_empty() {
+        return;
     }
+    let mut frames = [&[][..]; SLOTS];
+    for (f, i) in frames.iter_mut().zip(ready) {
+        *f = batch.frame(*i);
+    }
+    client.sink.send_frames(&frames[..ready.len()], client.addr);
 }
 
 /// A receive error that is not transient: logged, and the reader waits for the

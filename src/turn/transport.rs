@@ -213,10 +213,7 @@ impl ClientSink for ConnSink {
         }
     }
 
-    fn send_frames(&self, frames: &[&[u8]], client: SocketAddr) {
-        if frames.len() == 1 {
-            return self.send_frame(frames[0], client);
-        }
+    fn send_frames(&self, frames: &[&[u8]], _client: SocketAddr) {
         let mut padded = [(&[][..], 0usize); MANY];
         for chunk in frames.chunks(MANY) {
             for (p, f) in padded.iter_mut().zip(chunk) {

@@ -108,9 +108,12 @@ impl App {
     /// first probe round).
     pub async fn start(config: Config, config_path: String) -> Result<App> {
         let metrics = Metrics::new();
+        // Values read at each scrape register with their owners' hooks.
+        crate::fdbudget::register_metrics(&metrics);
+        crate::offload::register_metrics(&metrics);
         let config_path_for_hash = config_path.clone();
         // The fd budget of this configuration (see `fdbudget`), before any socket opens.
-        crate::fdbudget::apply(&config);
+        crate::fdbudget::apply(&config, &fd_consumers(&config));
 
         // Server lists: static entries at once, DNS names and node/… as their sources answer.
         let discovery = Discovery::start(&config, &metrics).await?;
@@ -518,33 +521,12 @@ fn spawn_feeder(
     });
 }
 
-/// The open-file limit [`raise_nofile_limit`] asks for (up to the hard limit).
-pub const NOFILE_WANTED: u64 = 262_144;
-
-/// Raises RLIMIT_NOFILE to what 100k sessions need, up to the hard limit, and logs it.
-pub fn raise_nofile_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) => {
-            let target = NOFILE_WANTED.min(hard);
-            if soft < target
-                && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, target, hard)
-            {
-                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
-                return;
-            }
-            let now = soft.max(target);
-            if now < 200_000 {
-                tracing::info!(
-                    limit = now,
-                    hard,
-                    "open-file limit in force (below the ~200k that 100k UDP sessions need: one socket each, plus the client side)"
-                );
-            } else {
-                tracing::info!(limit = now, "open-file limit in force");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+/// What each consumer of file descriptors above the fd budget asks for under `cfg`: the
+/// budget itself knows none of them (ARCHITECTURE.md).
+pub fn fd_consumers(cfg: &Config) -> crate::fdbudget::Consumers {
+    crate::fdbudget::Consumers {
+        udp_workers: udp::default_workers(),
+        turn: cfg.turn.as_ref().map_or(0, crate::turn::fd_demand),
     }
 }
 

@@ -11,17 +11,24 @@
 //!
 //! So at start and on every reload [`apply`] computes a [`Plan`]: the descriptors the
 //! configuration reserves for itself ([`Demand::reserve`]) are taken off the open-file
-//! limit (`RLIMIT_NOFILE`, after `app::raise_nofile_limit`), and what is left is the
+//! limit (`RLIMIT_NOFILE`, after [`raise_nofile_limit`]), and what is left is the
 //! data-plane budget. A UDP session or TCP connection takes a [`Permit`] from the
 //! process-wide [`FdBudget`] before it opens its descriptors and gives it back when it
 //! closes; beyond the budget, new sessions are refused and counted
 //! (`reason="fd_budget"`) while existing sessions, probes and `/healthz` keep working.
+//!
+//! The budget sits below the modules that use descriptors (ARCHITECTURE.md): the UDP
+//! worker count and TURN's demand come in as [`Consumers`], computed by whoever wires the
+//! two (`app::fd_consumers`), and [`register_metrics`] adds its gauges to the registry.
 //!
 //! `mediagate check` only warns when the configuration's demand exceeds the limit (see
 //! [`check_warning`]): limits differ between the machine that checks and the one that
 //! runs, and the runtime budget enforces the limit where it applies.
 
 use crate::config::{Config, Protocol, ServerRef};
+use crate::metrics::Metrics;
+use prometheus_client::metrics::gauge::Gauge;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Descriptors any process of ours holds besides what the configuration asks for: stdio,
@@ -46,7 +53,7 @@ pub struct Demand {
     pub probes: usize,
     /// The admin listener and `admin.max_connections`.
     pub admin: usize,
-    /// TURN relays and clients (`turn::fd_demand`).
+    /// TURN relays and clients ([`Consumers::turn`]).
     pub turn: usize,
     /// Discovery and [`FIXED_RESERVE`].
     pub other: usize,
@@ -69,9 +76,19 @@ impl Demand {
     }
 }
 
-/// The demand of `cfg` with `workers` UDP worker threads per listener.
-pub fn demand(cfg: &Config, workers: usize) -> Demand {
-    let workers = workers.max(1);
+/// What the consumers above the budget state for themselves: the budget computes the rest
+/// from the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Consumers {
+    /// UDP worker threads per listener (each holds a listen socket per port and an epoll).
+    pub udp_workers: usize,
+    /// Descriptors the TURN service reserves (`turn::fd_demand`; 0 without `turn:`).
+    pub turn: usize,
+}
+
+/// The demand of `cfg` with what its consumers state.
+pub fn demand(cfg: &Config, consumers: &Consumers) -> Demand {
+    let workers = consumers.udp_workers.max(1);
     let mut d = Demand {
         other: FIXED_RESERVE + DISCOVERY_RESERVE,
         admin: 1 + cfg.admin.max_connections,
@@ -103,9 +120,7 @@ pub fn demand(cfg: &Config, workers: usize) -> Demand {
             };
         }
     }
-    if let Some(t) = &cfg.turn {
-        d.turn = crate::turn::fd_demand(t);
-    }
+    d.turn = consumers.turn;
     d
 }
 
@@ -120,8 +135,8 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn new(cfg: &Config, limit: usize, workers: usize) -> Plan {
-        let demand = demand(cfg, workers);
+    pub fn new(cfg: &Config, limit: usize, consumers: &Consumers) -> Plan {
+        let demand = demand(cfg, consumers);
         Plan {
             limit,
             demand,
@@ -279,12 +294,12 @@ pub fn current_limit() -> usize {
 }
 
 /// The limit `mediagate run` will have on this machine: the soft limit, raised towards
-/// the hard one as `app::raise_nofile_limit` does.
+/// the hard one as [`raise_nofile_limit`] does.
 pub fn limit_at_run() -> usize {
     use nix::sys::resource::{Resource, getrlimit};
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) => {
-            usize::try_from(soft.max(crate::app::NOFILE_WANTED.min(hard))).unwrap_or(usize::MAX)
+            usize::try_from(soft.max(NOFILE_WANTED.min(hard))).unwrap_or(usize::MAX)
         }
         Err(_) => usize::MAX,
     }
@@ -292,8 +307,8 @@ pub fn limit_at_run() -> usize {
 
 /// Computes the plan of `cfg` under the limit in force, puts it in force, and logs a
 /// warning when the configuration does not fit. Called at start and on every reload.
-pub fn apply(cfg: &Config) -> Plan {
-    let plan = Plan::new(cfg, current_limit(), crate::proxy::udp::default_workers());
+pub fn apply(cfg: &Config, consumers: &Consumers) -> Plan {
+    let plan = Plan::new(cfg, current_limit(), consumers);
     global().set_plan(&plan);
     match plan.shortfall() {
         Some(why) => tracing::warn!("{why}"),
@@ -309,8 +324,100 @@ pub fn apply(cfg: &Config) -> Plan {
 
 /// `mediagate check`: the warning to print when `cfg` does not fit the open-file limit
 /// this machine would give `mediagate run` (a warning, not an error: see the module doc).
-pub fn check_warning(cfg: &Config) -> Option<String> {
-    Plan::new(cfg, limit_at_run(), crate::proxy::udp::default_workers()).shortfall()
+pub fn check_warning(cfg: &Config, consumers: &Consumers) -> Option<String> {
+    Plan::new(cfg, limit_at_run(), consumers).shortfall()
+}
+
+/// The open-file limit [`raise_nofile_limit`] asks for (up to the hard limit).
+pub const NOFILE_WANTED: u64 = 262_144;
+
+/// Raises RLIMIT_NOFILE to what 100k sessions need, up to the hard limit, and logs it.
+pub fn raise_nofile_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            let target = NOFILE_WANTED.min(hard);
+            if soft < target
+                && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, target, hard)
+            {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
+                return;
+            }
+            let now = soft.max(target);
+            if now < 200_000 {
+                tracing::info!(
+                    limit = now,
+                    hard,
+                    "open-file limit in force (below the ~200k that 100k UDP sessions need: one socket each, plus the client side)"
+                );
+            } else {
+                tracing::info!(limit = now, "open-file limit in force");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
+/// Registers the budget's gauges (`mediagate_fd_*`) in `metrics`, refreshed from
+/// [`global`] before every scrape.
+pub fn register_metrics(metrics: &Metrics) {
+    let g = FdGauges::default();
+    {
+        let mut r = metrics.registry();
+        r.register(
+            "mediagate_fd_limit",
+            "The open-file limit (RLIMIT_NOFILE)",
+            g.limit.clone(),
+        );
+        r.register(
+            "mediagate_fd_reserve",
+            "File descriptors reserved for listen sockets, probes, discovery, admin and TURN",
+            g.reserve.clone(),
+        );
+        r.register(
+            "mediagate_fd_budget",
+            "File descriptors UDP sessions and TCP connections may hold",
+            g.budget.clone(),
+        );
+        r.register(
+            "mediagate_fd_in_use",
+            "File descriptors UDP sessions and TCP connections hold",
+            g.in_use.clone(),
+        );
+        r.register(
+            "mediagate_fd_open",
+            "File descriptors the process has open",
+            g.open.clone(),
+        );
+    }
+    metrics.on_scrape("fdbudget", Arc::new(move || g.refresh()));
+}
+
+/// Gauges of the file-descriptor budget.
+#[derive(Clone, Debug, Default)]
+struct FdGauges {
+    /// `mediagate_fd_limit`: the open-file limit (RLIMIT_NOFILE).
+    limit: Gauge,
+    /// `mediagate_fd_reserve`: descriptors kept for listen sockets, probes, admin, TURN.
+    reserve: Gauge,
+    /// `mediagate_fd_budget`: descriptors UDP sessions and TCP connections may hold.
+    budget: Gauge,
+    /// `mediagate_fd_in_use`: descriptors UDP sessions and TCP connections hold now.
+    in_use: Gauge,
+    /// `mediagate_fd_open`: descriptors the process has open (all kinds).
+    open: Gauge,
+}
+
+impl FdGauges {
+    fn refresh(&self) {
+        let b = global();
+        let g = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.limit.set(g(b.limit()));
+        self.reserve.set(g(b.reserve()));
+        self.budget.set(g(b.budget()));
+        self.in_use.set(g(b.in_use()));
+        self.open.set(g(open_now()));
+    }
 }
 
 /// Descriptors the process has open now (`/proc/self/fd`), or 0 when unreadable.
@@ -321,6 +428,13 @@ pub fn open_now() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn two_workers() -> Consumers {
+        Consumers {
+            udp_workers: 2,
+            turn: 0,
+        }
+    }
 
     fn cfg(yaml: &str) -> Config {
         crate::config::load_str(yaml, "t.yaml").expect("valid config")
@@ -333,7 +447,7 @@ mod tests {
 
     #[test]
     fn demand_counts_every_part() {
-        let d = demand(&cfg(BASE), 2);
+        let d = demand(&cfg(BASE), &two_workers());
         assert_eq!(d.udp_sessions, 1000);
         assert_eq!(d.tcp_connections, 200);
         assert_eq!(d.listeners, 2 * 2 + 2 + 1);
@@ -346,18 +460,18 @@ mod tests {
     #[test]
     fn plan_subtracts_the_reserve_and_explains_a_shortfall() {
         let c = cfg(BASE);
-        let big = Plan::new(&c, 100_000, 2);
+        let big = Plan::new(&c, 100_000, &two_workers());
         assert!(big.fits());
         assert_eq!(big.shortfall(), None);
         assert_eq!(big.budget, 100_000 - big.demand.reserve());
-        let small = Plan::new(&c, 1024, 2);
+        let small = Plan::new(&c, 1024, &two_workers());
         assert!(!small.fits());
         let why = small.shortfall().unwrap();
         assert!(why.contains("open-file limit is 1024"), "{why}");
         assert!(why.contains("fd_budget"), "{why}");
         assert_eq!(small.budget, 1024 - small.demand.reserve());
         // A limit below the reserve leaves the data plane nothing, not an underflow.
-        assert_eq!(Plan::new(&c, 10, 2).budget, 0);
+        assert_eq!(Plan::new(&c, 10, &two_workers()).budget, 0);
     }
 
     #[test]

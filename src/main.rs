@@ -131,7 +131,7 @@ fn check(path: Option<PathBuf>) -> ExitCode {
         Ok(cfg) => {
             // A warning, not an error: the limit where `check` runs need not be the one
             // where the balancer runs, and the runtime budget enforces the real one.
-            if let Some(why) = mediagate::fdbudget::check_warning(&cfg) {
+            if let Some(why) = mediagate::fdbudget::check_warning(&cfg, &app::fd_consumers(&cfg)) {
                 eprintln!("warning: {why}");
             }
             println!("ok");
@@ -154,7 +154,7 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         }
     };
     mediagate::logging::init(&cfg.log);
-    app::raise_nofile_limit();
+    mediagate::fdbudget::raise_nofile_limit();
     with_runtime(mediagate::run::serve(cfg, path))
 }
 

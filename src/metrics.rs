@@ -19,6 +19,9 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// A function run before every scrape ([`Metrics::on_scrape`]).
+pub type ScrapeHook = Arc<dyn Fn() + Send + Sync>;
+
 /// A label set: `[("listener", "janus-rtp"), ...]`.
 pub type Labels = Vec<(String, String)>;
 
@@ -69,8 +72,9 @@ pub struct Metrics {
     pub config_reloads: Family<Labels, Counter>,
     /// Sessions the balancer closed itself, by listener and reason (`idle_timeout`).
     pub sessions_closed: Family<Labels, Counter>,
-    /// The file-descriptor budget (`crate::fdbudget`), refreshed at every scrape.
-    pub fd: FdGauges,
+    /// Called before every scrape by the owners of values that are read, not counted
+    /// (the fd budget, the kernel fast path): see [`Metrics::on_scrape`].
+    scrape_hooks: Arc<Mutex<Vec<(&'static str, ScrapeHook)>>>,
     /// Open admin API connections.
     pub admin_connections: Gauge,
     /// Admin connections closed by the balancer: `evicted` (an idle one, to make room at
@@ -85,33 +89,6 @@ pub struct Metrics {
     /// (`built_without_clang`, `disabled`, `permission`, `load`, `attach`, `slots`) or
     /// refused a session (`map_full`, `map_insert`); that traffic stays in user space.
     pub offload_errors: Family<Labels, Counter>,
-}
-
-/// Gauges of the file-descriptor budget.
-#[derive(Clone, Debug, Default)]
-pub struct FdGauges {
-    /// `mediagate_fd_limit`: the open-file limit (RLIMIT_NOFILE).
-    pub limit: Gauge,
-    /// `mediagate_fd_reserve`: descriptors kept for listen sockets, probes, admin, TURN.
-    pub reserve: Gauge,
-    /// `mediagate_fd_budget`: descriptors UDP sessions and TCP connections may hold.
-    pub budget: Gauge,
-    /// `mediagate_fd_in_use`: descriptors UDP sessions and TCP connections hold now.
-    pub in_use: Gauge,
-    /// `mediagate_fd_open`: descriptors the process has open (all kinds).
-    pub open: Gauge,
-}
-
-impl FdGauges {
-    fn refresh(&self) {
-        let b = crate::fdbudget::global();
-        let g = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
-        self.limit.set(g(b.limit()));
-        self.reserve.set(g(b.reserve()));
-        self.budget.set(g(b.budget()));
-        self.in_use.set(g(b.in_use()));
-        self.open.set(g(crate::fdbudget::open_now()));
-    }
 }
 
 impl Default for Metrics {
@@ -173,32 +150,6 @@ impl Metrics {
             "mediagate_sessions_closed",
             "Sessions the balancer closed itself, by reason"
         );
-        let fd = FdGauges::default();
-        r.register(
-            "mediagate_fd_limit",
-            "The open-file limit (RLIMIT_NOFILE)",
-            fd.limit.clone(),
-        );
-        r.register(
-            "mediagate_fd_reserve",
-            "File descriptors reserved for listen sockets, probes, discovery, admin and TURN",
-            fd.reserve.clone(),
-        );
-        r.register(
-            "mediagate_fd_budget",
-            "File descriptors UDP sessions and TCP connections may hold",
-            fd.budget.clone(),
-        );
-        r.register(
-            "mediagate_fd_in_use",
-            "File descriptors UDP sessions and TCP connections hold",
-            fd.in_use.clone(),
-        );
-        r.register(
-            "mediagate_fd_open",
-            "File descriptors the process has open",
-            fd.open.clone(),
-        );
         let admin_connections = Gauge::default();
         r.register(
             "mediagate_admin_connections",
@@ -241,7 +192,7 @@ impl Metrics {
             dropped,
             config_reloads,
             sessions_closed,
-            fd,
+            scrape_hooks: Arc::default(),
             admin_connections,
             admin_closed,
             offload_sessions,
@@ -255,10 +206,26 @@ impl Metrics {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs `hook` before every scrape, so values that are read rather than counted (a
+    /// limit, what the kernel forwarded) are current when `/metrics` is encoded. The owner of
+    /// those values registers its own hook; a second hook under the same `name` replaces
+    /// nothing and is dropped, so registering is idempotent.
+    pub fn on_scrape(&self, name: &'static str, hook: ScrapeHook) {
+        let mut hooks = self.scrape_hooks.lock().unwrap_or_else(|p| p.into_inner());
+        if !hooks.iter().any(|(n, _)| *n == name) {
+            hooks.push((name, hook));
+        }
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
-        self.fd.refresh();
-        crate::offload::refresh_metrics();
+        let hooks: Vec<ScrapeHook> = {
+            let hooks = self.scrape_hooks.lock().unwrap_or_else(|p| p.into_inner());
+            hooks.iter().map(|(_, h)| h.clone()).collect()
+        };
+        for hook in hooks {
+            hook();
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry());
@@ -418,6 +385,30 @@ mod tests {
             assert!(prom.contains(line), "missing {line} in\n{prom}");
         }
         assert!(!prom.contains("# EOF"));
+    }
+
+    #[test]
+    fn scrape_hooks_run_before_every_encode_once_per_name() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let m = Metrics::new();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let g = Gauge::<i64>::default();
+        m.registry()
+            .register("test_read", "Read at scrape", g.clone());
+        for _ in 0..2 {
+            let (runs, g) = (runs.clone(), g.clone());
+            m.on_scrape(
+                "test",
+                Arc::new(move || {
+                    runs.fetch_add(1, Ordering::Relaxed);
+                    g.set(42);
+                }),
+            );
+        }
+        assert!(m.encode().contains("test_read 42"));
+        assert_eq!(runs.load(Ordering::Relaxed), 1, "one hook per name");
+        m.encode();
+        assert_eq!(runs.load(Ordering::Relaxed), 2);
     }
 
     #[test]

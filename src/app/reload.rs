@@ -123,7 +123,7 @@ impl AppState {
         match &result {
             Ok(()) => {
                 let config = self.config.load();
-                crate::fdbudget::apply(&config); // the fd budget follows the config
+                crate::fdbudget::apply(&config, &super::fd_consumers(&config)); // the fd budget follows the config
                 self.last_reload_error.store(Arc::new(None));
                 self.loaded_at.store(Arc::new(SystemTime::now()));
                 tracing::info!(path = %self.config_path, "configuration reloaded");

@@ -1,11 +1,36 @@
 //! The cluster's metrics (`mediagate_cluster_…`).
 
-use super::transport::Reject;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+/// Why a frame was dropped (the `reason` label of `mediagate_cluster_messages_rejected_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    Malformed,
+    BadMac,
+    Stale,
+    Replay,
+}
+
+impl Reject {
+    pub const ALL: [Reject; 4] = [
+        Reject::Malformed,
+        Reject::BadMac,
+        Reject::Stale,
+        Reject::Replay,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reject::Malformed => "malformed",
+            Reject::BadMac => "bad_mac",
+            Reject::Stale => "stale",
+            Reject::Replay => "replay",
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {

@@ -15,6 +15,7 @@
 //! stay on 127.0.0.1 inside this process.
 
 use super::metrics::ClusterMetrics;
+pub use super::metrics::Reject;
 use anyhow::Context;
 use async_trait::async_trait;
 use chitchat::ChitchatEnvelope;
@@ -58,32 +59,6 @@ pub fn seal(key: &[u8], epoch: u64, counter: u64, sent_ms: u64, payload: &[u8]) 
     let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), &frame);
     frame.extend_from_slice(tag.as_ref());
     frame
-}
-
-/// Why a frame was dropped (the `reason` label of `mediagate_cluster_messages_rejected_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reject {
-    Malformed,
-    BadMac,
-    Stale,
-    Replay,
-}
-
-impl Reject {
-    pub const ALL: [Reject; 4] = [
-        Reject::Malformed,
-        Reject::BadMac,
-        Reject::Stale,
-        Reject::Replay,
-    ];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reject::Malformed => "malformed",
-            Reject::BadMac => "bad_mac",
-            Reject::Stale => "stale",
-            Reject::Replay => "replay",
-        }
-    }
 }
 
 #[derive(Debug)]

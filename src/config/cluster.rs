@@ -1,7 +1,7 @@
 //! `cluster:` — optional membership of replicas that act as one balancer (see
 //! `crate::cluster`). Absent: a single process, as without it.
 
-use super::types::Dur;
+use super::values::Dur;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! `health:` — an upstream's active probe: its kind, timing and what counts as healthy.
 
-use super::types::{Dur, default_true};
+use super::values::{Dur, default_true};
 use serde::Deserialize;
 use std::time::Duration;
 

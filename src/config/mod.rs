@@ -12,6 +12,7 @@ pub mod reference;
 pub mod turn;
 pub mod types;
 pub mod validate;
+pub mod values;
 mod yaml;
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! `turn:` — the gateway's own STUN/TURN service: listeners, credentials, relay ports and
 //! the ICE configuration endpoint.
 
-use super::types::{Dur, Protocol};
+use super::values::{Dur, Protocol};
 use serde::{Deserialize, Deserializer};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -188,7 +188,7 @@ pub struct RelayConfig {
     /// `ebpf`: the kernel fast path relays the channel data of UDP allocations. Default
     /// `none`.
     #[serde(default)]
-    pub offload: super::types::Offload,
+    pub offload: super::values::Offload,
     /// Receive and send buffer of each TURN-over-TCP/TLS connection, bytes (0: the
     /// kernel's autotuning). Default 64 KiB.
     #[serde(default = "default_tcp_buffer")]
@@ -228,7 +228,7 @@ impl Default for RelayConfig {
             peers: default_peers(),
             recv_buffer: default_relay_recv_buffer(),
             listener_buffer: default_listener_buffer(),
-            offload: super::types::Offload::None,
+            offload: super::values::Offload::None,
             tcp_buffer: default_tcp_buffer(),
         }
     }

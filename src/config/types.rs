@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use super::health::HealthConfig;
 use super::turn::TurnConfig;
+use super::values::default_true;
+pub use super::values::{Dur, Offload, Protocol};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -125,25 +127,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// Transport of a listener.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// Each accepted connection is a session.
-    Tcp,
-    /// Each client `ip:port` is a session.
-    Udp,
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        })
-    }
-}
-
 /// One entry of `listeners:`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -180,17 +163,6 @@ pub struct ListenerConfig {
     /// without a valid header within 5 s are closed and counted. Default false.
     #[serde(default)]
     pub accept_proxy_protocol: bool,
-}
-
-/// `listeners[].offload`.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Offload {
-    /// Every datagram goes through user space.
-    #[default]
-    None,
-    /// The kernel fast path (eBPF) forwards established UDP sessions.
-    Ebpf,
 }
 
 /// `listeners[].proxy_protocol`.
@@ -437,9 +409,6 @@ pub struct UpstreamConfig {
     pub kubernetes: Option<KubernetesRef>,
 }
 
-pub(super) fn default_true() -> bool {
-    true
-}
 fn default_connect_timeout() -> Dur {
     Dur(Duration::from_secs(1))
 }
@@ -553,42 +522,6 @@ impl<'de> Deserialize<'de> for ServerRef {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// A duration written as `250ms`, `5s`, `2m` (humantime).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
-pub struct Dur(pub Duration);
-
-impl Dur {
-    /// The duration itself.
-    pub fn get(self) -> Duration {
-        self.0
-    }
-}
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let bad = || serde::de::Error::custom(format!("invalid duration {s:?}"));
-        // humantime accepts "10 ms"; the documented syntax writes a number and its unit together and
-        // calls "10 ms" invalid. Spaces between whole terms ("2m 30s") stay allowed.
-        let t = s.trim();
-        if t.as_bytes()
-            .windows(2)
-            .any(|w| w[0].is_ascii_digit() && w[1].is_ascii_whitespace())
-        {
-            return Err(bad());
-        }
-        humantime::parse_duration(s.trim())
-            .map(Dur)
-            .map_err(|_| bad())
-    }
-}
-
-impl fmt::Display for Dur {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_duration(self.0))
     }
 }
 

@@ -359,7 +359,7 @@ impl Checker {
 
     fn events(&mut self, cfg: &Config) {
         for (i, h) in cfg.events.webhooks.iter().enumerate() {
-            match crate::events::webhook::parse_url(&h.url) {
+            match super::events::parse_url(&h.url) {
                 Err(e) => self.push(key_path(&index_path("events.webhooks", i), "url"), e),
                 Ok(u) if !u.tls && h.ca.is_some() => self.push(
                     key_path(&index_path("events.webhooks", i), "ca"),

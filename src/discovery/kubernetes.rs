@@ -8,11 +8,11 @@
 //! and hands it to the hub. API errors leave the view as it was (the last known state),
 //! are counted and logged once per outage; the watcher retries with kube's default backoff.
 
+use super::Tier;
 use super::errors::{ErrorCounters, Outage};
 use super::{Hub, Readiness, Target};
 use crate::config::{Config, KubernetesRef, ServerRef};
 use crate::health::Reason;
-use crate::upstream::Tier;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Node, NodeStatus};
 use k8s_openapi::api::discovery::v1::EndpointSlice;

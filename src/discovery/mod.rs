@@ -15,13 +15,13 @@
 mod dns;
 mod errors;
 pub mod kubernetes;
+mod target;
 
 pub use kubernetes::{KubeView, NodeEndpoint, ServiceKey, node_targets};
+pub use target::{Readiness, Target, Tier};
 
 use crate::config::{Config, ServerRef, UpstreamConfig};
-use crate::health::Reason;
 use crate::metrics::Metrics;
-use crate::upstream::Tier;
 use indexmap::IndexMap;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -29,27 +29,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
-
-/// One concrete server of an upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub ip: IpAddr,
-    /// `None`: the listener's port (or each port of its range).
-    pub port: Option<u16>,
-    pub tier: Tier,
-    /// Discovery's own verdict: a Kubernetes endpoint that is not ready, or whose node is
-    /// NotReady, is down at once whatever the probes say.
-    pub readiness: Readiness,
-}
-
-/// Whether discovery considers a target usable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Readiness {
-    Ready,
-    /// Down at once, with the reason used in events and metrics
-    /// (`endpoint_not_ready`, `node_not_ready`).
-    NotReady(Reason),
-}
 
 /// Everything the sources have learnt so far; the input of [`targets`].
 #[derive(Debug, Clone, Default, PartialEq)]

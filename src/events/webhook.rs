@@ -15,6 +15,7 @@
 //! `dropped` (lost while the hook was behind).
 
 use crate::config::WebhookConfig;
+pub use crate::config::events::{HookUrl, parse_url};
 use bytes::Bytes;
 use http_body_util::Full;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -59,59 +60,6 @@ impl WebhookMetrics {
             .get_or_create(&ResultLabels { result })
             .inc_by(n);
     }
-}
-
-/// A hook's URL, taken apart.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HookUrl {
-    /// `https://`.
-    pub tls: bool,
-    /// The host as written (a name, an IPv4 address or a bracketed IPv6 address).
-    pub host: String,
-    /// `host:port`, to connect to and for the `Host` header.
-    pub authority: String,
-    /// The path and query, `/` at least.
-    pub path: String,
-}
-
-/// `http://host[:port]/path` or `https://host[:port]/path` (ports 80 and 443 by default).
-pub fn parse_url(url: &str) -> Result<HookUrl, String> {
-    let (tls, rest) = if let Some(r) = url.strip_prefix("http://") {
-        (false, r)
-    } else if let Some(r) = url.strip_prefix("https://") {
-        (true, r)
-    } else {
-        return Err(format!(
-            "{url:?}: only http:// and https:// URLs are supported"
-        ));
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.is_empty() {
-        return Err(format!("{url:?}: no host"));
-    }
-    let has_port = match authority.rfind(':') {
-        Some(i) => !authority[i..].contains(']'),
-        None => false,
-    };
-    let (host, authority) = if has_port {
-        let i = authority.rfind(':').expect("checked");
-        if authority[i + 1..].parse::<u16>().is_err() {
-            return Err(format!("{url:?}: bad port"));
-        }
-        (authority[..i].to_string(), authority.to_string())
-    } else {
-        let port = if tls { 443 } else { 80 };
-        (authority.to_string(), format!("{authority}:{port}"))
-    };
-    Ok(HookUrl {
-        tls,
-        host,
-        authority,
-        path: path.to_string(),
-    })
 }
 
 /// Hex HMAC-SHA256 of `body`.

@@ -1,15 +1,28 @@
 //! The prober: one task per server that runs its probe on its own timer and reports every
-//! result to the upstream's controller. Probes of different servers never wait on each
-//! other, and a probe never outlives `timeout`.
+//! result through a [`ProbeSink`] (the upstream's controller implements it). Probes of
+//! different servers never wait on each other, and a probe never outlives `timeout`.
+//!
+//! Health sits below the upstream layer (ARCHITECTURE.md): it knows probes, not servers
+//! or controllers, so whoever starts a prober hands it the sink its results go to.
 
 use super::{HealthCheck, ProbeError, Reason};
-use crate::upstream::{Control, ServerHandle};
 use prometheus_client::metrics::counter::Counter;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// Where a prober's results go.
+pub trait ProbeSink: Send + Sync + 'static {
+    /// Delivers one result, taken at `at`; resolves to false when nobody listens any more
+    /// (the prober then stops).
+    fn report(
+        &self,
+        result: Result<(), ProbeError>,
+        at: Instant,
+    ) -> impl Future<Output = bool> + Send;
+}
 
 /// `mediagate_probes_total{upstream,server,result}` handles for one server.
 #[derive(Clone, Debug)]
@@ -29,9 +42,12 @@ static LOCAL_ERROR_LOG: std::sync::LazyLock<crate::ratelog::RateLimit> =
     });
 
 /// Everything one prober needs.
-pub struct Prober {
+pub struct Prober<S> {
     pub check: Arc<dyn HealthCheck>,
-    pub server: Arc<ServerHandle>,
+    /// The server as logs name it (`ip:port`).
+    pub label: String,
+    /// Where results go.
+    pub sink: S,
     /// Address probed (the server's, or `health.port` on the same host).
     pub target: SocketAddr,
     pub interval: Duration,
@@ -39,9 +55,9 @@ pub struct Prober {
     pub counters: ProbeCounters,
 }
 
-impl Prober {
-    /// Runs until `cancel` fires or the controller goes away. The first probe starts at once.
-    pub async fn run(self, control: mpsc::Sender<Control>, cancel: CancellationToken) {
+impl<S: ProbeSink> Prober<S> {
+    /// Runs until `cancel` fires or the sink goes away. The first probe starts at once.
+    pub async fn run(self, cancel: CancellationToken) {
         loop {
             let started = Instant::now();
             let result = tokio::select! {
@@ -62,19 +78,14 @@ impl Prober {
             };
             match &result {
                 // The balancer could not probe (out of descriptors, buffers or ports): the
-                // controller never hears of it, so it counts toward nothing.
+                // sink never hears of it, so it counts toward nothing.
                 Err(e) if e.reason == Reason::LocalError => {
                     if LOCAL_ERROR_LOG.allow() {
-                        tracing::warn!(server = %self.server.label, target = %self.target, error = %e.detail, "probe could not run: local resources exhausted (not counted against the server)");
+                        tracing::warn!(server = %self.label, target = %self.target, error = %e.detail, "probe could not run: local resources exhausted (not counted against the server)");
                     }
                 }
                 _ => {
-                    let msg = Control::Probe {
-                        server: self.server.clone(),
-                        result,
-                        at: Instant::now(),
-                    };
-                    if control.send(msg).await.is_err() {
+                    if !self.sink.report(result, Instant::now()).await {
                         return;
                     }
                 }

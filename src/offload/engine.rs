@@ -407,8 +407,8 @@ pub fn acquire(
 }
 
 /// Adds the kernel's per-CPU totals of every offloading listener to its packet and byte
-/// counters (called at every `/metrics` scrape, so they are exact when read).
-pub fn refresh_metrics() {
+/// counters (part of [`super::refresh_metrics`]).
+pub(super) fn refresh_listeners() {
     let all: Vec<Arc<ListenerOffload>> = {
         let all = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());
         all.iter().filter_map(Weak::upgrade).collect()
@@ -416,7 +416,6 @@ pub fn refresh_metrics() {
     for l in all {
         l.refresh();
     }
-    super::turn::refresh_all();
 }
 
 /// The two map entries of one offloaded session.

@@ -97,9 +97,21 @@ pub mod sys;
 mod turn;
 mod wake;
 
-pub use engine::{
-    Engine, LastSeen, ListenerOffload, SessionKeys, acquire, refresh_metrics, turn_wanted, wanted,
-};
+pub use engine::{Engine, LastSeen, ListenerOffload, SessionKeys, acquire, turn_wanted, wanted};
 pub use sys::{FlowKey, FlowNat, monotonic_ns};
 pub use turn::{ChannelEntries, TurnCounters, TurnOffload, acquire_turn};
 pub use wake::{Waker, evicted};
+
+/// Adds what the kernel forwarded since the last call to the counters of every offloading
+/// listener and TURN service, so `/metrics` is exact when read; [`register_metrics`] runs
+/// it before every scrape.
+pub fn refresh_metrics() {
+    engine::refresh_listeners();
+    turn::refresh_all();
+}
+
+/// Registers the fast path's scrape hook ([`refresh_metrics`]) with `metrics`: the owner
+/// registers its own, `metrics` knows nothing of the fast path.
+pub fn register_metrics(metrics: &crate::metrics::Metrics) {
+    metrics.on_scrape("offload", std::sync::Arc::new(refresh_metrics));
+}

@@ -35,23 +35,9 @@ use turn::proto::PROTO_UDP;
 use super::metrics::DropReason;
 use super::policy::Verdict;
 use super::relay::RelayState;
-use super::server::Core;
+use super::shared::Core;
+pub(crate) use super::sink::ClientSink;
 use super::wire;
-
-/// Where frames for a client go: the listener's transport, without blocking.
-pub(crate) trait ClientSink: Send + Sync {
-    /// Sends one TURN frame (ChannelData or a Data indication) to `client`. Never blocks:
-    /// a frame that cannot be sent now is dropped and counted. Counts what it relays.
-    fn send_frame(&self, frame: &[u8], client: SocketAddr);
-
-    /// Sends several frames to `client`, in order (the relay socket's reader, for what
-    /// one receive brought). Over TCP they leave in one write.
-    fn send_frames(&self, frames: &[&[u8]], client: SocketAddr) {
-        for f in frames {
-            self.send_frame(f, client);
-        }
-    }
-}
 
 /// Routes cached by one reader: client address → the allocation's relay state.
 pub(crate) type RouteCache = HashMap<SocketAddr, Option<Arc<RelayState>>>;

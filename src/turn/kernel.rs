@@ -18,8 +18,17 @@ use std::time::Instant;
 
 use super::metrics::TurnMetrics;
 use super::policy::PeerPolicy;
-use super::relay::RelayState;
 use crate::offload::{ChannelEntries, TurnCounters, TurnOffload};
+
+/// An allocation the sweep brings in line (the relay state implements it; this file sits
+/// below `relay` and knows it only through this trait).
+pub(crate) trait Swept: Send + Sync {
+    /// Whether the allocation ended (it is then dropped from the sweep).
+    fn is_closed(&self) -> bool;
+    /// Brings the allocation's channels in the kernel in line with its bindings,
+    /// permissions and the peer policy.
+    fn sync_kernel(&self);
+}
 
 /// One channel in the kernel.
 pub(crate) struct Installed {
@@ -32,7 +41,7 @@ pub(crate) struct Installed {
 pub(crate) struct KernelChannels {
     offload: Arc<TurnOffload>,
     policy: Arc<PeerPolicy>,
-    states: Mutex<Vec<Weak<RelayState>>>,
+    states: Mutex<Vec<Weak<dyn Swept>>>,
 }
 
 impl KernelChannels {
@@ -61,14 +70,14 @@ impl KernelChannels {
     }
 
     /// A new allocation's relay state, to be swept.
-    pub(crate) fn register(&self, state: &Arc<RelayState>) {
+    pub(crate) fn register(&self, state: Weak<dyn Swept>) {
         let mut s = self.states.lock().unwrap_or_else(|e| e.into_inner());
-        s.push(Arc::downgrade(state));
+        s.push(state);
     }
 
     /// Brings every allocation's entries in line (once a second).
     pub(crate) fn sweep(&self) {
-        let live: Vec<Arc<RelayState>> = {
+        let live: Vec<Arc<dyn Swept>> = {
             let mut s = self.states.lock().unwrap_or_else(|e| e.into_inner());
             s.retain(|w| w.upgrade().is_some_and(|st| !st.is_closed()));
             s.iter().filter_map(Weak::upgrade).collect()

@@ -31,6 +31,8 @@ mod policy;
 mod relay;
 mod requests;
 mod server;
+mod shared;
+mod sink;
 mod table;
 mod tls;
 mod transport;

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::proxy::sys::MsgBatch;
+use crate::sockio::MsgBatch;
 
 use super::metrics::DropReason;
 use super::relay::{ClientEnd, RelayFactory, RelayState};
@@ -42,7 +42,14 @@ thread_local! {
 }
 
 /// Reads `state`'s relay socket until the allocation ends.
-pub(crate) async fn run(state: Arc<RelayState>, factory: Arc<RelayFactory>) {
+/// Sets the allocation's client end and starts its relay socket's reader (once).
+pub(crate) fn start(factory: &Arc<RelayFactory>, state: &Arc<RelayState>, client: ClientEnd) {
+    if state.set_client_end(client) {
+        tokio::spawn(run(Arc::clone(state), Arc::clone(factory)));
+    }
+}
+
+async fn run(state: Arc<RelayState>, factory: Arc<RelayFactory>) {
     let stopped = state.stopped();
     tokio::pin!(stopped);
     // SAFETY: the `Arc` held by the `AsyncFd` keeps the socket, and so its descriptor,

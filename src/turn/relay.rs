@@ -25,12 +25,12 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use webrtc_util::Conn;
 
-use super::datapath::ClientSink;
 use super::kdrops::KernelDrops;
-use super::kernel::{Installed, KernelChannels};
+use super::kernel::{Installed, KernelChannels, Swept};
 use super::metrics::{DropReason, TurnMetrics};
 use super::policy::{PeerPolicy, Verdict};
 use super::ratelog::RateLimit;
+use super::sink::ClientSink;
 use crate::config::PortRange;
 
 /// RFC 8656 §9: permissions last 300 seconds unless refreshed.
@@ -89,6 +89,16 @@ impl std::fmt::Debug for RelayState {
     }
 }
 
+impl Swept for RelayState {
+    fn is_closed(&self) -> bool {
+        RelayState::is_closed(self)
+    }
+
+    fn sync_kernel(&self) {
+        RelayState::sync_kernel(self)
+    }
+}
+
 impl RelayState {
     /// The relay socket (non-blocking; sends of the data path).
     pub(crate) fn socket(&self) -> &UdpSocket {
@@ -108,6 +118,11 @@ impl RelayState {
     /// Where the allocation's data goes back to, once known.
     pub(crate) fn client_end(&self) -> Option<&ClientEnd> {
         self.client.get()
+    }
+
+    /// Sets where the allocation's data goes back to (once: false when it was set before).
+    pub(crate) fn set_client_end(&self, client: ClientEnd) -> bool {
+        self.client.set(client).is_ok()
     }
 
     /// Whether the allocation ended.
@@ -276,14 +291,6 @@ impl RelayFactory {
     /// Rate limit of relay socket failure logs.
     pub(crate) fn error_log(&self) -> &RateLimit {
         &self.error_log
-    }
-
-    /// Sets the allocation's client end and starts its relay socket's reader (see
-    /// `peer_reader`).
-    pub(crate) fn start_relaying(self: &Arc<Self>, state: &Arc<RelayState>, client: ClientEnd) {
-        if state.client.set(client).is_ok() {
-            tokio::spawn(super::peer_reader::run(Arc::clone(state), Arc::clone(self)));
-        }
     }
 
     /// Whether relay sockets are IPv4 (else IPv6).
@@ -495,7 +502,7 @@ impl turn::relay::RelayAddressGenerator for RelayGenerator {
             installed: Mutex::new(HashMap::new()),
         });
         if let Some(k) = &f.kernel {
-            k.register(&state);
+            k.register(Arc::downgrade(&state) as std::sync::Weak<dyn Swept>);
         }
         f.policy.register_relay(advertised);
         *f.last_created.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&state));

@@ -21,9 +21,9 @@ use turn::proto::rsrvtoken::ReservationToken;
 use super::auth::AuthFailure;
 use super::relay::{ClientEnd, RelayState};
 use super::server::{
-    Authed, CHANNEL_BIND_LIFETIME, DEFAULT_LIFETIME, Listener, MAX_LIFETIME, loggable,
-    requested_lifetime,
+    Authed, CHANNEL_BIND_LIFETIME, DEFAULT_LIFETIME, Listener, MAX_LIFETIME, requested_lifetime,
 };
+use super::shared::loggable;
 use super::table::{AllocMeta, Refusal};
 use super::wire;
 
@@ -253,7 +253,8 @@ impl Listener {
             .as_ref()
             .and_then(|t| t.connection_sink(src))
             .unwrap_or_else(|| Arc::clone(&self.sink));
-        self.relays.start_relaying(
+        super::peer_reader::start(
+            &self.relays,
             &relay,
             ClientEnd {
                 addr: src,

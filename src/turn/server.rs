@@ -54,17 +54,16 @@ use turn::proto::PROTO_UDP;
 use turn::server::request::Request;
 use webrtc_util::Conn;
 
-use super::auth::{AuthFailure, Authenticator, Nonces};
+use super::auth::AuthFailure;
 use super::datapath::{self, ClientSink, DataPath, RouteCache};
-use super::metrics::{DropReason, TurnMetrics};
-use super::policy::{PeerPolicy, Verdict};
-use super::ratelog::RateLimit;
+use super::metrics::DropReason;
 use super::relay::RelayFactory;
-use super::table::Allocations;
+pub(crate) use super::shared::Core;
+use super::shared::loggable;
 use super::transport::{TcpTransport, UdpTransport};
 use super::wire::{self, Kind};
 use crate::config::{Protocol, TurnTransport};
-use crate::proxy::sys::MsgBatch;
+use crate::sockio::MsgBatch;
 
 /// RFC 8656 §7.2: default allocation lifetime.
 pub(crate) const DEFAULT_LIFETIME: u32 = 600;
@@ -98,77 +97,6 @@ const KNOWN_REQUIRED: &[u16] = &[
     0x0025, // USE-CANDIDATE
 ];
 
-/// State shared by all listeners of the service.
-pub(crate) struct Core {
-    auth: Authenticator,
-    nonces: Nonces,
-    pub(crate) policy: Arc<PeerPolicy>,
-    pub(crate) metrics: TurnMetrics,
-    /// Allocations, reservations and their quota units.
-    pub(crate) allocs: Allocations,
-    auth_log: RateLimit,
-    pub(crate) refusal_log: Arc<RateLimit>,
-    /// TURN-over-TCP accept errors, refused and closed connections.
-    pub(crate) tcp_log: Arc<RateLimit>,
-    malformed_log: RateLimit,
-    pub(crate) misc_log: Arc<RateLimit>,
-    /// Debug lines about allocations being created and deleted.
-    pub(crate) alloc_log: RateLimit,
-}
-
-impl Core {
-    /// Counts and logs peers refused by the policy (`what`: the request or indication).
-    pub(crate) fn refused(
-        &self,
-        src: SocketAddr,
-        username: &str,
-        peers: &[SocketAddr],
-        what: &'static str,
-    ) {
-        self.metrics.permission_denied.inc_by(peers.len() as u64);
-        let loops = peers
-            .iter()
-            .filter(|p| self.policy.verdict(**p) == Verdict::Loop)
-            .count();
-        self.metrics.loop_refused.inc_by(loops as u64);
-        if self.refusal_log.allow() {
-            tracing::warn!(
-                client = %src,
-                username = ?loggable(username),
-                peers = ?peers,
-                request = what,
-                own_ports = loops,
-                "TURN: peer outside turn.relay.peers refused (own_ports: the gateway's own ports, a loop)"
-            );
-        }
-    }
-}
-
-impl Core {
-    pub(crate) fn new(
-        auth: Authenticator,
-        policy: Arc<PeerPolicy>,
-        metrics: TurnMetrics,
-        quota: usize,
-        max_units: usize,
-    ) -> Self {
-        let window = Duration::from_secs(10);
-        Core {
-            auth,
-            nonces: Nonces::new(),
-            policy,
-            allocs: Allocations::new(metrics.clone(), quota, max_units),
-            metrics,
-            auth_log: RateLimit::new("turn_auth_failure", window, 10),
-            refusal_log: Arc::new(RateLimit::new("turn_peer_refused", window, 10)),
-            tcp_log: Arc::new(RateLimit::new("turn_tcp", window, 10)),
-            malformed_log: RateLimit::new("turn_malformed", window, 5),
-            misc_log: Arc::new(RateLimit::new("turn_other", window, 10)),
-            alloc_log: RateLimit::new("turn_allocation", window, 20),
-        }
-    }
-}
-
 pub(super) struct Authed {
     pub(super) username: String,
     pub(super) key: Vec<u8>,
@@ -199,11 +127,6 @@ pub(super) fn error_attr(code: u16, reason: &str) -> Box<dyn Setter> {
         code: ErrorCode(code),
         reason: reason.as_bytes().to_vec(),
     })
-}
-
-/// A username fit for a log line: bounded and escaped by `Debug` formatting.
-pub(super) fn loggable(username: &str) -> String {
-    username.chars().take(64).collect()
 }
 
 pub(super) fn requested_lifetime(m: &Message) -> Option<u32> {

@@ -54,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use webrtc_util::Conn;
 
-use crate::proxy::sys::{SEND_MANY, send_many_to};
+use crate::sockio::{SEND_MANY, send_many_to};
 use std::os::fd::AsRawFd;
 
 use super::datapath::{ClientSink, DataPath};

@@ -19,7 +19,7 @@ use super::snapshot::{Snapshot, UpstreamRoute};
 use super::state::{AdminState, EventKind, Step, UpstreamState, UpstreamView};
 use crate::config::HealthConfig;
 use crate::discovery::{Readiness, Target};
-use crate::health::prober::{ProbeCounters, Prober};
+use crate::health::prober::{ProbeCounters, ProbeSink, Prober};
 use crate::health::{self, HealthCheck, Reason};
 use crate::metrics::{Labels, Metrics, child, labels};
 use arc_swap::ArcSwap;
@@ -40,6 +40,23 @@ const SPREAD_ABOVE: usize = 100;
 /// Capacity of the command channel (reload, discovery, admin); probe results and passive
 /// signals have their own channel of 1024.
 const COMMANDS: usize = 64;
+
+/// A prober's sink: its results become [`Control::Probe`] messages to the controller.
+struct ProbeReports {
+    server: Arc<ServerHandle>,
+    control: mpsc::Sender<Control>,
+}
+
+impl ProbeSink for ProbeReports {
+    async fn report(&self, result: Result<(), health::ProbeError>, at: Instant) -> bool {
+        let msg = Control::Probe {
+            server: self.server.clone(),
+            result,
+            at,
+        };
+        self.control.send(msg).await.is_ok()
+    }
+}
 
 /// The identity of a server handle (its address), for the controller's indexes.
 fn key(h: &Arc<ServerHandle>) -> usize {
@@ -528,7 +545,11 @@ impl Controller {
             };
             let prober = Prober {
                 check: check.clone(),
-                server: server.clone(),
+                label: server.label.clone(),
+                sink: ProbeReports {
+                    server: server.clone(),
+                    control: self.control.clone(),
+                },
                 target: SocketAddr::new(server.ip, port),
                 interval: hc.interval.get(),
                 timeout: hc.timeout.get(),
@@ -542,7 +563,6 @@ impl Controller {
             let token = self.cancel.child_token();
             let delay = spread * started / (new as u32).max(1);
             started += 1;
-            let control = self.control.clone();
             let cancel = token.clone();
             tokio::spawn(async move {
                 if !delay.is_zero() {
@@ -551,7 +571,7 @@ impl Controller {
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
-                prober.run(control, cancel).await
+                prober.run(cancel).await
             });
             self.probers.push((server, token));
         }

@@ -18,21 +18,7 @@ use tokio_util::sync::CancellationToken;
 /// `fail_timeout`.
 pub const PROTOCOL_HOLD: Duration = Duration::from_secs(10);
 
-/// Position of a server in its upstream's list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Tier {
-    Primary,
-    Backup,
-}
-
-impl Tier {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Tier::Primary => "primary",
-            Tier::Backup => "backup",
-        }
-    }
-}
+pub use crate::discovery::Tier;
 
 /// One server of one upstream, as the data plane sees it.
 #[derive(Debug)]

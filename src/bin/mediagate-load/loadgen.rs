@@ -11,7 +11,7 @@
 //! The echo worker reflects each datagram unchanged with `recvmmsg`/`sendmmsg` on
 //! `SO_REUSEPORT` sockets, one per thread, so the direct path is as cheap as it gets.
 
-use mediagate::proxy::sys::{self, MsgBatch};
+use mediagate::sockio::{self as sys, MsgBatch};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};

@@ -22,7 +22,7 @@
 
 use crate::loadgen::{self, HEADER, Histogram, Report, Trial};
 use crate::turnctl::{self, Allocation, Control, Credentials};
-use mediagate::proxy::sys::{self, MsgBatch};
+use mediagate::sockio::{self as sys, MsgBatch};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::collections::HashSet;
 use std::io;

@@ -5,11 +5,10 @@
 use super::fastpath::offload_remove;
 use super::listener::UdpListener;
 use super::ring::Ring;
-use super::table::{Session, token};
-use super::worker::{PortSock, Tally, UPSTREAM_RCVBUF};
+use super::session::{PortSock, Session, Tally, UPSTREAM_RCVBUF, token};
 use crate::health::Reason;
 use crate::proxy::ports::{self, PortLease};
-use crate::proxy::sys;
+use crate::sockio as sys;
 use crate::upstream::ServerHandle;
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 use std::io;

@@ -2,7 +2,7 @@
 //! `crate::offload`): install a session after a datagram went out, remove its entries on
 //! eviction, refusal, re-pin and close, and read its last-seen time for the idle sweep.
 
-use super::table::{Session, Tables};
+use super::session::{Session, Tables};
 use crate::offload::ListenerOffload;
 use std::time::Duration;
 

@@ -4,10 +4,9 @@
 use super::failover::{passive_reason, repin, repin_moved, resend_previous};
 use super::listener::UdpListener;
 use super::ring::Ring;
-use super::table::{Session, Tables};
-use super::worker::{PortSock, Tally};
+use super::session::{PortSock, Session, Tables, Tally};
 use crate::config::Protocol;
-use crate::proxy::sys;
+use crate::sockio as sys;
 use nix::sys::epoll::Epoll;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;

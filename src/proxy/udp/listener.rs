@@ -1,8 +1,7 @@
 //! A UDP listener as a whole: the state its worker threads share (route, limits, live
-//! session count, drain flag, fast path), starting the threads, and binding the
-//! `SO_REUSEPORT` socket group of a listen port.
+//! session count, drain flag, fast path) and binding the `SO_REUSEPORT` socket group of a
+//! listen port. Starting the threads ([`UdpListener::serve`]) is in `worker`, on top.
 
-use super::worker::Worker;
 use crate::config::SessionConfig;
 use crate::metrics::ListenerMetrics;
 use crate::offload::ListenerOffload;
@@ -13,8 +12,6 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 /// What all worker threads of one UDP listener share.
 pub struct UdpListener {
@@ -79,64 +76,6 @@ impl UdpListener {
 
     pub(super) fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
-    }
-
-    /// Serves the listener's ports until `stop` fires. `ports[p][w]` is worker `w`'s
-    /// socket on port `p` (see [`bind_group`]); every port has the same number of sockets.
-    /// The sockets are shared (a reload hands a port's sockets from the listener it
-    /// replaces to the new one without closing them).
-    ///
-    /// Everything that can fail (epoll instances, registrations, threads) happens here;
-    /// the threads then wait until `start` fires before they read a datagram, so a reload
-    /// can prepare a listener and still drop it. Worker threads stop within a tick of
-    /// `stop` firing or of the returned task being aborted or dropped.
-    pub fn serve(
-        self: &Arc<Self>,
-        ports: Vec<Vec<Arc<UdpSocket>>>,
-        stop: CancellationToken,
-        start: CancellationToken,
-    ) -> io::Result<JoinHandle<()>> {
-        let workers = ports.first().map_or(0, Vec::len);
-        if workers == 0 || ports.iter().any(|p| p.len() != workers) {
-            return Err(io::Error::other("every port needs one socket per worker"));
-        }
-        // Transpose: worker w gets socket w of every port.
-        let mut per_worker: Vec<Vec<Arc<UdpSocket>>> = (0..workers).map(|_| Vec::new()).collect();
-        for port in ports {
-            for (w, s) in port.into_iter().enumerate() {
-                per_worker[w].push(s);
-            }
-        }
-        // Workers watch a child token; the returned task holds a guard that cancels it
-        // when the task ends or is dropped (shutdown, aborted start-up, runtime drop),
-        // so the threads never outlive the listener's owner.
-        let workers_stop = stop.child_token();
-        // Created first: an error below drops it and stops the threads already started.
-        let guard = workers_stop.clone().drop_guard();
-        let runtime = tokio::runtime::Handle::current();
-        for (w, socks) in per_worker.into_iter().enumerate() {
-            let worker = Worker::new(self.clone(), socks, workers)?;
-            let stop = workers_stop.clone();
-            let start = start.clone();
-            let runtime = runtime.clone();
-            std::thread::Builder::new()
-                .name(format!("udp-{}-{w}", self.name))
-                .spawn(move || {
-                    let go = runtime.block_on(async {
-                        tokio::select! {
-                            _ = start.cancelled() => true,
-                            _ = stop.cancelled() => false,
-                        }
-                    });
-                    if go {
-                        worker.run(stop);
-                    }
-                })?;
-        }
-        Ok(tokio::spawn(async move {
-            let _guard = guard;
-            stop.cancelled().await;
-        }))
     }
 }
 

@@ -34,10 +34,12 @@
 //!
 //! Where each part lives:
 //!
-//! - `listener.rs`: what all threads of a listener share, starting them, binding ports;
-//! - `worker.rs`: one thread's event loop (epoll, receive batches, ticks);
-//! - `table.rs`: a worker's session table (slab, index, admission of a new session,
-//!   idle expiry, close);
+//! - `listener.rs`: what all threads of a listener share, binding ports;
+//! - `session.rs`: the data a worker owns (sessions, the table's slab and index, listen
+//!   ports, per-wakeup counts), which every file below builds on;
+//! - `worker.rs`: starting a listener's threads and one thread's event loop (epoll,
+//!   receive batches, ticks), on top of everything else;
+//! - `table.rs`: admission of a new session, idle expiry, close;
 //! - `forward.rs`: the client → server path;
 //! - `reply.rs`: the server → client path;
 //! - `failover.rs`: re-pinning a session whose server was evicted or refused;
@@ -50,9 +52,10 @@ mod forward;
 mod listener;
 mod reply;
 mod ring;
+mod session;
 mod table;
 mod worker;
 
 pub use listener::{UdpListener, bind_group, default_workers};
 pub use ring::Ring;
-pub use table::SessionIndex;
+pub use session::SessionIndex;

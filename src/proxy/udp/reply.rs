@@ -3,7 +3,7 @@
 
 use super::failover::passive_reason;
 use super::fastpath::offload_remove;
-use super::table::Tables;
+use super::session::Tables;
 use crate::config::Protocol;
 use std::os::fd::AsRawFd;
 

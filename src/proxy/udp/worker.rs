@@ -1,19 +1,19 @@
-//! One worker thread of a UDP listener: its event loop (epoll wait, replies first, then
-//! client datagrams in receive batches), its ticks (stop check, eviction scan, idle
-//! sweep), and the per-wakeup counters it publishes once per wakeup.
+//! One worker thread of a UDP listener: starting the threads of a listener
+//! ([`UdpListener::serve`]), the event loop (epoll wait, replies first, then client
+//! datagrams in receive batches) and its ticks (stop check, eviction scan, idle sweep).
 
 use super::listener::UdpListener;
 use super::ring::Ring;
-use super::table::{SessionIndex, Tables};
-use crate::metrics::ListenerMetrics;
+use super::session::{PortSock, SessionIndex, Tables, Tally};
 use crate::proxy::sources::Sources;
-use crate::proxy::sys::MsgBatch;
+use crate::sockio::MsgBatch;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Largest UDP payload (a slot holds any datagram).
@@ -26,57 +26,68 @@ const MAX_RX_ROUNDS: usize = 4;
 const EVENTS: usize = 256;
 /// Longest a worker sleeps in `epoll_wait`: the shutdown and idle-sweep latency.
 const TICK_MS: u16 = 50;
-/// Receive buffer limit of each upstream socket.
-pub(super) const UPSTREAM_RCVBUF: usize = 1 << 20;
 /// Marks an epoll token as a listen socket (low bits: port index).
 const LISTEN_TOKEN: u64 = 1 << 63;
 /// The epoll token of the eviction eventfd (`offload: ebpf` only; see `crate::offload`).
 const WAKE_TOKEN: u64 = u64::MAX;
 
-/// A listen port as one worker sees it.
-pub(super) struct PortSock {
-    pub(super) sock: Arc<UdpSocket>,
-    pub(super) local_port: u16,
-    /// The listen address (the fast path matches datagrams sent to it).
-    pub(super) local: SocketAddr,
-    /// Replies of this wakeup waiting to go out through `sock`.
-    pub(super) out: MsgBatch,
-}
-
-/// Packet and byte counts of one wakeup, added to the shared counters once.
-#[derive(Default)]
-pub(super) struct Tally {
-    pub(super) packets_to_server: u64,
-    pub(super) bytes_to_server: u64,
-    pub(super) packets_to_client: u64,
-    pub(super) bytes_to_client: u64,
-    pub(super) send_errors: u64,
-    pub(super) stale: u64,
-}
-
-impl Tally {
-    #[inline]
-    pub(super) fn add_to_server(&mut self, n: usize) {
-        self.packets_to_server += 1;
-        self.bytes_to_server += n as u64;
-    }
-
-    pub(super) fn publish(&mut self, m: &ListenerMetrics) {
-        if self.packets_to_server > 0 {
-            m.packets_to_server.inc_by(self.packets_to_server);
-            m.bytes_to_server.inc_by(self.bytes_to_server);
+impl UdpListener {
+    /// Serves the listener's ports until `stop` fires. `ports[p][w]` is worker `w`'s
+    /// socket on port `p` (see [`bind_group`]); every port has the same number of sockets.
+    /// The sockets are shared (a reload hands a port's sockets from the listener it
+    /// replaces to the new one without closing them).
+    ///
+    /// Everything that can fail (epoll instances, registrations, threads) happens here;
+    /// the threads then wait until `start` fires before they read a datagram, so a reload
+    /// can prepare a listener and still drop it. Worker threads stop within a tick of
+    /// `stop` firing or of the returned task being aborted or dropped.
+    pub fn serve(
+        self: &Arc<Self>,
+        ports: Vec<Vec<Arc<UdpSocket>>>,
+        stop: CancellationToken,
+        start: CancellationToken,
+    ) -> io::Result<JoinHandle<()>> {
+        let workers = ports.first().map_or(0, Vec::len);
+        if workers == 0 || ports.iter().any(|p| p.len() != workers) {
+            return Err(io::Error::other("every port needs one socket per worker"));
         }
-        if self.packets_to_client > 0 {
-            m.packets_to_client.inc_by(self.packets_to_client);
-            m.bytes_to_client.inc_by(self.bytes_to_client);
+        // Transpose: worker w gets socket w of every port.
+        let mut per_worker: Vec<Vec<Arc<UdpSocket>>> = (0..workers).map(|_| Vec::new()).collect();
+        for port in ports {
+            for (w, s) in port.into_iter().enumerate() {
+                per_worker[w].push(s);
+            }
         }
-        if self.send_errors > 0 {
-            m.dropped_send_error.inc_by(self.send_errors);
+        // Workers watch a child token; the returned task holds a guard that cancels it
+        // when the task ends or is dropped (shutdown, aborted start-up, runtime drop),
+        // so the threads never outlive the listener's owner.
+        let workers_stop = stop.child_token();
+        // Created first: an error below drops it and stops the threads already started.
+        let guard = workers_stop.clone().drop_guard();
+        let runtime = tokio::runtime::Handle::current();
+        for (w, socks) in per_worker.into_iter().enumerate() {
+            let worker = Worker::new(self.clone(), socks, workers)?;
+            let stop = workers_stop.clone();
+            let start = start.clone();
+            let runtime = runtime.clone();
+            std::thread::Builder::new()
+                .name(format!("udp-{}-{w}", self.name))
+                .spawn(move || {
+                    let go = runtime.block_on(async {
+                        tokio::select! {
+                            _ = start.cancelled() => true,
+                            _ = stop.cancelled() => false,
+                        }
+                    });
+                    if go {
+                        worker.run(stop);
+                    }
+                })?;
         }
-        if self.stale > 0 {
-            m.dropped_stale_server.inc_by(self.stale);
-        }
-        *self = Tally::default();
+        Ok(tokio::spawn(async move {
+            let _guard = guard;
+            stop.cancelled().await;
+        }))
     }
 }
 

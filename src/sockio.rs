@@ -1,9 +1,11 @@
-//! Allocation-free wrappers over the batched socket syscalls of the UDP data plane and the
-//! load generator: `recvmmsg`/`sendmmsg` over a preallocated [`MsgBatch`], single-datagram
-//! `recv`/`send` on raw descriptors, and `SocketAddr` <-> `sockaddr` conversion.
+//! Allocation-free wrappers over the batched socket syscalls of the UDP data plane, the
+//! TURN relay and the load generator: `recvmmsg`/`sendmmsg` over a preallocated
+//! [`MsgBatch`], single-datagram `recv`/`send` on raw descriptors, and `SocketAddr` <->
+//! `sockaddr` conversion.
 //!
 //! Every buffer is allocated once, when a batch is built; a call only fills in lengths.
-//! All `unsafe` of the data plane lives here, next to the invariants it relies on.
+//! All `unsafe` of the data plane lives here, next to the invariants it relies on. It sits
+//! on the ground floor (ARCHITECTURE.md): it knows sockets, nothing of mediagate.
 
 use nix::libc;
 use std::io;

@@ -1,0 +1,157 @@
+//! The data a worker owns, apart from what it does with it: a session, the session table
+//! (slab and index), a listen port as the worker sees it, and the counts of one wakeup.
+//! The files that act on the table (`table`, `forward`, `reply`, `failover`, `fastpath`,
+//! `worker`) all build on these definitions and import them one way.
+
+use super::listener::UdpListener;
+use super::ring::Ring;
+use crate::fdbudget::Permit;
+use crate::metrics::ListenerMetrics;
+use crate::offload::{ListenerOffload, SessionKeys};
+use crate::proxy::ports::PortLease;
+use crate::proxy::sources::{Admission, Sources};
+use crate::sockio::MsgBatch;
+use crate::upstream::ServerHandle;
+use nix::sys::epoll::Epoll;
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+
+/// Receive buffer limit of each upstream socket.
+pub(super) const UPSTREAM_RCVBUF: usize = 1 << 20;
+/// One client flow, owned by one worker thread.
+pub(super) struct Session {
+    pub(super) client: SocketAddr,
+    /// Index of the listen port (into the worker's `ports`).
+    pub(super) port: u16,
+    pub(super) server: Arc<ServerHandle>,
+    /// The server's eviction epoch when this session was pinned to it.
+    pub(super) pinned_epoch: u64,
+    pub(super) upstream: UdpSocket,
+    /// The local port `upstream` holds for its server. Declared after `upstream`: the
+    /// port is handed out again only once the socket is closed.
+    pub(super) lease: PortLease,
+    /// Last packet either way, in ms since the listener's epoch.
+    pub(super) last_activity_ms: u64,
+    /// Ring slot holding a copy of the last datagram sent to the server.
+    pub(super) last_sent: Option<u32>,
+    /// The upstream socket reported a refusal (ICMP unreachable) on the reply side: the
+    /// last datagram never arrived; move and re-send it with the next client datagram.
+    pub(super) refused: bool,
+    /// How the session counts in its source's share (released when it closes).
+    pub(super) admission: Admission,
+    /// Its entries in the kernel fast path, while installed.
+    pub(super) offload: Option<SessionKeys>,
+    /// Installing was tried for the current server (not retried per datagram).
+    pub(super) offload_tried: bool,
+    /// The descriptor `upstream` holds in the process's budget. Declared last: given
+    /// back only once the socket is closed.
+    pub(super) _permit: Permit,
+}
+
+/// Where a worker finds a client's session: (listen port index, client address) to the
+/// session's slab slot. Public for the micro-benchmarks of the per-packet path.
+#[derive(Default)]
+pub struct SessionIndex {
+    pub(super) map: HashMap<(u16, SocketAddr), u32>,
+}
+
+impl SessionIndex {
+    #[inline]
+    pub fn get(&self, port: u16, client: SocketAddr) -> Option<&u32> {
+        self.map.get(&(port, client))
+    }
+    pub fn insert(&mut self, port: u16, client: SocketAddr, slot: u32) {
+        self.map.insert((port, client), slot);
+    }
+    pub fn remove(&mut self, port: u16, client: SocketAddr) -> Option<u32> {
+        self.map.remove(&(port, client))
+    }
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// A slab slot: the generation tells a stale epoll token from the slot's current session.
+pub(super) struct Slot {
+    pub(super) gen_: u32,
+    pub(super) session: Option<Session>,
+}
+
+/// Everything a worker owns except its receive batch (kept apart so a received
+/// datagram can be borrowed while the tables are updated).
+pub(super) struct Tables {
+    pub(super) shared: Arc<UdpListener>,
+    pub(super) epoll: Epoll,
+    pub(super) ports: Vec<PortSock>,
+    pub(super) index: SessionIndex,
+    pub(super) slab: Vec<Slot>,
+    pub(super) free: Vec<u32>,
+    pub(super) ring: Ring,
+    pub(super) tally: Tally,
+    pub(super) now_ms: u64,
+    /// This worker's share of the per-source limits.
+    pub(super) sources: Sources,
+    /// The kernel fast path (`offload: ebpf`), if available.
+    pub(super) offload: Option<Arc<ListenerOffload>>,
+    /// Woken when a server is evicted (with `offload` only).
+    pub(super) waker: Option<crate::offload::Waker>,
+}
+
+#[inline]
+pub(super) fn token(idx: u32, gen_: u32) -> u64 {
+    (u64::from(gen_ & 0x7fff_ffff) << 32) | u64::from(idx)
+}
+
+/// A listen port as one worker sees it.
+pub(super) struct PortSock {
+    pub(super) sock: Arc<UdpSocket>,
+    pub(super) local_port: u16,
+    /// The listen address (the fast path matches datagrams sent to it).
+    pub(super) local: SocketAddr,
+    /// Replies of this wakeup waiting to go out through `sock`.
+    pub(super) out: MsgBatch,
+}
+
+/// Packet and byte counts of one wakeup, added to the shared counters once.
+#[derive(Default)]
+pub(super) struct Tally {
+    pub(super) packets_to_server: u64,
+    pub(super) bytes_to_server: u64,
+    pub(super) packets_to_client: u64,
+    pub(super) bytes_to_client: u64,
+    pub(super) send_errors: u64,
+    pub(super) stale: u64,
+}
+
+impl Tally {
+    #[inline]
+    pub(super) fn add_to_server(&mut self, n: usize) {
+        self.packets_to_server += 1;
+        self.bytes_to_server += n as u64;
+    }
+
+    pub(super) fn publish(&mut self, m: &ListenerMetrics) {
+        if self.packets_to_server > 0 {
+            m.packets_to_server.inc_by(self.packets_to_server);
+            m.bytes_to_server.inc_by(self.bytes_to_server);
+        }
+        if self.packets_to_client > 0 {
+            m.packets_to_client.inc_by(self.packets_to_client);
+            m.bytes_to_client.inc_by(self.bytes_to_client);
+        }
+        if self.send_errors > 0 {
+            m.dropped_send_error.inc_by(self.send_errors);
+        }
+        if self.stale > 0 {
+            m.dropped_stale_server.inc_by(self.stale);
+        }
+        *self = Tally::default();
+    }
+}

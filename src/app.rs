@@ -86,6 +86,9 @@ pub struct AppState {
     pub cluster: ArcSwapOption<crate::cluster::Cluster>,
     /// The cluster's metrics, shared by every member a reload starts.
     cluster_metrics: crate::cluster::metrics::ClusterMetrics,
+    /// The node groups (`upstreams.NAME.node_group`) every upstream, old or reloaded,
+    /// joins.
+    node_groups: crate::upstream::NodeGroups,
     /// `events.webhooks` in force.
     hooks: crate::events::webhook::Hooks,
     /// One reload at a time.
@@ -120,10 +123,17 @@ impl App {
         let mut feeds = Vec::new();
         // Upstreams first: probing starts while sockets are bound.
         let mut upstreams = IndexMap::new();
+        let node_groups = crate::upstream::NodeGroups::default();
         for (name, ucfg) in &config.upstreams {
             let spec = spec_for(&config, name, ucfg);
             let (targets, feed) = subscribe(&discovery, name);
-            let rt = Arc::new(UpstreamRuntime::start(name, spec, targets, &metrics));
+            let rt = Arc::new(UpstreamRuntime::start(
+                name,
+                spec,
+                targets,
+                &metrics,
+                &node_groups,
+            ));
             feeds.push((rt.control(), feed));
             upstreams.insert(name.clone(), rt);
         }
@@ -179,6 +189,7 @@ impl App {
         let state = Arc::new(AppState {
             cluster: ArcSwapOption::from(None),
             cluster_metrics,
+            node_groups,
             hooks,
             config_path,
             config: ArcSwap::from_pointee(config.clone()),

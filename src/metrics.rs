@@ -62,6 +62,15 @@ pub struct Metrics {
     pub failbacks: Family<Labels, Counter>,
     pub detection: HistogramFamily,
     pub probes: Family<Labels, Counter>,
+    /// `mediagate_upstream_all_down_total{upstream}`: times no server was eligible and the
+    /// last ones kept serving (`when_all_down: keep_last`).
+    pub all_down: Family<Labels, Counter>,
+    /// `mediagate_upstream_degraded{upstream}`: 1 while an upstream serves from servers
+    /// that are down because none is eligible.
+    pub degraded: Family<Labels, Gauge>,
+    /// `mediagate_probe_confirmations_total{upstream,result}`: ambiguous probe failures
+    /// `confirmed` by every confirmation probe or `cancelled` by one that succeeded.
+    pub probe_confirmations: Family<Labels, Counter>,
     pub sessions: Family<Labels, Gauge>,
     pub sessions_created: Family<Labels, Counter>,
     pub sessions_migrated: Family<Labels, Counter>,
@@ -129,6 +138,18 @@ impl Metrics {
         let failovers = fam!("mediagate_failovers", "Failovers, by upstream and reason");
         let failbacks = fam!("mediagate_failbacks", "Failbacks, by upstream");
         let probes = fam!("mediagate_probes", "Health probes, by result");
+        let all_down = fam!(
+            "mediagate_upstream_all_down",
+            "Times no server was eligible and the last ones kept serving"
+        );
+        let degraded = fam!(
+            "mediagate_upstream_degraded",
+            "1 while the upstream serves from servers that are down because none is eligible"
+        );
+        let probe_confirmations = fam!(
+            "mediagate_probe_confirmations",
+            "Ambiguous probe failures, confirmed by more probes or cancelled by a success"
+        );
         let sessions = fam!("mediagate_sessions", "Live sessions, by listener");
         let sessions_created = fam!("mediagate_sessions_created", "Sessions created");
         let sessions_migrated = fam!(
@@ -183,6 +204,9 @@ impl Metrics {
             failbacks,
             detection,
             probes,
+            all_down,
+            degraded,
+            probe_confirmations,
             sessions,
             sessions_created,
             sessions_migrated,

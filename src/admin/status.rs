@@ -70,6 +70,10 @@ pub struct UpstreamStatus {
     pub balance: String,
     pub failback: String,
     pub active: Vec<String>,
+    /// No server is eligible and `active` lists the servers that served last, down but
+    /// kept (`when_all_down: keep_last`).
+    #[serde(default)]
+    pub degraded: bool,
     pub failovers: u64,
     pub servers: Vec<ServerStatus>,
     pub events: Vec<EventStatus>,
@@ -104,6 +108,7 @@ pub fn build(app: &dyn Backend) -> Status {
                 balance: view.balance.to_string(),
                 failback: view.failback.to_string(),
                 active: view.active.clone(),
+                degraded: view.degraded,
                 failovers: view.failovers,
                 servers: view
                     .servers

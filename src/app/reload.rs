@@ -223,7 +223,13 @@ impl AppState {
                     rt.clone()
                 }
                 None => {
-                    let rt = Arc::new(UpstreamRuntime::start(name, spec, list, &self.metrics));
+                    let rt = Arc::new(UpstreamRuntime::start(
+                        name,
+                        spec,
+                        list,
+                        &self.metrics,
+                        &self.node_groups,
+                    ));
                     p.started.push(rt.clone());
                     rt
                 }

@@ -47,9 +47,20 @@ pub struct HealthConfig {
     /// Default 500ms; must not exceed `interval`.
     #[serde(default = "default_timeout")]
     pub timeout: Dur,
-    /// Failed probes in a row that mark a server down. Default 1 (zero tolerance).
+    /// Confirmed failures in a row that mark a server down. Default 1 (zero tolerance).
     #[serde(default = "default_fall")]
     pub fall: u32,
+    /// More probes that must all fail before an ambiguous failure (a timeout, a wrong or
+    /// missing reply, an HTTP status) counts; 0 counts every failure at once. Default 4.
+    #[serde(default = "default_confirm")]
+    pub confirm: u32,
+    /// Pause before each confirmation probe. Default 10ms.
+    #[serde(default = "default_confirm_interval")]
+    pub confirm_interval: Dur,
+    /// Learn each server's probe round-trip time and let a probe take a few of them
+    /// (within 25ms and `timeout`) instead of `timeout`. Default true.
+    #[serde(default = "default_true")]
+    pub adaptive_timeout: bool,
     /// Good probes in a row that bring a server back. Default 2.
     #[serde(default = "default_rise")]
     pub rise: u32,
@@ -91,6 +102,12 @@ fn default_timeout() -> Dur {
 fn default_fall() -> u32 {
     1
 }
+fn default_confirm() -> u32 {
+    4
+}
+fn default_confirm_interval() -> Dur {
+    Dur(Duration::from_millis(10))
+}
 fn default_rise() -> u32 {
     2
 }
@@ -111,6 +128,9 @@ impl Default for HealthConfig {
             interval: default_interval(),
             timeout: default_timeout(),
             fall: default_fall(),
+            confirm: default_confirm(),
+            confirm_interval: default_confirm_interval(),
+            adaptive_timeout: true,
             rise: default_rise(),
             port: None,
             path: default_path(),

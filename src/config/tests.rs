@@ -88,7 +88,7 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
         "upstreams:\n  u:\n    primary: [127.0.0.1:6004]\n    health:\n      intervall: 1s\n",
         &[
             "t.yaml:1:1: listeners: no listeners and no turn section: there is nothing to serve",
-            "t.yaml:5:7: upstreams.u.health.intervall: unknown key \"intervall\" (expected one of: type, interval, timeout, fall, rise, port, path, expect_status, send, tls, tls_verify, tls_server_name, expect)",
+            "t.yaml:5:7: upstreams.u.health.intervall: unknown key \"intervall\" (expected one of: type, interval, timeout, fall, confirm, confirm_interval, adaptive_timeout, rise, port, path, expect_status, send, tls, tls_verify, tls_server_name, expect)",
         ],
     ),
     (

@@ -357,6 +357,29 @@ impl Failback {
     }
 }
 
+/// What an upstream does when a verdict leaves it no eligible server.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenAllDown {
+    /// Sessions stay on (and new ones go to) the servers that served last, and the
+    /// upstream is marked `degraded`: a probe that fails while the media path works must
+    /// not drop the media. Servers in `drain` or `maint` are never kept.
+    #[default]
+    KeepLast,
+    /// The upstream has no server: datagrams and connections are dropped until one is up.
+    Drop,
+}
+
+impl WhenAllDown {
+    /// The name as written in the file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            WhenAllDown::KeepLast => "keep_last",
+            WhenAllDown::Drop => "drop",
+        }
+    }
+}
+
 /// Which passive failures (a refused TCP connect, an ICMP error on a UDP session) mark a
 /// server down for every listener of its upstream.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -392,6 +415,13 @@ pub struct UpstreamConfig {
     /// A recovered server must stay up this long before it is used again. Default 0s.
     #[serde(default)]
     pub failback_delay: Dur,
+    /// When no server is eligible: `keep_last` (default) or `drop`.
+    #[serde(default)]
+    pub when_all_down: WhenAllDown,
+    /// Upstreams with the same `node_group` front the same nodes: a host one of them
+    /// sees down (or up again) is down (or up) for all of them. Default none.
+    #[serde(default)]
+    pub node_group: Option<String>,
     /// Active probing. Default: `tcp` every 1s, timeout 500ms, fall 1, rise 2.
     #[serde(default)]
     pub health: HealthConfig,

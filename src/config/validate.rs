@@ -324,6 +324,21 @@ impl Checker {
         }
         self.at_least_one(key_path(path, "fall"), u64::from(h.fall));
         self.at_least_one(key_path(path, "rise"), u64::from(h.rise));
+        if h.confirm > 10 {
+            self.push(
+                key_path(path, "confirm"),
+                format!("{} confirmation probes is too many (at most 10)", h.confirm),
+            );
+        }
+        if h.confirm_interval.get() > interval && !interval.is_zero() {
+            self.push(
+                key_path(path, "confirm_interval"),
+                format!(
+                    "confirm_interval {} is longer than interval {}",
+                    h.confirm_interval, h.interval
+                ),
+            );
+        }
         if h.port == Some(0) {
             self.push(key_path(path, "port"), "port 0 is not allowed");
         }

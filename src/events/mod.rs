@@ -17,7 +17,7 @@ use tokio::sync::broadcast;
 
 /// A failover or failback as JSON, in `/status` and on the bus; mirrors the upstream's
 /// `Event` (which converts into it) so that the CLI can read it back.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventStatus {
     pub at: String,
     pub kind: String,
@@ -25,6 +25,12 @@ pub struct EventStatus {
     pub to: Vec<String>,
     pub reason: Option<String>,
     pub detection_ms: Option<u64>,
+    /// Confirmation probes that failed too before a probe failure counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_by: Option<u32>,
+    /// From the first failed probe to the confirmed verdict, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm_ms: Option<u64>,
     pub sessions_moved: usize,
 }
 
@@ -75,6 +81,42 @@ fn send<T: Serialize>(upstream: &str, body: T) {
 /// A failover or failback.
 pub fn active_set_changed(upstream: &str, event: impl Into<EventStatus>) {
     send(upstream, event.into());
+}
+
+/// The events of the upstreams of one node group that moved together, as one object:
+/// the first event's fields and `upstream` at the top (so a reader of single events
+/// understands it), plus `node_group` and `upstreams`, one entry per upstream event.
+pub fn node_group_changed(group: &str, events: &[(String, EventStatus)]) {
+    #[derive(Serialize)]
+    struct Member<'a> {
+        upstream: &'a str,
+        #[serde(flatten)]
+        body: &'a EventStatus,
+    }
+    #[derive(Serialize)]
+    struct Grouped<'a> {
+        #[serde(flatten)]
+        first: &'a EventStatus,
+        node_group: &'a str,
+        upstreams: Vec<Member<'a>>,
+    }
+    let Some((upstream, first)) = events.first() else {
+        return;
+    };
+    send(
+        upstream,
+        Grouped {
+            first,
+            node_group: group,
+            upstreams: events
+                .iter()
+                .map(|(u, e)| Member {
+                    upstream: u,
+                    body: e,
+                })
+                .collect(),
+        },
+    );
 }
 
 /// An admin state change (`kind: admin`).

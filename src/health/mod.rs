@@ -7,6 +7,7 @@
 
 pub mod http;
 pub mod prober;
+pub mod rtt;
 pub mod state;
 pub mod stun;
 pub mod tcp;
@@ -34,15 +35,20 @@ pub enum Reason {
     /// A live peer replica sees the server down (`cluster:`; the detail says which peer
     /// and why: `peer:<node>:<reason>`).
     Peer,
+    /// Another upstream of the same `node_group` sees the server's host down.
+    NodeGroup,
     /// The balancer's own resources ran out (EMFILE, ENFILE, ENOBUFS, ENOMEM,
     /// EADDRNOTAVAIL): says nothing about the server, so it never counts toward `fall`,
     /// never marks a server down and never triggers a failover (see [`is_local_error`]).
     LocalError,
+    /// Not a reason to mark a server down: the sessions left the servers that were kept
+    /// while no server was eligible (`when_all_down: keep_last`) once one was again.
+    Degraded,
 }
 
 impl Reason {
     /// Every reason a server can be marked down for ([`Reason::LocalError`] never does).
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::ProbeFailed,
         Reason::ProbeTimeout,
         Reason::IcmpUnreachable,
@@ -53,6 +59,7 @@ impl Reason {
         Reason::Admin,
         Reason::Removed,
         Reason::Peer,
+        Reason::NodeGroup,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -67,7 +74,9 @@ impl Reason {
             Reason::Admin => "admin",
             Reason::Removed => "removed",
             Reason::Peer => "peer",
+            Reason::NodeGroup => "node_group",
             Reason::LocalError => "local_error",
+            Reason::Degraded => "degraded",
         }
     }
 }
@@ -106,6 +115,18 @@ impl fmt::Display for Reason {
 pub struct ProbeError {
     pub reason: Reason,
     pub detail: String,
+    /// Set by the prober when the failure was confirmed by more probes before it was
+    /// reported (`health.confirm`); `None` for a failure that needs no confirmation.
+    pub confirmed: Option<Confirmed>,
+}
+
+/// How a failure was confirmed: every confirmation probe failed too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Confirmed {
+    /// Confirmation probes that failed after the first failure.
+    pub probes: u32,
+    /// From the start of the first failed probe to the verdict.
+    pub took: std::time::Duration,
 }
 
 impl ProbeError {
@@ -113,7 +134,18 @@ impl ProbeError {
         ProbeError {
             reason,
             detail: detail.into(),
+            confirmed: None,
         }
+    }
+
+    /// Whether the failure may be a lost packet or a slow answer rather than a dead
+    /// server (a timeout, a wrong or missing reply, an HTTP status), so that it must be
+    /// confirmed; a refusal (ICMP unreachable, connection refused) speaks for itself.
+    pub fn is_ambiguous(&self) -> bool {
+        matches!(
+            self.reason,
+            Reason::ProbeFailed | Reason::ProbeTimeout | Reason::ConnectTimeout
+        )
     }
 }
 

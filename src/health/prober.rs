@@ -1,11 +1,28 @@
 //! The prober: one task per server that runs its probe on its own timer and reports every
-//! result through a [`ProbeSink`] (the upstream's controller implements it). Probes of
+//! verdict through a [`ProbeSink`] (the upstream's controller implements it). Probes of
 //! different servers never wait on each other, and a probe never outlives `timeout`.
+//!
+//! **Confirmed verdicts.** A failure that may be a lost datagram or a slow answer (a
+//! timeout, a wrong or missing reply, an HTTP status: [`ProbeError::is_ambiguous`]) is not
+//! reported at once: the prober sends `confirm.probes` more probes right away,
+//! `confirm.interval` apart, each without waiting for the one before (so a hung server
+//! costs one timeout after the last launch). Any success cancels it (the round reports
+//! success); the failure is reported only when every confirmation failed too, carrying
+//! how it was confirmed. A refusal (ICMP unreachable, connection refused) is reported at once. So
+//! one lost probe never moves a session, and a dead server is still known within a few
+//! tens of milliseconds of its first failed probe.
+//!
+//! **Adaptive timeouts.** Each probe may take what the server's learnt round-trip time
+//! allows ([`RttEstimate::timeout`], within a floor and the configured `timeout`), so a
+//! hung server is suspected after a few of its usual round trips, not after `timeout`.
 //!
 //! Health sits below the upstream layer (ARCHITECTURE.md): it knows probes, not servers
 //! or controllers, so whoever starts a prober hands it the sink its results go to.
 
-use super::{HealthCheck, ProbeError, Reason};
+use super::rtt::RttEstimate;
+use super::{Confirmed, HealthCheck, ProbeError, Reason};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use prometheus_client::metrics::counter::Counter;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -32,6 +49,21 @@ pub struct ProbeCounters {
     pub timeout: Counter,
     /// The balancer's own resources ran out (`result="local_error"`): not the server's fault.
     pub local_error: Counter,
+    /// `mediagate_probe_confirmations_total{result="confirmed"}`: ambiguous failures that
+    /// every confirmation probe confirmed (reported as failures).
+    pub confirmed: Counter,
+    /// `mediagate_probe_confirmations_total{result="cancelled"}`: ambiguous failures that
+    /// a confirmation probe cancelled (never reported).
+    pub cancelled: Counter,
+}
+
+/// How an ambiguous failure is confirmed (`health.confirm`, `health.confirm_interval`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Confirm {
+    /// More probes that must all fail; 0 reports every failure at once.
+    pub probes: u32,
+    /// Pause before each confirmation probe.
+    pub interval: Duration,
 }
 
 /// Log lines about probes that failed for local reasons: at most a few per second for the
@@ -51,30 +83,23 @@ pub struct Prober<S> {
     /// Address probed (the server's, or `health.port` on the same host).
     pub target: SocketAddr,
     pub interval: Duration,
+    /// The longest a probe may take (`health.timeout`): the ceiling of the adaptive one.
     pub timeout: Duration,
+    /// Learn the server's round-trip time and probe with an adaptive timeout
+    /// (`health.adaptive_timeout`).
+    pub adaptive: bool,
+    pub confirm: Confirm,
     pub counters: ProbeCounters,
 }
 
 impl<S: ProbeSink> Prober<S> {
     /// Runs until `cancel` fires or the sink goes away. The first probe starts at once.
     pub async fn run(self, cancel: CancellationToken) {
+        let mut rtt = RttEstimate::new();
         loop {
-            let started = Instant::now();
-            let result = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = tokio::time::timeout(self.timeout, self.check.check(self.target)) => match r {
-                    Ok(r) => r,
-                    Err(_) => Err(ProbeError::new(
-                        Reason::ProbeTimeout,
-                        format!("no answer from {} within {:?}", self.target, self.timeout),
-                    )),
-                },
-            };
-            match &result {
-                Ok(()) => self.counters.ok.inc(),
-                Err(e) if e.reason == Reason::ProbeTimeout => self.counters.timeout.inc(),
-                Err(e) if e.reason == Reason::LocalError => self.counters.local_error.inc(),
-                Err(_) => self.counters.failed.inc(),
+            let started = tokio::time::Instant::now();
+            let Some(result) = self.verdict(&mut rtt, started, &cancel).await else {
+                return;
             };
             match &result {
                 // The balancer could not probe (out of descriptors, buffers or ports): the
@@ -90,12 +115,315 @@ impl<S: ProbeSink> Prober<S> {
                     }
                 }
             }
-            // Fixed cadence from the probe's start: a slow probe shortens the pause, so a
-            // hung server is re-probed right after its timeout when timeout == interval.
+            // Fixed cadence from the probe's start: a slow probe (or a confirmation)
+            // shortens the pause, so a hung server is re-probed right after its verdict.
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep_until((started + self.interval).into()) => {}
+                _ = tokio::time::sleep_until(started + self.interval) => {}
             }
         }
+    }
+
+    /// One round: a probe and, when it failed ambiguously, its confirmation. None when
+    /// `cancel` fired.
+    async fn verdict(
+        &self,
+        rtt: &mut RttEstimate,
+        started: tokio::time::Instant,
+        cancel: &CancellationToken,
+    ) -> Option<Result<(), ProbeError>> {
+        let timeout = self.timeout_now(rtt);
+        let (first, took) = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            r = self.probe(timeout) => r,
+        };
+        self.count(&first, took, rtt);
+        match first {
+            Err(e) if e.is_ambiguous() && self.confirm.probes > 0 => {
+                self.confirm(e, rtt, started, cancel).await
+            }
+            r => Some(r),
+        }
+    }
+
+    /// Confirms an ambiguous failure: `confirm.probes` more probes, launched
+    /// `confirm.interval` apart without waiting for each other (a hung server costs one
+    /// timeout after the last launch, not one per probe). The first success cancels the
+    /// failure; a refusal or every probe failing confirms it.
+    async fn confirm(
+        &self,
+        first: ProbeError,
+        rtt: &mut RttEstimate,
+        started: tokio::time::Instant,
+        cancel: &CancellationToken,
+    ) -> Option<Result<(), ProbeError>> {
+        let timeout = self.timeout_now(rtt);
+        let mut running = FuturesUnordered::new();
+        let (mut launched, mut failed) = (0u32, 0u32);
+        let mut next = tokio::time::Instant::now() + self.confirm.interval;
+        let mut last = first;
+        while failed < self.confirm.probes {
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                _ = tokio::time::sleep_until(next), if launched < self.confirm.probes => {
+                    launched += 1;
+                    next += self.confirm.interval;
+                    running.push(self.probe(timeout));
+                }
+                Some((result, took)) = running.next(), if !running.is_empty() => {
+                    self.count(&result, took, rtt);
+                    match result {
+                        Ok(()) => {
+                            self.counters.cancelled.inc();
+                            return Some(Ok(()));
+                        }
+                        // Our own resources ran out: this round proves nothing either way.
+                        Err(e) if e.reason == Reason::LocalError => return Some(Err(e)),
+                        // A refusal speaks for itself: no need to wait for the rest.
+                        Err(e) if !e.is_ambiguous() => {
+                            return Some(Err(self.confirmed(e, failed + 1, started)));
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            last = e;
+                        }
+                    }
+                }
+            }
+        }
+        Some(Err(self.confirmed(last, failed, started)))
+    }
+
+    fn confirmed(
+        &self,
+        mut e: ProbeError,
+        probes: u32,
+        started: tokio::time::Instant,
+    ) -> ProbeError {
+        self.counters.confirmed.inc();
+        e.confirmed = Some(Confirmed {
+            probes,
+            took: started.elapsed(),
+        });
+        e
+    }
+
+    /// The timeout of the next probe: adaptive, or the configured one.
+    fn timeout_now(&self, rtt: &RttEstimate) -> Duration {
+        if self.adaptive {
+            rtt.timeout(self.timeout)
+        } else {
+            self.timeout
+        }
+    }
+
+    /// One probe bounded by `timeout`, and how long it took.
+    async fn probe(&self, timeout: Duration) -> (Result<(), ProbeError>, Duration) {
+        let sent = tokio::time::Instant::now();
+        let result = match tokio::time::timeout(timeout, self.check.check(self.target)).await {
+            Ok(r) => r,
+            Err(_) => Err(ProbeError::new(
+                Reason::ProbeTimeout,
+                format!("no answer from {} within {:?}", self.target, timeout),
+            )),
+        };
+        (result, sent.elapsed())
+    }
+
+    /// Counts a probe in `mediagate_probes_total`; a success teaches the RTT estimate.
+    fn count(&self, result: &Result<(), ProbeError>, took: Duration, rtt: &mut RttEstimate) {
+        match result {
+            Ok(()) => {
+                rtt.sample(took);
+                self.counters.ok.inc();
+            }
+            Err(e) if e.reason == Reason::ProbeTimeout => {
+                self.counters.timeout.inc();
+            }
+            Err(e) if e.reason == Reason::LocalError => {
+                self.counters.local_error.inc();
+            }
+            Err(_) => {
+                self.counters.failed.inc();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::CheckFuture;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use tokio::sync::mpsc;
+
+    /// What the scripted server does on one probe.
+    #[derive(Clone, Copy, Debug)]
+    enum Answer {
+        Ok,
+        /// A wrong reply or an HTTP status: ambiguous.
+        Bad,
+        /// Connection refused: definite.
+        Refused,
+        /// Never answers: the prober's timeout decides.
+        Hang,
+    }
+
+    struct Script {
+        answers: Mutex<VecDeque<Answer>>,
+        probes: Mutex<u32>,
+    }
+
+    impl HealthCheck for Script {
+        fn check(&self, _target: SocketAddr) -> CheckFuture<'_> {
+            *self.probes.lock().unwrap() += 1;
+            let a = self
+                .answers
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(Answer::Ok);
+            Box::pin(async move {
+                match a {
+                    Answer::Ok => Ok(()),
+                    Answer::Bad => Err(ProbeError::new(Reason::ProbeFailed, "HTTP 503")),
+                    Answer::Refused => Err(ProbeError::new(Reason::ConnectRefused, "refused")),
+                    Answer::Hang => std::future::pending().await,
+                }
+            })
+        }
+    }
+
+    struct Sink(mpsc::UnboundedSender<Result<(), ProbeError>>);
+
+    impl ProbeSink for Sink {
+        async fn report(&self, result: Result<(), ProbeError>, _at: Instant) -> bool {
+            self.0.send(result).is_ok()
+        }
+    }
+
+    fn counters() -> ProbeCounters {
+        ProbeCounters {
+            ok: Counter::default(),
+            failed: Counter::default(),
+            timeout: Counter::default(),
+            local_error: Counter::default(),
+            confirmed: Counter::default(),
+            cancelled: Counter::default(),
+        }
+    }
+
+    /// Runs a prober over `answers` and returns the first `rounds` verdicts, the probes
+    /// sent and the counters.
+    async fn run(
+        answers: &[Answer],
+        confirm: u32,
+        adaptive: bool,
+        rounds: usize,
+    ) -> (Vec<Result<(), ProbeError>>, u32, ProbeCounters) {
+        let script = Arc::new(Script {
+            answers: Mutex::new(answers.iter().copied().collect()),
+            probes: Mutex::new(0),
+        });
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let c = counters();
+        let prober = Prober {
+            check: script.clone(),
+            label: "s".into(),
+            sink: Sink(tx),
+            target: "127.0.0.1:1".parse().unwrap(),
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(100),
+            adaptive,
+            confirm: Confirm {
+                probes: confirm,
+                interval: Duration::from_millis(10),
+            },
+            counters: c.clone(),
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(prober.run(cancel.clone()));
+        let mut out = Vec::new();
+        for _ in 0..rounds {
+            out.push(rx.recv().await.expect("a verdict"));
+        }
+        cancel.cancel();
+        let _ = task.await;
+        let probes = *script.probes.lock().unwrap();
+        (out, probes, c)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_lost_probe_is_cancelled_by_its_confirmation() {
+        let (v, _, c) = run(&[Answer::Ok, Answer::Hang, Answer::Ok], 2, true, 2).await;
+        assert_eq!(v, vec![Ok(()), Ok(())], "the lost probe is never reported");
+        assert_eq!(c.cancelled.get(), 1);
+        assert_eq!(c.confirmed.get(), 0);
+        assert_eq!(c.timeout.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_is_reported_once_every_confirmation_failed() {
+        let started = tokio::time::Instant::now();
+        let (v, probes, c) = run(&[Answer::Bad, Answer::Bad, Answer::Bad], 2, true, 1).await;
+        let e = v[0].clone().unwrap_err();
+        assert_eq!(e.reason, Reason::ProbeFailed);
+        let confirmed = e.confirmed.expect("confirmed");
+        assert_eq!(confirmed.probes, 2);
+        assert_eq!(probes, 3);
+        assert_eq!(c.confirmed.get(), 1);
+        // Launched 10 ms apart, answered at once: the verdict comes with the last launch.
+        assert_eq!(started.elapsed(), Duration::from_millis(20));
+        assert_eq!(confirmed.took, Duration::from_millis(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_needs_no_confirmation() {
+        let (v, probes, c) = run(&[Answer::Refused], 2, true, 1).await;
+        let e = v[0].clone().unwrap_err();
+        assert_eq!(e.reason, Reason::ConnectRefused);
+        assert_eq!(e.confirmed, None);
+        assert_eq!(probes, 1);
+        assert_eq!(c.confirmed.get() + c.cancelled.get(), 0);
+        // A refusal during the confirmation ends it at once.
+        let (v, probes, _) = run(&[Answer::Bad, Answer::Refused], 2, true, 1).await;
+        let e = v[0].clone().unwrap_err();
+        assert_eq!(e.reason, Reason::ConnectRefused);
+        assert_eq!(e.confirmed.map(|c| c.probes), Some(1));
+        assert_eq!(probes, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn confirm_zero_reports_every_failure_at_once() {
+        let (v, probes, _) = run(&[Answer::Bad, Answer::Ok], 0, true, 2).await;
+        assert!(v[0].is_err() && v[1].is_ok());
+        assert_eq!(v[0].clone().unwrap_err().confirmed, None);
+        assert_eq!(probes, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_server_is_suspected_after_the_adaptive_timeout() {
+        // Answers instantly while healthy: the timeout shrinks to the floor, so the hang
+        // is confirmed one floor after the last confirmation probe was launched.
+        let mut answers = vec![Answer::Ok; 5];
+        answers.extend([Answer::Hang; 3]);
+        let started = tokio::time::Instant::now();
+        let (v, _, _) = run(&answers, 2, true, 6).await;
+        let e = v[5].clone().unwrap_err();
+        assert_eq!(e.reason, Reason::ProbeTimeout);
+        assert!(e.detail.contains("25ms"), "{}", e.detail);
+        let took = e.confirmed.unwrap().took;
+        assert_eq!(
+            took,
+            2 * crate::health::rtt::FLOOR + Duration::from_millis(20)
+        );
+        assert_eq!(started.elapsed(), 5 * Duration::from_millis(100) + took);
+        // Without adaptive timeouts each probe waits the full configured timeout.
+        let (v, _, _) = run(&answers, 2, false, 6).await;
+        assert_eq!(
+            v[5].clone().unwrap_err().confirmed.unwrap().took,
+            Duration::from_millis(220)
+        );
     }
 }

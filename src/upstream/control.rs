@@ -40,6 +40,12 @@ pub enum Control {
     /// The peers' health verdict (`cluster:`): label → `peer:<node>:<reason>` for every
     /// server some live peer sees down.
     PeerDown(HashMap<String, String>),
+    /// The node group's verdict: host → `group:<upstream>:<reason>` for every host another
+    /// member sees down. Answered with the events it caused (published by the group).
+    GroupDown {
+        down: HashMap<std::net::IpAddr, String>,
+        reply: oneshot::Sender<Vec<crate::events::EventStatus>>,
+    },
     /// A reload: new settings, then a new server list; answered once both apply.
     Reload {
         spec: Box<UpstreamSpec>,
@@ -65,6 +71,7 @@ impl UpstreamSpec {
             balance: c.balance,
             failback: c.failback,
             failback_delay: c.failback_delay.get(),
+            keep_last: c.when_all_down == crate::config::WhenAllDown::KeepLast,
             fall: c.health.fall,
             rise: c.health.rise,
             probe_less: c.health.kind == HealthType::None,

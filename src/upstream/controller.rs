@@ -14,12 +14,13 @@
 //! queued messages, the view at most every [`VIEW_EVERY`] unless a command waits for it.
 
 use super::control::{Control, UpstreamSpec};
+use super::group::{DownHosts, GroupMsg, NodeGroups};
 use super::server::ServerHandle;
 use super::snapshot::{Snapshot, UpstreamRoute};
 use super::state::{AdminState, EventKind, Step, UpstreamState, UpstreamView};
 use crate::config::HealthConfig;
 use crate::discovery::{Readiness, Target};
-use crate::health::prober::{ProbeCounters, ProbeSink, Prober};
+use crate::health::prober::{Confirm, ProbeCounters, ProbeSink, Prober};
 use crate::health::{self, HealthCheck, Reason};
 use crate::metrics::{Labels, Metrics, child, labels};
 use arc_swap::ArcSwap;
@@ -93,7 +94,13 @@ struct ServerMetrics {
 impl UpstreamRuntime {
     /// Starts the controller (and through it one prober per server) with an initial
     /// server list.
-    pub fn start(name: &str, spec: UpstreamSpec, targets: Vec<Target>, metrics: &Metrics) -> Self {
+    pub fn start(
+        name: &str,
+        spec: UpstreamSpec,
+        targets: Vec<Target>,
+        metrics: &Metrics,
+        groups: &NodeGroups,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(1024);
         let (commands, commands_rx) = mpsc::channel(COMMANDS);
         let now = Instant::now();
@@ -106,7 +113,7 @@ impl UpstreamRuntime {
             child(&metrics.sessions_migrated, &labels(&[("upstream", name)])),
         ));
         // Series exist from the start, so dashboards and alerts see zeros, not gaps.
-        for reason in Reason::ALL {
+        for reason in Reason::ALL.into_iter().chain([Reason::Degraded]) {
             let _ = child(
                 &metrics.failovers,
                 &labels(&[("upstream", name), ("reason", reason.as_str())]),
@@ -118,7 +125,16 @@ impl UpstreamRuntime {
         let cancel = CancellationToken::new();
         let (ready_tx, ready_rx) = watch::channel(false);
         let (local_down_tx, local_down_rx) = watch::channel(LocalDown::default());
+        let group = cfg
+            .node_group
+            .as_deref()
+            .map(|g| (g.to_string(), groups.sender(g)));
         let mut controller = Controller {
+            groups: groups.clone(),
+            group,
+            reported_hosts: None,
+            outgoing: Vec::new(),
+            commands: commands.clone(),
             local_down: local_down_tx,
             state: UpstreamState::new(
                 name.to_string(),
@@ -251,6 +267,16 @@ impl Drop for UpstreamRuntime {
 }
 
 struct Controller {
+    /// Every node group of the process, and this upstream's (`node_group`) with its task.
+    groups: NodeGroups,
+    group: Option<(String, mpsc::UnboundedSender<GroupMsg>)>,
+    /// The hosts last reported to the group (None: not yet).
+    reported_hosts: Option<DownHosts>,
+    /// Events of the steps since the last flush: published on the bus, or handed to the
+    /// node group to publish with the other members' reactions.
+    outgoing: Vec<crate::events::EventStatus>,
+    /// This controller's own command channel (the group answers through it).
+    commands: mpsc::Sender<Control>,
     local_down: watch::Sender<LocalDown>,
     state: UpstreamState,
     spec: UpstreamSpec,
@@ -360,6 +386,18 @@ impl Controller {
     }
 
     fn handle_and_absorb(&mut self, msg: Control) {
+        if let Control::GroupDown { down, reply } = msg {
+            // The events this verdict causes go back to the group, which publishes them
+            // with the reporting member's as one.
+            let step = self
+                .state
+                .set_group_down(&down, Instant::now(), SystemTime::now());
+            self.timer_stale = true;
+            let before = self.outgoing.len();
+            self.absorb(step);
+            let _ = reply.send(self.outgoing.split_off(before));
+            return;
+        }
         // A probe result or passive signal that changed nothing visible moves no timer:
         // timers (failback delay, probe-less recovery) change only with a transition.
         let signal = matches!(msg, Control::Probe { .. } | Control::Passive { .. });
@@ -439,6 +477,12 @@ impl Controller {
             }
             Control::Servers(targets) => self.set_servers(targets),
             Control::PeerDown(down) => self.state.set_peer_down(&down, Instant::now(), wall),
+            // Handled by `handle_and_absorb` (it answers with the events).
+            Control::GroupDown { down, reply } => {
+                let step = self.state.set_group_down(&down, Instant::now(), wall);
+                let _ = reply.send(Vec::new());
+                step
+            }
             Control::Reload {
                 spec,
                 targets,
@@ -459,7 +503,24 @@ impl Controller {
         self.route
             .set_options(spec.passive, spec.config.connect_timeout.get());
         let policy = spec.policy();
+        let group_changed = spec.config.node_group != self.spec.config.node_group;
         self.spec = spec;
+        let mut group_step = Step::default();
+        if group_changed {
+            self.leave_group();
+            self.group = self
+                .spec
+                .config
+                .node_group
+                .as_deref()
+                .map(|g| (g.to_string(), self.groups.sender(g)));
+            self.reported_hosts = None;
+            // The old group's word no longer counts here.
+            group_step =
+                self.state
+                    .set_group_down(&HashMap::new(), Instant::now(), SystemTime::now());
+        }
+        self.absorb(group_step);
         if health_changed {
             // New probe settings: restart every prober with them.
             self.check = health::build(&self.spec.config.health).map(Arc::from);
@@ -543,6 +604,12 @@ impl Controller {
                     ]),
                 )
             };
+            let confirmation = |result: &str| {
+                child(
+                    &self.metrics.probe_confirmations,
+                    &labels(&[("upstream", &name), ("result", result)]),
+                )
+            };
             let prober = Prober {
                 check: check.clone(),
                 label: server.label.clone(),
@@ -553,11 +620,18 @@ impl Controller {
                 target: SocketAddr::new(server.ip, port),
                 interval: hc.interval.get(),
                 timeout: hc.timeout.get(),
+                adaptive: hc.adaptive_timeout,
+                confirm: Confirm {
+                    probes: hc.confirm,
+                    interval: hc.confirm_interval.get(),
+                },
                 counters: ProbeCounters {
                     ok: counter("ok"),
                     failed: counter("failed"),
                     timeout: counter("timeout"),
                     local_error: counter("local_error"),
+                    confirmed: confirmation("confirmed"),
+                    cancelled: confirmation("cancelled"),
                 },
             };
             let token = self.cancel.child_token();
@@ -631,7 +705,7 @@ impl Controller {
         self.came_up_due.extend(step.came_up);
         if let Some(ev) = &step.event {
             let upstream = self.state.name.as_str();
-            crate::events::active_set_changed(upstream, ev);
+            self.outgoing.push(ev.into());
             match ev.kind {
                 EventKind::Failover => {
                     let reason = ev.reason.unwrap_or("removed");
@@ -657,6 +731,15 @@ impl Controller {
                 EventKind::Failback => {
                     tracing::info!(upstream, from = ?ev.from, to = ?ev.to, sessions_moved = ev.sessions_moved, "failback");
                     child(&self.metrics.failbacks, &labels(&[("upstream", upstream)])).inc();
+                }
+                EventKind::AllDown => {
+                    tracing::warn!(
+                        upstream,
+                        servers = ?ev.to,
+                        reason = ev.reason.unwrap_or("removed"),
+                        "no server is eligible: the last ones keep serving (when_all_down: keep_last)"
+                    );
+                    child(&self.metrics.all_down, &labels(&[("upstream", upstream)])).inc();
                 }
             }
         }
@@ -694,6 +777,11 @@ impl Controller {
                 sm.up.set(i64::from(up));
                 sm.active.set(i64::from(active.contains(&key(&sm.handle))));
             }
+            child(
+                &self.metrics.degraded,
+                &labels(&[("upstream", &self.state.name)]),
+            )
+            .set(i64::from(self.state.degraded()));
             let down = self.state.local_down();
             if **self.local_down.borrow() != down {
                 self.local_down.send_replace(Arc::new(down));
@@ -718,9 +806,56 @@ impl Controller {
             self.view_dirty = false;
             self.view_built = now;
         }
+        self.send_events(published);
         // Answer commands only now, so the caller sees their effect in the view.
         for reply in self.replies.drain(..) {
             let _ = reply.send(Ok(()));
         }
+    }
+
+    /// Publishes the events of the flushed steps: on the bus, or, in a node group, to the
+    /// group with the hosts this upstream now sees down (when they changed), so that the
+    /// group moves its other members and publishes everything as one event.
+    fn send_events(&mut self, published: bool) {
+        let Some((_, group)) = &self.group else {
+            for ev in self.outgoing.drain(..) {
+                crate::events::active_set_changed(&self.state.name, ev);
+            }
+            return;
+        };
+        let hosts = (published || self.reported_hosts.is_none())
+            .then(|| self.state.down_hosts())
+            .filter(|h| self.reported_hosts.as_ref() != Some(h));
+        if hosts.is_none() && self.outgoing.is_empty() {
+            return;
+        }
+        let down = match hosts {
+            Some(h) => {
+                self.reported_hosts = Some(h.clone());
+                h
+            }
+            None => self.reported_hosts.clone().unwrap_or_default(),
+        };
+        let _ = group.send(GroupMsg::Report {
+            upstream: self.state.name.clone(),
+            commands: self.commands.clone(),
+            down,
+            events: std::mem::take(&mut self.outgoing),
+        });
+    }
+
+    /// Leaves the node group, if in one: its other members forget what this one saw.
+    fn leave_group(&mut self) {
+        if let Some((_, group)) = self.group.take() {
+            let _ = group.send(GroupMsg::Leave {
+                upstream: self.state.name.clone(),
+            });
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.leave_group();
     }
 }

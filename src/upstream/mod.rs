@@ -13,6 +13,7 @@
 
 pub mod control;
 pub mod controller;
+pub mod group;
 pub mod select;
 pub mod server;
 pub mod snapshot;
@@ -20,6 +21,7 @@ pub mod state;
 
 pub use control::{Control, UpstreamSpec};
 pub use controller::UpstreamRuntime;
+pub use group::NodeGroups;
 pub use server::{ServerHandle, Tier};
 pub use snapshot::{Snapshot, UpstreamRoute};
 pub use state::{AdminState, Event, EventKind, UpstreamState};
@@ -31,12 +33,15 @@ impl From<&Event> for crate::events::EventStatus {
             kind: match e.kind {
                 EventKind::Failover => "failover",
                 EventKind::Failback => "failback",
+                EventKind::AllDown => "all_down",
             }
             .to_string(),
             from: e.from.clone(),
             to: e.to.clone(),
             reason: e.reason.map(str::to_string),
             detection_ms: e.detection_ms,
+            confirmed_by: e.confirmed_by,
+            confirm_ms: e.confirm_ms,
             sessions_moved: e.sessions_moved,
         }
     }

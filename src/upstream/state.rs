@@ -10,7 +10,7 @@ use super::server::ServerHandle;
 use crate::config::{Balance, Failback};
 use crate::discovery::Readiness;
 use crate::health::state::{HealthState, Transition};
-use crate::health::{ProbeError, Reason};
+use crate::health::{Confirmed, ProbeError, Reason};
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -64,6 +64,8 @@ impl std::str::FromStr for AdminState {
 pub enum EventKind {
     Failover,
     Failback,
+    /// No server is eligible; the servers that served last keep serving (`keep_last`).
+    AllDown,
 }
 
 /// One change of an upstream's active set.
@@ -78,6 +80,13 @@ pub struct Event {
     pub reason: Option<&'static str>,
     /// Time from the failed server's last good probe or packet to it being marked down.
     pub detection_ms: Option<u64>,
+    /// Confirmation probes that failed too before the probe failure counted
+    /// (`health.confirm`); absent when the failure needed no confirmation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confirmed_by: Option<u32>,
+    /// From the first failed probe to the confirmed verdict, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confirm_ms: Option<u64>,
     /// Sessions that were on the servers whose sessions had to move.
     pub sessions_moved: usize,
 }
@@ -105,6 +114,8 @@ pub struct Step {
 struct Cause {
     reason: Reason,
     detection: Option<Duration>,
+    /// How the probe failure was confirmed (`health.confirm`), when it was.
+    confirmed: Option<Confirmed>,
 }
 
 #[derive(Debug)]
@@ -122,15 +133,23 @@ struct Entry {
     holds_sessions: bool,
     /// Discovery says not ready (endpoint or node): down whatever the probes say.
     not_ready: Option<Reason>,
+    /// No longer listed: kept for the one reconcile that evicts its sessions.
+    removed: bool,
     /// A live peer replica sees it down (`peer:<node>:<reason>`): down whatever the
     /// local probes say, until every live peer sees it up again.
     peer_down: Option<String>,
+    /// Another upstream of its `node_group` sees its host down
+    /// (`group:<upstream>:<reason>`): down whatever the local probes say.
+    group_down: Option<String>,
 }
 
 impl Entry {
-    /// Up by probes and not vetoed by discovery.
+    /// Up by probes and not vetoed by discovery, a peer or the node group.
     fn usable(&self) -> bool {
-        self.health.is_up() && self.not_ready.is_none() && self.peer_down.is_none()
+        self.health.is_up()
+            && self.not_ready.is_none()
+            && self.peer_down.is_none()
+            && self.group_down.is_none()
     }
 }
 
@@ -154,6 +173,8 @@ pub struct UpstreamView {
     pub events: Vec<Event>,
     pub failovers: u64,
     pub ready: bool,
+    /// No server is eligible and the last ones keep serving (`when_all_down: keep_last`).
+    pub degraded: bool,
 }
 
 /// The settings of an upstream that shape its control logic (a reload may change them).
@@ -162,6 +183,8 @@ pub struct Policy {
     pub balance: Balance,
     pub failback: Failback,
     pub failback_delay: Duration,
+    /// `when_all_down: keep_last`.
+    pub keep_last: bool,
     pub fall: u32,
     pub rise: u32,
     /// `type: none`: servers start up, and a passively failed one returns after 10 s.
@@ -175,6 +198,9 @@ pub struct UpstreamState {
     balance: Balance,
     failback: Failback,
     failback_delay: Duration,
+    keep_last: bool,
+    /// Serving from servers that are down because none is eligible (`keep_last`).
+    degraded: bool,
     fall: u32,
     rise: u32,
     probe_less: bool,
@@ -185,6 +211,8 @@ pub struct UpstreamState {
     failovers: u64,
     /// The peers' last verdict (`cluster:`), for servers listed after it came.
     peer_verdict: std::collections::HashMap<String, String>,
+    /// The node group's last verdict, by host, for servers listed after it came.
+    group_verdict: std::collections::HashMap<std::net::IpAddr, String>,
 }
 
 impl UpstreamState {
@@ -201,6 +229,8 @@ impl UpstreamState {
             balance: policy.balance,
             failback: policy.failback,
             failback_delay: policy.failback_delay,
+            keep_last: policy.keep_last,
+            degraded: false,
             fall: policy.fall,
             rise: policy.rise,
             probe_less: policy.probe_less,
@@ -210,6 +240,7 @@ impl UpstreamState {
             events: VecDeque::new(),
             failovers: 0,
             peer_verdict: Default::default(),
+            group_verdict: Default::default(),
         };
         st.entries = servers
             .into_iter()
@@ -237,7 +268,9 @@ impl UpstreamState {
             probed: self.probe_less,
             holds_sessions: false,
             not_ready: None,
+            removed: false,
             peer_down: self.peer_verdict.get(&handle.label).cloned(),
+            group_down: self.group_verdict.get(&handle.ip).cloned(),
             handle,
         }
     }
@@ -248,6 +281,7 @@ impl UpstreamState {
         self.balance = policy.balance;
         self.failback = policy.failback;
         self.failback_delay = policy.failback_delay;
+        self.keep_last = policy.keep_last;
         self.fall = policy.fall;
         self.rise = policy.rise;
         self.probe_less = policy.probe_less;
@@ -293,7 +327,11 @@ impl UpstreamState {
                     {
                         entry.last_change = wall;
                         entry.ready_at = None;
-                        cause.get_or_insert(Cause { reason, detection });
+                        cause.get_or_insert(Cause {
+                            reason,
+                            detection,
+                            confirmed: None,
+                        });
                     }
                 }
                 Readiness::Ready if entry.not_ready.is_some() => {
@@ -311,6 +349,7 @@ impl UpstreamState {
         // sessions are evicted and a lost active member is recorded as a failover.
         let kept_len = entries.len();
         for mut gone in old.into_iter().flatten() {
+            gone.removed = true;
             if gone
                 .health
                 .passive_failure(Reason::Removed, "no longer listed", now)
@@ -319,6 +358,7 @@ impl UpstreamState {
                 cause.get_or_insert(Cause {
                     reason: Reason::Removed,
                     detection: None,
+                    confirmed: None,
                 });
             }
             entries.push(gone);
@@ -390,7 +430,8 @@ impl UpstreamState {
             Ok(()) => entry.health.probe_ok(now),
             Err(e) => entry.health.probe_failed(e.reason, &e.detail, now),
         };
-        let mut step = self.apply_transition(idx, transition, now, wall);
+        let confirmed = result.as_ref().err().and_then(|e| e.confirmed);
+        let mut step = self.apply_transition(idx, transition, confirmed, now, wall);
         if !self.first_round_done && self.entries.iter().all(|e| e.probed) {
             self.finish_first_round(now);
             step.publish = true;
@@ -415,7 +456,7 @@ impl UpstreamState {
         if probe_less && matches!(transition, Transition::WentDown { .. }) {
             entry.recover_at = Some(now + PASSIVE_RECOVERY);
         }
-        self.apply_transition(idx, transition, now, wall)
+        self.apply_transition(idx, transition, None, now, wall)
     }
 
     /// Set a server's admin state; `server` is its label (`ip:port`) or IP.
@@ -440,6 +481,7 @@ impl UpstreamState {
         let cause = (state != AdminState::Enable).then_some(Cause {
             reason: Reason::Admin,
             detection: None,
+            confirmed: None,
         });
         let mut step = self.reconcile(now, wall, cause);
         step.publish = true;
@@ -468,6 +510,7 @@ impl UpstreamState {
             .find(|e| Arc::ptr_eq(&e.handle, handle))?;
         e.peer_down
             .clone()
+            .or_else(|| e.group_down.clone())
             .or_else(|| e.not_ready.map(|r| r.as_str().to_string()))
             .or_else(|| e.health.down_reason().map(|r| r.as_str().to_string()))
     }
@@ -500,6 +543,60 @@ impl UpstreamState {
                 cause.get_or_insert(Cause {
                     reason: Reason::Peer,
                     detection: None,
+                    confirmed: None,
+                });
+            }
+        }
+        if !changed {
+            return Step::default();
+        }
+        let mut step = self.reconcile(now, wall, cause);
+        step.publish = self.first_round_done;
+        step
+    }
+
+    /// The hosts this upstream itself sees down (its own probes and passive signals: not
+    /// what a peer or the node group said), with the reason: what it tells its node group.
+    pub fn down_hosts(&self) -> std::collections::BTreeMap<std::net::IpAddr, &'static str> {
+        self.entries
+            .iter()
+            .filter(|e| e.health.health() == crate::health::state::Health::Down)
+            .map(|e| {
+                let reason = e.health.down_reason().unwrap_or(Reason::ProbeFailed);
+                (e.handle.ip, reason.as_str())
+            })
+            .collect()
+    }
+
+    /// The node group's verdict: `down` maps every host another upstream of the group sees
+    /// down to `group:<upstream>:<reason>`; the servers on those hosts are down here too,
+    /// whatever the local probes say, until the group sees the host up again.
+    pub fn set_group_down(
+        &mut self,
+        down: &std::collections::HashMap<std::net::IpAddr, String>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Step {
+        let mut changed = false;
+        let mut cause = None;
+        self.group_verdict = down.clone();
+        for e in &mut self.entries {
+            let verdict = down.get(&e.handle.ip).cloned();
+            if verdict == e.group_down {
+                continue;
+            }
+            changed = true;
+            let was_usable = e.usable();
+            e.group_down = verdict;
+            if was_usable != e.usable() {
+                e.last_change = wall;
+            }
+            if was_usable && !e.usable() {
+                e.ready_at = None;
+                cause.get_or_insert(Cause {
+                    reason: Reason::NodeGroup,
+                    detection: None,
+                    confirmed: None,
                 });
             }
         }
@@ -538,7 +635,7 @@ impl UpstreamState {
             if self.entries[idx].recover_at.is_some_and(|t| t <= now) {
                 self.entries[idx].recover_at = None;
                 let tr = self.entries[idx].health.force_up(now);
-                let s = self.apply_transition(idx, tr, now, wall);
+                let s = self.apply_transition(idx, tr, None, now, wall);
                 merge(&mut step, s);
             }
         }
@@ -566,7 +663,10 @@ impl UpstreamState {
                 .iter()
                 .map(|e| ServerView {
                     handle: e.handle.clone(),
-                    health: if e.not_ready.is_some() || e.peer_down.is_some() {
+                    health: if e.not_ready.is_some()
+                        || e.peer_down.is_some()
+                        || e.group_down.is_some()
+                    {
                         "down"
                     } else {
                         e.health.health().as_str()
@@ -576,6 +676,7 @@ impl UpstreamState {
                     last_error: e
                         .peer_down
                         .clone()
+                        .or_else(|| e.group_down.clone())
                         .or_else(|| e.health.last_error().map(str::to_string)),
                 })
                 .collect(),
@@ -583,6 +684,7 @@ impl UpstreamState {
             events: self.events.iter().cloned().collect(),
             failovers: self.failovers,
             ready: self.first_round_done,
+            degraded: self.degraded,
         }
     }
 
@@ -597,6 +699,11 @@ impl UpstreamState {
             .iter()
             .map(|i| self.entries[*i].handle.clone())
             .collect()
+    }
+
+    /// Serving from servers that are down because none is eligible (`keep_last`).
+    pub fn degraded(&self) -> bool {
+        self.degraded
     }
 
     /// Handles of every up and enabled server (ignoring failback_delay), priority order.
@@ -628,6 +735,7 @@ impl UpstreamState {
         &mut self,
         idx: usize,
         transition: Transition,
+        confirmed: Option<Confirmed>,
         now: Instant,
         wall: SystemTime,
     ) -> Step {
@@ -660,7 +768,12 @@ impl UpstreamState {
                         ..Step::default()
                     };
                 }
-                let mut step = self.reconcile(now, wall, Some(Cause { reason, detection }));
+                let cause = Cause {
+                    reason,
+                    detection,
+                    confirmed,
+                };
+                let mut step = self.reconcile(now, wall, Some(cause));
                 step.publish = first_round_done;
                 step
             }
@@ -695,15 +808,47 @@ impl UpstreamState {
         if !self.first_round_done {
             return step;
         }
+        let desired = self.desired(now);
+        // No blackhole (`keep_last`): nothing is eligible, so the enabled servers that
+        // served until now keep serving.
+        let kept: Vec<usize> = if desired.is_empty() && self.keep_last {
+            self.active
+                .iter()
+                .copied()
+                .filter(|i| {
+                    let e = &self.entries[*i];
+                    e.admin == AdminState::Enable && !e.removed
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         // Servers that can no longer hold sessions lose them now, active or not.
-        for e in &mut self.entries {
-            let can_hold = e.usable() && e.admin != AdminState::Maint;
+        for (i, e) in self.entries.iter_mut().enumerate() {
+            let can_hold = (e.usable() && e.admin != AdminState::Maint) || kept.contains(&i);
             if e.holds_sessions && !can_hold {
                 step.evict.push(e.handle.clone());
             }
             e.holds_sessions = can_hold;
         }
-        let desired = self.desired(now);
+        let was_degraded = self.degraded;
+        self.degraded = !kept.is_empty();
+        if self.degraded {
+            if !was_degraded {
+                step.publish = true;
+                let cause = cause.unwrap_or(Cause {
+                    reason: Reason::Removed,
+                    detection: None,
+                    confirmed: None,
+                });
+                step.event = Some(self.record(EventKind::AllDown, kept, Some(cause), &[], wall));
+            }
+            return step;
+        }
+        if was_degraded {
+            // A server is eligible again: leave the degraded state whatever follows.
+            step.publish = true;
+        }
         let keep_current = self.failback == Failback::Manual
             && !self.active.is_empty()
             && self.active.iter().all(|i| self.takes_new(*i, now));
@@ -736,8 +881,14 @@ impl UpstreamState {
             (
                 EventKind::Failover,
                 Some(cause.unwrap_or(Cause {
-                    reason: Reason::Removed,
+                    // Sessions leave the servers kept while degraded, or a removed one.
+                    reason: if was_degraded {
+                        Reason::Degraded
+                    } else {
+                        Reason::Removed
+                    },
                     detection: None,
+                    confirmed: None,
                 })),
             )
         } else {
@@ -766,6 +917,10 @@ impl UpstreamState {
             detection_ms: cause
                 .and_then(|c| c.detection)
                 .map(|d| d.as_millis() as u64),
+            confirmed_by: cause.and_then(|c| c.confirmed).map(|c| c.probes),
+            confirm_ms: cause
+                .and_then(|c| c.confirmed)
+                .map(|c| c.took.as_millis() as u64),
             sessions_moved: evicted.iter().map(|h| h.sessions()).sum(),
         };
         if kind == EventKind::Failover {

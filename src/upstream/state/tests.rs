@@ -22,6 +22,7 @@ fn policy(
         balance,
         failback,
         failback_delay,
+        keep_last: false,
         fall: 1,
         rise: 2,
         probe_less,
@@ -391,4 +392,137 @@ fn servers_arriving_after_start_are_no_event() {
     assert!(st.first_round_done());
     assert_eq!(st.active_labels(), vec![P1]);
     assert!(st.view().events.is_empty());
+}
+
+fn keep_last_fixture(primary: u8, backup: u8) -> Fixture {
+    let t0 = Instant::now();
+    let wall = SystemTime::UNIX_EPOCH;
+    let mut policy = policy(Balance::First, Failback::NewSessions, Duration::ZERO, false);
+    policy.keep_last = true;
+    let st = UpstreamState::new("u".into(), handles(primary, backup), policy, t0, wall);
+    let mut f = Fixture { st, t0, wall };
+    f.all_ok(0);
+    f
+}
+
+#[test]
+fn keep_last_keeps_the_last_server_serving_when_none_is_eligible() {
+    let mut f = keep_last_fixture(1, 1);
+    f.fail(0, 100);
+    assert_eq!(f.active(), vec![B1], "an ordinary failover first");
+    let s = f.fail(1, 200);
+    assert_eq!(f.active(), vec![B1], "the last server keeps serving");
+    assert!(labels(&s).is_empty(), "its sessions stay: {:?}", labels(&s));
+    assert!(f.st.degraded() && f.st.view().degraded);
+    let ev = s.event.expect("an all_down event");
+    assert_eq!(ev.kind, EventKind::AllDown);
+    assert_eq!(
+        (ev.from.clone(), ev.to.clone()),
+        (vec![B1.into()], vec![B1.into()])
+    );
+    assert_eq!(ev.reason, Some("probe_timeout"));
+    assert!(s.publish);
+    // Further failures of the kept server change nothing and say nothing.
+    let s = f.fail(1, 300);
+    assert!(s.event.is_none() && labels(&s).is_empty());
+    // The kept server recovers: no longer degraded, no failover.
+    f.ok(1, 400);
+    let s = f.ok(1, 500);
+    assert_eq!(f.active(), vec![B1]);
+    assert!(!f.st.degraded());
+    assert!(s.event.is_none(), "{:?}", s.event);
+}
+
+#[test]
+fn leaving_degraded_for_another_server_is_a_failover_with_reason_degraded() {
+    let mut f = keep_last_fixture(1, 1);
+    f.fail(0, 100);
+    f.fail(1, 200);
+    assert!(f.st.degraded());
+    f.ok(0, 300);
+    let s = f.ok(0, 400);
+    assert_eq!(f.active(), vec![P1]);
+    assert!(!f.st.degraded());
+    assert_eq!(labels(&s), vec![B1], "sessions leave the kept server");
+    let ev = s.event.expect("failover");
+    assert_eq!(ev.kind, EventKind::Failover);
+    assert_eq!(ev.reason, Some("degraded"));
+}
+
+#[test]
+fn drop_leaves_no_server_and_maint_is_never_kept() {
+    // `drop`: today's behaviour.
+    let mut f = fixture(1, 0, Balance::First, Failback::NewSessions, 0);
+    f.all_ok(0);
+    let s = f.fail(0, 100);
+    assert!(f.active().is_empty());
+    assert_eq!(labels(&s), vec![P1]);
+    assert!(!f.st.degraded());
+    // `keep_last`, but the server is put in maintenance: admin states win.
+    let mut f = keep_last_fixture(1, 0);
+    f.fail(0, 100);
+    assert!(f.st.degraded());
+    let now = f.at(200);
+    let idx = 0;
+    f.st.entries[idx].admin = AdminState::Maint;
+    let s = f.st.reconcile(now, f.wall, None);
+    assert!(f.active().is_empty(), "{:?}", f.active());
+    assert_eq!(labels(&s), vec![P1]);
+    assert!(!f.st.degraded());
+}
+
+#[test]
+fn a_confirmed_failure_carries_its_confirmation_into_the_event() {
+    let mut f = fixture(1, 1, Balance::First, Failback::NewSessions, 0);
+    f.all_ok(0);
+    let mut e = ProbeError::new(Reason::ProbeFailed, "HTTP 503");
+    e.confirmed = Some(Confirmed {
+        probes: 4,
+        took: Duration::from_millis(42),
+    });
+    let s = f.st.probe_result(0, Err(e), f.at(100), f.wall);
+    let ev = s.event.expect("failover");
+    assert_eq!((ev.confirmed_by, ev.confirm_ms), (Some(4), Some(42)));
+    let json = serde_json::to_value(&ev).unwrap();
+    assert_eq!(json["confirmed_by"], 4);
+    // A failure that needed no confirmation says nothing of it.
+    let s = f.st.probe_result(
+        1,
+        Err(ProbeError::new(Reason::ConnectRefused, "refused")),
+        f.at(200),
+        f.wall,
+    );
+    let json = serde_json::to_value(s.event.unwrap()).unwrap();
+    assert!(json.get("confirmed_by").is_none(), "{json}");
+}
+
+#[test]
+fn the_node_groups_verdict_takes_the_host_down_and_back_up() {
+    let mut f = fixture(1, 1, Balance::First, Failback::NewSessions, 0);
+    f.all_ok(0);
+    let host: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+    let down = [(host, "group:media:probe_timeout".to_string())].into();
+    let s = f.st.set_group_down(&down, f.at(100), f.wall);
+    assert_eq!(f.active(), vec![B1]);
+    assert_eq!(labels(&s), vec![P1]);
+    let ev = s.event.expect("failover");
+    assert_eq!(ev.reason, Some("node_group"));
+    assert_eq!(
+        f.st.view_reason(&f.st.entries[0].handle).as_deref(),
+        Some("group:media:probe_timeout")
+    );
+    // Its own probes still see it up, but the group's word holds it down.
+    let s = f.ok(0, 200);
+    assert!(s.event.is_none() && f.active() == vec![B1]);
+    assert!(
+        f.st.down_hosts().is_empty(),
+        "a veto is not this upstream's own verdict"
+    );
+    // The group sees the host up again: back to the primary.
+    let s = f.st.set_group_down(&Default::default(), f.at(300), f.wall);
+    assert_eq!(f.active(), vec![P1]);
+    assert_eq!(s.event.map(|e| e.kind), Some(EventKind::Failback));
+    // What this upstream reports to its group: its own down hosts.
+    f.fail(0, 400);
+    assert_eq!(f.st.down_hosts().get(&host), Some(&"probe_timeout"));
 }

@@ -1,0 +1,227 @@
+//! A lossy link is not a dead server: random loss on the primary's link (nftables
+//! `numgen random` drops in the primary's network namespace, both directions; this kernel
+//! has no netem) must move no session, while the same loss without confirmation does.
+//!
+//! Three balancers run side by side for one minute, each in front of its own primary in
+//! its own namespace (100 ms UDP probes) and a backup on loopback:
+//! - 2 % loss each way, default confirmation: no failover;
+//! - 5 % loss each way, default confirmation: no failover;
+//! - 5 % loss each way, `confirm: 0` (every failed probe counts, as before): failovers,
+//!   which shows that the loss is real and that the first two could fail.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// How long each balancer runs under loss (the issue's figure).
+const RUN: Duration = Duration::from_secs(60);
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", args[0]));
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A namespace reached over a veth pair from the root namespace, with random loss on its
+/// side of the link.
+struct LossyHost {
+    ns: String,
+    host_dev: String,
+    addr: std::net::Ipv4Addr,
+}
+
+impl LossyHost {
+    /// Host `idx` at 10.232.idx.2, dropping `per_mille`/1000 of the UDP datagrams that
+    /// enter and of those that leave it.
+    fn create(idx: u8, per_mille: u32) -> LossyHost {
+        let ns = format!("mg-loss{idx}");
+        let (h, n) = (format!("mgl{idx}h"), format!("mgl{idx}n"));
+        let _ = Command::new("ip").args(["link", "del", &h]).output();
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        run(&["ip", "netns", "add", &ns]);
+        let host = LossyHost {
+            ns: ns.clone(),
+            host_dev: h.clone(),
+            addr: std::net::Ipv4Addr::new(10, 232, idx, 2),
+        };
+        run(&[
+            "ip", "link", "add", &h, "type", "veth", "peer", "name", &n, "netns", &ns,
+        ]);
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.232.{idx}.1/24"),
+            "dev",
+            &h,
+        ]);
+        run(&["ip", "link", "set", &h, "up"]);
+        let in_ns = |args: &[&str]| {
+            let mut all = vec!["ip", "netns", "exec", &ns];
+            all.extend_from_slice(args);
+            run(&all);
+        };
+        in_ns(&["ip", "link", "set", "lo", "up"]);
+        in_ns(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.232.{idx}.2/24"),
+            "dev",
+            &n,
+        ]);
+        in_ns(&["ip", "link", "set", &n, "up"]);
+        let rules = format!(
+            "table inet mgloss {{\n\
+               chain rx {{ type filter hook input priority 0; policy accept;\n\
+                 iifname \"{n}\" meta l4proto udp numgen random mod 1000 < {per_mille} counter drop\n\
+               }}\n\
+               chain tx {{ type filter hook output priority 0; policy accept;\n\
+                 oifname \"{n}\" meta l4proto udp numgen random mod 1000 < {per_mille} counter drop\n\
+               }}\n\
+             }}\n"
+        );
+        let file = std::env::temp_dir().join(format!("mgloss{idx}-{}.nft", std::process::id()));
+        std::fs::write(&file, rules).expect("write nft rules");
+        in_ns(&["nft", "-f", file.to_str().expect("path")]);
+        let _ = std::fs::remove_file(&file);
+        host
+    }
+
+    /// Datagrams nftables dropped so far (both directions).
+    fn dropped(&self) -> u64 {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &self.ns, "nft", "list", "table", "inet", "mgloss",
+            ])
+            .output()
+            .expect("nft list");
+        String::from_utf8_lossy(&out.stdout)
+            .split("packets ")
+            .skip(1)
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for LossyHost {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_dev])
+            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+/// The sum of a counter family's samples for `upstream="u"`, from a /metrics text.
+fn counter(metrics: &str, family: &str, extra: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(family) && l.contains("upstream=\"u\"") && l.contains(extra))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+struct Scenario {
+    host: LossyHost,
+    _primary: Proc,
+    _backup: Proc,
+    balancer: Balancer,
+    primary: SocketAddr,
+}
+
+fn scenario(idx: u8, per_mille: u32, health_extra: &str) -> Scenario {
+    let host = LossyHost::create(idx, per_mille);
+    let primary = SocketAddr::from((host.addr, 7000));
+    let primary_proc = worker(
+        "udp-echo",
+        &format!("primary{idx}"),
+        primary,
+        Some(&host.ns),
+    );
+    let backup = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let backup_proc = worker("udp-echo", &format!("backup{idx}"), backup, None);
+    let (listen, admin) = (free_udp_port(), free_tcp_port());
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:{admin} }}\n\
+         listeners:\n  - {{ name: media, protocol: udp, listen: 127.0.0.1:{listen}, upstream: u }}\n\
+         upstreams:\n  u:\n    primary: [\"{primary}\"]\n    backup: [\"{backup}\"]\n    \
+         health: {{ type: udp, interval: 100ms, timeout: 100ms{health_extra} }}\n"
+    );
+    let balancer = Balancer::start(&yaml, admin);
+    Scenario {
+        host,
+        _primary: primary_proc,
+        _backup: backup_proc,
+        balancer,
+        primary,
+    }
+}
+
+#[test]
+fn random_loss_on_the_primary_link_moves_no_session_once_confirmed() {
+    if !nix::unistd::Uid::effective().is_root() {
+        panic!("this test needs root for ip netns and nft");
+    }
+    let runs = [
+        (scenario(1, 20, ""), "2% loss, default confirmation"),
+        (scenario(2, 50, ""), "5% loss, default confirmation"),
+        (
+            scenario(3, 50, ", confirm: 0, adaptive_timeout: false"),
+            "5% loss, confirm: 0",
+        ),
+    ];
+    for (s, what) in &runs {
+        let want = vec![s.primary.to_string()];
+        wait_until(Duration::from_secs(10), what, || {
+            s.balancer.active("u") == want
+        });
+    }
+    let start = Instant::now();
+    let before: Vec<u64> = runs.iter().map(|(s, _)| s.host.dropped()).collect();
+    while start.elapsed() < RUN {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let mut report = Vec::new();
+    for ((s, what), before) in runs.iter().zip(before) {
+        let m = s.balancer.metrics();
+        let failovers = counter(&m, "mediagate_failovers_total", "");
+        let cancelled = counter(&m, "mediagate_probe_confirmations_total", "cancelled");
+        let probes = counter(&m, "mediagate_probes_total", "");
+        let dropped = s.host.dropped() - before;
+        report.push(format!(
+            "{what}: {failovers} failovers, {cancelled} failures cancelled by confirmation, \
+             {probes} probes, {dropped} datagrams dropped by nftables"
+        ));
+        check(what, failovers, cancelled, dropped, &report);
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+/// The assertions of one run, with the figures of the runs so far in the message.
+fn check(what: &str, failovers: u64, cancelled: u64, dropped: u64, report: &[String]) {
+    let all = report.join("\n");
+    assert!(dropped > 0, "no loss was injected\n{all}");
+    if what.contains("confirm: 0") {
+        assert!(
+            failovers > 0,
+            "without confirmation the loss must cause failovers (else the test proves nothing)\n{all}"
+        );
+    } else {
+        assert_eq!(failovers, 0, "{what}: false failovers\n{all}");
+        assert!(
+            cancelled > 0,
+            "{what}: the loss never hit a probe, so confirmation was not tested\n{all}"
+        );
+    }
+}

@@ -62,6 +62,9 @@ pub struct Metrics {
     pub failbacks: Family<Labels, Counter>,
     pub detection: HistogramFamily,
     pub probes: Family<Labels, Counter>,
+    /// `mediagate_silence_suspicions_total{upstream}`: probe rounds started at once
+    /// because sessions that were getting replies got none (passive silence detection).
+    pub silence_suspicions: Family<Labels, Counter>,
     /// `mediagate_upstream_all_down_total{upstream}`: times no server was eligible and the
     /// last ones kept serving (`when_all_down: keep_last`).
     pub all_down: Family<Labels, Counter>,
@@ -138,6 +141,10 @@ impl Metrics {
         let failovers = fam!("mediagate_failovers", "Failovers, by upstream and reason");
         let failbacks = fam!("mediagate_failbacks", "Failbacks, by upstream");
         let probes = fam!("mediagate_probes", "Health probes, by result");
+        let silence_suspicions = fam!(
+            "mediagate_silence_suspicions",
+            "Probe rounds started at once because answered sessions fell silent"
+        );
         let all_down = fam!(
             "mediagate_upstream_all_down",
             "Times no server was eligible and the last ones kept serving"
@@ -204,6 +211,7 @@ impl Metrics {
             failbacks,
             detection,
             probes,
+            silence_suspicions,
             all_down,
             degraded,
             probe_confirmations,

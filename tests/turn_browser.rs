@@ -49,13 +49,24 @@ const PAGE: &str = r#"<!doctype html><meta charset="utf-8"><title>turns call</ti
     await a.setRemoteDescription(answer);
     const data = await Promise.race([got, new Promise((_, rej) =>
       setTimeout(() => rej(new Error('no data channel message in 20 s')), 20000))]);
-    const stats = await a.getStats();
+    // The selected pair shows in the stats a little after the first message: ask again
+    // for up to 5 s (the transport's selected pair, else a nominated succeeded one).
     let local = null;
-    stats.forEach((s) => {
-      if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') {
-        local = stats.get(s.localCandidateId);
-      }
-    });
+    for (let i = 0; i < 50 && !local; i++) {
+      const stats = await a.getStats();
+      stats.forEach((s) => {
+        if (s.type === 'transport' && s.selectedCandidatePairId) {
+          const pair = stats.get(s.selectedCandidatePairId);
+          if (pair) local = stats.get(pair.localCandidateId) || local;
+        }
+      });
+      stats.forEach((s) => {
+        if (!local && s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') {
+          local = stats.get(s.localCandidateId);
+        }
+      });
+      if (!local) await new Promise((r) => setTimeout(r, 100));
+    }
     report({ok: true, data,
             candidateType: local && local.candidateType,
             relayProtocol: local && local.relayProtocol});

@@ -32,6 +32,12 @@ use tokio_util::sync::CancellationToken;
 
 /// Where a prober's results go.
 pub trait ProbeSink: Send + Sync + 'static {
+    /// Resolves when the data plane suspects the server went silent (sessions that were
+    /// getting replies get none): the prober then probes at once. Never, by default.
+    fn suspected(&self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
+
     /// Delivers one result, taken at `at`; resolves to false when nobody listens any more
     /// (the prober then stops).
     fn report(
@@ -55,6 +61,9 @@ pub struct ProbeCounters {
     /// `mediagate_probe_confirmations_total{result="cancelled"}`: ambiguous failures that
     /// a confirmation probe cancelled (never reported).
     pub cancelled: Counter,
+    /// `mediagate_silence_suspicions_total`: rounds started at once because the data
+    /// plane saw the server fall silent.
+    pub suspected: Counter,
 }
 
 /// How an ambiguous failure is confirmed (`health.confirm`, `health.confirm_interval`).
@@ -96,9 +105,15 @@ impl<S: ProbeSink> Prober<S> {
     /// Runs until `cancel` fires or the sink goes away. The first probe starts at once.
     pub async fn run(self, cancel: CancellationToken) {
         let mut rtt = RttEstimate::new();
+        let mut suspected = false;
         loop {
             let started = tokio::time::Instant::now();
-            let Some(result) = self.verdict(&mut rtt, started, &cancel).await else {
+            let round = if suspected {
+                self.burst(&mut rtt, started, &cancel).await
+            } else {
+                self.verdict(&mut rtt, started, &cancel).await
+            };
+            let Some(result) = round else {
                 return;
             };
             match &result {
@@ -117,11 +132,54 @@ impl<S: ProbeSink> Prober<S> {
             }
             // Fixed cadence from the probe's start: a slow probe (or a confirmation)
             // shortens the pause, so a hung server is re-probed right after its verdict.
-            tokio::select! {
+            suspected = tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep_until(started + self.interval) => {}
+                _ = tokio::time::sleep_until(started + self.interval) => false,
+                _ = self.sink.suspected() => {
+                    self.counters.suspected.inc();
+                    true
+                }
+            };
+        }
+    }
+
+    /// A round after a suspicion of silence: the probe and its confirmations all at once
+    /// (the silence is already evidence, so nothing waits for a first failure). Any
+    /// success clears the server; a refusal, or every probe failing, confirms it down.
+    async fn burst(
+        &self,
+        rtt: &mut RttEstimate,
+        started: tokio::time::Instant,
+        cancel: &CancellationToken,
+    ) -> Option<Result<(), ProbeError>> {
+        let timeout = self.timeout_now(rtt);
+        let mut running: FuturesUnordered<_> = (0..=self.confirm.probes)
+            .map(|_| self.probe(timeout))
+            .collect();
+        let mut failed = 0u32;
+        let mut last = None;
+        while let Some((result, took)) = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            r = running.next() => r,
+        } {
+            self.count(&result, took, rtt);
+            match result {
+                Ok(()) => return Some(Ok(())),
+                Err(e) if e.reason == Reason::LocalError => return Some(Err(e)),
+                Err(e) if !e.is_ambiguous() => {
+                    return Some(Err(self.confirmed(e, failed, started)));
+                }
+                Err(e) => {
+                    failed += 1;
+                    last = Some(e);
+                }
             }
         }
+        let last = last.expect("at least one probe ran");
+        if self.confirm.probes == 0 {
+            return Some(Err(last));
+        }
+        Some(Err(self.confirmed(last, failed - 1, started)))
     }
 
     /// One round: a probe and, when it failed ambiguously, its confirmation. None when
@@ -311,6 +369,7 @@ mod tests {
             local_error: Counter::default(),
             confirmed: Counter::default(),
             cancelled: Counter::default(),
+            suspected: Counter::default(),
         }
     }
 

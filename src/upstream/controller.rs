@@ -49,7 +49,12 @@ struct ProbeReports {
 }
 
 impl ProbeSink for ProbeReports {
+    async fn suspected(&self) {
+        self.server.suspected().await
+    }
+
     async fn report(&self, result: Result<(), health::ProbeError>, at: Instant) -> bool {
+        self.server.clear_suspicion(result.is_ok());
         let msg = Control::Probe {
             server: self.server.clone(),
             result,
@@ -632,6 +637,10 @@ impl Controller {
                     local_error: counter("local_error"),
                     confirmed: confirmation("confirmed"),
                     cancelled: confirmation("cancelled"),
+                    suspected: child(
+                        &self.metrics.silence_suspicions,
+                        &labels(&[("upstream", &name)]),
+                    ),
                 },
             };
             let token = self.cancel.child_token();

@@ -17,6 +17,12 @@ use tokio_util::sync::CancellationToken;
 /// does not speak for the whole server (`passive_scope: protocol`), like nginx's
 /// `fail_timeout`.
 pub const PROTOCOL_HOLD: Duration = Duration::from_secs(10);
+/// How long after a false suspicion the data plane may not suspect the server again.
+pub const SUSPICION_HOLDOFF: Duration = Duration::from_secs(1);
+/// Silence shorter than this never raises a suspicion, however busy the server.
+pub const SILENCE_FLOOR: Duration = Duration::from_millis(30);
+/// Usual reply gaps the server must miss before it is suspected.
+pub const SILENCE_GAPS: u64 = 4;
 
 pub use crate::discovery::Tier;
 
@@ -38,6 +44,17 @@ pub struct ServerHandle {
     /// Per protocol (UDP, TCP): until when new sessions of that protocol avoid this server
     /// (milliseconds on [`clock_ms`]; 0 = not held).
     held_until_ms: [AtomicU64; 2],
+    /// When the server last answered any UDP session (ms on [`clock_ms`]; 0 = never).
+    last_reply_ms: AtomicU64,
+    /// The usual gap between its replies over all sessions (EWMA, ms; 0 = unknown).
+    reply_gap_ms: AtomicU64,
+    /// The data plane suspects the server went silent; its prober probes at once.
+    suspected: AtomicBool,
+    suspicion: tokio::sync::Notify,
+    /// No new suspicion before this (ms on [`clock_ms`]): set when a suspicion proved
+    /// false, so a flow the server legitimately stopped answering costs one extra probe
+    /// round per [`SUSPICION_HOLDOFF`] at most.
+    suspect_not_before_ms: AtomicU64,
 }
 
 /// Milliseconds on a process-wide monotonic clock.
@@ -66,6 +83,80 @@ impl ServerHandle {
             token: ArcSwap::from_pointee(CancellationToken::new()),
             passive_reported: AtomicBool::new(false),
             held_until_ms: [AtomicU64::new(0), AtomicU64::new(0)],
+            last_reply_ms: AtomicU64::new(0),
+            reply_gap_ms: AtomicU64::new(0),
+            suspected: AtomicBool::new(false),
+            suspicion: tokio::sync::Notify::new(),
+            suspect_not_before_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// A UDP session got a reply from this server (the data plane, once per wakeup and
+    /// session at most): moves the server's last-reply time and learns its usual gap
+    /// between replies over all sessions (an EWMA updated without a lock: concurrent
+    /// workers may lose an update, it is an estimate).
+    #[inline]
+    pub fn replied(&self) {
+        let now = clock_ms();
+        let last = self.last_reply_ms.swap(now, Ordering::Relaxed);
+        if last != 0 && now > last {
+            let gap = now - last;
+            let avg = self.reply_gap_ms.load(Ordering::Relaxed);
+            let avg = if avg == 0 { gap } else { (7 * avg + gap) / 8 };
+            self.reply_gap_ms.store(avg.max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Milliseconds since the server last answered any UDP session (None: never).
+    #[inline]
+    pub fn silent_for_ms(&self) -> Option<u64> {
+        match self.last_reply_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(clock_ms().saturating_sub(at)),
+        }
+    }
+
+    /// How long the server may answer no session before the data plane suspects it: a
+    /// few ([`SILENCE_GAPS`]) of its usual reply gaps, at least [`SILENCE_FLOOR`].
+    #[inline]
+    pub fn silence_limit_ms(&self) -> u64 {
+        let gap = self.reply_gap_ms.load(Ordering::Relaxed);
+        (SILENCE_GAPS * gap).max(SILENCE_FLOOR.as_millis() as u64)
+    }
+
+    /// The data plane suspects the server went silent: its prober starts a round at once.
+    /// Cheap to call per datagram: only the first call until the next verdict does more
+    /// than two loads.
+    #[inline]
+    pub fn suspect(&self) {
+        if self.suspected.load(Ordering::Relaxed)
+            || clock_ms() < self.suspect_not_before_ms.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        if !self.suspected.swap(true, Ordering::AcqRel) {
+            self.suspicion.notify_one();
+        }
+    }
+
+    /// Resolves when the data plane suspects the server (see [`ServerHandle::suspect`]).
+    pub async fn suspected(&self) {
+        loop {
+            self.suspicion.notified().await;
+            if self.suspected.load(Ordering::Acquire) {
+                return;
+            }
+        }
+    }
+
+    /// A verdict was reached (`healthy`: the server answered): the next silence may raise
+    /// a new suspicion, after [`SUSPICION_HOLDOFF`] when this one proved false.
+    pub fn clear_suspicion(&self, healthy: bool) {
+        if self.suspected.swap(false, Ordering::AcqRel) && healthy {
+            self.suspect_not_before_ms.store(
+                clock_ms() + SUSPICION_HOLDOFF.as_millis() as u64,
+                Ordering::Relaxed,
+            );
         }
     }
 

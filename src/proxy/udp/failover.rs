@@ -124,6 +124,8 @@ pub(super) fn repin(
     session.lease = lease;
     session.server = server;
     session.pinned_epoch = pinned_epoch;
+    // The new server has not answered yet: only its replies make the session a witness.
+    session.last_reply_ms = 0;
     session.refused = false;
     Ok(())
 }

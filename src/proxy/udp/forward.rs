@@ -46,6 +46,7 @@ impl Tables {
             return;
         }
         session.last_activity_ms = now_ms;
+        session.check_silence(now_ms);
         forward(
             shared,
             &self.epoll,

@@ -41,6 +41,7 @@ impl Tables {
                         self.tally.packets_to_client += n as u64;
                         self.tally.bytes_to_client += bytes as u64;
                         session.last_activity_ms = self.now_ms;
+                        session.heard(self.now_ms);
                     }
                     if n < room {
                         return;

@@ -35,6 +35,9 @@ pub(super) struct Session {
     pub(super) last_activity_ms: u64,
     /// Ring slot holding a copy of the last datagram sent to the server.
     pub(super) last_sent: Option<u32>,
+    /// The server's last reply to this session (ms since the listener's epoch; 0: none
+    /// yet): only a session that was getting replies can suspect its server.
+    pub(super) last_reply_ms: u64,
     /// The upstream socket reported a refusal (ICMP unreachable) on the reply side: the
     /// last datagram never arrived; move and re-send it with the next client datagram.
     pub(super) refused: bool,
@@ -47,6 +50,32 @@ pub(super) struct Session {
     /// The descriptor `upstream` holds in the process's budget. Declared last: given
     /// back only once the socket is closed.
     pub(super) _permit: Permit,
+}
+
+impl Session {
+    /// The server answered this session at `now_ms`.
+    #[inline]
+    pub(super) fn heard(&mut self, now_ms: u64) {
+        self.last_reply_ms = now_ms.max(1);
+        self.server.replied();
+    }
+
+    /// Before sending a client datagram: a session that was getting replies, whose server
+    /// has answered no session for a few of its usual reply gaps, makes the server's
+    /// prober probe at once (passive silence detection). A session never answered (an
+    /// ingest flow) is left to the probes.
+    #[inline]
+    pub(super) fn check_silence(&self, now_ms: u64) {
+        if self.last_reply_ms == 0 {
+            return;
+        }
+        let limit = self.server.silence_limit_ms();
+        if now_ms.saturating_sub(self.last_reply_ms) > limit
+            && self.server.silent_for_ms().is_some_and(|s| s > limit)
+        {
+            self.server.suspect();
+        }
+    }
 }
 
 /// Where a worker finds a client's session: (listen port index, client address) to the

@@ -102,6 +102,7 @@ impl Tables {
             lease,
             last_activity_ms: self.now_ms,
             last_sent: None,
+            last_reply_ms: 0,
             refused: false,
             admission,
             offload: None,

@@ -31,6 +31,7 @@ run bench-sessions scripts/bench-sessions.sh
 run profile-udp scripts/profile-udp.sh
 run bench-turn scripts/bench-turn.sh
 run bench-turn-tls scripts/bench-turn-tls.sh
+run bench-failover scripts/bench-failover.sh
 echo "bench smoke: $((SECONDS - total)) s in all"
 if ((${#failed[@]})); then
   echo "bench smoke: failed: ${failed[*]}" >&2

@@ -2,12 +2,14 @@
 //! `numgen random` drops in the primary's network namespace, both directions; this kernel
 //! has no netem) must move no session, while the same loss without confirmation does.
 //!
-//! Three balancers run side by side for one minute, each in front of its own primary in
+//! Balancers run side by side for one minute, each group in front of its own primary in
 //! its own namespace (100 ms UDP probes) and a backup on loopback:
 //! - 2 % loss each way, default confirmation: no failover;
 //! - 5 % loss each way, default confirmation: no failover;
+//! - the same two as three replicas in cluster mode (`cluster:`, where a server is down
+//!   for all when one replica says so): no failover on any replica;
 //! - 5 % loss each way, `confirm: 0` (every failed probe counts, as before): failovers,
-//!   which shows that the loss is real and that the first two could fail.
+//!   which shows that the loss is real and that the others could fail.
 
 mod common;
 
@@ -136,11 +138,31 @@ struct Scenario {
     host: LossyHost,
     _primary: Proc,
     _backup: Proc,
-    balancer: Balancer,
+    /// One balancer, or the replicas of one cluster.
+    balancers: Vec<Balancer>,
     primary: SocketAddr,
 }
 
-fn scenario(idx: u8, per_mille: u32, health_extra: &str) -> Scenario {
+/// The `cluster:` section of replica `r` of `gossip.len()` replicas.
+fn cluster_section(r: usize, gossip: &[u16]) -> String {
+    let peers: Vec<String> = gossip
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != r)
+        .map(|(_, p)| format!("\"127.0.0.1:{p}\""))
+        .collect();
+    format!(
+        "cluster:\n  listen: \"127.0.0.1:{}\"\n  peers: [{}]\n  \
+         secret: \"loss-test-secret-0123456789\"\n  node_id: r{r}\n  \
+         peer_timeout: 1s\n  gossip_interval: 100ms\n",
+        gossip[r],
+        peers.join(", ")
+    )
+}
+
+/// Balancers in front of a primary behind a lossy link: one, or `replicas` > 1 acting as
+/// one cluster.
+fn scenario(idx: u8, per_mille: u32, health_extra: &str, replicas: usize) -> Scenario {
     let host = LossyHost::create(idx, per_mille);
     let primary = SocketAddr::from((host.addr, 7000));
     let primary_proc = worker(
@@ -151,19 +173,29 @@ fn scenario(idx: u8, per_mille: u32, health_extra: &str) -> Scenario {
     );
     let backup = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
     let backup_proc = worker("udp-echo", &format!("backup{idx}"), backup, None);
-    let (listen, admin) = (free_udp_port(), free_tcp_port());
-    let yaml = format!(
-        "admin: {{ listen: 127.0.0.1:{admin} }}\n\
-         listeners:\n  - {{ name: media, protocol: udp, listen: 127.0.0.1:{listen}, upstream: u }}\n\
-         upstreams:\n  u:\n    primary: [\"{primary}\"]\n    backup: [\"{backup}\"]\n    \
-         health: {{ type: udp, interval: 100ms, timeout: 100ms{health_extra} }}\n"
-    );
-    let balancer = Balancer::start(&yaml, admin);
+    let gossip: Vec<u16> = (0..replicas).map(|_| free_udp_port()).collect();
+    let balancers = (0..replicas)
+        .map(|r| {
+            let (listen, admin) = (free_udp_port(), free_tcp_port());
+            let cluster = if replicas > 1 {
+                cluster_section(r, &gossip)
+            } else {
+                String::new()
+            };
+            let yaml = format!(
+                "admin: {{ listen: 127.0.0.1:{admin} }}\n\
+                 listeners:\n  - {{ name: media, protocol: udp, listen: 127.0.0.1:{listen}, upstream: u }}\n\
+                 upstreams:\n  u:\n    primary: [\"{primary}\"]\n    backup: [\"{backup}\"]\n    \
+                 health: {{ type: udp, interval: 100ms, timeout: 100ms{health_extra} }}\n{cluster}"
+            );
+            Balancer::start(&yaml, admin)
+        })
+        .collect();
     Scenario {
         host,
         _primary: primary_proc,
         _backup: backup_proc,
-        balancer,
+        balancers,
         primary,
     }
 }
@@ -174,18 +206,26 @@ fn random_loss_on_the_primary_link_moves_no_session_once_confirmed() {
         panic!("this test needs root for ip netns and nft");
     }
     let runs = [
-        (scenario(1, 20, ""), "2% loss, default confirmation"),
-        (scenario(2, 50, ""), "5% loss, default confirmation"),
+        (scenario(1, 20, "", 1), "2% loss, default confirmation"),
+        (scenario(2, 50, "", 1), "5% loss, default confirmation"),
         (
-            scenario(3, 50, ", confirm: 0, adaptive_timeout: false"),
+            scenario(4, 20, "", 3),
+            "2% loss, 3 replicas, default confirmation",
+        ),
+        (
+            scenario(5, 50, "", 3),
+            "5% loss, 3 replicas, default confirmation",
+        ),
+        (
+            scenario(3, 50, ", confirm: 0, adaptive_timeout: false", 1),
             "5% loss, confirm: 0",
         ),
     ];
     for (s, what) in &runs {
         let want = vec![s.primary.to_string()];
-        wait_until(Duration::from_secs(10), what, || {
-            s.balancer.active("u") == want
-        });
+        for b in &s.balancers {
+            wait_until(Duration::from_secs(10), what, || b.active("u") == want);
+        }
     }
     let start = Instant::now();
     let before: Vec<u64> = runs.iter().map(|(s, _)| s.host.dropped()).collect();
@@ -194,10 +234,13 @@ fn random_loss_on_the_primary_link_moves_no_session_once_confirmed() {
     }
     let mut report = Vec::new();
     for ((s, what), before) in runs.iter().zip(before) {
-        let m = s.balancer.metrics();
-        let failovers = counter(&m, "mediagate_failovers_total", "");
-        let cancelled = counter(&m, "mediagate_probe_confirmations_total", "cancelled");
-        let probes = counter(&m, "mediagate_probes_total", "");
+        let (mut failovers, mut cancelled, mut probes) = (0, 0, 0);
+        for b in &s.balancers {
+            let m = b.metrics();
+            failovers += counter(&m, "mediagate_failovers_total", "");
+            cancelled += counter(&m, "mediagate_probe_confirmations_total", "cancelled");
+            probes += counter(&m, "mediagate_probes_total", "");
+        }
         let dropped = s.host.dropped() - before;
         report.push(format!(
             "{what}: {failovers} failovers, {cancelled} failures cancelled by confirmation, \

@@ -18,7 +18,7 @@ use super::group::{DownHosts, GroupMsg, NodeGroups};
 use super::server::ServerHandle;
 use super::snapshot::{Snapshot, UpstreamRoute};
 use super::state::{AdminState, EventKind, Step, UpstreamState, UpstreamView};
-use crate::config::HealthConfig;
+use crate::config::{HealthConfig, HealthType};
 use crate::discovery::{Readiness, Target};
 use crate::health::prober::{Confirm, ProbeCounters, ProbeSink, Prober};
 use crate::health::{self, HealthCheck, Reason};
@@ -117,6 +117,7 @@ impl UpstreamRuntime {
             cfg.connect_timeout.get(),
             child(&metrics.sessions_migrated, &labels(&[("upstream", name)])),
         ));
+        route.set_probed(cfg.health.kind != HealthType::None);
         // Series exist from the start, so dashboards and alerts see zeros, not gaps.
         for reason in Reason::ALL.into_iter().chain([Reason::Degraded]) {
             let _ = child(
@@ -507,6 +508,8 @@ impl Controller {
             || spec.default_port != self.spec.default_port;
         self.route
             .set_options(spec.passive, spec.config.connect_timeout.get());
+        self.route
+            .set_probed(spec.config.health.kind != HealthType::None);
         let policy = spec.policy();
         let group_changed = spec.config.node_group != self.spec.config.node_group;
         self.spec = spec;

@@ -45,6 +45,9 @@ pub struct UpstreamRoute {
     passive_tcp: AtomicBool,
     /// TCP connect timeout in milliseconds; a reload may change it.
     connect_timeout_ms: AtomicU64,
+    /// The servers are probed (`health.type` is not `none`): an ambiguous passive signal
+    /// (a connect timeout) asks the prober to confirm instead of marking the server down.
+    probed: AtomicBool,
     /// `mediagate_sessions_migrated_total{upstream}`.
     pub migrated: Counter,
 }
@@ -65,8 +68,14 @@ impl UpstreamRoute {
             passive_udp: AtomicBool::new(passive.udp),
             passive_tcp: AtomicBool::new(passive.tcp),
             connect_timeout_ms: AtomicU64::new(connect_timeout.as_millis() as u64),
+            probed: AtomicBool::new(true),
             migrated,
         }
+    }
+
+    /// Whether the servers are probed (see the `probed` field); set by the controller.
+    pub(crate) fn set_probed(&self, probed: bool) {
+        self.probed.store(probed, Ordering::Relaxed);
     }
 
     /// TCP connect timeout.
@@ -123,7 +132,9 @@ impl UpstreamRoute {
     /// `protocol` session. When that protocol speaks for the server (see
     /// [`crate::config::authoritative_protocols`]) the control plane marks the server
     /// down: at most one signal per server until it is healthy again. Otherwise only new
-    /// sessions of that protocol avoid the server for a while. Never blocks.
+    /// sessions of that protocol avoid the server for a while. A connect timeout may be a
+    /// lost SYN: on a probed upstream it only makes the prober confirm at once (the
+    /// server is down when every confirmation probe fails). Never blocks.
     pub fn report_passive(
         &self,
         server: &Arc<ServerHandle>,
@@ -137,6 +148,10 @@ impl UpstreamRoute {
         };
         if !authoritative {
             server.hold(protocol, PROTOCOL_HOLD);
+            return;
+        }
+        if reason == Reason::ConnectTimeout && self.probed.load(Ordering::Relaxed) {
+            server.suspect();
             return;
         }
         if !server.claim_passive_report() {

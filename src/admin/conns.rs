@@ -36,6 +36,37 @@ pub struct Limits {
     pub header_read_timeout: Duration,
 }
 
+/// Marks a response whose body is a long-lived stream (`GET /events`): its connection
+/// counts as busy until the body ends, so it is never evicted as idle.
+#[derive(Clone, Copy, Debug)]
+pub struct Streaming;
+
+/// A response body that keeps its connection busy while it lives.
+struct HeldBody {
+    inner: axum::body::Body,
+    _busy: Busy,
+}
+
+impl axum::body::HttpBody for HeldBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// One open connection as the accept loop sees it.
 struct Conn {
     id: u64,
@@ -206,8 +237,20 @@ pub async fn serve(
             let fut = hyper::service::Service::call(&svc, req);
             async move {
                 let r = fut.await;
-                drop(guard);
-                r
+                match r {
+                    Ok(resp) if resp.extensions().get::<Streaming>().is_some() => {
+                        Ok(resp.map(|inner| {
+                            axum::body::Body::new(HeldBody {
+                                inner,
+                                _busy: guard,
+                            })
+                        }))
+                    }
+                    r => {
+                        drop(guard);
+                        r
+                    }
+                }
             }
         });
         let (table, stop, metrics, timed_out) = (

@@ -13,7 +13,7 @@ mod tests;
 
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, child, labels};
 use crate::upstream::{AdminState, UpstreamRuntime};
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -21,6 +21,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use std::future::Future;
 use std::pin::Pin;
@@ -62,6 +63,8 @@ pub trait Backend: Send + Sync + 'static {
 #[derive(Clone)]
 struct Ctx {
     app: Arc<dyn Backend>,
+    /// `GET /events` streams open now (`admin.max_event_streams`).
+    event_streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The router, without a listener (tests use it directly).
@@ -72,7 +75,10 @@ struct Ctx {
 /// check is a middleware, so it runs before any extractor: an unauthenticated request is
 /// answered 401 without its body being read.
 pub fn router(app: Arc<dyn Backend>) -> Router {
-    let ctx = Ctx { app };
+    let ctx = Ctx {
+        app,
+        event_streams: Arc::default(),
+    };
     let guarded = Router::new()
         .route("/upstreams/{name}/servers/{server}/state", post(set_state))
         .route("/upstreams/{name}/failback", post(failback))
@@ -116,26 +122,102 @@ pub async fn serve(
 }
 
 /// `GET /events`: Server-Sent Events, one `data:` JSON object per event (see
-/// `crate::events`), the SSE event name being its `kind`. A subscriber more than
-/// `events::BUS_CAPACITY` events behind is disconnected (it reconnects and reads
-/// `/status` to catch up); nothing waits for a slow reader.
-async fn events_stream() -> Response {
+/// `crate::events`), the SSE event name being its `kind` and its id `<boot>-<seq>`. A
+/// subscriber that reconnects with `Last-Event-ID` first gets what it missed from the
+/// last `events::HISTORY` events, or one `reset` event when they no longer reach back (or
+/// it reached another process). A subscriber more than `events::BUS_CAPACITY` events
+/// behind is disconnected (it reconnects with its `Last-Event-ID`); nothing waits for a
+/// slow reader. Needs `admin.token` or `admin.events_token` when either is set; at most
+/// `admin.max_event_streams` streams at once.
+async fn events_stream(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
     use axum::response::sse::{Event, KeepAlive, Sse};
-    let rx = crate::events::subscribe();
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+    use std::sync::atomic::Ordering;
+    let cfg = ctx.app.config();
+    let admin_token = ctx.app.admin_token();
+    let tokens: Vec<&str> = [admin_token.as_deref(), cfg.admin.events_token.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    if !tokens.is_empty() {
+        let given = bearer(&headers);
+        if !given.is_some_and(|g| {
+            tokens
+                .iter()
+                .any(|t| constant_time_eq(g.as_bytes(), t.as_bytes()))
+        }) {
+            return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        }
+    }
+    let cap = cfg
+        .admin
+        .max_event_streams
+        .min(cfg.admin.max_connections.saturating_sub(1))
+        .max(1);
+    let open = ctx.event_streams.fetch_add(1, Ordering::AcqRel);
+    let slot = StreamSlot(ctx.event_streams.clone());
+    if open >= cap {
+        drop(slot);
+        child(
+            &ctx.app.metrics().admin_closed,
+            &labels(&[("reason", "event_streams")]),
+        )
+        .inc();
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{cap} event streams are open (admin.max_event_streams)"),
+        );
+    }
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let (replay, rx) = crate::events::subscribe_after(last.as_deref());
+    let first: Vec<Event> = match replay {
+        crate::events::Replay::Missed(missed) => missed
+            .iter()
+            .map(|(seq, json)| sse_event(*seq, json))
+            .collect(),
+        crate::events::Replay::Reset { reason } => vec![
+            Event::default()
+                .event("reset")
+                .data(serde_json::json!({ "kind": "reset", "reason": reason }).to_string()),
+        ],
+    };
+    let live = futures_util::stream::unfold((rx, slot), |(mut rx, slot)| async move {
         let json = rx.recv().await.ok()?;
-        let kind = serde_json::from_str::<serde_json::Value>(&json)
-            .ok()
-            .and_then(|v| v["kind"].as_str().map(str::to_string))
-            .unwrap_or_else(|| "event".into());
-        Some((
-            Ok::<_, std::convert::Infallible>(Event::default().event(kind).data(&*json)),
-            rx,
-        ))
+        let seq = crate::events::seq_of(&json).unwrap_or(0);
+        Some((sse_event(seq, &json), (rx, slot)))
     });
-    Sse::new(stream)
+    let stream = futures_util::stream::iter(first)
+        .chain(live)
+        .map(Ok::<_, std::convert::Infallible>);
+    let mut resp = Sse::new(stream)
         .keep_alive(KeepAlive::default())
-        .into_response()
+        .into_response();
+    // Read by the connection loop: a live stream is never an idle connection.
+    resp.extensions_mut().insert(conns::Streaming);
+    resp
+}
+
+/// One event as SSE: its `kind` as the event name, `<boot>-<seq>` as the id.
+fn sse_event(seq: u64, json: &str) -> axum::response::sse::Event {
+    let kind = serde_json::from_str::<serde_json::Value>(json)
+        .ok()
+        .and_then(|v| v["kind"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "event".into());
+    axum::response::sse::Event::default()
+        .event(kind)
+        .id(crate::events::event_id(seq))
+        .data(json)
+}
+
+/// Holds one of `admin.max_event_streams` while its stream lives.
+struct StreamSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 async fn readyz(State(ctx): State<Ctx>) -> Response {
@@ -215,17 +297,23 @@ fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let Some(want) = token.as_deref() else {
         return Ok(());
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
+    match bearer(headers) {
         Some(t) if constant_time_eq(t.as_bytes(), want.as_bytes()) => Ok(()),
         _ => Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token",
         ))),
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header (the scheme's case does not
+/// matter, RFC 9110 §11.1).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -370,11 +458,7 @@ async fn ice(
     };
     let origin = cors_origin(turn, &headers);
     let ice_token_ok = turn.ice.token.as_deref().is_some_and(|want| {
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| constant_time_eq(t.as_bytes(), want.as_bytes()))
+        bearer(&headers).is_some_and(|t| constant_time_eq(t.as_bytes(), want.as_bytes()))
     });
     let admin_ok = authorize(&ctx, &headers).is_ok();
     // No admin token but an /ice token: the /ice token is required.

@@ -67,6 +67,17 @@ pub struct AdminConfig {
     /// requests of a kept-alive connection), or it is closed. Default 5s.
     #[serde(default = "default_header_read_timeout")]
     pub header_read_timeout: Dur,
+    /// A bearer token accepted on `GET /events` only (besides `token`). Default none.
+    #[serde(default)]
+    pub events_token: Option<String>,
+    /// `GET /events` streams open at once (never evicted as idle connections); beyond,
+    /// new ones are refused (503). At most `max_connections - 1`. Default 32.
+    #[serde(default = "default_max_event_streams")]
+    pub max_event_streams: usize,
+}
+
+fn default_max_event_streams() -> usize {
+    32
 }
 
 fn default_admin_max_connections() -> usize {
@@ -87,6 +98,8 @@ impl Default for AdminConfig {
             token: None,
             max_connections: default_admin_max_connections(),
             header_read_timeout: default_header_read_timeout(),
+            events_token: None,
+            max_event_streams: default_max_event_streams(),
         }
     }
 }

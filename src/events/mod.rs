@@ -7,11 +7,18 @@
 //! The bus holds at most [`BUS_CAPACITY`] events per subscriber: a subscriber that falls
 //! further behind loses the oldest (SSE: its stream ends; a webhook: counted `dropped`).
 //! Publishing never waits.
+//!
+//! Every event carries `seq`, a number that grows by one per event of this process, and
+//! the last [`HISTORY`] events are kept, so that a subscriber that reconnects (SSE's
+//! `Last-Event-ID`, which is [`event_id`]: this process's random boot id and the `seq`)
+//! gets what it missed ([`subscribe_after`]), or is told plainly that the history no
+//! longer reaches back, or that it reached another process (a restart, another replica).
 
 pub mod webhook;
 
 use serde::{Deserialize, Serialize};
-use std::sync::{Arc, OnceLock};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 use tokio::sync::broadcast;
 
@@ -36,23 +43,94 @@ pub struct EventStatus {
 
 /// Events buffered per subscriber.
 pub const BUS_CAPACITY: usize = 256;
+/// Events kept for subscribers that reconnect (`Last-Event-ID`).
+pub const HISTORY: usize = 1024;
 
-/// One event, serialised once for every subscriber.
+/// One event, serialised once for every subscriber (its JSON includes `seq`).
 pub type EventJson = Arc<str>;
 
-fn bus() -> &'static broadcast::Sender<EventJson> {
-    static BUS: OnceLock<broadcast::Sender<EventJson>> = OnceLock::new();
-    BUS.get_or_init(|| broadcast::channel(BUS_CAPACITY).0)
+struct Bus {
+    tx: broadcast::Sender<EventJson>,
+    /// The last [`HISTORY`] events with their `seq`, oldest first, and the next `seq`.
+    /// Publishing and subscribing hold it, so a subscriber's replay and its live stream
+    /// neither overlap nor leave a hole.
+    history: Mutex<(VecDeque<(u64, EventJson)>, u64)>,
+    /// This process's id in event ids: a reconnect that reaches another process (a
+    /// restart, another replica behind the same Service) is told so.
+    boot: String,
+}
+
+fn bus() -> &'static Bus {
+    static BUS: OnceLock<Bus> = OnceLock::new();
+    BUS.get_or_init(|| Bus {
+        tx: broadcast::channel(BUS_CAPACITY).0,
+        history: Mutex::new((VecDeque::new(), 1)),
+        boot: format!("{:08x}", rand::random::<u32>()),
+    })
 }
 
 /// A new subscription to every event from now on.
 pub fn subscribe() -> broadcast::Receiver<EventJson> {
-    bus().subscribe()
+    bus().tx.subscribe()
+}
+
+/// The SSE `id` of event `seq` of this process: `<boot>-<seq>`.
+pub fn event_id(seq: u64) -> String {
+    format!("{}-{seq}", bus().boot)
+}
+
+/// What a subscriber that reconnects is owed before the live events.
+#[derive(Debug, PartialEq)]
+pub enum Replay {
+    /// The events after the one it saw last, oldest first (possibly none).
+    Missed(Vec<(u64, EventJson)>),
+    /// The history cannot give it what it missed: `reason` is `history` (it no longer
+    /// reaches back that far) or `restart` (the id is not this process's: a restart or
+    /// another replica); it must read `/status` to catch up.
+    Reset { reason: &'static str },
+}
+
+/// A subscription that starts after the event `last_id` (SSE `Last-Event-ID`; None: from
+/// now on), with what it missed.
+pub fn subscribe_after(last_id: Option<&str>) -> (Replay, broadcast::Receiver<EventJson>) {
+    let b = bus();
+    let history = b.history.lock().unwrap_or_else(|p| p.into_inner());
+    let rx = b.tx.subscribe();
+    let Some(last_id) = last_id else {
+        return (Replay::Missed(Vec::new()), rx);
+    };
+    let seq = last_id
+        .rsplit_once('-')
+        .filter(|(boot, _)| *boot == b.boot)
+        .and_then(|(_, seq)| seq.parse::<u64>().ok());
+    let Some(seq) = seq.filter(|s| *s < history.1) else {
+        return (Replay::Reset { reason: "restart" }, rx);
+    };
+    let oldest = history.0.front().map_or(history.1, |(s, _)| *s);
+    if seq + 1 < oldest {
+        return (Replay::Reset { reason: "history" }, rx);
+    }
+    let missed = history
+        .0
+        .iter()
+        .filter(|(s, _)| *s > seq)
+        .cloned()
+        .collect();
+    (Replay::Missed(missed), rx)
+}
+
+/// The `seq` of an event's JSON.
+pub fn seq_of(json: &str) -> Option<u64> {
+    serde_json::from_str::<serde_json::Value>(json)
+        .ok()?
+        .get("seq")?
+        .as_u64()
 }
 
 #[derive(Serialize)]
 struct Envelope<'a, T: Serialize> {
     upstream: &'a str,
+    seq: u64,
     #[serde(flatten)]
     body: T,
 }
@@ -70,12 +148,22 @@ struct ServerEvent<'a> {
 
 fn send<T: Serialize>(upstream: &str, body: T) {
     let bus = bus();
-    if bus.receiver_count() == 0 {
+    let mut history = bus.history.lock().unwrap_or_else(|p| p.into_inner());
+    let seq = history.1;
+    let Ok(json) = serde_json::to_string(&Envelope {
+        upstream,
+        seq,
+        body,
+    }) else {
         return;
+    };
+    let json: EventJson = Arc::from(json);
+    history.1 += 1;
+    if history.0.len() == HISTORY {
+        history.0.pop_front();
     }
-    if let Ok(json) = serde_json::to_string(&Envelope { upstream, body }) {
-        let _ = bus.send(Arc::from(json));
-    }
+    history.0.push_back((seq, json.clone()));
+    let _ = bus.tx.send(json);
 }
 
 /// A failover or failback.
@@ -149,4 +237,51 @@ pub fn server_health(upstream: &str, server: &str, up: bool, reason: Option<&str
 
 fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seqs(r: &Replay) -> Vec<u64> {
+        match r {
+            Replay::Missed(m) => m.iter().map(|(s, _)| *s).collect(),
+            Replay::Reset { .. } => panic!("a reset: {r:?}"),
+        }
+    }
+
+    #[test]
+    fn a_reconnect_gets_what_it_missed_or_a_reset() {
+        admin_changed("u", "10.0.0.1:1", "drain");
+        let (_, mut rx) = subscribe_after(None);
+        admin_changed("u", "10.0.0.1:1", "enable");
+        let first = rx.try_recv().expect("a live event");
+        let seen = seq_of(&first).expect("seq in the JSON");
+        admin_changed("u", "10.0.0.1:1", "maint");
+        admin_changed("u", "10.0.0.1:1", "enable");
+        let (replay, _) = subscribe_after(Some(&event_id(seen)));
+        assert_eq!(seqs(&replay), vec![seen + 1, seen + 2]);
+        if let Replay::Missed(m) = &replay {
+            assert!(m[0].1.contains("\"state\":\"maint\""), "{}", m[0].1);
+        }
+        // Up to date: nothing missed.
+        let (replay, _) = subscribe_after(Some(&event_id(seen + 2)));
+        assert!(seqs(&replay).is_empty());
+        // Another process's id, a future one, or garbage: a reset.
+        for id in ["0-1".to_string(), event_id(seen + 1000), "nonsense".into()] {
+            assert_eq!(
+                subscribe_after(Some(&id)).0,
+                Replay::Reset { reason: "restart" },
+                "{id}"
+            );
+        }
+        // Older than the history: a reset.
+        for _ in 0..HISTORY {
+            admin_changed("u", "10.0.0.1:1", "drain");
+        }
+        assert_eq!(
+            subscribe_after(Some(&event_id(seen))).0,
+            Replay::Reset { reason: "history" }
+        );
+    }
 }

@@ -5,96 +5,16 @@
 
 mod common;
 
+use common::netns::VethHost;
 use common::*;
 use mediagate::flows::Flows;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
-
-fn run(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect(args[0]);
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A node in its own namespace at 10.235.idx.2.
-struct Node {
-    ns: String,
-    host_dev: String,
-    ns_dev: String,
-}
-
-impl Node {
-    fn create(idx: u8) -> Node {
-        let n = Node {
-            ns: format!("mg-hang{idx}"),
-            host_dev: format!("mgh{idx}h"),
-            ns_dev: format!("mgh{idx}n"),
-        };
-        n.cleanup();
-        let (ns, h, d) = (&n.ns, &n.host_dev, &n.ns_dev);
-        run(&["ip", "netns", "add", ns]);
-        run(&[
-            "ip", "link", "add", h, "type", "veth", "peer", "name", d, "netns", ns,
-        ]);
-        run(&["ip", "addr", "add", &format!("10.235.{idx}.1/24"), "dev", h]);
-        run(&["ip", "link", "set", h, "up"]);
-        run(&["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"]);
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            "ip",
-            "addr",
-            "add",
-            &format!("10.235.{idx}.2/24"),
-            "dev",
-            d,
-        ]);
-        run(&["ip", "netns", "exec", ns, "ip", "link", "set", d, "up"]);
-        n
-    }
-
-    fn hang(&self) {
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.ns,
-            "ip",
-            "link",
-            "set",
-            &self.ns_dev,
-            "down",
-        ]);
-    }
-
-    fn cleanup(&self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_dev])
-            .output();
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.cleanup();
-    }
-}
 
 /// The worst reply gap of 20 flows × 50 pps when the primary's node hangs, with `health`.
 async fn worst_gap(idx: u8, health: &str) -> (Duration, String) {
-    let node = Node::create(idx);
-    let primary: SocketAddr = format!("10.235.{idx}.2:7000").parse().unwrap();
+    let node = VethHost::create("mg-hang", "mgh", 235, idx);
+    let primary = SocketAddr::from((node.addr, 7000));
     let _p = worker("udp-echo", "primary", primary, Some(&node.ns));
     let backup = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
     let _b = worker("udp-echo", "backup", backup, None);
@@ -126,7 +46,7 @@ async fn worst_gap(idx: u8, health: &str) -> (Duration, String) {
     )
     .await;
     flows.reset_gaps();
-    node.hang();
+    node.cut();
     wait_until_async(Duration::from_secs(5), "every flow on the backup", || {
         flows.snapshot().iter().all(|f| f.last_worker == "backup")
     })

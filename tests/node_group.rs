@@ -6,76 +6,12 @@
 
 mod common;
 
+use common::netns::VethHost;
 use common::*;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
-
-const NS: &str = "mg-group1";
-const HOST_DEV: &str = "mgg1h";
-const NS_DEV: &str = "mgg1n";
-
-fn run(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect(args[0]);
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct Node;
-
-impl Node {
-    fn create() -> Node {
-        Node::cleanup();
-        run(&["ip", "netns", "add", NS]);
-        run(&[
-            "ip", "link", "add", HOST_DEV, "type", "veth", "peer", "name", NS_DEV, "netns", NS,
-        ]);
-        run(&["ip", "addr", "add", "10.233.1.1/24", "dev", HOST_DEV]);
-        run(&["ip", "link", "set", HOST_DEV, "up"]);
-        run(&["ip", "netns", "exec", NS, "ip", "link", "set", "lo", "up"]);
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            NS,
-            "ip",
-            "addr",
-            "add",
-            "10.233.1.2/24",
-            "dev",
-            NS_DEV,
-        ]);
-        run(&["ip", "netns", "exec", NS, "ip", "link", "set", NS_DEV, "up"]);
-        Node
-    }
-
-    /// The node's link goes down: it neither answers nor refuses.
-    fn cut(&self) {
-        run(&[
-            "ip", "netns", "exec", NS, "ip", "link", "set", NS_DEV, "down",
-        ]);
-    }
-
-    fn cleanup() {
-        let _ = Command::new("ip").args(["link", "del", HOST_DEV]).output();
-        let _ = Command::new("ip").args(["netns", "del", NS]).output();
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        Node::cleanup();
-    }
-}
 
 /// Follows GET /events: every `data:` line.
 fn sse(admin: SocketAddr) -> mpsc::Receiver<serde_json::Value> {
@@ -105,14 +41,14 @@ fn upstreams_of_one_node_group_fail_over_together_with_one_event() {
     if !nix::unistd::Uid::effective().is_root() {
         panic!("this test needs root for ip netns");
     }
-    let node = Node::create();
-    let media_a: SocketAddr = "10.233.1.2:7000".parse().unwrap();
-    let api_a: SocketAddr = "10.233.1.2:7001".parse().unwrap();
+    let node = VethHost::create("mg-group", "mgg", 233, 1);
+    let media_a = SocketAddr::from((node.addr, 7000));
+    let api_a = SocketAddr::from((node.addr, 7001));
     let media_b = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
     let api_b = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
     let _w = [
-        worker("udp-echo", "media-a", media_a, Some(NS)),
-        worker("tcp-echo", "api-a", api_a, Some(NS)),
+        worker("udp-echo", "media-a", media_a, Some(&node.ns)),
+        worker("tcp-echo", "api-a", api_a, Some(&node.ns)),
         worker("udp-echo", "media-b", media_b, None),
         worker("tcp-echo", "api-b", api_b, None),
     ];

@@ -13,6 +13,7 @@
 
 mod common;
 
+use common::netns::VethHost;
 use common::*;
 use std::net::SocketAddr;
 use std::process::Command;
@@ -21,68 +22,17 @@ use std::time::{Duration, Instant};
 /// How long each balancer runs under loss (the issue's figure).
 const RUN: Duration = Duration::from_secs(60);
 
-fn run(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", args[0]));
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A namespace reached over a veth pair from the root namespace, with random loss on its
-/// side of the link.
+/// A host behind a veth pair with random loss on its side of the link.
 struct LossyHost {
-    ns: String,
-    host_dev: String,
-    addr: std::net::Ipv4Addr,
+    host: VethHost,
 }
 
 impl LossyHost {
     /// Host `idx` at 10.232.idx.2, dropping `per_mille`/1000 of the UDP datagrams that
     /// enter and of those that leave it.
     fn create(idx: u8, per_mille: u32) -> LossyHost {
-        let ns = format!("mg-loss{idx}");
-        let (h, n) = (format!("mgl{idx}h"), format!("mgl{idx}n"));
-        let _ = Command::new("ip").args(["link", "del", &h]).output();
-        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        run(&["ip", "netns", "add", &ns]);
-        let host = LossyHost {
-            ns: ns.clone(),
-            host_dev: h.clone(),
-            addr: std::net::Ipv4Addr::new(10, 232, idx, 2),
-        };
-        run(&[
-            "ip", "link", "add", &h, "type", "veth", "peer", "name", &n, "netns", &ns,
-        ]);
-        run(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("10.232.{idx}.1/24"),
-            "dev",
-            &h,
-        ]);
-        run(&["ip", "link", "set", &h, "up"]);
-        let in_ns = |args: &[&str]| {
-            let mut all = vec!["ip", "netns", "exec", &ns];
-            all.extend_from_slice(args);
-            run(&all);
-        };
-        in_ns(&["ip", "link", "set", "lo", "up"]);
-        in_ns(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("10.232.{idx}.2/24"),
-            "dev",
-            &n,
-        ]);
-        in_ns(&["ip", "link", "set", &n, "up"]);
+        let host = VethHost::create("mg-loss", "mgl", 232, idx);
+        let n = &host.ns_dev;
         let rules = format!(
             "table inet mgloss {{\n\
                chain rx {{ type filter hook input priority 0; policy accept;\n\
@@ -95,16 +45,23 @@ impl LossyHost {
         );
         let file = std::env::temp_dir().join(format!("mgloss{idx}-{}.nft", std::process::id()));
         std::fs::write(&file, rules).expect("write nft rules");
-        in_ns(&["nft", "-f", file.to_str().expect("path")]);
+        host.exec(&["nft", "-f", file.to_str().expect("path")]);
         let _ = std::fs::remove_file(&file);
-        host
+        LossyHost { host }
     }
 
     /// Datagrams nftables dropped so far (both directions).
     fn dropped(&self) -> u64 {
         let out = Command::new("ip")
             .args([
-                "netns", "exec", &self.ns, "nft", "list", "table", "inet", "mgloss",
+                "netns",
+                "exec",
+                &self.host.ns,
+                "nft",
+                "list",
+                "table",
+                "inet",
+                "mgloss",
             ])
             .output()
             .expect("nft list");
@@ -113,15 +70,6 @@ impl LossyHost {
             .skip(1)
             .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
             .sum()
-    }
-}
-
-impl Drop for LossyHost {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_dev])
-            .output();
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
     }
 }
 
@@ -164,12 +112,12 @@ fn cluster_section(r: usize, gossip: &[u16]) -> String {
 /// one cluster.
 fn scenario(idx: u8, per_mille: u32, health_extra: &str, replicas: usize) -> Scenario {
     let host = LossyHost::create(idx, per_mille);
-    let primary = SocketAddr::from((host.addr, 7000));
+    let primary = SocketAddr::from((host.host.addr, 7000));
     let primary_proc = worker(
         "udp-echo",
         &format!("primary{idx}"),
         primary,
-        Some(&host.ns),
+        Some(&host.host.ns),
     );
     let backup = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
     let backup_proc = worker("udp-echo", &format!("backup{idx}"), backup, None);

@@ -152,34 +152,15 @@ impl<S: ProbeSink> Prober<S> {
         started: tokio::time::Instant,
         cancel: &CancellationToken,
     ) -> Option<Result<(), ProbeError>> {
-        let timeout = self.timeout_now(rtt);
-        let mut running: FuturesUnordered<_> = (0..=self.confirm.probes)
-            .map(|_| self.probe(timeout))
-            .collect();
-        let mut failed = 0u32;
-        let mut last = None;
-        while let Some((result, took)) = tokio::select! {
-            _ = cancel.cancelled() => return None,
-            r = running.next() => r,
-        } {
-            self.count(&result, took, rtt);
-            match result {
-                Ok(()) => return Some(Ok(())),
-                Err(e) if e.reason == Reason::LocalError => return Some(Err(e)),
-                Err(e) if !e.is_ambiguous() => {
-                    return Some(Err(self.confirmed(e, failed, started)));
-                }
-                Err(e) => {
-                    failed += 1;
-                    last = Some(e);
-                }
-            }
-        }
-        let last = last.expect("at least one probe ran");
-        if self.confirm.probes == 0 {
-            return Some(Err(last));
-        }
-        Some(Err(self.confirmed(last, failed - 1, started)))
+        self.confirm(
+            None,
+            self.confirm.probes + 1,
+            Duration::ZERO,
+            rtt,
+            started,
+            cancel,
+        )
+        .await
     }
 
     /// One round: a probe and, when it failed ambiguously, its confirmation. None when
@@ -198,19 +179,24 @@ impl<S: ProbeSink> Prober<S> {
         self.count(&first, took, rtt);
         match first {
             Err(e) if e.is_ambiguous() && self.confirm.probes > 0 => {
-                self.confirm(e, rtt, started, cancel).await
+                let (n, spacing) = (self.confirm.probes, self.confirm.interval);
+                self.confirm(Some(e), n, spacing, rtt, started, cancel)
+                    .await
             }
             r => Some(r),
         }
     }
 
-    /// Confirms an ambiguous failure: `confirm.probes` more probes, launched
-    /// `confirm.interval` apart without waiting for each other (a hung server costs one
-    /// timeout after the last launch, not one per probe). The first success cancels the
-    /// failure; a refusal or every probe failing confirms it.
+    /// Confirms a failure: `probes` probes, launched `spacing` apart without waiting for
+    /// each other (a hung server costs one timeout after the last launch, not one per
+    /// probe). `first` is the ambiguous failure being confirmed (None: a burst after a
+    /// suspicion, whose first probe is among the `probes`). The first success clears the
+    /// server; a refusal, or every probe failing, confirms the failure.
     async fn confirm(
         &self,
-        first: ProbeError,
+        first: Option<ProbeError>,
+        probes: u32,
+        spacing: Duration,
         rtt: &mut RttEstimate,
         started: tokio::time::Instant,
         cancel: &CancellationToken,
@@ -218,38 +204,56 @@ impl<S: ProbeSink> Prober<S> {
         let timeout = self.timeout_now(rtt);
         let mut running = FuturesUnordered::new();
         let (mut launched, mut failed) = (0u32, 0u32);
-        let mut next = tokio::time::Instant::now() + self.confirm.interval;
-        let mut last = first;
-        while failed < self.confirm.probes {
+        let mut next = tokio::time::Instant::now() + spacing;
+        if first.is_none() {
+            // A burst: the first probe goes now.
+            next = tokio::time::Instant::now();
+        }
+        // Confirmation probes that failed besides the one being confirmed.
+        let extra = |failed: u32| {
+            if first.is_some() {
+                failed
+            } else {
+                failed.saturating_sub(1)
+            }
+        };
+        let mut last = first.clone();
+        while failed < probes {
             tokio::select! {
                 _ = cancel.cancelled() => return None,
-                _ = tokio::time::sleep_until(next), if launched < self.confirm.probes => {
+                _ = tokio::time::sleep_until(next), if launched < probes => {
                     launched += 1;
-                    next += self.confirm.interval;
+                    next += spacing;
                     running.push(self.probe(timeout));
                 }
                 Some((result, took)) = running.next(), if !running.is_empty() => {
                     self.count(&result, took, rtt);
                     match result {
                         Ok(()) => {
-                            self.counters.cancelled.inc();
+                            if first.is_some() {
+                                self.counters.cancelled.inc();
+                            }
                             return Some(Ok(()));
                         }
                         // Our own resources ran out: this round proves nothing either way.
                         Err(e) if e.reason == Reason::LocalError => return Some(Err(e)),
                         // A refusal speaks for itself: no need to wait for the rest.
                         Err(e) if !e.is_ambiguous() => {
-                            return Some(Err(self.confirmed(e, failed + 1, started)));
+                            return Some(Err(self.confirmed(e, extra(failed + 1), started)));
                         }
                         Err(e) => {
                             failed += 1;
-                            last = e;
+                            last = Some(e);
                         }
                     }
                 }
             }
         }
-        Some(Err(self.confirmed(last, failed, started)))
+        let last = last.expect("every probe failed");
+        if probes <= 1 && first.is_none() {
+            return Some(Err(last)); // `confirm: 0`: nothing was confirmed
+        }
+        Some(Err(self.confirmed(last, extra(failed), started)))
     }
 
     fn confirmed(
@@ -484,5 +488,63 @@ mod tests {
             v[5].clone().unwrap_err().confirmed.unwrap().took,
             Duration::from_millis(220)
         );
+    }
+
+    struct SuspiciousSink {
+        tx: mpsc::UnboundedSender<Result<(), ProbeError>>,
+        suspicion: Arc<tokio::sync::Notify>,
+    }
+
+    impl ProbeSink for SuspiciousSink {
+        async fn suspected(&self) {
+            self.suspicion.notified().await
+        }
+        async fn report(&self, result: Result<(), ProbeError>, _at: Instant) -> bool {
+            self.tx.send(result).is_ok()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_suspicion_starts_a_burst_at_once_that_confirms_a_hang_in_one_timeout() {
+        let script = Arc::new(Script {
+            answers: Mutex::new([Answer::Ok, Answer::Hang, Answer::Hang, Answer::Hang].into()),
+            probes: Mutex::new(0),
+        });
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let suspicion = Arc::new(tokio::sync::Notify::new());
+        let c = counters();
+        let prober = Prober {
+            check: script.clone(),
+            label: "s".into(),
+            sink: SuspiciousSink {
+                tx,
+                suspicion: suspicion.clone(),
+            },
+            target: "127.0.0.1:1".parse().unwrap(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            adaptive: true,
+            confirm: Confirm {
+                probes: 2,
+                interval: Duration::from_millis(10),
+            },
+            counters: c.clone(),
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(prober.run(cancel.clone()));
+        assert!(rx.recv().await.unwrap().is_ok());
+        // 200 ms into a 1 s interval, the data plane suspects the server.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t = tokio::time::Instant::now();
+        suspicion.notify_one();
+        let e = rx.recv().await.unwrap().unwrap_err();
+        assert_eq!(e.reason, Reason::ProbeTimeout);
+        // All three probes at once, each under the adaptive timeout (the floor).
+        assert_eq!(t.elapsed(), crate::health::rtt::FLOOR);
+        assert_eq!(e.confirmed.map(|c| c.probes), Some(2));
+        assert_eq!(*script.probes.lock().unwrap(), 4);
+        assert_eq!(c.suspected.get(), 1);
+        cancel.cancel();
+        let _ = task.await;
     }
 }

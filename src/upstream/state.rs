@@ -524,24 +524,44 @@ impl UpstreamState {
         now: Instant,
         wall: SystemTime,
     ) -> Step {
+        self.peer_verdict = down.clone();
+        self.apply_veto(
+            |e| &mut e.peer_down,
+            |e| down.get(&e.handle.label).cloned(),
+            Reason::Peer,
+            now,
+            wall,
+        )
+    }
+
+    /// Applies a word from outside the local probes (a peer replica's verdict, the node
+    /// group's) to every server: `slot` is the field it lives in, `verdict` what it says
+    /// of a server now. A server it takes down is a failover with `reason`.
+    fn apply_veto(
+        &mut self,
+        slot: fn(&mut Entry) -> &mut Option<String>,
+        verdict: impl Fn(&Entry) -> Option<String>,
+        reason: Reason,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Step {
         let mut changed = false;
         let mut cause = None;
-        self.peer_verdict = down.clone();
         for e in &mut self.entries {
-            let verdict = down.get(&e.handle.label).cloned();
-            if verdict == e.peer_down {
+            let v = verdict(e);
+            if v == *slot(e) {
                 continue;
             }
             changed = true;
             let was_usable = e.usable();
-            e.peer_down = verdict;
+            *slot(e) = v;
             if was_usable != e.usable() {
                 e.last_change = wall;
             }
             if was_usable && !e.usable() {
                 e.ready_at = None;
                 cause.get_or_insert(Cause {
-                    reason: Reason::Peer,
+                    reason,
                     detection: None,
                     confirmed: None,
                 });
@@ -577,35 +597,14 @@ impl UpstreamState {
         now: Instant,
         wall: SystemTime,
     ) -> Step {
-        let mut changed = false;
-        let mut cause = None;
         self.group_verdict = down.clone();
-        for e in &mut self.entries {
-            let verdict = down.get(&e.handle.ip).cloned();
-            if verdict == e.group_down {
-                continue;
-            }
-            changed = true;
-            let was_usable = e.usable();
-            e.group_down = verdict;
-            if was_usable != e.usable() {
-                e.last_change = wall;
-            }
-            if was_usable && !e.usable() {
-                e.ready_at = None;
-                cause.get_or_insert(Cause {
-                    reason: Reason::NodeGroup,
-                    detection: None,
-                    confirmed: None,
-                });
-            }
-        }
-        if !changed {
-            return Step::default();
-        }
-        let mut step = self.reconcile(now, wall, cause);
-        step.publish = self.first_round_done;
-        step
+        self.apply_veto(
+            |e| &mut e.group_down,
+            |e| down.get(&e.handle.ip).cloned(),
+            Reason::NodeGroup,
+            now,
+            wall,
+        )
     }
 
     /// `POST /upstreams/NAME/failback`: make the best eligible servers active and move

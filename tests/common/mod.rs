@@ -3,6 +3,8 @@
 //! client for the admin API, and deadline-bounded waiting.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;

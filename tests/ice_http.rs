@@ -179,6 +179,24 @@ turn:
         &[("Origin", "https://evil.example"), ice_auth[0]],
     );
     assert!(!head.contains("access-control-allow-origin"), "{head}");
+    // Credentials are never cached, and a cache keys the answer on the origin either way
+    // (an answer without CORS headers must not be served to the allowed origin).
+    for origin in ["https://evil.example", "https://app.example"] {
+        let (code, head, _) = request(b.admin, "GET", "/ice", &[("Origin", origin), ice_auth[0]]);
+        assert_eq!(code, 200);
+        assert!(head.contains("cache-control: no-store"), "{origin}: {head}");
+        assert!(head.contains("vary: origin"), "{origin}: {head}");
+    }
+    let (_, head, _) = request(
+        b.admin,
+        "GET",
+        "/ice",
+        &[("authorization", "bearer ice-token")],
+    );
+    assert!(
+        head.starts_with("http/1.1 200"),
+        "the scheme in any case: {head}"
+    );
 }
 
 /// The credential `/ice` hands out now, with its username.

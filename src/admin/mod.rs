@@ -403,11 +403,19 @@ fn cors_origin(turn: &crate::config::TurnConfig, headers: &HeaderMap) -> Option<
     }
 }
 
+/// The CORS headers of an `/ice` answer for `origin` (None: not an allowed origin), and
+/// what every `/ice` answer carries: `Vary: Origin` (the answer depends on it, so a cache
+/// must not serve one origin's answer to another) and `Cache-Control: no-store` (it holds
+/// credentials).
 fn with_cors(mut r: Response, origin: Option<String>) -> Response {
+    let h = r.headers_mut();
+    h.insert(header::VARY, header::HeaderValue::from_static("Origin"));
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
     if let Some(o) = origin.and_then(|o| header::HeaderValue::from_str(&o).ok()) {
-        let h = r.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
-        h.insert(header::VARY, header::HeaderValue::from_static("Origin"));
     }
     r
 }

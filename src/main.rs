@@ -134,6 +134,17 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             if let Some(why) = mediagate::fdbudget::check_warning(&cfg, &app::fd_consumers(&cfg)) {
                 eprintln!("warning: {why}");
             }
+            // Certificates are read as `run` would (bounded: a regular file of a few
+            // hundred KiB at most).
+            let cert_errors = cfg
+                .turn
+                .as_ref()
+                .map(mediagate::turn::check_certificates)
+                .unwrap_or_default();
+            if !cert_errors.is_empty() {
+                eprintln!("{}: {}", path.display(), cert_errors.join("\n"));
+                return ExitCode::from(2);
+            }
             println!("ok");
             ExitCode::SUCCESS
         }

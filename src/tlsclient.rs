@@ -149,6 +149,46 @@ impl ServerCertVerifier for AcceptAnyCertificate {
 
 /// A self-signed certificate and a one-response HTTPS server, for the tests of the https
 /// probe and the CLI. The certificate is made by the `openssl` command at test time.
+/// The largest certificate, key or CA file read: far above any real chain (a few KiB),
+/// far below what would hurt.
+pub const MAX_PEM_FILE: u64 = 512 * 1024;
+
+/// Reads a PEM file (a certificate chain, a key, CA certificates) with bounds: a regular
+/// file only (a device such as `/dev/zero` or `/dev/urandom`, a pipe or a socket behind a
+/// symlink is refused before a byte is read, so nothing can feed the reader forever or
+/// block it) of at most [`MAX_PEM_FILE`] bytes. The error names the file.
+pub fn read_pem_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let named = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    // O_NONBLOCK: opening a FIFO for reading does not wait for a writer.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| named(&e))?;
+    let meta = f.metadata().map_err(|e| named(&e))?;
+    if !meta.is_file() {
+        return Err(named(
+            &"not a regular file (a device, pipe or socket is refused)",
+        ));
+    }
+    if meta.len() > MAX_PEM_FILE {
+        return Err(named(&format!(
+            "{} bytes: larger than {MAX_PEM_FILE} (not a certificate or key file)",
+            meta.len()
+        )));
+    }
+    let mut buf = Vec::with_capacity(meta.len() as usize);
+    f.take(MAX_PEM_FILE + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| named(&e))?;
+    if buf.len() as u64 > MAX_PEM_FILE {
+        return Err(named(&format!("larger than {MAX_PEM_FILE} bytes")));
+    }
+    Ok(buf)
+}
+
 #[cfg(test)]
 pub(crate) mod testserver {
     use rustls::ServerConfig;

@@ -89,7 +89,8 @@ impl Target {
         let tls = if url.tls {
             let config = match &hook.ca {
                 Some(path) => {
-                    let pem = std::fs::read(path).map_err(|e| format!("ca: {path}: {e}"))?;
+                    let pem = crate::tlsclient::read_pem_file(std::path::Path::new(path))
+                        .map_err(|e| format!("ca: {e}"))?;
                     let config = crate::tlsclient::client_config_with_ca(path, &pem)?;
                     ca_pem = Some(pem);
                     config

@@ -137,8 +137,8 @@ fn private_key(pkcs8: Vec<u8>) -> Result<CryptoPrivateKey, String> {
 
 /// Reads a certificate chain and its key for DTLS.
 fn load(cert: &Path, key: &Path) -> Result<Certificate, String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("{}: {e}", cert.display()))?
+    let pem = crate::tlsclient::read_pem_file(cert)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{}: {e}", cert.display()))?;
     if chain.is_empty() {
@@ -147,7 +147,9 @@ fn load(cert: &Path, key: &Path) -> Result<Certificate, String> {
             cert.display()
         ));
     }
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let key_pem = crate::tlsclient::read_pem_file(key)?;
+    let der =
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| format!("{}: {e}", key.display()))?;
     let pkcs8 = match der {
         PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
         PrivateKeyDer::Sec1(k) => sec1_p256_to_pkcs8(k.secret_sec1_der()),

@@ -89,6 +89,27 @@ pub fn fd_demand(cfg: &TurnConfig) -> usize {
     effective_max_allocations(cfg) + listeners + cfg.quota.max_tcp_connections + listeners
 }
 
+/// `mediagate check`: loads the certificate and key of every `tls` and `dtls` listener
+/// (and of a `tcp` listener given one) as the service would, with the same bounded reads,
+/// and says which fail: `turn.listeners[N]: certificate: FILE: why`.
+pub fn check_certificates(cfg: &TurnConfig) -> Vec<String> {
+    let mut errors = Vec::new();
+    for (idx, l) in cfg.listeners.iter().enumerate() {
+        let (Some(cert), Some(key)) = (&l.cert, &l.key) else {
+            continue;
+        };
+        let result = match l.protocol {
+            TurnTransport::Dtls => dtls::DtlsCert::load(cert, key).map(|_| ()),
+            TurnTransport::Tcp | TurnTransport::Tls => tls::CertStore::load(cert, key).map(|_| ()),
+            TurnTransport::Udp => Ok(()),
+        };
+        if let Err(e) = result {
+            errors.push(format!("turn.listeners[{idx}]: certificate: {e}"));
+        }
+    }
+    errors
+}
+
 /// The running STUN/TURN service.
 pub struct TurnService {
     core: Arc<Core>,

@@ -45,8 +45,8 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Reads and checks a certificate chain and its key.
 fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("{}: {e}", cert.display()))?
+    let pem = crate::tlsclient::read_pem_file(cert)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{}: {e}", cert.display()))?;
     if chain.is_empty() {
@@ -55,8 +55,9 @@ fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
             cert.display()
         ));
     }
+    let key_pem = crate::tlsclient::read_pem_file(key)?;
     let key_der =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| format!("{}: {e}", key.display()))?;
     CertifiedKey::from_der(chain, key_der, &provider())
         .map_err(|e| format!("{} / {}: {e}", cert.display(), key.display()))
 }

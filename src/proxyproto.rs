@@ -9,6 +9,38 @@
 
 use ppp::v2::{Addresses, Builder, Command, Header, PROTOCOL_PREFIX, Protocol, Version};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+/// The sources a listener with `accept_proxy_protocol` takes a PROXY header from
+/// (`trusted_proxies`, as nginx's `set_real_ip_from`): a connection from anywhere else is
+/// refused before its header is read, so nobody can claim another client's address.
+#[derive(Debug, Clone, Default)]
+pub struct Trusted(Arc<[ipnet::IpNet]>);
+
+impl Trusted {
+    /// From the configured CIDRs (or plain addresses); entries that do not parse are
+    /// skipped (the configuration's validation has refused them already).
+    pub fn parse(list: &[String]) -> Trusted {
+        Trusted(
+            list.iter()
+                .filter_map(|s| {
+                    s.parse::<ipnet::IpNet>()
+                        .ok()
+                        .or_else(|| s.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
+                })
+                .collect(),
+        )
+    }
+
+    /// Whether a connection from `ip` may send a PROXY header.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.0.iter().any(|n| n.contains(&ip))
+    }
+}
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -118,6 +150,23 @@ fn parse(buf: &[u8]) -> Result<Option<SocketAddr>, ProxyHeaderError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn trusted_proxies_match_cidrs_addresses_and_mapped_ipv4() {
+        let t = super::Trusted::parse(&[
+            "10.0.0.0/8".into(),
+            "192.0.2.7".into(),
+            "2001:db8::/32".into(),
+        ]);
+        for ok in ["10.1.2.3", "192.0.2.7", "::ffff:10.9.9.9", "2001:db8::1"] {
+            assert!(t.allows(ok.parse().unwrap()), "{ok}");
+        }
+        for no in ["11.0.0.1", "192.0.2.8", "127.0.0.1", "2001:db9::1"] {
+            assert!(!t.allows(no.parse().unwrap()), "{no}");
+        }
+        assert!(!super::Trusted::default().allows("127.0.0.1".parse().unwrap()));
+    }
+
     use super::*;
 
     #[tokio::test]

@@ -66,13 +66,15 @@ fn seen_by_server(s: &mut TcpStream) -> String {
 fn the_server_sees_the_client_address_both_ways() {
     let (server, _h) = header_server();
     let (plain, behind_lb, a) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
+    let elsewhere = free_tcp_port();
     let b = Balancer::start(
         &format!(
             r#"
 admin: {{ listen: "127.0.0.1:{a}" }}
 listeners:
   - {{ name: send, protocol: tcp, listen: "127.0.0.1:{plain}", upstream: pp, proxy_protocol: v2 }}
-  - {{ name: lb, protocol: tcp, listen: "127.0.0.1:{behind_lb}", upstream: pp, proxy_protocol: v2, accept_proxy_protocol: true }}
+  - {{ name: lb, protocol: tcp, listen: "127.0.0.1:{behind_lb}", upstream: pp, proxy_protocol: v2, accept_proxy_protocol: true, trusted_proxies: ["127.0.0.1/32"] }}
+  - {{ name: other, protocol: tcp, listen: "127.0.0.1:{elsewhere}", upstream: pp, proxy_protocol: v2, accept_proxy_protocol: true, trusted_proxies: ["10.99.0.0/16"] }}
 upstreams:
   pp:
     primary: ["{server}"]
@@ -121,4 +123,37 @@ upstreams:
                 && l.ends_with(" 1")
         })
     });
+
+    // A valid header from a source outside trusted_proxies: refused before it is read,
+    // the server never hears of it, counted.
+    let other = SocketAddr::from(([127, 0, 0, 1], elsewhere));
+    let mut c = TcpStream::connect(other).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = c.write_all(&mediagate::proxyproto::header_v2(real, other));
+    let r = c.read(&mut buf);
+    assert!(
+        matches!(r, Err(_) | Ok(0)),
+        "a header from an untrusted source was taken: {r:?}"
+    );
+    wait_until(Duration::from_secs(5), "untrusted header counted", || {
+        b.metrics().lines().any(|l| {
+            l.starts_with("mediagate_sessions_rejected_total")
+                && l.contains("listener=\"other\"")
+                && l.contains("reason=\"proxy_header\"")
+                && l.ends_with(" 1")
+        })
+    });
+    // And `check` refuses accept_proxy_protocol without trusted_proxies.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listeners:\n  - {{ name: lb, protocol: tcp, listen: \"127.0.0.1:1\", upstream: pp, accept_proxy_protocol: true }}\nupstreams:\n  pp:\n    primary: [\"{server}\"]\n"
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = run_cli(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("listeners[0].trusted_proxies"), "{err}");
 }

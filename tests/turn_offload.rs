@@ -132,6 +132,7 @@ async fn gateway(listen: SocketAddr, relay: IpAddr, peers: &str) -> Gateway {
         cert: None,
         key: None,
         accept_proxy_protocol: false,
+        trusted_proxies: Vec::new(),
     });
     Gateway::start(cfg).await
 }

@@ -824,7 +824,7 @@ fn every_stage_reports_every_error_in_one_run() {
         [
             "t.yaml:1:17: admin.token: environment variable NOPE is not set",
             "t.yaml:3:39: listeners[0].listen: invalid listen address \"x:1\" (expected ip:port or ip:first-last)",
-            "t.yaml:4:68: listeners[1].colour: unknown key \"colour\" (expected one of: name, protocol, listen, upstream, session, max_connections, offload, proxy_protocol, accept_proxy_protocol)",
+            "t.yaml:4:68: listeners[1].colour: unknown key \"colour\" (expected one of: name, protocol, listen, upstream, session, max_connections, offload, proxy_protocol, accept_proxy_protocol, trusted_proxies)",
             "t.yaml:5:65: listeners[2].upstream: unknown upstream \"gone\" (defined: u)",
             "t.yaml:8:31: upstreams.u.primary[1]: invalid server address \"10.0.0.300\"",
             "t.yaml:9:25: upstreams.u.health.interval: invalid duration \"10 mss\"",

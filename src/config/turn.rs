@@ -72,6 +72,11 @@ pub struct TurnListenerConfig {
     /// address is then the client address (quota, nonces, XOR-MAPPED-ADDRESS). Default false.
     #[serde(default)]
     pub accept_proxy_protocol: bool,
+    /// With `accept_proxy_protocol`: the CIDRs (or addresses) of the load balancers that
+    /// may send the header; a connection from elsewhere is refused and counted. Required
+    /// with `accept_proxy_protocol`.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 /// `turn.listeners[].protocol`.

@@ -176,6 +176,11 @@ pub struct ListenerConfig {
     /// without a valid header within 5 s are closed and counted. Default false.
     #[serde(default)]
     pub accept_proxy_protocol: bool,
+    /// With `accept_proxy_protocol`: the CIDRs (or addresses) of the load balancers that
+    /// may send the header; a connection from elsewhere is refused and counted. Required
+    /// with `accept_proxy_protocol`.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 /// `listeners[].proxy_protocol`.

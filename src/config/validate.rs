@@ -191,6 +191,11 @@ impl Checker {
                     );
                 }
             }
+            self.trusted_proxies(
+                &path,
+                l.accept_proxy_protocol && l.protocol == Protocol::Tcp,
+                &l.trusted_proxies,
+            );
         }
     }
 
@@ -303,6 +308,32 @@ impl Checker {
                         ),
                     );
                 }
+            }
+        }
+    }
+
+    /// `trusted_proxies`: CIDRs or addresses, required with `accept_proxy_protocol`.
+    fn trusted_proxies(&mut self, path: &str, accept: bool, list: &[String]) {
+        if accept && list.is_empty() {
+            self.push(
+                key_path(path, "trusted_proxies"),
+                "accept_proxy_protocol takes the client address from whoever sends the header: \
+                 list the load balancers that may send it (CIDRs, as nginx's set_real_ip_from)",
+            );
+        }
+        if !accept && !list.is_empty() {
+            self.push(
+                key_path(path, "trusted_proxies"),
+                "only with accept_proxy_protocol: true",
+            );
+        }
+        for (i, entry) in list.iter().enumerate() {
+            if entry.parse::<ipnet::IpNet>().is_err() && entry.parse::<std::net::IpAddr>().is_err()
+            {
+                self.push(
+                    index_path(&key_path(path, "trusted_proxies"), i),
+                    format!("{entry:?} is not a CIDR or an IP address"),
+                );
             }
         }
     }
@@ -455,6 +486,12 @@ impl Checker {
                     _ => {}
                 }
             }
+            let takes_headers = matches!(l.protocol, TurnTransport::Tcp | TurnTransport::Tls);
+            self.trusted_proxies(
+                &path,
+                l.accept_proxy_protocol && takes_headers,
+                &l.trusted_proxies,
+            );
             if l.accept_proxy_protocol
                 && matches!(l.protocol, TurnTransport::Udp | TurnTransport::Dtls)
             {

@@ -46,12 +46,14 @@ use tokio_util::sync::CancellationToken;
 const COPY_BUF: usize = 32 * 1024;
 
 /// PROXY protocol settings of a TCP listener.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ProxyProtocol {
     /// `proxy_protocol: v2`: send a v2 header to the server.
     pub send: bool,
     /// `accept_proxy_protocol`: require a v2 header from the client side.
     pub accept: bool,
+    /// `trusted_proxies`: who may send it.
+    pub trusted: crate::proxyproto::Trusted,
 }
 
 impl ProxyProtocol {
@@ -60,6 +62,7 @@ impl ProxyProtocol {
         ProxyProtocol {
             send: l.proxy_protocol.is_some(),
             accept: l.accept_proxy_protocol,
+            trusted: crate::proxyproto::Trusted::parse(&l.trusted_proxies),
         }
     }
 }
@@ -193,6 +196,14 @@ impl TcpListener {
         kill: CancellationToken,
     ) {
         let m = &self.metrics;
+        if self.proxy_protocol.accept && !self.proxy_protocol.trusted.allows(peer.ip()) {
+            m.rejected_proxy_header.inc();
+            if self.proxy_log.allow() {
+                tracing::warn!(listener = %self.name, %peer, "connection refused: a PROXY header from a source outside trusted_proxies");
+            }
+            reset_on_close(&client);
+            return;
+        }
         if self.proxy_protocol.accept {
             let header = tokio::select! {
                 h = crate::proxyproto::read_v2(&mut client) => h,

@@ -230,6 +230,7 @@ mod tests {
                     cert: None,
                     key: None,
                     accept_proxy_protocol: false,
+                    trusted_proxies: Vec::new(),
                 },
                 TurnListenerConfig {
                     protocol: TurnTransport::Tcp,
@@ -237,6 +238,7 @@ mod tests {
                     cert: None,
                     key: None,
                     accept_proxy_protocol: false,
+                    trusted_proxies: Vec::new(),
                 },
             ],
             auth: TurnAuthConfig {
@@ -348,6 +350,7 @@ mod tests {
             cert: Some("c.pem".into()),
             key: Some("k.pem".into()),
             accept_proxy_protocol: false,
+            trusted_proxies: Vec::new(),
         });
         let now = SystemTime::now();
         let all = ice_config(&c, "", None, now).unwrap();
@@ -393,6 +396,7 @@ mod tests {
             cert: Some("c.pem".into()),
             key: Some("k.pem".into()),
             accept_proxy_protocol: false,
+            trusted_proxies: Vec::new(),
         });
         let now = SystemTime::now();
         let all = ice_config(&c, "", None, now).unwrap();

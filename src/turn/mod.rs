@@ -287,6 +287,7 @@ impl TurnService {
                             plain_too: l.protocol == TurnTransport::Tcp && tls.is_some(),
                             tls,
                             accept_proxy: l.accept_proxy_protocol,
+                            trusted: crate::proxyproto::Trusted::parse(&l.trusted_proxies),
                             buffer: cfg.relay.tcp_buffer,
                         },
                     )?;
@@ -490,6 +491,7 @@ mod tests {
                     cert: None,
                     key: None,
                     accept_proxy_protocol: false,
+                    trusted_proxies: Vec::new(),
                 },
                 TurnListenerConfig {
                     protocol: TurnTransport::Tcp,
@@ -497,6 +499,7 @@ mod tests {
                     cert: None,
                     key: None,
                     accept_proxy_protocol: false,
+                    trusted_proxies: Vec::new(),
                 },
             ],
             auth: crate::config::TurnAuthConfig {

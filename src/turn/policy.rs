@@ -454,6 +454,7 @@ mod tests {
             offload: Default::default(),
             proxy_protocol: None,
             accept_proxy_protocol: false,
+            trusted_proxies: Vec::new(),
         }
     }
 

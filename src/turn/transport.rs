@@ -241,6 +241,8 @@ pub(crate) struct TcpOptions {
     pub(crate) tls: Option<TlsAcceptor>,
     /// `accept_proxy_protocol`: a PROXY v2 header is required first.
     pub(crate) accept_proxy: bool,
+    /// `trusted_proxies`: who may send it.
+    pub(crate) trusted: crate::proxyproto::Trusted,
     /// With `tls`: a connection whose first byte is not a TLS handshake record (0x16) is
     /// served as plain TURN over TCP (a `tcp` listener given a certificate).
     pub(crate) plain_too: bool,
@@ -363,6 +365,12 @@ impl Connection {
             let _ = sock.set_send_buffer_size(options.buffer);
         }
         if options.accept_proxy {
+            if !options.trusted.allows(self.peer.ip()) {
+                return self.refuse(
+                    TcpClose::ProxyHeader,
+                    "a PROXY header from a source outside trusted_proxies",
+                );
+            }
             let header = tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 h = crate::proxyproto::read_v2(&mut stream) => h,

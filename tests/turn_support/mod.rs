@@ -98,6 +98,7 @@ pub fn config(auth: Auth, peers: &[&str], quota: usize) -> TurnConfig {
                 cert: None,
                 key: None,
                 accept_proxy_protocol: false,
+                trusted_proxies: Vec::new(),
             },
             TurnListenerConfig {
                 protocol: TurnTransport::Tcp,
@@ -105,6 +106,7 @@ pub fn config(auth: Auth, peers: &[&str], quota: usize) -> TurnConfig {
                 cert: None,
                 key: None,
                 accept_proxy_protocol: false,
+                trusted_proxies: Vec::new(),
             },
         ],
         auth: match auth {
@@ -153,6 +155,12 @@ pub fn add_tls(cfg: &mut TurnConfig, cert: &Path, key: &Path, accept_proxy_proto
         cert: Some(cert.to_path_buf()),
         key: Some(key.to_path_buf()),
         accept_proxy_protocol,
+        // The tests' PROXY headers come from loopback.
+        trusted_proxies: if accept_proxy_protocol {
+            vec!["127.0.0.0/8".into()]
+        } else {
+            Vec::new()
+        },
     });
 }
 
@@ -164,6 +172,7 @@ pub fn add_dtls(cfg: &mut TurnConfig, cert: &Path, key: &Path) {
         cert: Some(cert.to_path_buf()),
         key: Some(key.to_path_buf()),
         accept_proxy_protocol: false,
+        trusted_proxies: Vec::new(),
     });
 }
 

@@ -20,7 +20,7 @@ use super::snapshot::{Snapshot, UpstreamRoute};
 use super::state::{AdminState, EventKind, Step, UpstreamState, UpstreamView};
 use crate::config::{HealthConfig, HealthType};
 use crate::discovery::{Readiness, Target};
-use crate::health::prober::{Confirm, ProbeCounters, ProbeSink, Prober};
+use crate::health::prober::{Confirm, ProbeCounters, Prober};
 use crate::health::{self, HealthCheck, Reason};
 use crate::metrics::{Labels, Metrics, child, labels};
 use arc_swap::ArcSwap;
@@ -32,6 +32,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+mod reports;
+use reports::ProbeReports;
+
 /// Messages handled per wakeup before the O(servers) publishing work runs.
 const BATCH: usize = 256;
 /// Longest the `/status` view lags behind probe results (commands refresh it at once).
@@ -41,28 +44,6 @@ const SPREAD_ABOVE: usize = 100;
 /// Capacity of the command channel (reload, discovery, admin); probe results and passive
 /// signals have their own channel of 1024.
 const COMMANDS: usize = 64;
-
-/// A prober's sink: its results become [`Control::Probe`] messages to the controller.
-struct ProbeReports {
-    server: Arc<ServerHandle>,
-    control: mpsc::Sender<Control>,
-}
-
-impl ProbeSink for ProbeReports {
-    async fn suspected(&self) {
-        self.server.suspected().await
-    }
-
-    async fn report(&self, result: Result<(), health::ProbeError>, at: Instant) -> bool {
-        self.server.clear_suspicion(result.is_ok());
-        let msg = Control::Probe {
-            server: self.server.clone(),
-            result,
-            at,
-        };
-        self.control.send(msg).await.is_ok()
-    }
-}
 
 /// The identity of a server handle (its address), for the controller's indexes.
 fn key(h: &Arc<ServerHandle>) -> usize {
@@ -823,51 +804,5 @@ impl Controller {
         for reply in self.replies.drain(..) {
             let _ = reply.send(Ok(()));
         }
-    }
-
-    /// Publishes the events of the flushed steps: on the bus, or, in a node group, to the
-    /// group with the hosts this upstream now sees down (when they changed), so that the
-    /// group moves its other members and publishes everything as one event.
-    fn send_events(&mut self, published: bool) {
-        let Some((_, group)) = &self.group else {
-            for ev in self.outgoing.drain(..) {
-                crate::events::active_set_changed(&self.state.name, ev);
-            }
-            return;
-        };
-        let hosts = (published || self.reported_hosts.is_none())
-            .then(|| self.state.down_hosts())
-            .filter(|h| self.reported_hosts.as_ref() != Some(h));
-        if hosts.is_none() && self.outgoing.is_empty() {
-            return;
-        }
-        let down = match hosts {
-            Some(h) => {
-                self.reported_hosts = Some(h.clone());
-                h
-            }
-            None => self.reported_hosts.clone().unwrap_or_default(),
-        };
-        let _ = group.send(GroupMsg::Report {
-            upstream: self.state.name.clone(),
-            commands: self.commands.clone(),
-            down,
-            events: std::mem::take(&mut self.outgoing),
-        });
-    }
-
-    /// Leaves the node group, if in one: its other members forget what this one saw.
-    fn leave_group(&mut self) {
-        if let Some((_, group)) = self.group.take() {
-            let _ = group.send(GroupMsg::Leave {
-                upstream: self.state.name.clone(),
-            });
-        }
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        self.leave_group();
     }
 }

@@ -144,6 +144,28 @@ impl Plan {
         }
     }
 
+    /// Why this plan cannot run at all, if so: the configuration's own descriptors (listen
+    /// sockets, probes, admin, TURN, discovery) take the whole open-file limit and leave the
+    /// data plane nothing. A reload refuses such a configuration (the running one stays).
+    pub fn refusal(&self) -> Option<String> {
+        let d = &self.demand;
+        (d.reserve() >= self.limit).then(|| {
+            format!(
+                "the configuration reserves {} file descriptors for itself (listen sockets {}, \
+                 probes {}, admin {}, TURN {}, other {}) but the open-file limit is {}: no \
+                 session could be served; raise the limit (ulimit -n, LimitNOFILE=, the \
+                 container runtime's nofile) or use fewer servers, listeners or ports",
+                d.reserve(),
+                d.listeners,
+                d.probes,
+                d.admin,
+                d.turn,
+                d.other,
+                self.limit
+            )
+        })
+    }
+
     /// Whether every listener can reach its cap at once without running out.
     pub fn fits(&self) -> bool {
         self.demand.total() <= self.limit

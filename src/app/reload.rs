@@ -110,6 +110,19 @@ impl AppState {
                 self.config_path
             )]),
         };
+        // A configuration whose own descriptors exceed the open-file limit cannot run:
+        // refused before anything is prepared.
+        let loaded = loaded.and_then(|new| {
+            let plan = crate::fdbudget::Plan::new(
+                &new,
+                crate::fdbudget::current_limit(),
+                &super::fd_consumers(&new),
+            );
+            match plan.refusal() {
+                Some(why) => Err(vec![why]),
+                None => Ok(new),
+            }
+        });
         let result = match loaded {
             Ok(new) => self.apply(new).await.map_err(|e| vec![format!("{e:#}")]),
             Err(errors) => Err(errors),

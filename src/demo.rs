@@ -123,7 +123,7 @@ shutdown: {{ drain_timeout: 1s }}
     primary.pause(true);
     let hung = Instant::now();
     println!(
-        "{} primary hung (no replies, no ICMP: only the probe can tell)",
+        "{} primary hung (no replies, no ICMP: the silence of its flows and the probes tell)",
         stamp()
     );
     wait_for(&flows, "backup", Duration::from_secs(3))

@@ -45,7 +45,7 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target,id=mediagate-target-${TARGETARCH} \
-    cargo build --release --locked --bin mediagate \
+    MEDIAGATE_REQUIRE_BPF=1 cargo build --release --locked --bin mediagate \
  && install -D -m 0755 target/release/mediagate /out/mediagate \
  && strip --strip-debug /out/mediagate
 

@@ -9,7 +9,12 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(
     name = "mediagate",
-    version,
+    version = concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (kernel fast path: ",
+        env!("MEDIAGATE_FAST_PATH"),
+        ")"
+    ),
     about = "Active-passive failover load balancer for WebRTC media gateways"
 )]
 struct Cli {

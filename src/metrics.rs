@@ -19,6 +19,15 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// `yes` when the kernel fast path was compiled in (clang was there at build time).
+fn fast_path_label() -> &'static str {
+    if env!("MEDIAGATE_FAST_PATH") == "compiled in" {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
 /// A function run before every scrape ([`Metrics::on_scrape`]).
 pub type ScrapeHook = Arc<dyn Fn() + Send + Sync>;
 
@@ -112,11 +121,15 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut r = Registry::default();
-        // An info metric: exposed as `mediagate_build_info{version="..."} 1`.
+        // An info metric: `mediagate_build_info{version="...",fast_path="yes"|"no"} 1`
+        // (`fast_path`: the kernel fast path was compiled in, see build.rs).
         r.register(
             "mediagate_build",
             "Build information",
-            Info::new(labels(&[("version", env!("CARGO_PKG_VERSION"))])),
+            Info::new(labels(&[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("fast_path", fast_path_label()),
+            ])),
         );
         r.register_collector(Box::new(process::ProcessCollector::new()));
 
@@ -400,6 +413,7 @@ mod tests {
         let text = m.encode();
         for name in [
             "mediagate_build_info{version=",
+            "fast_path=\"",
             "mediagate_packets_total{listener=\"rtp\",direction=\"to_server\"} 1",
             "mediagate_failovers_total{upstream=\"u\",reason=\"probe_timeout\"} 1",
             "mediagate_failover_detection_seconds_bucket",

@@ -448,3 +448,13 @@ fn check_reports_the_errors_of_every_stage_at_once() {
         )
     );
 }
+
+#[test]
+fn version_says_whether_the_kernel_fast_path_is_compiled_in() {
+    let (code, out, err) = run_cli(&["--version"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("(kernel fast path: "), "{out}");
+    // The test suite installs clang before it builds (scripts/install-test-deps.sh), and
+    // build.rs notices clang even when an earlier build ran without it.
+    assert!(out.contains("kernel fast path: compiled in"), "{out}");
+}

@@ -109,20 +109,12 @@ upstreams:
     let mut c = TcpStream::connect(lb_addr).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut buf = [0u8; 16];
-    let r = c.read(&mut buf);
-    assert!(
-        matches!(r, Err(_) | Ok(0)),
-        "a connection without a PROXY header was served: {r:?}"
+    refused_and_counted(
+        &b,
+        &mut c,
+        "lb",
+        "a connection without a PROXY header was served",
     );
-    wait_until(Duration::from_secs(5), "proxy_header counted", || {
-        b.metrics().lines().any(|l| {
-            l.starts_with("mediagate_sessions_rejected_total")
-                && l.contains("listener=\"lb\"")
-                && l.contains("reason=\"proxy_header\"")
-                && l.ends_with(" 1")
-        })
-    });
 
     // A valid header from a source outside trusted_proxies: refused before it is read,
     // the server never hears of it, counted.
@@ -130,19 +122,12 @@ upstreams:
     let mut c = TcpStream::connect(other).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let _ = c.write_all(&mediagate::proxyproto::header_v2(real, other));
-    let r = c.read(&mut buf);
-    assert!(
-        matches!(r, Err(_) | Ok(0)),
-        "a header from an untrusted source was taken: {r:?}"
+    refused_and_counted(
+        &b,
+        &mut c,
+        "other",
+        "a header from an untrusted source was taken",
     );
-    wait_until(Duration::from_secs(5), "untrusted header counted", || {
-        b.metrics().lines().any(|l| {
-            l.starts_with("mediagate_sessions_rejected_total")
-                && l.contains("listener=\"other\"")
-                && l.contains("reason=\"proxy_header\"")
-                && l.ends_with(" 1")
-        })
-    });
     // And `check` refuses accept_proxy_protocol without trusted_proxies.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.yaml");
@@ -156,4 +141,20 @@ upstreams:
     let (code, _, err) = run_cli(&["check", "-c", path.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("listeners[0].trusted_proxies"), "{err}");
+}
+
+/// `c` was reset without an answer, and listener `listener` counted one
+/// `reason="proxy_header"` rejection.
+fn refused_and_counted(b: &Balancer, c: &mut TcpStream, listener: &str, what: &str) {
+    let mut buf = [0u8; 16];
+    let r = c.read(&mut buf);
+    assert!(matches!(r, Err(_) | Ok(0)), "{what}: {r:?}");
+    wait_until(Duration::from_secs(5), "proxy_header counted", || {
+        b.metrics().lines().any(|l| {
+            l.starts_with("mediagate_sessions_rejected_total")
+                && l.contains(&format!("listener=\"{listener}\""))
+                && l.contains("reason=\"proxy_header\"")
+                && l.ends_with(" 1")
+        })
+    });
 }

@@ -173,10 +173,9 @@ async fn events_stream(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
         .map(str::to_string);
     let (replay, rx) = crate::events::subscribe_after(last.as_deref());
     let first: Vec<Event> = match replay {
-        crate::events::Replay::Missed(missed) => missed
-            .iter()
-            .map(|(seq, json)| sse_event(*seq, json))
-            .collect(),
+        crate::events::Replay::Missed(missed) => {
+            missed.iter().map(|(_, json)| sse_event(json)).collect()
+        }
         crate::events::Replay::Reset { reason } => vec![
             Event::default()
                 .event("reset")
@@ -185,8 +184,7 @@ async fn events_stream(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
     };
     let live = futures_util::stream::unfold((rx, slot), |(mut rx, slot)| async move {
         let json = rx.recv().await.ok()?;
-        let seq = crate::events::seq_of(&json).unwrap_or(0);
-        Some((sse_event(seq, &json), (rx, slot)))
+        Some((sse_event(&json), (rx, slot)))
     });
     let stream = futures_util::stream::iter(first)
         .chain(live)
@@ -200,11 +198,10 @@ async fn events_stream(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
 }
 
 /// One event as SSE: its `kind` as the event name, `<boot>-<seq>` as the id.
-fn sse_event(seq: u64, json: &str) -> axum::response::sse::Event {
-    let kind = serde_json::from_str::<serde_json::Value>(json)
-        .ok()
-        .and_then(|v| v["kind"].as_str().map(str::to_string))
-        .unwrap_or_else(|| "event".into());
+fn sse_event(json: &str) -> axum::response::sse::Event {
+    let v = serde_json::from_str::<serde_json::Value>(json).unwrap_or_default();
+    let kind = v["kind"].as_str().unwrap_or("event").to_string();
+    let seq = v["seq"].as_u64().unwrap_or(0);
     axum::response::sse::Event::default()
         .event(kind)
         .id(crate::events::event_id(seq))

@@ -119,14 +119,6 @@ pub fn subscribe_after(last_id: Option<&str>) -> (Replay, broadcast::Receiver<Ev
     (Replay::Missed(missed), rx)
 }
 
-/// The `seq` of an event's JSON.
-pub fn seq_of(json: &str) -> Option<u64> {
-    serde_json::from_str::<serde_json::Value>(json)
-        .ok()?
-        .get("seq")?
-        .as_u64()
-}
-
 #[derive(Serialize)]
 struct Envelope<'a, T: Serialize> {
     upstream: &'a str,
@@ -242,6 +234,14 @@ fn now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `seq` of an event's JSON.
+    fn seq_of(json: &str) -> Option<u64> {
+        serde_json::from_str::<serde_json::Value>(json)
+            .ok()?
+            .get("seq")?
+            .as_u64()
+    }
 
     fn seqs(r: &Replay) -> Vec<u64> {
         match r {

@@ -66,13 +66,15 @@ impl Session {
     /// ingest flow) is left to the probes.
     #[inline]
     pub(super) fn check_silence(&self, now_ms: u64) {
-        if self.last_reply_ms == 0 {
+        let quiet = now_ms.saturating_sub(self.last_reply_ms);
+        // The common case, a session answered within the floor, reads nothing shared.
+        if self.last_reply_ms == 0
+            || quiet <= crate::upstream::server::SILENCE_FLOOR.as_millis() as u64
+        {
             return;
         }
         let limit = self.server.silence_limit_ms();
-        if now_ms.saturating_sub(self.last_reply_ms) > limit
-            && self.server.silent_for_ms().is_some_and(|s| s > limit)
-        {
+        if quiet > limit && self.server.silent_for_ms().is_some_and(|s| s > limit) {
             self.server.suspect();
         }
     }

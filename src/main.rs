@@ -90,7 +90,8 @@ enum Command {
         ttl: Option<u64>,
     },
     /// Follow the event stream (failover, failback, admin, server up/down): one JSON
-    /// object per line.
+    /// object per line. Reconnects with Last-Event-ID when the stream ends, so nothing
+    /// is missed (a `reset` event says when the history no longer reached back).
     Events {
         #[command(flatten)]
         api: AdminArgs,

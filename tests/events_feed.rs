@@ -177,3 +177,133 @@ fn events_need_a_token_survive_a_connection_flood_and_resume_with_last_event_id(
         "{m}"
     );
 }
+
+/// A TCP relay to `to` whose connections the test can cut (and that refuses new ones
+/// while cut): a network cut between `mediagate events` and the admin API.
+struct Relay {
+    addr: SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Relay {
+    fn start(to: SocketAddr) -> Relay {
+        use std::sync::atomic::Ordering;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (u, c) = (up.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(client) = s else { return };
+                if !u.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection closed
+                }
+                let Ok(server) = TcpStream::connect(to) else {
+                    continue;
+                };
+                c.lock().unwrap().push(client.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay { addr, up, conns }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn mediagate_events_reconnects_with_last_event_id_and_misses_nothing() {
+    let w = UdpPair::start();
+    let b = Balancer::start(
+        &config(
+            &w,
+            ", token: admin-token-0123456789, events_token: events-token-0123456789",
+        ),
+        w.admin,
+    );
+    let relay = Relay::start(b.admin);
+    let mut child = std::process::Command::new(MEDIAGATE)
+        .args([
+            "events",
+            "--admin",
+            &format!("http://{}", relay.addr),
+            "--token",
+            "events-token-0123456789",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    // Every event printed after the first one, by its seq.
+    let printed = std::cell::RefCell::new(Vec::new());
+    let next = |state: &str| loop {
+        let v = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("mediagate events printed no {state}: {e}"));
+        printed.borrow_mut().push(v["seq"].as_u64().unwrap_or(0));
+        if v["kind"] == "admin" && v["state"] == state {
+            return v;
+        }
+        assert_ne!(v["kind"], "reset", "nothing was lost: {v}");
+    };
+    // Subscribed once the first change shows (until then a change may go unseen).
+    let mut first = None;
+    for i in 0..20 {
+        let state = if i % 2 == 0 { "drain" } else { "enable" };
+        set_state(&b, &w, state);
+        if let Ok(v) = rx.recv_timeout(Duration::from_millis(300)) {
+            first = Some(v);
+            break;
+        }
+    }
+    let first = first.expect("mediagate events printed nothing");
+    let seq = first["seq"].as_u64().expect("seq");
+    // Cut the connection; three changes happen while the CLI cannot see them.
+    relay.cut();
+    std::thread::sleep(Duration::from_millis(100));
+    set_state(&b, &w, "maint");
+    set_state(&b, &w, "drain");
+    set_state(&b, &w, "enable");
+    relay.restore();
+    // They come after the reconnect, in order, right after the one seen before the cut.
+    let missed: Vec<_> = ["maint", "drain", "enable"]
+        .iter()
+        .map(|s| next(s))
+        .collect();
+    let seqs: Vec<u64> = missed.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert!(seqs[0] > seq, "{seqs:?} after {seq}");
+    // Nothing in between went missing: every seq from the one before the cut on.
+    let printed = printed.into_inner();
+    let want: Vec<u64> = (seq + 1..=seq + printed.len() as u64).collect();
+    assert_eq!(printed, want, "printed after seq {seq}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -1,6 +1,7 @@
 //! Client-side subcommands that talk to a running balancer's admin API: `status` (a table
-//! read from `/status`, with the cluster's peers), `server` (admin state changes), `ice`,
-//! `failback` and `events` (follows `GET /events`).
+//! read from `/status`, with the cluster's peers, or its JSON; `--all` asks every replica),
+//! `server` (admin state changes), `reload`, `log-level`, `ice`, `failback` and `events`
+//! (follows `GET /events`).
 
 use crate::admin::client;
 use crate::admin::status::Status;
@@ -8,21 +9,51 @@ use anyhow::{Context, Result, bail};
 use std::fmt::Write as _;
 use std::time::Duration;
 
-/// `mediagate status [--watch]`. With `--watch` a failed fetch (balancer restarting,
-/// network) is shown in place of the table and retried a second later.
-pub async fn status(admin: String, token: Option<String>, watch: bool) -> Result<()> {
+/// How `mediagate status` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// The table.
+    Table,
+    /// The `/status` document as the API returns it (with `--all`: an array of
+    /// `{"replica": ADDRESS, "status": DOCUMENT}` or `{"replica", "error"}`).
+    Json,
+}
+
+/// `mediagate status [--watch] [-o json] [--all]`. With `--watch` a failed fetch (balancer
+/// restarting, network) is shown in place of the table and retried a second later; the
+/// screen is cleared between refreshes only when stdout is a terminal (a pipe or a file
+/// gets each refresh after the other). With `--all` every address the admin URL's host
+/// name resolves to is asked (a Kubernetes headless Service names every replica).
+pub async fn status(
+    admin: String,
+    token: Option<String>,
+    watch: bool,
+    output: Output,
+    all: bool,
+) -> Result<()> {
+    use std::io::IsTerminal as _;
+    let terminal = std::io::stdout().is_terminal();
     loop {
-        let table = fetch_status(&admin, token.as_deref()).await;
+        let shown = if all {
+            fetch_all(&admin, token.as_deref(), output).await
+        } else {
+            fetch_status(&admin, token.as_deref(), output).await
+        };
         if !watch {
-            print!("{}", table?);
+            print!("{}", shown?);
             return Ok(());
         }
-        // Clear the screen and home the cursor, then redraw in place.
-        match table {
-            Ok(table) => print!("\x1b[2J\x1b[H{table}"),
-            Err(e) => print!(
-                "\x1b[2J\x1b[Hmediagate status: {e:#}\n(retrying every second; Ctrl-C to stop)\n"
-            ),
+        let text = match shown {
+            Ok(text) => text,
+            Err(e) => {
+                format!("mediagate status: {e:#}\n(retrying every second; Ctrl-C to stop)\n")
+            }
+        };
+        if terminal {
+            // Clear the screen and home the cursor, then redraw in place.
+            print!("\x1b[2J\x1b[H{text}");
+        } else {
+            println!("{text}");
         }
         let _ = std::io::Write::flush(&mut std::io::stdout());
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -30,13 +61,127 @@ pub async fn status(admin: String, token: Option<String>, watch: bool) -> Result
 }
 
 /// One `GET /status`, rendered.
-async fn fetch_status(admin: &str, token: Option<&str>) -> Result<String> {
+async fn fetch_status(admin: &str, token: Option<&str>, output: Output) -> Result<String> {
+    let body = get_status(admin, token).await?;
+    match output {
+        Output::Json => Ok(format!("{}\n", body.trim_end())),
+        Output::Table => {
+            let st: Status = serde_json::from_str(&body).context("unexpected /status document")?;
+            Ok(render(&st))
+        }
+    }
+}
+
+async fn get_status(admin: &str, token: Option<&str>) -> Result<String> {
     let (code, body) = client::request(admin, "GET", "/status", None, token).await?;
     if code != 200 {
         bail!("GET /status answered {code}: {}", body.trim());
     }
-    let st: Status = serde_json::from_str(&body).context("unexpected /status document")?;
-    Ok(render(&st))
+    Ok(body)
+}
+
+/// `status --all`: every replica behind the admin URL's host name, one after the other.
+async fn fetch_all(admin: &str, token: Option<&str>, output: Output) -> Result<String> {
+    let replicas = replica_bases(admin).await?;
+    let mut text = String::new();
+    let mut docs = Vec::new();
+    for (addr, base) in &replicas {
+        let got = get_status(base, token).await;
+        match output {
+            Output::Json => docs.push(match got {
+                Ok(body) => {
+                    let v: serde_json::Value =
+                        serde_json::from_str(&body).context("unexpected /status document")?;
+                    serde_json::json!({ "replica": addr.to_string(), "status": v })
+                }
+                Err(e) => {
+                    serde_json::json!({ "replica": addr.to_string(), "error": format!("{e:#}") })
+                }
+            }),
+            Output::Table => {
+                let _ = writeln!(text, "== replica {addr} ==");
+                match got.and_then(|body| {
+                    serde_json::from_str::<Status>(&body).context("unexpected /status document")
+                }) {
+                    Ok(st) => text.push_str(&render(&st)),
+                    Err(e) => {
+                        let _ = writeln!(text, "error: {e:#}");
+                    }
+                }
+                text.push('\n');
+            }
+        }
+    }
+    if output == Output::Json {
+        text = format!("{}\n", serde_json::to_string_pretty(&docs)?);
+    }
+    Ok(text)
+}
+
+/// The admin URL of every address its host name resolves to (sorted; an IP is itself).
+async fn replica_bases(admin: &str) -> Result<Vec<(std::net::SocketAddr, String)>> {
+    let uri: hyper::Uri = admin.parse().context("admin URL")?;
+    let scheme = uri.scheme_str().unwrap_or("http");
+    let host = uri.host().context("admin URL has no host")?;
+    let port = uri
+        .port_u16()
+        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    let mut addrs: Vec<std::net::SocketAddr> =
+        tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
+            .await
+            .with_context(|| format!("resolve {host}"))?
+            .collect();
+    addrs.sort();
+    addrs.dedup();
+    if addrs.is_empty() {
+        bail!("{host} resolves to no address");
+    }
+    Ok(addrs
+        .into_iter()
+        .map(|a| (a, format!("{scheme}://{a}")))
+        .collect())
+}
+
+/// `mediagate reload`: `POST /reload`; prints `reloaded`, or every error of the refused
+/// file (the running configuration stays).
+pub async fn reload(admin: String, token: Option<String>) -> Result<()> {
+    let (code, body) = client::request(&admin, "POST", "/reload", None, token.as_deref()).await?;
+    if code == 422 {
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let errors = v["errors"]
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .map(|e| {
+                        e.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| e.to_string())
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_else(|| body.trim().to_string());
+        bail!("reload refused, the running configuration stays:\n{errors}");
+    }
+    expect_ok(code, &body)?;
+    println!("reloaded");
+    Ok(())
+}
+
+/// `mediagate log-level [LEVEL]`: prints the log filter in force, or sets it
+/// (`POST /log-level`) until the next change or a reload that changes `log.level`.
+pub async fn log_level(admin: String, token: Option<String>, level: Option<String>) -> Result<()> {
+    let (code, body) = match &level {
+        None => client::request(&admin, "GET", "/log-level", None, token.as_deref()).await?,
+        Some(l) => {
+            let body = serde_json::json!({ "level": l }).to_string();
+            client::request(&admin, "POST", "/log-level", Some(body), token.as_deref()).await?
+        }
+    };
+    expect_ok(code, &body)?;
+    let v: serde_json::Value = serde_json::from_str(&body).context("unexpected answer")?;
+    println!("{}", v["level"].as_str().unwrap_or_default());
+    Ok(())
 }
 
 /// `mediagate failback UPSTREAM`.

@@ -64,9 +64,31 @@ enum Command {
     Status {
         #[command(flatten)]
         api: AdminArgs,
-        /// Refresh every second; a failed fetch is shown and retried.
+        /// Refresh every second; a failed fetch is shown and retried. The screen is
+        /// redrawn in place only on a terminal.
         #[arg(long)]
         watch: bool,
+        /// `table`, or `json`: the /status document as the API returns it.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: cli::Output,
+        /// Ask every replica: every address the admin URL's host name resolves to (in
+        /// Kubernetes, a headless Service of the admin port).
+        #[arg(long)]
+        all: bool,
+    },
+    /// Reload the configuration file (`POST /reload`); a refused file changes nothing and
+    /// its errors are printed (exit 1).
+    Reload {
+        #[command(flatten)]
+        api: AdminArgs,
+    },
+    /// Print the log filter in force, or set it: `mediagate log-level debug`,
+    /// `mediagate log-level info,mediagate::health=debug`.
+    LogLevel {
+        /// The new filter (a level, or tracing directives); none: print the current one.
+        level: Option<String>,
+        #[command(flatten)]
+        api: AdminArgs,
     },
     /// Set a server's admin state.
     Server {
@@ -114,7 +136,16 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Demo => with_runtime(demo::run()),
-        Command::Status { api, watch } => with_runtime(cli::status(api.admin, api.token, watch)),
+        Command::Status {
+            api,
+            watch,
+            output,
+            all,
+        } => with_runtime(cli::status(api.admin, api.token, watch, output, all)),
+        Command::Reload { api } => with_runtime(cli::reload(api.admin, api.token)),
+        Command::LogLevel { level, api } => {
+            with_runtime(cli::log_level(api.admin, api.token, level))
+        }
         Command::Server {
             state,
             upstream,

@@ -257,14 +257,10 @@ async fn log_level() -> Response {
 
 /// `POST /log-level` `{"level":"debug"}` (or directives such as `info,mediagate=debug`):
 /// changes the log filter until the next change or a reload that changes `log.level`.
-async fn set_log_level(
-    body: Result<Json<LevelBody>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let Ok(Json(body)) = body else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "body must be JSON: {\"level\":\"debug\"}",
-        );
+async fn set_log_level(body: axum::body::Bytes) -> Response {
+    let body: LevelBody = match json_body(&body, "{\"level\":\"debug\"}") {
+        Ok(b) => b,
+        Err(e) => return *e,
     };
     match crate::logging::set_level(&body.level) {
         Ok(level) => {
@@ -282,6 +278,62 @@ async fn status_handler(State(ctx): State<Ctx>) -> Response {
 #[derive(Deserialize)]
 struct StateBody {
     state: String,
+}
+
+/// A JSON request body, whatever its `Content-Type` says (`curl -d` sends
+/// `application/x-www-form-urlencoded`): a body that does not parse gets a 400 showing
+/// the expected shape.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], shape: &str) -> Result<T, Box<Response>> {
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("the body must be JSON such as {shape}: {e}"),
+        ))
+    })
+}
+
+/// The one server of `up` that `server` names (its `ip:port`, or a bare IP that only
+/// one server has), or the error to answer: 404 when none, 409 listing them when a bare
+/// IP names several (a node with several ports).
+fn resolve_server(up: &UpstreamRuntime, name: &str, server: &str) -> Result<String, Box<Response>> {
+    let view = up.view();
+    let exact: Vec<&str> = view
+        .servers
+        .iter()
+        .filter(|s| s.handle.label == server)
+        .map(|s| s.handle.label.as_str())
+        .collect();
+    let matches: Vec<&str> = if exact.is_empty() {
+        view.servers
+            .iter()
+            .filter(|s| s.handle.ip.to_string() == server)
+            .map(|s| s.handle.label.as_str())
+            .collect()
+    } else {
+        exact
+    };
+    match matches.as_slice() {
+        [one] => Ok(one.to_string()),
+        [] => Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no server {server} in upstream {name} (servers: {})",
+                view.servers
+                    .iter()
+                    .map(|s| s.handle.label.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ))),
+        many => Err(Box::new(error(
+            StatusCode::CONFLICT,
+            format!(
+                "{server} is {} servers of upstream {name}: {}; name one as ip:port",
+                many.len(),
+                many.join(", ")
+            ),
+        ))),
+    }
 }
 
 fn error(code: StatusCode, msg: impl Into<String>) -> Response {
@@ -320,13 +372,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn set_state(
     State(ctx): State<Ctx>,
     Path((name, server)): Path<(String, String)>,
-    body: Result<Json<StateBody>, axum::extract::rejection::JsonRejection>,
+    body: axum::body::Bytes,
 ) -> Response {
-    let Ok(Json(body)) = body else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "body must be JSON: {\"state\":\"enable\"|\"drain\"|\"maint\"}",
-        );
+    let body: StateBody = match json_body(&body, "{\"state\":\"enable\"|\"drain\"|\"maint\"}") {
+        Ok(b) => b,
+        Err(e) => return *e,
     };
     let state: AdminState = match body.state.parse() {
         Ok(s) => s,
@@ -335,18 +385,16 @@ async fn set_state(
     let Some(up) = ctx.app.upstreams().get(&name).cloned() else {
         return error(StatusCode::NOT_FOUND, format!("no upstream {name}"));
     };
+    // A bare IP is accepted when it names one server; from here on the server is its
+    // ip:port (in the event, the cluster message and the answer).
+    let server = match resolve_server(&up, &name, &server) {
+        Ok(label) => label,
+        Err(e) => return *e,
+    };
     match up.set_admin(&server, state).await {
         Ok(()) => {
             if let Some(c) = ctx.app.cluster() {
-                // The peers know servers by label; the API also takes a bare IP.
-                let label = up
-                    .view()
-                    .servers
-                    .iter()
-                    .find(|s| s.handle.label == server || s.handle.ip.to_string() == server)
-                    .map(|s| s.handle.label.clone())
-                    .unwrap_or_else(|| server.clone());
-                c.admin_changed(&name, &label, state).await;
+                c.admin_changed(&name, &server, state).await;
             }
             Json(serde_json::json!({
                 "upstream": name, "server": server, "state": state.as_str()

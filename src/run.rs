@@ -23,6 +23,9 @@ pub async fn serve(cfg: Config, path: impl AsRef<Path>) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    for w in crate::config::validate::warnings(&cfg) {
+        tracing::warn!(key = %w.path, "{}", w.message);
+    }
     let app = App::start(cfg, path.as_ref().display().to_string()).await?;
     let watcher = tokio::spawn(app.state.clone().watch_file(FILE_POLL));
     // A stored permit, not a queue: any number of SIGHUPs during a reload make one more.

@@ -258,3 +258,21 @@ fn status_all_asks_every_replica_of_a_name() {
         "{text}"
     );
 }
+
+#[test]
+fn check_warns_on_short_secrets_and_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("m.yaml");
+    std::fs::write(
+        &cfg,
+        "admin: { listen: 127.0.0.1:9, token: abc, events_token: 0123456789abcdef }\n\
+         turn:\n  public_address: 203.0.113.7\n  listeners: [{ protocol: udp, listen: 127.0.0.1:3478 }]\n  \
+         auth: { type: ephemeral, secret: hunter2 }\n",
+    )
+    .unwrap();
+    let (code, _, err) = cli(&["check", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "a warning, not an error: {err}");
+    assert!(err.contains("admin.token: only 3 characters"), "{err}");
+    assert!(err.contains("turn.auth.secret: only 7 characters"), "{err}");
+    assert!(!err.contains("admin.events_token"), "16 characters are enough: {err}");
+}

@@ -137,7 +137,11 @@ pub fn load_str_with_env(
     };
 
     let positions = root.positions();
-    for issue in validate(&config) {
+    let written = |p: &str| positions.contains_key(p);
+    let issues = validate(&config)
+        .into_iter()
+        .chain(super::validate::meaningless_keys(&config, &written));
+    for issue in issues {
         let pos = position_of(&positions, &issue.path);
         let path = as_written(&removed_items, &issue.path);
         if !bad.iter().any(|b| related(b, &path)) {

@@ -48,7 +48,7 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
     (
         "unclosed flow list",
         "listeners: [\n  - a\n",
-        &["t.yaml:2:3: invalid YAML: \"-\" is only valid inside a block"],
+        &["t.yaml:1:12: invalid YAML: this `[` is not closed (the parser stopped at 2:3: \"-\" is only valid inside a block)"],
     ),
     (
         "bad indentation",
@@ -517,6 +517,24 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
             "t.yaml:8:14: discovery.dns.min_ttl: min_ttl 1m is longer than max_ttl 30s",
         ],
     ),
+    (
+        "an unclosed flow bracket is pointed at, not where the parser gave up",
+        "admin:\n  listen: 127.0.0.1:9\nlisteners: [ { name: a, protocol: udp, listen: 127.0.0.1:5000, upstream: u }\nupstreams:\n  u:\n    primary: [10.0.0.1:5]\n",
+        &[
+            "t.yaml:3:12: invalid YAML: this `[` is not closed (the parser stopped at 4:1: invalid indentation in flow construct)",
+        ],
+    ),
+    (
+        "keys that mean nothing where they are written",
+        "listeners:\n  - { name: a, protocol: udp, listen: 0.0.0.0:5000, upstream: u, max_connections: 9 }\nupstreams:\n  u:\n    primary: [10.0.0.1]\n    health: { type: udp, expect_status: 204, path: /x, send: ping }\n  v:\n    primary: [10.0.0.2:80]\n    health: { type: http, tls_server_name: janus.example, expect: pong }\n",
+        &[
+            "t.yaml:2:83: listeners[0].max_connections: max_connections is for tcp listeners; a UDP listener is bounded by session.max_sessions",
+            "t.yaml:6:41: upstreams.u.health.expect_status: expect_status is for http probes (this one is udp)",
+            "t.yaml:6:52: upstreams.u.health.path: path is for http probes (this one is udp)",
+            "t.yaml:9:44: upstreams.v.health.tls_server_name: tls_server_name needs tls: true",
+            "t.yaml:9:67: upstreams.v.health.expect: expect is for udp probes (this one is http)",
+        ],
+    ),
 ];
 
 #[test]
@@ -894,4 +912,23 @@ fn offload_is_for_udp_listeners() {
     )
     .expect_err("unknown offload");
     assert!(e.to_string().contains("listeners[0].offload"), "{e}");
+}
+
+#[test]
+fn choices_take_snake_and_kebab_case() {
+    let base = "listeners:\n  - { name: a, protocol: udp, listen: 0.0.0.0:5000, upstream: u }\nupstreams:\n  u:\n    primary: [10.0.0.1, 10.0.0.2]\n";
+    for (kebab, snake) in [
+        ("failback: new-sessions", "failback: new_sessions"),
+        ("balance: round-robin", "balance: round_robin"),
+        ("balance: least-sessions", "balance: least_sessions"),
+        ("when_all_down: keep-last", "when_all_down: keep_last"),
+    ] {
+        let a = load_ok(&format!("{base}    {kebab}\n"));
+        let b = load_ok(&format!("{base}    {snake}\n"));
+        assert_eq!(a, b, "{kebab} and {snake}");
+    }
+    assert_eq!(
+        load_ok(base).upstreams["u"].failback.as_str(),
+        "new_sessions"
+    );
 }

@@ -167,7 +167,7 @@ pub struct ListenerConfig {
     #[serde(default)]
     pub offload: Offload,
     /// TCP: `v2` sends a PROXY protocol v2 header carrying the client's address to the
-    /// server before any data (for coturn `--proxy-protocol`, Janus behind a proxy,
+    /// server before any data (for coturn 4.6 `--tcp-proxy-port`, Janus behind a proxy,
     /// HAProxy `accept-proxy`). Default none.
     #[serde(default)]
     pub proxy_protocol: Option<ProxyProtocolVersion>,
@@ -324,7 +324,8 @@ impl<'de> Deserialize<'de> for ListenAddr {
     }
 }
 
-/// Selection policy within the active tier.
+/// Selection policy within the active tier. Every enum of the file is written in
+/// snake_case (`round_robin`); the kebab-case spelling (`round-robin`) is accepted too.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
@@ -334,8 +335,10 @@ pub enum Balance {
     /// Rendezvous hashing of the client IP over the first tier with an eligible server.
     Hash,
     /// Rotate over the eligible servers of the first tier that has one.
+    #[serde(alias = "round-robin")]
     RoundRobin,
     /// The eligible server of the first tier with the fewest sessions.
+    #[serde(alias = "least-sessions")]
     LeastSessions,
 }
 
@@ -353,10 +356,11 @@ impl Balance {
 
 /// What happens when a higher-priority server becomes eligible again.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "snake_case")]
 pub enum Failback {
     /// New sessions go to the recovered server; existing ones stay.
     #[default]
+    #[serde(alias = "new-sessions")]
     NewSessions,
     /// Existing sessions move back too.
     All,
@@ -368,7 +372,7 @@ impl Failback {
     /// The name as written in the file.
     pub fn as_str(&self) -> &'static str {
         match self {
-            Failback::NewSessions => "new-sessions",
+            Failback::NewSessions => "new_sessions",
             Failback::All => "all",
             Failback::Manual => "manual",
         }
@@ -383,6 +387,7 @@ pub enum WhenAllDown {
     /// upstream is marked `degraded`: a probe that fails while the media path works must
     /// not drop the media. Servers in `drain` or `maint` are never kept.
     #[default]
+    #[serde(alias = "keep-last")]
     KeepLast,
     /// The upstream has no server: datagrams and connections are dropped until one is up.
     Drop,
@@ -427,7 +432,7 @@ pub struct UpstreamConfig {
     /// Default `first`.
     #[serde(default)]
     pub balance: Balance,
-    /// Default `new-sessions`.
+    /// Default `new_sessions`.
     #[serde(default)]
     pub failback: Failback,
     /// A recovered server must stay up this long before it is used again. Default 0s.

@@ -114,9 +114,16 @@ impl de::Error for DeError {
     }
 
     fn unknown_variant(variant: &str, expected: &'static [&'static str]) -> Self {
+        // The documented spelling only: a kebab-case alias (`round-robin`) of a listed
+        // snake_case name (`round_robin`) is accepted but not offered.
+        let documented: Vec<&str> = expected
+            .iter()
+            .copied()
+            .filter(|e| !(e.contains('-') && expected.contains(&e.replace('-', "_").as_str())))
+            .collect();
         Self::custom(format_args!(
             "unknown value {variant:?} (expected one of: {})",
-            expected.join(", ")
+            documented.join(", ")
         ))
     }
 

@@ -153,6 +153,68 @@ impl Located {
 /// Parses the text into a tree; `Ok(None)` when it holds no value at all (empty, only
 /// comments, or a lone null), which the caller reports as an empty file.
 pub(crate) fn parse(text: &str) -> Result<Option<Node>, Located> {
+    parse_events(text).map_err(|e| point_at_unclosed(text, e))
+}
+
+/// A syntax error inside a flow collection (`[...]`, `{...}`) that was never closed is
+/// reported by the parser where it gave up, often lines later: point at the bracket
+/// instead, and say where the parser stopped.
+fn point_at_unclosed(text: &str, e: Located) -> Located {
+    let Some(at) = e.pos else {
+        return e;
+    };
+    if !e.message.starts_with("invalid YAML") {
+        return e;
+    }
+    let Some((open, line, column)) = unclosed_bracket(text, at) else {
+        return e;
+    };
+    Located {
+        pos: Some(Pos { line, column }),
+        path: e.path,
+        message: format!(
+            "invalid YAML: this `{open}` is not closed (the parser stopped at {}:{}: {})",
+            at.line,
+            at.column,
+            e.message.trim_start_matches("invalid YAML: ")
+        ),
+    }
+}
+
+/// The innermost flow bracket still open at `stop` (1-based line and column), outside
+/// quotes and comments: the bracket and its position.
+fn unclosed_bracket(text: &str, stop: Pos) -> Option<(char, usize, usize)> {
+    let mut open: Vec<(char, usize, usize)> = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        if line > stop.line {
+            break;
+        }
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        for (j, c) in raw.chars().enumerate() {
+            let column = j + 1;
+            if line == stop.line && column >= stop.column {
+                break;
+            }
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '\'' | '"') if !prev.is_alphanumeric() => quote = Some(c),
+                (None, '#') if prev.is_whitespace() => break,
+                (None, '[' | '{') => open.push((c, line, column)),
+                (None, ']' | '}') => {
+                    open.pop();
+                }
+                _ => {}
+            }
+            prev = c;
+        }
+    }
+    open.pop()
+}
+
+fn parse_events(text: &str) -> Result<Option<Node>, Located> {
     let mut b = Builder {
         parser: Parser::new_from_str(text),
         anchors: HashMap::new(),

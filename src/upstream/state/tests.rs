@@ -141,7 +141,7 @@ fn failback_new_sessions_keeps_existing_sessions() {
     assert_eq!(f.active(), vec![P1]);
     assert!(
         s.evict.is_empty(),
-        "new-sessions must not move backup sessions"
+        "new_sessions must not move backup sessions"
     );
     assert_eq!(s.event.map(|e| e.kind), Some(EventKind::Failback));
 }

@@ -151,15 +151,7 @@ fn future_dated_maint_then(ahead: Duration, actions: &[(usize, &str)]) {
         ),
     )
     .unwrap();
-    let cfg = |i: usize| {
-        config(
-            &format!("r{}", i + 1),
-            &r[i],
-            &peers,
-            &w,
-            Some(&files[i]),
-        )
-    };
+    let cfg = |i: usize| config(&format!("r{}", i + 1), &r[i], &peers, &w, Some(&files[i]));
     let b: Vec<Balancer> = (0..3)
         .map(|i| Balancer::start(&cfg(i), r[i].admin))
         .collect();
@@ -171,9 +163,11 @@ fn future_dated_maint_then(ahead: Duration, actions: &[(usize, &str)]) {
         );
     }
     for x in &b {
-        wait_until(Duration::from_secs(3), "the stored maint everywhere", || {
-            admin_state(x, w.primary_addr) == "maint"
-        });
+        wait_until(
+            Duration::from_secs(3),
+            "the stored maint everywhere",
+            || admin_state(x, w.primary_addr) == "maint",
+        );
     }
     // Taken in clamped: r1 rewrote its entry no further ahead than a second (+ margin).
     wait_until(Duration::from_secs(3), "r1's file rewritten", || {
@@ -271,7 +265,10 @@ fn frame_for_one_peer_replayed_to_another_is_dropped_counted_and_unanswered() {
     third
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let r1_peers = vec![cluster_addr(&r[1]), peer_a.local_addr().unwrap().to_string()];
+    let r1_peers = vec![
+        cluster_addr(&r[1]),
+        peer_a.local_addr().unwrap().to_string(),
+    ];
     let r2_peers = vec![cluster_addr(&r[0])];
     let r1 = Balancer::start(&config("r1", &r[0], &r1_peers, &w, None), r[0].admin);
     let r2 = Balancer::start(&config("r2", &r[1], &r2_peers, &w, None), r[1].admin);

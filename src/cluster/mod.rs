@@ -30,11 +30,11 @@ pub mod transport;
 
 use crate::config::ClusterConfig;
 use crate::upstream::{AdminState, UpstreamRuntime};
+use admin_state::{Stamped, StateFile, parse_state};
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ListenerHandle};
 use indexmap::IndexMap;
-use admin_state::{StateFile, Stamped, parse_state};
 use metrics::ClusterMetrics;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -736,7 +736,10 @@ fn failback_rank(v: &str) -> Option<(u64, String)> {
     let mut it = v.splitn(3, ' ');
     let version: u64 = it.next()?.parse().ok()?;
     let _at: u64 = it.next()?.parse().ok()?;
-    Some((version.min(admin_state::MAX_VERSION), it.next()?.to_string()))
+    Some((
+        version.min(admin_state::MAX_VERSION),
+        it.next()?.to_string(),
+    ))
 }
 
 /// Writes the latest admin states to the ConfigMap, one write at a time: changes that

@@ -447,7 +447,10 @@ mod tests {
         let now = now_ms();
         let ab = route(A, B);
         let f1 = seal(key, 5, 1, now, ab, b"hello");
-        assert_eq!(open(key, &mut g, &me, &f1, now), Ok((ab.from, &b"hello"[..])));
+        assert_eq!(
+            open(key, &mut g, &me, &f1, now),
+            Ok((ab.from, &b"hello"[..]))
+        );
         assert_eq!(open(key, &mut g, &me, &f1, now), Err(Reject::Replay));
         let f3 = seal(key, 5, 3, now, ab, b"x");
         let f2 = seal(key, 5, 2, now, ab, b"y");
@@ -502,6 +505,9 @@ mod tests {
         // The answer goes to the authenticated sender, IPv6 included.
         let v6 = route("[2001:db8::1]:7946", B);
         let f = seal(key, 6, 1, now, v6, b"x");
-        assert_eq!(open(key, &mut g, &me_b, &f, now).map(|(f, _)| f), Ok(v6.from));
+        assert_eq!(
+            open(key, &mut g, &me_b, &f, now).map(|(f, _)| f),
+            Ok(v6.from)
+        );
     }
 }

@@ -20,8 +20,8 @@ fn ports(n: usize) -> Vec<Ports> {
     (0..n)
         .map(|_| Ports {
             admin: free_tcp_port(),
-            listen: free_udp_port(),
-            cluster: free_udp_port(),
+            listen: spare_udp_port(),
+            cluster: spare_udp_port(),
         })
         .collect()
 }

@@ -20,17 +20,6 @@ struct Replica {
     cluster: u16,
 }
 
-/// A free UDP port below the ephemeral range: the replicas started first cannot take
-/// it for a probe or session socket before the one it is meant for binds it.
-fn spare_udp_port() -> u16 {
-    loop {
-        let port = 20_000 + rand::random::<u16>() % 12_000;
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
 fn replicas(n: usize) -> Vec<Replica> {
     (0..n)
         .map(|_| Replica {

@@ -37,6 +37,18 @@ fn config(
     w: &UdpPair,
     state_file: Option<&Path>,
 ) -> String {
+    config_with(node, me, peers, w, state_file, "1s", "2s")
+}
+
+fn config_with(
+    node: &str,
+    me: &Replica,
+    peers: &[String],
+    w: &UdpPair,
+    state_file: Option<&Path>,
+    peer_timeout: &str,
+    sync_timeout: &str,
+) -> String {
     let peers = peers
         .iter()
         .map(|p| format!("\"{p}\""))
@@ -60,9 +72,9 @@ cluster:
   peers: [{peers}]
   secret: "{SECRET}"
   node_id: {node}
-  peer_timeout: 1s
+  peer_timeout: {peer_timeout}
   gossip_interval: 100ms
-  sync_timeout: 2s
+  sync_timeout: {sync_timeout}
 {state}"#,
         admin = me.admin,
         listen = me.listen,
@@ -238,6 +250,48 @@ fn clock_ahead_replica_does_not_outvote_later_actions() {
         Duration::from_secs(20),
         &[(0, "enable"), (2, "drain"), (1, "enable")],
     );
+}
+
+/// A live peer that does not take the change (stopped, still inside its `peer_timeout`)
+/// within `sync_timeout`: 202 naming it, not 200; it applies the change once it runs.
+#[test]
+fn change_a_live_peer_has_not_taken_is_not_answered_200() {
+    let w = UdpPair::start();
+    let r = replicas(2);
+    let peers: Vec<String> = r.iter().map(cluster_addr).collect();
+    let cfg = |i: usize| {
+        config_with(
+            &format!("r{}", i + 1),
+            &r[i],
+            &peers,
+            &w,
+            None,
+            "5s",
+            "300ms",
+        )
+    };
+    let r1 = Balancer::start(&cfg(0), r[0].admin);
+    let r2 = Balancer::start(&cfg(1), r[1].admin);
+    wait_until(Duration::from_secs(10), "r1 and r2 see each other", || {
+        alive_peers(&r1) == 1 && alive_peers(&r2) == 1
+    });
+    r2.proc.signal(nix::sys::signal::Signal::SIGSTOP);
+    let (code, body) = http(
+        r1.admin,
+        "POST",
+        &format!("/upstreams/media/servers/{}/state", w.primary_addr),
+        Some(r#"{"state":"drain"}"#),
+    )
+    .expect("POST state");
+    r2.proc.signal(nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(code, 202, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["pending"], serde_json::json!(["r2"]), "{body}");
+    // Published all the same: this replica applied it, the other takes it once it runs.
+    assert_eq!(admin_state(&r1, w.primary_addr), "drain");
+    wait_until(Duration::from_secs(3), "r2 takes the drain", || {
+        admin_state(&r2, w.primary_addr) == "drain"
+    });
 }
 
 #[test]

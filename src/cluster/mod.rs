@@ -4,10 +4,14 @@
 //!
 //! Each replica publishes in its own chitchat key space:
 //! - `h/<upstream>/<server>` = the reason its own probes see the server down, or `""`;
-//! - `a/<upstream>/<server>` = `<unix ms> <state> <origin node>`, the admin state it
-//!   applies; the newest (time, origin) over every known replica wins, and a replica
-//!   that adopts a state publishes it too, so it outlives the replica that set it;
-//! - `f/<upstream>` = `<unix ms> <origin node>`, the last manual failback.
+//! - `a/<upstream>/<server>` = `<version> <unix ms> <state> <origin node>`, the admin
+//!   state it applies; the newest action over every known replica wins (Lamport
+//!   version first, times clamped where they come in: [`admin_state`]), and a replica
+//!   that adopts a state publishes it too, so it outlives the replica that set it. An
+//!   action given to this replica's API is answered once the cluster holds it
+//!   ([`Cluster::set_admin`]);
+//! - `f/<upstream>` = `<version> <unix ms> <origin node>`, the last manual failback
+//!   (newest by version, then origin).
 //!
 //! A sync task reads them every [`TICK`] (and at once when a peer's key changes): a
 //! server is down for this replica when any live peer sees it down (`peer:<node>:<reason>`,

@@ -286,9 +286,12 @@ fn change_a_live_peer_has_not_taken_is_not_answered_200() {
     r2.proc.signal(nix::sys::signal::Signal::SIGCONT);
     assert_eq!(code, 202, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["pending"], serde_json::json!(["r2"]), "{body}");
-    // Published all the same: this replica applied it, the other takes it once it runs.
-    assert_eq!(admin_state(&r1, w.primary_addr), "drain");
+    let pending = v["pending"].as_array().cloned().unwrap_or_default();
+    assert!(pending.contains(&serde_json::json!("r2")), "{body}");
+    // Published all the same: both replicas apply it (the stopped one once it runs).
+    wait_until(Duration::from_secs(2), "r1 applies the drain", || {
+        admin_state(&r1, w.primary_addr) == "drain"
+    });
     wait_until(Duration::from_secs(3), "r2 takes the drain", || {
         admin_state(&r2, w.primary_addr) == "drain"
     });

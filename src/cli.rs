@@ -212,7 +212,19 @@ pub async fn set_server_state(
     let body = serde_json::json!({ "state": state }).to_string();
     let (code, resp) = client::request(&admin, "POST", &path, Some(body), token.as_deref()).await?;
     expect_ok(code, &resp)?;
-    println!("{upstream} {server}: {state}");
+    // 202: published to the cluster, but some replicas had not confirmed it in time.
+    let pending = serde_json::from_str::<serde_json::Value>(&resp)
+        .ok()
+        .and_then(|v| v.get("pending").cloned())
+        .and_then(|p| serde_json::from_value::<Vec<String>>(p).ok())
+        .filter(|p| code == 202 && !p.is_empty());
+    match pending {
+        Some(p) => println!(
+            "{upstream} {server}: {state} (published; not yet confirmed by {})",
+            p.join(", ")
+        ),
+        None => println!("{upstream} {server}: {state}"),
+    }
     Ok(())
 }
 

@@ -274,5 +274,8 @@ fn check_warns_on_short_secrets_and_tokens() {
     assert_eq!(code, 0, "a warning, not an error: {err}");
     assert!(err.contains("admin.token: only 3 characters"), "{err}");
     assert!(err.contains("turn.auth.secret: only 7 characters"), "{err}");
-    assert!(!err.contains("admin.events_token"), "16 characters are enough: {err}");
+    assert!(
+        !err.contains("admin.events_token"),
+        "16 characters are enough: {err}"
+    );
 }

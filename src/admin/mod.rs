@@ -11,7 +11,7 @@ pub mod status;
 #[cfg(test)]
 mod tests;
 
-use crate::cluster::Cluster;
+use crate::cluster::{AdminOutcome, Cluster};
 use crate::config::Config;
 use crate::metrics::{Metrics, child, labels};
 use crate::upstream::{AdminState, UpstreamRuntime};
@@ -391,16 +391,35 @@ async fn set_state(
         Ok(label) => label,
         Err(e) => return *e,
     };
-    match up.set_admin(&server, state).await {
-        Ok(()) => {
-            if let Some(c) = ctx.app.cluster() {
-                c.admin_changed(&name, &server, state).await;
+    // With a cluster, the state is the cluster's: published for every replica, applied
+    // here by the cluster like a peer's, and answered 200 only once it holds.
+    if let Some(c) = ctx.app.cluster() {
+        let done = serde_json::json!({
+            "upstream": name, "server": server, "state": state.as_str()
+        });
+        return match c.set_admin(&up, &server, state).await {
+            AdminOutcome::Applied => Json(done).into_response(),
+            AdminOutcome::Superseded(w) => error(
+                StatusCode::CONFLICT,
+                format!(
+                    "a newer action wins on the cluster: {} by {} (version {}); this one is not applied",
+                    w.state.as_str(),
+                    w.origin,
+                    w.version
+                ),
+            ),
+            AdminOutcome::Unconfirmed(waiting) => {
+                let mut body = done;
+                body["pending"] = serde_json::json!(waiting);
+                (StatusCode::ACCEPTED, Json(body)).into_response()
             }
-            Json(serde_json::json!({
-                "upstream": name, "server": server, "state": state.as_str()
-            }))
-            .into_response()
-        }
+        };
+    }
+    match up.set_admin(&server, state).await {
+        Ok(()) => Json(serde_json::json!({
+            "upstream": name, "server": server, "state": state.as_str()
+        }))
+        .into_response(),
         Err(e) => error(StatusCode::NOT_FOUND, e),
     }
 }

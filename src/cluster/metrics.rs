@@ -12,14 +12,18 @@ pub enum Reject {
     Malformed,
     BadMac,
     Stale,
+    /// Addressed to another replica (a frame captured on its way to one peer, replayed
+    /// to another).
+    Misdirected,
     Replay,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 4] = [
+    pub const ALL: [Reject; 5] = [
         Reject::Malformed,
         Reject::BadMac,
         Reject::Stale,
+        Reject::Misdirected,
         Reject::Replay,
     ];
     pub fn as_str(self) -> &'static str {
@@ -27,6 +31,7 @@ impl Reject {
             Reject::Malformed => "malformed",
             Reject::BadMac => "bad_mac",
             Reject::Stale => "stale",
+            Reject::Misdirected => "misdirected",
             Reject::Replay => "replay",
         }
     }
@@ -48,7 +53,8 @@ pub struct ClusterMetrics {
     pub sent: Counter,
     /// `mediagate_cluster_messages_received_total`: accepted (authenticated) messages.
     pub received: Counter,
-    /// `mediagate_cluster_messages_rejected_total{reason}`: malformed, bad_mac, stale, replay.
+    /// `mediagate_cluster_messages_rejected_total{reason}`: malformed, bad_mac, stale,
+    /// misdirected, replay.
     rejected: Family<ReasonLabels, Counter>,
     /// `mediagate_cluster_disagreements`: live peers whose view of down servers differs
     /// from this replica's own.

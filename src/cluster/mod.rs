@@ -4,10 +4,14 @@
 //!
 //! Each replica publishes in its own chitchat key space:
 //! - `h/<upstream>/<server>` = the reason its own probes see the server down, or `""`;
-//! - `a/<upstream>/<server>` = `<unix ms> <state> <origin node>`, the admin state it
-//!   applies; the newest (time, origin) over every known replica wins, and a replica
-//!   that adopts a state publishes it too, so it outlives the replica that set it;
-//! - `f/<upstream>` = `<unix ms> <origin node>`, the last manual failback.
+//! - `a/<upstream>/<server>` = `<version> <unix ms> <state> <origin node>`, the admin
+//!   state it applies; the newest action over every known replica wins (Lamport
+//!   version first, times clamped where they come in: [`admin_state`]), and a replica
+//!   that adopts a state publishes it too, so it outlives the replica that set it. An
+//!   action given to this replica's API is answered once the cluster holds it
+//!   ([`Cluster::set_admin`]);
+//! - `f/<upstream>` = `<version> <unix ms> <origin node>`, the last manual failback
+//!   (newest by version, then origin).
 //!
 //! A sync task reads them every [`TICK`] (and at once when a peer's key changes): a
 //! server is down for this replica when any live peer sees it down (`peer:<node>:<reason>`,
@@ -23,12 +27,14 @@
 //! (or `sync_timeout`), so a reload never flaps a server. Its peers see a new generation
 //! of the same node, which replaces the old one as soon as it is heard.
 
+pub mod admin_state;
 pub mod kube_state;
 pub mod metrics;
 pub mod transport;
 
 use crate::config::ClusterConfig;
 use crate::upstream::{AdminState, UpstreamRuntime};
+use admin_state::{Stamped, StateFile, parse_state};
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ListenerHandle};
@@ -72,39 +78,24 @@ pub struct ClusterStatus {
     pub peers: Vec<PeerStatus>,
 }
 
-/// An admin state with its last-writer-wins stamp.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Stamped {
-    at_ms: u64,
-    state: AdminState,
-    origin: String,
-}
-
-impl Stamped {
-    fn encode(&self) -> String {
-        format!("{} {} {}", self.at_ms, self.state.as_str(), self.origin)
-    }
-    fn decode(s: &str) -> Option<Stamped> {
-        let mut it = s.splitn(3, ' ');
-        Some(Stamped {
-            at_ms: it.next()?.parse().ok()?,
-            state: it.next()?.parse().ok()?,
-            origin: it.next()?.to_string(),
-        })
-    }
-    fn rank(&self) -> (u64, &str) {
-        (self.at_ms, &self.origin)
-    }
-}
-
-/// `cluster.state_file`: upstream → server → stamped admin state.
-type StateFile = BTreeMap<String, BTreeMap<String, Stamped>>;
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// How an admin state set through the API fared ([`Cluster::set_admin`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminOutcome {
+    /// Applied by this replica and held by every live peer.
+    Applied,
+    /// A newer action, taken on another replica before this one was heard, wins: the
+    /// cluster applies that one.
+    Superseded(Stamped),
+    /// Published, but these replicas (this one first, when it has not applied it) did
+    /// not confirm within `sync_timeout`; they take it when they hear it.
+    Unconfirmed(Vec<String>),
 }
 
 /// A running cluster member.
@@ -185,7 +176,7 @@ impl Cluster {
         let mut initial = Vec::new();
         if let Some(path) = &cfg.state_file {
             match std::fs::read_to_string(path) {
-                Ok(text) => initial.extend(parse_state(&text, path)),
+                Ok(text) => initial.extend(parse_state(&text, path, now_ms())),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
                     tracing::warn!(path, error = %e, "cluster.state_file unreadable; ignored")
@@ -199,7 +190,7 @@ impl Cluster {
                 Ok(client) => {
                     let store = kube_state::ConfigMapStore::new(client, &ns, &name);
                     match store.load().await {
-                        Ok(Some(text)) => initial.extend(parse_state(&text, reference)),
+                        Ok(Some(text)) => initial.extend(parse_state(&text, reference, now_ms())),
                         Ok(None) => {}
                         Err(e) => {
                             tracing::warn!(configmap = %reference, error = %e, "cluster.state_configmap unreadable; starting without it")
@@ -216,6 +207,7 @@ impl Cluster {
         let stop = CancellationToken::new();
         let transport = transport::HmacTransport {
             key: Arc::from(cfg.secret.as_bytes()),
+            advertise: address,
             metrics: metrics.clone(),
             socket: socket.clone(),
             start: start.clone(),
@@ -276,11 +268,18 @@ impl Cluster {
             self.handle
                 .with_chitchat(|c| {
                     let me = c.self_node_state();
+                    let now = now_ms();
                     for (k, v) in &carried {
-                        let newer = match (Stamped::decode(v), me.get(k).and_then(Stamped::decode))
-                        {
-                            (Some(a), Some(b)) => a.rank() > b.rank(),
-                            _ => me.get(k).is_none(),
+                        let newer = if k.starts_with("a/") {
+                            match (Stamped::decode(v), me.get(k).and_then(Stamped::decode)) {
+                                (Some(a), Some(b)) => a.clamped(now).beats(&b.clamped(now)),
+                                _ => me.get(k).is_none(),
+                            }
+                        } else {
+                            match (failback_rank(v), me.get(k).and_then(failback_rank)) {
+                                (Some(a), Some(b)) => a > b,
+                                _ => me.get(k).is_none(),
+                            }
                         };
                         if newer {
                             me.set(k.clone(), v.clone());
@@ -314,27 +313,122 @@ impl Cluster {
         }
     }
 
-    /// An admin state set through this replica's API: published with the current time.
-    pub async fn admin_changed(&self, upstream: &str, server: &str, state: AdminState) {
-        let st = Stamped {
-            at_ms: now_ms(),
-            state,
-            origin: self.node_id.clone(),
-        };
-        self.handle
+    /// An admin state set through this replica's API, for every replica: published one
+    /// version above every action known for the server (so it supersedes them), applied
+    /// here by the sync task like any other, then confirmed: [`AdminOutcome::Applied`]
+    /// once this replica applied it and every live peer holds it, within
+    /// `sync_timeout`. `up` is the upstream in force, `label` the server's label.
+    pub async fn set_admin(
+        &self,
+        up: &UpstreamRuntime,
+        label: &str,
+        state: AdminState,
+    ) -> AdminOutcome {
+        let key = format!("a/{}/{label}", up.name);
+        let node = self.node_id.clone();
+        let mine = self
+            .handle
             .with_chitchat(|c| {
-                c.self_node_state()
-                    .set(format!("a/{upstream}/{server}"), st.encode())
+                let now = now_ms();
+                let known: Vec<Stamped> = c
+                    .node_states()
+                    .values()
+                    .filter_map(|ns| ns.get(&key).and_then(Stamped::decode))
+                    .collect();
+                let st = admin_state::next(known, state, &node, now);
+                c.self_node_state().set(key.clone(), st.encode());
+                st
             })
             .await;
         self.wake.notify_one();
+        let deadline = Instant::now() + self.cfg.sync_timeout.get();
+        loop {
+            let live: BTreeSet<String> = self
+                .status
+                .load()
+                .iter()
+                .filter(|p| p.alive)
+                .map(|p| p.node.clone())
+                .collect();
+            let (winner, pending) = self
+                .handle
+                .with_chitchat(|c| {
+                    let now = now_ms();
+                    let winner = admin_state::newest(
+                        c.node_states()
+                            .values()
+                            .filter_map(|ns| ns.get(&key).and_then(Stamped::decode)),
+                        now,
+                    );
+                    // The newest generation of each live peer.
+                    let mut newest: BTreeMap<String, &ChitchatId> = BTreeMap::new();
+                    for id in c.node_states().keys() {
+                        let node: &str = &id.node_id;
+                        if live.contains(node)
+                            && newest
+                                .get(node)
+                                .is_none_or(|n| n.generation_id < id.generation_id)
+                        {
+                            newest.insert(node.to_string(), id);
+                        }
+                    }
+                    let pending: Vec<String> = newest
+                        .iter()
+                        .filter(|(_, id)| {
+                            !c.node_state(id)
+                                .and_then(|ns| ns.get(&key))
+                                .and_then(Stamped::decode)
+                                .is_some_and(|v| v.same_action(&mine))
+                        })
+                        .map(|(n, _)| n.clone())
+                        .collect();
+                    (winner, pending)
+                })
+                .await;
+            if let Some(w) = winner
+                && !w.same_action(&mine)
+            {
+                return AdminOutcome::Superseded(w);
+            }
+            let here = up.view().servers.iter().any(|sv| {
+                (sv.handle.label == label || sv.handle.ip.to_string() == label)
+                    && sv.admin_state == state
+            });
+            if here && pending.is_empty() {
+                return AdminOutcome::Applied;
+            }
+            if Instant::now() >= deadline || self.stop.is_cancelled() {
+                let mut waiting = pending;
+                if !here {
+                    waiting.insert(0, self.node_id.clone());
+                }
+                return AdminOutcome::Unconfirmed(waiting);
+            }
+            tokio::time::sleep(TICK).await;
+        }
     }
 
-    /// A manual failback made through this replica's API: the peers do it too.
+    /// A manual failback made through this replica's API: the peers do it too. Stamped
+    /// one version above every failback known (a clock ahead does not hide it).
     pub async fn failback_requested(&self, upstream: &str) {
-        let v = format!("{} {}", now_ms(), self.node_id);
+        let key = format!("f/{upstream}");
+        let node = self.node_id.clone();
         self.handle
-            .with_chitchat(|c| c.self_node_state().set(format!("f/{upstream}"), v.clone()))
+            .with_chitchat(|c| {
+                let top = c
+                    .node_states()
+                    .values()
+                    .filter_map(|ns| ns.get(&key).and_then(failback_rank))
+                    .map(|(v, _)| v)
+                    .max()
+                    .unwrap_or(0);
+                let v = format!(
+                    "{} {} {node}",
+                    (top + 1).min(admin_state::MAX_VERSION),
+                    now_ms()
+                );
+                c.self_node_state().set(key.clone(), v)
+            })
             .await;
         self.wake.notify_one();
     }
@@ -496,50 +590,63 @@ impl Cluster {
                     s.sent.insert(name.clone(), (key, verdict));
                 }
             }
-            // 4. Admin states: newest (time, origin) over every known replica wins. A
+            // 4. Admin states: the newest action over every known replica wins
+            //    (admin_state: Lamport version, then clamped time, node, state). A
             //    server that is not in the upstream (yet) gets its state when it appears
-            //    (discovery, a reload), and again if it leaves and comes back.
+            //    (discovery, a reload), and again if it leaves and comes back; one whose
+            //    state differs from the winner's (whatever set it) is set again.
             let mut apply: Vec<(Arc<UpstreamRuntime>, String, AdminState)> = Vec::new();
             let mut failbacks: Vec<Arc<UpstreamRuntime>> = Vec::new();
+            let wall = now_ms();
             for (name, up) in ups.iter() {
                 let prefix = format!("a/{name}/");
-                let mut best: BTreeMap<String, Stamped> = BTreeMap::new();
+                let mut candidates: BTreeMap<String, Vec<Stamped>> = BTreeMap::new();
                 for ns in cc.node_states().values() {
                     for (k, v) in ns.iter_prefix(&prefix) {
-                        let Some(st) = Stamped::decode(&v.value) else {
-                            continue;
-                        };
-                        let label = k[prefix.len()..].to_string();
-                        match best.get(&label) {
-                            Some(b) if b.rank() >= st.rank() => {}
-                            _ => {
-                                best.insert(label, st);
-                            }
+                        if let Some(st) = Stamped::decode(&v.value) {
+                            candidates
+                                .entry(k[prefix.len()..].to_string())
+                                .or_default()
+                                .push(st);
                         }
                     }
                 }
                 let key = Arc::as_ptr(up) as usize;
                 let view = up.view();
-                let present = |label: &str| {
+                let current = |label: &str| {
                     view.servers
                         .iter()
-                        .any(|sv| sv.handle.label == label || sv.handle.ip.to_string() == label)
+                        .find(|sv| sv.handle.label == label || sv.handle.ip.to_string() == label)
+                        .map(|sv| sv.admin_state)
                 };
-                for (label, st) in &best {
+                let mut best: BTreeMap<String, Stamped> = BTreeMap::new();
+                for (label, values) in candidates {
+                    let Some(winner) = admin_state::newest(values, wall) else {
+                        continue;
+                    };
                     let k = format!("{prefix}{label}");
-                    let encoded = st.encode();
                     let me = cc.self_node_state();
+                    let st = admin_state::keep(me.get(&k).and_then(Stamped::decode), winner);
+                    let encoded = st.encode();
                     if me.get(&k) != Some(encoded.as_str()) {
                         me.set(k, encoded);
                         push = true;
                     }
                     let id = (key, label.clone());
-                    if !present(label) {
-                        s.applied.remove(&id);
-                    } else if s.applied.get(&id) != Some(st) {
-                        s.applied.insert(id, st.clone());
-                        apply.push((up.clone(), label.clone(), st.state));
+                    match current(&label) {
+                        None => {
+                            s.applied.remove(&id);
+                        }
+                        Some(now_state) => {
+                            if now_state != st.state
+                                || s.applied.get(&id).is_none_or(|a| !a.same_action(&st))
+                            {
+                                s.applied.insert(id, st.clone());
+                                apply.push((up.clone(), label.clone(), st.state));
+                            }
+                        }
                     }
+                    best.insert(label, st);
                 }
                 if s.file.get(name) != Some(&best) {
                     s.file.insert(name.clone(), best);
@@ -551,7 +658,7 @@ impl Cluster {
                     .node_states()
                     .values()
                     .filter_map(|ns| ns.get(&fkey))
-                    .max_by_key(|v| v.split_once(' ').and_then(|(t, _)| t.parse::<u64>().ok()))
+                    .max_by_key(|v| failback_rank(v))
                     .map(str::to_string);
                 if let Some(v) = newest {
                     let first = !s.failback_seen.contains_key(name);
@@ -626,22 +733,17 @@ struct SyncState {
     file_dirty: bool,
 }
 
-/// The keys of a state file's (or ConfigMap's) JSON; a broken one is logged and ignored.
-fn parse_state(text: &str, source: &str) -> Vec<(String, String)> {
-    match serde_json::from_str::<StateFile>(text) {
-        Ok(file) => file
-            .into_iter()
-            .flat_map(|(up, servers)| {
-                servers
-                    .into_iter()
-                    .map(move |(server, st)| (format!("a/{up}/{server}"), st.encode()))
-            })
-            .collect(),
-        Err(e) => {
-            tracing::warn!(source, error = %e, "stored admin states unreadable; ignored");
-            Vec::new()
-        }
-    }
+/// The order of manual failbacks (`f/<upstream>` = `<version> <unix ms> <origin>`):
+/// Lamport version, then origin; the time is for the log only. The version is capped
+/// like an admin state's.
+fn failback_rank(v: &str) -> Option<(u64, String)> {
+    let mut it = v.splitn(3, ' ');
+    let version: u64 = it.next()?.parse().ok()?;
+    let _at: u64 = it.next()?.parse().ok()?;
+    Some((
+        version.min(admin_state::MAX_VERSION),
+        it.next()?.to_string(),
+    ))
 }
 
 /// Writes the latest admin states to the ConfigMap, one write at a time: changes that

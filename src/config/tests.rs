@@ -48,7 +48,9 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
     (
         "unclosed flow list",
         "listeners: [\n  - a\n",
-        &["t.yaml:1:12: invalid YAML: this `[` is not closed (the parser stopped at 2:3: \"-\" is only valid inside a block)"],
+        &[
+            "t.yaml:1:12: invalid YAML: this `[` is not closed (the parser stopped at 2:3: \"-\" is only valid inside a block)",
+        ],
     ),
     (
         "bad indentation",

@@ -774,12 +774,21 @@ pub fn meaningless_keys(cfg: &Config, written: &dyn Fn(&str) -> bool) -> Vec<Iss
             for k in keys {
                 let p = key_path(&h, k);
                 if written(&p) {
-                    v.push(p, format!("{k} is for {what} probes (this one is {kind:?})").to_lowercase());
+                    v.push(
+                        p,
+                        format!("{k} is for {what} probes (this one is {kind:?})").to_lowercase(),
+                    );
                 }
             }
         };
         only(
-            &["path", "expect_status", "tls", "tls_verify", "tls_server_name"],
+            &[
+                "path",
+                "expect_status",
+                "tls",
+                "tls_verify",
+                "tls_server_name",
+            ],
             HealthType::Http,
             "http",
             &mut v,

@@ -20,6 +20,18 @@ pub fn free_udp_port() -> u16 {
     s.local_addr().expect("addr").port()
 }
 
+/// A free UDP port on 127.0.0.1 below the ephemeral range (32768–60999): processes
+/// started before the one it is meant for cannot take it for a probe or session socket
+/// in between (a port from [`free_udp_port`] can be, by any process on the machine).
+pub fn spare_udp_port() -> u16 {
+    loop {
+        let port = 20_000 + rand::random::<u16>() % 12_000;
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_tcp_port() -> u16 {
     let s = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");

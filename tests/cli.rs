@@ -149,7 +149,8 @@ fn status_and_server_commands_drive_a_running_balancer() {
         "{line}"
     );
 
-    // --watch redraws in place until stopped.
+    // --watch refreshes until stopped (into a pipe: one refresh after the other, no
+    // screen codes).
     let mut watch = std::process::Command::new(MEDIAGATE)
         .args(["status", "--watch", "--admin", &admin])
         .stdout(std::process::Stdio::piped())
@@ -165,7 +166,7 @@ fn status_and_server_commands_drive_a_running_balancer() {
                 Ok(0) | Err(_) => break,
                 Ok(n) => seen.extend_from_slice(&buf[..n]),
             }
-            if String::from_utf8_lossy(&seen).matches("\x1b[2J").count() >= 2 {
+            if String::from_utf8_lossy(&seen).matches("mediagate ").count() >= 2 {
                 break;
             }
         }
@@ -175,8 +176,8 @@ fn status_and_server_commands_drive_a_running_balancer() {
     let _ = watch.kill();
     let _ = watch.wait();
     assert!(
-        seen.matches("\x1b[2J").count() >= 2,
-        "two redraws expected: {seen:?}"
+        seen.matches("mediagate ").count() >= 2 && !seen.contains('\x1b'),
+        "two refreshes without screen codes expected: {seen:?}"
     );
     assert!(seen.contains(&pa.to_string()));
 

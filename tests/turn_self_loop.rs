@@ -11,7 +11,6 @@ mod turn_support;
 use common::*;
 use std::net::SocketAddr;
 use std::time::Duration;
-use stun::attributes::*;
 use stun::message::*;
 use tokio::time::Instant;
 use turn::proto::data::Data;

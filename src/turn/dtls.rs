@@ -56,7 +56,7 @@ use super::datapath::ClientSink;
 pub(crate) use super::dtls_cert::DtlsCert;
 use super::metrics::{DropReason, DtlsClose, TurnMetrics};
 use super::ratelog::RateLimit;
-use super::sources::{SourceLimits, SourceSlot};
+use super::sources::{SourceLimits, SourceRefusal, SourceSlot};
 use super::transport::{TCP_ALLOCATE_TIMEOUT, count_to_client, not_applicable};
 
 /// DTLS handshakes past the cookie exchange running at once per listener; further
@@ -370,13 +370,12 @@ impl Shared {
             return;
         }
         // A new client: it holds no handshake slot until it echoes the cookie.
-        let Some(source_session) = self.sources.connections.take(peer.ip()) else {
-            self.refused(DtlsClose::SourceLimit, peer);
-            return;
-        };
-        let Some(source_handshake) = self.sources.handshakes.take(peer.ip()) else {
-            self.refused(DtlsClose::SourceHandshakes, peer);
-            return;
+        let (source_session, source_handshake) = match self.sources.admit(peer.ip()) {
+            Ok(slots) => slots,
+            Err(SourceRefusal::Connections) => return self.refused(DtlsClose::SourceLimit, peer),
+            Err(SourceRefusal::Handshakes) => {
+                return self.refused(DtlsClose::SourceHandshakes, peer);
+            }
         };
         let Ok(unverified) = Arc::clone(&self.unverified).try_acquire_owned() else {
             self.refused(DtlsClose::UnverifiedLimit, peer);

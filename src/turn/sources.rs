@@ -88,12 +88,32 @@ pub(crate) struct SourceLimits {
     pub(crate) handshakes: Arc<SourceCounts>,
 }
 
+/// Which per-source cap refused a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SourceRefusal {
+    /// `max_connections_per_source`.
+    Connections,
+    /// `max_handshakes_per_source`.
+    Handshakes,
+}
+
 impl SourceLimits {
     pub(crate) fn new(connections: usize, handshakes: usize) -> SourceLimits {
         SourceLimits {
             connections: SourceCounts::new(connections),
             handshakes: SourceCounts::new(handshakes),
         }
+    }
+
+    /// A new connection's places: among its source's connections, and among its
+    /// unfinished handshakes.
+    pub(crate) fn admit(&self, ip: IpAddr) -> Result<(SourceSlot, SourceSlot), SourceRefusal> {
+        let conn = self
+            .connections
+            .take(ip)
+            .ok_or(SourceRefusal::Connections)?;
+        let hs = self.handshakes.take(ip).ok_or(SourceRefusal::Handshakes)?;
+        Ok((conn, hs))
     }
 }
 

@@ -13,14 +13,18 @@
 //! starts empty, grows only as far as the frame being read needs and is freed when a large
 //! frame is done; before the connection has an allocation its frames may not exceed 4 KiB
 //! (a STUN request needs far less); a started frame must complete within 10 s; a
-//! connection must make an allocation within 30 s; and at most
-//! `turn.quota.max_tcp_connections` connections are open over all TCP listeners (further
-//! ones are closed at once). Every such close is counted in
+//! connection must send its first complete STUN message within
+//! `turn.quota.handshake_timeout` of accept (TLS handshake and PROXY header included) and
+//! make an allocation within 30 s; at most `turn.quota.max_tcp_connections` connections
+//! are open over all TCP listeners, and one source holds at most
+//! `max_connections_per_source` of them and `max_handshakes_per_source` before their first
+//! STUN message (`sources`; further ones are closed at once). Every such close is counted in
 //! `mediagate_turn_tcp_closed_total{reason}`. After many connections closed, freed heap
 //! memory is given back to the OS (`trim`).
 //!
 //! A `tls` listener is a [`TcpTransport`] whose connections first complete a TLS
-//! handshake (within 10 s, else closed and counted as `tls_handshake`); a `tcp` listener
+//! handshake (within `handshake_timeout`, at most 10 s, else closed and counted as
+//! `tls_handshake`); a `tcp` listener
 //! given a certificate serves both on one port, by the first byte of each connection
 //! (0x16, a TLS handshake record, or STUN/ChannelData); with
 //! `accept_proxy_protocol` each connection must first send a PROXY v2 header (within 5 s,
@@ -62,7 +66,7 @@ use super::metrics::{DropReason, TcpClose, TurnMetrics};
 use super::outbox::{MANY, Outbox};
 use super::ratelog::RateLimit;
 use super::relay::RelayState;
-use super::sources::{SourceLimits, SourceSlot};
+use super::sources::{SourceLimits, SourceRefusal, SourceSlot};
 use super::trim::Trimmer;
 use super::wire::{self, Frame};
 
@@ -379,20 +383,15 @@ impl TcpTransport {
     }
 }
 
-/// A connection's places in the per-source caps: connections, and unfinished handshakes.
+/// A connection's places in the per-source caps, or the reason it is refused.
 fn take_source(
     sources: &SourceLimits,
     peer: SocketAddr,
 ) -> Result<(SourceSlot, SourceSlot), TcpClose> {
-    let conn = sources
-        .connections
-        .take(peer.ip())
-        .ok_or(TcpClose::SourceLimit)?;
-    let hs = sources
-        .handshakes
-        .take(peer.ip())
-        .ok_or(TcpClose::SourceHandshakes)?;
-    Ok((conn, hs))
+    sources.admit(peer.ip()).map_err(|r| match r {
+        SourceRefusal::Connections => TcpClose::SourceLimit,
+        SourceRefusal::Handshakes => TcpClose::SourceHandshakes,
+    })
 }
 
 struct Connection {

@@ -332,7 +332,12 @@ const CONNS: usize = 3000;
 async fn partial_tcp_frames_are_bounded_and_freed() {
     let _ports = PORTS.write().await;
     raise_nofile(20_000);
-    let g = Gateway::start("{ allocations_per_user: 10 }");
+    // All connections come from 127.0.0.1: the per-source caps (turn_per_source.rs) are
+    // lifted so that the frame, allocation and idle limits are what closes them.
+    let g = Gateway::start(
+        "{ allocations_per_user: 10, max_connections_per_source: 100000, \
+           max_handshakes_per_source: 100000, handshake_timeout: 60s }",
+    );
     let pid = g.pid();
     let health = HealthWatch::start(g.b.admin);
     let mut flow = Flow::start(&g).await;
@@ -448,7 +453,11 @@ async fn partial_tcp_frames_are_bounded_and_freed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turn_tcp_connections_are_capped() {
     let _ports = PORTS.read().await;
-    let g = Gateway::start("{ allocations_per_user: 10, max_tcp_connections: 100 }");
+    // One source (127.0.0.1): the per-source caps are lifted to reach the global one.
+    let g = Gateway::start(
+        "{ allocations_per_user: 10, max_tcp_connections: 100, \
+           max_connections_per_source: 1000, max_handshakes_per_source: 1000 }",
+    );
     let health = HealthWatch::start(g.b.admin);
     let mut flow = Flow::start(&g).await;
     let pid = g.pid();

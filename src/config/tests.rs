@@ -495,6 +495,15 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "TURN per-source caps and handshake timeout of zero",
+        "turn:\n  public_address: 192.0.2.1\n  listeners: [{ protocol: udp, listen: '0.0.0.0:3478' }]\n  auth: { type: ephemeral, secret: x }\n  quota: { max_connections_per_source: 0, max_handshakes_per_source: 0, handshake_timeout: 0s }\n",
+        &[
+            "t.yaml:5:40: turn.quota.max_connections_per_source: must be at least 1",
+            "t.yaml:5:70: turn.quota.max_handshakes_per_source: must be at least 1",
+            "t.yaml:5:92: turn.quota.handshake_timeout: must be longer than 0s",
+        ],
+    ),
+    (
         "TURN public address 0.0.0.0",
         "turn:\n  public_address: 0.0.0.0\n  listeners: [{ protocol: udp, listen: 0.0.0.0:3478 }]\n  auth: { type: ephemeral, secret: x }\n",
         &[
@@ -737,6 +746,9 @@ fn turn_defaults() {
     assert_eq!(t.quota.allocations_per_user, 10);
     assert_eq!(t.quota.max_allocations, 10_000);
     assert_eq!(t.quota.max_tcp_connections, 4096);
+    assert_eq!(t.quota.max_connections_per_source, 256);
+    assert_eq!(t.quota.max_handshakes_per_source, 16);
+    assert_eq!(t.quota.handshake_timeout.0, Duration::from_secs(5));
 }
 
 #[test]

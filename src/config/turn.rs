@@ -288,6 +288,31 @@ pub struct QuotaConfig {
     /// datagrams that would open more are dropped and counted. Default 4096.
     #[serde(default = "default_max_dtls_sessions")]
     pub max_dtls_sessions: usize,
+    /// TURN-over-TCP/TLS connections plus DTLS sessions one source (an IPv4 address, an
+    /// IPv6 /64) may hold at once; more are refused and counted. Default 256.
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: usize,
+    /// Connections of one source that have not yet sent their first complete STUN
+    /// message (TLS handshake, PROXY header) plus its DTLS handshakes in flight. Default 16.
+    #[serde(default = "default_max_handshakes_per_source")]
+    pub max_handshakes_per_source: usize,
+    /// Within this time of accept a TCP/TLS connection must have sent its first complete
+    /// STUN message (PROXY header and TLS handshake included), and a DTLS client must
+    /// answer the HelloVerifyRequest; else it is closed and counted. Default 5 s.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: Dur,
+}
+
+fn default_max_connections_per_source() -> usize {
+    256
+}
+
+fn default_max_handshakes_per_source() -> usize {
+    16
+}
+
+fn default_handshake_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
 }
 
 fn default_max_dtls_sessions() -> usize {
@@ -311,6 +336,9 @@ impl Default for QuotaConfig {
             max_allocations: default_max_allocations(),
             max_tcp_connections: default_max_tcp_connections(),
             max_dtls_sessions: default_max_dtls_sessions(),
+            max_connections_per_source: default_max_connections_per_source(),
+            max_handshakes_per_source: default_max_handshakes_per_source(),
+            handshake_timeout: default_handshake_timeout(),
         }
     }
 }

@@ -621,6 +621,18 @@ impl Checker {
             "turn.quota.max_dtls_sessions".to_string(),
             turn.quota.max_dtls_sessions as u64,
         );
+        self.at_least_one(
+            "turn.quota.max_connections_per_source".to_string(),
+            turn.quota.max_connections_per_source as u64,
+        );
+        self.at_least_one(
+            "turn.quota.max_handshakes_per_source".to_string(),
+            turn.quota.max_handshakes_per_source as u64,
+        );
+        self.positive(
+            "turn.quota.handshake_timeout".to_string(),
+            turn.quota.handshake_timeout.0,
+        );
     }
 
     fn public_address(&mut self, addr: &str) {

@@ -12,9 +12,22 @@
 //! deleted, as for TCP.
 //!
 //! What an outside party can hold is bounded: a datagram from an unknown address opens a
-//! session only if it is a DTLS ClientHello, at most [`MAX_HANDSHAKES`] handshakes run at
-//! once and each must complete within [`HANDSHAKE_TIMEOUT`], at most
-//! `turn.quota.max_dtls_sessions` sessions exist over all `dtls` listeners, a session
+//! session only if it is a DTLS ClientHello. The `dtls` crate answers it with a
+//! HelloVerifyRequest (RFC 6347 §4.2.1); until the client echoes that cookie the session
+//! is *unverified*: it holds none of the listener's [`MAX_HANDSHAKES`] handshake slots and
+//! no place in `turn.quota.max_dtls_sessions`, at most [`MAX_UNVERIFIED`] such sessions
+//! exist per listener and each is dropped after [`COOKIE_TIMEOUT`] (counted as
+//! `no_cookie`), so ClientHellos from spoofed sources, which never see the cookie, cannot
+//! lock legitimate clients out. The cookie is read from the crate's HelloVerifyRequest on
+//! its way out; only a ClientHello that carries it takes a handshake slot (the crate then
+//! checks it again). Why not a stateless cookie in front of the crate: the crate always
+//! sends its own HelloVerifyRequest with a random cookie kept in its private state, and
+//! the ClientHello that carries the cookie is part of the Finished transcript, so a cookie
+//! issued outside the crate can never be the one it accepts. A verified handshake must
+//! complete within [`HANDSHAKE_TIMEOUT`], at most `turn.quota.max_dtls_sessions`
+//! verified sessions exist over all `dtls` listeners, one source holds at most
+//! `turn.quota.max_connections_per_source` sessions and
+//! `turn.quota.max_handshakes_per_source` of them unfinished (`sources`), a session
 //! must make an allocation within 30 s and is closed after 10 minutes without a record.
 //! Queues towards a session are bounded (64 datagrams of at most 8 KiB from the client,
 //! 512 frames towards it); what overflows is dropped and counted. Every
@@ -22,24 +35,13 @@
 //! A new ClientHello (epoch 0) from the address of an established session replaces that
 //! session (a client that restarted on the same port).
 //!
-//! [`DtlsCert`] is the listener's certificate: `cert` (PEM chain) and `key` (PEM, ECDSA
-//! P-256 in PKCS#8 or SEC1, or Ed25519 in PKCS#8: the `dtls` crate signs with these only),
-//! polled like the TLS certificate and swapped for new handshakes; established sessions
-//! and their allocations are untouched.
+//! The listener's certificate is [`DtlsCert`] (`dtls_cert`).
 
-use ::dtls::config::{Config as DtlsConfig, ExtendedMasterSecretType};
 use ::dtls::conn::DTLSConn;
-use ::dtls::crypto::{Certificate, CryptoPrivateKey, CryptoPrivateKeyKind};
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use ring::rand::SystemRandom;
-use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, Ed25519KeyPair};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -51,13 +53,22 @@ use tokio_util::task::TaskTracker;
 use webrtc_util::Conn;
 
 use super::datapath::ClientSink;
+pub(crate) use super::dtls_cert::DtlsCert;
 use super::metrics::{DropReason, DtlsClose, TurnMetrics};
 use super::ratelog::RateLimit;
+use super::sources::{SourceLimits, SourceRefusal, SourceSlot};
 use super::transport::{TCP_ALLOCATE_TIMEOUT, count_to_client, not_applicable};
 
-/// DTLS handshakes running at once per listener; further ClientHellos are dropped (the
-/// client retransmits after a second).
+/// DTLS handshakes past the cookie exchange running at once per listener; further
+/// ClientHellos with a cookie are dropped (the client retransmits after a second).
 pub(crate) const MAX_HANDSHAKES: usize = 256;
+/// Sessions per listener whose client has not yet echoed the HelloVerifyRequest's cookie;
+/// ClientHellos that would open more are dropped.
+pub(crate) const MAX_UNVERIFIED: usize = 1024;
+/// A client must echo the cookie within this time: two retransmission intervals of a
+/// client whose first ClientHello or the HelloVerifyRequest was lost. A source that never
+/// sees the HelloVerifyRequest (a spoofed one) is dropped after it.
+pub(crate) const COOKIE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A handshake must complete within this time.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session that receives nothing for this long is closed.
@@ -80,126 +91,43 @@ fn is_client_hello(b: &[u8]) -> bool {
     b.len() >= 25 && b[0] == 22 && b[1] == 0xfe && b[3] == 0 && b[4] == 0 && b[13] == 1
 }
 
+/// The body of an unfragmented epoch-0 handshake message of type `typ` in a DTLS record
+/// (13-byte record header, 12-byte handshake header), as far as the record holds it.
+fn handshake_body(b: &[u8], typ: u8) -> Option<&[u8]> {
+    if b.len() < 25 || b[0] != 22 || b[1] != 0xfe || b[3] != 0 || b[4] != 0 || b[13] != typ {
+        return None;
+    }
+    let len = u32::from_be_bytes([0, b[14], b[15], b[16]]) as usize;
+    let frag_off = u32::from_be_bytes([0, b[19], b[20], b[21]]);
+    let frag_len = u32::from_be_bytes([0, b[22], b[23], b[24]]) as usize;
+    if frag_off != 0 || frag_len != len {
+        return None;
+    }
+    b.get(25..25 + len)
+}
+
+/// The cookie of a ClientHello (empty when it has none); None if the datagram is not an
+/// unfragmented ClientHello.
+fn client_hello_cookie(b: &[u8]) -> Option<&[u8]> {
+    let body = handshake_body(b, 1)?;
+    // client_version (2), random (32), session_id <0..32>, cookie <0..255>
+    let sid = *body.get(34)? as usize;
+    let at = 35 + sid;
+    let n = *body.get(at)? as usize;
+    body.get(at + 1..at + 1 + n)
+}
+
+/// The cookie of a HelloVerifyRequest (handshake type 3).
+fn hello_verify_cookie(b: &[u8]) -> Option<&[u8]> {
+    let body = handshake_body(b, 3)?;
+    // server_version (2), cookie <0..255>
+    let n = *body.get(2)? as usize;
+    body.get(3..3 + n)
+}
+
 /// An Allocate success response (type 0x0103) on its way to a client.
 fn is_allocate_success(b: &[u8]) -> bool {
     b.len() >= 20 && b[0] == 0x01 && b[1] == 0x03
-}
-
-// ---------------------------------------------------------------------------------------
-// Certificates
-
-/// The DER of a PKCS#8 document wrapping a SEC1 P-256 private key.
-fn sec1_p256_to_pkcs8(sec1: &[u8]) -> Vec<u8> {
-    fn der_len(n: usize, out: &mut Vec<u8>) {
-        if n < 0x80 {
-            out.push(n as u8);
-        } else if n <= 0xff {
-            out.extend([0x81, n as u8]);
-        } else {
-            out.extend([0x82, (n >> 8) as u8, n as u8]);
-        }
-    }
-    // version 0, AlgorithmIdentifier { id-ecPublicKey, prime256v1 }
-    const HEAD: [u8; 24] = [
-        0x02, 0x01, 0x00, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
-        0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
-    ];
-    let mut octets = vec![0x04];
-    der_len(sec1.len(), &mut octets);
-    octets.extend_from_slice(sec1);
-    let mut out = vec![0x30];
-    der_len(HEAD.len() + octets.len(), &mut out);
-    out.extend_from_slice(&HEAD);
-    out.extend_from_slice(&octets);
-    out
-}
-
-/// A private key the `dtls` crate can sign with, from PKCS#8 DER.
-fn private_key(pkcs8: Vec<u8>) -> Result<CryptoPrivateKey, String> {
-    if let Ok(k) = EcdsaKeyPair::from_pkcs8(
-        &ECDSA_P256_SHA256_ASN1_SIGNING,
-        &pkcs8,
-        &SystemRandom::new(),
-    ) {
-        return Ok(CryptoPrivateKey {
-            kind: CryptoPrivateKeyKind::Ecdsa256(k),
-            serialized_der: pkcs8,
-        });
-    }
-    if let Ok(k) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&pkcs8) {
-        return Ok(CryptoPrivateKey {
-            kind: CryptoPrivateKeyKind::Ed25519(k),
-            serialized_der: pkcs8,
-        });
-    }
-    Err("a dtls listener needs an ECDSA P-256 or Ed25519 private key, not RSA".to_string())
-}
-
-/// Reads a certificate chain and its key for DTLS.
-fn load(cert: &Path, key: &Path) -> Result<Certificate, String> {
-    let pem = crate::tlsclient::read_pem_file(cert)?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!(
-            "{}: no PEM certificate in the file",
-            cert.display()
-        ));
-    }
-    let key_pem = crate::tlsclient::read_pem_file(key)?;
-    let der =
-        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| format!("{}: {e}", key.display()))?;
-    let pkcs8 = match der {
-        PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
-        PrivateKeyDer::Sec1(k) => sec1_p256_to_pkcs8(k.secret_sec1_der()),
-        _ => {
-            return Err(format!(
-                "{}: a dtls listener needs an ECDSA P-256 or Ed25519 private key (PKCS#8 or SEC1), not RSA",
-                key.display()
-            ));
-        }
-    };
-    let private_key = private_key(pkcs8).map_err(|e| format!("{}: {e}", key.display()))?;
-    Ok(Certificate {
-        certificate: chain,
-        private_key,
-    })
-}
-
-/// The certificate of one `dtls` listener, swappable while sessions run.
-pub(crate) struct DtlsCert {
-    cert: PathBuf,
-    key: PathBuf,
-    current: ArcSwap<Certificate>,
-}
-
-impl DtlsCert {
-    /// Loads the files; fails (with the file named) when they do not hold a certificate
-    /// chain and a key the `dtls` crate can use.
-    pub(crate) fn load(cert: &Path, key: &Path) -> Result<Arc<DtlsCert>, String> {
-        let c = load(cert, key)?;
-        Ok(Arc::new(DtlsCert {
-            cert: cert.to_path_buf(),
-            key: key.to_path_buf(),
-            current: ArcSwap::from_pointee(c),
-        }))
-    }
-
-    /// The configuration of one new server handshake, with the current certificate.
-    fn config(&self) -> DtlsConfig {
-        DtlsConfig {
-            certificates: vec![(**self.current.load()).clone()],
-            extended_master_secret: ExtendedMasterSecretType::Request,
-            ..Default::default()
-        }
-    }
-
-    /// Polls the files until `stop` and loads them again when they change.
-    pub(crate) async fn watch(self: Arc<Self>, metrics: TurnMetrics, stop: CancellationToken) {
-        let (cert, key, current) = (&self.cert, &self.key, &self.current);
-        super::tls::watch_files(cert, key, current, load, "DTLS", metrics, stop).await
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -211,6 +139,7 @@ struct SessionConn {
     socket: Arc<UdpSocket>,
     peer: SocketAddr,
     inbound: Mutex<mpsc::Receiver<Bytes>>,
+    gate: Arc<std::sync::Mutex<Gate>>,
 }
 
 impl SessionConn {
@@ -241,6 +170,13 @@ impl Conn for SessionConn {
         Ok((self.next(buf).await?, self.peer))
     }
     async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
+        if let Some(cookie) = hello_verify_cookie(buf) {
+            // The cookie the client must echo before the session takes a handshake slot.
+            let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+            if !gate.verified {
+                gate.cookie = Some(cookie.to_vec());
+            }
+        }
         // A failed send is a lost datagram, as on the wire; DTLS retransmits handshakes.
         Ok(self
             .socket
@@ -268,6 +204,26 @@ impl Conn for SessionConn {
 // ---------------------------------------------------------------------------------------
 // The listener
 
+/// What a session holds before and during its handshake: the cookie it must see, and
+/// its places in the limits (released by dropping them).
+#[derive(Default)]
+struct Gate {
+    /// The cookie of the HelloVerifyRequest the DTLS layer sent (seen on its way out).
+    cookie: Option<Vec<u8>>,
+    /// The client echoed the cookie: the session holds a handshake slot.
+    verified: bool,
+    /// A place among the unverified sessions of the listener, until verified.
+    unverified: Option<OwnedSemaphorePermit>,
+    /// A handshake slot, from verification to the end of the handshake.
+    handshake: Option<OwnedSemaphorePermit>,
+    /// A place in `turn.quota.max_dtls_sessions`, from verification to the end.
+    session: Option<OwnedSemaphorePermit>,
+    /// The source's unfinished handshakes, until the handshake ends.
+    source_handshake: Option<SourceSlot>,
+    /// The source's connections, until the session ends.
+    _source_session: Option<SourceSlot>,
+}
+
 /// What the demultiplexer keeps per client address.
 struct Session {
     /// Datagrams towards the session's DTLS layer.
@@ -276,6 +232,7 @@ struct Session {
     outbound: Option<mpsc::Sender<Bytes>>,
     allocated: Arc<AtomicBool>,
     cancel: CancellationToken,
+    gate: Arc<std::sync::Mutex<Gate>>,
 }
 
 type Sessions = Arc<RwLock<HashMap<SocketAddr, Session>>>;
@@ -298,12 +255,16 @@ struct Shared {
     metrics: TurnMetrics,
     log: Arc<RateLimit>,
     cert: Arc<DtlsCert>,
+    /// Places of the listener's unverified sessions ([`MAX_UNVERIFIED`]).
+    unverified: Arc<Semaphore>,
+    sources: SourceLimits,
 }
 
 impl DtlsTransport {
-    /// Starts reading `socket`; `limit` is shared by every `dtls` listener of the service
-    /// (`turn.quota.max_dtls_sessions`). Returns the transport and a channel that yields
-    /// the address of every session that closed.
+    /// Starts reading `socket`; `limit` (`turn.quota.max_dtls_sessions`) and `sources`
+    /// (the per-source caps) are shared by every `dtls` listener of the service. Returns
+    /// the transport and a channel that yields the address of every session that closed.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         socket: UdpSocket,
         cert: Arc<DtlsCert>,
@@ -312,6 +273,7 @@ impl DtlsTransport {
         tasks: &TaskTracker,
         log: Arc<RateLimit>,
         limit: Arc<Semaphore>,
+        sources: SourceLimits,
     ) -> std::io::Result<(Arc<DtlsTransport>, mpsc::UnboundedReceiver<SocketAddr>)> {
         let local = socket.local_addr()?;
         let socket = Arc::new(socket);
@@ -331,6 +293,8 @@ impl DtlsTransport {
             metrics,
             log,
             cert,
+            unverified: Arc::new(Semaphore::new(MAX_UNVERIFIED)),
+            sources,
         };
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         let tracker = tasks.clone();
@@ -389,6 +353,9 @@ impl Shared {
                     s.cancel.cancel();
                     return;
                 }
+                if hello && !self.admit(&s.gate, datagram, peer, limit, handshakes) {
+                    return;
+                }
                 if s.inbound
                     .try_send(Bytes::copy_from_slice(datagram))
                     .is_err()
@@ -402,14 +369,24 @@ impl Shared {
             self.metrics.dropped(DropReason::Malformed).inc();
             return;
         }
-        let Ok(session_permit) = Arc::clone(limit).try_acquire_owned() else {
-            self.refused(DtlsClose::Limit, peer);
+        // A new client: it holds no handshake slot until it echoes the cookie.
+        let (source_session, source_handshake) = match self.sources.admit(peer.ip()) {
+            Ok(slots) => slots,
+            Err(SourceRefusal::Connections) => return self.refused(DtlsClose::SourceLimit, peer),
+            Err(SourceRefusal::Handshakes) => {
+                return self.refused(DtlsClose::SourceHandshakes, peer);
+            }
+        };
+        let Ok(unverified) = Arc::clone(&self.unverified).try_acquire_owned() else {
+            self.refused(DtlsClose::UnverifiedLimit, peer);
             return;
         };
-        let Ok(handshake_permit) = Arc::clone(handshakes).try_acquire_owned() else {
-            self.refused(DtlsClose::HandshakeLimit, peer);
-            return;
-        };
+        let gate = Arc::new(std::sync::Mutex::new(Gate {
+            unverified: Some(unverified),
+            source_handshake: Some(source_handshake),
+            _source_session: Some(source_session),
+            ..Gate::default()
+        }));
         let (in_tx, in_rx) = mpsc::channel(INBOUND_QUEUE);
         let _ = in_tx.try_send(Bytes::copy_from_slice(datagram));
         let allocated = Arc::new(AtomicBool::new(false));
@@ -424,32 +401,68 @@ impl Shared {
                     outbound: None,
                     allocated: Arc::clone(&allocated),
                     cancel: session_cancel.clone(),
+                    gate: Arc::clone(&gate),
                 },
             );
         let conn = Arc::new(SessionConn {
             socket: Arc::clone(&self.socket),
             peer,
             inbound: Mutex::new(in_rx),
+            gate: Arc::clone(&gate),
         });
         let shared = self.clone();
         tracker.spawn(async move {
             shared
-                .session(
-                    conn,
-                    peer,
-                    allocated,
-                    session_cancel,
-                    handshake_permit,
-                    session_permit,
-                )
+                .session(conn, peer, allocated, session_cancel, gate)
                 .await;
         });
+    }
+
+    /// A ClientHello for an unverified session: one that carries the cookie the session's
+    /// HelloVerifyRequest gave takes a handshake slot and a place in
+    /// `max_dtls_sessions`; false (dropped, counted) when none is free. Others (a
+    /// retransmitted first ClientHello, a wrong cookie) go on to the DTLS layer, which
+    /// answers or fails them.
+    fn admit(
+        &self,
+        gate: &std::sync::Mutex<Gate>,
+        datagram: &[u8],
+        peer: SocketAddr,
+        limit: &Arc<Semaphore>,
+        handshakes: &Arc<Semaphore>,
+    ) -> bool {
+        let mut g = gate.lock().unwrap_or_else(|e| e.into_inner());
+        if g.verified {
+            return true;
+        }
+        let echoed = match (client_hello_cookie(datagram), &g.cookie) {
+            (Some(c), Some(issued)) => !c.is_empty() && c == issued.as_slice(),
+            _ => false,
+        };
+        if !echoed {
+            return true;
+        }
+        let Ok(session) = Arc::clone(limit).try_acquire_owned() else {
+            drop(g);
+            self.refused(DtlsClose::Limit, peer);
+            return false;
+        };
+        let Ok(handshake) = Arc::clone(handshakes).try_acquire_owned() else {
+            drop(g);
+            self.refused(DtlsClose::HandshakeLimit, peer);
+            return false;
+        };
+        g.verified = true;
+        g.unverified = None;
+        g.session = Some(session);
+        g.handshake = Some(handshake);
+        true
     }
 
     fn refused(&self, reason: DtlsClose, peer: SocketAddr) {
         self.metrics.dtls_closed(reason).inc();
         if self.log.allow() {
-            tracing::warn!(client = %peer, ?reason, "TURN DTLS ClientHello dropped (turn.quota.max_dtls_sessions or handshakes in flight)");
+            tracing::warn!(client = %peer, ?reason, "TURN DTLS ClientHello dropped (turn.quota.max_dtls_sessions, a per-source cap, handshakes in flight or clients still to answer the cookie)");
         }
     }
 
@@ -461,24 +474,58 @@ impl Shared {
         peer: SocketAddr,
         allocated: Arc<AtomicBool>,
         cancel: CancellationToken,
-        handshake_permit: OwnedSemaphorePermit,
-        _session_permit: OwnedSemaphorePermit,
+        gate: Arc<std::sync::Mutex<Gate>>,
+    ) {
+        self.serve_session(conn, peer, allocated, &cancel, &gate)
+            .await;
+        // Every place the session held is given back.
+        *gate.lock().unwrap_or_else(|e| e.into_inner()) = Gate::default();
+    }
+
+    /// The handshake: unverified for at most [`COOKIE_TIMEOUT`], complete within
+    /// [`HANDSHAKE_TIMEOUT`]; then the session.
+    async fn serve_session(
+        &self,
+        conn: Arc<SessionConn>,
+        peer: SocketAddr,
+        allocated: Arc<AtomicBool>,
+        cancel: &CancellationToken,
+        gate: &std::sync::Mutex<Gate>,
     ) {
         let config = self.cert.config();
-        let hs = tokio::select! {
-            _ = cancel.cancelled() => None,
-            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, DTLSConn::new(conn, config, false, None)) => Some(r),
+        let opened = Instant::now();
+        let handshake = DTLSConn::new(conn, config, false, None);
+        tokio::pin!(handshake);
+        let timer = tokio::time::sleep_until(opened + COOKIE_TIMEOUT);
+        tokio::pin!(timer);
+        let hs = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break None,
+                r = &mut handshake => break Some(r.map_err(|e| e.to_string())),
+                () = &mut timer => {
+                    let verified = gate.lock().unwrap_or_else(|e| e.into_inner()).verified;
+                    if !verified {
+                        self.metrics.dtls_closed(DtlsClose::NoCookie).inc();
+                        self.forget(peer);
+                        return;
+                    }
+                    if Instant::now() >= opened + HANDSHAKE_TIMEOUT {
+                        break Some(Err("handshake timed out".to_string()));
+                    }
+                    timer.as_mut().reset(opened + HANDSHAKE_TIMEOUT);
+                }
+            }
         };
-        drop(handshake_permit);
+        {
+            let mut g = gate.lock().unwrap_or_else(|e| e.into_inner());
+            g.handshake = None;
+            g.source_handshake = None;
+        }
         let dtls = match hs {
-            Some(Ok(Ok(c))) => Arc::new(c),
-            Some(failed) => {
+            Some(Ok(c)) => Arc::new(c),
+            Some(Err(why)) => {
                 self.metrics.dtls_closed(DtlsClose::Handshake).inc();
                 if self.log.allow() {
-                    let why = match failed {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "handshake timed out".to_string(),
-                    };
                     tracing::debug!(client = %peer, error = %why, "TURN DTLS handshake failed");
                 }
                 self.forget(peer);
@@ -515,7 +562,7 @@ impl Shared {
             }
         });
 
-        if let Some(reason) = self.read_records(&dtls, peer, &allocated, &cancel).await {
+        if let Some(reason) = self.read_records(&dtls, peer, &allocated, cancel).await {
             self.metrics.dtls_closed(reason).inc();
             if self.log.allow() {
                 tracing::debug!(client = %peer, ?reason, "TURN DTLS session closed by the server");
@@ -667,6 +714,48 @@ impl Conn for DtlsTransport {
 mod tests {
     use super::*;
 
+    /// A DTLS record holding one unfragmented handshake message.
+    fn record(typ: u8, body: &[u8]) -> Vec<u8> {
+        let n = body.len() as u32;
+        let mut b = vec![22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0];
+        b.extend_from_slice(&((n + 12) as u16).to_be_bytes());
+        b.push(typ);
+        b.extend_from_slice(&n.to_be_bytes()[1..]);
+        b.extend_from_slice(&[0, 0, 0, 0, 0]);
+        b.extend_from_slice(&n.to_be_bytes()[1..]);
+        b.extend_from_slice(body);
+        b
+    }
+
+    #[test]
+    fn reads_the_cookies_of_client_hellos_and_hello_verify_requests() {
+        let hello = |sid: &[u8], cookie: &[u8]| {
+            let mut body = vec![0xfe, 0xfd];
+            body.extend_from_slice(&[9u8; 32]);
+            body.push(sid.len() as u8);
+            body.extend_from_slice(sid);
+            body.push(cookie.len() as u8);
+            body.extend_from_slice(cookie);
+            body.extend_from_slice(&[0, 2, 0xc0, 0x2b, 1, 0]);
+            record(1, &body)
+        };
+        assert_eq!(client_hello_cookie(&hello(&[], &[])), Some(&[][..]));
+        assert_eq!(
+            client_hello_cookie(&hello(&[5; 4], &[1, 2, 3])),
+            Some(&[1, 2, 3][..])
+        );
+        let mut fragment = hello(&[], &[1, 2, 3]);
+        fragment[24] -= 1; // fragment_length short of the length
+        assert_eq!(client_hello_cookie(&fragment), None);
+        let truncated = hello(&[], &[1, 2, 3]);
+        assert_eq!(client_hello_cookie(&truncated[..60]), None);
+
+        let hvr = record(3, &[0xfe, 0xff, 4, 7, 7, 7, 7]);
+        assert_eq!(hello_verify_cookie(&hvr), Some(&[7, 7, 7, 7][..]));
+        assert_eq!(client_hello_cookie(&hvr), None);
+        assert_eq!(hello_verify_cookie(&hello(&[], &[1])), None);
+    }
+
     #[test]
     fn recognises_client_hellos() {
         let mut hello = vec![22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 100, 1];
@@ -680,48 +769,5 @@ mod tests {
         assert!(!is_client_hello(&app_data));
         assert!(!is_client_hello(&hello[..20]));
         assert!(!is_client_hello(&[0u8; 20]));
-    }
-
-    #[test]
-    fn loads_sec1_and_pkcs8_p256_keys_and_refuses_rsa() {
-        let dir = tempfile::tempdir().unwrap();
-        let run = |args: &[&str]| {
-            let ok = std::process::Command::new("openssl")
-                .args(args)
-                .current_dir(dir.path())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "openssl {args:?}");
-        };
-        run(&[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            "sec1.key",
-        ]);
-        run(&[
-            "pkcs8", "-topk8", "-nocrypt", "-in", "sec1.key", "-out", "p8.key",
-        ]);
-        run(&["genrsa", "-out", "rsa.key", "2048"]);
-        for key in ["sec1.key", "p8.key"] {
-            run(&[
-                "req", "-x509", "-key", key, "-days", "1", "-subj", "/CN=t", "-out", "c.crt",
-            ]);
-            let c = load(&dir.path().join("c.crt"), &dir.path().join(key)).expect(key);
-            assert!(matches!(
-                c.private_key.kind,
-                CryptoPrivateKeyKind::Ecdsa256(_)
-            ));
-        }
-        run(&[
-            "req", "-x509", "-key", "rsa.key", "-days", "1", "-subj", "/CN=t", "-out", "r.crt",
-        ]);
-        let e = load(&dir.path().join("r.crt"), &dir.path().join("rsa.key")).unwrap_err();
-        assert!(e.contains("not RSA"), "{e}");
     }
 }

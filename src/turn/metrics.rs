@@ -92,10 +92,16 @@ pub(crate) enum TcpClose {
     /// `accept_proxy_protocol`: no valid PROXY v2 header within 5 s (or its client address
     /// is already connected).
     ProxyHeader,
+    /// `turn.quota.max_connections_per_source` reached: closed right after accept.
+    SourceLimit,
+    /// `turn.quota.max_handshakes_per_source` reached: closed right after accept.
+    SourceHandshakes,
+    /// No complete STUN message within `turn.quota.handshake_timeout` of accept.
+    NoRequest,
 }
 
 impl TcpClose {
-    const ALL: [TcpClose; 7] = [
+    const ALL: [TcpClose; 10] = [
         TcpClose::Limit,
         TcpClose::FrameTimeout,
         TcpClose::NoAllocation,
@@ -103,6 +109,9 @@ impl TcpClose {
         TcpClose::Idle,
         TcpClose::TlsHandshake,
         TcpClose::ProxyHeader,
+        TcpClose::SourceLimit,
+        TcpClose::SourceHandshakes,
+        TcpClose::NoRequest,
     ];
 
     fn as_str(self) -> &'static str {
@@ -114,6 +123,9 @@ impl TcpClose {
             TcpClose::Idle => "idle",
             TcpClose::TlsHandshake => "tls_handshake",
             TcpClose::ProxyHeader => "proxy_header",
+            TcpClose::SourceLimit => "source_limit",
+            TcpClose::SourceHandshakes => "source_handshakes",
+            TcpClose::NoRequest => "no_request",
         }
     }
 }
@@ -132,15 +144,28 @@ pub(crate) enum DtlsClose {
     NoAllocation,
     /// Nothing received for 10 minutes.
     Idle,
+    /// The client did not answer the HelloVerifyRequest in time (a spoofed source).
+    NoCookie,
+    /// Too many clients that have not answered the HelloVerifyRequest yet: the
+    /// ClientHello was dropped.
+    UnverifiedLimit,
+    /// `turn.quota.max_connections_per_source` reached: the ClientHello was dropped.
+    SourceLimit,
+    /// `turn.quota.max_handshakes_per_source` reached: the ClientHello was dropped.
+    SourceHandshakes,
 }
 
 impl DtlsClose {
-    const ALL: [DtlsClose; 5] = [
+    const ALL: [DtlsClose; 9] = [
         DtlsClose::Limit,
         DtlsClose::HandshakeLimit,
         DtlsClose::Handshake,
         DtlsClose::NoAllocation,
         DtlsClose::Idle,
+        DtlsClose::NoCookie,
+        DtlsClose::UnverifiedLimit,
+        DtlsClose::SourceLimit,
+        DtlsClose::SourceHandshakes,
     ];
 
     fn as_str(self) -> &'static str {
@@ -150,6 +175,10 @@ impl DtlsClose {
             DtlsClose::Handshake => "dtls_handshake",
             DtlsClose::NoAllocation => "no_allocation",
             DtlsClose::Idle => "idle",
+            DtlsClose::NoCookie => "no_cookie",
+            DtlsClose::UnverifiedLimit => "unverified_limit",
+            DtlsClose::SourceLimit => "source_limit",
+            DtlsClose::SourceHandshakes => "source_handshakes",
         }
     }
 }

@@ -21,6 +21,7 @@
 mod auth;
 mod datapath;
 mod dtls;
+mod dtls_cert;
 mod ice;
 mod kdrops;
 mod kernel;
@@ -33,6 +34,7 @@ mod requests;
 mod server;
 mod shared;
 mod sink;
+mod sources;
 mod table;
 mod tls;
 mod transport;
@@ -167,6 +169,11 @@ impl TurnService {
         let tcp_limit = Arc::new(Semaphore::new(cfg.quota.max_tcp_connections));
 
         let dtls_limit = Arc::new(Semaphore::new(cfg.quota.max_dtls_sessions));
+        // Per-source caps, shared by every TCP, TLS and DTLS listener.
+        let sources = sources::SourceLimits::new(
+            cfg.quota.max_connections_per_source,
+            cfg.quota.max_handshakes_per_source,
+        );
         let trimmer = Arc::new(trim::Trimmer::default());
         // The advertised address behind a NAT also reaches this host's own ports.
         let extra_ips: Vec<std::net::IpAddr> =
@@ -249,6 +256,7 @@ impl TurnService {
                         &tasks,
                         Arc::clone(&core.tcp_log),
                         Arc::clone(&dtls_limit),
+                        sources.clone(),
                     )?;
                     let local = t.local_addr()?;
                     (t.clone(), t, local, Some(closed), None, None)
@@ -289,6 +297,8 @@ impl TurnService {
                             accept_proxy: l.accept_proxy_protocol,
                             trusted: crate::proxyproto::Trusted::parse(&l.trusted_proxies),
                             buffer: cfg.relay.tcp_buffer,
+                            sources: sources.clone(),
+                            handshake_timeout: cfg.quota.handshake_timeout.0,
                         },
                     )?;
                     let local = t.local_addr()?;

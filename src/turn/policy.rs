@@ -16,8 +16,11 @@
 //! matches every address of this host (interface addresses, re-read every 30 s by the
 //! service; loopback and the unspecified address always count). The advertised
 //! `public_address` (when it is an IP: a NAT or load balancer in front of this host)
-//! matches every own port whatever address it binds. With `self`, these checks are skipped: the operator asked for relays
-//! to reach the gateway itself (headless mode). Refusals of own ports are [`Verdict::Loop`].
+//! matches every own port whatever address it binds. `self` opens exactly the relayed
+//! addresses of live allocations (relay-to-relay between two clients of this gateway,
+//! headless mode) and nothing else: the TURN listeners, free relay ports and proxy
+//! listeners stay loops whatever else the list holds (`[upstreams, self, 10.0.0.0/8]` with
+//! the gateway at 10.x does not open them). Refusals of own ports are [`Verdict::Loop`].
 //!
 //! The read side is lock-free for the upstream list (arc-swap); the control plane calls
 //! [`PeerPolicy::set_upstream_ips`] whenever upstream server lists change.
@@ -270,10 +273,13 @@ impl PeerPolicy {
     /// Whether `peer` is allowed, and if not, whether because it is an own port.
     pub fn verdict(&self, peer: SocketAddr) -> Verdict {
         let peer = canonical(peer);
+        // `self` names the relayed addresses of live allocations and nothing else; every
+        // other own port (TURN listeners, free relay ports, proxy listeners) stays a loop
+        // whatever CIDR covers this host's addresses.
         if self.self_enabled && self.is_own_relay(peer) {
             return Verdict::Allowed;
         }
-        if !self.self_enabled && self.is_own_port(peer) {
+        if self.is_own_port(peer) {
             return Verdict::Loop;
         }
         let admin = self.is_admin(peer);
@@ -507,18 +513,31 @@ mod tests {
         assert_eq!(p.verdict(sa("127.0.0.1:7000")), Verdict::Loop);
         assert_eq!(p.verdict(sa("127.0.0.1:40000")), Verdict::Loop);
 
-        // `self` opts in: own ports are judged like any other address.
+        // `self` opens live relayed addresses only: the other own ports stay loops even
+        // with a CIDR covering the gateway's addresses.
         let relay = RelayConfig {
-            peers: vec!["self".into(), "127.0.0.0/8".into()],
+            peers: vec!["upstreams".into(), "self".into(), "127.0.0.0/8".into()],
             ..relay
         };
         let p = PeerPolicy::new(&relay, sa("127.0.0.1:8086"), &proxy).unwrap();
-        assert!(p.allows(sa("127.0.0.1:5004")));
-        assert!(p.allows(sa("127.0.0.1:40000")));
+        p.register_listener(sa("0.0.0.0:3478"));
+        p.register_relay(sa("127.0.0.1:40007"));
         assert!(
-            !p.allows(sa("127.0.0.1:8086")),
-            "admin still needs a host route"
+            p.allows(sa("127.0.0.1:40007")),
+            "a live relay of this gateway"
         );
+        for own in [
+            "127.0.0.1:5004",  // UDP proxy listener
+            "127.0.0.2:6000",  // TCP proxy listener (wildcard)
+            "127.0.0.1:3478",  // TURN listener
+            "127.0.0.1:40000", // a free relay port
+            "127.0.0.1:8086",  // admin
+        ] {
+            assert_eq!(p.verdict(sa(own)), Verdict::Loop, "{own} with self");
+        }
+        p.unregister_relay(sa("127.0.0.1:40007"));
+        assert_eq!(p.verdict(sa("127.0.0.1:40007")), Verdict::Loop);
+        assert!(p.allows(sa("127.0.0.1:7777")), "other loopback ports");
     }
 
     #[test]

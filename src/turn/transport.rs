@@ -13,14 +13,18 @@
 //! starts empty, grows only as far as the frame being read needs and is freed when a large
 //! frame is done; before the connection has an allocation its frames may not exceed 4 KiB
 //! (a STUN request needs far less); a started frame must complete within 10 s; a
-//! connection must make an allocation within 30 s; and at most
-//! `turn.quota.max_tcp_connections` connections are open over all TCP listeners (further
-//! ones are closed at once). Every such close is counted in
+//! connection must send its first complete STUN message within
+//! `turn.quota.handshake_timeout` of accept (TLS handshake and PROXY header included) and
+//! make an allocation within 30 s; at most `turn.quota.max_tcp_connections` connections
+//! are open over all TCP listeners, and one source holds at most
+//! `max_connections_per_source` of them and `max_handshakes_per_source` before their first
+//! STUN message (`sources`; further ones are closed at once). Every such close is counted in
 //! `mediagate_turn_tcp_closed_total{reason}`. After many connections closed, freed heap
 //! memory is given back to the OS (`trim`).
 //!
 //! A `tls` listener is a [`TcpTransport`] whose connections first complete a TLS
-//! handshake (within 10 s, else closed and counted as `tls_handshake`); a `tcp` listener
+//! handshake (within `handshake_timeout`, at most 10 s, else closed and counted as
+//! `tls_handshake`); a `tcp` listener
 //! given a certificate serves both on one port, by the first byte of each connection
 //! (0x16, a TLS handshake record, or STUN/ChannelData); with
 //! `accept_proxy_protocol` each connection must first send a PROXY v2 header (within 5 s,
@@ -62,6 +66,7 @@ use super::metrics::{DropReason, TcpClose, TurnMetrics};
 use super::outbox::{MANY, Outbox};
 use super::ratelog::RateLimit;
 use super::relay::RelayState;
+use super::sources::{SourceLimits, SourceRefusal, SourceSlot};
 use super::trim::Trimmer;
 use super::wire::{self, Frame};
 
@@ -235,7 +240,7 @@ impl ClientSink for ConnSink {
 type Writers = Arc<RwLock<HashMap<SocketAddr, Writer>>>;
 
 /// How connections of a TCP listener start: TLS and/or a PROXY v2 header first.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(crate) struct TcpOptions {
     /// `tls` listener: the handshake comes first (after the PROXY header, if any).
     pub(crate) tls: Option<TlsAcceptor>,
@@ -249,6 +254,25 @@ pub(crate) struct TcpOptions {
     /// `turn.relay.tcp_buffer`: each connection's receive and send buffer (0: the
     /// kernel's autotuning).
     pub(crate) buffer: usize,
+    /// The per-source caps (shared by every listener of the service).
+    pub(crate) sources: SourceLimits,
+    /// `turn.quota.handshake_timeout`: the first complete STUN message (PROXY header and
+    /// TLS handshake included) must arrive within this time of accept.
+    pub(crate) handshake_timeout: Duration,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        TcpOptions {
+            tls: None,
+            accept_proxy: false,
+            trusted: Default::default(),
+            plain_too: false,
+            buffer: 0,
+            sources: SourceLimits::default(),
+            handshake_timeout: crate::config::QuotaConfig::default().handshake_timeout.0,
+        }
+    }
 }
 
 /// A TCP listener seen as one packet connection.
@@ -314,8 +338,27 @@ impl TcpTransport {
                     drop(stream);
                     continue;
                 };
+                // Per source (with a PROXY header: the client it names, once read).
+                let (source, source_handshake) = if options.accept_proxy {
+                    (None, None)
+                } else {
+                    match take_source(&options.sources, peer) {
+                        Ok((c, h)) => (Some(c), Some(h)),
+                        Err(reason) => {
+                            metrics.tcp_closed(reason).inc();
+                            if log.allow() {
+                                tracing::warn!(listen = %local, client = %peer, ?reason, "TURN TCP connection refused (turn.quota.max_connections_per_source or max_handshakes_per_source)");
+                            }
+                            drop(stream);
+                            continue;
+                        }
+                    }
+                };
                 metrics.tcp_connections.inc();
                 let conn = Connection {
+                    handshake_by: Instant::now() + options.handshake_timeout,
+                    source,
+                    source_handshake: std::sync::Mutex::new(source_handshake),
                     peer,
                     writers: Arc::clone(&writers),
                     frames: frames_tx.clone(),
@@ -340,7 +383,24 @@ impl TcpTransport {
     }
 }
 
+/// A connection's places in the per-source caps, or the reason it is refused.
+fn take_source(
+    sources: &SourceLimits,
+    peer: SocketAddr,
+) -> Result<(SourceSlot, SourceSlot), TcpClose> {
+    sources.admit(peer.ip()).map_err(|r| match r {
+        SourceRefusal::Connections => TcpClose::SourceLimit,
+        SourceRefusal::Handshakes => TcpClose::SourceHandshakes,
+    })
+}
+
 struct Connection {
+    /// The first complete STUN message must arrive before this (`handshake_timeout`).
+    handshake_by: Instant,
+    /// The connection's place among its source's connections.
+    source: Option<SourceSlot>,
+    /// Its place among its source's unfinished handshakes, until the first complete frame.
+    source_handshake: std::sync::Mutex<Option<SourceSlot>>,
     peer: SocketAddr,
     writers: Writers,
     frames: mpsc::Sender<(Bytes, SocketAddr)>,
@@ -373,12 +433,25 @@ impl Connection {
             }
             let header = tokio::select! {
                 _ = self.cancel.cancelled() => return,
-                h = crate::proxyproto::read_v2(&mut stream) => h,
+                h = tokio::time::timeout_at(self.handshake_by, crate::proxyproto::read_v2(&mut stream)) => h,
             };
             match header {
-                Ok(Some(client)) => self.peer = client,
-                Ok(None) => {}
-                Err(e) => return self.refuse(TcpClose::ProxyHeader, &e.to_string()),
+                Ok(Ok(Some(client))) => self.peer = client,
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => return self.refuse(TcpClose::ProxyHeader, &e.to_string()),
+                Err(_) => return self.refuse(TcpClose::ProxyHeader, "handshake_timeout"),
+            }
+            match take_source(&options.sources, self.peer) {
+                Ok((c, h)) => {
+                    self.source = Some(c);
+                    *self
+                        .source_handshake
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(h);
+                }
+                Err(reason) => {
+                    return self.refuse(reason, "per-source cap of the PROXY header's client");
+                }
             }
             let taken = self
                 .writers
@@ -397,7 +470,7 @@ impl Connection {
             let mut first = [0u8; 1];
             let peeked = tokio::select! {
                 _ = self.cancel.cancelled() => return,
-                r = tokio::time::timeout(super::tls::HANDSHAKE_TIMEOUT, stream.peek(&mut first)) => r,
+                r = tokio::time::timeout_at(self.handshake_by.min(Instant::now() + super::tls::HANDSHAKE_TIMEOUT), stream.peek(&mut first)) => r,
             };
             match peeked {
                 Ok(Ok(1)) if first[0] != 0x16 => return self.run_plain(stream).await,
@@ -411,7 +484,7 @@ impl Connection {
             Some(acceptor) => {
                 let hs = tokio::select! {
                     _ = self.cancel.cancelled() => return,
-                    r = tokio::time::timeout(super::tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => r,
+                    r = tokio::time::timeout_at(self.handshake_by.min(Instant::now() + super::tls::HANDSHAKE_TIMEOUT), acceptor.accept(stream)) => r,
                 };
                 match hs {
                     Ok(Ok(tls)) => self.run(tls).await,
@@ -498,6 +571,8 @@ impl Connection {
         let opened = Instant::now();
         let mut last_read = opened;
         let mut frame_started: Option<Instant> = None;
+        // Until the first complete frame: `handshake_timeout` from accept.
+        let mut first_by = Some(self.handshake_by);
         // Empty until bytes arrive; grows to what the current frame needs.
         let mut buf = BytesMut::new();
         // This connection's allocation, for the data path.
@@ -516,6 +591,13 @@ impl Connection {
                 match wire::tcp_frame(&buf) {
                     Frame::Complete(n) => {
                         frame_started = None;
+                        if first_by.take().is_some() {
+                            // Something useful: no longer an unfinished handshake.
+                            self.source_handshake
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .take();
+                        }
                         if let Some(dp) = self.datapath.get()
                             && dp.client_packet(&buf[..n], self.peer, &mut route)
                         {
@@ -569,6 +651,11 @@ impl Connection {
                 if d < deadline.0 {
                     deadline = (d, TcpClose::FrameTimeout);
                 }
+            }
+            if let Some(d) = first_by
+                && d < deadline.0
+            {
+                deadline = (d, TcpClose::NoRequest);
             }
 
             // Room for the frame being read, allocated exactly once its header is in; a

@@ -96,6 +96,9 @@ pub struct AppState {
     /// Hash of the file content last loaded or rejected, so the watcher reacts to edits
     /// only, and tries a broken file once.
     seen_hash: std::sync::atomic::AtomicU64,
+    /// The secret files (`*_file` keys) as last loaded or rejected: the watcher reloads when
+    /// one's content changes, and tries a broken one once.
+    seen_secrets: std::sync::Mutex<Vec<crate::config::secret_files::SecretFile>>,
 }
 
 /// A started balancer.
@@ -209,6 +212,7 @@ impl App {
             turn_policy,
             reload_lock: tokio::sync::Mutex::new(()),
             seen_hash: std::sync::atomic::AtomicU64::new(reload::file_hash(&config_path_for_hash)),
+            seen_secrets: std::sync::Mutex::new(config.secret_files.clone()),
         });
 
         // The member joins now (peers' admin states arrive during the first probe round).

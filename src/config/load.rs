@@ -132,12 +132,15 @@ pub fn load_str_with_env(
             }
         }
     }
-    let Some(config) = config else {
+    let Some(mut config) = config else {
         return Err(fail(errors));
     };
 
     let positions = root.positions();
-    for issue in validate(&config) {
+    let (mut issues, shadowed) = super::secret_files::resolve(&mut config);
+    bad.extend(shadowed.iter().map(|p| p.to_string()));
+    issues.extend(validate(&config));
+    for issue in issues {
         let pos = position_of(&positions, &issue.path);
         let path = as_written(&removed_items, &issue.path);
         if !bad.iter().any(|b| related(b, &path)) {

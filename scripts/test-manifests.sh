@@ -285,10 +285,18 @@ def static(rendered_path, secret_example, dashboard_path, outdir):
     with open(secret_example) as f:
         sec = yaml.safe_load(f)
     sec_keys = set((sec.get("stringData") or {}).keys()) | set((sec.get("data") or {}).keys())
+    sec_example_name = sec["metadata"]["name"]
     p = []
     for d in docs:
         if d["kind"] not in ("Deployment", "DaemonSet"):
             continue
+        for v in d["spec"]["template"]["spec"].get("volumes", []):
+            ref = v.get("secret")
+            if ref and ref["secretName"] == sec["metadata"]["name"]:
+                for item in ref.get("items", []):
+                    if item["key"] not in sec_keys:
+                        p.append(f"{d['kind']}/{d['metadata']['name']} volume {v['name']}: key "
+                                 f"{item['key']} is not in secret.example.yaml")
         for c in d["spec"]["template"]["spec"]["containers"]:
             for e in c.get("env", []):
                 ref = e.get("valueFrom", {}).get("secretKeyRef")
@@ -299,6 +307,84 @@ def static(rendered_path, secret_example, dashboard_path, outdir):
         if k == "Secret":
             p.append(f"the kustomization renders Secret/{n}: secrets must not ship with values")
     check("Secret references match secret.example.yaml; no Secret is rendered", p)
+
+    # ---- secrets: files of the mounted Secret, never environment variables
+    p = []
+    if any("secretKeyRef" in (e.get("valueFrom") or {}) for e in ctr.get("env", [])):
+        p.append("a secret reaches the mediagate container as an environment variable")
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {m["mountPath"]: m for m in ctr.get("volumeMounts", [])}
+    secret_files = {}
+    for key in ("admin.token_file", "admin.events_token_file", "turn.auth.secret_file",
+                "turn.ice.token_file", "cluster.secret_file"):
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node:
+            secret_files[key] = node
+    for what in ("admin.token", "turn.auth.secret", "cluster.secret"):
+        if what + "_file" not in secret_files:
+            p.append(f"{what} is not read from a file ({what}_file)")
+    for key, path in secret_files.items():
+        d, _, name = path.rpartition("/")
+        m = mounts.get(d)
+        sec = (vols.get(m["name"], {}).get("secret") if m else None) or {}
+        if sec.get("secretName") != sec_example_name:
+            p.append(f"{key}: {d} is not a mount of the Secret {sec_example_name}")
+        elif name not in sec_keys:
+            p.append(f"{key}: {name} is not a key of secret.example.yaml")
+        elif sec.get("optional"):
+            p.append(f"{key}: the Secret volume is optional")
+        if m and m.get("subPath"):
+            p.append(f"{key}: subPath mount (never updated in place)")
+    check(f"secrets are files of the mounted Secret ({', '.join(sorted(secret_files))}), no secret in the env", p)
+
+    # ---- mounts: none inside another (fails on some runtimes), none with subPath
+    p = []
+    for c in pod_containers(pod):
+        paths = sorted(m["mountPath"].rstrip("/") for m in c.get("volumeMounts", []))
+        for a in paths:
+            for b in paths:
+                if b.startswith(a + "/"):
+                    p.append(f"container {c['name']}: {b} is mounted inside {a}")
+        for m in c.get("volumeMounts", []):
+            if m.get("subPath"):
+                p.append(f"container {c['name']}: {m['mountPath']} uses subPath (no updates)")
+    check("Deployment: no mount inside another, no subPath", p)
+
+    # ---- replicas as one balancer
+    p = []
+    cl = cfg.get("cluster")
+    peers_svc = get("Service", "mediagate-peers")
+    role, rb = get("Role", "mediagate-state"), get("RoleBinding", "mediagate-state")
+    if not cl:
+        p.append("cluster: is off while the Deployment runs several replicas")
+    else:
+        port = int(str(cl["listen"]).rsplit(":", 1)[1])
+        if cports.get((port, "UDP")) != "cluster":
+            p.append(f"cluster.listen port {port}/UDP is not the containerPort named cluster")
+        if not str(cl.get("advertise", "")).startswith("${POD_IP}:"):
+            p.append("cluster.advertise is not the pod IP")
+        want_peer = f"mediagate-peers:{port}"
+        if cl.get("peers") != [want_peer]:
+            p.append(f"cluster.peers {cl.get('peers')}, want [{want_peer}]")
+        if not peers_svc or peers_svc["spec"].get("clusterIP") != "None" \
+                or not peers_svc["spec"].get("publishNotReadyAddresses"):
+            p.append("Service mediagate-peers missing, not headless or not publishing unready pods")
+        elif not any(sp["port"] == port and sp.get("protocol") == "UDP" for sp in peers_svc["spec"]["ports"]):
+            p.append(f"Service mediagate-peers has no port {port}/UDP")
+    state_cm = (cl or {}).get("state_configmap")
+    if bool(role) != bool(state_cm) or bool(rb) != bool(state_cm):
+        p.append(f"Role/RoleBinding mediagate-state {'present' if role else 'absent'} while "
+                 f"cluster.state_configmap is {state_cm!r}")
+    elif role:
+        rule_names = {n for r in role["rules"] for n in r.get("resourceNames", [])}
+        if state_cm not in rule_names:
+            p.append(f"Role mediagate-state does not name the ConfigMap {state_cm}")
+        if not any(s2["kind"] == "ServiceAccount" and s2["name"] == "mediagate" for s2 in rb.get("subjects", [])):
+            p.append("RoleBinding mediagate-state does not bind the mediagate ServiceAccount")
+    check("cluster: on, peers through the headless Service, its UDP port a containerPort; "
+          "Role mediagate-state exactly when state_configmap is used", p)
 
     # ---- ports: listeners vs Service vs container ports
     svc_ports = {(sp["port"], sp.get("protocol", "TCP")): sp for sp in svc["spec"]["ports"]}
@@ -454,10 +540,37 @@ def static(rendered_path, secret_example, dashboard_path, outdir):
     if re.search(r"^static-auth-secret", conf, re.M):
         p.append("turnserver.conf contains a static-auth-secret value")
     ds = get("DaemonSet", "coturn")
-    c = ds["spec"]["template"]["spec"]["containers"][0] if ds else {}
-    if not any("--static-auth-secret=$(TURN_SECRET)" in a for a in c.get("args", [])):
-        p.append("coturn is not given --static-auth-secret=$(TURN_SECRET)")
-    check("coturn: use-auth-secret with the shared secret from the Secret", p)
+    cspec = ds["spec"]["template"]["spec"] if ds else {}
+    c = (cspec.get("containers") or [{}])[0]
+    init = next((i for i in cspec.get("initContainers") or [] if i["name"] == "config"), None)
+    for ctr in pod_containers(cspec):
+        if any("secret" in str(a).lower() for a in (ctr.get("args") or []) + (ctr.get("command") or [])
+               if not str(a).startswith("#!") and "\n" not in str(a)):
+            p.append(f"container {ctr['name']}: a secret on the command line")
+        for e in ctr.get("env") or []:
+            if "secretKeyRef" in (e.get("valueFrom") or {}):
+                p.append(f"container {ctr['name']}: env {e['name']} from a Secret")
+    vols = {v["name"]: v for v in cspec.get("volumes") or []}
+    args = c.get("args") or []
+    conf = args[args.index("-c") + 1] if "-c" in args else None
+    if not init:
+        p.append("no init container `config` assembling turnserver.conf")
+    else:
+        mounts = {m["mountPath"]: m["name"] for m in init.get("volumeMounts") or []}
+        script = "\n".join(init.get("command") or [])
+        with open(os.path.join(outdir, "coturn-init.sh"), "w") as f:
+            f.write(init["command"][-1])
+        sec = [path for path, n in mounts.items()
+               if (vols.get(n, {}).get("secret") or {}).get("secretName") == "mediagate-secrets"]
+        if not sec or f"{sec[0]}/turn-secret" not in script:
+            p.append("the init container does not read turn-secret from the Secret mounted as a file")
+        run = [m for m in c.get("volumeMounts") or [] if conf and conf.startswith(m["mountPath"] + "/")]
+        if not run or run[0]["name"] not in mounts.values():
+            p.append(f"coturn's -c {conf} is not on a volume the init container writes")
+        elif (vols[run[0]["name"]].get("emptyDir") or {}).get("medium") != "Memory":
+            p.append(f"volume {run[0]['name']} (with the secret) is not an emptyDir in memory")
+    check("coturn: use-auth-secret; the secret from the Secret as a file, through an init container, "
+          "never on a command line or in the environment", p)
 
     # ---- observability
     pm = get("PodMonitor", "mediagate")
@@ -687,6 +800,214 @@ def combo(name, rendered_path):
                      f"{d['metadata'].get('namespace')!r}, not media")
     check(f"{name}: the objects of exactly these components, all in namespace media", p)
 
+    # Pod Security: every pod is admitted; only ebpf-offload relaxes the namespace, and only
+    # as far as the mediagate pod needs.
+    levels = pod_security(name, docs)
+    enforce = (levels.get("media") or {}).get("pod-security.kubernetes.io/enforce")
+    p = []
+    dep = next((d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mediagate"), None)
+    got = pss_level(dep["spec"]["template"]["spec"])[0] if dep else None
+    if "ebpf-offload" in comps:
+        if got == "restricted":
+            p.append("the ebpf-offload mediagate pod meets restricted: the namespace need not be relaxed")
+        if enforce != got:
+            p.append(f"namespace media enforces {enforce}; the mediagate pod needs {got}")
+    elif enforce != "restricted":
+        p.append(f"namespace media enforces {enforce} without ebpf-offload (want restricted)")
+    check(f"{name}: namespace level = what the mediagate pod needs ({got})", p)
+
+    # Images: a version tag, never `latest` or none.
+    p = []
+    for d in docs:
+        if d["kind"] not in POD_KINDS:
+            continue
+        for c in pod_containers(d["spec"]["template"]["spec"]):
+            image = c.get("image", "")
+            tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
+            if "@sha256:" not in image and (not tag or tag == "latest" or not re.search(r"\d", tag)):
+                p.append(f"{d['metadata']['name']}/{c['name']}: image {image!r} has no version tag")
+    check(f"{name}: every image pinned to a version", p)
+
+
+# ---------------------------------------------------------------------------------- Pod Security
+# The Pod Security Standards (kubernetes.io/docs/concepts/security/pod-security-standards,
+# policy version "latest" as of Kubernetes 1.33), checked the way the PodSecurity admission
+# plugin evaluates a pod template: every rule of "baseline", then every rule of "restricted".
+# No packaged checker of these rules is installable here (the upstream one is a Go library),
+# so they are written out; `pss-selftest` shows each rule refusing what it should.
+BASELINE_CAPS = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+                 "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range",
+                "net.ipv4.ip_unprivileged_port_start", "net.ipv4.tcp_syncookies",
+                "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout",
+                "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes"}
+SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                      "persistentVolumeClaim", "projected", "secret"}
+LEVELS = ["restricted", "baseline", "privileged"]
+
+
+def pod_containers(spec):
+    return [c for k in ("initContainers", "containers", "ephemeralContainers") for c in spec.get(k) or []]
+
+
+def baseline_violations(spec, annotations):
+    v = []
+    psc = spec.get("securityContext") or {}
+    ctrs = pod_containers(spec)
+    scs = [(c["name"], c.get("securityContext") or {}) for c in ctrs]
+    for k in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(k):
+            v.append(f"host namespaces: {k}=true")
+    if (psc.get("windowsOptions") or {}).get("hostProcess") or any(
+            (sc.get("windowsOptions") or {}).get("hostProcess") for _, sc in scs):
+        v.append("hostProcess")
+    for n, sc in scs:
+        if sc.get("privileged"):
+            v.append(f"privileged: container {n}")
+        bad = [c for c in (sc.get("capabilities") or {}).get("add") or [] if c not in BASELINE_CAPS]
+        if bad:
+            v.append(f"capabilities: container {n} adds {bad}")
+        if sc.get("procMount") not in (None, "Default"):
+            v.append(f"procMount: container {n}")
+    for vol in spec.get("volumes") or []:
+        if "hostPath" in vol:
+            v.append(f"hostPath volume {vol['name']}")
+    for c in ctrs:
+        for port in c.get("ports") or []:
+            if port.get("hostPort"):
+                v.append(f"hostPort {port['hostPort']}: container {c['name']}")
+    for who, sc in [("pod", psc)] + scs:
+        t = (sc.get("appArmorProfile") or {}).get("type")
+        if t not in (None, "RuntimeDefault", "Localhost"):
+            v.append(f"appArmorProfile {t}: {who}")
+        se = sc.get("seLinuxOptions") or {}
+        if se.get("type", "") not in SELINUX_TYPES or se.get("user") or se.get("role"):
+            v.append(f"seLinuxOptions: {who}")
+        if (sc.get("seccompProfile") or {}).get("type") == "Unconfined":
+            v.append(f"seccomp Unconfined: {who}")
+    for k, val in (annotations or {}).items():
+        if k.startswith("container.apparmor.security.beta.kubernetes.io/") and \
+                not (val == "runtime/default" or val.startswith("localhost/")):
+            v.append(f"AppArmor annotation {k}={val}")
+    for sysctl in psc.get("sysctls") or []:
+        if sysctl.get("name") not in SAFE_SYSCTLS:
+            v.append(f"sysctl {sysctl.get('name')}")
+    return v
+
+
+def restricted_violations(spec, annotations):
+    v = baseline_violations(spec, annotations)
+    psc = spec.get("securityContext") or {}
+    for vol in spec.get("volumes") or []:
+        kinds = [k for k in vol if k != "name"]
+        if any(k not in RESTRICTED_VOLUMES for k in kinds):
+            v.append(f"volume {vol['name']} of type {kinds}")
+    pod_nonroot = psc.get("runAsNonRoot") is True
+    pod_seccomp = (psc.get("seccompProfile") or {}).get("type") in ("RuntimeDefault", "Localhost")
+    if psc.get("runAsUser") == 0:
+        v.append("runAsUser 0: pod")
+    for c in pod_containers(spec):
+        n, sc = c["name"], c.get("securityContext") or {}
+        if sc.get("allowPrivilegeEscalation") is not False:
+            v.append(f"allowPrivilegeEscalation not false: container {n}")
+        nonroot = sc.get("runAsNonRoot")
+        if nonroot is False or (nonroot is None and not pod_nonroot):
+            v.append(f"runAsNonRoot not true: container {n}")
+        if sc.get("runAsUser") == 0:
+            v.append(f"runAsUser 0: container {n}")
+        t = (sc.get("seccompProfile") or {}).get("type")
+        if not (t in ("RuntimeDefault", "Localhost") or (t is None and pod_seccomp)):
+            v.append(f"seccomp not RuntimeDefault/Localhost: container {n}")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            v.append(f"capabilities not dropping ALL: container {n}")
+        if any(c2 != "NET_BIND_SERVICE" for c2 in caps.get("add") or []):
+            v.append(f"capabilities: container {n} adds {caps.get('add')}")
+    return v
+
+
+def pss_level(spec, annotations=None):
+    """The strictest level the pod template meets, and what the stricter ones refuse."""
+    r = restricted_violations(spec, annotations)
+    if not r:
+        return "restricted", []
+    b = baseline_violations(spec, annotations)
+    return ("baseline", r) if not b else ("privileged", b)
+
+
+POD_KINDS = {"Deployment", "DaemonSet", "StatefulSet", "ReplicaSet", "Job"}
+
+
+def pod_security(name, docs):
+    """Every pod template passes the enforce level of its namespace (as the admission plugin
+    would check it at pod creation), for one combination."""
+    levels = {d["metadata"]["name"]: (d["metadata"].get("labels") or {})
+              for d in docs if d["kind"] == "Namespace"}
+    p, seen = [], []
+    for d in docs:
+        if d["kind"] not in POD_KINDS:
+            continue
+        ns = d["metadata"].get("namespace")
+        labels = levels.get(ns)
+        if labels is None:
+            p.append(f"{d['kind']}/{d['metadata']['name']}: namespace {ns} is not rendered")
+            continue
+        enforce = labels.get("pod-security.kubernetes.io/enforce")
+        if enforce not in LEVELS:
+            p.append(f"namespace {ns}: no pod-security.kubernetes.io/enforce level")
+            continue
+        tmpl = d["spec"]["template"]
+        got, why = pss_level(tmpl["spec"], tmpl.get("metadata", {}).get("annotations"))
+        seen.append(f"{d['metadata']['name']}={got}")
+        if LEVELS.index(got) > LEVELS.index(enforce):
+            p.append(f"{d['kind']}/{d['metadata']['name']} is only {got}, namespace {ns} enforces "
+                     f"{enforce}: {'; '.join(why)}")
+    for ns, labels in levels.items():
+        enforce = labels.get("pod-security.kubernetes.io/enforce")
+        if enforce != "restricted" and labels.get("pod-security.kubernetes.io/audit") != "restricted":
+            p.append(f"namespace {ns} enforces {enforce} without auditing restricted")
+    ns_desc = ", ".join(f"{n} enforces {l.get('pod-security.kubernetes.io/enforce')}" for n, l in levels.items())
+    check(f"{name}: Pod Security: every pod admitted ({ns_desc}; {' '.join(seen)})", p)
+    return levels
+
+
+def pss_selftest():
+    """Each rule refuses what it should: a restricted pod, then one breach at a time."""
+    import copy
+    good = {
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{"name": "c", "image": "x", "securityContext": {
+            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}],
+        "volumes": [{"name": "v", "configMap": {"name": "x"}}],
+    }
+    p = []
+    if pss_level(good)[0] != "restricted":
+        p.append(f"a restricted pod is {pss_level(good)}")
+    cases = [
+        ("baseline", lambda s: s["securityContext"].pop("runAsNonRoot")),
+        ("baseline", lambda s: s["containers"][0]["securityContext"].pop("allowPrivilegeEscalation")),
+        ("baseline", lambda s: s["containers"][0]["securityContext"].update(capabilities={"drop": ["ALL"], "add": ["CHOWN"]})),
+        ("baseline", lambda s: s["containers"][0]["securityContext"].update(runAsUser=0)),
+        ("baseline", lambda s: s["securityContext"].pop("seccompProfile")),
+        ("baseline", lambda s: s["volumes"].append({"name": "n", "nfs": {"server": "x", "path": "/"}})),
+        ("privileged", lambda s: s["containers"][0]["securityContext"].update(capabilities={"drop": ["ALL"], "add": ["BPF", "NET_ADMIN"]})),
+        ("privileged", lambda s: s.update(hostNetwork=True)),
+        ("privileged", lambda s: s["containers"][0]["securityContext"].update(privileged=True)),
+        ("privileged", lambda s: s["volumes"].append({"name": "h", "hostPath": {"path": "/"}})),
+        ("privileged", lambda s: s["containers"][0].update(ports=[{"containerPort": 1, "hostPort": 1}])),
+        ("privileged", lambda s: s["securityContext"].update(seccompProfile={"type": "Unconfined"})),
+        ("privileged", lambda s: s["securityContext"].update(sysctls=[{"name": "net.core.rmem_max", "value": "1"}])),
+    ]
+    for i, (want, breach) in enumerate(cases):
+        spec = copy.deepcopy(good)
+        breach(spec)
+        got = pss_level(spec)[0]
+        if got != want:
+            p.append(f"case {i}: {want} expected, got {got}")
+    check(f"Pod Security checker: a restricted pod passes, each of {len(cases)} breaches lowers it to the right level", p)
 
 def port_covers(rule_port, cport):
     if rule_port.get("protocol", "TCP") != cport.get("protocol", "TCP"):
@@ -734,6 +1055,16 @@ def network_policy(objs_get, relay_range):
             if any(not peer.get("namespaceSelector", {}).get("matchLabels")
                    and not peer.get("podSelector", {}).get("matchLabels") for peer in peers):
                 p.append("an admin-port peer selects everything")
+        elif c["name"] == "cluster":
+            if covered_open:
+                p.append("the cluster port is open to everyone")
+            peers = [peer for r in rules if r.get("from")
+                     for rp in r.get("ports", []) if port_covers(rp, c) for peer in r["from"]]
+            if not peers or any(
+                    "namespaceSelector" in peer or any(pod_labels.get(k) != v for k, v in
+                                                       (peer.get("podSelector") or {}).get("matchLabels", {}).items())
+                    or not (peer.get("podSelector") or {}).get("matchLabels") for peer in peers):
+                p.append(f"the cluster port is not open to exactly the mediagate pods: {peers}")
         elif not covered_open:
             p.append(f"containerPort {c['name']} ({c['containerPort']}/{c.get('protocol', 'TCP')}) is not open")
     if relay_range:
@@ -742,7 +1073,8 @@ def network_policy(objs_get, relay_range):
             if not any(port_covers(rp, {"containerPort": port, "protocol": "UDP", "name": ""})
                        for r in open_rules for rp in r.get("ports", [])):
                 p.append(f"TURN relay port {port}/UDP (turn.relay.port_range) is not open")
-    check("NetworkPolicy: admin port only from monitoring and operator pods, media and relay ports open", p)
+    check("NetworkPolicy: admin port only from monitoring and operator pods, cluster port only from "
+          "mediagate pods, media and relay ports open", p)
 
 
 REQUIRED_ALERTS = {
@@ -807,6 +1139,8 @@ if __name__ == "__main__":
         compare(*args)
     elif mode == "combo":
         combo(*args)
+    elif mode == "pss-selftest":
+        pss_selftest()
     elif mode == "compare-list":
         compare_list(*args)
     elif mode == "compare-docs":
@@ -821,7 +1155,9 @@ echo "== manifests: $ROOT/manifests"
 # Every combination of the base with its optional components, rendered the way the
 # kustomization's header tells users to enable them: a `components:` list in
 # manifests/kustomization.yaml (here in a copy of manifests/).
-COMBOS=(base monitoring network-policy ebpf-offload monitoring,network-policy monitoring,network-policy,ebpf-offload)
+# Every subset of the three components (2^3 = 8 combinations).
+COMBOS=(base monitoring network-policy ebpf-offload monitoring,network-policy
+        monitoring,ebpf-offload network-policy,ebpf-offload monitoring,network-policy,ebpf-offload)
 if ! command -v kubectl >/dev/null 2>&1; then
     fail "kubectl kustomize manifests/ renders" "kubectl not found"
     printf 'manifests: %d passed, %d failed, %d skipped\n' "$PASSED" "$FAILED" "$SKIPPED"
@@ -874,11 +1210,38 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------- 3
+run_py pss-selftest
 for combo in "${COMBOS[@]}"; do
     run_py combo "$combo" "$WORK/rendered-${combo//,/+}.yaml"
 done
 run_py static "$RENDERED" manifests/mediagate/secret.example.yaml \
     manifests/components/monitoring/grafana-dashboard.json "$WORK"
+
+# 3a. coturn's init container, run here on stand-in files: the ConfigMap's turnserver.conf
+# followed by one static-auth-secret line per secret; an empty secret file fails the pod.
+if [[ -f "$WORK/coturn-init.sh" ]]; then
+    mkdir -p "$WORK/coturn/etc" "$WORK/coturn/secrets" "$WORK/coturn/run"
+    cp manifests/coturn/turnserver.conf "$WORK/coturn/etc/turnserver.conf"
+    printf 'new-secret\n  old-secret  \n\n' >"$WORK/coturn/secrets/turn-secret"
+    sed -e "s|/etc/coturn/|$WORK/coturn/etc/|; s|/etc/coturn-secrets/|$WORK/coturn/secrets/|; s|/run/coturn/|$WORK/coturn/run/|" \
+        "$WORK/coturn-init.sh" >"$WORK/coturn-init.local.sh"
+    if iout=$(sh -e "$WORK/coturn-init.local.sh" 2>&1) \
+        && [[ "$(grep '^static-auth-secret=' "$WORK/coturn/run/turnserver.conf")" == $'static-auth-secret=new-secret\nstatic-auth-secret=old-secret' ]] \
+        && grep -q '^use-auth-secret' "$WORK/coturn/run/turnserver.conf" \
+        && [[ "$(stat -c %a "$WORK/coturn/run/turnserver.conf")" == 600 ]]; then
+        : >"$WORK/coturn/secrets/turn-secret"
+        if sh -e "$WORK/coturn-init.local.sh" >/dev/null 2>&1; then
+            fail "coturn init container: an empty turn-secret must fail the pod"
+        else
+            pass "coturn init container: turnserver.conf + one static-auth-secret per line (mode 600); an empty secret fails"
+        fi
+    else
+        fail "coturn init container writes turnserver.conf with the secrets" \
+            "$iout"$'\n'"$(cat "$WORK/coturn/run/turnserver.conf" 2>/dev/null | tail -4)"
+    fi
+else
+    fail "coturn init container script extracted" "missing"
+fi
 
 # 3b. The PrometheusRule's groups pass promtool (rule syntax, PromQL, templates).
 if command -v promtool >/dev/null 2>&1; then
@@ -919,24 +1282,29 @@ if [[ "$SKIP_BINARY" == 1 ]]; then
 elif [[ ! -x "$BIN" ]]; then
     fail "mediagate binary at $BIN" "not found: build it first (cargo build), set MEDIAGATE_BIN, or MANIFESTS_SKIP_BINARY=1"
 else
-    # 4. `mediagate check` with the values the pod's env would have.
+    # 4. `mediagate check` with the values the pod's env would have, and the Secret's files
+    # (secret.example.yaml's keys) in a stand-in directory.
     if [[ -f "$WORK/mediagate.yaml" ]]; then
-        cout=$(env PUBLIC_IP=203.0.113.10 POD_IP=10.244.1.17 TURN_SECRET=test-turn-secret \
-                MEDIAGATE_ADMIN_TOKEN=test-admin-token "$BIN" check -c "$WORK/mediagate.yaml" 2>&1)
+        mkdir -p "$WORK/secrets"
+        for key in turn-secret admin-token cluster-secret; do
+            printf 'test-%s-0123456789abcdef\n' "$key" >"$WORK/secrets/$key"
+        done
+        sed "s|/etc/mediagate-secrets/|$WORK/secrets/|g" "$WORK/mediagate.yaml" >"$WORK/mediagate.local.yaml"
+        cout=$(env PUBLIC_IP=203.0.113.10 POD_IP=10.244.1.17 "$BIN" check -c "$WORK/mediagate.local.yaml" 2>&1)
         crc=$?
         if [[ $crc -eq 0 ]] && grep -qx 'ok' <<<"$cout"; then
-            pass "mediagate check on the ConfigMap's mediagate.yaml"
+            pass "mediagate check on the ConfigMap's mediagate.yaml (secrets from files)"
         else
             fail "mediagate check on the ConfigMap's mediagate.yaml (exit $crc)" "$cout"
         fi
-        # And a missing variable must be an error (the Secret is not optional).
-        cout=$(env -u TURN_SECRET PUBLIC_IP=203.0.113.10 POD_IP=10.244.1.17 \
-                MEDIAGATE_ADMIN_TOKEN=x "$BIN" check -c "$WORK/mediagate.yaml" 2>&1)
+        # And a missing secret file must be an error (the Secret is not optional).
+        rm "$WORK/secrets/turn-secret"
+        cout=$(env PUBLIC_IP=203.0.113.10 POD_IP=10.244.1.17 "$BIN" check -c "$WORK/mediagate.local.yaml" 2>&1)
         crc=$?
-        if [[ $crc -eq 2 ]] && grep -q 'TURN_SECRET' <<<"$cout"; then
-            pass "mediagate check fails (exit 2) when the Secret's TURN_SECRET is missing"
+        if [[ $crc -eq 2 ]] && grep -q 'turn.auth.secret_file' <<<"$cout"; then
+            pass "mediagate check fails (exit 2) when the Secret's turn-secret file is missing"
         else
-            fail "mediagate check fails (exit 2) when the Secret's TURN_SECRET is missing (exit $crc)" "$cout"
+            fail "mediagate check fails (exit 2) when the Secret's turn-secret file is missing (exit $crc)" "$cout"
         fi
     else
         fail "mediagate check on the ConfigMap's mediagate.yaml" "no embedded config extracted"

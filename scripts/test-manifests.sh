@@ -137,8 +137,26 @@ def dashboard_metrics(path):
     walk(dash)
     names = set()
     for e in exprs:
-        names.update(re.findall(r"\bmediagate_[A-Za-z0-9_:]+", e))
+        names.update(re.findall(r"\b(?:mediagate|process)_[A-Za-z0-9_:]+", e))
     return dash, names
+
+
+def dashboard_exprs(dash):
+    exprs = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("expr", "query") and isinstance(v, str):
+                    exprs.append(v)
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(dash)
+    return exprs
 
 
 # ---------------------------------------------------------------------------------- static
@@ -618,10 +636,25 @@ def static(rendered_path, secret_example, dashboard_path, outdir):
         "bytes": "mediagate_bytes_total",
         "detection latency": "mediagate_failover_detection_seconds_bucket",
         "TURN allocations": "mediagate_turn_allocations",
+        "fd budget": "mediagate_fd_budget",
+        "fds in use": "mediagate_fd_in_use",
+        "CPU": "process_cpu_seconds_total",
+        "RSS": "process_resident_memory_bytes",
+        "discovery": "mediagate_discovery_errors_total",
+        "cluster peers": "mediagate_cluster_peers_alive",
+        "cluster disagreements": "mediagate_cluster_disagreements",
+        "admin states": "mediagate_server_admin_state",
     }
-    check("dashboard shows failovers, active server, health, sessions, packets, bytes, "
-          "detection latency, TURN allocations",
+    check(f"dashboard shows {', '.join(required)}",
           [f"{what}: no query of {m}" for what, m in required.items() if m not in names])
+    # A failover happens on every replica that sees the server fail: counting it once means
+    # folding the replicas with max (per upstream) before any sum.
+    p = []
+    for e in dashboard_exprs(dash):
+        for m in re.finditer(r"\bmediagate_fail(?:overs|backs)_total\b", e):
+            if not re.search(r"max by \(([^)]*)\) \(increase\(mediagate_fail(?:overs|backs)_total", e):
+                p.append(f"counts once per replica: {e}")
+    check("dashboard: failovers and failbacks counted once, not once per replica", p)
 
 
 # ---------------------------------------------------------------------------------- live
@@ -640,6 +673,7 @@ def loopback_config(outdir):
     turn_udp = free_port(socket.SOCK_DGRAM)
     dead1 = free_port(socket.SOCK_STREAM)   # nothing listens there: the servers are down
     dead2 = free_port(socket.SOCK_STREAM)
+    dns = free_port(socket.SOCK_DGRAM)      # a name server that never answers: discovery errors
     # mediagate treats the relay port range as bound UDP ports: keep it clear of the others.
     taken = {admin, udp_listen, tcp_listen, turn_udp, dead1, dead2}
     relay = 20100
@@ -667,6 +701,15 @@ upstreams:
       type: tcp
       interval: 200ms
       timeout: 100ms
+  named:
+    primary: [media.invalid:{dead1}]
+    health:
+      type: tcp
+      interval: 200ms
+      timeout: 100ms
+discovery:
+  dns:
+    nameservers: [127.0.0.1:{dns}]
 turn:
   realm: test
   public_address: 127.0.0.1
@@ -1084,6 +1127,18 @@ REQUIRED_ALERTS = {
     "reload failed": "MediagateReloadFailed",
     "replicas disagree": "MediagateReplicasDisagree",
     "fds near the limit": "MediagateFileDescriptorsNearLimit",
+    "cluster peer missing": "MediagateClusterPeerMissing",
+    "peer messages rejected": "MediagateClusterMessagesRejected",
+    "sessions rejected": "MediagateSessionsRejected",
+    "datagrams dropped": "MediagatePacketsDropped",
+    "TURN 508": "MediagateTurnCapacityExceeded",
+    "TURN auth failures": "MediagateTurnAuthFailures",
+    "TURN kernel drops": "MediagateTurnKernelDrops",
+    "TURN certificate reload failed": "MediagateTurnCertificateReloadFailed",
+    "discovery errors": "MediagateDiscoveryErrors",
+    "webhook failures": "MediagateWebhookFailures",
+    "no target scraped": "MediagateTargetMissing",
+    "a target down": "MediagateTargetDown",
 }
 
 
@@ -1104,6 +1159,24 @@ def prometheus_rule(objs_get, outdir):
         f.write("\n".join(sorted(names)) + "\n")
     check(f"PrometheusRule has the alerts: {', '.join(REQUIRED_ALERTS)}",
           [f"{what}: no alert {a}" for what, a in REQUIRED_ALERTS.items() if a not in alerts])
+
+    # Every alert has unit tests that see it fire and see it stay quiet.
+    p = []
+    tests_file = os.environ.get("RULE_TESTS", "manifests/components/monitoring/prometheusrule.test.yaml")
+    with open(tests_file) as f:
+        tests = yaml.safe_load(f).get("tests", [])
+    fires, quiet = set(), set()
+    for t in tests:
+        for a in t.get("alert_rule_test", []):
+            (fires if a.get("exp_alerts") else quiet).add(a["alertname"])
+    for a in sorted(x for x in alerts if x):
+        if a not in fires:
+            p.append(f"{a}: no unit test sees it fire")
+        if a not in quiet:
+            p.append(f"{a}: no unit test sees it stay quiet")
+    for a in sorted((fires | quiet) - alerts):
+        p.append(f"{a}: tested but not a rule")
+    check(f"every alert ({len(alerts)}) has unit tests that see it fire and stay quiet", p)
 
 
 def compare_list(metrics_path, names_path, what):

@@ -267,7 +267,8 @@ impl App {
     }
 
     /// Graceful shutdown: not ready, stop accepting, refuse new UDP sessions,
-    /// let existing sessions finish until `drain_timeout` or `force` fires, then stop.
+    /// let existing sessions and TURN allocations finish until `drain_timeout` or `force`
+    /// fires, then stop.
     pub async fn shutdown(self, force: impl std::future::Future<Output = ()>) {
         let st = &self.state;
         st.ready.store(false, Ordering::Release);
@@ -279,9 +280,19 @@ impl App {
                 p.drain();
             }
         }
-        let live = || listeners.iter().map(|l| l.sessions()).sum::<usize>();
+        let sessions = || listeners.iter().map(|l| l.sessions()).sum::<usize>();
+        // TURN allocations are calls too: the drain waits for them (their clients keep
+        // refreshing them; the listeners stay open until the end). A service whose lock is
+        // taken right now counts as one allocation, so the drain never ends on a guess.
+        let allocations = || {
+            st.turn
+                .try_lock()
+                .map(|t| t.as_ref().map_or(0, |t| t.allocations()))
+                .unwrap_or(1)
+        };
+        let live = || sessions() + allocations();
         let drain_timeout = st.config.load().shutdown.drain_timeout.get();
-        tracing::info!(sessions = live(), timeout = ?drain_timeout, "draining");
+        tracing::info!(sessions = sessions(), allocations = allocations(), timeout = ?drain_timeout, "draining");
         let drained = async {
             while live() > 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -289,7 +300,7 @@ impl App {
         };
         tokio::select! {
             _ = drained => tracing::info!("drained"),
-            _ = tokio::time::sleep(drain_timeout) => tracing::info!(sessions = live(), "drain timeout reached"),
+            _ = tokio::time::sleep(drain_timeout) => tracing::info!(sessions = sessions(), allocations = allocations(), "drain timeout reached"),
             _ = force => tracing::info!("second signal: stopping now"),
         }
         st.kill.cancel();

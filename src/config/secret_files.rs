@@ -16,13 +16,7 @@ use std::io::Read;
 /// Longest secret file read (bytes); a longer one is an error, never read whole.
 pub const MAX_SECRET_FILE: u64 = 64 * 1024;
 
-/// A secret file the configuration was built from, and a fingerprint of what was read.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct SecretFile {
-    pub path: String,
-    /// [`fingerprint`] of the content read at load time.
-    pub hash: u64,
-}
+pub use super::values::SecretFile;
 
 /// Reads at most [`MAX_SECRET_FILE`] bytes of `path` as UTF-8.
 fn read_bounded(path: &str) -> Result<String, String> {

@@ -49,7 +49,7 @@ pub struct Config {
     /// The secret files (`*_file` keys) this configuration was read from, with a
     /// fingerprint of their content: a change reloads ([`super::secret_files`]).
     #[serde(skip)]
-    pub secret_files: Vec<super::secret_files::SecretFile>,
+    pub secret_files: Vec<super::values::SecretFile>,
 }
 
 /// `admin:` — the HTTP API with /metrics, /status and the POST endpoints.

@@ -2,13 +2,19 @@
 # Checks the Kubernetes manifests (manifests/) without a cluster:
 #
 #   1. `kubectl kustomize` renders the base (manifests/) alone and with every combination of
-#      its components (manifests/components/monitoring, network-policy, ebpf-offload);
+#      its components (manifests/components/monitoring, network-policy, ebpf-offload: all 8);
 #   2. every rendered object, and manifests/mediagate/secret.example.yaml, validates against the
 #      Kubernetes OpenAPI schemas with `kubernetes-validate --strict` (custom resources such as
 #      the PodMonitor have no schema there: checked structurally; the base must have none);
-#   3. the rendered objects agree with each other: listener ports vs Service and container
+#   3. Pod Security for every combination: each pod template meets its namespace's enforce
+#      level (a checker of the baseline/restricted rules below, with a self-test; none is
+#      installable here), and only ebpf-offload relaxes the namespace, as far as it needs;
+#      the rendered objects agree with each other: listener ports vs Service and container
 #      ports, node/… upstreams vs the Janus/coturn Services, probes, tolerations, security
-#      context, termination grace vs shutdown.drain_timeout, ${VAR}s vs the pod's env, ...;
+#      context, termination grace vs shutdown.drain_timeout, ${VAR}s vs the pod's env,
+#      secrets as files of the mounted Secret (never env), cluster: with its Service, port
+#      and Role, no mount inside another, images pinned, coturn's init script run on
+#      stand-in files, every alert with a unit test that fires and one that stays quiet, ...;
 #      each combination holds exactly its components' objects; the NetworkPolicy restricts the
 #      admin port and opens the others; `promtool check rules` and `promtool test rules` on the
 #      PrometheusRule; `hadolint Dockerfile`;

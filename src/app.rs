@@ -96,6 +96,9 @@ pub struct AppState {
     /// Hash of the file content last loaded or rejected, so the watcher reacts to edits
     /// only, and tries a broken file once.
     seen_hash: std::sync::atomic::AtomicU64,
+    /// The secret files (`*_file` keys) as last loaded or rejected: the watcher reloads when
+    /// one's content changes, and tries a broken one once.
+    seen_secrets: std::sync::Mutex<Vec<crate::config::secret_files::SecretFile>>,
 }
 
 /// A started balancer.
@@ -209,6 +212,7 @@ impl App {
             turn_policy,
             reload_lock: tokio::sync::Mutex::new(()),
             seen_hash: std::sync::atomic::AtomicU64::new(reload::file_hash(&config_path_for_hash)),
+            seen_secrets: std::sync::Mutex::new(config.secret_files.clone()),
         });
 
         // The member joins now (peers' admin states arrive during the first probe round).
@@ -263,7 +267,8 @@ impl App {
     }
 
     /// Graceful shutdown: not ready, stop accepting, refuse new UDP sessions,
-    /// let existing sessions finish until `drain_timeout` or `force` fires, then stop.
+    /// let existing sessions and TURN allocations finish until `drain_timeout` or `force`
+    /// fires, then stop.
     pub async fn shutdown(self, force: impl std::future::Future<Output = ()>) {
         let st = &self.state;
         st.ready.store(false, Ordering::Release);
@@ -275,9 +280,19 @@ impl App {
                 p.drain();
             }
         }
-        let live = || listeners.iter().map(|l| l.sessions()).sum::<usize>();
+        let sessions = || listeners.iter().map(|l| l.sessions()).sum::<usize>();
+        // TURN allocations are calls too: the drain waits for them (their clients keep
+        // refreshing them; the listeners stay open until the end). A service whose lock is
+        // taken right now counts as one allocation, so the drain never ends on a guess.
+        let allocations = || {
+            st.turn
+                .try_lock()
+                .map(|t| t.as_ref().map_or(0, |t| t.allocations()))
+                .unwrap_or(1)
+        };
+        let live = || sessions() + allocations();
         let drain_timeout = st.config.load().shutdown.drain_timeout.get();
-        tracing::info!(sessions = live(), timeout = ?drain_timeout, "draining");
+        tracing::info!(sessions = sessions(), allocations = allocations(), timeout = ?drain_timeout, "draining");
         let drained = async {
             while live() > 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -285,7 +300,7 @@ impl App {
         };
         tokio::select! {
             _ = drained => tracing::info!("drained"),
-            _ = tokio::time::sleep(drain_timeout) => tracing::info!(sessions = live(), "drain timeout reached"),
+            _ = tokio::time::sleep(drain_timeout) => tracing::info!(sessions = sessions(), allocations = allocations(), "drain timeout reached"),
             _ = force => tracing::info!("second signal: stopping now"),
         }
         st.kill.cancel();

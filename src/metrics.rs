@@ -67,6 +67,9 @@ pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
     pub server_up: Family<Labels, Gauge>,
     pub upstream_active: Family<Labels, Gauge>,
+    /// `mediagate_server_admin_state{upstream,server,state}`: 1 on the server's admin state
+    /// (`enable`, `drain`, `maint`), 0 on the other two.
+    pub server_admin_state: Family<Labels, Gauge>,
     pub failovers: Family<Labels, Counter>,
     pub failbacks: Family<Labels, Counter>,
     pub detection: HistogramFamily,
@@ -151,6 +154,10 @@ impl Metrics {
             "mediagate_upstream_active",
             "1 when the server is in its upstream's active set"
         );
+        let server_admin_state = fam!(
+            "mediagate_server_admin_state",
+            "1 on the server's admin state (enable, drain, maint), 0 on the others"
+        );
         let failovers = fam!("mediagate_failovers", "Failovers, by upstream and reason");
         let failbacks = fam!("mediagate_failbacks", "Failbacks, by upstream");
         let probes = fam!("mediagate_probes", "Health probes, by result");
@@ -220,6 +227,7 @@ impl Metrics {
             registry: Arc::new(Mutex::new(r)),
             server_up,
             upstream_active,
+            server_admin_state,
             failovers,
             failbacks,
             detection,

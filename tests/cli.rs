@@ -255,6 +255,19 @@ fn status_and_server_commands_drive_a_running_balancer() {
     ] {
         assert!(m.contains(name), "metrics lack {name}");
     }
+    // The admin state as a gauge per state: the server in maint, its backup enabled.
+    for (server, state, value) in [
+        (pa.to_string(), "maint", 1),
+        (pa.to_string(), "enable", 0),
+        (pa.to_string(), "drain", 0),
+        (ba.to_string(), "enable", 1),
+        (ba.to_string(), "maint", 0),
+    ] {
+        let line = format!(
+            "mediagate_server_admin_state{{upstream=\"media\",server=\"{server}\",state=\"{state}\"}} {value}"
+        );
+        assert!(m.lines().any(|l| l == line), "metrics lack {line}:\n{m}");
+    }
 }
 
 #[test]

@@ -123,3 +123,78 @@ turn:
     assert_eq!(code, 400);
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+/// A terminating pod keeps its TURN allocations for `shutdown.drain_timeout` (they are
+/// calls, like UDP sessions): SIGTERM with one live allocation and no proxied session does
+/// not end the process; the allocation's end (Refresh with lifetime 0) does, long before
+/// the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_turn_allocations() {
+    use stun::message::METHOD_REFRESH;
+    use turn_support::{Attr, RawClient, code};
+    let (turn_port, admin) = (free_udp_port(), free_tcp_port());
+    let relay = 61000 + turn_support::free_port_pair() % 2000;
+    let mut b = Balancer::start(
+        &format!(
+            r#"
+admin: {{ listen: "127.0.0.1:{admin}" }}
+turn:
+  realm: mediagate
+  public_address: 127.0.0.1
+  listeners:
+    - {{ protocol: udp, listen: "127.0.0.1:{turn_port}" }}
+  auth: {{ type: ephemeral, secret: test-secret, ttl: 1h }}
+  relay:
+    address: 127.0.0.1
+    port_range: {relay}-{}
+    peers: ["127.0.0.1/32"]
+shutdown:
+  drain_timeout: 30s
+"#,
+            relay + 20
+        ),
+        admin,
+    );
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let user = mediagate::turn::ephemeral_username(expiry, "alice");
+    let pass = mediagate::turn::ephemeral_password("test-secret", &user);
+    let server = std::net::SocketAddr::from(([127, 0, 0, 1], turn_port));
+    let mut c = RawClient::udp(server, &user, &pass).await;
+    assert_eq!(code(&c.allocate().await), None, "allocated");
+
+    b.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let t = std::time::Instant::now();
+    wait_until_async(Duration::from_secs(3), "/readyz 503 while draining", || {
+        matches!(http(b.admin, "GET", "/readyz", None), Ok((503, _)))
+    })
+    .await;
+    // No proxied session at all: before, the drain ended here. The allocation holds it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        b.proc.wait_exit(Duration::ZERO),
+        None,
+        "exited with an allocation alive"
+    );
+    // The allocation still answers (a refresh keeps it), then its end ends the drain.
+    assert_eq!(
+        code(&c.request(METHOD_REFRESH, &[Attr::Lifetime(600)]).await),
+        None
+    );
+    assert_eq!(
+        code(&c.request(METHOD_REFRESH, &[Attr::Lifetime(0)]).await),
+        None
+    );
+    let exit = tokio::task::spawn_blocking(move || b.proc.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(exit, Some(0));
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "exited at the allocation's end, not at drain_timeout: {:?}",
+        t.elapsed()
+    );
+}

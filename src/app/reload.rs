@@ -23,6 +23,7 @@
 //! unchanged hooks keep running.
 
 use super::*;
+use crate::config::secret_files::{self, SecretFile};
 use tokio::sync::{mpsc, watch};
 
 /// A controller's command channel and the discovery list that feeds it.
@@ -127,6 +128,20 @@ impl AppState {
             Ok(new) => self.apply(new).await.map_err(|e| vec![format!("{e:#}")]),
             Err(errors) => Err(errors),
         };
+        // The secret files as this attempt read them (loaded), or as they are now (rejected:
+        // not tried again until one changes).
+        let seen = match &result {
+            Ok(()) => self.config.load().secret_files.clone(),
+            Err(_) => self
+                .seen_secrets()
+                .iter()
+                .map(|f| SecretFile {
+                    path: f.path.clone(),
+                    hash: secret_files::fingerprint(&f.path),
+                })
+                .collect(),
+        };
+        *self.seen_secrets() = seen;
         let outcome = if result.is_ok() { "ok" } else { "error" };
         child(
             &self.metrics.config_reloads,
@@ -153,8 +168,9 @@ impl AppState {
         result
     }
 
-    /// Reloads when the file's content changed since it was last loaded. Polling (rather
-    /// than inotify) also sees the atomic symlink swap a mounted ConfigMap does.
+    /// Reloads when the file's content, or that of a secret file it names (`*_file` keys),
+    /// changed since it was last loaded. Polling (rather than inotify) also sees the atomic
+    /// symlink swap a mounted ConfigMap or Secret does.
     pub async fn watch_file(self: Arc<Self>, every: Duration) {
         loop {
             tokio::time::sleep(every).await;
@@ -165,8 +181,22 @@ impl AppState {
             if now != 0 && now != self.seen_hash.load(Ordering::Relaxed) {
                 tracing::info!(path = %self.config_path, "configuration file changed");
                 let _ = self.reload().await;
+                continue;
+            }
+            let changed = self
+                .seen_secrets()
+                .iter()
+                .find(|f| secret_files::fingerprint(&f.path) != f.hash)
+                .map(|f| f.path.clone());
+            if let Some(path) = changed {
+                tracing::info!(path = %path, "secret file changed");
+                let _ = self.reload().await;
             }
         }
+    }
+
+    fn seen_secrets(&self) -> std::sync::MutexGuard<'_, Vec<SecretFile>> {
+        self.seen_secrets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn apply(&self, new: Config) -> Result<()> {

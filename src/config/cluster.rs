@@ -21,8 +21,12 @@ pub struct ClusterConfig {
     #[serde(default)]
     pub peers: Vec<String>,
     /// Shared secret: every peer message carries an HMAC-SHA256 made with it. Required,
-    /// at least 16 bytes.
+    /// at least 16 bytes (or `secret_file`).
+    #[serde(default)]
     pub secret: String,
+    /// A file holding `secret` (one line). Default none.
+    #[serde(default)]
+    pub secret_file: Option<String>,
     /// Name of this replica in the cluster (status, `peer:<node>:<reason>`). Default: the
     /// `HOSTNAME` variable (the pod name), else the advertised address.
     #[serde(default)]

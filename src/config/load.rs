@@ -132,15 +132,16 @@ pub fn load_str_with_env(
             }
         }
     }
-    let Some(config) = config else {
+    let Some(mut config) = config else {
         return Err(fail(errors));
     };
 
     let positions = root.positions();
+    let (mut issues, shadowed) = super::secret_files::resolve(&mut config);
+    bad.extend(shadowed.iter().map(|p| p.to_string()));
+    issues.extend(validate(&config));
     let written = |p: &str| positions.contains_key(p);
-    let issues = validate(&config)
-        .into_iter()
-        .chain(super::validate::meaningless_keys(&config, &written));
+    issues.extend(super::validate::meaningless_keys(&config, &written));
     for issue in issues {
         let pos = position_of(&positions, &issue.path);
         let path = as_written(&removed_items, &issue.path);

@@ -9,6 +9,7 @@ pub mod health;
 pub mod load;
 pub mod passive;
 pub mod reference;
+pub mod secret_files;
 pub mod turn;
 pub mod types;
 pub mod validate;

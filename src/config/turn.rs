@@ -44,6 +44,9 @@ pub struct IceHttpConfig {
     /// still works), so `/ice` can be exposed without exposing the admin API. Default none.
     #[serde(default)]
     pub token: Option<String>,
+    /// A file holding `token` (one line), re-read when it changes. Default none.
+    #[serde(default)]
+    pub token_file: Option<String>,
 }
 
 fn default_realm() -> String {
@@ -138,6 +141,10 @@ pub struct TurnAuthConfig {
     /// every one verifies. Exclusive with `secret`. Default empty.
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// ephemeral: a file with the secret, or several (one a line, as `secrets`), re-read
+    /// when it changes. Exclusive with `secret` and `secrets`. Default none.
+    #[serde(default)]
+    pub secret_file: Option<String>,
     /// ephemeral: lifetime of credentials handed out by /ice. Default 24h.
     #[serde(default = "default_ttl")]
     pub ttl: Dur,

@@ -46,6 +46,10 @@ pub struct Config {
     /// Webhooks for failover events. Default: none.
     #[serde(default)]
     pub events: super::EventsConfig,
+    /// The secret files (`*_file` keys) this configuration was read from, with a
+    /// fingerprint of their content: a change reloads ([`super::secret_files`]).
+    #[serde(skip)]
+    pub secret_files: Vec<super::values::SecretFile>,
 }
 
 /// `admin:` — the HTTP API with /metrics, /status and the POST endpoints.
@@ -58,6 +62,9 @@ pub struct AdminConfig {
     /// When set, POST endpoints need `Authorization: Bearer <token>`.
     #[serde(default)]
     pub token: Option<String>,
+    /// A file holding `token` (one line), re-read when it changes. Default none.
+    #[serde(default)]
+    pub token_file: Option<String>,
     /// Open admin connections at most; at the cap the oldest connection with no request
     /// in progress is closed to make room, or the new one when every connection is busy.
     /// Default 128.
@@ -70,6 +77,9 @@ pub struct AdminConfig {
     /// A bearer token accepted on `GET /events` only (besides `token`). Default none.
     #[serde(default)]
     pub events_token: Option<String>,
+    /// A file holding `events_token` (one line), re-read when it changes. Default none.
+    #[serde(default)]
+    pub events_token_file: Option<String>,
     /// `GET /events` streams open at once (never evicted as idle connections); beyond,
     /// new ones are refused (503). At most `max_connections - 1`. Default 32.
     #[serde(default = "default_max_event_streams")]
@@ -96,9 +106,11 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: default_admin_listen(),
             token: None,
+            token_file: None,
             max_connections: default_admin_max_connections(),
             header_read_timeout: default_header_read_timeout(),
             events_token: None,
+            events_token_file: None,
             max_event_streams: default_max_event_streams(),
         }
     }

@@ -418,7 +418,9 @@ impl Checker {
 
     fn cluster(&mut self, cfg: &Config) {
         let Some(c) = &cfg.cluster else { return };
-        if c.secret.len() < 16 {
+        if c.secret.is_empty() && c.secret_file.is_none() {
+            self.push("cluster.secret", "required (or cluster.secret_file)");
+        } else if c.secret.len() < 16 {
             self.push("cluster.secret", "the secret must be at least 16 bytes");
         }
         if c.listen.port() == 0 {

@@ -1,7 +1,8 @@
 //! The small value types every part of the configuration shares: durations as written
-//! (`250ms`), the transport of a listener, the fast-path switch, and serde defaults. They
-//! live apart from the file's shape (`types`) so the sections (`health`, `turn`, ...) and
-//! the whole file (`types`) import them one way.
+//! (`250ms`), the transport of a listener, the fast-path switch, serde defaults, and the
+//! record of a secret file read at load time. They live apart from the file's shape
+//! (`types`) so the sections (`health`, `turn`, ...) and the whole file (`types`) import
+//! them one way.
 
 use serde::{Deserialize, Deserializer};
 use std::fmt;
@@ -75,4 +76,13 @@ impl fmt::Display for Dur {
 
 pub(crate) fn default_true() -> bool {
     true
+}
+
+/// A secret file the configuration was built from (`*_file` keys, see `super::secret_files`),
+/// and a fingerprint of what was read.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SecretFile {
+    pub path: String,
+    /// `super::secret_files::fingerprint` of the content read at load time.
+    pub hash: u64,
 }

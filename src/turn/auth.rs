@@ -322,6 +322,7 @@ mod tests {
         Authenticator::new(
             "mediagate",
             &TurnAuthConfig {
+                secret_file: None,
                 kind: TurnAuthType::Ephemeral,
                 secret: Some(secret.into()),
                 secrets: vec![],
@@ -374,6 +375,7 @@ mod tests {
         let a = Authenticator::new(
             "mediagate",
             &TurnAuthConfig {
+                secret_file: None,
                 kind: TurnAuthType::Ephemeral,
                 secret: None,
                 secrets: vec!["new".into(), "old".into()],
@@ -397,6 +399,7 @@ mod tests {
         let a = Authenticator::new(
             "r",
             &TurnAuthConfig {
+                secret_file: None,
                 kind: TurnAuthType::Static,
                 secret: None,
                 secrets: vec![],

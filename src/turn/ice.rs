@@ -242,6 +242,7 @@ mod tests {
                 },
             ],
             auth: TurnAuthConfig {
+                secret_file: None,
                 kind,
                 secret: Some("north".into()),
                 secrets: vec![],

@@ -513,6 +513,7 @@ mod tests {
                 },
             ],
             auth: crate::config::TurnAuthConfig {
+                secret_file: None,
                 kind: crate::config::TurnAuthType::Ephemeral,
                 secret: Some("s".into()),
                 secrets: vec![],

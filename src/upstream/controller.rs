@@ -22,9 +22,8 @@ use crate::config::{HealthConfig, HealthType};
 use crate::discovery::{Readiness, Target};
 use crate::health::prober::{Confirm, ProbeCounters, Prober};
 use crate::health::{self, HealthCheck, Reason};
-use crate::metrics::{Labels, Metrics, child, labels};
+use crate::metrics::{Metrics, child, labels};
 use arc_swap::ArcSwap;
-use prometheus_client::metrics::gauge::Gauge;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,7 +31,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+mod gauges;
 mod reports;
+use gauges::ServerMetrics;
 use reports::ProbeReports;
 
 /// Messages handled per wakeup before the O(servers) publishing work runs.
@@ -65,17 +66,6 @@ pub struct UpstreamRuntime {
 
 /// Servers this replica sees down by itself: (label, reason).
 pub type LocalDown = Arc<Vec<(String, &'static str)>>;
-
-/// Per-server metric handles, resolved once.
-struct ServerMetrics {
-    handle: Arc<ServerHandle>,
-    up_labels: Labels,
-    active_labels: Labels,
-    /// `mediagate_probes_total` series of this server (removed with it).
-    probe_labels: [Labels; 4],
-    up: Gauge,
-    active: Gauge,
-}
 
 impl UpstreamRuntime {
     /// Starts the controller (and through it one prober per server) with an initial
@@ -644,51 +634,6 @@ impl Controller {
         }
     }
 
-    fn sync_metrics(&mut self) {
-        let handles = self.state.handles();
-        let listed: HashSet<usize> = handles.iter().map(key).collect();
-        let m = &self.metrics;
-        self.server_metrics.retain(|sm| {
-            let keep = listed.contains(&key(&sm.handle));
-            if !keep {
-                m.server_up.remove(&sm.up_labels);
-                m.upstream_active.remove(&sm.active_labels);
-                for l in &sm.probe_labels {
-                    m.probes.remove(l);
-                }
-            }
-            keep
-        });
-        let known: HashSet<usize> = self
-            .server_metrics
-            .iter()
-            .map(|sm| key(&sm.handle))
-            .collect();
-        let name = self.state.name.as_str();
-        for h in handles {
-            if known.contains(&key(&h)) {
-                continue;
-            }
-            let probe_labels = ["ok", "failed", "timeout", "local_error"].map(|result| {
-                labels(&[("upstream", name), ("server", &h.label), ("result", result)])
-            });
-            let up_labels = labels(&[
-                ("upstream", name),
-                ("server", &h.label),
-                ("tier", h.tier.as_str()),
-            ]);
-            let active_labels = labels(&[("upstream", name), ("server", &h.label)]);
-            self.server_metrics.push(ServerMetrics {
-                up: child(&m.server_up, &up_labels),
-                active: child(&m.upstream_active, &active_labels),
-                up_labels,
-                active_labels,
-                probe_labels,
-                handle: h,
-            });
-        }
-    }
-
     /// Takes one message's step: events are logged and counted now; publishing,
     /// evictions and the view wait for [`Controller::flush`].
     fn absorb(&mut self, step: Step) {
@@ -752,24 +697,7 @@ impl Controller {
                 active: active.clone(),
                 eligible: self.state.eligible_handles(),
             });
-            let active: HashSet<usize> = active.iter().map(key).collect();
-            for sm in &self.server_metrics {
-                let up = self
-                    .index
-                    .get(&key(&sm.handle))
-                    .is_some_and(|i| self.state.is_up(*i));
-                if sm.up.get() != i64::from(up) && *self.ready.borrow() {
-                    let reason = self.state.view_reason(&sm.handle).filter(|_| !up);
-                    crate::events::server_health(
-                        &self.state.name,
-                        &sm.handle.label,
-                        up,
-                        reason.as_deref(),
-                    );
-                }
-                sm.up.set(i64::from(up));
-                sm.active.set(i64::from(active.contains(&key(&sm.handle))));
-            }
+            self.set_server_gauges(&active);
             child(
                 &self.metrics.degraded,
                 &labels(&[("upstream", &self.state.name)]),

@@ -600,6 +600,11 @@ impl UpstreamState {
         self.entries.get(idx).is_some_and(Entry::usable)
     }
 
+    /// Server `idx`'s admin state (for the `server_admin_state` gauge).
+    pub fn admin_of(&self, idx: usize) -> Option<AdminState> {
+        self.entries.get(idx).map(|e| e.admin)
+    }
+
     pub fn balance(&self) -> Balance {
         self.balance
     }

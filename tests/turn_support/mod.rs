@@ -111,6 +111,7 @@ pub fn config(auth: Auth, peers: &[&str], quota: usize) -> TurnConfig {
         ],
         auth: match auth {
             Auth::Static => TurnAuthConfig {
+                secret_file: None,
                 kind: TurnAuthType::Static,
                 secret: None,
                 secrets: vec![],
@@ -121,6 +122,7 @@ pub fn config(auth: Auth, peers: &[&str], quota: usize) -> TurnConfig {
                 }],
             },
             Auth::Ephemeral => TurnAuthConfig {
+                secret_file: None,
                 kind: TurnAuthType::Ephemeral,
                 secret: Some(SECRET.into()),
                 secrets: vec![],

@@ -1,0 +1,193 @@
+//! Secrets read from files (`turn.auth.secret_file`, `admin.token_file`), as a Kubernetes
+//! Secret mounted as files delivers them, rotated in place under the real `mediagate run`:
+//! the new TURN secret and the new admin token are in force within seconds without a
+//! restart, the old ones are refused once they leave the file, and a broken file keeps the
+//! running secrets (one rejected reload, not one per poll).
+
+mod common;
+mod turn_support;
+
+use common::*;
+use mediagate::turn::{ephemeral_password, ephemeral_username};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use turn_support::{RawClient, code};
+
+/// Replaces `path` the way the kubelet updates a Secret volume: a new file renamed over it.
+fn replace(path: &Path, content: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// The ERROR-CODE of an Allocate made with a REST credential of `secret` (None: allocated).
+async fn allocate_with(server: std::net::SocketAddr, secret: &str) -> Option<u16> {
+    let expiry = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let username = ephemeral_username(expiry, "alice");
+    let mut c = RawClient::udp(server, &username, &ephemeral_password(secret, &username)).await;
+    code(&c.allocate().await)
+}
+
+/// Polls (bounded) until the Allocate made with `secret` gets `want`.
+async fn until_allocate(server: std::net::SocketAddr, secret: &str, want: Option<u16>) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        if allocate_with(server, secret).await == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+fn post_reload(admin: std::net::SocketAddr, token: &str) -> u16 {
+    let auth = format!("Bearer {token}");
+    http_with(admin, "POST", "/reload", None, &[("Authorization", &auth)])
+        .map(|(c, _)| c)
+        .unwrap_or(0)
+}
+
+fn reload_errors(b: &Balancer) -> u64 {
+    b.metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("mediagate_config_reloads_total{result=\"error\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turn_secret_and_admin_token_rotate_from_files_without_restart() {
+    let (turn_port, admin) = (free_udp_port(), free_tcp_port());
+    let relay = 61000 + turn_support::free_port_pair() % 2000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    let (turn_file, token_file) = (secrets.join("turn-secret"), secrets.join("admin-token"));
+    replace(&turn_file, "old-turn-secret-0123456789\n");
+    replace(&token_file, "old-admin-token-0123456789\n");
+    let config = dir.path().join("mediagate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+admin:
+  listen: "127.0.0.1:{admin}"
+  token_file: {token}
+turn:
+  realm: mediagate
+  public_address: 127.0.0.1
+  listeners:
+    - {{ protocol: udp, listen: "127.0.0.1:{turn_port}" }}
+  auth: {{ type: ephemeral, secret_file: {turn_secret}, ttl: 1h }}
+  relay:
+    address: 127.0.0.1
+    port_range: {relay}-{}
+    peers: ["127.0.0.1/32"]
+"#,
+            relay + 50,
+            token = token_file.display(),
+            turn_secret = turn_file.display(),
+        ),
+    )
+    .unwrap();
+    let b = Balancer::start_path(dir, config, admin);
+    let server = std::net::SocketAddr::from(([127, 0, 0, 1], turn_port));
+    let (old, new) = ("old-turn-secret-0123456789", "new-turn-secret-9876543210");
+
+    // The file's secret is in force; a credential of the next secret is not yet.
+    assert_eq!(
+        allocate_with(server, old).await,
+        None,
+        "old secret at start"
+    );
+    assert_eq!(
+        allocate_with(server, new).await,
+        Some(401),
+        "new secret before rotation"
+    );
+
+    // Step 1 of a rotation: both lines, the new one first (it signs, both verify).
+    replace(&turn_file, &format!("{new}\n{old}\n"));
+    assert!(
+        until_allocate(server, new, None).await,
+        "new secret accepted after the file changed"
+    );
+    assert_eq!(
+        allocate_with(server, old).await,
+        None,
+        "old secret still verifies in step 1"
+    );
+    let (c, body) = http_with(
+        b.admin,
+        "GET",
+        "/ice?username=bob",
+        None,
+        &[("Authorization", "Bearer old-admin-token-0123456789")],
+    )
+    .expect("GET /ice");
+    assert_eq!(c, 200, "{body}");
+    let ice: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let user = ice["iceServers"][0]["username"].as_str().unwrap();
+    assert_eq!(
+        ice["iceServers"][0]["credential"].as_str().unwrap(),
+        ephemeral_password(new, user),
+        "/ice signs with the file's first secret"
+    );
+
+    // Step 2: the old secret leaves the file and is refused.
+    replace(&turn_file, &format!("{new}\n"));
+    assert!(
+        until_allocate(server, old, Some(401)).await,
+        "old secret refused after rotation"
+    );
+    assert_eq!(
+        allocate_with(server, new).await,
+        None,
+        "new secret in force"
+    );
+
+    // The admin token: the old one works, then the file's new one replaces it.
+    assert_eq!(post_reload(b.admin, "old-admin-token-0123456789"), 200);
+    replace(&token_file, "new-admin-token-0123456789\n");
+    wait_until(
+        Duration::from_secs(10),
+        "the new admin token accepted",
+        || post_reload(b.admin, "new-admin-token-0123456789") == 200,
+    );
+    assert_eq!(
+        post_reload(b.admin, "old-admin-token-0123456789"),
+        401,
+        "old token refused"
+    );
+
+    // A broken secret file (empty): one rejected reload, the running secrets stay.
+    let errors = reload_errors(&b);
+    replace(&turn_file, "");
+    wait_until(
+        Duration::from_secs(10),
+        "the empty secret file rejected",
+        || reload_errors(&b) == errors + 1,
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        reload_errors(&b),
+        errors + 1,
+        "a broken file is tried once, not every poll"
+    );
+    assert_eq!(
+        allocate_with(server, new).await,
+        None,
+        "the running secret stays in force"
+    );
+    assert!(
+        b.status()["config"]["last_reload_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("turn.auth.secret_file") && e.contains("is empty")),
+        "{}",
+        b.status()["config"]
+    );
+}

@@ -279,3 +279,48 @@ fn check_warns_on_short_secrets_and_tokens() {
         "16 characters are enough: {err}"
     );
 }
+
+#[test]
+fn json_logs_are_flat() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("m.yaml");
+    let (admin, udp) = (free_tcp_port(), free_udp_port());
+    std::fs::write(
+        &cfg,
+        format!(
+            "log: {{ format: json }}\nadmin: {{ listen: 127.0.0.1:{admin} }}\n\
+             listeners: [ {{ name: a, protocol: udp, listen: 127.0.0.1:{udp}, upstream: u }} ]\n\
+             upstreams:\n  u:\n    primary: [127.0.0.1:9]\n    health: {{ type: none }}\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(MEDIAGATE)
+        .args(["run", "-c", cfg.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let ready = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(15))
+            .expect("a `mediagate ready` line");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("one JSON object per line");
+        if v["message"] == "mediagate ready" {
+            break v;
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(ready["level"], "INFO", "{ready}");
+    assert_eq!(ready["target"], "mediagate::app", "{ready}");
+    assert_eq!(ready["listeners"], 1, "fields at the top level: {ready}");
+    assert!(ready.get("fields").is_none(), "{ready}");
+}

@@ -67,7 +67,7 @@ pub const KEYS: &[Key] = &[
     // ------------------------------------------------------------------ log
     key("log", "section", Section, "Logging to stderr."),
     key("log.level", "tracing filter", Value("info"), "`off`, `error`, `warn`, `info`, `debug`, `trace`, or a filter such as `info,mediagate::health=debug`. `RUST_LOG` overrides it. Applied live on reload and by `POST /log-level`."),
-    key("log.format", "`text` or `json`", Value("text"), "`text`: human-readable lines, coloured only when stderr is a terminal (and `NO_COLOR` is unset). `json`: one JSON object per line for log collectors."),
+    key("log.format", "`text` or `json`", Value("text"), "`text`: human-readable lines, coloured only when stderr is a terminal (and `NO_COLOR` is unset). `json`: one flat JSON object per line for log collectors: `timestamp`, `level`, `target`, `message` and each field (`upstream`, `server`, …) at the top level."),
     // ------------------------------------------------------------------ listeners
     key("listeners", "list", Section, "Client-facing sockets; each forwards to one upstream. Default: none."),
     key("listeners[].name", "string", Required, "Unique; letters, digits, `.`, `-`, `_`. Used as the `listener` label of metrics."),

@@ -17,8 +17,8 @@
 #   MG_BIN=path SKIP_BUILD=1 ...                # another mediagate build (A/B runs)
 #   SMOKE=1 scripts/bench-turn.sh               # seconds: 2 allocations, one fixed rate
 #
-# Topology: the generator in a network namespace of its own and the echo peer
-# (`mediagate-load echo`) in another, each behind a veth pair whose namespace end computes
+# Topology: the generator in a network namespace of its own and the echo peer in another,
+# each behind a veth pair whose namespace end computes
 # UDP checksums in software (`ethtool -K tx off`), so datagrams reach the servers with full
 # checksums as they do from a network (mediagate's kernel fast path leaves datagrams of
 # local sockets, whose checksum is left to offload, to user space). Both servers listen on
@@ -30,6 +30,11 @@
 # Threads: mediagate's runtime uses every core (tokio's default); coturn runs with
 # --relay-threads=$(nproc). The generator reports its own kernel drops and schedule lag:
 # a trial where those are not zero measures the generator, not the server.
+# The echo peer costs nothing by default (ECHO=xdp): an XDP program on the peer
+# namespace's veth (scripts/bpf/xdp_reflect.c, as in bench-udp-netns.sh) sends every
+# datagram straight back, so the table shows the servers' limits, not the peer's (a
+# user-space echo saturates near 70k pps here). ECHO=socket: `mediagate-load echo` with
+# two threads (its drops are reported as peer_drops). Without clang: socket.
 # Needs root (ip netns, BPF), coturn's turnserver and ethtool (scripts/install-test-deps.sh).
 set -euo pipefail
 
@@ -58,6 +63,11 @@ FIXED_RATE=${FIXED_RATE:-}
 # machine (builds) disturbs the comparison less; same level for both servers.
 NICE=${NICE:--10}
 OFFLOAD=${OFFLOAD:-ebpf}
+ECHO=${ECHO:-xdp}
+if [[ $ECHO = xdp ]] && ! command -v clang >/dev/null; then
+    echo "clang not found: a user-space echo peer instead of the XDP reflector (ECHO=socket)" >&2
+    ECHO=socket
+fi
 
 bench_init bench-turn
 if [[ $SMOKE = 1 ]]; then
@@ -91,12 +101,22 @@ veth_ns() {
 }
 veth_ns "$NS" "$VH" "$VP" "$HOST_IP" "$PEER_IP"
 veth_ns "$CNS" "$CH" "$CP" "$SERVER_IP" "$CLIENT_IP"
-# Two echo threads: one saturates before either server does (the generator reports the
-# echo's own drops as peer_drops, so a trial limited by the peer shows).
-ip netns exec "$NS" nice -n "$NICE" "$LOAD" echo --listen "$PEER_IP:9000" --threads 2 --lifetime 30m >"$TMP/echo.out" 2>&1 &
-PIDS+=($!)
-ECHO_PID=$!
-PEER=$PEER_IP:9000
+if [[ $ECHO = xdp ]]; then
+    # The reflector answers UDP ports 7000-7099 at the veth's XDP hook; the host end
+    # needs an XDP program too (a veth takes XDP_TX frames only in NAPI mode).
+    clang -O2 -g -target bpf -I/usr/include/"$(uname -m)"-linux-gnu -c scripts/bpf/xdp_reflect.c -o "$TMP/xdp_reflect.o"
+    ip netns exec "$NS" ip link set dev "$VP" xdp obj "$TMP/xdp_reflect.o" sec xdp program reflect
+    ip link set dev "$VH" xdp obj "$TMP/xdp_reflect.o" sec xdp program pass
+    PEER=$PEER_IP:7000
+    PEER_ARGS=()
+else
+    # Two echo threads: one saturates before either server does (the generator reports
+    # the echo's own drops as peer_drops, so a trial limited by the peer shows).
+    ip netns exec "$NS" nice -n "$NICE" "$LOAD" echo --listen "$PEER_IP:9000" --threads 2 --lifetime 30m >"$TMP/echo.out" 2>&1 &
+    PIDS+=($!)
+    PEER=$PEER_IP:9000
+    PEER_ARGS=(--peer-pid "$!")
+fi
 
 free_port() { # a port free for UDP and TCP on the servers' address
     python3 - <<'EOF'
@@ -162,7 +182,7 @@ gen() {
     shift 4
     timeout 600 ip netns exec "$CNS" nice -n "$NICE" "$LOAD" turn --server "$SERVER_IP:$port" --peer "$PEER" --transport "$tr" \
         --allocations "$n" --size "$size" --threads "$THREADS" --duration "$DURATION" \
-        --peer-pid "$ECHO_PID" "$@" \
+        "${PEER_ARGS[@]}" "$@" \
         2>>"$TMP/gen.err" | tail -1
 }
 
@@ -224,7 +244,7 @@ EOF
 
 ratio() { python3 -c "a,b=float('$1' or 0),float('$2' or 0); print(f'{a/b:.2f}' if b>0 else 'n/a')"; }
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load: mediagate-load turn, $THREADS thread pairs, loss < $MAX_LOSS, trials of $DURATION" | tee "$TMP/table.txt"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load: mediagate-load turn, $THREADS thread pairs, loss < $MAX_LOSS, trials of $DURATION; echo peer: $ECHO; mediagate relay offload: $OFFLOAD" | tee "$TMP/table.txt"
 printf '%-5s %6s %5s | %10s %10s %6s | %9s %9s %6s | %8s %8s %6s | %8s %8s %6s\n' \
     tr allocs size mg_max_pps ct_max_pps ratio mg_p99_us ct_p99_us ratio mg_cpu_us ct_cpu_us ratio mg_all_us ct_all_us ratio | tee -a "$TMP/table.txt"
 failed=0

@@ -153,6 +153,35 @@ impl ServerCertVerifier for AcceptAnyCertificate {
 /// far below what would hurt.
 pub const MAX_PEM_FILE: u64 = 512 * 1024;
 
+/// A PEM certificate chain (at least one certificate) and its private key, each read
+/// with [`read_pem_file`]; errors name the file. For the TLS and DTLS servers.
+pub fn read_chain_and_key(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<
+    (
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+    String,
+> {
+    use rustls::pki_types::pem::PemObject;
+    let pem = read_pem_file(cert)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "{}: no PEM certificate in the file",
+            cert.display()
+        ));
+    }
+    let key_pem = read_pem_file(key)?;
+    let key_der = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| format!("{}: {e}", key.display()))?;
+    Ok((chain, key_der))
+}
+
 /// Reads a PEM file (a certificate chain, a key, CA certificates) with bounds: a regular
 /// file only (a device such as `/dev/zero` or `/dev/urandom`, a pipe or a socket behind a
 /// symlink is refused before a byte is read, so nothing can feed the reader forever or

@@ -9,8 +9,7 @@ use ::dtls::crypto::{Certificate, CryptoPrivateKey, CryptoPrivateKeyKind};
 use arc_swap::ArcSwap;
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, Ed25519KeyPair};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::PrivateKeyDer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -66,19 +65,7 @@ fn private_key(pkcs8: Vec<u8>) -> Result<CryptoPrivateKey, String> {
 
 /// Reads a certificate chain and its key for DTLS.
 fn load(cert: &Path, key: &Path) -> Result<Certificate, String> {
-    let pem = crate::tlsclient::read_pem_file(cert)?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!(
-            "{}: no PEM certificate in the file",
-            cert.display()
-        ));
-    }
-    let key_pem = crate::tlsclient::read_pem_file(key)?;
-    let der =
-        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| format!("{}: {e}", key.display()))?;
+    let (chain, der) = crate::tlsclient::read_chain_and_key(cert, key)?;
     let pkcs8 = match der {
         PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
         PrivateKeyDer::Sec1(k) => sec1_p256_to_pkcs8(k.secret_sec1_der()),

@@ -15,8 +15,6 @@ use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -45,19 +43,7 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Reads and checks a certificate chain and its key.
 fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
-    let pem = crate::tlsclient::read_pem_file(cert)?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!(
-            "{}: no PEM certificate in the file",
-            cert.display()
-        ));
-    }
-    let key_pem = crate::tlsclient::read_pem_file(key)?;
-    let key_der =
-        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| format!("{}: {e}", key.display()))?;
+    let (chain, key_der) = crate::tlsclient::read_chain_and_key(cert, key)?;
     CertifiedKey::from_der(chain, key_der, &provider())
         .map_err(|e| format!("{} / {}: {e}", cert.display(), key.display()))
 }

@@ -12,48 +12,7 @@ use common::*;
 use std::net::SocketAddr;
 use std::time::Duration;
 use stun::message::*;
-use tokio::time::Instant;
-use turn::proto::data::Data;
-use turn::proto::peeraddr::PeerAddress;
-use turn_support::{Attr, PASSWORD, RawClient, USER, code, relayed};
-
-/// The value of the sample `name` in a /metrics text; 0 if absent.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// The XOR-PEER-ADDRESS and DATA of a Data indication.
-fn data_indication(raw: &[u8]) -> Option<(SocketAddr, Vec<u8>)> {
-    let mut m = Message::new();
-    m.raw = raw.to_vec();
-    m.decode().ok()?;
-    if m.typ != MessageType::new(METHOD_DATA, CLASS_INDICATION) {
-        return None;
-    }
-    let mut p = PeerAddress::default();
-    p.get_from(&m).ok()?;
-    let mut d = Data::default();
-    d.get_from(&m).ok()?;
-    Some((SocketAddr::new(p.ip, p.port), d.0))
-}
-
-/// Data indications received within `within`.
-async fn collect(c: &mut RawClient, within: Duration) -> Vec<(SocketAddr, Vec<u8>)> {
-    let deadline = Instant::now() + within;
-    let mut got = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return got;
-        }
-        match c.recv_raw(left).await {
-            Some(raw) => got.extend(data_indication(&raw)),
-            None => return got,
-        }
-    }
-}
+use turn_support::{Attr, PASSWORD, RawClient, USER, code, collect, metric, relayed};
 
 /// A port free for both UDP and TCP on 127.0.0.1.
 fn free_udp_and_tcp_port() -> u16 {

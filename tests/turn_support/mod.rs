@@ -784,3 +784,41 @@ impl Drop for TestAddr {
             .output();
     }
 }
+
+/// The value of the sample `name` (with its labels, if any) in a /metrics text; 0 if absent.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The XOR-PEER-ADDRESS and DATA of a Data indication.
+pub fn data_indication(raw: &[u8]) -> Option<(std::net::SocketAddr, Vec<u8>)> {
+    let mut m = Message::new();
+    m.raw = raw.to_vec();
+    m.decode().ok()?;
+    if m.typ != MessageType::new(METHOD_DATA, CLASS_INDICATION) {
+        return None;
+    }
+    let mut p = PeerAddress::default();
+    p.get_from(&m).ok()?;
+    let mut d = Data::default();
+    d.get_from(&m).ok()?;
+    Some((std::net::SocketAddr::new(p.ip, p.port), d.0))
+}
+
+/// Data indications received within `within`.
+pub async fn collect(c: &mut RawClient, within: Duration) -> Vec<(std::net::SocketAddr, Vec<u8>)> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut got = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return got;
+        }
+        match c.recv_raw(left).await {
+            Some(raw) => got.extend(data_indication(&raw)),
+            None => return got,
+        }
+    }
+}

@@ -262,6 +262,16 @@ impl FdBudget {
         self.demand.store(plan.demand.total(), Ordering::Relaxed);
     }
 
+    /// Whether the data plane holds its whole budget, so that a new session would be
+    /// refused: then counted as refused, like a failed [`FdBudget::try_acquire`].
+    pub fn refuses_new(&self) -> bool {
+        let full = self.in_use() >= self.budget();
+        if full {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        full
+    }
+
     /// Data-plane descriptors allowed.
     pub fn budget(&self) -> usize {
         self.budget.load(Ordering::Relaxed)

@@ -117,6 +117,8 @@ impl App {
         let config_path_for_hash = config_path.clone();
         // The fd budget of this configuration (see `fdbudget`), before any socket opens.
         crate::fdbudget::apply(&config, &fd_consumers(&config));
+        // The admin API's spare descriptors, while the numbers are low (see `fdbudget`).
+        crate::fdbudget::admin_spare().refill();
 
         // Server lists: static entries at once, DNS names and node/… as their sources answer.
         let discovery = Discovery::start(&config, &metrics).await?;

@@ -153,15 +153,23 @@ impl Plan {
 
     /// Why this plan cannot run at all, if so: the configuration's own descriptors (listen
     /// sockets, probes, admin, TURN, discovery) take the whole open-file limit and leave the
-    /// data plane nothing. A reload refuses such a configuration (the running one stays).
+    /// data plane nothing. `mediagate run` does not start with such a configuration and a
+    /// reload refuses it (the running one stays). The message names what to change, TURN's
+    /// keys first when TURN takes the most.
     pub fn refusal(&self) -> Option<String> {
         let d = &self.demand;
         (d.reserve() >= self.limit).then(|| {
+            let fewer = if d.turn >= d.reserve() / 2 {
+                "lower turn.quota.max_allocations (or narrow turn.relay.port_range) and \
+                 turn.quota.max_tcp_connections, which TURN reserves descriptors for"
+            } else {
+                "use fewer servers, listeners or ports"
+            };
             format!(
                 "the configuration reserves {} file descriptors for itself (listen sockets {}, \
                  probes {}, admin {}, TURN {}, other {}) but the open-file limit is {}: no \
                  session could be served; raise the limit (ulimit -n, LimitNOFILE=, the \
-                 container runtime's nofile) or use fewer servers, listeners or ports",
+                 container runtime's nofile) or {fewer}",
                 d.reserve(),
                 d.listeners,
                 d.probes,

@@ -15,8 +15,6 @@ use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrIn, sendmsg};
 use std::io::{IoSlice, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -633,89 +631,6 @@ upstreams:
     let up = upstream_of(&st, "app");
     assert_eq!(up["servers"][0]["health"], "up");
     assert_eq!(up["failovers"], 0);
-}
-
-/// Probes that fail with EMFILE are the balancer's problem, not the servers': here an
-/// operator gave the admin API more connections (1,000) than the open-file limit (256)
-/// holds, and 400 idle admin connections take every descriptor for two seconds. The
-/// probes fail locally the whole time; they are counted as `local_error`, and neither
-/// server is marked down (before the fix both were, and the upstream failed over to
-/// nothing).
-#[test]
-fn probes_failing_with_emfile_do_not_mark_servers_down() {
-    let pair = UdpPair::start();
-    let yaml = format!(
-        r#"
-admin: {{ listen: "127.0.0.1:{admin}", max_connections: 1000, header_read_timeout: 30s }}
-listeners:
-  - {{ name: rtp, protocol: udp, listen: "127.0.0.1:{listen}", upstream: media }}
-upstreams:
-  media:
-    primary: ["{primary}"]
-    backup: ["{backup}"]
-    health: {{ type: udp, send: ping, interval: 100ms, timeout: 100ms }}
-"#,
-        admin = pair.admin,
-        listen = pair.listen,
-        primary = pair.primary_addr,
-        backup = pair.backup_addr,
-    );
-    let b = start_limited(&yaml, pair.admin, Some(256));
-    let conns = idle_connections(b.admin, 400);
-    let exhausted = usage(&b);
-    eprintln!("{} idle admin connections: {exhausted:?}", conns.len());
-    assert!(
-        exhausted.fds >= 250,
-        "every descriptor taken: {exhausted:?}"
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    drop(conns);
-    wait_until(Duration::from_secs(10), "/healthz answers again", || {
-        matches!(http(b.admin, "GET", "/healthz", None), Ok((200, _)))
-    });
-    let m = b.metrics();
-    let local = metric(&m, "mediagate_probes_total{upstream=\"media\",server=\"");
-    let local_errors: f64 = m
-        .lines()
-        .filter(|l| l.starts_with("mediagate_probes_total") && l.contains("result=\"local_error\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    eprintln!("probes: {local} in all, {local_errors} local errors");
-    assert!(
-        local_errors >= 5.0,
-        "probes hit EMFILE and were counted as local errors"
-    );
-    assert_no_server_down(&b);
-}
-
-/// `mediagate check` warns (exit 0) when the configuration may use more descriptors than
-/// the open-file limit `run` would get.
-#[test]
-fn check_warns_when_the_config_does_not_fit_the_open_file_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.yaml");
-    std::fs::write(
-        &path,
-        "listeners:\n  - { name: rtp, protocol: udp, listen: 127.0.0.1:5004, upstream: u }\nupstreams:\n  u:\n    primary: [127.0.0.1]\n",
-    )
-    .unwrap();
-    let mut cmd = Command::new(MEDIAGATE);
-    cmd.args(["check", "-c"]).arg(&path);
-    // SAFETY: setrlimit only, in the child before exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 1024, 1024)
-                .map_err(std::io::Error::from)
-        });
-    }
-    let out = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
-    assert!(
-        stderr.contains("warning:") && stderr.contains("open-file limit is 1024"),
-        "{stderr}"
-    );
 }
 
 /// Not a pass/fail test: grows a flood until it costs an existing flow something, and

@@ -361,3 +361,66 @@ fn check_warns_when_the_config_does_not_fit_the_open_file_limit() {
         "{stderr}"
     );
 }
+
+/// Resident memory after a reload to 10,000 servers and back comes back near where it
+/// started (issue 24, item 7: it stayed at 127 MB from 13 MB): the balancer gives the
+/// allocator's free memory back to the system after a reload.
+#[test]
+fn memory_comes_back_after_a_reload_to_10000_servers_and_back() {
+    let w = UdpPair::start();
+    let base = |servers: &str| {
+        format!(
+            "admin: {{ listen: \"127.0.0.1:{admin}\" }}\n\
+             listeners:\n  - {{ name: rtp, protocol: udp, listen: \"127.0.0.1:{listen}\", upstream: media, session: {{ max_sessions: 100 }} }}\n\
+             upstreams:\n  media:\n    primary: [{servers}]\n    \
+             health: {{ type: udp, interval: 1s, timeout: 500ms }}\n",
+            admin = w.admin,
+            listen = w.listen,
+        )
+    };
+    let one = format!("\"{}\"", w.primary_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mediagate.yaml");
+    std::fs::write(&path, base(&one)).unwrap();
+    let b = Balancer::start_path_with(dir, path.clone(), w.admin, None, &[]);
+    let pid = b.proc.child.id();
+    std::thread::sleep(Duration::from_secs(1));
+    let baseline = rss_kib(pid);
+    // 10,000 servers on loopback addresses where nothing listens.
+    let many: Vec<String> = (0..10_000u32)
+        .map(|i| format!("\"127.3.{}.{}:5004\"", i / 250, i % 250 + 1))
+        .collect();
+    std::fs::write(&path, base(&many.join(", "))).unwrap();
+    let (code, body) = http(b.admin, "POST", "/reload", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    wait_until(Duration::from_secs(20), "10,000 servers in /status", || {
+        upstream_of(&b.status(), "media")["servers"]
+            .as_array()
+            .is_some_and(|s| s.len() == 10_000)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let peak = rss_kib(pid);
+    std::fs::write(&path, base(&one)).unwrap();
+    let (code, body) = http(b.admin, "POST", "/reload", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let mut after = rss_kib(pid);
+    let limit = 2 * baseline + 16 * 1024;
+    let t = Instant::now();
+    while after > limit && t.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(250));
+        after = rss_kib(pid);
+    }
+    eprintln!(
+        "RSS: {baseline} KiB at start, {peak} KiB with 10,000 servers, {after} KiB after the \
+         reload back ({:?} after it); {} fds open",
+        t.elapsed(),
+        open_fds(pid)
+    );
+    assert!(
+        after <= limit,
+        "memory came back: {after} KiB after, {baseline} KiB at start, {peak} KiB at the peak"
+    );
+    assert_eq!(b.active("media"), vec![w.primary_addr.to_string()]);
+    let stale = b.metrics().lines().filter(|l| l.contains("127.3.")).count();
+    assert_eq!(stale, 0, "no metric series of removed servers is left");
+}

@@ -119,7 +119,17 @@ impl App {
         crate::offload::register_metrics(&metrics);
         let config_path_for_hash = config_path.clone();
         // The fd budget of this configuration (see `fdbudget`), before any socket opens.
-        crate::fdbudget::apply(&config, &fd_consumers(&config));
+        // A configuration whose own descriptors take the whole open-file limit could serve
+        // nobody: refused, as a reload of it would be.
+        let consumers = fd_consumers(&config);
+        let plan =
+            crate::fdbudget::Plan::new(&config, crate::fdbudget::current_limit(), &consumers);
+        if let Some(why) = plan.refusal() {
+            return Err(anyhow!("{why}"));
+        }
+        crate::fdbudget::apply(&config, &consumers);
+        // The admin API's spare descriptors, while the numbers are low (see `fdbudget`).
+        crate::fdbudget::admin_spare().refill();
 
         // Server lists: static entries at once, DNS names and node/… as their sources answer.
         let discovery = Discovery::start(&config, &metrics).await?;

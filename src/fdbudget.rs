@@ -21,6 +21,10 @@
 //! worker count and TURN's demand come in as [`Consumers`], computed by whoever wires the
 //! two (`app::fd_consumers`), and [`register_metrics`] adds its gauges to the registry.
 //!
+//! The admin API is the one consumer whose failure is worst (a liveness probe restarts
+//! the pod), so it also holds a few descriptors nobody else can take ([`admin_spare`]):
+//! when the process runs out anyway, its `accept` spends one of them.
+//!
 //! `mediagate check` only warns when the configuration's demand exceeds the limit (see
 //! [`check_warning`]): limits differ between the machine that checks and the one that
 //! runs, and the runtime budget enforces the limit where it applies.
@@ -36,6 +40,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 pub const FIXED_RESERVE: usize = 64;
 /// Descriptors set aside for discovery (DNS queries, the Kubernetes API connection).
 pub const DISCOVERY_RESERVE: usize = 16;
+/// Descriptors the admin API holds in reserve ([`admin_spare`]), counted in its part of
+/// the reserve.
+pub const ADMIN_SPARE: usize = 4;
 /// Servers assumed behind one DNS name or `node/…` reference, for the probe reserve.
 pub const SERVERS_PER_DYNAMIC_REF: usize = 16;
 
@@ -51,7 +58,7 @@ pub struct Demand {
     pub listeners: usize,
     /// One per server per probe in flight (a prober runs one probe at a time).
     pub probes: usize,
-    /// The admin listener and `admin.max_connections`.
+    /// The admin listener, `admin.max_connections` and [`ADMIN_SPARE`].
     pub admin: usize,
     /// TURN relays and clients ([`Consumers::turn`]).
     pub turn: usize,
@@ -91,7 +98,7 @@ pub fn demand(cfg: &Config, consumers: &Consumers) -> Demand {
     let workers = consumers.udp_workers.max(1);
     let mut d = Demand {
         other: FIXED_RESERVE + DISCOVERY_RESERVE,
-        admin: 1 + cfg.admin.max_connections,
+        admin: 1 + cfg.admin.max_connections + ADMIN_SPARE,
         ..Demand::default()
     };
     for l in &cfg.listeners {
@@ -146,15 +153,23 @@ impl Plan {
 
     /// Why this plan cannot run at all, if so: the configuration's own descriptors (listen
     /// sockets, probes, admin, TURN, discovery) take the whole open-file limit and leave the
-    /// data plane nothing. A reload refuses such a configuration (the running one stays).
+    /// data plane nothing. `mediagate run` does not start with such a configuration and a
+    /// reload refuses it (the running one stays). The message names what to change, TURN's
+    /// keys first when TURN takes the most.
     pub fn refusal(&self) -> Option<String> {
         let d = &self.demand;
         (d.reserve() >= self.limit).then(|| {
+            let fewer = if d.turn >= d.reserve() / 2 {
+                "lower turn.quota.max_allocations (or narrow turn.relay.port_range) and \
+                 turn.quota.max_tcp_connections, which TURN reserves descriptors for"
+            } else {
+                "use fewer servers, listeners or ports"
+            };
             format!(
                 "the configuration reserves {} file descriptors for itself (listen sockets {}, \
                  probes {}, admin {}, TURN {}, other {}) but the open-file limit is {}: no \
                  session could be served; raise the limit (ulimit -n, LimitNOFILE=, the \
-                 container runtime's nofile) or use fewer servers, listeners or ports",
+                 container runtime's nofile) or {fewer}",
                 d.reserve(),
                 d.listeners,
                 d.probes,
@@ -262,6 +277,16 @@ impl FdBudget {
         self.demand.store(plan.demand.total(), Ordering::Relaxed);
     }
 
+    /// Whether the data plane holds its whole budget, so that a new session would be
+    /// refused: then counted as refused, like a failed [`FdBudget::try_acquire`].
+    pub fn refuses_new(&self) -> bool {
+        let full = self.in_use() >= self.budget();
+        if full {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        full
+    }
+
     /// Data-plane descriptors allowed.
     pub fn budget(&self) -> usize {
         self.budget.load(Ordering::Relaxed)
@@ -291,6 +316,78 @@ impl FdBudget {
     pub fn demand(&self) -> usize {
         self.demand.load(Ordering::Relaxed)
     }
+}
+
+/// Descriptors held for one consumer alone: placeholders (`/dev/null` opened read-only)
+/// that nothing else can take. The kernel hands out the lowest free descriptor number and
+/// refuses one at or above the open-file limit, so when the process has run out (a
+/// consumer beyond its share, a limit lowered under a running process) closing a
+/// placeholder frees a number below the limit for the very next `accept`.
+#[derive(Debug)]
+pub struct Spare {
+    held: std::sync::Mutex<Vec<std::os::fd::OwnedFd>>,
+    want: usize,
+}
+
+impl Spare {
+    /// A reserve of `want` descriptors, empty until [`Spare::refill`].
+    pub const fn new(want: usize) -> Spare {
+        Spare {
+            held: std::sync::Mutex::new(Vec::new()),
+            want,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<std::os::fd::OwnedFd>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens placeholders until `want` are held or opening fails (out of descriptors:
+    /// tried again at the next call).
+    pub fn refill(&self) {
+        let mut held = self.lock();
+        while held.len() < self.want {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => held.push(f.into()),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Closes the lowest-numbered placeholder (the likeliest to be below a limit lowered
+    /// since) so that its number can be taken at once; false when none is held.
+    pub fn release(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut held = self.lock();
+        let lowest = held
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, fd)| fd.as_raw_fd())
+            .map(|(i, _)| i);
+        lowest.map(|i| held.swap_remove(i)).is_some()
+    }
+
+    /// Placeholders held now.
+    pub fn held(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+static ADMIN: Spare = Spare::new(ADMIN_SPARE);
+
+/// The admin API's reserve: opened at start (low descriptor numbers), spent by the admin
+/// listener's `accept` when the process is out of descriptors, refilled as its
+/// connections close.
+pub fn admin_spare() -> &'static Spare {
+    &ADMIN
+}
+
+/// Whether `e` says the process or the system is out of descriptors.
+pub fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EMFILE) | Some(nix::libc::ENFILE)
+    )
 }
 
 /// Descriptors taken from an [`FdBudget`]; given back on drop.
@@ -474,7 +571,7 @@ mod tests {
         assert_eq!(d.tcp_connections, 200);
         assert_eq!(d.listeners, 2 * 2 + 2 + 1);
         assert_eq!(d.probes, 1 + SERVERS_PER_DYNAMIC_REF);
-        assert_eq!(d.admin, 11);
+        assert_eq!(d.admin, 11 + ADMIN_SPARE);
         assert_eq!(d.turn, 0);
         assert_eq!(d.data_plane(), 1200);
     }
@@ -494,6 +591,18 @@ mod tests {
         assert_eq!(small.budget, 1024 - small.demand.reserve());
         // A limit below the reserve leaves the data plane nothing, not an underflow.
         assert_eq!(Plan::new(&c, 10, &two_workers()).budget, 0);
+    }
+
+    #[test]
+    fn a_spare_gives_its_descriptor_numbers_back_and_refills() {
+        let s = Spare::new(3);
+        assert_eq!(s.held(), 0);
+        s.refill();
+        assert_eq!(s.held(), 3);
+        assert!(s.release() && s.release() && s.release());
+        assert!(!s.release());
+        s.refill();
+        assert_eq!(s.held(), 3);
     }
 
     #[test]

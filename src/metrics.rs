@@ -90,6 +90,9 @@ pub struct Metrics {
     pub sessions_created: Family<Labels, Counter>,
     pub sessions_migrated: Family<Labels, Counter>,
     pub sessions_rejected: Family<Labels, Counter>,
+    /// `mediagate_udp_new_sessions_deferred_total{listener}`: datagrams of new clients a
+    /// UDP worker set aside for a later wakeup (its new-session work per wakeup was spent).
+    pub new_sessions_deferred: Family<Labels, Counter>,
     pub packets: Family<Labels, Counter>,
     pub bytes: Family<Labels, Counter>,
     pub dropped: Family<Labels, Counter>,
@@ -184,6 +187,10 @@ impl Metrics {
             "Sessions moved to another server"
         );
         let sessions_rejected = fam!("mediagate_sessions_rejected", "Sessions refused, by reason");
+        let new_sessions_deferred = fam!(
+            "mediagate_udp_new_sessions_deferred",
+            "Datagrams of new clients a UDP worker left for a later wakeup (established flows first)"
+        );
         let packets = fam!("mediagate_packets", "Datagrams forwarded, by direction");
         let bytes = fam!("mediagate_bytes", "Bytes forwarded, by direction");
         let dropped = fam!("mediagate_dropped_packets", "Datagrams dropped, by reason");
@@ -240,6 +247,7 @@ impl Metrics {
             sessions_created,
             sessions_migrated,
             sessions_rejected,
+            new_sessions_deferred,
             packets,
             bytes,
             dropped,
@@ -324,6 +332,9 @@ impl Metrics {
             rejected_source_sessions: rejected("source_sessions"),
             dropped_local_error: dropped("local_error"),
             rejected_local_error: rejected("local_error"),
+            dropped_backlog: dropped("new_session_backlog"),
+            rejected_backlog: rejected("new_session_backlog"),
+            deferred_new: child(&self.new_sessions_deferred, &l(&[])),
             rejected_max_connections: rejected("max_connections"),
             rejected_proxy_header: rejected("proxy_header"),
             closed_idle: child(&self.sessions_closed, &l(&[("reason", "idle_timeout")])),
@@ -390,6 +401,12 @@ pub struct ListenerMetrics {
     /// Opening the server side failed for a local reason (EMFILE, ENOBUFS, no port).
     pub dropped_local_error: Counter,
     pub rejected_local_error: Counter,
+    /// UDP: a new client's datagram found the worker's backlog of deferred new-session
+    /// datagrams full.
+    pub dropped_backlog: Counter,
+    pub rejected_backlog: Counter,
+    /// UDP: a new client's datagram was deferred to a later wakeup.
+    pub deferred_new: Counter,
     /// TCP: the listener's `max_connections`.
     pub rejected_max_connections: Counter,
     /// TCP `accept_proxy_protocol`: no valid PROXY v2 header within 5 s.

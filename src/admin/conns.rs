@@ -10,6 +10,12 @@
 //!   closed at once. Either way the process holds at most the cap (plus at most
 //!   [`CLOSING_SLACK`] evicted connections still closing).
 //!
+//! - Out of descriptors (`accept` fails with EMFILE: something beyond its share, or a
+//!   limit lowered under the running process), the accept spends one of the admin API's
+//!   spare descriptors (`fdbudget::admin_spare`), so `/healthz` still gets in; the spare
+//!   is refilled as connections close. With no spare left, the oldest idle connection is
+//!   closed to make way.
+//!
 //! Closed connections are counted in `mediagate_admin_connections_closed{reason}`.
 
 use crate::metrics::{Metrics, child, labels};
@@ -129,6 +135,20 @@ impl Table {
         }
     }
 
+    /// Closes the oldest idle connection, if any.
+    fn evict_idle(&self) -> bool {
+        let mut conns = self.lock();
+        match conns.iter().position(Conn::idle) {
+            Some(i) => {
+                if let Some(c) = conns.remove(i) {
+                    c.close.cancel();
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
     fn remove(&self, id: u64) {
         let mut conns = self.lock();
         if let Some(i) = conns.iter().position(|c| c.id == id) {
@@ -170,14 +190,31 @@ pub async fn serve(
         closed("header_timeout"),
     );
     let accept_log = RateLimit::new("admin_accept", Duration::from_secs(10), 5);
+    let spare = crate::fdbudget::admin_spare();
+    spare.refill();
     let mut next_id = 0u64;
     loop {
         let (stream, _peer) = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(c) => c,
+                Err(e) if crate::fdbudget::is_out_of_descriptors(&e) && spare.release() => {
+                    // Out of descriptors: a spare's number goes to the connection waiting,
+                    // accepted on the next turn (the kernel takes the number before it
+                    // looks at the queue, so an empty queue also lands here: the number
+                    // then waits for the next connection). The spare comes back when a
+                    // connection closes.
+                    if accept_log.allow() {
+                        tracing::warn!(error = %e, spare_left = spare.held(), "admin API: out of descriptors; accepting with a spare one");
+                    }
+                    continue;
+                }
                 Err(e) => {
-                    // Out of descriptors: wait for some to come back instead of spinning.
+                    // Out of descriptors and spares: an idle connection makes way, and we
+                    // wait for descriptors to come back instead of spinning.
+                    if crate::fdbudget::is_out_of_descriptors(&e) && table.evict_idle() {
+                        evicted.inc();
+                    }
                     if accept_log.allow() {
                         tracing::warn!(error = %e, "admin API: accept failed");
                     }
@@ -282,6 +319,8 @@ pub async fn serve(
             // Out of the table first: `Conn::idle` may read the socket while it is listed.
             table.remove(id);
             drop(conn); // closes the descriptor
+            // A spare spent on an accept takes the number back (no-op when all held).
+            crate::fdbudget::admin_spare().refill();
             table.open.fetch_sub(1, Ordering::AcqRel);
             table.closed.notify_waiters();
             metrics.admin_connections.dec();

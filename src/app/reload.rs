@@ -156,6 +156,7 @@ impl AppState {
                 self.loaded_at.store(Arc::new(SystemTime::now()));
                 tracing::info!(path = %self.config_path, "configuration reloaded");
                 crate::logging::apply_config(&config.log);
+                give_memory_back();
             }
             Err(errors) => {
                 for e in errors {
@@ -478,4 +479,31 @@ fn hash_text(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     }) | 1
+}
+
+/// After a reload: what the old configuration held (servers, their probers and metrics,
+/// listeners' tables) is freed as its tasks wind down over the next moments, but glibc's
+/// allocator keeps freed memory for the process (a reload to 10,000 servers and back kept
+/// ~90 MB resident). Trims the heaps once the old tasks have ended, a few times as they
+/// do. A no-op with other C libraries.
+fn give_memory_back() {
+    tokio::spawn(async {
+        for wait in [
+            Duration::from_millis(200),
+            Duration::from_secs(1),
+            Duration::from_secs(3),
+        ] {
+            tokio::time::sleep(wait).await;
+            let _ = tokio::task::spawn_blocking(trim_heaps).await;
+        }
+    });
+}
+
+/// Returns the allocator's free memory to the system (glibc's `malloc_trim`).
+fn trim_heaps() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointers and may run at any time.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
 }

@@ -12,13 +12,15 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 
 impl Tables {
-    /// Routes one client datagram that arrived on listen port `p`.
+    /// Routes one client datagram that arrived on listen port `p`: an established
+    /// session's goes out at once; a new client's waits in the backlog until the wakeup's
+    /// established traffic is out (see [`Tables::admit_backlog`]).
     pub(super) fn on_datagram(&mut self, p: u16, client: SocketAddr, data: &[u8]) {
         if let Some(&idx) = self.index.get(p, client) {
             self.forward_existing(idx, data);
             return;
         }
-        self.new_session(p, client, data);
+        self.defer_new(p, client, data);
     }
 
     pub(super) fn forward_existing(&mut self, idx: u32, data: &[u8]) {

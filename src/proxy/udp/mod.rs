@@ -25,7 +25,11 @@
 //!
 //! A new session is admitted only within the listener's `max_sessions`, its source's
 //! fair share (`sources`) and the process's file-descriptor budget (`crate::fdbudget`);
-//! refusals are counted, never logged per datagram.
+//! refusals are counted, never logged per datagram. Established sessions come first: a
+//! datagram from a new client waits in the worker's bounded backlog until the wakeup's
+//! established traffic is out, and a wakeup opens at most a few sessions (the rest wait,
+//! counted in `mediagate_udp_new_sessions_deferred_total`), so a flood of new sources never
+//! keeps a worker from draining its listen sockets.
 //!
 //! With `offload: ebpf` an established session is also installed in the kernel fast path
 //! (`crate::offload`): its datagrams then bypass this thread. The hooks live in

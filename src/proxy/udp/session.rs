@@ -13,7 +13,7 @@ use crate::proxy::sources::{Admission, Sources};
 use crate::sockio::MsgBatch;
 use crate::upstream::ServerHandle;
 use nix::sys::epoll::Epoll;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 
@@ -109,6 +109,54 @@ impl SessionIndex {
     }
 }
 
+/// Datagrams of new clients a worker set aside for a later wakeup: a wakeup forwards the
+/// datagrams of established sessions first and opens at most a few sessions (each costs
+/// a socket, a bind, a connect and an epoll registration), so a flood of new sources never
+/// keeps the worker from draining its listen sockets. Bounded in count and bytes; beyond
+/// that a new client's datagram is dropped (counted) and its next one tries again.
+#[derive(Default)]
+pub(super) struct Backlog {
+    pub(super) queue: VecDeque<(u16, SocketAddr, Box<[u8]>)>,
+    pub(super) bytes: usize,
+    /// Datagrams pushed during the current wakeup (the newest in `queue`).
+    pub(super) fresh: usize,
+}
+
+impl Backlog {
+    /// Datagrams held at most.
+    pub(super) const MAX_DATAGRAMS: usize = 4096;
+    /// Payload bytes held at most.
+    pub(super) const MAX_BYTES: usize = 2 << 20;
+
+    /// Keeps a copy of `data`; false (nothing kept) when full.
+    pub(super) fn push(&mut self, p: u16, client: SocketAddr, data: &[u8]) -> bool {
+        if self.queue.len() >= Self::MAX_DATAGRAMS || self.bytes + data.len() > Self::MAX_BYTES {
+            return false;
+        }
+        self.bytes += data.len();
+        self.fresh += 1;
+        self.queue.push_back((p, client, data.into()));
+        true
+    }
+
+    pub(super) fn pop(&mut self) -> Option<(u16, SocketAddr, Box<[u8]>)> {
+        let d = self.queue.pop_front()?;
+        self.bytes -= d.2.len();
+        Some(d)
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Lets go of the memory a burst left behind once the backlog is empty.
+    pub(super) fn shrink(&mut self) {
+        if self.queue.is_empty() && self.queue.capacity() > 64 {
+            self.queue = VecDeque::new();
+        }
+    }
+}
+
 /// A slab slot: the generation tells a stale epoll token from the slot's current session.
 pub(super) struct Slot {
     pub(super) gen_: u32,
@@ -124,6 +172,8 @@ pub(super) struct Tables {
     pub(super) index: SessionIndex,
     pub(super) slab: Vec<Slot>,
     pub(super) free: Vec<u32>,
+    /// Datagrams of new clients left for a later wakeup.
+    pub(super) backlog: Backlog,
     pub(super) ring: Ring,
     pub(super) tally: Tally,
     pub(super) now_ms: u64,
@@ -184,5 +234,30 @@ impl Tally {
             m.dropped_stale_server.inc_by(self.stale);
         }
         *self = Tally::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Backlog;
+    use std::net::SocketAddr;
+
+    #[test]
+    fn the_backlog_is_bounded_in_count_and_bytes_and_first_in_first_out() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut b = Backlog::default();
+        for i in 0..Backlog::MAX_DATAGRAMS {
+            assert!(b.push(0, a, &[i as u8]));
+        }
+        assert!(!b.push(0, a, b"x"), "full by count");
+        assert_eq!(b.pop().unwrap().2[0], 0);
+        assert_eq!(b.fresh, Backlog::MAX_DATAGRAMS);
+        while b.pop().is_some() {}
+        assert_eq!(b.bytes, 0);
+        b.shrink();
+        assert_eq!(b.queue.capacity(), 0);
+        let big = vec![0u8; Backlog::MAX_BYTES / 2];
+        assert!(b.push(0, a, &big) && b.push(0, a, &big));
+        assert!(!b.push(0, a, b"x"), "full by bytes");
     }
 }

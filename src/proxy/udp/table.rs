@@ -1,5 +1,6 @@
 //! A worker's session table at work (the table itself is in `session`): how a new session
-//! is admitted and opened, and how sessions end (idle expiry, shutdown).
+//! is admitted and opened (after the wakeup's established traffic, a bounded number per
+//! wakeup, from the backlog), and how sessions end (idle expiry, shutdown).
 
 use super::failover::open_upstream;
 use super::fastpath::offload_remove;
@@ -12,6 +13,58 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 impl Tables {
+    /// A datagram from a client with no session: refusals that need no work (draining,
+    /// `max_sessions`, the fd budget used up) are counted at once; otherwise it waits in
+    /// the backlog for [`Tables::admit_backlog`].
+    pub(super) fn defer_new(&mut self, p: u16, client: SocketAddr, data: &[u8]) {
+        let shared = &self.shared;
+        let m = &shared.metrics;
+        if shared.draining.load(Ordering::Acquire) {
+            m.dropped_draining.inc();
+            m.rejected_draining.inc();
+            return;
+        }
+        if shared.live.load(Ordering::Relaxed) >= shared.max_sessions {
+            m.dropped_max_sessions.inc();
+            m.rejected_max_sessions.inc();
+            return;
+        }
+        if fdbudget::global().refuses_new() {
+            m.dropped_fd_budget.inc();
+            m.rejected_fd_budget.inc();
+            return;
+        }
+        if !self.backlog.push(p, client, data) {
+            m.dropped_backlog.inc();
+            m.rejected_backlog.inc();
+        }
+    }
+
+    /// After a wakeup's established traffic: opens sessions for at most `most` datagrams
+    /// of the backlog, oldest first (a later datagram of a client whose session just
+    /// opened is forwarded on it). What is left waits for the next wakeup and is counted
+    /// as deferred once.
+    pub(super) fn admit_backlog(&mut self, most: usize) {
+        let mut opened = 0;
+        while opened < most {
+            let Some((p, client, data)) = self.backlog.pop() else {
+                break;
+            };
+            if let Some(&idx) = self.index.get(p, client) {
+                self.forward_existing(idx, &data);
+            } else {
+                self.new_session(p, client, &data);
+                opened += 1;
+            }
+        }
+        let deferred = self.backlog.fresh.min(self.backlog.queue.len());
+        self.backlog.fresh = 0;
+        if deferred > 0 {
+            self.shared.metrics.deferred_new.inc_by(deferred as u64);
+        }
+        self.backlog.shrink();
+    }
+
     pub(super) fn new_session(&mut self, p: u16, client: SocketAddr, data: &[u8]) {
         let shared = &self.shared;
         let m = &shared.metrics;

@@ -22,6 +22,9 @@ const MAX_DATAGRAM: usize = 65_536;
 const BATCH: usize = 32;
 /// Listen-socket batches read per wakeup before turning to replies (fairness).
 const MAX_RX_ROUNDS: usize = 4;
+/// New sessions a worker opens per wakeup at most, after the wakeup's datagrams of
+/// established sessions went out; the rest of the new clients wait in the backlog.
+const NEW_PER_WAKEUP: usize = 32;
 /// Epoll events per wait.
 const EVENTS: usize = 256;
 /// Longest a worker sleeps in `epoll_wait`: the shutdown and idle-sweep latency.
@@ -139,6 +142,7 @@ impl Worker {
                 index: SessionIndex::default(),
                 slab: Vec::new(),
                 free: Vec::new(),
+                backlog: Default::default(),
                 ring: Ring::new(),
                 tally: Tally::default(),
                 now_ms: 0,
@@ -161,7 +165,13 @@ impl Worker {
         let mut next_sweep = 0u64;
         let mut next_stop_check = 0u64;
         loop {
-            let n = match self.t.epoll.wait(&mut events, EpollTimeout::from(TICK_MS)) {
+            // New clients left waiting: look again at once (after whatever is ready).
+            let wait = if self.t.backlog.is_empty() {
+                EpollTimeout::from(TICK_MS)
+            } else {
+                EpollTimeout::ZERO
+            };
+            let n = match self.t.epoll.wait(&mut events, wait) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => 0,
                 Err(e) => {
@@ -192,6 +202,8 @@ impl Worker {
                     self.on_listen_ready((tok & 0xffff) as usize);
                 }
             }
+            // Established flows are out: now a bounded number of new sessions.
+            self.t.admit_backlog(NEW_PER_WAKEUP);
             self.t.tally.publish(&self.t.shared.metrics);
             let now = self.t.now_ms;
             if now >= next_stop_check {

@@ -421,9 +421,11 @@ fn memory_comes_back_after_a_reload_to_10000_servers_and_back() {
         "memory came back: {after} KiB after, {baseline} KiB at start, {peak} KiB at the peak"
     );
     // The one server serves again once the reload's probe round has seen it.
-    wait_until(Duration::from_secs(10), "the one server active again", || {
-        b.active("media") == vec![w.primary_addr.to_string()]
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the one server active again",
+        || b.active("media") == vec![w.primary_addr.to_string()],
+    );
     let stale = b.metrics().lines().filter(|l| l.contains("127.3.")).count();
     assert_eq!(stale, 0, "no metric series of removed servers is left");
 }

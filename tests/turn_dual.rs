@@ -9,6 +9,8 @@
 mod turn_support;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use stun::message::*;
 use tokio::net::UdpSocket;
@@ -264,5 +266,89 @@ async fn a_family_without_a_relay_address_gets_440() {
         )
         .await;
     assert_eq!(code(&r), Some(400));
+    g.svc.close().await;
+}
+
+/// Echoes every datagram on `sock` back to its sender until the test ends; counts those
+/// that came from a relay port (61000-64999) in `relayed`.
+fn echo(sock: UdpSocket, relayed: Arc<AtomicUsize>) {
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            if (61000..=64999).contains(&from.port()) {
+                relayed.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = sock.send_to(&buf[..n], from).await;
+        }
+    });
+}
+
+/// An echo peer on [::1]:P and P+1 (uclient's RTP and RTCP peers); returns P.
+async fn echo_peer6(relayed: &Arc<AtomicUsize>) -> u16 {
+    for _ in 0..50 {
+        let a = UdpSocket::bind("[::1]:0").await.unwrap();
+        let p = a.local_addr().unwrap().port();
+        if p == u16::MAX {
+            continue;
+        }
+        if let Ok(b) = UdpSocket::bind(("::1", p + 1)).await {
+            echo(a, Arc::clone(relayed));
+            echo(b, Arc::clone(relayed));
+            return p;
+        }
+    }
+    panic!("no free port pair on ::1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coturn_uclient_relays_over_ipv6() {
+    let mut cfg = config(Auth::Static, &["::1/128"], 10);
+    cfg.relay.address = "127.0.0.1,::1".parse().unwrap();
+    for l in &mut cfg.listeners {
+        l.listen = "[::1]:0".parse().unwrap();
+    }
+    let g = Gateway::start(cfg).await;
+    let relayed = Arc::new(AtomicUsize::new(0));
+    let peer = echo_peer6(&relayed).await.to_string();
+    let port = g.udp.port().to_string();
+    // -x: REQUESTED-ADDRESS-FAMILY IPv6; the client reaches the gateway on ::1 too.
+    let args = [
+        "-x", "-e", "::1", "-r", &peer, "-u", USER, "-w", PASSWORD, "-n", "20", "-z", "5", "-p",
+        &port, "::1",
+    ];
+    let out = tokio::time::timeout(
+        Duration::from_secs(40),
+        tokio::process::Command::new(turn_support::tool("turnutils_uclient"))
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("turnutils_uclient finished in time")
+    .expect("turnutils_uclient runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "uclient failed:\n{text}");
+    let m = &g.metrics;
+    assert!(m.allocations_created.get() >= 2, "{text}");
+    assert!(
+        m.bytes_to_peer.get() >= 20 * 100,
+        "to peer {}",
+        m.bytes_to_peer.get()
+    );
+    assert!(
+        m.bytes_to_client.get() >= 20 * 100,
+        "to client {}",
+        m.bytes_to_client.get()
+    );
+    // The echo peer listens on ::1 only: what it got came from IPv6 relayed addresses.
+    let got = relayed.load(Ordering::Relaxed);
+    assert!(
+        got >= 20,
+        "the IPv6 peer got {got} datagrams from relay ports"
+    );
     g.svc.close().await;
 }

@@ -274,6 +274,16 @@ impl RelayAddresses {
     }
 }
 
+impl From<IpAddr> for RelayAddresses {
+    /// One address: its family only.
+    fn from(ip: IpAddr) -> Self {
+        RelayAddresses {
+            v4: Some(ip).filter(|ip| ip.is_ipv4()),
+            v6: Some(ip).filter(|ip| ip.is_ipv6()),
+        }
+    }
+}
+
 impl std::str::FromStr for RelayAddresses {
     type Err = String;
     /// One address, or one of each family separated by a comma.

@@ -209,6 +209,30 @@ async fn a_dual_allocation_relays_both_families_and_takes_two_quota_units() {
     let r = c3.request(METHOD_ALLOCATE, &dual).await;
     assert_eq!(code(&r), None, "units given back: {r}");
     assert_eq!(relayed_all(&r).len(), 2);
+    // Refresh 0 with REQUESTED-ADDRESS-FAMILY IPv6 deletes the IPv6 half alone: IPv6
+    // peers get 443 from then on, IPv4 ones still work, and one unit is given back.
+    let r = c3
+        .request(
+            METHOD_REFRESH,
+            &[
+                Attr::Lifetime(0),
+                Attr::Raw(REQUESTED_ADDRESS_FAMILY, IPV6.to_vec()),
+            ],
+        )
+        .await;
+    assert_eq!(code(&r), None, "{r}");
+    let r = c3
+        .request(METHOD_CREATE_PERMISSION, &[Attr::Peer(p6)])
+        .await;
+    assert_eq!(code(&r), Some(443));
+    let r = c3
+        .request(METHOD_CREATE_PERMISSION, &[Attr::Peer(p4)])
+        .await;
+    assert_eq!(code(&r), None, "the IPv4 half lives on: {r}");
+    let mut c4 = RawClient::udp(g.udp, USER, PASSWORD).await;
+    assert_eq!(code(&c4.allocate().await), None, "one unit given back");
+    let mut c5 = RawClient::udp(g.udp, USER, PASSWORD).await;
+    assert_eq!(code(&c5.allocate().await), Some(486), "and only one");
     g.svc.close().await;
 }
 

@@ -120,9 +120,9 @@ impl RelayState {
         }
     }
 
-    /// The additional relayed address of a dual allocation.
+    /// The additional relayed address of a dual allocation, while it lives.
     pub(crate) fn additional(&self) -> Option<&Arc<RelayState>> {
-        self.additional.get()
+        self.additional.get().filter(|a| !a.is_closed())
     }
 
     /// The relay of this allocation for peers of a family (`ipv4`: IPv4, else IPv6).
@@ -130,7 +130,7 @@ impl RelayState {
         if self.advertised.is_ipv4() == ipv4 {
             Some(self)
         } else {
-            self.additional.get().map(|a| &**a)
+            self.additional().map(|a| &**a)
         }
     }
 
@@ -139,11 +139,13 @@ impl RelayState {
         if let Some(p) = self.channel_peer(number) {
             return Some((self, p));
         }
-        let a = self.additional.get()?;
+        let a = self.additional()?;
         a.channel_peer(number).map(|p| (&**a, p))
     }
 
-    fn end_additional(&self) {
+    /// Ends the additional relayed address (when the allocation ends, or a Refresh
+    /// deletes that family alone).
+    pub(crate) fn end_additional(&self) {
         let conn = self
             .additional_conn
             .lock()

@@ -3,6 +3,13 @@
 //! peer policy; and Send indications that the data path left to the control path. The
 //! allocation machinery is the `turn` crate's; the service mirrors what the data path
 //! needs (the client end, permissions and channels) into the allocation's `RelayState`.
+//!
+//! Dual stack (`turn.relay.address` with one address per family): REQUESTED-ADDRESS-FAMILY
+//! picks the family the crate allocates in (440 when it has no relay address);
+//! ADDITIONAL-ADDRESS-FAMILY adds an IPv6 relay socket made by the same generator but kept
+//! out of the crate, hung on the allocation's `RelayState` (it ends with it, or alone on a
+//! Refresh 0 for IPv6) and counted as a second quota unit. Permissions and channels go to
+//! the relay of the peer's family; a family without one is 443.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -355,6 +362,7 @@ impl Listener {
                 udp_listen,
             },
         );
+        let units = 1 + usize::from(relay.additional().is_some());
         self.core.allocs.commit(
             key,
             AllocMeta {
@@ -362,6 +370,7 @@ impl Listener {
                 relay,
                 txid: m.transaction_id,
                 response: response.clone(),
+                units,
             },
         );
         self.core.metrics.allocations_created.inc();
@@ -407,17 +416,31 @@ impl Listener {
             return;
         };
         let k = auth.key.as_slice();
-        if let Ok(v) = m.get(ATTR_REQUESTED_ADDRESS_FAMILY) {
-            let ipv4 = v.first() == Some(&1);
-            if relay.for_family(ipv4).is_none() {
-                return self
-                    .fail(m, src, 443, "Peer Address Family Mismatch", k)
-                    .await;
-            }
+        let family = m
+            .get(ATTR_REQUESTED_ADDRESS_FAMILY)
+            .ok()
+            .map(|v| v.first() == Some(&1));
+        if let Some(ipv4) = family
+            && relay.for_family(ipv4).is_none()
+        {
+            return self
+                .fail(m, src, 443, "Peer Address Family Mismatch", k)
+                .await;
         }
         let lifetime = requested_lifetime(m).map_or(DEFAULT_LIFETIME, |l| l.min(MAX_LIFETIME));
         let lifetime = Duration::from_secs(lifetime.into());
-        if lifetime.is_zero() {
+        let additional_alone = family == Some(false) && relay.advertised.is_ipv4();
+        if lifetime.is_zero() && additional_alone {
+            // RFC 8656 §7.3: the IPv6 relayed address of a dual allocation alone ends;
+            // its quota unit is given back.
+            relay.end_additional();
+            self.core
+                .allocs
+                .release_additional(&(self.idx, self.five_tuple(src)));
+            if self.core.alloc_log.allow() {
+                tracing::debug!(client = %src, relay = %relay.advertised, "TURN: IPv6 relayed address of a dual allocation deleted by the client");
+            }
+        } else if lifetime.is_zero() {
             drop(alloc);
             let ft = self.five_tuple(src);
             self.manager.delete_allocation(&ft).await;

@@ -20,7 +20,7 @@ use super::relay::RelayState;
 
 /// Quota units an allocation holds: one per relayed address (two for a dual allocation).
 fn units_of(meta: &AllocMeta) -> usize {
-    1 + usize::from(meta.relay.additional().is_some())
+    meta.units
 }
 
 /// What the service remembers about one allocation.
@@ -30,6 +30,8 @@ pub(crate) struct AllocMeta {
     /// The Allocate's transaction, to answer retransmissions with `response`.
     pub(crate) txid: TransactionId,
     pub(crate) response: Vec<u8>,
+    /// Quota units held: one per live relayed address.
+    pub(crate) units: usize,
 }
 
 /// Allocations of all listeners, with per-user counts for the quota.
@@ -175,6 +177,18 @@ impl Allocations {
         }
         t.total += 1;
         self.metrics.allocations.set(t.total as i64);
+    }
+
+    /// The additional relayed address of a dual allocation was deleted: its unit is given
+    /// back.
+    pub(crate) fn release_additional(&self, key: &(usize, FiveTuple)) {
+        let mut t = self.table();
+        let Some(meta) = t.allocs.get_mut(key).filter(|m| m.units > 1) else {
+            return;
+        };
+        meta.units -= 1;
+        let user = meta.username.clone();
+        t.release_user(&user);
     }
 
     /// Forgets an allocation; with `relay`, only if it is still that allocation.

@@ -132,6 +132,12 @@ async fn requested_address_family_ipv6_gets_an_ipv6_relay_that_relays() {
         .await;
     assert_eq!(code(&r), Some(443));
 
+    // The gateway's own IPv6 relay ports are no peers (no relay loops).
+    let r = c
+        .request(METHOD_CREATE_PERMISSION, &[Attr::Peer(relay6)])
+        .await;
+    assert_eq!(code(&r), Some(403));
+
     // An IPv6 peer: ChannelData both ways through [::1]:relay.
     let peer6 = UdpSocket::bind("[::1]:0").await.unwrap();
     let p6 = peer6.local_addr().unwrap();
@@ -374,5 +380,36 @@ async fn coturn_uclient_relays_over_ipv6() {
         got >= 20,
         "the IPv6 peer got {got} datagrams from relay ports"
     );
+    g.svc.close().await;
+}
+
+#[tokio::test]
+async fn a_dual_allocation_over_tcp_relays_the_ipv6_peer_back_on_the_connection() {
+    let g = gateway("127.0.0.1,::1", 10).await;
+    let mut c = RawClient::tcp(g.tcp, USER, PASSWORD).await;
+    let r = c
+        .request(
+            METHOD_ALLOCATE,
+            &[
+                Attr::Transport(17),
+                Attr::Raw(ADDITIONAL_ADDRESS_FAMILY, IPV6.to_vec()),
+            ],
+        )
+        .await;
+    assert_eq!(code(&r), None, "{r}");
+    let relay6 = relayed_all(&r)[1];
+    let peer6 = UdpSocket::bind("[::1]:0").await.unwrap();
+    let p6 = peer6.local_addr().unwrap();
+    let r = c
+        .request(
+            METHOD_CHANNEL_BIND,
+            &[Attr::Channel(0x4002), Attr::Peer(p6)],
+        )
+        .await;
+    assert_eq!(code(&r), None, "{r}");
+    c.channel_data(0x4002, b"tcp-v6").await;
+    assert_eq!(peer_recv(&peer6).await, (b"tcp-v6".to_vec(), relay6));
+    peer6.send_to(b"tcp-back", relay6).await.unwrap();
+    assert!(client_channels(&mut c, &[(0x4002, b"tcp-back")]).await);
     g.svc.close().await;
 }

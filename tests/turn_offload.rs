@@ -124,7 +124,7 @@ async fn gateway(listen: SocketAddr, relay: IpAddr, peers: &str) -> Gateway {
     cfg.listeners
         .retain(|l| l.protocol == mediagate::config::TurnTransport::Udp);
     cfg.listeners[0].listen = listen;
-    cfg.relay.address = relay;
+    cfg.relay.address = relay.into();
     cfg.relay.offload = mediagate::config::Offload::Ebpf;
     cfg.listeners.push(mediagate::config::TurnListenerConfig {
         protocol: mediagate::config::TurnTransport::Tcp,

@@ -735,6 +735,7 @@ fn turn_defaults() {
     assert!(t.auth.users.is_empty());
     assert_eq!(t.relay, RelayConfig::default());
     assert_eq!(t.relay.address.to_string(), "0.0.0.0");
+    assert_eq!(t.relay.address.family(false), None);
     assert_eq!(
         t.relay.port_range,
         PortRange {
@@ -945,4 +946,45 @@ fn choices_take_snake_and_kebab_case() {
         load_ok(base).upstreams["u"].failback.as_str(),
         "new_sessions"
     );
+}
+
+#[test]
+fn turn_relay_address_takes_one_address_per_family() {
+    let c = load_ok(
+        "turn:\n  public_address: 1.2.3.4\n  listeners: [{ protocol: udp, listen: 0.0.0.0:3478 }]\n  auth: { type: ephemeral, secret: x }\n  relay: { address: [10.0.0.1, 'fd00::1'] }\n",
+    );
+    let a = c.turn.expect("turn section").relay.address;
+    assert_eq!(a.family(true), Some("10.0.0.1".parse().unwrap()));
+    assert_eq!(a.family(false), Some("fd00::1".parse().unwrap()));
+    assert_eq!(a.to_string(), "[10.0.0.1, fd00::1]");
+    let c = load_ok(
+        "turn:\n  public_address: 1.2.3.4\n  listeners: [{ protocol: udp, listen: 0.0.0.0:3478 }]\n  auth: { type: ephemeral, secret: x }\n  relay: { address: '::' }\n",
+    );
+    let a = c.turn.expect("turn section").relay.address;
+    assert_eq!((a.family(true), a.to_string().as_str()), (None, "::"));
+    for (list, why) in [
+        (
+            "[10.0.0.1, 10.0.0.2]",
+            "two IPv4 addresses (at most one per family)",
+        ),
+        (
+            "[]",
+            "expected an IP address or a list of one IPv4 and one IPv6 address",
+        ),
+        ("[10.0.0.1, nope]", "invalid IP address \"nope\""),
+    ] {
+        let text = format!(
+            "turn:\n  public_address: 1.2.3.4\n  listeners: []\n  auth: {{type: ephemeral, secret: x}}\n  relay: {{ address: {list} }}\n"
+        );
+        let errs: Vec<String> = match load(&text) {
+            Ok(_) => panic!("{list} must be refused"),
+            Err(e) => e.to_string().lines().map(str::to_string).collect(),
+        };
+        assert!(
+            errs.iter().any(|e| e.starts_with("t.yaml:5:")
+                && e.contains("turn.relay.address")
+                && e.contains(why)),
+            "{list}: {errs:?}"
+        );
+    }
 }

@@ -181,9 +181,10 @@ pub struct TurnUser {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
-    /// Where relay sockets bind. Default 0.0.0.0.
+    /// Where relay sockets bind: one address, or a list of at most one IPv4 and one IPv6
+    /// address (dual stack). Default 0.0.0.0.
     #[serde(default = "default_relay_address")]
-    pub address: IpAddr,
+    pub address: RelayAddresses,
     /// Default 49152-65535.
     #[serde(default = "default_port_range")]
     pub port_range: PortRange,
@@ -219,8 +220,129 @@ fn default_listener_buffer() -> usize {
     4 << 20
 }
 
-fn default_relay_address() -> IpAddr {
-    IpAddr::from([0, 0, 0, 0])
+fn default_relay_address() -> RelayAddresses {
+    RelayAddresses {
+        v4: Some(IpAddr::from([0, 0, 0, 0])),
+        v6: None,
+    }
+}
+
+/// `turn.relay.address`: where relay sockets bind, at most one address per family. An
+/// allocation's relayed address is of the family its Allocate asks for (RFC 8656
+/// REQUESTED-ADDRESS-FAMILY, IPv4 by default); a dual allocation (ADDITIONAL-ADDRESS-FAMILY)
+/// takes one of each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayAddresses {
+    /// The IPv4 relay address, if IPv4 is relayed.
+    pub v4: Option<IpAddr>,
+    /// The IPv6 relay address, if IPv6 is relayed.
+    pub v6: Option<IpAddr>,
+}
+
+impl RelayAddresses {
+    /// The relay address of a family (`ipv4`: IPv4, else IPv6), if configured.
+    pub fn family(&self, ipv4: bool) -> Option<IpAddr> {
+        if ipv4 { self.v4 } else { self.v6 }
+    }
+
+    /// The configured addresses, IPv4 first.
+    pub fn iter(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.v4.into_iter().chain(self.v6)
+    }
+
+    /// Builds from a list: one or two addresses, at most one per family.
+    pub fn from_list(ips: &[IpAddr]) -> Result<Self, String> {
+        let mut out = RelayAddresses { v4: None, v6: None };
+        if ips.is_empty() {
+            return Err("expected an IP address or a list of one IPv4 and one IPv6 address".into());
+        }
+        for ip in ips {
+            let slot = if ip.is_ipv4() {
+                &mut out.v4
+            } else {
+                &mut out.v6
+            };
+            if slot.is_some() {
+                return Err(format!(
+                    "two {} addresses (at most one per family)",
+                    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+                ));
+            }
+            *slot = Some(*ip);
+        }
+        Ok(out)
+    }
+}
+
+impl From<IpAddr> for RelayAddresses {
+    /// One address: its family only.
+    fn from(ip: IpAddr) -> Self {
+        RelayAddresses {
+            v4: Some(ip).filter(|ip| ip.is_ipv4()),
+            v6: Some(ip).filter(|ip| ip.is_ipv6()),
+        }
+    }
+}
+
+impl std::str::FromStr for RelayAddresses {
+    type Err = String;
+    /// One address, or one of each family separated by a comma.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let ips = s
+            .split(',')
+            .map(|t| {
+                t.trim()
+                    .parse::<IpAddr>()
+                    .map_err(|_| format!("invalid IP address {t:?}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        RelayAddresses::from_list(&ips)
+    }
+}
+
+impl std::fmt::Display for RelayAddresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let all: Vec<String> = self.iter().map(|ip| ip.to_string()).collect();
+        match all.as_slice() {
+            [one] => f.write_str(one),
+            _ => write!(f, "[{}]", all.join(", ")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RelayAddresses {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<String>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an IP address or a list of one IPv4 and one IPv6 address")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(vec![v.to_string()])
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                Ok(out)
+            }
+        }
+        let texts = d.deserialize_any(V)?;
+        let mut ips = Vec::new();
+        for t in &texts {
+            let ip: IpAddr = t
+                .trim()
+                .parse()
+                .map_err(|_| serde::de::Error::custom(format!("invalid IP address {t:?}")))?;
+            ips.push(ip);
+        }
+        RelayAddresses::from_list(&ips).map_err(serde::de::Error::custom)
+    }
 }
 fn default_port_range() -> PortRange {
     PortRange {

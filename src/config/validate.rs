@@ -698,21 +698,23 @@ impl Checker {
             }
             // Relay sockets are UDP and take ports from this range at run time.
             let r = &turn.relay;
-            bound.push(Bound {
-                path: "turn.relay.port_range".to_string(),
-                label: "turn.relay.port_range".to_string(),
-                protocol: Protocol::Udp,
-                addr: ListenAddr {
-                    ip: r.address,
-                    first_port: r.port_range.first,
-                    last_port: r.port_range.last,
-                },
-            });
+            for ip in r.address.iter() {
+                bound.push(Bound {
+                    path: "turn.relay.port_range".to_string(),
+                    label: "turn.relay.port_range".to_string(),
+                    protocol: Protocol::Udp,
+                    addr: ListenAddr {
+                        ip,
+                        first_port: r.port_range.first,
+                        last_port: r.port_range.last,
+                    },
+                });
+            }
         }
         for (j, b) in bound.iter().enumerate() {
             let clash = bound[..j]
                 .iter()
-                .find(|a| a.protocol == b.protocol && a.addr.overlaps(&b.addr));
+                .find(|a| a.protocol == b.protocol && a.path != b.path && a.addr.overlaps(&b.addr));
             if let Some(a) = clash {
                 self.push(
                     b.path.clone(),

@@ -120,11 +120,11 @@ impl DataPath {
         };
         let number = u16::from_be_bytes([pkt[0], pkt[1]]);
         let len = u16::from_be_bytes([pkt[2], pkt[3]]) as usize;
-        let Some(peer) = state.channel_peer(number) else {
+        let Some((relay, peer)) = state.channel(number) else {
             m.dropped(DropReason::NoPermission).inc();
             return;
         };
-        self.to_peer(state, &pkt[4..4 + len], peer);
+        self.to_peer(relay, &pkt[4..4 + len], peer);
     }
 
     /// Send indications without FINGERPRINT (checking one needs the full decoder: those
@@ -166,11 +166,16 @@ impl DataPath {
             m.dropped(DropReason::NoAllocation).inc();
             return true;
         };
-        if !state.has_permission(peer.ip()) {
+        // A dual allocation relays each family from its own relayed address; a peer of
+        // a family the allocation has no relay for has no permission.
+        let Some(relay) = state
+            .for_family(peer.is_ipv4())
+            .filter(|r| r.has_permission(peer.ip()))
+        else {
             m.dropped(DropReason::NoPermission).inc();
             return true;
-        }
-        self.to_peer(state, data, peer);
+        };
+        self.to_peer(relay, data, peer);
         true
     }
 

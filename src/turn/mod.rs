@@ -179,8 +179,13 @@ impl TurnService {
         let extra_ips: Vec<std::net::IpAddr> =
             cfg.public_address.parse().ok().into_iter().collect();
         policy.add_public_ips(extra_ips);
-        let bind_ip = cfg.relay.address;
-        let advertised = relay::advertised_ip(bind_ip);
+        let advertised: Vec<String> = cfg
+            .relay
+            .address
+            .iter()
+            .map(|ip| relay::advertised_ip(ip).to_string())
+            .collect();
+        let advertised = advertised.join(",");
         let cancel = CancellationToken::new();
         let bookkeeping = CancellationToken::new();
         // If a later listener fails to bind, stop what the earlier ones started.
@@ -203,8 +208,7 @@ impl TurnService {
             let relays = Arc::new(RelayFactory::new(
                 Arc::clone(&policy),
                 metrics.clone(),
-                bind_ip,
-                advertised,
+                cfg.relay.address,
                 cfg.relay.port_range,
                 cfg.relay.recv_buffer,
                 Arc::clone(&kdrops),

@@ -69,7 +69,7 @@ pub struct PeerPolicy {
     own_ports: ArcSwap<Vec<OwnPorts>>,
     /// TURN listeners, registered once bound (their ports may be 0 in the config).
     turn_ports: ArcSwap<Vec<OwnPorts>>,
-    relay_ports: OwnPorts,
+    relay_ports: Vec<OwnPorts>,
     upstream_ips: ArcSwap<HashSet<IpAddr>>,
     /// Advertised relayed addresses of live allocations (for `self`).
     own_relays: RwLock<HashSet<SocketAddr>>,
@@ -171,11 +171,15 @@ impl PeerPolicy {
                 }
             }
         }
-        let relay_ports = OwnPorts {
-            ip: canonical_ip(relay.address),
-            first: relay.port_range.first,
-            last: relay.port_range.last,
-        };
+        let relay_ports: Vec<OwnPorts> = relay
+            .address
+            .iter()
+            .map(|ip| OwnPorts {
+                ip: canonical_ip(ip),
+                first: relay.port_range.first,
+                last: relay.port_range.last,
+            })
+            .collect();
         let policy = PeerPolicy {
             upstreams_enabled,
             self_enabled,
@@ -195,7 +199,7 @@ impl PeerPolicy {
 
     /// Replaces the proxy listeners whose ports relays must not reach (call on reload).
     pub fn set_proxy_listeners(&self, listeners: &[ListenerConfig]) {
-        let mut v = vec![self.relay_ports];
+        let mut v = self.relay_ports.clone();
         v.extend(listeners.iter().map(|l| OwnPorts {
             ip: canonical_ip(l.listen.ip),
             first: l.listen.first_port,

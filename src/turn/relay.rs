@@ -78,6 +78,12 @@ pub(crate) struct RelayState {
     /// in it.
     kernel: Option<Arc<KernelChannels>>,
     installed: Mutex<HashMap<u16, Installed>>,
+    /// A dual allocation's relayed address of the other family (RFC 8656
+    /// ADDITIONAL-ADDRESS-FAMILY): its state, with its own permissions and channels.
+    additional: OnceLock<Arc<RelayState>>,
+    /// The additional relay's socket as created (its drop ends it): dropped when this
+    /// allocation ends.
+    additional_conn: Mutex<Option<Arc<dyn Conn + Send + Sync>>>,
 }
 
 impl std::fmt::Debug for RelayState {
@@ -100,6 +106,54 @@ impl Swept for RelayState {
 }
 
 impl RelayState {
+    /// Makes `state` (created by [`RelayGenerator`] for the other family) this
+    /// allocation's additional relayed address; it ends when this allocation does.
+    pub(crate) fn set_additional(&self, state: Arc<RelayState>, conn: Arc<dyn Conn + Send + Sync>) {
+        if self.additional.set(state).is_ok() {
+            *self
+                .additional_conn
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(conn);
+        }
+        if self.is_closed() {
+            self.end_additional();
+        }
+    }
+
+    /// The additional relayed address of a dual allocation, while it lives.
+    pub(crate) fn additional(&self) -> Option<&Arc<RelayState>> {
+        self.additional.get().filter(|a| !a.is_closed())
+    }
+
+    /// The relay of this allocation for peers of a family (`ipv4`: IPv4, else IPv6).
+    pub(crate) fn for_family(&self, ipv4: bool) -> Option<&RelayState> {
+        if self.advertised.is_ipv4() == ipv4 {
+            Some(self)
+        } else {
+            self.additional().map(|a| &**a)
+        }
+    }
+
+    /// The relay and peer of a live channel, whichever family the peer is.
+    pub(crate) fn channel(&self, number: u16) -> Option<(&RelayState, SocketAddr)> {
+        if let Some(p) = self.channel_peer(number) {
+            return Some((self, p));
+        }
+        let a = self.additional()?;
+        a.channel_peer(number).map(|p| (&**a, p))
+    }
+
+    /// Ends the additional relayed address (when the allocation ends, or a Refresh
+    /// deletes that family alone).
+    pub(crate) fn end_additional(&self) {
+        let conn = self
+            .additional_conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(conn);
+    }
+
     /// The relay socket (non-blocking; sends of the data path).
     pub(crate) fn socket(&self) -> &UdpSocket {
         &self.socket
@@ -236,8 +290,11 @@ struct Prebound {
 pub(crate) struct RelayFactory {
     pub(crate) policy: Arc<PeerPolicy>,
     metrics: TurnMetrics,
-    bind_ip: IpAddr,
-    advertised_ip: IpAddr,
+    /// Where IPv4 relay sockets bind and the address advertised for them, if IPv4 is
+    /// relayed.
+    v4: Option<(IpAddr, IpAddr)>,
+    /// The same for IPv6.
+    v6: Option<(IpAddr, IpAddr)>,
     range: PortRange,
     /// `turn.relay.recv_buffer` (0: the OS default).
     recv_buffer: usize,
@@ -250,7 +307,8 @@ pub(crate) struct RelayFactory {
     /// The state of the relay socket created by the last `allocate_conn`: the listener
     /// loop handles one Allocate at a time, so it picks up its own socket here.
     last_created: Mutex<Option<Arc<RelayState>>>,
-    prebound: Mutex<HashMap<u16, Prebound>>,
+    /// Sockets bound in advance, by family (true: IPv4) and port.
+    prebound: Mutex<HashMap<(bool, u16), Prebound>>,
 }
 
 impl RelayFactory {
@@ -258,8 +316,7 @@ impl RelayFactory {
     pub(crate) fn new(
         policy: Arc<PeerPolicy>,
         metrics: TurnMetrics,
-        bind_ip: IpAddr,
-        advertised_ip: IpAddr,
+        addresses: crate::config::RelayAddresses,
         range: PortRange,
         recv_buffer: usize,
         kdrops: Arc<KernelDrops>,
@@ -271,8 +328,8 @@ impl RelayFactory {
             kernel,
             policy,
             metrics,
-            bind_ip,
-            advertised_ip,
+            v4: addresses.v4.map(|ip| (ip, advertised_ip(ip))),
+            v6: addresses.v6.map(|ip| (ip, advertised_ip(ip))),
             range,
             recv_buffer,
             kdrops,
@@ -293,9 +350,14 @@ impl RelayFactory {
         &self.error_log
     }
 
-    /// Whether relay sockets are IPv4 (else IPv6).
-    pub(crate) fn is_ipv4(&self) -> bool {
-        self.bind_ip.is_ipv4()
+    /// Whether relayed addresses of a family (`ipv4`: IPv4, else IPv6) are served.
+    pub(crate) fn serves(&self, ipv4: bool) -> bool {
+        self.family(ipv4).is_some()
+    }
+
+    /// The bind and advertised address of a family, if it is served.
+    fn family(&self, ipv4: bool) -> Option<(IpAddr, IpAddr)> {
+        if ipv4 { self.v4 } else { self.v6 }
     }
 
     /// The relay socket state created by the most recent allocation, if any.
@@ -316,13 +378,20 @@ impl RelayFactory {
         p.min(last as u32) as u16
     }
 
-    async fn bind(&self, port: u16) -> std::io::Result<UdpSocket> {
-        let addr = SocketAddr::new(self.bind_ip, port);
+    async fn bind(&self, port: u16, ipv4: bool) -> std::io::Result<UdpSocket> {
+        let Some((ip, _)) = self.family(ipv4) else {
+            return Err(std::io::Error::other("relay address family not served"));
+        };
+        let addr = SocketAddr::new(ip, port);
         let s = socket2::Socket::new(
             socket2::Domain::for_address(addr),
             socket2::Type::DGRAM,
             Some(socket2::Protocol::UDP),
         )?;
+        if addr.is_ipv6() {
+            // IPv6 relays are IPv6 only: the IPv4 family has its own sockets and ports.
+            s.set_only_v6(true)?;
+        }
         if self.recv_buffer > 0 {
             // Best effort: the kernel caps it at net.core.rmem_max.
             let _ = s.set_recv_buffer_size(self.recv_buffer);
@@ -339,17 +408,18 @@ impl RelayFactory {
         &self,
         reserve_next: bool,
         owner: &str,
+        ipv4: bool,
     ) -> Option<(u16, Option<[u8; 8]>)> {
         for _ in 0..BIND_ATTEMPTS {
             let port = self.random_port(true);
             if port % 2 == 1 || (reserve_next && port == u16::MAX) {
                 continue;
             }
-            let Ok(even) = self.bind(port).await else {
+            let Ok(even) = self.bind(port, ipv4).await else {
                 continue;
             };
             let odd = if reserve_next {
-                match self.bind(port + 1).await {
+                match self.bind(port + 1, ipv4).await {
                     Ok(s) => Some(s),
                     Err(_) => continue,
                 }
@@ -359,7 +429,7 @@ impl RelayFactory {
             let expires = Instant::now() + RESERVATION_LIFETIME;
             let mut map = self.prebound.lock().unwrap_or_else(|e| e.into_inner());
             map.insert(
-                port,
+                (ipv4, port),
                 Prebound {
                     socket: even,
                     token: None,
@@ -370,7 +440,7 @@ impl RelayFactory {
             let token = odd.map(|socket| {
                 let token: [u8; 8] = rand::random();
                 map.insert(
-                    port + 1,
+                    (ipv4, port + 1),
                     Prebound {
                         socket,
                         token: Some(token),
@@ -390,7 +460,7 @@ impl RelayFactory {
     pub(crate) fn take_expired(&self) -> Vec<String> {
         let now = Instant::now();
         let mut map = self.prebound.lock().unwrap_or_else(|e| e.into_inner());
-        let expired: Vec<u16> = map
+        let expired: Vec<(bool, u16)> = map
             .iter()
             .filter(|(_, p)| p.expires <= now)
             .map(|(port, _)| *port)
@@ -402,9 +472,9 @@ impl RelayFactory {
     }
 
     fn find_token<'a>(
-        map: &'a HashMap<u16, Prebound>,
+        map: &'a HashMap<(bool, u16), Prebound>,
         token: &[u8],
-    ) -> Option<(u16, &'a Prebound)> {
+    ) -> Option<((bool, u16), &'a Prebound)> {
         let now = Instant::now();
         map.iter()
             .find(|(_, p)| {
@@ -420,37 +490,37 @@ impl RelayFactory {
     }
 
     /// RESERVATION-TOKEN: turns the reservation into the socket of the Allocate in
-    /// progress; returns its port and former owner.
-    pub(crate) fn take_reservation(&self, token: &[u8]) -> Option<(u16, String)> {
+    /// progress; returns its port, former owner and family (true: IPv4).
+    pub(crate) fn take_reservation(&self, token: &[u8]) -> Option<(u16, String, bool)> {
         let mut map = self.prebound.lock().unwrap_or_else(|e| e.into_inner());
-        let (port, _) = Self::find_token(&map, token)?;
-        let p = map.get_mut(&port)?;
+        let (key, _) = Self::find_token(&map, token)?;
+        let p = map.get_mut(&key)?;
         p.token = None;
         let owner = p.owner.take()?;
-        Some((port, owner))
+        Some((key.1, owner, key.0))
     }
 
     /// Drops a socket bound in advance that will not be used; returns the owner when it
     /// was a reservation.
-    pub(crate) fn release_prebound(&self, port: u16) -> Option<String> {
+    pub(crate) fn release_prebound(&self, port: u16, ipv4: bool) -> Option<String> {
         let mut map = self.prebound.lock().unwrap_or_else(|e| e.into_inner());
-        map.remove(&port).and_then(|p| p.owner)
+        map.remove(&(ipv4, port)).and_then(|p| p.owner)
     }
 
-    async fn socket_for(&self, requested_port: u16) -> std::io::Result<UdpSocket> {
+    async fn socket_for(&self, requested_port: u16, ipv4: bool) -> std::io::Result<UdpSocket> {
         if requested_port != 0 {
             let pre = {
                 let mut map = self.prebound.lock().unwrap_or_else(|e| e.into_inner());
-                map.remove(&requested_port)
+                map.remove(&(ipv4, requested_port))
             };
             return match pre {
                 Some(p) => Ok(p.socket),
-                None => self.bind(requested_port).await,
+                None => self.bind(requested_port, ipv4).await,
             };
         }
         let mut last_err = None;
         for _ in 0..BIND_ATTEMPTS {
-            match self.bind(self.random_port(false)).await {
+            match self.bind(self.random_port(false), ipv4).await {
                 Ok(s) => return Ok(s),
                 Err(e) => last_err = Some(e),
             }
@@ -474,22 +544,24 @@ impl turn::relay::RelayAddressGenerator for RelayGenerator {
         requested_port: u16,
     ) -> Result<(Arc<dyn Conn + Send + Sync>, SocketAddr), turn::Error> {
         let f = &self.0;
-        if use_ipv4 != f.is_ipv4() {
+        let Some((_, advertised_ip)) = f.family(use_ipv4) else {
             return Err(turn::Error::Other(
                 "relay address family not available".into(),
             ));
-        }
+        };
         let socket = f
-            .socket_for(requested_port)
+            .socket_for(requested_port, use_ipv4)
             .await
             .map_err(|e| turn::Error::Other(format!("relay socket: {e}")))?;
         let port = socket
             .local_addr()
             .map_err(|e| turn::Error::Other(format!("relay socket: {e}")))?
             .port();
-        let advertised = SocketAddr::new(f.advertised_ip, port);
+        let advertised = SocketAddr::new(advertised_ip, port);
         let socket = Arc::new(socket);
         f.kdrops.watch(&*socket, super::kdrops::Kind::Relay);
+        // The kernel fast path is IPv4 only: IPv6 relays stay in user space.
+        let kernel = f.kernel.clone().filter(|_| use_ipv4);
         let state = Arc::new(RelayState {
             advertised,
             permissions: Mutex::new(HashMap::new()),
@@ -498,10 +570,12 @@ impl turn::relay::RelayAddressGenerator for RelayGenerator {
             client: OnceLock::new(),
             closed: AtomicBool::new(false),
             stop: CancellationToken::new(),
-            kernel: f.kernel.clone(),
+            kernel: kernel.clone(),
             installed: Mutex::new(HashMap::new()),
+            additional: OnceLock::new(),
+            additional_conn: Mutex::new(None),
         });
-        if let Some(k) = &f.kernel {
+        if let Some(k) = &kernel {
             k.register(Arc::downgrade(&state) as std::sync::Weak<dyn Swept>);
         }
         f.policy.register_relay(advertised);
@@ -529,6 +603,7 @@ impl RelayConn {
             self.state.sync_kernel();
             self.factory.policy.unregister_relay(self.state.advertised);
             self.factory.kdrops.unwatch(&*self.socket);
+            self.state.end_additional();
         }
     }
 }

@@ -3,6 +3,13 @@
 //! peer policy; and Send indications that the data path left to the control path. The
 //! allocation machinery is the `turn` crate's; the service mirrors what the data path
 //! needs (the client end, permissions and channels) into the allocation's `RelayState`.
+//!
+//! Dual stack (`turn.relay.address` with one address per family): REQUESTED-ADDRESS-FAMILY
+//! picks the family the crate allocates in (440 when it has no relay address);
+//! ADDITIONAL-ADDRESS-FAMILY adds an IPv6 relay socket made by the same generator but kept
+//! out of the crate, hung on the allocation's `RelayState` (it ends with it, or alone on a
+//! Refresh 0 for IPv6) and counted as a second quota unit. Permissions and channels go to
+//! the relay of the peer's family; a family without one is 443.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,13 +26,36 @@ use turn::proto::relayaddr::RelayedAddress;
 use turn::proto::rsrvtoken::ReservationToken;
 
 use super::auth::AuthFailure;
-use super::relay::{ClientEnd, RelayState};
+use super::metrics::DropReason;
+use super::relay::{ClientEnd, RelayGenerator, RelayState};
 use super::server::{
     Authed, CHANNEL_BIND_LIFETIME, DEFAULT_LIFETIME, Listener, MAX_LIFETIME, requested_lifetime,
 };
 use super::shared::loggable;
 use super::table::{AllocMeta, Refusal};
 use super::wire;
+use turn::relay::RelayAddressGenerator;
+
+/// RFC 8656 §18.11: ADDITIONAL-ADDRESS-FAMILY (comprehension-optional).
+const ATTR_ADDITIONAL_ADDRESS_FAMILY: AttrType = AttrType(0x8000);
+/// RFC 8656 §18.12: ADDRESS-ERROR-CODE (comprehension-optional).
+const ATTR_ADDRESS_ERROR_CODE: AttrType = AttrType(0x8001);
+
+/// ADDRESS-ERROR-CODE: why the IPv6 half of a dual allocation was not created.
+struct AddressErrorCode {
+    code: u16,
+    reason: &'static str,
+}
+
+impl Setter for AddressErrorCode {
+    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
+        // Family (IPv6), reserved, class, number, reason phrase.
+        let mut v = vec![0x02, 0, (self.code / 100) as u8, (self.code % 100) as u8];
+        v.extend_from_slice(self.reason.as_bytes());
+        m.add(ATTR_ADDRESS_ERROR_CODE, &v);
+        Ok(())
+    }
+}
 
 /// Channel numbers clients may bind (RFC 5766 range; RFC 8656 narrows it to 0x4FFF but
 /// coturn clients pick from the whole range).
@@ -104,15 +134,25 @@ impl Listener {
         let token = m.get(ATTR_RESERVATION_TOKEN).ok();
         let even = m.get(ATTR_EVEN_PORT).ok();
         let family = m.get(ATTR_REQUESTED_ADDRESS_FAMILY).ok();
-        if token.is_some() && (even.is_some() || family.is_some()) {
+        let additional = m.get(ATTR_ADDITIONAL_ADDRESS_FAMILY).ok();
+        if token.is_some() && (even.is_some() || family.is_some() || additional.is_some())
+            || family.is_some() && additional.is_some()
+        {
             return self.fail(m, src, 400, "Bad Request", k).await;
         }
+        // RFC 8656 §7.2: ADDITIONAL-ADDRESS-FAMILY asks for an IPv6 relayed address beside
+        // the IPv4 one; any other value is a bad request.
+        let want_dual = match additional.as_deref() {
+            None => false,
+            Some([2, 0, 0, 0]) => true,
+            Some(_) => return self.fail(m, src, 400, "Bad Request", k).await,
+        };
         if even.as_ref().is_some_and(|e| e.len() != 1)
             || token.as_ref().is_some_and(|t| t.len() != 8)
         {
             return self.fail(m, src, 400, "Bad Request", k).await;
         }
-        let want_ipv4 = match family.as_deref() {
+        let mut want_ipv4 = match family.as_deref() {
             None => true,
             Some([1, 0, 0, 0]) => true,
             Some([2, 0, 0, 0]) => false,
@@ -122,11 +162,15 @@ impl Listener {
                     .await;
             }
         };
-        if want_ipv4 != self.relays.is_ipv4() {
+        if token.is_none() && !self.relays.serves(want_ipv4) {
             return self
                 .fail(m, src, 440, "Address Family not Supported", k)
                 .await;
         }
+        // Without an IPv6 relay address the allocation is IPv4 only, and the response
+        // says why (ADDRESS-ERROR-CODE 440).
+        let dual = want_dual && self.relays.serves(false);
+        let units = 1 + usize::from(dual);
         let user = auth.username.as_str();
         // Quota units: one for the allocation, one more for an EVEN-PORT reservation.
         let mut reservation = None;
@@ -139,8 +183,9 @@ impl Listener {
                 return self.refuse(m, src, user, r, k).await;
             }
             match self.relays.take_reservation(t) {
-                Some((port, owner)) => {
+                Some((port, owner, ipv4)) => {
                     self.core.allocs.reservation_used(&owner, by_owner);
+                    want_ipv4 = ipv4;
                     port
                 }
                 None => {
@@ -151,17 +196,21 @@ impl Listener {
                 }
             }
         } else {
-            if let Err(r) = self.core.allocs.reserve(user) {
+            if let Err(r) = self.core.allocs.reserve_n(user, units) {
                 return self.refuse(m, src, user, r, k).await;
             }
             match &even {
                 Some(e) => {
                     let reserve_next = e[0] & 0x80 != 0;
                     if reserve_next && let Err(r) = self.core.allocs.reserve(user) {
-                        self.core.allocs.unreserve(user);
+                        self.core.allocs.unreserve_n(user, units);
                         return self.refuse(m, src, user, r, k).await;
                     }
-                    match self.relays.prebind_even(reserve_next, user).await {
+                    match self
+                        .relays
+                        .prebind_even(reserve_next, user, want_ipv4)
+                        .await
+                    {
                         Some((p, tok)) => {
                             if tok.is_some() {
                                 self.core.allocs.reservation_added();
@@ -170,7 +219,7 @@ impl Listener {
                             p
                         }
                         None => {
-                            self.core.allocs.unreserve(user);
+                            self.core.allocs.unreserve_n(user, units);
                             if reserve_next {
                                 self.core.allocs.unreserve(user);
                             }
@@ -200,12 +249,12 @@ impl Listener {
         let relay = match (created, relay) {
             (Ok(_), Some(relay)) => relay,
             (result, _) => {
-                self.core.allocs.unreserve(&auth.username);
+                self.core.allocs.unreserve_n(&auth.username, units);
                 if requested_port != 0 {
-                    self.relays.release_prebound(requested_port);
+                    self.relays.release_prebound(requested_port, want_ipv4);
                 }
                 if reservation.is_some()
-                    && let Some(owner) = self.relays.release_prebound(requested_port + 1)
+                    && let Some(owner) = self.relays.release_prebound(requested_port + 1, want_ipv4)
                 {
                     self.core.allocs.reservation_released(&owner);
                 }
@@ -217,19 +266,58 @@ impl Listener {
                 return self.fail(m, src, 508, "Insufficient Capacity", k).await;
             }
         };
+        // The IPv6 half of a dual allocation: a relay socket of its own, outside the
+        // crate, ending with the allocation. Without one the allocation stays IPv4 only.
+        let address_error = if dual {
+            let extra = RelayGenerator(Arc::clone(&self.relays))
+                .allocate_conn(false, 0)
+                .await;
+            match (extra, self.relays.take_last_created()) {
+                (Ok((conn, _)), Some(state)) => {
+                    relay.set_additional(state, conn);
+                    None
+                }
+                (result, _) => {
+                    self.core.allocs.unreserve(&auth.username);
+                    if let Err(e) = result
+                        && self.core.misc_log.allow()
+                    {
+                        tracing::warn!(client = %src, error = %e, "TURN: IPv6 relay of a dual allocation failed");
+                    }
+                    Some(AddressErrorCode {
+                        code: 508,
+                        reason: "Insufficient Capacity",
+                    })
+                }
+            }
+        } else if want_dual {
+            Some(AddressErrorCode {
+                code: 440,
+                reason: "Address Family not Supported",
+            })
+        } else {
+            None
+        };
         // Setters are not `Send`: build the response in a block that ends before any await.
         let response = {
-            let mut attrs: Vec<Box<dyn Setter>> = vec![
-                Box::new(RelayedAddress {
-                    ip: relay.advertised.ip(),
-                    port: relay.advertised.port(),
-                }),
-                Box::new(Lifetime(lifetime)),
-                Box::new(XorMappedAddress {
-                    ip: src.ip(),
-                    port: src.port(),
-                }),
-            ];
+            let mut attrs: Vec<Box<dyn Setter>> = vec![Box::new(RelayedAddress {
+                ip: relay.advertised.ip(),
+                port: relay.advertised.port(),
+            })];
+            if let Some(a) = relay.additional() {
+                attrs.push(Box::new(RelayedAddress {
+                    ip: a.advertised.ip(),
+                    port: a.advertised.port(),
+                }));
+            }
+            if let Some(e) = address_error {
+                attrs.push(Box::new(e));
+            }
+            attrs.push(Box::new(Lifetime(lifetime)));
+            attrs.push(Box::new(XorMappedAddress {
+                ip: src.ip(),
+                port: src.port(),
+            }));
             if let Some(t) = reservation {
                 attrs.push(Box::new(ReservationToken(t.to_vec())));
             }
@@ -242,6 +330,7 @@ impl Listener {
                 transport = %self.protocol,
                 username = ?loggable(&auth.username),
                 relay = %relay.advertised,
+                additional = ?relay.additional().map(|a| a.advertised),
                 lifetime_s = lifetime.as_secs(),
                 "TURN allocation created"
             );
@@ -253,6 +342,17 @@ impl Listener {
             .as_ref()
             .and_then(|t| t.connection_sink(src))
             .unwrap_or_else(|| Arc::clone(&self.sink));
+        if let Some(a) = relay.additional() {
+            super::peer_reader::start(
+                &self.relays,
+                a,
+                ClientEnd {
+                    addr: src,
+                    sink: Arc::clone(&sink),
+                    udp_listen,
+                },
+            );
+        }
         super::peer_reader::start(
             &self.relays,
             &relay,
@@ -262,6 +362,7 @@ impl Listener {
                 udp_listen,
             },
         );
+        let units = 1 + usize::from(relay.additional().is_some());
         self.core.allocs.commit(
             key,
             AllocMeta {
@@ -269,6 +370,7 @@ impl Listener {
                 relay,
                 txid: m.transaction_id,
                 response: response.clone(),
+                units,
             },
         );
         self.core.metrics.allocations_created.inc();
@@ -314,17 +416,31 @@ impl Listener {
             return;
         };
         let k = auth.key.as_slice();
-        if let Ok(v) = m.get(ATTR_REQUESTED_ADDRESS_FAMILY) {
-            let ipv4 = v.first() == Some(&1);
-            if ipv4 != relay.advertised.is_ipv4() {
-                return self
-                    .fail(m, src, 443, "Peer Address Family Mismatch", k)
-                    .await;
-            }
+        let family = m
+            .get(ATTR_REQUESTED_ADDRESS_FAMILY)
+            .ok()
+            .map(|v| v.first() == Some(&1));
+        if let Some(ipv4) = family
+            && relay.for_family(ipv4).is_none()
+        {
+            return self
+                .fail(m, src, 443, "Peer Address Family Mismatch", k)
+                .await;
         }
         let lifetime = requested_lifetime(m).map_or(DEFAULT_LIFETIME, |l| l.min(MAX_LIFETIME));
         let lifetime = Duration::from_secs(lifetime.into());
-        if lifetime.is_zero() {
+        let additional_alone = family == Some(false) && relay.advertised.is_ipv4();
+        if lifetime.is_zero() && additional_alone {
+            // RFC 8656 §7.3: the IPv6 relayed address of a dual allocation alone ends;
+            // its quota unit is given back.
+            relay.end_additional();
+            self.core
+                .allocs
+                .release_additional(&(self.idx, self.five_tuple(src)));
+            if self.core.alloc_log.allow() {
+                tracing::debug!(client = %src, relay = %relay.advertised, "TURN: IPv6 relayed address of a dual allocation deleted by the client");
+            }
+        } else if lifetime.is_zero() {
             drop(alloc);
             let ft = self.five_tuple(src);
             self.manager.delete_allocation(&ft).await;
@@ -352,7 +468,7 @@ impl Listener {
         };
         if peers
             .iter()
-            .any(|p| p.is_ipv4() != relay.advertised.is_ipv4())
+            .any(|p| relay.for_family(p.is_ipv4()).is_none())
         {
             return self
                 .fail(m, src, 443, "Peer Address Family Mismatch", k)
@@ -369,7 +485,9 @@ impl Listener {
         }
         for p in peers {
             alloc.add_permission(Permission::new(p)).await;
-            relay.permit(p.ip());
+            if let Some(r) = relay.for_family(p.is_ipv4()) {
+                r.permit(p.ip());
+            }
         }
         self.reply(m, src, CLASS_SUCCESS_RESPONSE, vec![], Some(k))
             .await;
@@ -392,7 +510,7 @@ impl Listener {
         if !CHANNEL_RANGE.contains(&number) {
             return self.fail(m, src, 400, "Bad Request", k).await;
         }
-        if peer.is_ipv4() != relay.advertised.is_ipv4() {
+        if relay.for_family(peer.is_ipv4()).is_none() {
             return self
                 .fail(m, src, 443, "Peer Address Family Mismatch", k)
                 .await;
@@ -411,7 +529,9 @@ impl Listener {
             // The channel is bound to another peer, or the peer to another channel.
             return self.fail(m, src, 400, "Bad Request", k).await;
         }
-        relay.bind_channel(number, peer);
+        if let Some(r) = relay.for_family(peer.is_ipv4()) {
+            r.bind_channel(number, peer);
+        }
         self.reply(m, src, CLASS_SUCCESS_RESPONSE, vec![], Some(k))
             .await;
     }
@@ -429,6 +549,38 @@ impl Listener {
                 .map(|(u, _)| u)
                 .unwrap_or_default();
             self.refused(src, &user, &[peer], "Send");
+            return;
+        }
+        let state = self
+            .core
+            .allocs
+            .lookup(&(self.idx, self.five_tuple(src)))
+            .map(|(_, s)| s);
+        if let Some(state) = state
+            && peer.is_ipv4() != state.advertised.is_ipv4()
+        {
+            // The other family: the additional relay of a dual allocation, which the
+            // crate does not know; else no relay for this peer (dropped, RFC 8656 §10.2).
+            let metrics = &self.core.metrics;
+            let data = wire::attributes(pkt)
+                .find(|(t, _)| *t == ATTR_DATA.value())
+                .map(|(_, v)| v);
+            match (state.for_family(peer.is_ipv4()), data) {
+                (Some(r), Some(data)) if r.has_permission(peer.ip()) => {
+                    match r.socket().send_to(data, peer) {
+                        Ok(n) => {
+                            metrics.packets_to_peer.inc();
+                            metrics.bytes_to_peer.inc_by(n as u64);
+                        }
+                        Err(_) => {
+                            metrics.dropped(DropReason::SendError).inc();
+                        }
+                    }
+                }
+                _ => {
+                    metrics.dropped(DropReason::NoPermission).inc();
+                }
+            }
             return;
         }
         self.to_crate(pkt, src).await;

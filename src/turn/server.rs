@@ -13,7 +13,9 @@
 //!   401 (the crate answers 400) and are counted;
 //! - Allocate (RFC 8656 §7.2): per-user quota (486) and global cap (508) with
 //!   reservations counted (`table`), lifetime clamped to 600..3600 s, EVEN-PORT /
-//!   RESERVATION-TOKEN, REQUESTED-ADDRESS-FAMILY, idempotent retransmissions;
+//!   RESERVATION-TOKEN, REQUESTED-ADDRESS-FAMILY, ADDITIONAL-ADDRESS-FAMILY (a dual
+//!   allocation: its IPv6 relay socket is the service's own, beside the crate's IPv4
+//!   one, see `requests`), idempotent retransmissions;
 //! - Refresh (§7.3): lifetime 0 deletes, 437 without an allocation, 441 for other
 //!   credentials;
 //! - CreatePermission / ChannelBind (§9, §11): the peer policy answers 403 (counted;

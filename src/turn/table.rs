@@ -1,7 +1,8 @@
 //! The allocation table shared by every listener of the TURN service, and the quota
 //! accounting on it.
 //!
-//! A quota unit is one allocation (being created or live) or one EVEN-PORT reservation.
+//! A quota unit is one relayed address of an allocation (being created or live: a dual
+//! allocation holds two) or one EVEN-PORT reservation.
 //! Each username may hold `turn.quota.allocations_per_user` units (486 beyond), all users
 //! together the effective `turn.quota.max_allocations` (508 beyond). A reservation's unit
 //! belongs to the user who asked for it until a RESERVATION-TOKEN Allocate takes the port
@@ -17,6 +18,11 @@ use turn::allocation::five_tuple::FiveTuple;
 use super::metrics::TurnMetrics;
 use super::relay::RelayState;
 
+/// Quota units an allocation holds: one per relayed address (two for a dual allocation).
+fn units_of(meta: &AllocMeta) -> usize {
+    meta.units
+}
+
 /// What the service remembers about one allocation.
 pub(crate) struct AllocMeta {
     pub(crate) username: String,
@@ -24,6 +30,8 @@ pub(crate) struct AllocMeta {
     /// The Allocate's transaction, to answer retransmissions with `response`.
     pub(crate) txid: TransactionId,
     pub(crate) response: Vec<u8>,
+    /// Quota units held: one per live relayed address.
+    pub(crate) units: usize,
 }
 
 /// Allocations of all listeners, with per-user counts for the quota.
@@ -109,6 +117,29 @@ impl Allocations {
         self.table().release_user(user);
     }
 
+    /// Takes `n` quota units for `user` at once (a dual allocation takes two), or none.
+    pub(crate) fn reserve_n(&self, user: &str, n: usize) -> Result<(), Refusal> {
+        let mut t = self.table();
+        let held = t.per_user.get(user).copied().unwrap_or(0);
+        if self.quota > 0 && held + n > self.quota {
+            return Err(Refusal::Quota);
+        }
+        if t.units + n > self.max_units {
+            return Err(Refusal::Capacity);
+        }
+        *t.per_user.entry(user.to_string()).or_insert(0) += n;
+        t.units += n;
+        Ok(())
+    }
+
+    /// Gives back `n` units taken with [`Allocations::reserve_n`].
+    pub(crate) fn unreserve_n(&self, user: &str, n: usize) {
+        let mut t = self.table();
+        for _ in 0..n {
+            t.release_user(user);
+        }
+    }
+
     /// A unit taken with `reserve` now holds an EVEN-PORT reservation.
     pub(crate) fn reservation_added(&self) {
         let mut t = self.table();
@@ -139,11 +170,25 @@ impl Allocations {
         let mut t = self.table();
         if let Some(old) = t.allocs.insert(key, meta) {
             // A stale entry whose close notification has not arrived yet.
-            t.release_user(&old.username);
+            for _ in 0..units_of(&old) {
+                t.release_user(&old.username);
+            }
             t.total = t.total.saturating_sub(1);
         }
         t.total += 1;
         self.metrics.allocations.set(t.total as i64);
+    }
+
+    /// The additional relayed address of a dual allocation was deleted: its unit is given
+    /// back.
+    pub(crate) fn release_additional(&self, key: &(usize, FiveTuple)) {
+        let mut t = self.table();
+        let Some(meta) = t.allocs.get_mut(key).filter(|m| m.units > 1) else {
+            return;
+        };
+        meta.units -= 1;
+        let user = meta.username.clone();
+        t.release_user(&user);
     }
 
     /// Forgets an allocation; with `relay`, only if it is still that allocation.
@@ -155,7 +200,9 @@ impl Allocations {
             (None, _) => false,
         };
         if matches && let Some(meta) = t.allocs.remove(key) {
-            t.release_user(&meta.username);
+            for _ in 0..units_of(&meta) {
+                t.release_user(&meta.username);
+            }
             t.total = t.total.saturating_sub(1);
             self.metrics.allocations.set(t.total as i64);
         }

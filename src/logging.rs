@@ -72,7 +72,12 @@ pub fn init(cfg: &LogConfig) {
             .with(filter)
             // Flat: `message`, `level`, `target` and every field at the top level, the
             // shape Loki, Elasticsearch and Cloud Logging expect (not nested in `fields`).
-            .with(fmt.json().flatten_event(true).with_current_span(false).with_span_list(false))
+            .with(
+                fmt.json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false),
+            )
             .try_init(),
         LogFormat::Text => tracing_subscriber::registry()
             .with(filter)

@@ -1,15 +1,19 @@
 //! The kernel fast path (`listeners[].offload: ebpf`) for IPv6 sessions, through the
 //! real binary as root on IPv6 loopback (`::1`): an IPv6 listener's flows are forwarded
 //! by the kernel (`mg_flows6`) and still counted, and a failover moves them to the backup,
-//! where they are offloaded again. A v6 client of a v4 server stays in user space.
-//! (The IPv4 cases: `tests/udp_offload.rs`.)
+//! where they are offloaded again; across veth links to network namespaces, with
+//! checksum offload off so the receivers verify the UDP checksums the program rewrote.
+//! A v6 client of a v4 server stays in user space. (The IPv4 cases:
+//! `tests/udp_offload.rs`.)
 
 mod common;
 
+use common::netns::{VethHost, sh};
 use common::*;
 use mediagate::flows::Flows;
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
 
 fn config(listen: SocketAddr, admin: u16, primary: SocketAddr, backup: SocketAddr) -> String {
     format!(
@@ -167,4 +171,103 @@ async fn ipv6_client_of_an_ipv4_server_stays_in_user_space() {
     assert_eq!(sample(&m, OFF_TO_SERVER), 0.0, "{}", offload_lines(&m));
     assert!(sample(&m, PKT_TO_SERVER) >= 300.0, "{}", offload_lines(&m));
     flows.finish(Duration::from_millis(100)).await;
+}
+
+/// `VethHost` with IPv6 on its link (`fd00:238:IDX::1` outside, `::2` inside, no DAD)
+/// and transmit checksum offload off inside, so the datagrams it sends carry a full
+/// checksum and the ones it receives are verified in software.
+fn v6_host(idx: u8) -> (VethHost, std::net::Ipv6Addr, std::net::Ipv6Addr) {
+    let h = VethHost::create("mg-v6o", "mg6o", 238, idx);
+    let (out, inside) = (format!("fd00:238:{idx}::1"), format!("fd00:238:{idx}::2"));
+    sh(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{out}/64"),
+        "dev",
+        &h.host_dev,
+        "nodad",
+    ]);
+    h.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{inside}/64"),
+        "dev",
+        &h.ns_dev,
+        "nodad",
+    ]);
+    h.exec(&["ethtool", "-K", &h.ns_dev, "tx", "off"]);
+    (h, out.parse().unwrap(), inside.parse().unwrap())
+}
+
+/// A UDP socket bound inside `ns`.
+fn socket_in(ns: &str, addr: SocketAddr) -> UdpSocket {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("open netns");
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        UdpSocket::bind(addr).expect("bind in netns")
+    })
+    .join()
+    .expect("netns thread")
+}
+
+#[test]
+fn ipv6_flows_between_namespaces_keep_valid_checksums() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "the fast path needs root (CAP_BPF, CAP_NET_ADMIN)"
+    );
+    // Client in namespace 1, primary in 2, backup in 3; mediagate in the root namespace
+    // (its devices exist before it starts, so the program is attached to them).
+    let (client, listen_ip, client_ip) = v6_host(1);
+    let (primary, _, primary_ip) = v6_host(2);
+    let (backup, _, backup_ip) = v6_host(3);
+    let primary_addr = SocketAddr::from((primary_ip, 7000));
+    let backup_addr = SocketAddr::from((backup_ip, 7000));
+    let _p = worker("udp-echo", "primary", primary_addr, Some(&primary.ns));
+    let _b = worker("udp-echo", "backup", backup_addr, Some(&backup.ns));
+    let (listen, admin) = (
+        SocketAddr::from((listen_ip, free_udp_port())),
+        free_tcp_port(),
+    );
+    let b = Balancer::start(&config(listen, admin, primary_addr, backup_addr), admin);
+
+    let sock = socket_in(&client.ns, SocketAddr::from((client_ip, 0)));
+    sock.connect(listen).expect("connect");
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    // One datagram at a time, each answered before the next (bounded: 600 rounds,
+    // 30 s): a datagram whose rewritten checksum were wrong would be dropped by the
+    // receiver and its round would time out.
+    let (mut answered, mut buf) = (0u32, [0u8; 256]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..600u32 {
+        if Instant::now() > deadline {
+            break;
+        }
+        sock.send(format!("ping {i:060}").as_bytes()).expect("send");
+        if sock.recv(&mut buf).is_ok() {
+            answered += 1;
+        }
+    }
+    let m = b.metrics();
+    eprintln!(
+        "{answered}/600 answered; to server {} counted, {} offloaded; to client {} counted, {} offloaded",
+        sample(&m, PKT_TO_SERVER),
+        sample(&m, OFF_TO_SERVER),
+        sample(&m, PKT_TO_CLIENT),
+        sample(&m, OFF_TO_CLIENT)
+    );
+    assert!(
+        answered >= 598,
+        "{answered}/600 answered\n{}",
+        offload_lines(&m)
+    );
+    assert!(sample(&m, OFF_TO_SERVER) >= 590.0, "{}", offload_lines(&m));
+    assert!(sample(&m, OFF_TO_CLIENT) >= 590.0, "{}", offload_lines(&m));
+    drop(client);
 }

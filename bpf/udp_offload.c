@@ -89,7 +89,7 @@ struct flow_key6 {
 };
 
 // IPv6: what a matching datagram becomes, and the entry's counters (the fields mean
-// what they mean in struct flow_nat; no wildcard listeners, no TURN).
+// what they mean in struct flow_nat; no TURN).
 struct flow_nat6 {
 	__u8 saddr[16];
 	__u8 daddr[16];
@@ -98,6 +98,8 @@ struct flow_nat6 {
 	__u32 slot;
 	__u32 ifindex;
 	__u32 taught;
+	// The listener address this entry last taught (wildcard listeners).
+	__u8 taught_addr[16];
 	__u64 packets;
 	__u64 bytes;
 	__u64 last_ns;
@@ -212,6 +214,24 @@ static __always_inline int rewrite6(struct __sk_buff *skb, __u32 off, const __u8
 	return bpf_skb_store_bytes(skb, off, new, 16, 0);
 }
 
+static __always_inline int eq16(const __u8 *a, const __u8 *b)
+{
+	__u64 a0, a1, b0, b1;
+	__builtin_memcpy(&a0, a, 8);
+	__builtin_memcpy(&a1, a + 8, 8);
+	__builtin_memcpy(&b0, b, 8);
+	__builtin_memcpy(&b1, b + 8, 8);
+	return a0 == b0 && a1 == b1;
+}
+
+static __always_inline int zero16(const __u8 *a)
+{
+	__u64 a0, a1;
+	__builtin_memcpy(&a0, a, 8);
+	__builtin_memcpy(&a1, a + 8, 8);
+	return (a0 | a1) == 0;
+}
+
 static __always_inline int rewrite_port6(struct __sk_buff *skb, __u32 off, __u16 old, __u16 new)
 {
 	if (old == new)
@@ -243,20 +263,39 @@ static __always_inline int ingress6(struct __sk_buff *skb)
 	__u32 payload = bpf_ntohs(udp->len);
 	payload = payload >= sizeof(struct udphdr) ? payload - sizeof(struct udphdr) : 0;
 
+	int wildcard = 0;
 	struct flow_nat6 *nat = bpf_map_lookup_elem(&mg_flows6, &key);
-	if (!nat)
+	if (!nat) {
+		// A listener on :: installs its client entries with daddr ::.
+		__builtin_memset(key.daddr, 0, 16);
+		nat = bpf_map_lookup_elem(&mg_flows6, &key);
+		if (!nat)
+			return TC_ACT_UNSPEC;
+		wildcard = 1;
+		__builtin_memcpy(key.daddr, &ip6->daddr, 16);
+	}
+	// The reply entry of a wildcard listener before the kernel saw which address the
+	// client used: user space answers this one.
+	if (zero16(nat->saddr))
 		return TC_ACT_UNSPEC;
 	__u32 in_if = skb->ingress_ifindex;
-	if (nat->taught != in_if) {
+	if (nat->taught != in_if || (wildcard && !eq16(nat->taught_addr, key.daddr))) {
 		struct flow_key6 pk = {};
 		__builtin_memcpy(pk.saddr, nat->daddr, 16);
 		__builtin_memcpy(pk.daddr, nat->saddr, 16);
 		pk.sport = nat->dport;
 		pk.dport = nat->sport;
 		struct flow_nat6 *peer = bpf_map_lookup_elem(&mg_flows6, &pk);
+		if (!peer) {
+			__builtin_memset(pk.daddr, 0, 16); // the client entry of a wildcard listener
+			peer = bpf_map_lookup_elem(&mg_flows6, &pk);
+		}
 		if (peer) {
+			if (wildcard)
+				__builtin_memcpy(peer->saddr, key.daddr, 16);
 			peer->ifindex = in_if;
 			nat->taught = in_if;
+			__builtin_memcpy(nat->taught_addr, key.daddr, 16);
 		}
 	}
 	__u32 out_if = nat->ifindex;

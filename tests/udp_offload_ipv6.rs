@@ -3,7 +3,8 @@
 //! by the kernel (`mg_flows6`) and still counted, and a failover moves them to the backup,
 //! where they are offloaded again; across veth links to network namespaces, with
 //! checksum offload off so the receivers verify the UDP checksums the program rewrote.
-//! A v6 client of a v4 server stays in user space. (The IPv4 cases:
+//! A listener on `[::]` offloads its IPv6 clients and its IPv4 ones. A v6 client of a v4
+//! server stays in user space. (The IPv4 cases:
 //! `tests/udp_offload.rs`.)
 
 mod common;
@@ -149,6 +150,47 @@ async fn ipv6_flows_are_forwarded_by_the_kernel_and_fail_over() {
         "{}",
         offload_lines(&m)
     );
+}
+
+/// A listener on `[::]:port`, clients and servers on `lo` of one family: its sessions
+/// are offloaded (the kernel learns the address the clients sent to).
+async fn wildcard_listener(v4: bool) {
+    let ip: std::net::IpAddr = if v4 {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    } else {
+        std::net::Ipv6Addr::LOCALHOST.into()
+    };
+    let primary_addr = SocketAddr::new(ip, free_udp_port());
+    let backup_addr = SocketAddr::new(ip, free_udp_port());
+    let _primary = worker("udp-echo", "primary", primary_addr, None);
+    let _backup = worker("udp-echo", "backup", backup_addr, None);
+    let (port, admin) = (free_udp_port(), free_tcp_port());
+    let listen = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+    let b = Balancer::start(&config(listen, admin, primary_addr, backup_addr), admin);
+    let flows = Flows::start(SocketAddr::new(ip, port), 10, Duration::from_millis(10), 64)
+        .await
+        .expect("flows");
+    assert_offloaded(
+        &b,
+        10,
+        if v4 {
+            "[::] listener, IPv4"
+        } else {
+            "[::] listener, IPv6"
+        },
+    )
+    .await;
+    flows.finish(Duration::from_millis(100)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_ipv6_listener_offloads_ipv6_clients() {
+    wildcard_listener(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_ipv6_listener_offloads_ipv4_clients() {
+    wildcard_listener(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -485,8 +485,7 @@ impl ListenerOffload {
     /// Installs a session: `client` sent to `listen`; its upstream socket is `local`
     /// connected to `server`. IPv4 sessions go to `mg_flows`, IPv6 ones (all four
     /// addresses native IPv6) to `mg_flows6`. None when the addresses are not offloadable
-    /// (mixed families, a wildcard IPv6 listener) or the map refused the entries
-    /// (counted).
+    /// (mixed families) or the map refused the entries (counted).
     pub fn install(
         &self,
         client: SocketAddr,
@@ -494,15 +493,23 @@ impl ListenerOffload {
         local: SocketAddr,
         server: SocketAddr,
     ) -> Option<SessionKeys> {
+        // A wildcard listener (0.0.0.0, ::) installs its client entry with address 0;
+        // the program fills in the address the client used on its first datagram. A
+        // listener on :: also takes IPv4 clients (IPv4-mapped): IPv4 sessions.
+        let listen6 = match listen {
+            SocketAddr::V6(a) if a.ip().is_unspecified() => Some(a),
+            a => v6(a),
+        };
         if let (Some(client), Some(listen), Some(local), Some(server)) =
-            (v6(client), v6(listen), v6(local), v6(server))
+            (v6(client), listen6, v6(local), v6(server))
         {
             return self.install6(client, listen, local, server);
         }
-        // A wildcard listener (0.0.0.0) installs its client entry with address 0; the
-        // program fills in the address the client used on its first datagram.
         let listen = match listen {
             SocketAddr::V4(a) if a.ip().is_unspecified() => a,
+            SocketAddr::V6(a) if a.ip().is_unspecified() => {
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, a.port())
+            }
             a => v4(a)?,
         };
         let (client, local, server) = (v4(client)?, v4(local)?, v4(server)?);

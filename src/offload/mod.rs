@@ -90,8 +90,9 @@
 //!
 //! **IPv6.** A session whose client, listener, upstream local address and server are
 //! all native IPv6 (not IPv4-mapped) is installed in `mg_flows6` instead (`struct
-//! flow_key6`/`flow_nat6`: 16-byte addresses, no wildcard or TURN fields), with the
-//! same two entries, counters, device learning, removal and idle expiry
+//! flow_key6`/`flow_nat6`: 16-byte addresses, no TURN fields), with the same two
+//! entries, counters, device learning, wildcard listeners (`::`: address `::` in the
+//! keys, taught as for `0.0.0.0`), removal and idle expiry
 //! ([`SessionKeys::V6`]; the last-seen pass reads both maps). The program takes
 //! Ethernet/IPv6 with UDP as the next header (any extension header, fragments included,
 //! goes to the stack), rewrites the addresses (`bpf_skb_store_bytes` of 16 bytes; the
@@ -99,8 +100,8 @@
 //! `bpf_l4_csum_replace(BPF_F_PSEUDO_HDR)`) and ports, and delivers as for IPv4
 //! (`bpf_redirect_neigh` resolves IPv6 neighbours too). Stay in user space: mixed
 //! families (an IPv6 client of an IPv4 server or the reverse; the program does not
-//! translate between families) and a wildcard IPv6 listener (`::`, its IPv4-mapped
-//! clients included).
+//! translate between families). IPv4 clients of a listener on `::` arrive
+//! IPv4-mapped and are installed as IPv4 sessions of a `0.0.0.0` listener.
 //!
 //! **Limits.** TURN channels are IPv4 only; interfaces created after start are not covered; the re-send of a refused datagram
 //! needs a copy user space no longer has once a session is offloaded, so a dead server

@@ -99,6 +99,7 @@ pub struct FlowNat6 {
     pub slot: u32,
     pub ifindex: u32,
     pub taught: u32,
+    pub taught_addr: [u8; 16],
     pub packets: u64,
     pub bytes: u64,
     pub last_ns: u64,
@@ -458,11 +459,12 @@ mod tests {
         assert_eq!(std::mem::offset_of!(FlowNat, channel), 28);
         assert_eq!(std::mem::offset_of!(FlowNat, packets), 32);
         assert_eq!(std::mem::offset_of!(FlowNat, expires_ns), 56);
-        // struct flow_key6 is 36 bytes, struct flow_nat6 72.
+        // struct flow_key6 is 36 bytes, struct flow_nat6 88.
         assert_eq!(std::mem::size_of::<FlowKey6>(), 36);
-        assert_eq!(std::mem::size_of::<FlowNat6>(), 72);
+        assert_eq!(std::mem::size_of::<FlowNat6>(), 88);
         assert_eq!(std::mem::offset_of!(FlowNat6, slot), 36);
-        assert_eq!(std::mem::offset_of!(FlowNat6, packets), 48);
+        assert_eq!(std::mem::offset_of!(FlowNat6, taught_addr), 48);
+        assert_eq!(std::mem::offset_of!(FlowNat6, packets), 64);
         let k = FlowKey::new(
             "127.0.0.1:258".parse().unwrap(),
             "10.0.0.2:1".parse().unwrap(),

@@ -3,7 +3,7 @@
 //! by the kernel (`mg_flows6`) and still counted, and a failover moves them to the backup,
 //! where they are offloaded again; across veth links to network namespaces, with
 //! checksum offload off so the receivers verify the UDP checksums the program rewrote.
-//! A listener on `[::]` offloads its IPv6 clients and its IPv4 ones. A v6 client of a v4
+//! Idle expiry reads the IPv6 entries' last-seen times. A listener on `[::]` offloads its IPv6 clients and its IPv4 ones. A v6 client of a v4
 //! server stays in user space. (The IPv4 cases:
 //! `tests/udp_offload.rs`.)
 
@@ -17,6 +17,16 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 fn config(listen: SocketAddr, admin: u16, primary: SocketAddr, backup: SocketAddr) -> String {
+    config_idle(listen, admin, primary, backup, "60s")
+}
+
+fn config_idle(
+    listen: SocketAddr,
+    admin: u16,
+    primary: SocketAddr,
+    backup: SocketAddr,
+    idle: &str,
+) -> String {
     format!(
         r#"
 admin: {{ listen: "127.0.0.1:{admin}" }}
@@ -27,7 +37,7 @@ listeners:
     listen: "{listen}"
     upstream: media
     offload: ebpf
-    session: {{ idle_timeout: 60s }}
+    session: {{ idle_timeout: {idle} }}
 upstreams:
   media:
     primary: ["{primary}"]
@@ -312,4 +322,49 @@ fn ipv6_flows_between_namespaces_keep_valid_checksums() {
     assert!(sample(&m, OFF_TO_SERVER) >= 590.0, "{}", offload_lines(&m));
     assert!(sample(&m, OFF_TO_CLIENT) >= 590.0, "{}", offload_lines(&m));
     drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_idle_expiry_follows_the_kernels_last_seen_times() {
+    assert!(nix::unistd::Uid::effective().is_root(), "needs root");
+    let (primary_addr, backup_addr) = (v6(free_udp_port()), v6(free_udp_port()));
+    let _primary = worker("udp-echo", "primary", primary_addr, None);
+    let _backup = worker("udp-echo", "backup", backup_addr, None);
+    let (listen, admin) = (v6(free_udp_port()), free_tcp_port());
+    let b = Balancer::start(
+        &config_idle(listen, admin, primary_addr, backup_addr, "1s"),
+        admin,
+    );
+    let created = "mediagate_sessions_created_total{listener=\"rtp\"}";
+    let closed = "mediagate_sessions_closed_total{listener=\"rtp\",reason=\"idle_timeout\"}";
+    let flows = Flows::start(listen, 1, Duration::from_millis(50), 64)
+        .await
+        .expect("flows");
+    wait_until_async(Duration::from_secs(10), "session offloaded", || {
+        sample(&b.metrics(), OFF_SESSIONS) == 1.0
+    })
+    .await;
+    // 3 s of traffic only the kernel sees: three idle timeouts, and the session lives.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let m = b.metrics();
+    assert_eq!(sample(&m, created), 1.0, "{}", offload_lines(&m));
+    assert_eq!(
+        sample(&m, closed),
+        0.0,
+        "an active offloaded session expired"
+    );
+    assert!(sample(&m, OFF_TO_SERVER) >= 40.0, "{}", offload_lines(&m));
+    let stopped = Instant::now();
+    flows.finish(Duration::from_millis(100)).await;
+    // Silent now: it expires after the timeout (plus a sweep), and leaves the kernel map.
+    wait_until_async(Duration::from_secs(5), "idle session closed", || {
+        let m = b.metrics();
+        sample(&m, closed) == 1.0 && sample(&m, OFF_SESSIONS) == 0.0
+    })
+    .await;
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}, before its idle timeout",
+        stopped.elapsed()
+    );
 }

@@ -3,7 +3,9 @@
 // mediagate kernel fast path: forwards datagrams of established UDP sessions that user
 // space installed in `mg_flows`, and relays the data of TURN channels that user space
 // installed in `mg_turn_chan`/`mg_turn_peer`, at the TC ingress hook (see
-// src/offload/mod.rs and src/offload/turn.rs for the design). IPv4 only. A datagram that matches no entry is left alone with TC_ACT_UNSPEC
+// src/offload/mod.rs and src/offload/turn.rs for the design). UDP sessions over IPv4
+// (`mg_flows`) and IPv6 (`mg_flows6`); TURN channels over IPv4 only. A datagram that
+// matches no entry is left alone with TC_ACT_UNSPEC
 // ("next"), so other TCX programs on the same device (another mediagate, Cilium) still
 // see it.
 //
@@ -12,6 +14,7 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/udp.h>
 #include <stddef.h>
@@ -76,6 +79,38 @@ struct {
 	__type(key, __u32);
 	__type(value, struct totals);
 } mg_totals SEC(".maps");
+
+// IPv6: a datagram's addresses as on the wire.
+struct flow_key6 {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+};
+
+// IPv6: what a matching datagram becomes, and the entry's counters (the fields mean
+// what they mean in struct flow_nat; no TURN).
+struct flow_nat6 {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u32 slot;
+	__u32 ifindex;
+	__u32 taught;
+	// The listener address this entry last taught (wildcard listeners).
+	__u8 taught_addr[16];
+	__u64 packets;
+	__u64 bytes;
+	__u64 last_ns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct flow_key6);
+	__type(value, struct flow_nat6);
+} mg_flows6 SEC(".maps");
 
 #define LOOPBACK_IFINDEX 1
 #define IP_OFF ETH_HLEN
@@ -149,6 +184,148 @@ static __always_inline void teach(struct flow_nat *nat, struct flow_nat *pair, _
 
 #include "turn_offload.h"
 
+#define IP6_SRC_OFF (ETH_HLEN + offsetof(struct ipv6hdr, saddr))
+#define IP6_DST_OFF (ETH_HLEN + offsetof(struct ipv6hdr, daddr))
+#define UDP6_OFF (ETH_HLEN + sizeof(struct ipv6hdr))
+#define UDP6_CSUM_OFF (UDP6_OFF + offsetof(struct udphdr, check))
+#define UDP6_SRC_OFF (UDP6_OFF + offsetof(struct udphdr, source))
+#define UDP6_DST_OFF (UDP6_OFF + offsetof(struct udphdr, dest))
+
+// Replaces the 16-byte address at `off` (IPv6 has no header checksum; the UDP checksum
+// covers the address through the pseudo header, fixed one 32-bit word at a time).
+static __always_inline int rewrite6(struct __sk_buff *skb, __u32 off, const __u8 *old,
+				    const __u8 *new)
+{
+	int changed = 0;
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		__u32 o, n;
+		__builtin_memcpy(&o, old + 4 * i, 4);
+		__builtin_memcpy(&n, new + 4 * i, 4);
+		if (o == n)
+			continue;
+		changed = 1;
+		if (bpf_l4_csum_replace(skb, UDP6_CSUM_OFF, o, n,
+					BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | 4))
+			return -1;
+	}
+	if (!changed)
+		return 0;
+	return bpf_skb_store_bytes(skb, off, new, 16, 0);
+}
+
+static __always_inline int eq16(const __u8 *a, const __u8 *b)
+{
+	__u64 a0, a1, b0, b1;
+	__builtin_memcpy(&a0, a, 8);
+	__builtin_memcpy(&a1, a + 8, 8);
+	__builtin_memcpy(&b0, b, 8);
+	__builtin_memcpy(&b1, b + 8, 8);
+	return a0 == b0 && a1 == b1;
+}
+
+static __always_inline int zero16(const __u8 *a)
+{
+	__u64 a0, a1;
+	__builtin_memcpy(&a0, a, 8);
+	__builtin_memcpy(&a1, a + 8, 8);
+	return (a0 | a1) == 0;
+}
+
+static __always_inline int rewrite_port6(struct __sk_buff *skb, __u32 off, __u16 old, __u16 new)
+{
+	if (old == new)
+		return 0;
+	if (bpf_l4_csum_replace(skb, UDP6_CSUM_OFF, old, new, BPF_F_MARK_MANGLED_0 | sizeof(new)))
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0);
+}
+
+// IPv6/UDP without extension headers (anything else goes to the stack): the IPv4 path
+// of mg_ingress over `mg_flows6`.
+static __always_inline int ingress6(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ipv6hdr *ip6 = data + IP_OFF;
+	struct udphdr *udp = data + UDP6_OFF;
+
+	if ((void *)(udp + 1) > end)
+		return TC_ACT_UNSPEC;
+	if (ip6->version != 6 || ip6->nexthdr != IPPROTO_UDP)
+		return TC_ACT_UNSPEC;
+
+	struct flow_key6 key = {};
+	__builtin_memcpy(key.saddr, &ip6->saddr, 16);
+	__builtin_memcpy(key.daddr, &ip6->daddr, 16);
+	key.sport = udp->source;
+	key.dport = udp->dest;
+	__u32 payload = bpf_ntohs(udp->len);
+	payload = payload >= sizeof(struct udphdr) ? payload - sizeof(struct udphdr) : 0;
+
+	int wildcard = 0;
+	struct flow_nat6 *nat = bpf_map_lookup_elem(&mg_flows6, &key);
+	if (!nat) {
+		// A listener on :: installs its client entries with daddr ::.
+		__builtin_memset(key.daddr, 0, 16);
+		nat = bpf_map_lookup_elem(&mg_flows6, &key);
+		if (!nat)
+			return TC_ACT_UNSPEC;
+		wildcard = 1;
+		__builtin_memcpy(key.daddr, &ip6->daddr, 16);
+	}
+	// The reply entry of a wildcard listener before the kernel saw which address the
+	// client used: user space answers this one.
+	if (zero16(nat->saddr))
+		return TC_ACT_UNSPEC;
+	__u32 in_if = skb->ingress_ifindex;
+	if (nat->taught != in_if || (wildcard && !eq16(nat->taught_addr, key.daddr))) {
+		struct flow_key6 pk = {};
+		__builtin_memcpy(pk.saddr, nat->daddr, 16);
+		__builtin_memcpy(pk.daddr, nat->saddr, 16);
+		pk.sport = nat->dport;
+		pk.dport = nat->sport;
+		struct flow_nat6 *peer = bpf_map_lookup_elem(&mg_flows6, &pk);
+		if (!peer) {
+			__builtin_memset(pk.daddr, 0, 16); // the client entry of a wildcard listener
+			peer = bpf_map_lookup_elem(&mg_flows6, &pk);
+		}
+		if (peer) {
+			if (wildcard)
+				__builtin_memcpy(peer->saddr, key.daddr, 16);
+			peer->ifindex = in_if;
+			nat->taught = in_if;
+			__builtin_memcpy(nat->taught_addr, key.daddr, 16);
+		}
+	}
+	__u32 out_if = nat->ifindex;
+	if (out_if == 0)
+		return TC_ACT_UNSPEC;
+	__u32 mtu_len = 0;
+	if (bpf_check_mtu(skb, out_if, &mtu_len, 0, 0))
+		return TC_ACT_UNSPEC;
+
+	struct flow_nat6 to = *nat;
+	__sync_fetch_and_add(&nat->packets, 1);
+	__sync_fetch_and_add(&nat->bytes, payload);
+	nat->last_ns = bpf_ktime_get_ns();
+
+	// Packet pointers are invalid after the first helper that changes the packet.
+	if (rewrite6(skb, IP6_SRC_OFF, key.saddr, to.saddr) ||
+	    rewrite6(skb, IP6_DST_OFF, key.daddr, to.daddr) ||
+	    rewrite_port6(skb, UDP6_SRC_OFF, key.sport, to.sport) ||
+	    rewrite_port6(skb, UDP6_DST_OFF, key.dport, to.dport))
+		return TC_ACT_SHOT;
+
+	__u32 slot = to.slot;
+	struct totals *t = bpf_map_lookup_elem(&mg_totals, &slot);
+	if (t) {
+		t->packets += 1;
+		t->bytes += payload;
+	}
+	return deliver(in_if, out_if);
+}
+
 SEC("classifier")
 int mg_ingress(struct __sk_buff *skb)
 {
@@ -158,6 +335,10 @@ int mg_ingress(struct __sk_buff *skb)
 	struct iphdr *ip = data + IP_OFF;
 	struct udphdr *udp = data + UDP_OFF;
 
+	if ((void *)(eth + 1) > end)
+		return TC_ACT_UNSPEC;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return ingress6(skb);
 	if ((void *)(udp + 1) > end)
 		return TC_ACT_UNSPEC;
 	if (eth->h_proto != bpf_htons(ETH_P_IP) || ip->version != 4 || ip->ihl != 5 ||

@@ -1,13 +1,13 @@
 //! The loaded fast path (program, links, maps), shared by every offloading listener, and
 //! each listener's handle on it (its counter slot and its sessions' entries).
 
-use super::sys::{self, FlowKey, FlowNat, MapKey};
+use super::sys::{self, FlowKey, FlowKey6, FlowNat, FlowNat6, MapKey};
 use crate::metrics::{Labels, ListenerMetrics, Metrics, child, labels};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -24,6 +24,8 @@ pub struct Engine {
     /// Owns the program and its TCX links; dropping it closes their descriptors.
     _ebpf: Mutex<aya::Ebpf>,
     flows: OwnedFd,
+    /// `mg_flows6`: the IPv6 sessions.
+    flows6: OwnedFd,
     totals: OwnedFd,
     /// TURN: `mg_turn_chan` (client ChannelData → peer) and `mg_turn_peer` (peer → client).
     pub(super) turn_chan: OwnedFd,
@@ -43,6 +45,8 @@ pub struct LastSeen {
     /// `bpf_ktime_get_ns()` of each entry's last datagram (entries that saw none are left
     /// out).
     last_ns: HashMap<FlowKey, u64>,
+    /// The same for the IPv6 entries (`mg_flows6`).
+    last_ns6: HashMap<FlowKey6, u64>,
 }
 
 impl LastSeen {
@@ -52,6 +56,7 @@ impl LastSeen {
     pub fn read(flows: &OwnedFd, expected: usize) -> io::Result<(LastSeen, usize)> {
         let mut seen = LastSeen {
             last_ns: HashMap::with_capacity(expected),
+            last_ns6: HashMap::new(),
         };
         let calls = sys::for_each(flows, |k, v| {
             if v.last_ns > 0 {
@@ -61,24 +66,40 @@ impl LastSeen {
         Ok((seen, calls))
     }
 
+    /// Adds the last-seen times of an IPv6 flow map (`mg_flows6`) to a pass; returns
+    /// the number of `bpf(2)` calls it took.
+    pub fn read6(&mut self, flows6: &OwnedFd) -> io::Result<usize> {
+        sys::for_each_of(flows6, |k: &FlowKey6, v: &FlowNat6| {
+            if v.last_ns > 0 {
+                self.last_ns6.insert(*k, v.last_ns);
+            }
+        })
+    }
+
     /// Nanoseconds from the session's last offloaded datagram either way to `now_ns`
     /// (`CLOCK_MONOTONIC`); None when neither entry saw a datagram.
     pub fn idle_ns(&self, keys: &SessionKeys, now_ns: u64) -> Option<u64> {
-        let last = [keys.fwd, keys.rev]
-            .iter()
-            .filter_map(|k| self.last_ns.get(k).copied())
-            .max()?;
+        let last = match keys {
+            SessionKeys::V4 { fwd, rev } => [fwd, rev]
+                .iter()
+                .filter_map(|k| self.last_ns.get(k).copied())
+                .max()?,
+            SessionKeys::V6 { fwd, rev } => [fwd, rev]
+                .iter()
+                .filter_map(|k| self.last_ns6.get(k).copied())
+                .max()?,
+        };
         Some(now_ns.saturating_sub(last))
     }
 
     /// Entries that saw a datagram.
     pub fn len(&self) -> usize {
-        self.last_ns.len()
+        self.last_ns.len() + self.last_ns6.len()
     }
 
     /// No entry saw a datagram.
     pub fn is_empty(&self) -> bool {
-        self.last_ns.is_empty()
+        self.last_ns.is_empty() && self.last_ns6.is_empty()
     }
 }
 
@@ -144,6 +165,7 @@ impl Engine {
                 .map_err(|e| unavailable("load", e))
         };
         let flows = map_fd(&ebpf, "mg_flows")?;
+        let flows6 = map_fd(&ebpf, "mg_flows6")?;
         let totals = map_fd(&ebpf, "mg_totals")?;
         let turn_chan = map_fd(&ebpf, "mg_turn_chan")?;
         let turn_peer = map_fd(&ebpf, "mg_turn_peer")?;
@@ -181,6 +203,7 @@ impl Engine {
         Ok(Engine {
             _ebpf: Mutex::new(ebpf),
             flows,
+            flows6,
             totals,
             turn_chan,
             turn_peer,
@@ -209,7 +232,11 @@ impl Engine {
         }
         let expected = pass.as_ref().map_or(0, |(_, seen)| seen.len());
         let started = Instant::now();
-        let seen = match LastSeen::read(&self.flows, expected) {
+        let read = LastSeen::read(&self.flows, expected).and_then(|(mut seen, calls)| {
+            let calls6 = seen.read6(&self.flows6)?;
+            Ok((seen, calls + calls6))
+        });
+        let seen = match read {
             Ok((seen, calls)) => {
                 tracing::trace!(entries = seen.len(), calls, took = ?started.elapsed(), "offload: last-seen pass");
                 seen
@@ -347,8 +374,8 @@ impl Slot {
     /// counted (`map_full`, `map_insert`).
     pub(super) fn insert_pair<A: MapKey, B: MapKey>(
         &self,
-        first: (&OwnedFd, &A, &FlowNat),
-        second: (&OwnedFd, &B, &FlowNat),
+        first: (&OwnedFd, &A, &A::Value),
+        second: (&OwnedFd, &B, &B::Value),
     ) -> bool {
         let inserted = sys::insert(first.0, first.1, first.2).and_then(|()| {
             sys::insert(second.0, second.1, second.2).inspect_err(|_| sys::remove(first.0, first.1))
@@ -418,13 +445,12 @@ pub(super) fn refresh_listeners() {
     }
 }
 
-/// The two map entries of one offloaded session.
+/// The two map entries of one offloaded session: `fwd` is client → listener, `rev`
+/// server → balancer session port; in `mg_flows` (IPv4) or `mg_flows6` (IPv6).
 #[derive(Clone, Copy, Debug)]
-pub struct SessionKeys {
-    /// client → listener.
-    pub fwd: FlowKey,
-    /// server → balancer session port.
-    pub rev: FlowKey,
+pub enum SessionKeys {
+    V4 { fwd: FlowKey, rev: FlowKey },
+    V6 { fwd: FlowKey6, rev: FlowKey6 },
 }
 
 /// One listener's use of the engine.
@@ -445,10 +471,21 @@ fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
     }
 }
 
+/// A native IPv6 address (not IPv4-mapped, not `::`).
+fn v6(a: SocketAddr) -> Option<SocketAddrV6> {
+    match a {
+        SocketAddr::V6(a) if !a.ip().is_unspecified() && a.ip().to_ipv4_mapped().is_none() => {
+            Some(a)
+        }
+        _ => None,
+    }
+}
+
 impl ListenerOffload {
     /// Installs a session: `client` sent to `listen`; its upstream socket is `local`
-    /// connected to `server`. None when the addresses are not offloadable (IPv6, a
-    /// wildcard listener) or the map refused the entries (counted).
+    /// connected to `server`. IPv4 sessions go to `mg_flows`, IPv6 ones (all four
+    /// addresses native IPv6) to `mg_flows6`. None when the addresses are not offloadable
+    /// (mixed families) or the map refused the entries (counted).
     pub fn install(
         &self,
         client: SocketAddr,
@@ -456,47 +493,95 @@ impl ListenerOffload {
         local: SocketAddr,
         server: SocketAddr,
     ) -> Option<SessionKeys> {
-        // A wildcard listener (0.0.0.0) installs its client entry with address 0; the
-        // program fills in the address the client used on its first datagram.
+        // A wildcard listener (0.0.0.0, ::) installs its client entry with address 0;
+        // the program fills in the address the client used on its first datagram. A
+        // listener on :: also takes IPv4 clients (IPv4-mapped): IPv4 sessions.
+        let listen6 = match listen {
+            SocketAddr::V6(a) if a.ip().is_unspecified() => Some(a),
+            a => v6(a),
+        };
+        if let (Some(client), Some(listen), Some(local), Some(server)) =
+            (v6(client), listen6, v6(local), v6(server))
+        {
+            return self.install6(client, listen, local, server);
+        }
         let listen = match listen {
             SocketAddr::V4(a) if a.ip().is_unspecified() => a,
+            SocketAddr::V6(a) if a.ip().is_unspecified() => {
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, a.port())
+            }
             a => v4(a)?,
         };
         let (client, local, server) = (v4(client)?, v4(local)?, v4(server)?);
-        let keys = SessionKeys {
-            fwd: FlowKey::new(client, listen),
-            rev: FlowKey::new(server, local),
-        };
+        let (kf, kr) = (FlowKey::new(client, listen), FlowKey::new(server, local));
         let fwd = FlowNat::new(local, server, self.slot.entry_slot(0));
         let rev = FlowNat::new(listen, client, self.slot.entry_slot(1));
         let flows = &self.slot.engine().flows;
         if !self
             .slot
-            .insert_pair((flows, &keys.fwd, &fwd), (flows, &keys.rev, &rev))
+            .insert_pair((flows, &kf, &fwd), (flows, &kr, &rev))
         {
             return None;
         }
         self.lm.offload_sessions.inc();
-        Some(keys)
+        Some(SessionKeys::V4 { fwd: kf, rev: kr })
+    }
+
+    /// [`ListenerOffload::install`] for an IPv6 session (`mg_flows6`).
+    fn install6(
+        &self,
+        client: SocketAddrV6,
+        listen: SocketAddrV6,
+        local: SocketAddrV6,
+        server: SocketAddrV6,
+    ) -> Option<SessionKeys> {
+        let (kf, kr) = (FlowKey6::new(client, listen), FlowKey6::new(server, local));
+        let fwd = FlowNat6::new(local, server, self.slot.entry_slot(0));
+        let rev = FlowNat6::new(listen, client, self.slot.entry_slot(1));
+        let flows = &self.slot.engine().flows6;
+        if !self
+            .slot
+            .insert_pair((flows, &kf, &fwd), (flows, &kr, &rev))
+        {
+            return None;
+        }
+        self.lm.offload_sessions.inc();
+        Some(SessionKeys::V6 { fwd: kf, rev: kr })
     }
 
     /// Removes a session's entries: its next datagram goes up to user space.
     pub fn remove(&self, keys: &SessionKeys) {
-        let flows = &self.slot.engine().flows;
-        sys::remove(flows, &keys.fwd);
-        sys::remove(flows, &keys.rev);
+        let engine = self.slot.engine();
+        match keys {
+            SessionKeys::V4 { fwd, rev } => {
+                sys::remove(&engine.flows, fwd);
+                sys::remove(&engine.flows, rev);
+            }
+            SessionKeys::V6 { fwd, rev } => {
+                sys::remove(&engine.flows6, fwd);
+                sys::remove(&engine.flows6, rev);
+            }
+        }
         self.lm.offload_sessions.dec();
     }
 
     /// Nanoseconds since the session's last offloaded datagram either way (None: none),
     /// read now: two lookups.
     pub fn idle_ns(&self, keys: &SessionKeys) -> Option<u64> {
-        let last = [keys.fwd, keys.rev]
-            .iter()
-            .filter_map(|k| sys::lookup(&self.slot.engine().flows, k))
-            .map(|n| n.last_ns)
-            .max()
-            .filter(|&ns| ns > 0)?;
+        let engine = self.slot.engine();
+        let last = match keys {
+            SessionKeys::V4 { fwd, rev } => [fwd, rev]
+                .iter()
+                .filter_map(|k| sys::lookup(&engine.flows, *k))
+                .map(|n| n.last_ns)
+                .max(),
+            SessionKeys::V6 { fwd, rev } => [fwd, rev]
+                .iter()
+                .filter_map(|k| sys::lookup(&engine.flows6, *k))
+                .map(|n| n.last_ns)
+                .max(),
+        }
+        .filter(|&ns| ns > 0)?;
         Some(sys::monotonic_ns().saturating_sub(last))
     }
 

@@ -14,7 +14,7 @@
 //! - **Program** (`bpf/udp_offload.c`, `mg_ingress`), attached with TCX (a BPF link per
 //!   interface, kernel ≥ 6.6) to the ingress of every interface of the network namespace
 //!   at start (`lo` included). It parses Ethernet/IPv4/UDP (no options, no fragments),
-//!   looks the 4-tuple up in `mg_flows`, rewrites addresses and ports, fixes the IP and
+//!   or Ethernet/IPv6/UDP (see **IPv6** below), looks the 4-tuple up in `mg_flows`, rewrites addresses and ports, fixes the IP and
 //!   UDP checksums with `bpf_l3_csum_replace`/`bpf_l4_csum_replace` (a zero UDP
 //!   checksum stays zero) and sends it out of the device the session's *other*
 //!   direction arrives on: each entry learns that device from the datagrams of its pair
@@ -88,7 +88,22 @@
 //! first client datagram the program forwards writes the address it was sent to into
 //! the reply entry, and until then replies go through user space.
 //!
-//! **Limits.** IPv4 only (an IPv6 client stays in user space); interfaces created after start are not covered; the re-send of a refused datagram
+//! **IPv6.** A session whose client, listener, upstream local address and server are
+//! all native IPv6 (not IPv4-mapped) is installed in `mg_flows6` instead (`struct
+//! flow_key6`/`flow_nat6`: 16-byte addresses, no TURN fields), with the same two
+//! entries, counters, device learning, wildcard listeners (`::`: address `::` in the
+//! keys, taught as for `0.0.0.0`), removal and idle expiry
+//! ([`SessionKeys::V6`]; the last-seen pass reads both maps). The program takes
+//! Ethernet/IPv6 with UDP as the next header (any extension header, fragments included,
+//! goes to the stack), rewrites the addresses (`bpf_skb_store_bytes` of 16 bytes; the
+//! UDP checksum, mandatory in IPv6, fixed one 32-bit word at a time with
+//! `bpf_l4_csum_replace(BPF_F_PSEUDO_HDR)`) and ports, and delivers as for IPv4
+//! (`bpf_redirect_neigh` resolves IPv6 neighbours too). Stay in user space: mixed
+//! families (an IPv6 client of an IPv4 server or the reverse; the program does not
+//! translate between families). IPv4 clients of a listener on `::` arrive
+//! IPv4-mapped and are installed as IPv4 sessions of a `0.0.0.0` listener.
+//!
+//! **Limits.** TURN channels are IPv4 only; interfaces created after start are not covered; the re-send of a refused datagram
 //! needs a copy user space no longer has once a session is offloaded, so a dead server
 //! costs an offloaded flow one datagram (the bound of the failover tests).
 

@@ -3,7 +3,7 @@
 //! sweep (`benches/offload_sweep.rs`).
 
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::{SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, OwnedFd};
 
 /// A datagram's addresses as on the wire (`struct flow_key`, network byte order).
@@ -66,6 +66,59 @@ impl FlowNat {
     }
 }
 
+/// An IPv6 datagram's addresses as on the wire (`struct flow_key6`, network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey6 {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl FlowKey6 {
+    pub fn new(src: SocketAddrV6, dst: SocketAddrV6) -> FlowKey6 {
+        FlowKey6 {
+            saddr: src.ip().octets(),
+            daddr: dst.ip().octets(),
+            sport: src.port().to_be(),
+            dport: dst.port().to_be(),
+        }
+    }
+}
+
+/// What a matching IPv6 datagram becomes, plus the entry's counters (`struct
+/// flow_nat6`; the fields mean what [`FlowNat`]'s do).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FlowNat6 {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub slot: u32,
+    pub ifindex: u32,
+    pub taught: u32,
+    pub taught_addr: [u8; 16],
+    pub packets: u64,
+    pub bytes: u64,
+    pub last_ns: u64,
+}
+
+impl FlowNat6 {
+    pub fn new(src: SocketAddrV6, dst: SocketAddrV6, slot: u32) -> FlowNat6 {
+        let k = FlowKey6::new(src, dst);
+        FlowNat6 {
+            saddr: k.saddr,
+            daddr: k.daddr,
+            sport: k.sport,
+            dport: k.dport,
+            slot,
+            ..FlowNat6::default()
+        }
+    }
+}
+
 /// A TURN client's ChannelData as on the wire (`struct turn_chan_key`): client →
 /// listener, and the channel number (network byte order).
 #[repr(C)]
@@ -76,10 +129,19 @@ pub struct TurnChanKey {
     pub _pad: u16,
 }
 
-/// The key types of the fast path's hash maps.
-pub trait MapKey: Copy {}
-impl MapKey for FlowKey {}
-impl MapKey for TurnChanKey {}
+/// The key types of the fast path's hash maps, each with its map's value type.
+pub trait MapKey: Copy + Default {
+    type Value: Copy + Default;
+}
+impl MapKey for FlowKey {
+    type Value = FlowNat;
+}
+impl MapKey for TurnChanKey {
+    type Value = FlowNat;
+}
+impl MapKey for FlowKey6 {
+    type Value = FlowNat6;
+}
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
@@ -160,22 +222,22 @@ pub fn create_flow_map(max_entries: u32) -> io::Result<OwnedFd> {
 }
 
 /// Inserts `key → nat`; fails with `EEXIST` if the key is taken, `E2BIG` when full.
-pub fn insert<K: MapKey>(fd: &OwnedFd, key: &K, nat: &FlowNat) -> io::Result<()> {
+pub fn insert<K: MapKey>(fd: &OwnedFd, key: &K, nat: &K::Value) -> io::Result<()> {
     write(fd, key, nat, BPF_NOEXIST)
 }
 
 /// Replaces the entry of `key`, which must exist (`ENOENT` otherwise).
-pub fn replace<K: MapKey>(fd: &OwnedFd, key: &K, nat: &FlowNat) -> io::Result<()> {
+pub fn replace<K: MapKey>(fd: &OwnedFd, key: &K, nat: &K::Value) -> io::Result<()> {
     write(fd, key, nat, BPF_EXIST)
 }
 
-fn write<K: MapKey>(fd: &OwnedFd, key: &K, nat: &FlowNat, flags: u64) -> io::Result<()> {
+fn write<K: MapKey>(fd: &OwnedFd, key: &K, nat: &K::Value, flags: u64) -> io::Result<()> {
     let mut v = *nat;
     elem(
         BPF_MAP_UPDATE_ELEM,
         fd,
         (key as *const K).cast(),
-        (&mut v as *mut FlowNat).cast(),
+        (&mut v as *mut K::Value).cast(),
         flags,
     )
 }
@@ -192,13 +254,13 @@ pub fn remove<K: MapKey>(fd: &OwnedFd, key: &K) {
 }
 
 /// The entry for `key`, counters included.
-pub fn lookup<K: MapKey>(fd: &OwnedFd, key: &K) -> Option<FlowNat> {
-    let mut v = FlowNat::default();
+pub fn lookup<K: MapKey>(fd: &OwnedFd, key: &K) -> Option<K::Value> {
+    let mut v = K::Value::default();
     elem(
         BPF_MAP_LOOKUP_ELEM,
         fd,
         (key as *const K).cast(),
-        (&mut v as *mut FlowNat).cast(),
+        (&mut v as *mut K::Value).cast(),
         0,
     )
     .ok()?;
@@ -226,9 +288,14 @@ pub const BATCH_ENTRIES: usize = 8192;
 /// `BPF_MAP_LOOKUP_BATCH` (kernel ≥ 5.6); where the kernel has no batch operations, one
 /// key walk (`BPF_MAP_GET_NEXT_KEY` and a lookup per entry). Returns the number of
 /// `bpf(2)` calls made. Entries inserted or removed during the pass may be missed or seen.
-pub fn for_each(fd: &OwnedFd, mut f: impl FnMut(&FlowKey, &FlowNat)) -> io::Result<usize> {
-    let mut keys = vec![FlowKey::default(); BATCH_ENTRIES];
-    let mut values = vec![FlowNat::default(); BATCH_ENTRIES];
+pub fn for_each(fd: &OwnedFd, f: impl FnMut(&FlowKey, &FlowNat)) -> io::Result<usize> {
+    for_each_of(fd, f)
+}
+
+/// [`for_each`] over a map of any key type (`mg_flows6`: [`FlowKey6`]).
+pub fn for_each_of<K: MapKey>(fd: &OwnedFd, mut f: impl FnMut(&K, &K::Value)) -> io::Result<usize> {
+    let mut keys = vec![K::default(); BATCH_ENTRIES];
+    let mut values = vec![K::Value::default(); BATCH_ENTRIES];
     // The hash map's batch cursor is a bucket index (u32).
     let (mut cursor_in, mut cursor_out) = (0u32, 0u32);
     let mut calls = 0usize;
@@ -283,20 +350,20 @@ pub fn for_each(fd: &OwnedFd, mut f: impl FnMut(&FlowKey, &FlowNat)) -> io::Resu
 }
 
 /// [`for_each`] without batch operations: one `GET_NEXT_KEY` and one lookup per entry.
-pub fn walk(fd: &OwnedFd, mut f: impl FnMut(&FlowKey, &FlowNat)) -> io::Result<usize> {
+pub fn walk<K: MapKey>(fd: &OwnedFd, mut f: impl FnMut(&K, &K::Value)) -> io::Result<usize> {
     let mut calls = 0usize;
-    let mut prev: Option<FlowKey> = None;
+    let mut prev: Option<K> = None;
     loop {
-        let mut next = FlowKey::default();
+        let mut next = K::default();
         let key = prev
             .as_ref()
-            .map_or(std::ptr::null(), |k| (k as *const FlowKey).cast());
+            .map_or(std::ptr::null(), |k| (k as *const K).cast());
         calls += 1;
         match elem(
             BPF_MAP_GET_NEXT_KEY,
             fd,
             key,
-            (&mut next as *mut FlowKey).cast(),
+            (&mut next as *mut K).cast(),
             0,
         ) {
             Ok(()) => {}
@@ -392,6 +459,12 @@ mod tests {
         assert_eq!(std::mem::offset_of!(FlowNat, channel), 28);
         assert_eq!(std::mem::offset_of!(FlowNat, packets), 32);
         assert_eq!(std::mem::offset_of!(FlowNat, expires_ns), 56);
+        // struct flow_key6 is 36 bytes, struct flow_nat6 88.
+        assert_eq!(std::mem::size_of::<FlowKey6>(), 36);
+        assert_eq!(std::mem::size_of::<FlowNat6>(), 88);
+        assert_eq!(std::mem::offset_of!(FlowNat6, slot), 36);
+        assert_eq!(std::mem::offset_of!(FlowNat6, taught_addr), 48);
+        assert_eq!(std::mem::offset_of!(FlowNat6, packets), 64);
         let k = FlowKey::new(
             "127.0.0.1:258".parse().unwrap(),
             "10.0.0.2:1".parse().unwrap(),

@@ -212,7 +212,7 @@ impl TurnOffload {
 }
 
 /// Moves one entry's end; it re-learns its device on its next datagram.
-fn set_expiry<K: MapKey>(fd: &OwnedFd, key: &K, expires_ns: u64) {
+fn set_expiry<K: MapKey<Value = FlowNat>>(fd: &OwnedFd, key: &K, expires_ns: u64) {
     if let Some(mut nat) = sys::lookup(fd, key) {
         nat.expires_ns = expires_ns;
         nat.taught = 0;

@@ -76,12 +76,16 @@ async fn a_hung_node_costs_a_flow_with_replies_about_100ms_whatever_the_probe_in
     eprintln!(
         "hung node, worst flow gap: {fast:?} with 100 ms probes ({ev_fast}), {default:?} with the default probes ({ev_default})"
     );
+    // A flow sees the move at its next datagram after it: its gap is the time to the
+    // verdict rounded up to its own 20 ms schedule, so the bounds (100 ms, 150 ms) carry
+    // one send interval (a quiet machine measures ~81 ms for both).
+    let period = Duration::from_millis(20);
     assert!(
-        fast <= Duration::from_millis(100),
+        fast <= Duration::from_millis(100) + period,
         "100 ms probes: {fast:?} ({ev_fast})"
     );
     assert!(
-        default <= Duration::from_millis(150),
+        default <= Duration::from_millis(150) + period,
         "default probes: {default:?} ({ev_default})"
     );
 }

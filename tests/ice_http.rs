@@ -220,12 +220,19 @@ fn ice_credential(admin: SocketAddr) -> (String, String) {
 async fn turn_accepts(server: SocketAddr, user: &str, password: &str) -> bool {
     let mut c = turn_support::RawClient::udp(server, user, password).await;
     let m = c.allocate().await;
-    match turn_support::code(&m) {
+    let accepted = match turn_support::code(&m) {
         None => true,
         Some(401) => false,
         Some(other) => panic!("Allocate answered {other}"),
-    }
+    };
+    // Keep the client's port for the rest of the test: a later client bound to the same
+    // port would meet this allocation (437 Allocation Mismatch).
+    KEEP.lock().unwrap().push(c);
+    accepted
 }
+
+/// The clients of `turn_accepts`, alive until the test process ends.
+static KEEP: std::sync::Mutex<Vec<turn_support::RawClient>> = std::sync::Mutex::new(Vec::new());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ice_follows_the_turn_secrets_of_a_reload() {

@@ -14,16 +14,10 @@ use std::time::{Duration, Instant};
 pub const MEDIAGATE: &str = env!("CARGO_BIN_EXE_mediagate");
 pub const TESTKIT: &str = env!("CARGO_BIN_EXE_mediagate-testkit");
 
-/// A free UDP port on 127.0.0.1 (the socket is closed again; reuse races are unlikely).
+/// A free UDP port on 127.0.0.1, below the ephemeral range (32768–60999): between the
+/// pick and the bind of the process it is meant for, no other test's probe or session
+/// socket (bound to port 0) can take it, as one picked by the kernel could be.
 pub fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-    s.local_addr().expect("addr").port()
-}
-
-/// A free UDP port on 127.0.0.1 below the ephemeral range (32768–60999): processes
-/// started before the one it is meant for cannot take it for a probe or session socket
-/// in between (a port from [`free_udp_port`] can be, by any process on the machine).
-pub fn spare_udp_port() -> u16 {
     loop {
         let port = 20_000 + rand::random::<u16>() % 12_000;
         if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
@@ -32,10 +26,19 @@ pub fn spare_udp_port() -> u16 {
     }
 }
 
-/// A free TCP port on 127.0.0.1.
+/// [`free_udp_port`] (the name the cluster tests use).
+pub fn spare_udp_port() -> u16 {
+    free_udp_port()
+}
+
+/// A free TCP port on 127.0.0.1, below the ephemeral range (see [`free_udp_port`]).
 pub fn free_tcp_port() -> u16 {
-    let s = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
-    s.local_addr().expect("addr").port()
+    loop {
+        let port = 20_000 + rand::random::<u16>() % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Polls `cond` every 10 ms until it holds or `limit` passes; panics with `what` then.

@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 pub const MEDIAGATE: &str = env!("CARGO_BIN_EXE_mediagate");
 pub const TESTKIT: &str = env!("CARGO_BIN_EXE_mediagate-testkit");
 
-/// A free UDP port on 127.0.0.1, below the ephemeral range (32768–60999): between the
-/// pick and the bind of the process it is meant for, no other test's probe or session
-/// socket (bound to port 0) can take it, as one picked by the kernel could be.
+/// A free UDP port on 127.0.0.1 in 10000–19999: outside the ephemeral range
+/// (32768–60999), so between the pick and the bind of the process it is meant for no
+/// other test's probe or session socket (bound to port 0) can take it, as one picked by
+/// the kernel could be; and below the TURN tests' relay port ranges (20000 and up).
 pub fn free_udp_port() -> u16 {
     loop {
-        let port = 20_000 + rand::random::<u16>() % 12_000;
+        let port = 10_000 + rand::random::<u16>() % 10_000;
         if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
@@ -31,10 +32,10 @@ pub fn spare_udp_port() -> u16 {
     free_udp_port()
 }
 
-/// A free TCP port on 127.0.0.1, below the ephemeral range (see [`free_udp_port`]).
+/// A free TCP port on 127.0.0.1 in 10000–19999 (see [`free_udp_port`]).
 pub fn free_tcp_port() -> u16 {
     loop {
-        let port = 20_000 + rand::random::<u16>() % 12_000;
+        let port = 10_000 + rand::random::<u16>() % 10_000;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }

@@ -171,7 +171,7 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             if let Some(why) = mediagate::fdbudget::check_warning(&cfg, &app::fd_consumers(&cfg)) {
                 eprintln!("warning: {why}");
             }
-            for w in config::validate::warnings(&cfg) {
+            for w in config::advice::warnings(&cfg) {
                 eprintln!("warning: {}: {}: {}", path.display(), w.path, w.message);
             }
             // Certificates are read as `run` would (bounded: a regular file of a few

@@ -23,7 +23,7 @@ pub async fn serve(cfg: Config, path: impl AsRef<Path>) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    for w in crate::config::validate::warnings(&cfg) {
+    for w in crate::config::advice::warnings(&cfg) {
         tracing::warn!(key = %w.path, "{}", w.message);
     }
     let app = App::start(cfg, path.as_ref().display().to_string()).await?;

@@ -141,7 +141,7 @@ pub fn load_str_with_env(
     bad.extend(shadowed.iter().map(|p| p.to_string()));
     issues.extend(validate(&config));
     let written = |p: &str| positions.contains_key(p);
-    issues.extend(super::validate::meaningless_keys(&config, &written));
+    issues.extend(super::advice::meaningless_keys(&config, &written));
     for issue in issues {
         let pos = position_of(&positions, &issue.path);
         let path = as_written(&removed_items, &issue.path);

@@ -3,6 +3,7 @@
 //! over the positioned YAML tree of `yaml`), the semantic checks (`validate`) and the key
 //! reference (`reference`).
 
+pub mod advice;
 pub mod cluster;
 pub mod events;
 pub mod health;

@@ -171,7 +171,8 @@ fn status_all_asks_every_replica_of_a_name() {
         nix::unistd::Uid::effective().is_root(),
         "this test needs root for ip netns"
     );
-    let ns = "mg-cliall";
+    // A name of this process: a leftover of another run cannot be in the way.
+    let ns: &'static str = Box::leak(format!("mg-cli{}", std::process::id()).into_boxed_str());
     let etc = format!("/etc/netns/{ns}");
     let _ = Command::new("ip").args(["netns", "del", ns]).output();
     common::netns::sh(&["ip", "netns", "add", ns]);

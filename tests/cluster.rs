@@ -4,27 +4,12 @@
 
 mod common;
 
+use common::cluster::{Ports, alive_peers, metric, ports};
 use common::*;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant, SystemTime};
 
 const SECRET: &str = "test-secret-0123456789";
-
-struct Ports {
-    admin: u16,
-    listen: u16,
-    cluster: u16,
-}
-
-fn ports(n: usize) -> Vec<Ports> {
-    (0..n)
-        .map(|_| Ports {
-            admin: free_tcp_port(),
-            listen: spare_udp_port(),
-            cluster: spare_udp_port(),
-        })
-        .collect()
-}
 
 /// `expect`: an extra health setting of this replica only (a partial view).
 fn config(
@@ -69,22 +54,6 @@ fn server(status: &serde_json::Value, addr: SocketAddr) -> &serde_json::Value {
         .as_array()
         .and_then(|a| a.iter().find(|s| s["address"] == addr.to_string()))
         .unwrap_or_else(|| panic!("no server {addr} in {status}"))
-}
-
-fn alive_peers(b: &Balancer) -> usize {
-    b.status()["cluster"]["peers"]
-        .as_array()
-        .map(|a| a.iter().filter(|p| p["alive"] == true).count())
-        .unwrap_or(0)
-}
-
-fn metric(b: &Balancer, line_start: &str) -> f64 {
-    b.metrics()
-        .lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 fn peer_list(p: &[Ports]) -> Vec<String> {

@@ -7,28 +7,13 @@
 
 mod common;
 
+use common::cluster::{Ports as Replica, alive_peers, metric, ports as replicas};
 use common::*;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const SECRET: &str = "test-secret-0123456789";
-
-struct Replica {
-    admin: u16,
-    listen: u16,
-    cluster: u16,
-}
-
-fn replicas(n: usize) -> Vec<Replica> {
-    (0..n)
-        .map(|_| Replica {
-            admin: free_tcp_port(),
-            listen: spare_udp_port(),
-            cluster: spare_udp_port(),
-        })
-        .collect()
-}
 
 fn config(
     node: &str,
@@ -88,13 +73,6 @@ fn cluster_addr(r: &Replica) -> String {
     format!("127.0.0.1:{}", r.cluster)
 }
 
-fn alive_peers(b: &Balancer) -> usize {
-    b.status()["cluster"]["peers"]
-        .as_array()
-        .map(|a| a.iter().filter(|p| p["alive"] == true).count())
-        .unwrap_or(0)
-}
-
 fn admin_state(b: &Balancer, server: SocketAddr) -> String {
     let status = b.status();
     upstream_of(&status, "media")["servers"]
@@ -103,15 +81,6 @@ fn admin_state(b: &Balancer, server: SocketAddr) -> String {
         .and_then(|s| s["admin_state"].as_str())
         .unwrap_or_default()
         .to_string()
-}
-
-fn metric(b: &Balancer, line_start: &str) -> f64 {
-    b.metrics()
-        .lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 fn now_ms() -> u64 {

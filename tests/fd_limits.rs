@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::metric_sum as metric;
 use common::*;
 use mediagate::flows::Flows;
 use std::net::UdpSocket;
@@ -68,15 +69,6 @@ fn assert_no_server_down(b: &Balancer) {
     for s in up["servers"].as_array().unwrap() {
         assert_eq!(s["health"], "up", "server marked down: {s}");
     }
-}
-
-/// Sum of every sample of `metrics` whose line starts with `prefix`.
-fn metric(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// The data plane holds its whole budget (500 clients for ~350 descriptors), then the

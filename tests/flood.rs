@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::metric_sum as metric;
 use common::*;
 use mediagate::flows::Flows;
 use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrIn, sendmsg};
@@ -40,15 +41,6 @@ fn usage(b: &Balancer) -> Usage {
         rss_kib: rss_kib(pid),
         fds: open_fds(pid),
     }
-}
-
-/// Sum of every sample of `metrics` whose line starts with `prefix`.
-fn metric(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Sends `payload` to `dst` from `src` (any 127/8 address: all of it is local on Linux)

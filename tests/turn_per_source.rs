@@ -8,6 +8,8 @@
 mod common;
 mod turn_support;
 
+use turn_support::metric;
+
 use common::*;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls_pki_types::pem::PemObject;
@@ -21,13 +23,6 @@ use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
 const HOST: &str = "turn.test";
-
-/// The value of the sample `name` in a /metrics text; 0 if absent.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
 
 fn closed(text: &str, reason: &str) -> f64 {
     metric(

@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::offload::{self, *};
 use common::*;
 use mediagate::flows::Flows;
 use std::net::SocketAddr;
@@ -13,48 +14,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn config(listen: u16, admin: u16, primary: SocketAddr, backup: SocketAddr, idle: &str) -> String {
-    format!(
-        r#"
-admin: {{ listen: "127.0.0.1:{admin}" }}
-shutdown: {{ drain_timeout: 1s }}
-listeners:
-  - name: rtp
-    protocol: udp
-    listen: "127.0.0.1:{listen}"
-    upstream: media
-    offload: ebpf
-    session: {{ idle_timeout: {idle} }}
-upstreams:
-  media:
-    primary: ["{primary}"]
-    backup: ["{backup}"]
-    health: {{ type: udp, send: ping, interval: 100ms, timeout: 100ms }}
-"#
-    )
+    offload::config(&format!("127.0.0.1:{listen}"), admin, primary, backup, idle)
 }
-
-/// The value of the sample `name` (exact label set) in a /metrics text, 0 if absent.
-fn sample(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-fn offload_lines(m: &str) -> String {
-    m.lines()
-        .filter(|l| l.contains("offload") || l.contains("packets_total"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-const PKT_TO_SERVER: &str = "mediagate_packets_total{listener=\"rtp\",direction=\"to_server\"}";
-const PKT_TO_CLIENT: &str = "mediagate_packets_total{listener=\"rtp\",direction=\"to_client\"}";
-const OFF_TO_SERVER: &str =
-    "mediagate_offload_packets_total{listener=\"rtp\",direction=\"to_server\"}";
-const OFF_TO_CLIENT: &str =
-    "mediagate_offload_packets_total{listener=\"rtp\",direction=\"to_client\"}";
-const OFF_SESSIONS: &str = "mediagate_offload_sessions{listener=\"rtp\"}";
 
 /// Program ids of the `mg_ingress` programs loaded now (empty without bpftool).
 fn loaded_programs() -> Vec<u64> {

@@ -3,7 +3,9 @@
 //! client for the admin API, and deadline-bounded waiting.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod netns;
+pub mod offload;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -460,4 +462,22 @@ impl HealthReport {
             self.slowest
         );
     }
+}
+
+/// The value of the sample `name` (its exact label set) in a /metrics text; 0 if absent.
+pub fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The sum of every sample whose line starts with `prefix` (a family, or a family with
+/// some of its labels) in a /metrics text.
+pub fn metric_sum(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -82,6 +82,21 @@ fn counter(metrics: &str, family: &str, extra: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// Gives every thread of `proc` (and the threads it starts later) a real-time priority, so
+/// that on a loaded machine (the rest of the suite runs beside this test on two cores) a
+/// process waiting for the CPU does not look like a hung server: this test is about loss
+/// on the link, and a CPU stall as long as the confirmation window (the probe, four
+/// confirmations 10 ms apart and their timeouts: about 120 ms) is indistinguishable from a
+/// hung server, which must fail over.
+fn realtime(proc: &Proc) {
+    let status = Command::new("chrt")
+        .args(["--all-tasks", "--fifo", "--pid", "20"])
+        .arg(proc.child.id().to_string())
+        .status()
+        .expect("chrt");
+    assert!(status.success(), "chrt on {}", proc.name);
+}
+
 struct Scenario {
     host: LossyHost,
     _primary: Proc,
@@ -122,7 +137,9 @@ fn scenario(idx: u8, per_mille: u32, health_extra: &str, replicas: usize) -> Sce
     let backup = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
     let backup_proc = worker("udp-echo", &format!("backup{idx}"), backup, None);
     let gossip: Vec<u16> = (0..replicas).map(|_| free_udp_port()).collect();
-    let balancers = (0..replicas)
+    realtime(&primary_proc);
+    realtime(&backup_proc);
+    let balancers: Vec<Balancer> = (0..replicas)
         .map(|r| {
             let (listen, admin) = (free_udp_port(), free_tcp_port());
             let cluster = if replicas > 1 {
@@ -136,7 +153,9 @@ fn scenario(idx: u8, per_mille: u32, health_extra: &str, replicas: usize) -> Sce
                  upstreams:\n  u:\n    primary: [\"{primary}\"]\n    backup: [\"{backup}\"]\n    \
                  health: {{ type: udp, interval: 100ms, timeout: 100ms{health_extra} }}\n{cluster}"
             );
-            Balancer::start(&yaml, admin)
+            let b = Balancer::start(&yaml, admin);
+            realtime(&b.proc);
+            b
         })
         .collect();
     Scenario {

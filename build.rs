@@ -9,8 +9,9 @@
 //!
 //! Clang appearing later (the README's two commands in their order: `cargo run -- demo`
 //! on a fresh machine, then `scripts/test.sh` installs clang) is noticed: while clang is
-//! missing, the script watches where it would appear on `PATH`, and cargo runs it again on
-//! every build until it does. The result is in `--version` and `mediagate_build_info`
+//! missing, the script names a file that never exists among its inputs, so cargo runs it
+//! again on every build until clang is found (and mediagate is compiled again each time:
+//! the price of a machine without clang). The result is in `--version` and `mediagate_build_info`
 //! (`MEDIAGATE_FAST_PATH`).
 
 use std::path::PathBuf;
@@ -42,15 +43,16 @@ fn main() {
     match find(&clang) {
         // A new or updated clang builds the object again.
         Some(path) => println!("cargo:rerun-if-changed={}", path.display()),
-        // Not there: watch every place it could appear (a path that does not exist makes
-        // cargo run this script again on the next build).
-        None => {
-            if let Some(paths) = std::env::var_os("PATH") {
-                for dir in std::env::split_paths(&paths) {
-                    println!("cargo:rerun-if-changed={}", dir.join(&clang).display());
-                }
-            }
-        }
+        // Not there: name a file that never exists, so that cargo runs this script on
+        // every build until clang is found. Watching where clang would appear is not
+        // enough: a package manager installs it with the package's (old) modification
+        // time, and cargo takes an old file for an unchanged one.
+        // (Not when the fast path is skipped on purpose.)
+        None if !skip => println!(
+            "cargo:rerun-if-changed={}",
+            out.with_file_name("clang-not-found-yet").display()
+        ),
+        None => {}
     }
     let arch_inc = format!(
         "-I/usr/include/{}-linux-gnu",

@@ -1,4 +1,5 @@
-//! Secrets read from files (`turn.auth.secret_file`, `admin.token_file`), as a Kubernetes
+//! Secrets read from files (`turn.auth.secret_file`, `admin.token_file`, and the
+//! `/events` and `/ice` tokens' `admin.events_token_file`, `turn.ice.token_file`), as a Kubernetes
 //! Secret mounted as files delivers them, rotated in place under the real `mediagate run`:
 //! the new TURN secret and the new admin token are in force within seconds without a
 //! restart, the old ones are refused once they leave the file, and a broken file keeps the
@@ -190,4 +191,108 @@ turn:
         "{}",
         b.status()["config"]
     );
+}
+
+/// The status code of `GET path` with a bearer `token`, read from the status line alone
+/// (`/events` is a stream that does not end).
+fn status_of(admin: std::net::SocketAddr, path: &str, token: &str) -> u16 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(2)) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return 0;
+    }
+    let mut head = [0u8; 12];
+    if s.read_exact(&mut head).is_err() {
+        return 0;
+    }
+    std::str::from_utf8(&head[9..12])
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn events_and_ice_tokens_rotate_from_files_without_restart() {
+    let (turn_port, admin) = (free_udp_port(), free_tcp_port());
+    let relay = 61000 + turn_support::free_port_pair() % 2000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    let (events_file, ice_file) = (secrets.join("events-token"), secrets.join("ice-token"));
+    replace(&events_file, "old-events-token-0123456789\n");
+    replace(&ice_file, "old-ice-token-0123456789\n");
+    let config = dir.path().join("mediagate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+admin:
+  listen: "127.0.0.1:{admin}"
+  token: admin-token-0123456789abcdef
+  events_token_file: {events}
+turn:
+  realm: mediagate
+  public_address: 127.0.0.1
+  listeners:
+    - {{ protocol: udp, listen: "127.0.0.1:{turn_port}" }}
+  auth: {{ type: ephemeral, secret: turn-secret-0123456789abcdef, ttl: 1h }}
+  ice: {{ token_file: {ice} }}
+  relay:
+    address: 127.0.0.1
+    port_range: {relay}-{}
+    peers: ["127.0.0.1/32"]
+"#,
+            relay + 50,
+            events = events_file.display(),
+            ice = ice_file.display(),
+        ),
+    )
+    .unwrap();
+    let b = Balancer::start_path(dir, config, admin);
+    let ice = "/ice?username=bob";
+    assert_eq!(
+        status_of(b.admin, "/events", "old-events-token-0123456789"),
+        200
+    );
+    assert_eq!(
+        status_of(b.admin, "/events", "new-events-token-0123456789"),
+        401
+    );
+    assert_eq!(status_of(b.admin, ice, "old-ice-token-0123456789"), 200);
+    assert_eq!(
+        post_reload(b.admin, "old-events-token-0123456789"),
+        401,
+        "the events token opens /events only"
+    );
+
+    replace(&events_file, "new-events-token-0123456789\n");
+    replace(&ice_file, "new-ice-token-0123456789\n");
+    wait_until(Duration::from_secs(10), "the new events token", || {
+        status_of(b.admin, "/events", "new-events-token-0123456789") == 200
+    });
+    wait_until(Duration::from_secs(10), "the new /ice token", || {
+        status_of(b.admin, ice, "new-ice-token-0123456789") == 200
+    });
+    assert_eq!(
+        status_of(b.admin, "/events", "old-events-token-0123456789"),
+        401,
+        "old events token refused"
+    );
+    assert_eq!(
+        status_of(b.admin, ice, "old-ice-token-0123456789"),
+        401,
+        "old /ice token refused"
+    );
+    // The admin token opens both throughout.
+    assert_eq!(
+        status_of(b.admin, "/events", "admin-token-0123456789abcdef"),
+        200
+    );
+    assert_eq!(status_of(b.admin, ice, "admin-token-0123456789abcdef"), 200);
 }

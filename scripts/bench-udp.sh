@@ -16,6 +16,11 @@
 #   SRC_BASE=10000   flow i always sends from port SRC_BASE+i, so every trial and round
 #                    drives the same long-lived sessions through each proxy (as media
 #                    flows do), and no proxy fills up with sessions of earlier rounds
+#   JOIN=1           every latency round opens its flows' sessions at once (fresh source
+#                    ports, no priming: a mass join, as after a replica restart), the
+#                    proxies' idle timeout is IDLE (default 5s, so earlier rounds' sessions
+#                    expire, in bulk, during later ones); the table adds each target's
+#                    first-datagram RTT (median of the runs' p50 and of their worst)
 #   SKIP_BUILD=1     use the release binaries already built
 #   OUT=file         also write the table there (markdown)
 #   PIN=1            pin the proxies to CPU 1, the generator and echo workers to CPU 0
@@ -41,6 +46,10 @@ TRIAL=${TRIAL:-1s}
 LAT=${LAT:-1s}
 ROUNDS=${ROUNDS:-11}
 SRC_BASE=${SRC_BASE:-10000}
+JOIN=${JOIN:-0}
+LAT_ARGS=(--src-base "$SRC_BASE")
+if [[ $JOIN = 1 ]]; then IDLE=${IDLE:-5s}; LAT_ARGS=(--src-base 0 --prime 0s); fi
+IDLE=${IDLE:-30s} # the proxies' session idle timeout
 SWEEP_MAX=${SWEEP_MAX:-2000000}
 STEPS=${STEPS:-4}
 BASE=${BASE_PORT:-21000}
@@ -61,7 +70,7 @@ start_echo() { # name port
 start_echo primary $PRIMARY
 start_echo backup $BACKUP
 
-nginx_stream_conf "$TMP/nginx.conf" "udp reuseport" "proxy_timeout 30s;"
+nginx_stream_conf "$TMP/nginx.conf" "udp reuseport" "proxy_timeout $IDLE;"
 ${PROXY_CPU[@]} $NGINX -e "$TMP/nginx-error.log" -p "$TMP" -c "$TMP/nginx.conf" &
 PIDS+=($!)
 
@@ -74,7 +83,7 @@ listeners:
     listen: "127.0.0.1:$MG_PORT"
     upstream: media
     # One load generator is one source IP: no per-source limits.
-    session: { idle_timeout: 30s, max_sessions: 100000, new_per_source_per_second: 0, max_per_source: 0 }
+    session: { idle_timeout: $IDLE, max_sessions: 100000, new_per_source_per_second: 0, max_per_source: 0 }
 upstreams:
   media:
     primary: ["127.0.0.1:$PRIMARY"]
@@ -96,7 +105,7 @@ TARGETS="direct nginx mediagate"
 field() { # key line
   sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$2"
 }
-declare -A MAX P99 P50 P999 SIL HALF WINS PAIRED
+declare -A MAX P99 P50 P999 SIL HALF WINS PAIRED F50 FMAX
 say() { echo "$*" >&2; }
 ratio() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
 TOTAL_WINS=0; TOTAL_PAIRED=0
@@ -119,7 +128,7 @@ for flows in $FLOWS; do
     ((half > 0)) || continue
     # Latency: ROUNDS short runs per target, the order rotated every round so that
     # background load hits every target alike; the median of each percentile is kept.
-    declare -A L50=() L99=() L999=() LSIL=()
+    declare -A L50=() L99=() L999=() LSIL=() LF50=() LFMAX=()
     order=($TARGETS)
     wins=0; paired=0; ratios=""
     for ((r = 0; r < ROUNDS; r++)); do
@@ -128,9 +137,10 @@ for flows in $FLOWS; do
         t=${order[$(((j + r) % ${#order[@]}))]}
         if ((SECONDS > DEADLINE)); then say "time budget spent; stopping"; break 4; fi
         line=$(timeout 60 $LOAD run --target 127.0.0.1:${PORT[$t]} --flows "$flows" --size "$size" \
-          --src-base "$SRC_BASE" --rate "$half" --duration "$LAT" 2>/dev/null || true)
+          "${LAT_ARGS[@]}" --rate "$half" --duration "$LAT" 2>/dev/null || true)
         L50[$t]+=" $(field p50_us "$line")"; L99[$t]+=" $(field p99_us "$line")"
         L999[$t]+=" $(field p999_us "$line")"; LSIL[$t]+=" $(field max_silence_ms "$line")"
+        LF50[$t]+=" $(field first_p50_us "$line")"; LFMAX[$t]+=" $(field first_max_us "$line")"
         R99[$t]=$(field p99_us "$line")
         say "latency $t flows=$flows size=$size at $half pps (round $((r + 1))): $line"
       done
@@ -147,6 +157,7 @@ for flows in $FLOWS; do
     for t in $TARGETS; do
       P50[$t,$k]=$(median ${L50[$t]}); P99[$t,$k]=$(median ${L99[$t]})
       P999[$t,$k]=$(median ${L999[$t]}); SIL[$t,$k]=$(median ${LSIL[$t]})
+      F50[$t,$k]=$(median ${LF50[$t]}); FMAX[$t,$k]=$(median ${LFMAX[$t]})
     done
   done
 done
@@ -165,10 +176,20 @@ done
   echo
   echo "Max pps: highest total rate (replies/s) with < 0.1% loss, $TRIAL trials. Latency: open loop at half of nginx's max rate, median of $ROUNDS rotated runs of $LAT."
   echo "Paired rounds (nginx and mediagate run back to back): mediagate's p99 ≤ nginx's in $TOTAL_WINS of $TOTAL_PAIRED."
+  if [[ $JOIN = 1 ]]; then
+    echo "Mass join (JOIN=1: every latency round opened its sessions at once, idle timeout $IDLE). First datagram of each flow, µs, p50/worst (medians over rounds):"
+    for flows in $FLOWS; do
+      for size in $SIZES; do
+        k=$flows,$size
+        echo "- $flows flows × $size B: direct ${F50[direct,$k]:--}/${FMAX[direct,$k]:--}, nginx ${F50[nginx,$k]:--}/${FMAX[nginx,$k]:--}, mediagate ${F50[mediagate,$k]:--}/${FMAX[mediagate,$k]:--}"
+      done
+    done
+  fi
 } | tee "${OUT:-/dev/null}"
 for flows in $FLOWS; do
   for size in $SIZES; do
     for t in $TARGETS; do smoke_require "$t max pps (flows=$flows size=$size)" "${MAX[$t,$flows,$size]:-}"; done
     smoke_require "mediagate p99 (flows=$flows size=$size)" "${P99[mediagate,$flows,$size]:-}"
+    [[ $JOIN = 0 ]] || smoke_require "mediagate first-datagram RTT (flows=$flows size=$size)" "${FMAX[mediagate,$flows,$size]:-}"
   done
 done

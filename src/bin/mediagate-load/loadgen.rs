@@ -119,6 +119,11 @@ pub struct Report {
     pub max_us: f64,
     /// Longest time any flow went without a reply while sending, ms.
     pub max_silence_ms: f64,
+    /// Round-trip time of each flow's first datagram of the run (median and worst, µs):
+    /// without priming, the datagram that opens the flow's session in a proxy (a mass
+    /// join when every flow starts at once), also counted in the percentiles above.
+    pub first_p50_us: f64,
+    pub first_max_us: f64,
     /// Self-check: datagrams the kernel dropped in the generator's own receive queues
     /// (counted as loss, but the generator's, not the target's).
     pub local_drops: u64,
@@ -152,7 +157,7 @@ impl Report {
     /// One line of `key=value` pairs (what scripts parse).
     pub fn line(&self) -> String {
         format!(
-            "flows={} size={} target_pps={} sent={} received={} sent_pps={:.0} pps={:.0} loss={:.5} p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1} max_silence_ms={:.1} local_drops={} peer_drops={} max_lag_ms={:.1} cpu_ms={:.1}",
+            "flows={} size={} target_pps={} sent={} received={} sent_pps={:.0} pps={:.0} loss={:.5} p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1} max_silence_ms={:.1} first_p50_us={:.1} first_max_us={:.1} local_drops={} peer_drops={} max_lag_ms={:.1} cpu_ms={:.1}",
             self.flows,
             self.size,
             self.target_pps,
@@ -166,6 +171,8 @@ impl Report {
             self.p999_us,
             self.max_us,
             self.max_silence_ms,
+            self.first_p50_us,
+            self.first_max_us,
             self.local_drops,
             self.peer_drops,
             self.max_lag_ms,
@@ -347,6 +354,8 @@ impl Generator {
             p999_us: us(recv.rtt.quantile(0.999)),
             max_us: us(recv.rtt.max),
             max_silence_ms: recv.max_silence_ns as f64 / 1e6,
+            first_p50_us: us(recv.first.quantile(0.50)),
+            first_max_us: us(recv.first.max),
             cpu_ms,
             ..Report::default()
         })
@@ -418,7 +427,7 @@ impl Generator {
     /// The receiver: every flow socket under one epoll, until `stop`.
     fn receive(&self, stop: &AtomicBool, epoch_ns: u64) -> io::Result<Received> {
         let flows = self.socks.len();
-        let mut rtt = Histogram::default();
+        let (mut rtt, mut first) = (Histogram::default(), Histogram::default());
         let mut received = 0u64;
         let mut last = vec![epoch_ns; flows];
         let mut max_gap = vec![0u64; flows];
@@ -438,7 +447,7 @@ impl Generator {
                 let got = batch.recv_from(s.as_raw_fd()).unwrap_or(0);
                 for i in 0..got {
                     let (d, _, _) = batch.get(i);
-                    let Some((flow, _seq, sent_ns)) = parse(d) else {
+                    let Some((flow, seq, sent_ns)) = parse(d) else {
                         continue;
                     };
                     let flow = flow as usize;
@@ -447,6 +456,9 @@ impl Generator {
                     }
                     received += 1;
                     rtt.record(now.saturating_sub(sent_ns));
+                    if seq == 0 {
+                        first.record(now.saturating_sub(sent_ns));
+                    }
                     max_gap[flow] = max_gap[flow].max(now.saturating_sub(last[flow]));
                     last[flow] = now;
                 }
@@ -454,6 +466,7 @@ impl Generator {
         }
         Ok(Received {
             rtt,
+            first,
             received,
             max_silence_ns: max_gap.iter().copied().max().unwrap_or(0),
         })
@@ -473,6 +486,7 @@ pub fn process_cpu_ns() -> u64 {
 
 struct Received {
     rtt: Histogram,
+    first: Histogram,
     received: u64,
     max_silence_ns: u64,
 }

@@ -1,6 +1,7 @@
 //! The fine cases of the TURN service, with the `turn` crate's client and raw STUN
 //! requests where the exact answer matters: Binding on every listener, Allocate/Refresh
-//! lifetimes and deallocation (RFC 8656 §7), expired REST credentials, the per-user
+//! lifetimes and deallocation (RFC 8656 §7; an ended allocation frees its relay port at
+//! once, whatever a reader cached), expired REST credentials, the per-user
 //! quota, channel rebinding rules, the peer policy following upstream changes, TCP
 //! allocations ending with their connection, malformed input, and the bounded socket
 //! buffers of TCP clients (`turn.relay.tcp_buffer`).
@@ -488,4 +489,40 @@ async fn tcp_client_buffers_are_bounded_by_tcp_buffer() {
         assert_eq!((rb, tb), (shown, shown), "tcp_buffer {set}");
         gw.svc.close().await;
     }
+}
+
+/// Whether anything still holds UDP `addr` (a bind to it fails).
+fn udp_port_held(addr: SocketAddr) -> bool {
+    std::net::UdpSocket::bind(addr).is_err()
+}
+
+#[tokio::test]
+async fn an_ended_allocation_frees_its_relay_port_at_once() {
+    let gw = Gateway::start(config(Auth::Static, &["127.0.0.1/32"], 10)).await;
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut c = RawClient::udp(gw.udp, USER, PASSWORD).await;
+    let relay = relayed(&c.allocate().await);
+    let bind = [
+        Attr::Channel(0x4000),
+        Attr::Peer(peer.local_addr().unwrap()),
+    ];
+    assert_eq!(code(&c.request(METHOD_CHANNEL_BIND, &bind).await), None);
+    // Data through the listener's reader: it caches the route to this allocation.
+    c.channel_data(0x4000, b"cached").await;
+    let mut buf = [0u8; 64];
+    tokio::time::timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
+        .await
+        .expect("data reaches the peer")
+        .unwrap();
+    assert!(udp_port_held(relay), "the live allocation holds {relay}");
+
+    // Deallocate; the client sends nothing more, so the reader's cached route is never
+    // looked at again: it must not keep the relay socket (descriptor and port) open.
+    let r = c.request(METHOD_REFRESH, &[Attr::Lifetime(0)]).await;
+    assert_eq!(code(&r), None);
+    assert!(
+        wait_until(Duration::from_secs(3), || !udp_port_held(relay)).await,
+        "the relay port {relay} is still bound after the allocation ended"
+    );
+    gw.svc.close().await;
 }

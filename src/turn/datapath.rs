@@ -12,7 +12,8 @@
 //!   connection's own reader task) calls [`DataPath::client_packet`] for every packet
 //!   before anything else. ChannelData and Send indications are relayed right there, with
 //!   one non-blocking `sendto` on the allocation's relay socket: no copy, no allocation, no
-//!   task hop. The route (client → [`RelayState`]) is cached by the reader; a miss (first
+//!   task hop. The route (client → [`RelayState`]) is cached by the reader (a weak
+//!   reference: an ended allocation's socket closes at once); a miss (first
 //!   packet of an allocation) looks it up in the allocation table once.
 //! - peer → client: the relay socket's reader ([`super::relay`]) builds the ChannelData
 //!   header in front of the payload it received (or a Data indication for peers without
@@ -28,7 +29,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use turn::allocation::five_tuple::FiveTuple;
 use turn::proto::PROTO_UDP;
 
@@ -39,8 +40,13 @@ use super::shared::Core;
 pub(crate) use super::sink::ClientSink;
 use super::wire;
 
+/// A reader's cached route for one client: the allocation's relay state, held weakly so
+/// that a cached route never keeps an ended allocation's relay socket (its descriptor and
+/// port) open.
+pub(crate) type Route = Option<Weak<RelayState>>;
+
 /// Routes cached by one reader: client address → the allocation's relay state.
-pub(crate) type RouteCache = HashMap<SocketAddr, Option<Arc<RelayState>>>;
+pub(crate) type RouteCache = HashMap<SocketAddr, Route>;
 
 /// The data path of one listener.
 pub(crate) struct DataPath {
@@ -68,31 +74,28 @@ impl DataPath {
     }
 
     /// The live allocation of `client`, from `cached` or the allocation table.
-    fn route<'a>(
-        &self,
-        client: SocketAddr,
-        cached: &'a mut Option<Arc<RelayState>>,
-    ) -> Option<&'a Arc<RelayState>> {
-        if cached.as_ref().is_none_or(|s| s.is_closed()) {
-            *cached = self
-                .core
-                .allocs
-                .lookup(&(self.idx, self.five_tuple(client)))
-                .map(|(_, s)| s)
-                .filter(|s| !s.is_closed());
+    fn route(&self, client: SocketAddr, cached: &mut Route) -> Option<Arc<RelayState>> {
+        if let Some(s) = cached
+            .as_ref()
+            .and_then(Weak::upgrade)
+            .filter(|s| !s.is_closed())
+        {
+            return Some(s);
         }
-        cached.as_ref()
+        let live = self
+            .core
+            .allocs
+            .lookup(&(self.idx, self.five_tuple(client)))
+            .map(|(_, s)| s)
+            .filter(|s| !s.is_closed());
+        *cached = live.as_ref().map(Arc::downgrade);
+        live
     }
 
     /// Relays `pkt` from `client` if it is ChannelData or a Send indication; returns
     /// false for anything else (the control path takes it). `cached` is the reader's
     /// route for this client.
-    pub(crate) fn client_packet(
-        &self,
-        pkt: &[u8],
-        client: SocketAddr,
-        cached: &mut Option<Arc<RelayState>>,
-    ) -> bool {
+    pub(crate) fn client_packet(&self, pkt: &[u8], client: SocketAddr, cached: &mut Route) -> bool {
         match pkt.first() {
             Some(0x40..=0x7F) => {
                 if wire::classify(pkt) != wire::Kind::ChannelData {
@@ -112,7 +115,7 @@ impl DataPath {
         }
     }
 
-    fn channel_data(&self, pkt: &[u8], client: SocketAddr, cached: &mut Option<Arc<RelayState>>) {
+    fn channel_data(&self, pkt: &[u8], client: SocketAddr, cached: &mut Route) {
         let m = &self.core.metrics;
         let Some(state) = self.route(client, cached) else {
             m.dropped(DropReason::NoAllocation).inc();
@@ -129,12 +132,7 @@ impl DataPath {
 
     /// Send indications without FINGERPRINT (checking one needs the full decoder: those
     /// go the control path).
-    fn send_indication(
-        &self,
-        pkt: &[u8],
-        client: SocketAddr,
-        cached: &mut Option<Arc<RelayState>>,
-    ) -> bool {
+    fn send_indication(&self, pkt: &[u8], client: SocketAddr, cached: &mut Route) -> bool {
         let Ok(txid) = <[u8; 12]>::try_from(&pkt[8..20]) else {
             return false;
         };
@@ -211,9 +209,15 @@ impl DataPath {
 
 /// Drops cached routes of allocations that ended, each time the cache has doubled since
 /// the last pass (routes only exist for allocations, so it stays near their number).
+/// What a stale route holds is only a weak reference: the relay socket closed with its
+/// allocation.
 pub(crate) fn prune(cache: &mut RouteCache, prune_at: &mut usize) {
     if cache.len() > *prune_at {
-        cache.retain(|_, s| s.as_ref().is_some_and(|s| !s.is_closed()));
+        cache.retain(|_, s| {
+            s.as_ref()
+                .and_then(Weak::upgrade)
+                .is_some_and(|s| !s.is_closed())
+        });
         *prune_at = 2 * cache.len() + 64;
     }
 }

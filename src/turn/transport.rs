@@ -65,7 +65,6 @@ use super::datapath::{ClientSink, DataPath};
 use super::metrics::{DropReason, TcpClose, TurnMetrics};
 use super::outbox::{MANY, Outbox};
 use super::ratelog::RateLimit;
-use super::relay::RelayState;
 use super::sources::{SourceLimits, SourceRefusal, SourceSlot};
 use super::trim::Trimmer;
 use super::wire::{self, Frame};
@@ -576,7 +575,7 @@ impl Connection {
         // Empty until bytes arrive; grows to what the current frame needs.
         let mut buf = BytesMut::new();
         // This connection's allocation, for the data path.
-        let mut route: Option<Arc<RelayState>> = None;
+        let mut route: super::datapath::Route = None;
         // Registered once, not once per read.
         let cancelled = self.cancel.cancelled();
         tokio::pin!(cancelled);

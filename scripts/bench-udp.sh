@@ -24,6 +24,7 @@
 #   SKIP_BUILD=1     use the release binaries already built
 #   OUT=file         also write the table there (markdown)
 #   PIN=1            pin the proxies to CPU 1, the generator and echo workers to CPU 0
+#   RT=1             run both proxies at real-time priority (SCHED_FIFO 10; needs root)
 #   SMOKE=1          a few seconds: 10 flows of 64 B, short trials capped at 20k pps,
 #                    2 latency rounds, debug binaries (proves the script works)
 # Needs: nginx (Debian nginx-light + libnginx-mod-stream). Traffic stays on 127.0.0.1.
@@ -55,6 +56,10 @@ STEPS=${STEPS:-4}
 BASE=${BASE_PORT:-21000}
 PROXY_CPU=(); CLIENT_CPU=()
 if [[ -n "${PIN:-}" ]]; then PROXY_CPU=(taskset -c 1); CLIENT_CPU=(taskset -c 0); fi
+# RT=1: both proxies (every thread, nginx's workers too) at SCHED_FIFO priority 10, so
+# that they never wait for a CPU behind the generator and the echo workers: what is left
+# of their tail is their own work.
+if [[ ${RT:-0} = 1 ]]; then PROXY_CPU=(chrt -f 10 "${PROXY_CPU[@]}"); fi
 
 find_nginx
 bench_init bench-udp

@@ -120,7 +120,7 @@ pub const KEYS: &[Key] = &[
     // ------------------------------------------------------------------ turn
     key("turn", "section", Unset("none: no STUN/TURN service"), "The gateway's own STUN/TURN service (see the README's STUN/TURN chapter)."),
     key("turn.realm", "string", Value("mediagate"), "The realm of long-term credentials."),
-    key("turn.public_address", "IP or host name", Required, "The address browsers reach the TURN listeners at, advertised in `/ice` configurations. No port."),
+    key("turn.public_address", "IP or host name, or a list of an IPv4 and an IPv6 address", Required, "The address browsers reach the TURN listeners at, advertised in `/ice` configurations. No port. A dual-stack gateway gives one address per family (`[203.0.113.7, '2001:db8::7']`): `/ice` then lists every listener once per address, so clients of either family get a URL they can reach (a host name with both A and AAAA records does the same alone)."),
     key("turn.listeners", "list", Required, "At least one TURN listener."),
     key("turn.listeners[].protocol", "`udp`, `tcp`, `tls` or `dtls`", Required, "Transport of this TURN listener; `tls` is TURN over TLS over TCP (`turns:` URLs), `dtls` TURN over DTLS 1.2 over UDP (RFC 7350, `turns:HOST:PORT?transport=udp`; browsers do not speak it, so `/ice` does not list it)."),
     key("turn.listeners[].listen", "ip:port", Required, "Address to bind."),

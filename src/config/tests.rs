@@ -511,6 +511,20 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "TURN public addresses: two of one family, then three",
+        "turn:\n  public_address: [1.2.3.4, 5.6.7.8]\n  listeners: [{ protocol: udp, listen: 0.0.0.0:3478 }]\n  auth: { type: ephemeral, secret: x }\n",
+        &[
+            "t.yaml:2:19: turn.public_address: [1.2.3.4, 5.6.7.8]: two entries must be an IPv4 and an IPv6 address (one host name with both A and AAAA records serves both families alone)",
+        ],
+    ),
+    (
+        "TURN public addresses: three",
+        "turn:\n  public_address: [1.2.3.4, '2001:db8::1', turn.example.org]\n  listeners: [{ protocol: udp, listen: 0.0.0.0:3478 }]\n  auth: { type: ephemeral, secret: x }\n",
+        &[
+            "t.yaml:2:19: turn.public_address: 3 addresses: give one IP address or host name, or an IPv4 and an IPv6 address",
+        ],
+    ),
+    (
         "TURN address with port, empty realm, port 0, empty secret",
         "turn:\n  public_address: 1.2.3.4:3478\n  realm: ''\n  listeners: [{ protocol: udp, listen: 0.0.0.0:0 }]\n  auth: { type: ephemeral, secret: '' }\n",
         &[
@@ -945,6 +959,24 @@ fn choices_take_snake_and_kebab_case() {
     assert_eq!(
         load_ok(base).upstreams["u"].failback.as_str(),
         "new_sessions"
+    );
+}
+
+#[test]
+fn turn_public_address_takes_one_entry_or_one_per_family() {
+    let c = load_ok(
+        "turn:\n  public_address: [203.0.113.7, '2001:db8::7']\n  listeners: [{ protocol: udp, listen: 0.0.0.0:3478 }]\n  auth: { type: ephemeral, secret: x }\n",
+    );
+    let p = c.turn.expect("turn section").public_address;
+    assert_eq!(p.to_string(), "[203.0.113.7, 2001:db8::7]");
+    assert_eq!(p.ips().count(), 2);
+    let c = load_ok(
+        "turn:\n  public_address: turn.example.org\n  listeners: [{ protocol: udp, listen: 0.0.0.0:3478 }]\n  auth: { type: ephemeral, secret: x }\n",
+    );
+    let p = c.turn.expect("turn section").public_address;
+    assert_eq!(
+        (p.to_string().as_str(), p.ips().count()),
+        ("turn.example.org", 0)
     );
 }
 

@@ -15,8 +15,9 @@ pub struct TurnConfig {
     /// Default `mediagate`.
     #[serde(default = "default_realm")]
     pub realm: String,
-    /// Required: advertised in ICE configurations; an IP or a host name, no port.
-    pub public_address: String,
+    /// Required: advertised in ICE configurations; an IP or a host name, no port, or a
+    /// list of two (dual stack: an IPv4 and an IPv6 address).
+    pub public_address: PublicAddresses,
     /// Required, at least one.
     pub listeners: Vec<TurnListenerConfig>,
     /// Required.
@@ -344,6 +345,66 @@ impl<'de> Deserialize<'de> for RelayAddresses {
         RelayAddresses::from_list(&ips).map_err(serde::de::Error::custom)
     }
 }
+/// `turn.public_address`: where clients reach the TURN listeners, as advertised by `/ice`:
+/// one IP address or host name, or two (an IPv4 and an IPv6 address of a dual-stack
+/// gateway, so that clients of either family get a server URL they can use). Checked by
+/// the validator (`validate.rs`), which reports each entry with its own message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicAddresses(pub Vec<String>);
+
+impl PublicAddresses {
+    /// The entries, in the configured order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
+        self.0.iter().map(String::as_str)
+    }
+
+    /// The entries that are IP addresses.
+    pub fn ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.iter().filter_map(|a| a.parse().ok())
+    }
+}
+
+impl From<&str> for PublicAddresses {
+    fn from(s: &str) -> Self {
+        PublicAddresses(vec![s.to_string()])
+    }
+}
+
+impl fmt::Display for PublicAddresses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_slice() {
+            [one] => f.write_str(one),
+            all => write!(f, "[{}]", all.join(", ")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicAddresses {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PublicAddresses;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an IP address or host name, or a list of an IPv4 and an IPv6 address")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(PublicAddresses::from(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                Ok(PublicAddresses(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 fn default_port_range() -> PortRange {
     PortRange {
         first: 49152,

@@ -456,7 +456,7 @@ impl Checker {
         if turn.realm.is_empty() {
             self.push("turn.realm", "the realm is empty");
         }
-        self.public_address(&turn.public_address);
+        self.public_addresses(&turn.public_address);
         if turn.listeners.is_empty() {
             self.push("turn.listeners", "no TURN listeners (add at least one)");
         }
@@ -635,6 +635,31 @@ impl Checker {
             "turn.quota.handshake_timeout".to_string(),
             turn.quota.handshake_timeout.0,
         );
+    }
+
+    /// One or two entries; two only as one IPv4 and one IPv6 address.
+    fn public_addresses(&mut self, addrs: &crate::config::PublicAddresses) {
+        const PATH: &str = "turn.public_address";
+        let n = addrs.0.len();
+        if n == 0 || n > 2 {
+            self.push(
+                PATH,
+                format!("{n} addresses: give one IP address or host name, or an IPv4 and an IPv6 address"),
+            );
+            return;
+        }
+        for a in addrs.iter() {
+            self.public_address(a);
+        }
+        if n == 2 {
+            let ips: Vec<IpAddr> = addrs.ips().collect();
+            if ips.len() != 2 || ips[0].is_ipv4() == ips[1].is_ipv4() {
+                self.push(
+                    PATH,
+                    format!("{addrs}: two entries must be an IPv4 and an IPv6 address (one host name with both A and AAAA records serves both families alone)"),
+                );
+            }
+        }
     }
 
     fn public_address(&mut self, addr: &str) {

@@ -158,10 +158,16 @@ pub fn ice_config_for(
             (u.username.clone(), u.password.clone())
         }
     };
-    let host = match cfg.public_address.parse::<std::net::Ipv6Addr>() {
-        Ok(v6) => format!("[{v6}]"),
-        Err(_) => cfg.public_address.clone(),
-    };
+    // Every advertised address (one per family on a dual-stack gateway) with every
+    // listener: a client uses the URLs of the family it has.
+    let hosts: Vec<String> = cfg
+        .public_address
+        .iter()
+        .map(|a| match a.parse::<std::net::Ipv6Addr>() {
+            Ok(v6) => format!("[{v6}]"),
+            Err(_) => a.to_string(),
+        })
+        .collect();
     let mut urls: Vec<String> = Vec::new();
     for (i, l) in cfg.listeners.iter().enumerate() {
         if let Some(want) = &req.listener
@@ -176,19 +182,21 @@ pub fn ice_config_for(
             continue;
         }
         let port = l.listen.port();
-        let mut these = vec![match l.protocol {
-            TurnTransport::Dtls => format!("turns:{host}:{port}?transport=udp"),
-            TurnTransport::Udp => format!("turn:{host}:{port}?transport=udp"),
-            TurnTransport::Tcp => format!("turn:{host}:{port}?transport=tcp"),
-            TurnTransport::Tls => format!("turns:{host}:{port}?transport=tcp"),
-        }];
-        // A tcp listener with a certificate serves TLS on the same port.
-        if l.protocol == TurnTransport::Tcp && l.cert.is_some() {
-            these.push(format!("turns:{host}:{port}?transport=tcp"));
-        }
-        for url in these {
-            if !urls.contains(&url) {
-                urls.push(url);
+        for host in &hosts {
+            let mut these = vec![match l.protocol {
+                TurnTransport::Dtls => format!("turns:{host}:{port}?transport=udp"),
+                TurnTransport::Udp => format!("turn:{host}:{port}?transport=udp"),
+                TurnTransport::Tcp => format!("turn:{host}:{port}?transport=tcp"),
+                TurnTransport::Tls => format!("turns:{host}:{port}?transport=tcp"),
+            }];
+            // A tcp listener with a certificate serves TLS on the same port.
+            if l.protocol == TurnTransport::Tcp && l.cert.is_some() {
+                these.push(format!("turns:{host}:{port}?transport=tcp"));
+            }
+            for url in these {
+                if !urls.contains(&url) {
+                    urls.push(url);
+                }
             }
         }
     }
@@ -217,7 +225,7 @@ pub fn ice_config_for(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Dur, TurnAuthConfig, TurnListenerConfig, TurnUser};
+    use crate::config::{Dur, PublicAddresses, TurnAuthConfig, TurnListenerConfig, TurnUser};
 
     fn cfg(kind: TurnAuthType) -> TurnConfig {
         TurnConfig {
@@ -300,6 +308,29 @@ mod tests {
             "turn:[2001:db8::1]:3478?transport=udp"
         );
         assert!(ice_config(&c, "bob", None, SystemTime::now()).is_err());
+    }
+
+    #[test]
+    fn a_dual_stack_gateway_advertises_both_families() {
+        let mut c = cfg(TurnAuthType::Static);
+        c.public_address = PublicAddresses(vec!["203.0.113.7".into(), "2001:db8::7".into()]);
+        let v = ice_config(&c, "", None, SystemTime::now()).unwrap();
+        let urls: Vec<&str> = v["iceServers"][0]["urls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u.as_str().unwrap())
+            .collect();
+        assert!(
+            urls.contains(&"turn:203.0.113.7:3478?transport=udp"),
+            "{urls:?}"
+        );
+        assert!(
+            urls.contains(&"turn:[2001:db8::7]:3478?transport=udp"),
+            "{urls:?}"
+        );
+        // Every listener once per address.
+        assert_eq!(urls.len() % 2, 0, "{urls:?}");
     }
 
     fn q(pairs: &[(&str, &str)]) -> Result<IceRequest, String> {

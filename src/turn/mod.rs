@@ -176,8 +176,7 @@ impl TurnService {
         );
         let trimmer = Arc::new(trim::Trimmer::default());
         // The advertised address behind a NAT also reaches this host's own ports.
-        let extra_ips: Vec<std::net::IpAddr> =
-            cfg.public_address.parse().ok().into_iter().collect();
+        let extra_ips: Vec<std::net::IpAddr> = cfg.public_address.ips().collect();
         policy.add_public_ips(extra_ips);
         let advertised: Vec<String> = cfg
             .relay

@@ -6,6 +6,10 @@
 //! HTTP server, and mediagate's metrics show the allocations and relayed bytes, with no
 //! listener but the TLS one.
 //!
+//! Then the same call over IPv6: a UDP listener on `::1` only; Chromium names no address
+//! family in its Allocate, so its relay is IPv4 by default and IPv6 with
+//! `turn.relay.default_family: keep` (the relayed address checked in the selected pair).
+//!
 //! The page reports back with `fetch` instead of being driven over the DevTools protocol:
 //! nothing to install beside the browser, and no websocket client in the test.
 //! The self-signed certificate is trusted through `--ignore-certificate-errors`, which
@@ -69,7 +73,8 @@ const PAGE: &str = r#"<!doctype html><meta charset="utf-8"><title>turns call</ti
     }
     report({ok: true, data,
             candidateType: local && local.candidateType,
-            relayProtocol: local && local.relayProtocol});
+            relayProtocol: local && local.relayProtocol,
+            address: local && local.address});
   } catch (e) {
     report({ok: false, error: String(e)});
   }
@@ -132,6 +137,58 @@ async fn serve(listener: TcpListener, results: mpsc::Sender<String>) {
     }
 }
 
+/// Opens the page in headless Chromium with `turn_url` (percent-encoded) as its only ICE
+/// server and waits (40 s at most) for its report: the parsed report, its text, the
+/// browser (still running: its allocations stay) and the page server.
+async fn call(
+    browser: &str,
+    dir: &std::path::Path,
+    turn_url: &str,
+) -> (
+    serde_json::Value,
+    String,
+    tokio::process::Child,
+    tokio::task::JoinHandle<()>,
+) {
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http.local_addr().unwrap();
+    let (tx, mut results) = mpsc::channel(4);
+    let server = tokio::spawn(serve(http, tx));
+    let url = format!("http://{http_addr}/?url={turn_url}&u={USER}&p={PASSWORD}");
+    let profile = dir.join("profile");
+    let mut child = Command::new(browser)
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-extensions",
+            "--disable-dev-shm-usage",
+            "--ignore-certificate-errors",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(&url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("chromium starts");
+    let got = tokio::time::timeout(Duration::from_secs(40), results.recv()).await;
+    let report = match got {
+        Ok(Some(r)) => r,
+        _ => {
+            let _ = child.start_kill();
+            let out = child.wait_with_output().await.unwrap();
+            panic!(
+                "no report from the page in 40 s; chromium stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
+    let v = serde_json::from_str(&report).expect("JSON report");
+    (v, report, child, server)
+}
+
 fn chromium() -> Option<String> {
     ["chromium", "chromium-browser"].iter().find_map(|b| {
         std::process::Command::new(b)
@@ -167,48 +224,13 @@ async fn chromium_calls_through_the_tls_listener_only() {
     assert_eq!(addrs[0].0, TurnTransport::Tls);
     let tls = addrs[0].1;
 
-    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http_addr = http.local_addr().unwrap();
-    let (tx, mut results) = mpsc::channel(4);
-    let server = tokio::spawn(serve(http, tx));
-
     // url = turns:127.0.0.1:PORT?transport=tcp, percent-encoded.
-    let url = format!(
-        "http://{http_addr}/?url=turns%3A127.0.0.1%3A{}%3Ftransport%3Dtcp&u={USER}&p={PASSWORD}",
-        tls.port()
-    );
-    let profile = dir.path().join("profile");
-    let mut child = Command::new(&browser)
-        .args([
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-extensions",
-            "--disable-dev-shm-usage",
-            "--ignore-certificate-errors",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(&url)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("chromium starts");
-
-    let got = tokio::time::timeout(Duration::from_secs(40), results.recv()).await;
-    let report = match got {
-        Ok(Some(r)) => r,
-        _ => {
-            let _ = child.start_kill();
-            let out = child.wait_with_output().await.unwrap();
-            panic!(
-                "no report from the page in 40 s; chromium stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    };
-    let v: serde_json::Value = serde_json::from_str(&report).expect("JSON report");
+    let (v, report, mut child, server) = call(
+        &browser,
+        dir.path(),
+        &format!("turns%3A127.0.0.1%3A{}%3Ftransport%3Dtcp", tls.port()),
+    )
+    .await;
     assert_eq!(v["ok"], true, "page: {report}");
     assert_eq!(v["data"], "hello over turns", "page: {report}");
     assert_eq!(v["candidateType"], "relay", "page: {report}");
@@ -225,4 +247,69 @@ async fn chromium_calls_through_the_tls_listener_only() {
     let _ = child.wait().await;
     server.abort();
     svc.close().await;
+}
+
+/// A call from Chromium to a UDP TURN listener on `::1` only, relays (reaching each other,
+/// `self`) on `relays` with `default_family`: the page's report.
+async fn ipv6_call(
+    browser: &str,
+    relays: &[&str],
+    default_family: mediagate::config::DefaultFamily,
+) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(Auth::Static, &["self"], 10);
+    cfg.listeners.truncate(1);
+    cfg.listeners[0].listen = "[::1]:0".parse().unwrap();
+    cfg.public_address = "::1".into();
+    let ips: Vec<std::net::IpAddr> = relays.iter().map(|r| r.parse().unwrap()).collect();
+    cfg.relay.address = mediagate::config::RelayAddresses::from_list(&ips).unwrap();
+    cfg.relay.default_family = default_family;
+    let policy =
+        Arc::new(PeerPolicy::new(&cfg.relay, "127.0.0.1:8086".parse().unwrap(), &[]).unwrap());
+    let metrics = TurnMetrics::unregistered();
+    let svc = TurnService::start(&cfg, policy, metrics.clone())
+        .await
+        .expect("TURN service starts");
+    let addrs = svc.local_addrs();
+    assert_eq!(addrs.len(), 1);
+    assert!(addrs[0].1.is_ipv6(), "{addrs:?}");
+    // url = turn:[::1]:PORT?transport=udp, percent-encoded.
+    let (v, report, mut child, server) = call(
+        browser,
+        dir.path(),
+        &format!(
+            "turn%3A%5B%3A%3A1%5D%3A{}%3Ftransport%3Dudp",
+            addrs[0].1.port()
+        ),
+    )
+    .await;
+    assert_eq!(v["ok"], true, "page: {report}");
+    assert_eq!(v["data"], "hello over turns", "page: {report}");
+    assert_eq!(v["candidateType"], "relay", "page: {report}");
+    assert_eq!(v["relayProtocol"], "udp", "page: {report}");
+    // Both peer connections allocated over IPv6 and data was relayed.
+    assert!(metrics.allocations_created.get() >= 2, "allocations");
+    assert!(metrics.bytes_to_client.get() > 0, "relayed bytes");
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    server.abort();
+    svc.close().await;
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_calls_over_ipv6() {
+    let Some(browser) = chromium() else {
+        eprintln!("SKIP: chromium is not installed (scripts/install-test-deps.sh installs it)");
+        return;
+    };
+    use mediagate::config::DefaultFamily;
+    // Chromium names no family in its Allocate: by default (RFC 8656) its relay is IPv4,
+    // although it reached the gateway over IPv6.
+    let v = ipv6_call(&browser, &["127.0.0.1", "::1"], DefaultFamily::Ipv4).await;
+    assert_eq!(v["address"], "127.0.0.1", "{v}");
+    // With `default_family: keep` the relay is of the family the client came over: an
+    // IPv6-only gateway serves it.
+    let v = ipv6_call(&browser, &["::1"], DefaultFamily::Keep).await;
+    assert_eq!(v["address"], "::1", "{v}");
 }

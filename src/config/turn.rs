@@ -207,6 +207,39 @@ pub struct RelayConfig {
     /// kernel's autotuning). Default 64 KiB.
     #[serde(default = "default_tcp_buffer")]
     pub tcp_buffer: usize,
+    /// The family of an allocation's relayed address when its Allocate names none
+    /// (no REQUESTED-ADDRESS-FAMILY). Default `ipv4` (RFC 8656 §7.2).
+    #[serde(default)]
+    pub default_family: DefaultFamily,
+}
+
+/// `turn.relay.default_family` (coturn's `allocation-default-address-family`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultFamily {
+    /// IPv4, as RFC 8656 says.
+    #[default]
+    Ipv4,
+    /// IPv6.
+    Ipv6,
+    /// The family the client reached the gateway over (an IPv4-mapped address counts as
+    /// IPv4): browsers never send REQUESTED-ADDRESS-FAMILY, so an IPv6-only client of a
+    /// gateway that relays IPv6 gets an IPv6 relay.
+    Keep,
+}
+
+impl DefaultFamily {
+    /// Whether an Allocate from `client` that names no family gets an IPv4 relay.
+    pub fn ipv4_for(self, client: SocketAddr) -> bool {
+        match self {
+            DefaultFamily::Ipv4 => true,
+            DefaultFamily::Ipv6 => false,
+            DefaultFamily::Keep => match client.ip() {
+                IpAddr::V4(_) => true,
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some(),
+            },
+        }
+    }
 }
 
 fn default_relay_recv_buffer() -> usize {
@@ -425,6 +458,7 @@ impl Default for RelayConfig {
             listener_buffer: default_listener_buffer(),
             offload: super::values::Offload::None,
             tcp_buffer: default_tcp_buffer(),
+            default_family: DefaultFamily::Ipv4,
         }
     }
 }

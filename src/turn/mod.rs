@@ -214,6 +214,7 @@ impl TurnService {
                 Arc::clone(&core.refusal_log),
                 Arc::clone(&core.misc_log),
                 kernel.clone(),
+                cfg.relay.default_family,
             ));
             let (notify_tx, mut notify_rx) = mpsc::channel(4096);
             let manager = Arc::new(Manager::new(ManagerConfig {

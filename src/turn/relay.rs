@@ -309,6 +309,8 @@ pub(crate) struct RelayFactory {
     last_created: Mutex<Option<Arc<RelayState>>>,
     /// Sockets bound in advance, by family (true: IPv4) and port.
     prebound: Mutex<HashMap<(bool, u16), Prebound>>,
+    /// `turn.relay.default_family`.
+    default_family: crate::config::DefaultFamily,
 }
 
 impl RelayFactory {
@@ -323,8 +325,10 @@ impl RelayFactory {
         refusal_log: Arc<RateLimit>,
         error_log: Arc<RateLimit>,
         kernel: Option<Arc<KernelChannels>>,
+        default_family: crate::config::DefaultFamily,
     ) -> Self {
         RelayFactory {
+            default_family,
             kernel,
             policy,
             metrics,
@@ -348,6 +352,12 @@ impl RelayFactory {
     /// Rate limit of relay socket failure logs.
     pub(crate) fn error_log(&self) -> &RateLimit {
         &self.error_log
+    }
+
+    /// Whether an Allocate from `client` naming no family gets an IPv4 relayed address
+    /// (`turn.relay.default_family`).
+    pub(crate) fn default_ipv4(&self, client: SocketAddr) -> bool {
+        self.default_family.ipv4_for(client)
     }
 
     /// Whether relayed addresses of a family (`ipv4`: IPv4, else IPv6) are served.

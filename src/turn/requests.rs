@@ -153,7 +153,9 @@ impl Listener {
             return self.fail(m, src, 400, "Bad Request", k).await;
         }
         let mut want_ipv4 = match family.as_deref() {
-            None => true,
+            // Without a family the default one (`turn.relay.default_family`); a dual
+            // allocation's first relayed address is IPv4 whatever the default.
+            None => want_dual || self.relays.default_ipv4(src),
             Some([1, 0, 0, 0]) => true,
             Some([2, 0, 0, 0]) => false,
             Some(_) => {

@@ -981,6 +981,19 @@ fn turn_public_address_takes_one_entry_or_one_per_family() {
 }
 
 #[test]
+fn turn_relay_default_family_parses() {
+    let c = load_ok(
+        "turn:\n  public_address: 1.2.3.4\n  listeners: [{ protocol: udp, listen: '[::]:3478' }]\n  auth: { type: ephemeral, secret: x }\n  relay: { address: ['0.0.0.0', '::'], default_family: keep }\n",
+    );
+    let f = c.turn.expect("turn section").relay.default_family;
+    assert_eq!(f, crate::config::DefaultFamily::Keep);
+    assert!(f.ipv4_for("[::ffff:10.0.0.1]:5000".parse().unwrap()));
+    assert!(f.ipv4_for("10.0.0.1:5000".parse().unwrap()));
+    assert!(!f.ipv4_for("[2001:db8::1]:5000".parse().unwrap()));
+    assert!(load("turn:\n  public_address: 1.2.3.4\n  listeners: [{ protocol: udp, listen: '0.0.0.0:3478' }]\n  auth: { type: ephemeral, secret: x }\n  relay: { default_family: both }\n").is_err());
+}
+
+#[test]
 fn turn_relay_address_takes_one_address_per_family() {
     let c = load_ok(
         "turn:\n  public_address: 1.2.3.4\n  listeners: [{ protocol: udp, listen: 0.0.0.0:3478 }]\n  auth: { type: ephemeral, secret: x }\n  relay: { address: [10.0.0.1, 'fd00::1'] }\n",

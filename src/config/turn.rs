@@ -378,6 +378,7 @@ impl<'de> Deserialize<'de> for RelayAddresses {
         RelayAddresses::from_list(&ips).map_err(serde::de::Error::custom)
     }
 }
+
 /// `turn.public_address`: where clients reach the TURN listeners, as advertised by `/ice`:
 /// one IP address or host name, or two (an IPv4 and an IPv6 address of a dual-stack
 /// gateway, so that clients of either family get a server URL they can use). Checked by

@@ -344,29 +344,41 @@ impl std::fmt::Display for RelayAddresses {
     }
 }
 
+/// A YAML string or a list of strings, as the entries of a list (`expecting` names what
+/// was expected in the error of anything else).
+fn one_or_list<'de, D: Deserializer<'de>>(
+    d: D,
+    expecting: &'static str,
+) -> Result<Vec<String>, D::Error> {
+    struct V(&'static str);
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(vec![v.to_string()])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(s) = seq.next_element::<String>()? {
+                out.push(s);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(V(expecting))
+}
+
 impl<'de> Deserialize<'de> for RelayAddresses {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Vec<String>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an IP address or a list of one IPv4 and one IPv6 address")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(vec![v.to_string()])
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::new();
-                while let Some(s) = seq.next_element::<String>()? {
-                    out.push(s);
-                }
-                Ok(out)
-            }
-        }
-        let texts = d.deserialize_any(V)?;
+        let texts = one_or_list(
+            d,
+            "an IP address or a list of one IPv4 and one IPv6 address",
+        )?;
         let mut ips = Vec::new();
         for t in &texts {
             let ip: IpAddr = t
@@ -415,27 +427,11 @@ impl fmt::Display for PublicAddresses {
 
 impl<'de> Deserialize<'de> for PublicAddresses {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = PublicAddresses;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an IP address or host name, or a list of an IPv4 and an IPv6 address")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(PublicAddresses::from(v))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::new();
-                while let Some(s) = seq.next_element::<String>()? {
-                    out.push(s);
-                }
-                Ok(PublicAddresses(out))
-            }
-        }
-        d.deserialize_any(V)
+        one_or_list(
+            d,
+            "an IP address or host name, or a list of an IPv4 and an IPv6 address",
+        )
+        .map(PublicAddresses)
     }
 }
 

@@ -137,19 +137,57 @@ async fn serve(listener: TcpListener, results: mpsc::Sender<String>) {
     }
 }
 
-/// Opens the page in headless Chromium with `turn_url` (percent-encoded) as its only ICE
-/// server and waits (40 s at most) for its report: the parsed report, its text, the
-/// browser (still running: its allocations stay) and the page server.
-async fn call(
-    browser: &str,
-    dir: &std::path::Path,
-    turn_url: &str,
+/// A running page: its parsed report and text, the browser (still running: its
+/// allocations stay) and the page server.
+struct Call {
+    v: serde_json::Value,
+    report: String,
+    child: tokio::process::Child,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Call {
+    /// The page's call went through a relay over `protocol` and carried its message.
+    fn assert_relayed(&self, protocol: &str) {
+        let (v, report) = (&self.v, &self.report);
+        assert_eq!(v["ok"], true, "page: {report}");
+        assert_eq!(v["data"], "hello over turns", "page: {report}");
+        assert_eq!(v["candidateType"], "relay", "page: {report}");
+        assert_eq!(v["relayProtocol"], protocol, "page: {report}");
+    }
+
+    async fn end(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        self.server.abort();
+    }
+}
+
+/// Starts the TURN service of `cfg`, which must have one listener: the service, its
+/// metrics and that listener's transport and address.
+async fn start(
+    cfg: &mediagate::config::TurnConfig,
 ) -> (
-    serde_json::Value,
-    String,
-    tokio::process::Child,
-    tokio::task::JoinHandle<()>,
+    TurnService,
+    TurnMetrics,
+    TurnTransport,
+    std::net::SocketAddr,
 ) {
+    let policy =
+        Arc::new(PeerPolicy::new(&cfg.relay, "127.0.0.1:8086".parse().unwrap(), &[]).unwrap());
+    let metrics = TurnMetrics::unregistered();
+    let svc = TurnService::start(cfg, policy, metrics.clone())
+        .await
+        .expect("TURN service starts");
+    let addrs = svc.local_addrs();
+    assert_eq!(addrs.len(), 1, "{addrs:?}");
+    let (transport, addr) = addrs[0];
+    (svc, metrics, transport, addr)
+}
+
+/// Opens the page in headless Chromium with `turn_url` (percent-encoded) as its only ICE
+/// server and waits (40 s at most) for its report.
+async fn call(browser: &str, dir: &std::path::Path, turn_url: &str) -> Call {
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http_addr = http.local_addr().unwrap();
     let (tx, mut results) = mpsc::channel(4);
@@ -186,7 +224,12 @@ async fn call(
         }
     };
     let v = serde_json::from_str(&report).expect("JSON report");
-    (v, report, child, server)
+    Call {
+        v,
+        report,
+        child,
+        server,
+    }
 }
 
 fn chromium() -> Option<String> {
@@ -213,28 +256,17 @@ async fn chromium_calls_through_the_tls_listener_only() {
     let mut cfg = config(Auth::Static, &["self"], 10);
     cfg.listeners.clear();
     add_tls(&mut cfg, &cert, &key, false);
-    let policy =
-        Arc::new(PeerPolicy::new(&cfg.relay, "127.0.0.1:8086".parse().unwrap(), &[]).unwrap());
-    let metrics = TurnMetrics::unregistered();
-    let svc = TurnService::start(&cfg, policy, metrics.clone())
-        .await
-        .expect("TURN service starts");
-    let addrs = svc.local_addrs();
-    assert_eq!(addrs.len(), 1);
-    assert_eq!(addrs[0].0, TurnTransport::Tls);
-    let tls = addrs[0].1;
+    let (svc, metrics, transport, tls) = start(&cfg).await;
+    assert_eq!(transport, TurnTransport::Tls);
 
     // url = turns:127.0.0.1:PORT?transport=tcp, percent-encoded.
-    let (v, report, mut child, server) = call(
+    let page = call(
         &browser,
         dir.path(),
         &format!("turns%3A127.0.0.1%3A{}%3Ftransport%3Dtcp", tls.port()),
     )
     .await;
-    assert_eq!(v["ok"], true, "page: {report}");
-    assert_eq!(v["data"], "hello over turns", "page: {report}");
-    assert_eq!(v["candidateType"], "relay", "page: {report}");
-    assert_eq!(v["relayProtocol"], "tls", "page: {report}");
+    page.assert_relayed("tls");
 
     // mediagate saw it: two allocations (one per peer connection) over its only listener,
     // the TLS one, with relayed data, while the browser still holds its TLS connections.
@@ -243,9 +275,7 @@ async fn chromium_calls_through_the_tls_listener_only() {
     assert!(metrics.bytes_to_client.get() > 0, "relayed bytes");
     assert_eq!(metrics.tcp_closed_count("tls_handshake"), 0);
 
-    let _ = child.start_kill();
-    let _ = child.wait().await;
-    server.abort();
+    page.end().await;
     svc.close().await;
 }
 
@@ -264,35 +294,21 @@ async fn ipv6_call(
     let ips: Vec<std::net::IpAddr> = relays.iter().map(|r| r.parse().unwrap()).collect();
     cfg.relay.address = mediagate::config::RelayAddresses::from_list(&ips).unwrap();
     cfg.relay.default_family = default_family;
-    let policy =
-        Arc::new(PeerPolicy::new(&cfg.relay, "127.0.0.1:8086".parse().unwrap(), &[]).unwrap());
-    let metrics = TurnMetrics::unregistered();
-    let svc = TurnService::start(&cfg, policy, metrics.clone())
-        .await
-        .expect("TURN service starts");
-    let addrs = svc.local_addrs();
-    assert_eq!(addrs.len(), 1);
-    assert!(addrs[0].1.is_ipv6(), "{addrs:?}");
+    let (svc, metrics, _, addr) = start(&cfg).await;
+    assert!(addr.is_ipv6(), "{addr}");
     // url = turn:[::1]:PORT?transport=udp, percent-encoded.
-    let (v, report, mut child, server) = call(
+    let page = call(
         browser,
         dir.path(),
-        &format!(
-            "turn%3A%5B%3A%3A1%5D%3A{}%3Ftransport%3Dudp",
-            addrs[0].1.port()
-        ),
+        &format!("turn%3A%5B%3A%3A1%5D%3A{}%3Ftransport%3Dudp", addr.port()),
     )
     .await;
-    assert_eq!(v["ok"], true, "page: {report}");
-    assert_eq!(v["data"], "hello over turns", "page: {report}");
-    assert_eq!(v["candidateType"], "relay", "page: {report}");
-    assert_eq!(v["relayProtocol"], "udp", "page: {report}");
+    page.assert_relayed("udp");
     // Both peer connections allocated over IPv6 and data was relayed.
     assert!(metrics.allocations_created.get() >= 2, "allocations");
     assert!(metrics.bytes_to_client.get() > 0, "relayed bytes");
-    let _ = child.start_kill();
-    let _ = child.wait().await;
-    server.abort();
+    let v = page.v.clone();
+    page.end().await;
     svc.close().await;
     v
 }

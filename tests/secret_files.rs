@@ -10,7 +10,7 @@ mod turn_support;
 
 use common::*;
 use mediagate::turn::{ephemeral_password, ephemeral_username};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use turn_support::{RawClient, code};
 
@@ -60,16 +60,24 @@ fn reload_errors(b: &Balancer) -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn turn_secret_and_admin_token_rotate_from_files_without_restart() {
+/// Writes `files` (name, content) into a `secrets` directory, then starts `mediagate run`
+/// with an admin API and a UDP TURN listener on loopback; `sections` gets the files'
+/// paths and returns the lines added under `admin:` and under `turn:` (indented). Returns
+/// the balancer, the files' paths and the TURN listener's address.
+fn start_with_files(
+    files: [(&str, &str); 2],
+    sections: impl FnOnce(&[PathBuf; 2]) -> (String, String),
+) -> (Balancer, [PathBuf; 2], std::net::SocketAddr) {
     let (turn_port, admin) = (free_udp_port(), free_tcp_port());
     let relay = 61000 + turn_support::free_port_pair() % 2000;
     let dir = tempfile::tempdir().expect("tempdir");
     let secrets = dir.path().join("secrets");
     std::fs::create_dir(&secrets).unwrap();
-    let (turn_file, token_file) = (secrets.join("turn-secret"), secrets.join("admin-token"));
-    replace(&turn_file, "old-turn-secret-0123456789\n");
-    replace(&token_file, "old-admin-token-0123456789\n");
+    let paths = files.map(|(name, _)| secrets.join(name));
+    for ((_, content), path) in files.iter().zip(&paths) {
+        replace(path, content);
+    }
+    let (admin_extra, turn_extra) = sections(&paths);
     let config = dir.path().join("mediagate.yaml");
     std::fs::write(
         &config,
@@ -77,26 +85,47 @@ async fn turn_secret_and_admin_token_rotate_from_files_without_restart() {
             r#"
 admin:
   listen: "127.0.0.1:{admin}"
-  token_file: {token}
+{admin_extra}
 turn:
   realm: mediagate
   public_address: 127.0.0.1
   listeners:
     - {{ protocol: udp, listen: "127.0.0.1:{turn_port}" }}
-  auth: {{ type: ephemeral, secret_file: {turn_secret}, ttl: 1h }}
+{turn_extra}
   relay:
     address: 127.0.0.1
     port_range: {relay}-{}
     peers: ["127.0.0.1/32"]
 "#,
             relay + 50,
-            token = token_file.display(),
-            turn_secret = turn_file.display(),
         ),
     )
     .unwrap();
     let b = Balancer::start_path(dir, config, admin);
-    let server = std::net::SocketAddr::from(([127, 0, 0, 1], turn_port));
+    (
+        b,
+        paths,
+        std::net::SocketAddr::from(([127, 0, 0, 1], turn_port)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turn_secret_and_admin_token_rotate_from_files_without_restart() {
+    let (b, [turn_file, token_file], server) = start_with_files(
+        [
+            ("turn-secret", "old-turn-secret-0123456789\n"),
+            ("admin-token", "old-admin-token-0123456789\n"),
+        ],
+        |[turn, token]| {
+            (
+                format!("  token_file: {}", token.display()),
+                format!(
+                    "  auth: {{ type: ephemeral, secret_file: {}, ttl: 1h }}",
+                    turn.display()
+                ),
+            )
+        },
+    );
     let (old, new) = ("old-turn-secret-0123456789", "new-turn-secret-9876543210");
 
     // The file's secret is in force; a credential of the next secret is not yet.
@@ -219,42 +248,24 @@ fn status_of(admin: std::net::SocketAddr, path: &str, token: &str) -> u16 {
 
 #[test]
 fn events_and_ice_tokens_rotate_from_files_without_restart() {
-    let (turn_port, admin) = (free_udp_port(), free_tcp_port());
-    let relay = 61000 + turn_support::free_port_pair() % 2000;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let secrets = dir.path().join("secrets");
-    std::fs::create_dir(&secrets).unwrap();
-    let (events_file, ice_file) = (secrets.join("events-token"), secrets.join("ice-token"));
-    replace(&events_file, "old-events-token-0123456789\n");
-    replace(&ice_file, "old-ice-token-0123456789\n");
-    let config = dir.path().join("mediagate.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-admin:
-  listen: "127.0.0.1:{admin}"
-  token: admin-token-0123456789abcdef
-  events_token_file: {events}
-turn:
-  realm: mediagate
-  public_address: 127.0.0.1
-  listeners:
-    - {{ protocol: udp, listen: "127.0.0.1:{turn_port}" }}
-  auth: {{ type: ephemeral, secret: turn-secret-0123456789abcdef, ttl: 1h }}
-  ice: {{ token_file: {ice} }}
-  relay:
-    address: 127.0.0.1
-    port_range: {relay}-{}
-    peers: ["127.0.0.1/32"]
-"#,
-            relay + 50,
-            events = events_file.display(),
-            ice = ice_file.display(),
-        ),
-    )
-    .unwrap();
-    let b = Balancer::start_path(dir, config, admin);
+    let (b, [events_file, ice_file], _) = start_with_files(
+        [
+            ("events-token", "old-events-token-0123456789\n"),
+            ("ice-token", "old-ice-token-0123456789\n"),
+        ],
+        |[events, ice]| {
+            (
+                format!(
+                    "  token: admin-token-0123456789abcdef\n  events_token_file: {}",
+                    events.display()
+                ),
+                format!(
+                    "  auth: {{ type: ephemeral, secret: turn-secret-0123456789abcdef, ttl: 1h }}\n  ice: {{ token_file: {} }}",
+                    ice.display()
+                ),
+            )
+        },
+    );
     let ice = "/ice?username=bob";
     assert_eq!(
         status_of(b.admin, "/events", "old-events-token-0123456789"),

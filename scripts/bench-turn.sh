@@ -15,6 +15,7 @@
 #   STAT=1 ...                                  # also count both servers' syscalls and context
 #                                               # switches per relayed packet at half rate
 #   MG_BIN=path SKIP_BUILD=1 ...                # another mediagate build (A/B runs)
+#   MG_THREADS=1 ...                            # turn.relay.threads (default 0: one per core)
 #   SMOKE=1 scripts/bench-turn.sh               # seconds: 2 allocations, one fixed rate
 #
 # Topology: the generator in a network namespace of its own and the echo peer in another,
@@ -63,6 +64,8 @@ FIXED_RATE=${FIXED_RATE:-}
 # machine (builds) disturbs the comparison less; same level for both servers.
 NICE=${NICE:--10}
 OFFLOAD=${OFFLOAD:-ebpf}
+# turn.relay.threads: mediagate's UDP threads (0: one per core, as coturn's relay threads).
+MG_THREADS=${MG_THREADS:-0}
 ECHO=${ECHO:-xdp}
 if [[ $ECHO = xdp ]] && ! command -v clang >/dev/null; then
     echo "clang not found: a user-space echo peer instead of the XDP reflector (ECHO=socket)" >&2
@@ -148,6 +151,7 @@ turn:
     port_range: 40000-44999
     peers: [$PEER_IP/32]
     offload: $OFFLOAD
+    threads: $MG_THREADS
   quota:
     allocations_per_user: 5000
 EOF

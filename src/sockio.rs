@@ -439,6 +439,53 @@ pub fn to_storage(addr: SocketAddr, s: &mut libc::sockaddr_storage) -> libc::soc
     }
 }
 
+/// Binds `n` (at least one) non-blocking UDP sockets on `addr` as one `SO_REUSEPORT`
+/// group: the kernel spreads senders over them by 4-tuple hash, so one sender always
+/// lands on the same socket. `buffer` (bytes, 0: the system's default) is asked for as
+/// receive and send buffer, capped by the kernel. An IPv6 address also takes IPv4
+/// (mapped). A port that another socket already holds fails, as a plain bind would (it
+/// is probed without `SO_REUSEPORT` first, so a group of another process does not
+/// silently share the traffic); port 0 picks one port for the whole group.
+pub fn bind_reuseport_group(
+    addr: SocketAddr,
+    n: usize,
+    buffer: usize,
+) -> io::Result<Vec<std::net::UdpSocket>> {
+    let new = || {
+        let domain = socket2::Domain::for_address(addr);
+        let sock =
+            socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+        if addr.is_ipv6() {
+            sock.set_only_v6(false).ok();
+        }
+        if buffer > 0 {
+            let _ = sock.set_recv_buffer_size(buffer);
+            let _ = sock.set_send_buffer_size(buffer);
+        }
+        io::Result::Ok(sock)
+    };
+    let mut addr = addr;
+    {
+        let probe = new()?;
+        probe.bind(&addr.into())?;
+        if addr.port() == 0 {
+            addr = probe
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("bound socket has no address"))?;
+        }
+    }
+    let mut out = Vec::with_capacity(n.max(1));
+    for _ in 0..n.max(1) {
+        let sock = new()?;
+        sock.set_reuse_port(true)?;
+        sock.bind(&addr.into())?;
+        sock.set_nonblocking(true)?;
+        out.push(sock.into());
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

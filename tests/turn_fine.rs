@@ -274,8 +274,16 @@ async fn channel_binding_rules_and_data_both_ways() {
         .expect("ChannelData from A");
     assert_eq!(&got[..2], &[0x40, 0x00]);
     assert_eq!(&got[4..10], b"from-a");
-    assert_eq!(gw.metrics.bytes_to_peer.get(), 8);
-    assert_eq!(gw.metrics.bytes_to_client.get(), 6);
+    // Counted right after the send: the datagram may arrive first.
+    assert!(
+        wait_until(Duration::from_secs(2), || gw.metrics.bytes_to_peer.get()
+            == 8
+            && gw.metrics.bytes_to_client.get() == 6)
+        .await,
+        "to peer {} bytes, to client {}",
+        gw.metrics.bytes_to_peer.get(),
+        gw.metrics.bytes_to_client.get()
+    );
     gw.svc.close().await;
 }
 

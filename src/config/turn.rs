@@ -199,6 +199,11 @@ pub struct RelayConfig {
     /// Default 4 MiB.
     #[serde(default = "default_listener_buffer")]
     pub listener_buffer: usize,
+    /// Threads serving the UDP listeners and their allocations' relay sockets (each UDP
+    /// listener binds one `SO_REUSEPORT` socket per thread); 0: one per CPU. At most 64.
+    /// Default 0.
+    #[serde(default)]
+    pub threads: usize,
     /// `ebpf`: the kernel fast path relays the channel data of UDP allocations. Default
     /// `none`.
     #[serde(default)]
@@ -453,6 +458,7 @@ impl Default for RelayConfig {
             peers: default_peers(),
             recv_buffer: default_relay_recv_buffer(),
             listener_buffer: default_listener_buffer(),
+            threads: 0,
             offload: super::values::Offload::None,
             tcp_buffer: default_tcp_buffer(),
             default_family: DefaultFamily::Ipv4,

@@ -32,6 +32,7 @@ mod policy;
 mod relay;
 mod requests;
 mod server;
+mod shards;
 mod shared;
 mod sink;
 mod sources;
@@ -85,11 +86,29 @@ pub fn effective_max_allocations(cfg: &TurnConfig) -> usize {
 /// ([`effective_max_allocations`]), plus one more per allocation for the even port bound
 /// together with a reservation while an Allocate is in progress (at most one per
 /// listener), one socket per TURN-over-TCP connection (`turn.quota.max_tcp_connections`),
-/// and one socket per listener. Tokio's and the crate's own descriptors are not counted.
+/// one socket per listener (a UDP listener: one per `turn.relay.threads` thread) and each
+/// UDP thread's epoll instance and waker. The shared runtime's and the crate's own
+/// descriptors are not counted.
 pub fn fd_demand(cfg: &TurnConfig) -> usize {
     let listeners = cfg.listeners.len();
-    effective_max_allocations(cfg) + listeners + cfg.quota.max_tcp_connections + listeners
+    let threads = shards::thread_count(cfg.relay.threads);
+    let sockets: usize = cfg
+        .listeners
+        .iter()
+        .map(|l| match l.protocol {
+            TurnTransport::Udp => threads,
+            _ => 1,
+        })
+        .sum();
+    effective_max_allocations(cfg)
+        + sockets
+        + cfg.quota.max_tcp_connections
+        + listeners
+        + SHARD_FDS * threads
 }
+
+/// Descriptors of one UDP thread's own runtime (its epoll instance and its waker).
+const SHARD_FDS: usize = 2;
 
 /// `mediagate check`: loads the certificate and key of every `tls` and `dtls` listener
 /// (and of a `tcp` listener given one) as the service would, with the same bounded reads,
@@ -121,6 +140,8 @@ pub struct TurnService {
     cancel: CancellationToken,
     bookkeeping: CancellationToken,
     tasks: TaskTracker,
+    /// The UDP listeners' threads, stopped last.
+    shards: shards::Shards,
 }
 
 fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
@@ -202,6 +223,8 @@ impl TurnService {
         } else {
             None
         };
+        let shards = shards::Shards::start(shards::thread_count(cfg.relay.threads))
+            .context("turn.relay.threads: cannot start the UDP threads")?;
         let mut listeners = Vec::new();
         for (idx, l) in cfg.listeners.iter().enumerate() {
             let relays = Arc::new(RelayFactory::new(
@@ -231,10 +254,16 @@ impl TurnService {
             );
             let (conn, sink, local, closed_rx, udp, tcp): Transports = match l.protocol {
                 TurnTransport::Udp => {
-                    let socket = bind_udp(l.listen, cfg.relay.listener_buffer)
-                        .with_context(|| format!("turn.listeners[{idx}]: bind udp {}", l.listen))?;
-                    kdrops.watch(&socket, kdrops::Kind::Listener);
-                    let t = Arc::new(UdpTransport::new(socket, metrics.clone())?);
+                    let sockets = crate::sockio::bind_reuseport_group(
+                        l.listen,
+                        shards.len(),
+                        cfg.relay.listener_buffer,
+                    )
+                    .with_context(|| format!("turn.listeners[{idx}]: bind udp {}", l.listen))?;
+                    for s in &sockets {
+                        kdrops.watch(s, kdrops::Kind::Listener);
+                    }
+                    let t = Arc::new(UdpTransport::new(sockets, metrics.clone())?);
                     let local = t.local_addr()?;
                     (t.clone(), t.clone(), local, None, Some(t), None)
                 }
@@ -322,7 +351,14 @@ impl TurnService {
                 udp,
                 tcp,
             ));
-            tasks.spawn(Arc::clone(&listener).run(cancel.clone()));
+            if l.protocol == TurnTransport::Udp {
+                for i in 0..shards.len() {
+                    let run = Arc::clone(&listener).run_udp(i, cancel.clone());
+                    tasks.spawn_on(run, shards.handle(i));
+                }
+            } else {
+                tasks.spawn(Arc::clone(&listener).run(cancel.clone()));
+            }
 
             // EVEN-PORT reservations expire on their own, Allocate or not.
             let l2 = Arc::clone(&listener);
@@ -452,6 +488,7 @@ impl TurnService {
             cancel,
             bookkeeping,
             tasks,
+            shards,
         })
     }
 
@@ -485,6 +522,7 @@ impl TurnService {
         self.bookkeeping.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        self.shards.stop();
         tracing::info!("TURN service stopped");
     }
 }
@@ -544,9 +582,14 @@ mod tests {
     fn the_cap_is_clipped_to_the_port_range_and_counted_in_fd_demand() {
         let c = cfg((49152, 65535), 10_000, 4096);
         assert_eq!(effective_max_allocations(&c), 10_000);
-        assert_eq!(fd_demand(&c), 10_000 + 2 + 4096 + 2);
-        let c = cfg((40000, 40099), 10_000, 10);
+        // A UDP listener binds one socket per thread, and each thread has its runtime's
+        // epoll instance and waker.
+        let mut c = c;
+        c.relay.threads = 3;
+        assert_eq!(fd_demand(&c), 10_000 + (3 + 1) + 4096 + 2 + 2 * 3);
+        let mut c = cfg((40000, 40099), 10_000, 10);
+        c.relay.threads = 1;
         assert_eq!(effective_max_allocations(&c), 100);
-        assert_eq!(fd_demand(&c), 100 + 2 + 10 + 2);
+        assert_eq!(fd_demand(&c), 100 + 2 + 10 + 2 + 2);
     }
 }

@@ -48,6 +48,7 @@ use stun::message::*;
 use stun::textattrs::TextAttribute;
 use stun::uattrs::UnknownAttributes;
 use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 use turn::allocation::allocation_manager::Manager;
 use turn::allocation::five_tuple::FiveTuple;
@@ -184,10 +185,8 @@ impl Listener {
     }
 
     /// Reads and handles packets until cancelled or the transport closes.
+    /// (TCP, TLS and DTLS; a UDP listener runs [`Listener::run_udp`] on every shard.)
     pub(crate) async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        if let Some(udp) = self.udp.clone() {
-            return self.run_udp(&udp, cancel).await;
-        }
         let mut buf = vec![0u8; wire::MAX_FRAME + 64];
         let mut routes = RouteCache::new();
         let mut prune_at = 64;
@@ -217,10 +216,26 @@ impl Listener {
         }
     }
 
-    /// The UDP listener: `recvmmsg` batches; data relayed on the spot, the rest handled
-    /// in order.
-    async fn run_udp(&self, udp: &UdpTransport, cancel: CancellationToken) {
-        let socket = udp.socket();
+    /// The UDP listener's socket `shard`, on that shard's thread: `recvmmsg` batches;
+    /// data relayed on the spot, the rest handled in order (an Allocate handled here
+    /// starts its relay reader on this thread too). Ends when cancelled; does nothing
+    /// for a listener that is not UDP.
+    pub(crate) async fn run_udp(self: Arc<Self>, shard: usize, cancel: CancellationToken) {
+        let Some(socket) = self.udp.as_ref().and_then(|u| u.sockets().get(shard)) else {
+            return;
+        };
+        // Registered here, so with the reactor of the thread this runs on.
+        // SAFETY: the `Arc` held by the `AsyncFd` keeps the socket, and so its descriptor,
+        // open and unchanged for the `AsyncFd`'s whole life.
+        let registered =
+            unsafe { AsyncFd::register_with_interest(Arc::clone(socket), Interest::READABLE) };
+        let socket = match registered {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(listen = %self.local, error = %e, "TURN UDP listener: cannot register its socket");
+                return;
+            }
+        };
         let fd = socket.as_raw_fd();
         let mut batch = MsgBatch::new(UDP_BATCH, wire::MAX_FRAME);
         let mut routes = RouteCache::new();
@@ -228,27 +243,35 @@ impl Listener {
         let cancelled = cancel.cancelled();
         tokio::pin!(cancelled);
         loop {
-            let ready = tokio::select! {
+            let mut guard = tokio::select! {
                 _ = &mut cancelled => break,
-                r = socket.readable() => r,
+                r = socket.readable() => match r {
+                    Ok(g) => g,
+                    Err(e) => {
+                        if self.core.misc_log.allow() {
+                            tracing::warn!(listen = %self.local, error = %e, "TURN UDP receive failed");
+                        }
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        continue;
+                    }
+                },
             };
             // A batch that is not full emptied the queue: its `WouldBlock` clears the
             // readiness at once, without a second call that only says so.
             let mut n = 0;
-            let received = ready.and_then(|()| {
-                socket.try_io(Interest::READABLE, || {
-                    n = batch.recv_from(fd)?;
-                    if n < batch.capacity() {
-                        Err(io::ErrorKind::WouldBlock.into())
-                    } else {
-                        Ok(())
-                    }
-                })
+            let received = guard.try_io(|_| {
+                n = batch.recv_from(fd)?;
+                if n < batch.capacity() {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
             });
+            drop(guard);
             match received {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => {
+                Ok(Ok(())) | Err(_) => {}
+                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Ok(Err(e)) => {
                     if self.core.misc_log.allow() {
                         tracing::warn!(listen = %self.local, error = %e, "TURN UDP receive failed");
                     }

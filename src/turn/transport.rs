@@ -1,6 +1,6 @@
 //! Client-facing transports as the packet connections the `turn` crate serves.
 //!
-//! - [`UdpTransport`]: the listener's UDP socket.
+//! - [`UdpTransport`]: the listener's UDP sockets (one per shard thread, `SO_REUSEPORT`).
 //! - [`TcpTransport`]: a TCP listener multiplexed into one packet connection. Each
 //!   connection's byte stream is cut into STUN messages and ChannelData (RFC 8656 §12.5:
 //!   over TCP, ChannelData is padded to four bytes), and each frame comes out of
@@ -50,7 +50,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -100,35 +100,47 @@ pub(crate) fn not_applicable<T>() -> webrtc_util::Result<T> {
     ))
 }
 
-/// The UDP listener socket.
+/// The UDP listener: one `SO_REUSEPORT` socket per shard thread (`shards`), all on the
+/// listener's address. Each thread receives on its own; sends go out of the calling
+/// thread's socket (any of them carries the listener's address).
 pub(crate) struct UdpTransport {
-    socket: UdpSocket,
+    sockets: Vec<Arc<std::net::UdpSocket>>,
     /// Cached: the crate asks for it on every packet.
     local: SocketAddr,
     metrics: TurnMetrics,
 }
 
 impl UdpTransport {
-    pub(crate) fn new(socket: UdpSocket, metrics: TurnMetrics) -> std::io::Result<Self> {
-        let local = socket.local_addr()?;
+    /// `sockets`: the listener's group, non-blocking, at least one.
+    pub(crate) fn new(
+        sockets: Vec<std::net::UdpSocket>,
+        metrics: TurnMetrics,
+    ) -> std::io::Result<Self> {
+        let Some(first) = sockets.first() else {
+            return Err(std::io::Error::other("a UDP listener needs a socket"));
+        };
+        let local = first.local_addr()?;
         Ok(UdpTransport {
-            socket,
+            sockets: sockets.into_iter().map(Arc::new).collect(),
             local,
             metrics,
         })
     }
-}
 
-impl UdpTransport {
-    /// The listener socket (the request loop receives in batches on it).
-    pub(crate) fn socket(&self) -> &UdpSocket {
-        &self.socket
+    /// The group's sockets, one per shard thread (each thread receives on its own).
+    pub(crate) fn sockets(&self) -> &[Arc<std::net::UdpSocket>] {
+        &self.sockets
+    }
+
+    /// The socket the calling thread sends from.
+    fn out(&self) -> &std::net::UdpSocket {
+        &self.sockets[super::shards::current() % self.sockets.len()]
     }
 }
 
 impl ClientSink for UdpTransport {
     fn send_frame(&self, frame: &[u8], client: SocketAddr) {
-        match self.socket.try_send_to(frame, client) {
+        match self.out().send_to(frame, client) {
             Ok(_) => count_to_client(&self.metrics, frame),
             Err(_) => {
                 self.metrics.dropped(DropReason::SendError).inc();
@@ -138,7 +150,7 @@ impl ClientSink for UdpTransport {
 
     /// One `sendmmsg` for the frames (they stay separate datagrams).
     fn send_frames(&self, frames: &[&[u8]], client: SocketAddr) {
-        let fd = self.socket.as_raw_fd();
+        let fd = self.out().as_raw_fd();
         for chunk in frames.chunks(SEND_MANY) {
             let sent = send_many_to(fd, chunk, client);
             // Which ones a refusal skipped is not known (rare): count by number.
@@ -154,6 +166,9 @@ impl ClientSink for UdpTransport {
     }
 }
 
+/// The crate's view: it only sends (answers to requests); the listener's shard threads
+/// receive. A send that finds the socket's buffer full is dropped and counted, as the
+/// data path's are (the client retransmits its request).
 #[async_trait]
 impl Conn for UdpTransport {
     async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
@@ -162,23 +177,15 @@ impl Conn for UdpTransport {
     async fn recv(&self, _buf: &mut [u8]) -> webrtc_util::Result<usize> {
         not_applicable()
     }
-    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        Ok(self.socket.recv_from(buf).await?)
+    async fn recv_from(&self, _buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        not_applicable()
     }
     async fn send(&self, _buf: &[u8]) -> webrtc_util::Result<usize> {
         not_applicable()
     }
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
-        match self.socket.send_to(buf, target).await {
-            Ok(n) => {
-                count_to_client(&self.metrics, buf);
-                Ok(n)
-            }
-            Err(_) => {
-                self.metrics.dropped(DropReason::SendError).inc();
-                Ok(buf.len())
-            }
-        }
+        self.send_frame(buf, target);
+        Ok(buf.len())
     }
     fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
         Ok(self.local)

@@ -89,41 +89,8 @@ pub fn default_workers() -> usize {
         .min(64)
 }
 
-/// Binds `workers` `SO_REUSEPORT` sockets on `addr`, with room for bursts. A port that
-/// another socket already holds fails here, as a plain bind would.
+/// Binds `workers` `SO_REUSEPORT` sockets on `addr`, with room for bursts (4 MiB buffers).
+/// A port that another socket already holds fails here, as a plain bind would.
 pub fn bind_group(addr: SocketAddr, workers: usize) -> io::Result<Vec<UdpSocket>> {
-    let new = || {
-        let domain = socket2::Domain::for_address(addr);
-        let sock =
-            socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-        if addr.is_ipv6() {
-            sock.set_only_v6(false).ok();
-        }
-        // Media arrives in bursts; a bigger buffer absorbs them while the worker is busy.
-        let _ = sock.set_recv_buffer_size(4 << 20);
-        let _ = sock.set_send_buffer_size(4 << 20);
-        io::Result::Ok(sock)
-    };
-    // Probe without SO_REUSEPORT first: a port in use (even by a reuseport group of
-    // another process) must fail start-up, not silently share traffic.
-    let mut addr = addr;
-    {
-        let probe = new()?;
-        probe.bind(&addr.into())?;
-        if addr.port() == 0 {
-            addr = probe
-                .local_addr()?
-                .as_socket()
-                .ok_or_else(|| io::Error::other("bound socket has no address"))?;
-        }
-    }
-    let mut out = Vec::with_capacity(workers.max(1));
-    for _ in 0..workers.max(1) {
-        let sock = new()?;
-        sock.set_reuse_port(true)?;
-        sock.bind(&addr.into())?;
-        sock.set_nonblocking(true)?;
-        out.push(sock.into());
-    }
-    Ok(out)
+    crate::sockio::bind_reuseport_group(addr, workers, 4 << 20)
 }

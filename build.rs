@@ -32,6 +32,7 @@ fn main() {
     let src = "bpf/udp_offload.c";
     println!("cargo:rerun-if-changed={src}");
     println!("cargo:rerun-if-changed=bpf/turn_offload.h");
+    println!("cargo:rerun-if-changed=bpf/turn_offload6.h");
     println!("cargo:rerun-if-env-changed=MEDIAGATE_BPF_CLANG");
     println!("cargo:rerun-if-env-changed=MEDIAGATE_NO_BPF");
     println!("cargo:rerun-if-env-changed=MEDIAGATE_REQUIRE_BPF");

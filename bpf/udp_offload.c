@@ -4,7 +4,8 @@
 // space installed in `mg_flows`, and relays the data of TURN channels that user space
 // installed in `mg_turn_chan`/`mg_turn_peer`, at the TC ingress hook (see
 // src/offload/mod.rs and src/offload/turn.rs for the design). UDP sessions over IPv4
-// (`mg_flows`) and IPv6 (`mg_flows6`); TURN channels over IPv4 only. A datagram that
+// (`mg_flows`) and IPv6 (`mg_flows6`); TURN channels over IPv4 (turn_offload.h) and IPv6
+// (turn_offload6.h). A datagram that
 // matches no entry is left alone with TC_ACT_UNSPEC
 // ("next"), so other TCX programs on the same device (another mediagate, Cilium) still
 // see it.
@@ -241,6 +242,8 @@ static __always_inline int rewrite_port6(struct __sk_buff *skb, __u32 off, __u16
 	return bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0);
 }
 
+#include "turn_offload6.h"
+
 // IPv6/UDP without extension headers (anything else goes to the stack): the IPv4 path
 // of mg_ingress over `mg_flows6`.
 static __always_inline int ingress6(struct __sk_buff *skb)
@@ -270,7 +273,7 @@ static __always_inline int ingress6(struct __sk_buff *skb)
 		__builtin_memset(key.daddr, 0, 16);
 		nat = bpf_map_lookup_elem(&mg_flows6, &key);
 		if (!nat)
-			return TC_ACT_UNSPEC;
+			return turn_ingress6(skb);
 		wildcard = 1;
 		__builtin_memcpy(key.daddr, &ip6->daddr, 16);
 	}

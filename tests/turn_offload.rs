@@ -10,6 +10,8 @@
 //!   space's sweeps;
 //! - a peer the policy stops allowing (its upstream went away) leaves the kernel within
 //!   the sweep's second, and nothing more is relayed to or from it;
+//! - IPv6 clients and peers (listener, relayed address, peer all IPv6) are relayed by the
+//!   kernel both ways, byte for byte;
 //! - clients and peers on this host's loopback (their checksums left to offload,
 //!   CHECKSUM_PARTIAL) are relayed by the kernel too, without loss.
 
@@ -52,10 +54,23 @@ struct Net {
 impl Net {
     fn create(tag: &str, subnet: u8) -> Net {
         let id = std::process::id() % 250;
-        let ns = format!("mgo{tag}{}", std::process::id());
-        let dev = format!("mgo{tag}{id}");
         let host: IpAddr = format!("10.{subnet}.{id}.1").parse().unwrap();
         let inside: IpAddr = format!("10.{subnet}.{id}.2").parse().unwrap();
+        Net::with_addrs(tag, host, inside, 30)
+    }
+
+    /// The same with IPv6 addresses (`fd00:SUBNET:ID::1` and `::2`).
+    fn create6(tag: &str, subnet: u8) -> Net {
+        let id = std::process::id() % 250;
+        let host: IpAddr = format!("fd00:{subnet}:{id}::1").parse().unwrap();
+        let inside: IpAddr = format!("fd00:{subnet}:{id}::2").parse().unwrap();
+        Net::with_addrs(tag, host, inside, 64)
+    }
+
+    fn with_addrs(tag: &str, host: IpAddr, inside: IpAddr, prefix: u8) -> Net {
+        let id = std::process::id() % 250;
+        let ns = format!("mgo{tag}{}", std::process::id());
+        let dev = format!("mgo{tag}{id}");
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         let _ = Command::new("ip").args(["link", "del", &dev]).output();
         run(&["ip", "netns", "add", &ns]);
@@ -69,14 +84,30 @@ impl Net {
         run(&[
             "ip", "link", "add", &net.dev, "type", "veth", "peer", "name", &peer, "netns", &net.ns,
         ]);
-        run(&["ip", "addr", "add", &format!("{host}/30"), "dev", &net.dev]);
+        // nodad: an IPv6 address is usable at once (no duplicate detection to wait for).
+        let nodad: &[&str] = if host.is_ipv6() { &["nodad"] } else { &[] };
+        let addr = |ip: IpAddr, dev: &str| {
+            let mut a = vec![
+                "ip".to_string(),
+                "addr".into(),
+                "add".into(),
+                format!("{ip}/{prefix}"),
+                "dev".into(),
+                dev.into(),
+            ];
+            a.extend(nodad.iter().map(|s| s.to_string()));
+            a
+        };
+        let host_addr = addr(host, &net.dev);
+        run(&host_addr.iter().map(String::as_str).collect::<Vec<_>>());
         run(&["ip", "link", "set", &net.dev, "up"]);
         let exec = |args: &[&str]| {
             let mut full = vec!["ip", "netns", "exec", &net.ns];
             full.extend_from_slice(args);
             run(&full);
         };
-        exec(&["ip", "addr", "add", &format!("{inside}/30"), "dev", &peer]);
+        let inside_addr = addr(inside, &peer);
+        exec(&inside_addr.iter().map(String::as_str).collect::<Vec<_>>());
         exec(&["ip", "link", "set", &peer, "up"]);
         exec(&["ip", "link", "set", "lo", "up"]);
         exec(&["ethtool", "-K", &peer, "tx", "off"]);
@@ -364,6 +395,106 @@ async fn exact_payloads_both_ways_and_nothing_after_the_allocation_ends() {
         "channel removed"
     );
     nothing_relayed(&mut c, 0x4001, &peer, relay, "after the allocation ended").await;
+    gw.svc.close().await;
+}
+
+/// IPv6 end to end: client, listener (`[::]`, a wildcard), relayed address and peer all
+/// IPv6; the channel goes to `mg_turn_chan6`/`mg_turn_peer6` and exact payloads are
+/// relayed by the kernel both ways; the allocation's end removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_channels_are_relayed_by_the_kernel_both_ways() {
+    root();
+    let clients = Net::create6("e", 219);
+    let peers = Net::create6("r", 220);
+    let mut cfg = config(Auth::Static, &[&format!("{}/128", peers.inside)], 10);
+    cfg.listeners
+        .retain(|l| l.protocol == mediagate::config::TurnTransport::Udp);
+    cfg.listeners[0].listen = "[::]:0".parse().unwrap();
+    cfg.relay.address = peers.host.into();
+    cfg.relay.default_family = mediagate::config::DefaultFamily::Keep;
+    cfg.relay.offload = mediagate::config::Offload::Ebpf;
+    cfg.listeners.push(mediagate::config::TurnListenerConfig {
+        protocol: mediagate::config::TurnTransport::Tcp,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cert: None,
+        key: None,
+        accept_proxy_protocol: false,
+        trusted_proxies: Vec::new(),
+    });
+    let gw = Gateway::start(cfg).await;
+    let server = SocketAddr::new(clients.host, gw.udp.port());
+    let mut c = RawClient::udp_socket(clients.socket(0), server, USER, PASSWORD);
+    let relay = relayed(&c.allocate().await);
+    assert!(relay.is_ipv6(), "an IPv6 relayed address: {relay}");
+    let relay = SocketAddr::new(peers.host, relay.port());
+    let peer = peers.tokio_socket(0);
+    let peer_addr = peer.local_addr().unwrap();
+    let r = c
+        .request(
+            METHOD_CHANNEL_BIND,
+            &[Attr::Channel(0x4002), Attr::Peer(peer_addr)],
+        )
+        .await;
+    assert_eq!(code(&r), None, "channel bound");
+    assert_eq!(gw.metrics.offload_channels.get(), 1, "channel installed");
+
+    // The first datagrams teach the entries their devices (through user space).
+    let mut buf = vec![0u8; 4096];
+    channel_data(&mut c, 0x4002, b"hello").await;
+    let (n, from) = timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
+        .await
+        .expect("peer gets the first datagram")
+        .unwrap();
+    assert_eq!((&buf[..n], from), (&b"hello"[..], relay));
+    peer.send_to(b"welcome", relay).await.unwrap();
+    assert_eq!(
+        next_channel_data(&mut c).await,
+        Some((0x4002, b"welcome".to_vec()))
+    );
+
+    mediagate::offload::refresh_metrics();
+    let before = (
+        gw.metrics.offload_to_peer.get(),
+        gw.metrics.offload_to_client.get(),
+    );
+    let sizes = [1usize, 3, 64, 333, 1200, 1400];
+    for (i, &size) in sizes.iter().enumerate() {
+        let up = payload(size, i as u8);
+        channel_data(&mut c, 0x4002, &up).await;
+        let (n, from) = timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("peer gets {size} bytes"))
+            .unwrap();
+        assert_eq!(from, relay);
+        assert_eq!(&buf[..n], &up[..], "{size} bytes to the peer");
+        let down = payload(size, 0x80 | i as u8);
+        peer.send_to(&down, relay).await.unwrap();
+        assert_eq!(
+            next_channel_data(&mut c).await,
+            Some((0x4002, down)),
+            "{size} bytes to the client"
+        );
+    }
+    mediagate::offload::refresh_metrics();
+    let after = (
+        gw.metrics.offload_to_peer.get(),
+        gw.metrics.offload_to_client.get(),
+    );
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (sizes.len() as u64, sizes.len() as u64),
+        "every one of these relayed by the kernel"
+    );
+
+    let r = c.request(METHOD_REFRESH, &[Attr::Lifetime(0)]).await;
+    assert_eq!(code(&r), None);
+    assert!(
+        wait_until(Duration::from_secs(3), || gw.metrics.offload_channels.get()
+            == 0)
+        .await,
+        "channel removed"
+    );
+    nothing_relayed(&mut c, 0x4002, &peer, relay, "after the allocation ended").await;
     gw.svc.close().await;
 }
 

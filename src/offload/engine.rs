@@ -30,6 +30,9 @@ pub struct Engine {
     /// TURN: `mg_turn_chan` (client ChannelData → peer) and `mg_turn_peer` (peer → client).
     pub(super) turn_chan: OwnedFd,
     pub(super) turn_peer: OwnedFd,
+    /// The same over IPv6: `mg_turn_chan6` and `mg_turn_peer6`.
+    pub(super) turn_chan6: OwnedFd,
+    pub(super) turn_peer6: OwnedFd,
     cpus: usize,
     used: Mutex<[bool; SLOTS]>,
     /// The last pass over `mg_flows` (see [`Engine::last_seen`]) and when it was taken.
@@ -169,6 +172,8 @@ impl Engine {
         let totals = map_fd(&ebpf, "mg_totals")?;
         let turn_chan = map_fd(&ebpf, "mg_turn_chan")?;
         let turn_peer = map_fd(&ebpf, "mg_turn_peer")?;
+        let turn_chan6 = map_fd(&ebpf, "mg_turn_chan6")?;
+        let turn_peer6 = map_fd(&ebpf, "mg_turn_peer6")?;
         let cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| unavailable("load", format!("{what}: {e}")))?;
         let prog: &mut aya::programs::SchedClassifier = ebpf
@@ -207,6 +212,8 @@ impl Engine {
             totals,
             turn_chan,
             turn_peer,
+            turn_chan6,
+            turn_peer6,
             cpus,
             used: Mutex::new([false; SLOTS]),
             seen_pass: Mutex::new(None),

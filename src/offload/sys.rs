@@ -129,6 +129,56 @@ pub struct TurnChanKey {
     pub _pad: u16,
 }
 
+/// A TURN client's ChannelData over IPv6 (`struct turn_chan_key6`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TurnChanKey6 {
+    pub flow: FlowKey6,
+    pub channel: u16,
+    pub _pad: u16,
+}
+
+/// What a matching IPv6 TURN datagram becomes (`struct turn_nat6`; the fields mean what
+/// [`FlowNat`]'s do).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TurnNat6 {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub slot: u32,
+    pub ifindex: u32,
+    pub taught: u32,
+    pub channel: u32,
+    pub taught_addr: [u8; 16],
+    pub _pad: u32,
+    pub packets: u64,
+    pub bytes: u64,
+    pub last_ns: u64,
+    pub expires_ns: u64,
+}
+
+impl TurnNat6 {
+    pub fn new(src: SocketAddrV6, dst: SocketAddrV6, slot: u32) -> TurnNat6 {
+        let k = FlowKey6::new(src, dst);
+        TurnNat6 {
+            saddr: k.saddr,
+            daddr: k.daddr,
+            sport: k.sport,
+            dport: k.dport,
+            slot,
+            ..TurnNat6::default()
+        }
+    }
+}
+
+/// The TURN peer map over IPv6 (`mg_turn_peer6`) has [`FlowKey6`]'s layout as its key but
+/// [`TurnNat6`] as its value: its own key type.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TurnPeerKey6(pub FlowKey6);
+
 /// The key types of the fast path's hash maps, each with its map's value type.
 pub trait MapKey: Copy + Default {
     type Value: Copy + Default;
@@ -141,6 +191,12 @@ impl MapKey for TurnChanKey {
 }
 impl MapKey for FlowKey6 {
     type Value = FlowNat6;
+}
+impl MapKey for TurnChanKey6 {
+    type Value = TurnNat6;
+}
+impl MapKey for TurnPeerKey6 {
+    type Value = TurnNat6;
 }
 
 const BPF_MAP_CREATE: libc::c_long = 0;
@@ -465,6 +521,15 @@ mod tests {
         assert_eq!(std::mem::offset_of!(FlowNat6, slot), 36);
         assert_eq!(std::mem::offset_of!(FlowNat6, taught_addr), 48);
         assert_eq!(std::mem::offset_of!(FlowNat6, packets), 64);
+        // struct turn_chan_key6 is 40 bytes, struct turn_nat6 104.
+        assert_eq!(std::mem::size_of::<TurnChanKey6>(), 40);
+        assert_eq!(std::mem::offset_of!(TurnChanKey6, channel), 36);
+        assert_eq!(std::mem::size_of::<TurnPeerKey6>(), 36);
+        assert_eq!(std::mem::size_of::<TurnNat6>(), 104);
+        assert_eq!(std::mem::offset_of!(TurnNat6, channel), 48);
+        assert_eq!(std::mem::offset_of!(TurnNat6, taught_addr), 52);
+        assert_eq!(std::mem::offset_of!(TurnNat6, packets), 72);
+        assert_eq!(std::mem::offset_of!(TurnNat6, expires_ns), 96);
         let k = FlowKey::new(
             "127.0.0.1:258".parse().unwrap(),
             "10.0.0.2:1".parse().unwrap(),

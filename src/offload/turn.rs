@@ -42,7 +42,13 @@
 //! pointing at the UDP header) is relayed as well: `bpf_skb_adjust_room` would have moved
 //! the headers away from `csum_start`.
 //!
-//! **Left to user space:** IPv6; TCP, TLS and DTLS clients; padded ChannelData (padding
+//! **IPv6.** An allocation whose client, listener, relayed address and peer are all IPv6
+//! gets the same pair of entries in `mg_turn_chan6`/`mg_turn_peer6` (128-bit addresses; no
+//! IP header checksum, the UDP checksum fixed through the pseudo header as for IPv4).
+//!
+//! **Left to user space:** mixed families (an IPv4 client relayed to an IPv6 peer, or the
+//! reverse: the datagram would change its IP header, not only its addresses); TCP, TLS
+//! and DTLS clients; padded ChannelData (padding
 //! is optional over UDP and browsers send none); payloads over 2040 bytes or over the
 //! egress device's MTU; GRO batches; link-layer padding (frames shorter than 60 bytes on
 //! Ethernet). Counted like the rest: `mediagate_turn_relayed_packets_total` and
@@ -50,12 +56,14 @@
 //! `mediagate_turn_offload_packets_total` tells that part apart.
 
 use super::engine::Slot;
-use super::sys::{self, FlowKey, FlowNat, MapKey, TurnChanKey};
+use super::sys::{
+    self, FlowKey, FlowKey6, FlowNat, MapKey, TurnChanKey, TurnChanKey6, TurnNat6, TurnPeerKey6,
+};
 use crate::metrics::Labels;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, Weak};
 
@@ -78,13 +86,21 @@ pub struct TurnOffload {
     counters: TurnCounters,
 }
 
-/// The two entries of one installed channel.
+/// The two entries of one installed channel (IPv4 or IPv6 maps).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ChannelEntries {
-    /// Client ChannelData → peer.
-    pub chan: TurnChanKey,
-    /// Peer → client.
-    pub peer: FlowKey,
+pub enum ChannelEntries {
+    V4 {
+        /// Client ChannelData → peer (`mg_turn_chan`).
+        chan: TurnChanKey,
+        /// Peer → client (`mg_turn_peer`).
+        peer: FlowKey,
+    },
+    V6 {
+        /// `mg_turn_chan6`.
+        chan: TurnChanKey6,
+        /// `mg_turn_peer6`.
+        peer: TurnPeerKey6,
+    },
 }
 
 static USERS: Mutex<Vec<Weak<TurnOffload>>> = Mutex::new(Vec::new());
@@ -137,10 +153,27 @@ fn host_addr(a: SocketAddr) -> Option<SocketAddrV4> {
     entry_addr(a).filter(|a| !a.ip().is_unspecified())
 }
 
+/// An IPv6 address for an entry: specific or `::` (a wildcard socket); None for IPv4 and
+/// IPv4-mapped addresses.
+fn entry_addr6(a: SocketAddr) -> Option<SocketAddrV6> {
+    match a {
+        SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_none() => {
+            Some(SocketAddrV6::new(*a.ip(), a.port(), 0, 0))
+        }
+        _ => None,
+    }
+}
+
+/// A specific IPv6 address (a client or a peer).
+fn host_addr6(a: SocketAddr) -> Option<SocketAddrV6> {
+    entry_addr6(a).filter(|a| *a.ip() != Ipv6Addr::UNSPECIFIED)
+}
+
 impl TurnOffload {
     /// Installs channel `channel` (client `client` → `listen`, relay socket bound to
     /// `relay`, bound to `peer`), relaying until `expires_ns` (`CLOCK_MONOTONIC`). None when
-    /// the addresses are not IPv4 or the map refused the entries (counted).
+    /// the addresses mix families (an IPv4 client relayed to an IPv6 peer or the reverse:
+    /// user space relays those) or the map refused the entries (counted).
     pub fn install(
         &self,
         client: SocketAddr,
@@ -150,16 +183,44 @@ impl TurnOffload {
         channel: u16,
         expires_ns: u64,
     ) -> Option<ChannelEntries> {
-        let (client, peer) = (host_addr(client)?, host_addr(peer)?);
-        let (listen, relay) = (entry_addr(listen)?, entry_addr(relay)?);
-        let entries = ChannelEntries {
-            chan: TurnChanKey {
-                flow: FlowKey::new(client, listen),
-                channel: channel.to_be(),
-                _pad: 0,
-            },
-            peer: FlowKey::new(peer, relay),
+        let v4 = (
+            host_addr(client),
+            entry_addr(listen),
+            entry_addr(relay),
+            host_addr(peer),
+        );
+        let installed = match v4 {
+            (Some(client), Some(listen), Some(relay), Some(peer)) => {
+                self.install4(client, listen, relay, peer, channel, expires_ns)
+            }
+            _ => self.install6(
+                host_addr6(client)?,
+                entry_addr6(listen)?,
+                entry_addr6(relay)?,
+                host_addr6(peer)?,
+                channel,
+                expires_ns,
+            ),
+        }?;
+        self.counters.channels.inc();
+        Some(installed)
+    }
+
+    fn install4(
+        &self,
+        client: SocketAddrV4,
+        listen: SocketAddrV4,
+        relay: SocketAddrV4,
+        peer: SocketAddrV4,
+        channel: u16,
+        expires_ns: u64,
+    ) -> Option<ChannelEntries> {
+        let chan = TurnChanKey {
+            flow: FlowKey::new(client, listen),
+            channel: channel.to_be(),
+            _pad: 0,
         };
+        let peer_key = FlowKey::new(peer, relay);
         let to_peer = FlowNat {
             expires_ns,
             ..FlowNat::new(relay, peer, self.slot.entry_slot(0))
@@ -170,14 +231,51 @@ impl TurnOffload {
             ..FlowNat::new(listen, client, self.slot.entry_slot(1))
         };
         let engine = self.slot.engine();
-        if !self.slot.insert_pair(
-            (&engine.turn_chan, &entries.chan, &to_peer),
-            (&engine.turn_peer, &entries.peer, &to_client),
-        ) {
-            return None;
-        }
-        self.counters.channels.inc();
-        Some(entries)
+        self.slot
+            .insert_pair(
+                (&engine.turn_chan, &chan, &to_peer),
+                (&engine.turn_peer, &peer_key, &to_client),
+            )
+            .then_some(ChannelEntries::V4 {
+                chan,
+                peer: peer_key,
+            })
+    }
+
+    fn install6(
+        &self,
+        client: SocketAddrV6,
+        listen: SocketAddrV6,
+        relay: SocketAddrV6,
+        peer: SocketAddrV6,
+        channel: u16,
+        expires_ns: u64,
+    ) -> Option<ChannelEntries> {
+        let chan = TurnChanKey6 {
+            flow: FlowKey6::new(client, listen),
+            channel: channel.to_be(),
+            _pad: 0,
+        };
+        let peer_key = TurnPeerKey6(FlowKey6::new(peer, relay));
+        let to_peer = TurnNat6 {
+            expires_ns,
+            ..TurnNat6::new(relay, peer, self.slot.entry_slot(0))
+        };
+        let to_client = TurnNat6 {
+            channel: u32::from(channel.to_be()),
+            expires_ns,
+            ..TurnNat6::new(listen, client, self.slot.entry_slot(1))
+        };
+        let engine = self.slot.engine();
+        self.slot
+            .insert_pair(
+                (&engine.turn_chan6, &chan, &to_peer),
+                (&engine.turn_peer6, &peer_key, &to_client),
+            )
+            .then_some(ChannelEntries::V6 {
+                chan,
+                peer: peer_key,
+            })
     }
 
     /// Moves the end of an installed channel (a refresh). The entries re-learn their
@@ -185,15 +283,43 @@ impl TurnOffload {
     /// overwritten).
     pub fn set_expiry(&self, e: &ChannelEntries, expires_ns: u64) {
         let engine = self.slot.engine();
-        set_expiry(&engine.turn_chan, &e.chan, expires_ns);
-        set_expiry(&engine.turn_peer, &e.peer, expires_ns);
+        match e {
+            ChannelEntries::V4 { chan, peer } => {
+                set_expiry(&engine.turn_chan, chan, |n| {
+                    n.expires_ns = expires_ns;
+                    n.taught = 0;
+                });
+                set_expiry(&engine.turn_peer, peer, |n| {
+                    n.expires_ns = expires_ns;
+                    n.taught = 0;
+                });
+            }
+            ChannelEntries::V6 { chan, peer } => {
+                set_expiry(&engine.turn_chan6, chan, |n| {
+                    n.expires_ns = expires_ns;
+                    n.taught = 0;
+                });
+                set_expiry(&engine.turn_peer6, peer, |n| {
+                    n.expires_ns = expires_ns;
+                    n.taught = 0;
+                });
+            }
+        }
     }
 
     /// Removes a channel's entries: its datagrams go through user space again.
     pub fn remove(&self, e: &ChannelEntries) {
         let engine = self.slot.engine();
-        sys::remove(&engine.turn_chan, &e.chan);
-        sys::remove(&engine.turn_peer, &e.peer);
+        match e {
+            ChannelEntries::V4 { chan, peer } => {
+                sys::remove(&engine.turn_chan, chan);
+                sys::remove(&engine.turn_peer, peer);
+            }
+            ChannelEntries::V6 { chan, peer } => {
+                sys::remove(&engine.turn_chan6, chan);
+                sys::remove(&engine.turn_peer6, peer);
+            }
+        }
         self.counters.channels.dec();
     }
 
@@ -211,11 +337,11 @@ impl TurnOffload {
     }
 }
 
-/// Moves one entry's end; it re-learns its device on its next datagram.
-fn set_expiry<K: MapKey<Value = FlowNat>>(fd: &OwnedFd, key: &K, expires_ns: u64) {
+/// Moves one entry's end (`update` sets it and clears what the entry taught, so it
+/// re-learns its device on its next datagram).
+fn set_expiry<K: MapKey>(fd: &OwnedFd, key: &K, update: impl Fn(&mut K::Value)) {
     if let Some(mut nat) = sys::lookup(fd, key) {
-        nat.expires_ns = expires_ns;
-        nat.taught = 0;
+        update(&mut nat);
         let _ = sys::replace(fd, key, &nat);
     }
 }

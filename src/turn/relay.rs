@@ -570,8 +570,9 @@ impl turn::relay::RelayAddressGenerator for RelayGenerator {
         let advertised = SocketAddr::new(advertised_ip, port);
         let socket = Arc::new(socket);
         f.kdrops.watch(&*socket, super::kdrops::Kind::Relay);
-        // The kernel fast path is IPv4 only: IPv6 relays stay in user space.
-        let kernel = f.kernel.clone().filter(|_| use_ipv4);
+        // Both families: the fast path installs a channel whose client, listener, relay
+        // and peer share one family (see `crate::offload::turn`); mixed ones stay here.
+        let kernel = f.kernel.clone();
         let state = Arc::new(RelayState {
             advertised,
             permissions: Mutex::new(HashMap::new()),

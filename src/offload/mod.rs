@@ -103,7 +103,8 @@
 //! translate between families). IPv4 clients of a listener on `::` arrive
 //! IPv4-mapped and are installed as IPv4 sessions of a `0.0.0.0` listener.
 //!
-//! **Limits.** TURN channels are IPv4 only; interfaces created after start are not covered; the re-send of a refused datagram
+//! **Limits.** TURN channels of mixed families (an IPv4 client relayed to IPv6 peers or the
+//! reverse) stay in user space; interfaces created after start are not covered; the re-send of a refused datagram
 //! needs a copy user space no longer has once a session is offloaded, so a dead server
 //! costs an offloaded flow one datagram (the bound of the failover tests).
 

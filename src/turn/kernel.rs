@@ -2,8 +2,9 @@
 //! ebpf`; the program's side is described in `crate::offload::turn`).
 //!
 //! A channel is installed while all of these hold: the allocation's client came over a
-//! UDP listener, the channel is bound, its peer has a live permission, and the peer
-//! policy allows the peer. [`RelayState::sync_kernel`] brings the kernel's entries of one
+//! UDP listener, the channel is bound, its peer has a live permission, the peer
+//! policy allows the peer, and client, relayed address and peer share one family (IPv4
+//! or IPv6; `crate::offload::turn` refuses mixed ones). [`RelayState::sync_kernel`] brings the kernel's entries of one
 //! allocation in line with that: called when a channel is bound, a permission is made or
 //! refreshed and the allocation ends, and for every allocation once a second by
 //! [`KernelChannels::sweep`] (lapsed channels and permissions, policy changes by reload).

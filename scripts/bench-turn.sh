@@ -16,6 +16,8 @@
 #                                               # switches per relayed packet at half rate
 #   MG_BIN=path SKIP_BUILD=1 ...                # another mediagate build (A/B runs)
 #   MG_THREADS=1 ...                            # turn.relay.threads (default 0: one per core)
+#   AT_MAX=1 ...                                # also both servers at coturn's highest lossless
+#                                               # rate: p99 and loss of each there
 #   SMOKE=1 scripts/bench-turn.sh               # seconds: 2 allocations, one fixed rate
 #
 # Topology: the generator in a network namespace of its own and the echo peer in another,
@@ -66,6 +68,7 @@ NICE=${NICE:--10}
 OFFLOAD=${OFFLOAD:-ebpf}
 # turn.relay.threads: mediagate's UDP threads (0: one per core, as coturn's relay threads).
 MG_THREADS=${MG_THREADS:-0}
+AT_MAX=${AT_MAX:-0}
 ECHO=${ECHO:-xdp}
 if [[ $ECHO = xdp ]] && ! command -v clang >/dev/null; then
     echo "clang not found: a user-space echo peer instead of the XDP reflector (ECHO=socket)" >&2
@@ -271,6 +274,12 @@ for tr in $TRANSPORTS; do
                 "$mg_p99" "$ct_p99" "$(ratio "$mg_p99" "$ct_p99")" \
                 "$mg_cpu" "$ct_cpu" "$(ratio "$mg_cpu" "$ct_cpu")" \
                 "$mg_all" "$ct_all" "$(ratio "$mg_all" "$ct_all")" | tee -a "$TMP/table.txt"
+            if [[ $AT_MAX = 1 ]]; then
+                # Both at coturn's highest lossless rate: is mediagate's p99 there no worse?
+                read -r mp50 mp99 _ mloss _ < <(fixed mediagate "$MG_PORT" "$MG_PID" "$tr" "$n" "$size" "$ct_max")
+                read -r cp50 cp99 _ closs _ < <(fixed coturn "$CT_PORT" "$CT_PID" "$tr" "$n" "$size" "$ct_max")
+                echo "  at coturn's max ($ct_max pps): p99 us mediagate $mp99 (loss $mloss) coturn $cp99 (loss $closs) ratio $(ratio "$mp99" "$cp99")" | tee -a "$TMP/table.txt"
+            fi
             if [[ $SMOKE = 1 ]]; then
                 for r in "mediagate $mg_loss" "coturn $ct_loss"; do
                     read -r name loss <<<"$r"

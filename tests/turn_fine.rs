@@ -4,7 +4,8 @@
 //! once, whatever a reader cached), expired REST credentials, the per-user
 //! quota, channel rebinding rules, the peer policy following upstream changes, TCP
 //! allocations ending with their connection, malformed input, and the bounded socket
-//! buffers of TCP clients (`turn.relay.tcp_buffer`).
+//! buffers of TCP clients (`turn.relay.tcp_buffer`), and UDP clients spread over several
+//! threads (`turn.relay.threads`), which end with the service.
 
 mod turn_support;
 
@@ -533,4 +534,77 @@ async fn an_ended_allocation_frees_its_relay_port_at_once() {
         "the relay port {relay} is still bound after the allocation ended"
     );
     gw.svc.close().await;
+}
+
+/// The names of this process's threads.
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+                .map(|s| s.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `turn.relay.threads: 3`: the UDP listener is a group of three sockets, one per thread;
+/// 40 clients (spread over them by the kernel) each relay both ways through their own
+/// allocation, and closing the service ends the threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_clients_on_every_thread_are_relayed_and_the_threads_end_with_the_service() {
+    let mut cfg = config(Auth::Static, &["127.0.0.1/32"], 100);
+    cfg.relay.threads = 3;
+    let gw = Gateway::start(cfg).await;
+    let shard_threads = || {
+        let mut t: Vec<String> = thread_names()
+            .into_iter()
+            .filter(|n| n.starts_with("turn-udp-"))
+            .collect();
+        t.sort();
+        t
+    };
+    assert_eq!(shard_threads(), ["turn-udp-0", "turn-udp-1", "turn-udp-2"]);
+    // One echo peer for all: it answers each relayed address with what it got.
+    let peer = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let peer_addr = peer.local_addr().unwrap();
+    let echo = {
+        let peer = Arc::clone(&peer);
+        tokio::spawn(async move {
+            let mut buf = [0u8; 256];
+            while let Ok((n, from)) = peer.recv_from(&mut buf).await {
+                let _ = peer.send_to(&buf[..n], from).await;
+            }
+        })
+    };
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        let mut c = RawClient::udp(gw.udp, USER, PASSWORD).await;
+        c.allocate().await;
+        let r = c
+            .request(
+                METHOD_CHANNEL_BIND,
+                &[Attr::Channel(0x4000), Attr::Peer(peer_addr)],
+            )
+            .await;
+        assert_eq!(code(&r), None, "channel bound");
+        clients.push(c);
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let msg = format!("client {i}");
+        c.channel_data(0x4000, msg.as_bytes()).await;
+        let got = c
+            .recv_raw(Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|| panic!("client {i} gets its echo"));
+        assert_eq!(&got[..2], &[0x40, 0x00]);
+        assert_eq!(&got[4..4 + msg.len()], msg.as_bytes(), "client {i}");
+    }
+    assert_eq!(gw.metrics.allocations.get(), 40);
+    gw.svc.close().await;
+    echo.abort();
+    assert!(
+        wait_until(Duration::from_secs(3), || shard_threads().is_empty()).await,
+        "threads left: {:?}",
+        shard_threads()
+    );
 }

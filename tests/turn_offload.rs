@@ -11,7 +11,8 @@
 //! - a peer the policy stops allowing (its upstream went away) leaves the kernel within
 //!   the sweep's second, and nothing more is relayed to or from it;
 //! - IPv6 clients and peers (listener, relayed address, peer all IPv6) are relayed by the
-//!   kernel both ways, byte for byte;
+//!   kernel both ways, byte for byte; a channel of mixed families (an IPv4 client with an
+//!   IPv6 relayed address) stays in user space and is relayed there;
 //! - clients and peers on this host's loopback (their checksums left to offload,
 //!   CHECKSUM_PARTIAL) are relayed by the kernel too, without loss.
 
@@ -495,6 +496,72 @@ async fn ipv6_channels_are_relayed_by_the_kernel_both_ways() {
         "channel removed"
     );
     nothing_relayed(&mut c, 0x4002, &peer, relay, "after the allocation ended").await;
+    gw.svc.close().await;
+}
+
+/// Mixed families stay in user space: an IPv4 client with an IPv6 relayed address (and
+/// peer) binds a channel, nothing is installed in the kernel, and user space relays both
+/// ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_of_mixed_families_is_relayed_by_user_space() {
+    root();
+    let mut cfg = config(Auth::Static, &["::1/128"], 10);
+    cfg.listeners
+        .retain(|l| l.protocol == mediagate::config::TurnTransport::Udp);
+    cfg.listeners[0].listen = "127.0.0.1:0".parse().unwrap();
+    cfg.relay.address = "::1".parse::<IpAddr>().unwrap().into();
+    cfg.relay.default_family = mediagate::config::DefaultFamily::Ipv6;
+    cfg.relay.offload = mediagate::config::Offload::Ebpf;
+    cfg.listeners.push(mediagate::config::TurnListenerConfig {
+        protocol: mediagate::config::TurnTransport::Tcp,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cert: None,
+        key: None,
+        accept_proxy_protocol: false,
+        trusted_proxies: Vec::new(),
+    });
+    let gw = Gateway::start(cfg).await;
+    let mut c = RawClient::udp(gw.udp, USER, PASSWORD).await;
+    let relay = relayed(&c.allocate().await);
+    assert!(relay.is_ipv6(), "an IPv6 relayed address: {relay}");
+    let peer = UdpSocket::bind("[::1]:0").await.unwrap();
+    let r = c
+        .request(
+            METHOD_CHANNEL_BIND,
+            &[
+                Attr::Channel(0x4003),
+                Attr::Peer(peer.local_addr().unwrap()),
+            ],
+        )
+        .await;
+    assert_eq!(code(&r), None, "channel bound");
+    let mut buf = [0u8; 256];
+    for i in 0..5u8 {
+        channel_data(&mut c, 0x4003, &[i; 40]).await;
+        let (n, from) = timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
+            .await
+            .expect("the peer gets it")
+            .unwrap();
+        assert_eq!((&buf[..n], from.port()), (&[i; 40][..], relay.port()));
+        peer.send_to(&[i | 0x80; 30], from).await.unwrap();
+        assert_eq!(
+            next_channel_data(&mut c).await,
+            Some((0x4003, vec![i | 0x80; 30]))
+        );
+    }
+    mediagate::offload::refresh_metrics();
+    let m = &gw.metrics;
+    assert_eq!(m.offload_channels.get(), 0, "nothing installed");
+    assert_eq!(
+        (m.offload_to_peer.get(), m.offload_to_client.get()),
+        (0, 0),
+        "nothing relayed by the kernel"
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || m.packets_to_peer.get() >= 5
+            && m.packets_to_client.get() >= 5)
+        .await
+    );
     gw.svc.close().await;
 }
 

@@ -18,6 +18,7 @@
 
 mod turn_support;
 
+use mediagate::config::DefaultFamily;
 use mediagate::offload::{TurnCounters, acquire_turn};
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdp};
 use std::os::fd::AsFd;
@@ -152,11 +153,22 @@ fn root() {
 /// A gateway with `turn.relay.offload: ebpf`: its UDP listener on `listen`, relay sockets
 /// on `relay`, peers allowed in `peers`.
 async fn gateway(listen: SocketAddr, relay: IpAddr, peers: &str) -> Gateway {
+    gateway_with(listen, relay, peers, DefaultFamily::Ipv4).await
+}
+
+/// [`gateway`] whose Allocates without a family get `family`'s relayed address.
+async fn gateway_with(
+    listen: SocketAddr,
+    relay: IpAddr,
+    peers: &str,
+    family: DefaultFamily,
+) -> Gateway {
     let mut cfg = config(Auth::Static, &[peers], 10);
     cfg.listeners
         .retain(|l| l.protocol == mediagate::config::TurnTransport::Udp);
     cfg.listeners[0].listen = listen;
     cfg.relay.address = relay.into();
+    cfg.relay.default_family = family;
     cfg.relay.offload = mediagate::config::Offload::Ebpf;
     cfg.listeners.push(mediagate::config::TurnListenerConfig {
         protocol: mediagate::config::TurnTransport::Tcp,
@@ -296,6 +308,64 @@ fn payload(n: usize, seed: u8) -> Vec<u8> {
     (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
 }
 
+/// On a channel just installed: the first datagram each way teaches the entries their
+/// devices (through user space); then odd, tiny and large payloads, byte for byte, both
+/// ways, every one of them relayed by the kernel.
+async fn teach_then_exact_payloads(
+    gw: &Gateway,
+    c: &mut RawClient,
+    channel: u16,
+    peer: &UdpSocket,
+    relay: SocketAddr,
+) {
+    let mut buf = vec![0u8; 4096];
+    channel_data(c, channel, b"hello").await;
+    let (n, from) = timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
+        .await
+        .expect("peer gets the first datagram")
+        .unwrap();
+    assert_eq!((&buf[..n], from), (&b"hello"[..], relay));
+    peer.send_to(b"welcome", relay).await.unwrap();
+    assert_eq!(
+        next_channel_data(c).await,
+        Some((channel, b"welcome".to_vec()))
+    );
+
+    mediagate::offload::refresh_metrics();
+    let before = (
+        gw.metrics.offload_to_peer.get(),
+        gw.metrics.offload_to_client.get(),
+    );
+    let sizes = [1usize, 3, 64, 333, 1200, 1400];
+    for (i, &size) in sizes.iter().enumerate() {
+        let up = payload(size, i as u8);
+        channel_data(c, channel, &up).await;
+        let (n, from) = timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("peer gets {size} bytes"))
+            .unwrap();
+        assert_eq!(from, relay);
+        assert_eq!(&buf[..n], &up[..], "{size} bytes to the peer");
+        let down = payload(size, 0x80 | i as u8);
+        peer.send_to(&down, relay).await.unwrap();
+        assert_eq!(
+            next_channel_data(c).await,
+            Some((channel, down)),
+            "{size} bytes to the client"
+        );
+    }
+    mediagate::offload::refresh_metrics();
+    let after = (
+        gw.metrics.offload_to_peer.get(),
+        gw.metrics.offload_to_client.get(),
+    );
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (sizes.len() as u64, sizes.len() as u64),
+        "every one of these relayed by the kernel"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_payloads_both_ways_and_nothing_after_the_allocation_ends() {
     root();
@@ -325,54 +395,7 @@ async fn exact_payloads_both_ways_and_nothing_after_the_allocation_ends() {
     assert_eq!(code(&r), None, "channel bound");
     assert_eq!(gw.metrics.offload_channels.get(), 1, "channel installed");
 
-    // The first datagrams teach the entries their devices (through user space).
-    let mut buf = vec![0u8; 4096];
-    channel_data(&mut c, 0x4001, b"hello").await;
-    let (n, from) = timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
-        .await
-        .expect("peer gets the first datagram")
-        .unwrap();
-    assert_eq!((&buf[..n], from), (&b"hello"[..], relay));
-    peer.send_to(b"welcome", relay).await.unwrap();
-    assert_eq!(
-        next_channel_data(&mut c).await,
-        Some((0x4001, b"welcome".to_vec()))
-    );
-
-    mediagate::offload::refresh_metrics();
-    let before = (
-        gw.metrics.offload_to_peer.get(),
-        gw.metrics.offload_to_client.get(),
-    );
-    // Odd, tiny and large payloads, byte for byte, both ways.
-    let sizes = [1usize, 3, 64, 333, 1200, 1400];
-    for (i, &size) in sizes.iter().enumerate() {
-        let up = payload(size, i as u8);
-        channel_data(&mut c, 0x4001, &up).await;
-        let (n, from) = timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
-            .await
-            .unwrap_or_else(|_| panic!("peer gets {size} bytes"))
-            .unwrap();
-        assert_eq!(from, relay);
-        assert_eq!(&buf[..n], &up[..], "{size} bytes to the peer");
-        let down = payload(size, 0x80 | i as u8);
-        peer.send_to(&down, relay).await.unwrap();
-        assert_eq!(
-            next_channel_data(&mut c).await,
-            Some((0x4001, down)),
-            "{size} bytes to the client"
-        );
-    }
-    mediagate::offload::refresh_metrics();
-    let after = (
-        gw.metrics.offload_to_peer.get(),
-        gw.metrics.offload_to_client.get(),
-    );
-    assert_eq!(
-        (after.0 - before.0, after.1 - before.1),
-        (sizes.len() as u64, sizes.len() as u64),
-        "every one of these relayed by the kernel"
-    );
+    teach_then_exact_payloads(&gw, &mut c, 0x4001, &peer, relay).await;
 
     // A permitted peer IP from a port without a channel: a Data indication, from user
     // space.
@@ -407,22 +430,13 @@ async fn ipv6_channels_are_relayed_by_the_kernel_both_ways() {
     root();
     let clients = Net::create6("e", 219);
     let peers = Net::create6("r", 220);
-    let mut cfg = config(Auth::Static, &[&format!("{}/128", peers.inside)], 10);
-    cfg.listeners
-        .retain(|l| l.protocol == mediagate::config::TurnTransport::Udp);
-    cfg.listeners[0].listen = "[::]:0".parse().unwrap();
-    cfg.relay.address = peers.host.into();
-    cfg.relay.default_family = mediagate::config::DefaultFamily::Keep;
-    cfg.relay.offload = mediagate::config::Offload::Ebpf;
-    cfg.listeners.push(mediagate::config::TurnListenerConfig {
-        protocol: mediagate::config::TurnTransport::Tcp,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        cert: None,
-        key: None,
-        accept_proxy_protocol: false,
-        trusted_proxies: Vec::new(),
-    });
-    let gw = Gateway::start(cfg).await;
+    let gw = gateway_with(
+        "[::]:0".parse().unwrap(),
+        peers.host,
+        &format!("{}/128", peers.inside),
+        DefaultFamily::Keep,
+    )
+    .await;
     let server = SocketAddr::new(clients.host, gw.udp.port());
     let mut c = RawClient::udp_socket(clients.socket(0), server, USER, PASSWORD);
     let relay = relayed(&c.allocate().await);
@@ -439,53 +453,7 @@ async fn ipv6_channels_are_relayed_by_the_kernel_both_ways() {
     assert_eq!(code(&r), None, "channel bound");
     assert_eq!(gw.metrics.offload_channels.get(), 1, "channel installed");
 
-    // The first datagrams teach the entries their devices (through user space).
-    let mut buf = vec![0u8; 4096];
-    channel_data(&mut c, 0x4002, b"hello").await;
-    let (n, from) = timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
-        .await
-        .expect("peer gets the first datagram")
-        .unwrap();
-    assert_eq!((&buf[..n], from), (&b"hello"[..], relay));
-    peer.send_to(b"welcome", relay).await.unwrap();
-    assert_eq!(
-        next_channel_data(&mut c).await,
-        Some((0x4002, b"welcome".to_vec()))
-    );
-
-    mediagate::offload::refresh_metrics();
-    let before = (
-        gw.metrics.offload_to_peer.get(),
-        gw.metrics.offload_to_client.get(),
-    );
-    let sizes = [1usize, 3, 64, 333, 1200, 1400];
-    for (i, &size) in sizes.iter().enumerate() {
-        let up = payload(size, i as u8);
-        channel_data(&mut c, 0x4002, &up).await;
-        let (n, from) = timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
-            .await
-            .unwrap_or_else(|_| panic!("peer gets {size} bytes"))
-            .unwrap();
-        assert_eq!(from, relay);
-        assert_eq!(&buf[..n], &up[..], "{size} bytes to the peer");
-        let down = payload(size, 0x80 | i as u8);
-        peer.send_to(&down, relay).await.unwrap();
-        assert_eq!(
-            next_channel_data(&mut c).await,
-            Some((0x4002, down)),
-            "{size} bytes to the client"
-        );
-    }
-    mediagate::offload::refresh_metrics();
-    let after = (
-        gw.metrics.offload_to_peer.get(),
-        gw.metrics.offload_to_client.get(),
-    );
-    assert_eq!(
-        (after.0 - before.0, after.1 - before.1),
-        (sizes.len() as u64, sizes.len() as u64),
-        "every one of these relayed by the kernel"
-    );
+    teach_then_exact_payloads(&gw, &mut c, 0x4002, &peer, relay).await;
 
     let r = c.request(METHOD_REFRESH, &[Attr::Lifetime(0)]).await;
     assert_eq!(code(&r), None);
@@ -505,22 +473,13 @@ async fn ipv6_channels_are_relayed_by_the_kernel_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_of_mixed_families_is_relayed_by_user_space() {
     root();
-    let mut cfg = config(Auth::Static, &["::1/128"], 10);
-    cfg.listeners
-        .retain(|l| l.protocol == mediagate::config::TurnTransport::Udp);
-    cfg.listeners[0].listen = "127.0.0.1:0".parse().unwrap();
-    cfg.relay.address = "::1".parse::<IpAddr>().unwrap().into();
-    cfg.relay.default_family = mediagate::config::DefaultFamily::Ipv6;
-    cfg.relay.offload = mediagate::config::Offload::Ebpf;
-    cfg.listeners.push(mediagate::config::TurnListenerConfig {
-        protocol: mediagate::config::TurnTransport::Tcp,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        cert: None,
-        key: None,
-        accept_proxy_protocol: false,
-        trusted_proxies: Vec::new(),
-    });
-    let gw = Gateway::start(cfg).await;
+    let gw = gateway_with(
+        "127.0.0.1:0".parse().unwrap(),
+        "::1".parse().unwrap(),
+        "::1/128",
+        DefaultFamily::Ipv6,
+    )
+    .await;
     let mut c = RawClient::udp(gw.udp, USER, PASSWORD).await;
     let relay = relayed(&c.allocate().await);
     assert!(relay.is_ipv6(), "an IPv6 relayed address: {relay}");

@@ -285,24 +285,12 @@ impl TurnOffload {
         let engine = self.slot.engine();
         match e {
             ChannelEntries::V4 { chan, peer } => {
-                set_expiry(&engine.turn_chan, chan, |n| {
-                    n.expires_ns = expires_ns;
-                    n.taught = 0;
-                });
-                set_expiry(&engine.turn_peer, peer, |n| {
-                    n.expires_ns = expires_ns;
-                    n.taught = 0;
-                });
+                set_expiry(&engine.turn_chan, chan, expires_ns);
+                set_expiry(&engine.turn_peer, peer, expires_ns);
             }
             ChannelEntries::V6 { chan, peer } => {
-                set_expiry(&engine.turn_chan6, chan, |n| {
-                    n.expires_ns = expires_ns;
-                    n.taught = 0;
-                });
-                set_expiry(&engine.turn_peer6, peer, |n| {
-                    n.expires_ns = expires_ns;
-                    n.taught = 0;
-                });
+                set_expiry(&engine.turn_chan6, chan, expires_ns);
+                set_expiry(&engine.turn_peer6, peer, expires_ns);
             }
         }
     }
@@ -337,11 +325,34 @@ impl TurnOffload {
     }
 }
 
-/// Moves one entry's end (`update` sets it and clears what the entry taught, so it
-/// re-learns its device on its next datagram).
-fn set_expiry<K: MapKey>(fd: &OwnedFd, key: &K, update: impl Fn(&mut K::Value)) {
+/// A TURN entry's value: its end can move.
+trait Expiring {
+    /// Sets the end and forgets what the entry taught its pair (it re-learns its device
+    /// on its next datagram).
+    fn expire_at(&mut self, ns: u64);
+}
+
+impl Expiring for FlowNat {
+    fn expire_at(&mut self, ns: u64) {
+        self.expires_ns = ns;
+        self.taught = 0;
+    }
+}
+
+impl Expiring for TurnNat6 {
+    fn expire_at(&mut self, ns: u64) {
+        self.expires_ns = ns;
+        self.taught = 0;
+    }
+}
+
+/// Moves one entry's end.
+fn set_expiry<K: MapKey>(fd: &OwnedFd, key: &K, expires_ns: u64)
+where
+    K::Value: Expiring,
+{
     if let Some(mut nat) = sys::lookup(fd, key) {
-        update(&mut nat);
+        nat.expire_at(expires_ns);
         let _ = sys::replace(fd, key, &nat);
     }
 }

@@ -1,7 +1,8 @@
 //! Allocation-free wrappers over the batched socket syscalls of the UDP data plane, the
 //! TURN relay and the load generator: `recvmmsg`/`sendmmsg` over a preallocated
-//! [`MsgBatch`], single-datagram `recv`/`send` on raw descriptors, and `SocketAddr` <->
-//! `sockaddr` conversion.
+//! [`MsgBatch`], single-datagram `recv`/`send` on raw descriptors, `SocketAddr` <->
+//! `sockaddr` conversion, and binding a `SO_REUSEPORT` group of UDP sockets (one per
+//! thread: the UDP proxy's workers, the TURN service's UDP threads).
 //!
 //! Every buffer is allocated once, when a batch is built; a call only fills in lengths.
 //! All `unsafe` of the data plane lives here, next to the invariants it relies on. It sits

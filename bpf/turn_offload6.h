@@ -19,10 +19,7 @@
 // headers, so datagrams sent by local sockets with checksum offload are relayed too.
 
 struct turn_chan_key6 {
-	__u8 saddr[16];
-	__u8 daddr[16];
-	__u16 sport;
-	__u16 dport;
+	struct flow_key6 flow;
 	// The channel number, network order.
 	__u16 channel;
 	__u16 _pad;
@@ -170,6 +167,17 @@ static __always_inline void teach6(struct turn_nat6 *nat, struct turn_nat6 *pair
 	__builtin_memcpy(nat->taught_addr, daddr, 16);
 }
 
+// The addresses `nat` gives its datagrams, or (`reversed`) those its pair's datagrams
+// arrive with.
+static __always_inline void nat_addrs6(const struct turn_nat6 *nat, struct flow_key6 *k,
+				       int reversed)
+{
+	__builtin_memcpy(k->saddr, reversed ? nat->daddr : nat->saddr, 16);
+	__builtin_memcpy(k->daddr, reversed ? nat->saddr : nat->daddr, 16);
+	k->sport = reversed ? nat->dport : nat->sport;
+	k->dport = reversed ? nat->sport : nat->dport;
+}
+
 // ChannelData from a client on an installed IPv6 channel: to the peer.
 static __always_inline int turn_to_peer6(struct __sk_buff *skb, const struct turn_old6 *old,
 					 __u32 payload)
@@ -188,14 +196,12 @@ static __always_inline int turn_to_peer6(struct __sk_buff *skb, const struct tur
 		return TC_ACT_UNSPEC;
 	__u32 hdr;
 	__builtin_memcpy(&hdr, h, sizeof(hdr));
-	struct turn_chan_key6 key = {};
-	__builtin_memcpy(key.saddr, old->addrs.saddr, 16);
-	__builtin_memcpy(key.daddr, old->addrs.daddr, 16);
-	key.sport = old->addrs.sport;
-	key.dport = old->addrs.dport;
-	key.channel = (__u16)(h[0] | (h[1] << 8));
+	struct turn_chan_key6 key = {
+		.flow = old->addrs,
+		.channel = (__u16)(h[0] | (h[1] << 8)),
+	};
 	int wildcard = 0; // a listener on ::
-	struct turn_nat6 *nat = turn_lookup6(&mg_turn_chan6, &key, key.daddr, &wildcard);
+	struct turn_nat6 *nat = turn_lookup6(&mg_turn_chan6, &key, key.flow.daddr, &wildcard);
 	if (!nat)
 		return TC_ACT_UNSPEC;
 	__u64 now = bpf_ktime_get_ns();
@@ -204,10 +210,7 @@ static __always_inline int turn_to_peer6(struct __sk_buff *skb, const struct tur
 	__u32 in_if = skb->ingress_ifindex;
 	if (must_teach6(nat, in_if, wildcard, old->addrs.daddr)) {
 		struct flow_key6 pk = {};
-		__builtin_memcpy(pk.saddr, nat->daddr, 16);
-		__builtin_memcpy(pk.daddr, nat->saddr, 16);
-		pk.sport = nat->dport;
-		pk.dport = nat->sport;
+		nat_addrs6(nat, &pk, 1);
 		struct turn_nat6 *peer = turn_lookup6(&mg_turn_peer6, &pk, pk.daddr, NULL);
 		teach6(nat, peer, in_if, wildcard, old->addrs.daddr);
 	}
@@ -219,10 +222,7 @@ static __always_inline int turn_to_peer6(struct __sk_buff *skb, const struct tur
 		return TC_ACT_UNSPEC;
 	// Only what the rewrite needs (the stack of the whole program is 512 bytes).
 	struct flow_key6 to;
-	__builtin_memcpy(to.saddr, nat->saddr, 16);
-	__builtin_memcpy(to.daddr, nat->daddr, 16);
-	to.sport = nat->sport;
-	to.dport = nat->dport;
+	nat_addrs6(nat, &to, 0);
 	__u32 zero = 0;
 	struct turn_scratch *sc = bpf_map_lookup_elem(&mg_turn_scratch, &zero);
 	if (!sc)
@@ -252,13 +252,9 @@ static __always_inline int turn_to_client6(struct __sk_buff *skb, const struct t
 		return TC_ACT_UNSPEC;
 	__u32 in_if = skb->ingress_ifindex;
 	if (must_teach6(nat, in_if, wildcard, old->addrs.daddr)) {
-		struct turn_chan_key6 ck = {};
-		__builtin_memcpy(ck.saddr, nat->daddr, 16);
-		__builtin_memcpy(ck.daddr, nat->saddr, 16);
-		ck.sport = nat->dport;
-		ck.dport = nat->sport;
-		ck.channel = (__u16)nat->channel;
-		struct turn_nat6 *chan = turn_lookup6(&mg_turn_chan6, &ck, ck.daddr, NULL);
+		struct turn_chan_key6 ck = {.channel = (__u16)nat->channel};
+		nat_addrs6(nat, &ck.flow, 1);
+		struct turn_nat6 *chan = turn_lookup6(&mg_turn_chan6, &ck, ck.flow.daddr, NULL);
 		teach6(nat, chan, in_if, wildcard, old->addrs.daddr);
 	}
 	__u32 out_if = nat->ifindex;
@@ -269,10 +265,7 @@ static __always_inline int turn_to_client6(struct __sk_buff *skb, const struct t
 		return TC_ACT_UNSPEC;
 	// Only what the rewrite needs (the stack of the whole program is 512 bytes).
 	struct flow_key6 to;
-	__builtin_memcpy(to.saddr, nat->saddr, 16);
-	__builtin_memcpy(to.daddr, nat->daddr, 16);
-	to.sport = nat->sport;
-	to.dport = nat->dport;
+	nat_addrs6(nat, &to, 0);
 	__u16 len_be = bpf_htons((__u16)n);
 	__u32 hdr = (__u32)(__u16)nat->channel | ((__u32)len_be << 16);
 	__u32 zero = 0;

@@ -308,6 +308,37 @@ fn payload(n: usize, seed: u8) -> Vec<u8> {
     (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
 }
 
+/// Binds `channel` to `peer`: bound, and installed in the kernel.
+async fn bind_installed(gw: &Gateway, c: &mut RawClient, channel: u16, peer: SocketAddr) {
+    let r = c
+        .request(
+            METHOD_CHANNEL_BIND,
+            &[Attr::Channel(channel), Attr::Peer(peer)],
+        )
+        .await;
+    assert_eq!(code(&r), None, "channel bound");
+    assert_eq!(gw.metrics.offload_channels.get(), 1, "channel installed");
+}
+
+/// The allocation ends: its channel leaves the kernel, nothing is relayed any more.
+async fn end_allocation(
+    gw: &Gateway,
+    c: &mut RawClient,
+    channel: u16,
+    peer: &UdpSocket,
+    relay: SocketAddr,
+) {
+    let r = c.request(METHOD_REFRESH, &[Attr::Lifetime(0)]).await;
+    assert_eq!(code(&r), None);
+    assert!(
+        wait_until(Duration::from_secs(3), || gw.metrics.offload_channels.get()
+            == 0)
+        .await,
+        "channel removed"
+    );
+    nothing_relayed(c, channel, peer, relay, "after the allocation ended").await;
+}
+
 /// On a channel just installed: the first datagram each way teaches the entries their
 /// devices (through user space); then odd, tiny and large payloads, byte for byte, both
 /// ways, every one of them relayed by the kernel.
@@ -386,14 +417,7 @@ async fn exact_payloads_both_ways_and_nothing_after_the_allocation_ends() {
     let peer = peers.tokio_socket(0);
     let other = peers.tokio_socket(0);
     let peer_addr = peer.local_addr().unwrap();
-    let r = c
-        .request(
-            METHOD_CHANNEL_BIND,
-            &[Attr::Channel(0x4001), Attr::Peer(peer_addr)],
-        )
-        .await;
-    assert_eq!(code(&r), None, "channel bound");
-    assert_eq!(gw.metrics.offload_channels.get(), 1, "channel installed");
+    bind_installed(&gw, &mut c, 0x4001, peer_addr).await;
 
     teach_then_exact_payloads(&gw, &mut c, 0x4001, &peer, relay).await;
 
@@ -409,16 +433,7 @@ async fn exact_payloads_both_ways_and_nothing_after_the_allocation_ends() {
     m.decode().expect("STUN");
     assert_eq!(m.typ, MessageType::new(METHOD_DATA, CLASS_INDICATION));
 
-    // The allocation ends: its channel leaves the kernel, nothing is relayed any more.
-    let r = c.request(METHOD_REFRESH, &[Attr::Lifetime(0)]).await;
-    assert_eq!(code(&r), None);
-    assert!(
-        wait_until(Duration::from_secs(3), || gw.metrics.offload_channels.get()
-            == 0)
-        .await,
-        "channel removed"
-    );
-    nothing_relayed(&mut c, 0x4001, &peer, relay, "after the allocation ended").await;
+    end_allocation(&gw, &mut c, 0x4001, &peer, relay).await;
     gw.svc.close().await;
 }
 
@@ -444,26 +459,11 @@ async fn ipv6_channels_are_relayed_by_the_kernel_both_ways() {
     let relay = SocketAddr::new(peers.host, relay.port());
     let peer = peers.tokio_socket(0);
     let peer_addr = peer.local_addr().unwrap();
-    let r = c
-        .request(
-            METHOD_CHANNEL_BIND,
-            &[Attr::Channel(0x4002), Attr::Peer(peer_addr)],
-        )
-        .await;
-    assert_eq!(code(&r), None, "channel bound");
-    assert_eq!(gw.metrics.offload_channels.get(), 1, "channel installed");
+    bind_installed(&gw, &mut c, 0x4002, peer_addr).await;
 
     teach_then_exact_payloads(&gw, &mut c, 0x4002, &peer, relay).await;
 
-    let r = c.request(METHOD_REFRESH, &[Attr::Lifetime(0)]).await;
-    assert_eq!(code(&r), None);
-    assert!(
-        wait_until(Duration::from_secs(3), || gw.metrics.offload_channels.get()
-            == 0)
-        .await,
-        "channel removed"
-    );
-    nothing_relayed(&mut c, 0x4002, &peer, relay, "after the allocation ended").await;
+    end_allocation(&gw, &mut c, 0x4002, &peer, relay).await;
     gw.svc.close().await;
 }
 

@@ -243,42 +243,33 @@ impl Listener {
         let cancelled = cancel.cancelled();
         tokio::pin!(cancelled);
         loop {
-            let mut guard = tokio::select! {
+            let ready = tokio::select! {
                 _ = &mut cancelled => break,
-                r = socket.readable() => match r {
-                    Ok(g) => g,
-                    Err(e) => {
-                        if self.core.misc_log.allow() {
-                            tracing::warn!(listen = %self.local, error = %e, "TURN UDP receive failed");
-                        }
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                        continue;
-                    }
-                },
+                r = socket.readable() => r,
             };
             // A batch that is not full emptied the queue: its `WouldBlock` clears the
-            // readiness at once, without a second call that only says so.
+            // readiness at once (`try_io` gives `Err` for it), without a second call
+            // that only says so.
             let mut n = 0;
-            let received = guard.try_io(|_| {
-                n = batch.recv_from(fd)?;
-                if n < batch.capacity() {
-                    Err(io::ErrorKind::WouldBlock.into())
-                } else {
-                    Ok(())
-                }
+            let received = ready.and_then(|mut guard| {
+                guard
+                    .try_io(|_| {
+                        n = batch.recv_from(fd)?;
+                        if n < batch.capacity() {
+                            Err(io::ErrorKind::WouldBlock.into())
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .unwrap_or(Ok(()))
             });
-            drop(guard);
-            match received {
-                Ok(Ok(())) | Err(_) => {}
-                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Ok(Err(e)) => {
-                    if self.core.misc_log.allow() {
-                        tracing::warn!(listen = %self.local, error = %e, "TURN UDP receive failed");
-                    }
-                    // Do not spin on a persistent error.
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    continue;
+            if let Err(e) = received {
+                if self.core.misc_log.allow() {
+                    tracing::warn!(listen = %self.local, error = %e, "TURN UDP receive failed");
                 }
+                // Do not spin on a persistent error.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
             }
             for i in 0..n {
                 let (pkt, src, truncated) = batch.get(i);

@@ -563,7 +563,13 @@ async fn udp_clients_on_every_thread_are_relayed_and_the_threads_end_with_the_se
         t.sort();
         t
     };
-    assert_eq!(shard_threads(), ["turn-udp-0", "turn-udp-1", "turn-udp-2"]);
+    // A spawned thread names itself once it runs: wait for the names, not only the spawn.
+    let want = ["turn-udp-0", "turn-udp-1", "turn-udp-2"];
+    assert!(
+        wait_until(Duration::from_secs(3), || shard_threads() == want).await,
+        "threads: {:?}",
+        shard_threads()
+    );
     // One echo peer for all: it answers each relayed address with what it got.
     let peer = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
     let peer_addr = peer.local_addr().unwrap();

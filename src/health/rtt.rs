@@ -5,9 +5,9 @@
 //! timeout = clamp(3 × SRTT + 4 × RTTVAR, floor, ceiling)
 //!
 //! with `floor` = [`FLOOR`] (or the ceiling, when that is lower) and `ceiling` = the
-//! configured `health.timeout`. Before the first answer, and after a failure, the timeout
-//! is the ceiling: a server that never answered has taught nothing, and a failed probe
-//! must not shrink the next one. A probe that runs into an adaptive timeout is only an
+//! configured `health.timeout`. Before the first answer the timeout is the ceiling: a
+//! server that never answered has taught nothing. Only successes are samples, so a failed
+//! probe never shrinks the next one (confirmation probes run under the same timeout). A probe that runs into an adaptive timeout is only an
 //! ambiguous failure: the prober confirms it before anyone hears of it (see `prober`), so
 //! a tight timeout buys speed on a hung node, not false verdicts.
 //!

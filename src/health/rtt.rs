@@ -7,9 +7,10 @@
 //! with `floor` = [`FLOOR`] (or the ceiling, when that is lower) and `ceiling` = the
 //! configured `health.timeout`. Before the first answer the timeout is the ceiling: a
 //! server that never answered has taught nothing. Only successes are samples, so a failed
-//! probe never shrinks the next one (confirmation probes run under the same timeout). A probe that runs into an adaptive timeout is only an
-//! ambiguous failure: the prober confirms it before anyone hears of it (see `prober`), so
-//! a tight timeout buys speed on a hung node, not false verdicts.
+//! probe never shrinks the next one (confirmation probes run under the same timeout). A
+//! probe that runs into an adaptive timeout is only an ambiguous failure: the prober
+//! confirms it before anyone hears of it (see `prober`), so a tight timeout buys speed on
+//! a hung node, not false verdicts.
 //!
 //! Pure: no clock, no I/O; the prober feeds it measured durations.
 

@@ -181,7 +181,14 @@ PY
 }
 
 # stop_lb: at once (no drain: the next run starts clean).
-stop_lb() { kill -KILL "$LB_PID" 2>/dev/null || true; wait "$LB_PID" 2>/dev/null || true; }
+# SIGKILL does not reach an nginx master's workers, and a running master replaces a
+# worker that dies: stop the master, kill its children, then kill it.
+stop_lb() {
+  kill -STOP "$LB_PID" 2>/dev/null || true
+  pkill -KILL -P "$LB_PID" 2>/dev/null || true
+  kill -KILL "$LB_PID" 2>/dev/null || true
+  wait "$LB_PID" 2>/dev/null || true
+}
 
 flows() { python3 scripts/failover-flows.py "$1" 127.0.0.1:$LB_PORT --flows 20 --interval 0.02 --duration "$2"; }
 # field EXPR JSON: a Python expression over the flows' result `d`.

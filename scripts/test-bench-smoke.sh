@@ -9,6 +9,10 @@ cd "$(dirname "$0")/.."
 cargo build --quiet --bins --example turn_server
 export SMOKE=1 SKIP_BUILD=1
 failed=()
+# The peers and servers the scripts start; none may outlive its script.
+PEERS='^(nginx|haproxy|turnserver|mediagate|mediagate-load|turn_server)$'
+peers() { ps -e -o stat=,comm= | awk '$1 !~ /^Z/ { print $2 }' | grep -c -E "$PEERS" || true; }
+peers_before=$(peers)
 total=$SECONDS
 run() { # NAME COMMAND...
   local name=$1 t=$SECONDS log
@@ -34,6 +38,11 @@ run bench-turn scripts/bench-turn.sh
 run bench-turn-tls scripts/bench-turn-tls.sh
 run bench-failover scripts/bench-failover.sh
 echo "bench smoke: $((SECONDS - total)) s in all"
+if (($(peers) > peers_before)); then
+  echo "bench smoke: processes left behind by the scripts:" >&2
+  ps -e -o pid=,stat=,comm=,args= | awk -v re="$PEERS" '$2 !~ /^Z/ && $3 ~ re' >&2
+  failed+=("leftover-processes")
+fi
 if ((${#failed[@]})); then
   echo "bench smoke: failed: ${failed[*]}" >&2
   exit 1

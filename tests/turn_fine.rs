@@ -614,3 +614,84 @@ async fn udp_clients_on_every_thread_are_relayed_and_the_threads_end_with_the_se
         shard_threads()
     );
 }
+
+/// Allocates that arrive at once on every UDP thread and TCP connection each get their
+/// own relay: no 508, no two clients on one relayed address, and what a client sends
+/// leaves from its own relayed address and comes back to it alone. (Each allocation's
+/// relay state used to be handed over in one slot of the relay factory, "the last one
+/// created", which concurrent Allocates overwrote: a 508 for one client, and another
+/// client's relay for the other. Chromium's two peer connections hit it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_allocates_each_get_their_own_relay() {
+    let mut cfg = config(Auth::Static, &["127.0.0.1/32"], 1000);
+    cfg.relay.threads = 4;
+    let gw = Gateway::start(cfg).await;
+    // The peer answers every datagram with the address it came from, then the payload.
+    let peer = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let peer_addr = peer.local_addr().unwrap();
+    let echo = {
+        let peer = Arc::clone(&peer);
+        tokio::spawn(async move {
+            let mut buf = [0u8; 256];
+            while let Ok((n, from)) = peer.recv_from(&mut buf).await {
+                let mut out = format!("{from}|").into_bytes();
+                out.extend_from_slice(&buf[..n]);
+                let _ = peer.send_to(&out, from).await;
+            }
+        })
+    };
+    for round in 0..4 {
+        // The challenge first, so that the authenticated Allocates all go out together.
+        let mut clients = Vec::new();
+        for i in 0..32 {
+            let mut c = if i % 2 == 0 {
+                RawClient::udp(gw.udp, USER, PASSWORD).await
+            } else {
+                RawClient::tcp(gw.tcp, USER, PASSWORD).await
+            };
+            let r = c.request(METHOD_REFRESH, &[Attr::Lifetime(0)]).await;
+            assert_eq!(code(&r), Some(437), "the challenge is answered");
+            clients.push(c);
+        }
+        let tasks: Vec<_> = clients
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut c)| {
+                tokio::spawn(async move {
+                    let r = c.allocate().await;
+                    (i, c, r)
+                })
+            })
+            .collect();
+        let mut relays = std::collections::HashSet::new();
+        for t in tasks {
+            let (i, mut c, r) = t.await.unwrap();
+            assert_eq!(code(&r), None, "round {round}, client {i}: allocated");
+            let relay = relayed(&r);
+            assert!(relays.insert(relay), "round {round}: {relay} given twice");
+            let r = c
+                .request(
+                    METHOD_CHANNEL_BIND,
+                    &[Attr::Channel(0x4000), Attr::Peer(peer_addr)],
+                )
+                .await;
+            assert_eq!(code(&r), None, "channel bound");
+            let msg = format!("round {round} client {i}");
+            c.channel_data(0x4000, msg.as_bytes()).await;
+            let got = c
+                .recv_raw(Duration::from_secs(3))
+                .await
+                .unwrap_or_else(|| panic!("round {round}, client {i} gets its echo"));
+            let want = format!("{relay}|{msg}");
+            assert_eq!(&got[..2], &[0x40, 0x00]);
+            let len = u16::from_be_bytes([got[2], got[3]]) as usize;
+            assert_eq!(
+                String::from_utf8_lossy(&got[4..4 + len]),
+                want,
+                "round {round}, client {i}: sent from its own relay, answered to it"
+            );
+        }
+    }
+    echo.abort();
+    gw.svc.close().await;
+}

@@ -33,6 +33,27 @@ use super::ratelog::RateLimit;
 use super::sink::ClientSink;
 use crate::config::PortRange;
 
+tokio::task_local! {
+    /// The relay state `allocate_conn` created while [`created_by`] polled its future.
+    static CREATED: std::cell::RefCell<Option<Arc<RelayState>>>;
+}
+
+/// Runs `fut` (an allocation: the crate's `create_allocation`, or `allocate_conn`
+/// directly) and returns with its output the relay state it created, if any. The state
+/// travels in a task-local, not in the factory: Allocates run at once on every UDP
+/// thread and on every TCP connection's task, so "the last one created" would be
+/// another client's.
+pub(crate) async fn created_by<F: std::future::Future>(
+    fut: F,
+) -> (F::Output, Option<Arc<RelayState>>) {
+    CREATED
+        .scope(std::cell::RefCell::new(None), async move {
+            let out = fut.await;
+            (out, CREATED.with(|c| c.borrow_mut().take()))
+        })
+        .await
+}
+
 /// RFC 8656 §9: permissions last 300 seconds unless refreshed.
 pub(crate) const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
 /// RFC 8656 §7.2: a reserved port is kept for about 30 seconds.
@@ -304,9 +325,6 @@ pub(crate) struct RelayFactory {
     error_log: Arc<RateLimit>,
     /// The kernel fast path, when on.
     kernel: Option<Arc<KernelChannels>>,
-    /// The state of the relay socket created by the last `allocate_conn`: the listener
-    /// loop handles one Allocate at a time, so it picks up its own socket here.
-    last_created: Mutex<Option<Arc<RelayState>>>,
     /// Sockets bound in advance, by family (true: IPv4) and port.
     prebound: Mutex<HashMap<(bool, u16), Prebound>>,
     /// `turn.relay.default_family`.
@@ -339,7 +357,6 @@ impl RelayFactory {
             kdrops,
             refusal_log,
             error_log,
-            last_created: Mutex::new(None),
             prebound: Mutex::new(HashMap::new()),
         }
     }
@@ -368,14 +385,6 @@ impl RelayFactory {
     /// The bind and advertised address of a family, if it is served.
     fn family(&self, ipv4: bool) -> Option<(IpAddr, IpAddr)> {
         if ipv4 { self.v4 } else { self.v6 }
-    }
-
-    /// The relay socket state created by the most recent allocation, if any.
-    pub(crate) fn take_last_created(&self) -> Option<Arc<RelayState>> {
-        self.last_created
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
     }
 
     fn random_port(&self, even: bool) -> u16 {
@@ -590,7 +599,9 @@ impl turn::relay::RelayAddressGenerator for RelayGenerator {
             k.register(Arc::downgrade(&state) as std::sync::Weak<dyn Swept>);
         }
         f.policy.register_relay(advertised);
-        *f.last_created.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&state));
+        // Handed to the Allocate that asked for it (see `created_by`); outside one, the
+        // state lives on in the connection alone.
+        let _ = CREATED.try_with(|c| *c.borrow_mut() = Some(Arc::clone(&state)));
         let conn = RelayConn {
             socket,
             state,

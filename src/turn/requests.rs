@@ -236,18 +236,15 @@ impl Listener {
             .unwrap_or(DEFAULT_LIFETIME)
             .clamp(DEFAULT_LIFETIME, MAX_LIFETIME);
         let lifetime = Duration::from_secs(lifetime.into());
-        let created = self
-            .manager
-            .create_allocation(
-                ft,
-                Arc::clone(&self.conn),
-                requested_port,
-                lifetime,
-                TextAttribute::new(ATTR_USERNAME, auth.username.clone()),
-                want_ipv4,
-            )
-            .await;
-        let relay = self.relays.take_last_created();
+        let (created, relay) = super::relay::created_by(self.manager.create_allocation(
+            ft,
+            Arc::clone(&self.conn),
+            requested_port,
+            lifetime,
+            TextAttribute::new(ATTR_USERNAME, auth.username.clone()),
+            want_ipv4,
+        ))
+        .await;
         let relay = match (created, relay) {
             (Ok(_), Some(relay)) => relay,
             (result, _) => {
@@ -271,10 +268,11 @@ impl Listener {
         // The IPv6 half of a dual allocation: a relay socket of its own, outside the
         // crate, ending with the allocation. Without one the allocation stays IPv4 only.
         let address_error = if dual {
-            let extra = RelayGenerator(Arc::clone(&self.relays))
-                .allocate_conn(false, 0)
-                .await;
-            match (extra, self.relays.take_last_created()) {
+            let extra = super::relay::created_by(
+                RelayGenerator(Arc::clone(&self.relays)).allocate_conn(false, 0),
+            )
+            .await;
+            match extra {
                 (Ok((conn, _)), Some(state)) => {
                     relay.set_additional(state, conn);
                     None

@@ -303,6 +303,11 @@ async fn ipv6_call(
         &format!("turn%3A%5B%3A%3A1%5D%3A{}%3Ftransport%3Dudp", addr.port()),
     )
     .await;
+    assert_eq!(
+        page.v["ok"], true,
+        "page: {}\nTURN metrics: {metrics:?}",
+        page.report
+    );
     page.assert_relayed("udp");
     // Both peer connections allocated over IPv6 and data was relayed.
     assert!(metrics.allocations_created.get() >= 2, "allocations");

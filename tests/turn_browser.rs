@@ -148,9 +148,11 @@ struct Call {
 
 impl Call {
     /// The page's call went through a relay over `protocol` and carried its message.
-    fn assert_relayed(&self, protocol: &str) {
+    /// A call that did not connect shows the gateway's TURN metrics beside the page's
+    /// report (how many allocations were made, what was dropped).
+    fn assert_relayed(&self, protocol: &str, metrics: &TurnMetrics) {
         let (v, report) = (&self.v, &self.report);
-        assert_eq!(v["ok"], true, "page: {report}");
+        assert_eq!(v["ok"], true, "page: {report}\nTURN metrics: {metrics:?}");
         assert_eq!(v["data"], "hello over turns", "page: {report}");
         assert_eq!(v["candidateType"], "relay", "page: {report}");
         assert_eq!(v["relayProtocol"], protocol, "page: {report}");
@@ -266,7 +268,7 @@ async fn chromium_calls_through_the_tls_listener_only() {
         &format!("turns%3A127.0.0.1%3A{}%3Ftransport%3Dtcp", tls.port()),
     )
     .await;
-    page.assert_relayed("tls");
+    page.assert_relayed("tls", &metrics);
 
     // mediagate saw it: two allocations (one per peer connection) over its only listener,
     // the TLS one, with relayed data, while the browser still holds its TLS connections.
@@ -303,12 +305,7 @@ async fn ipv6_call(
         &format!("turn%3A%5B%3A%3A1%5D%3A{}%3Ftransport%3Dudp", addr.port()),
     )
     .await;
-    assert_eq!(
-        page.v["ok"], true,
-        "page: {}\nTURN metrics: {metrics:?}",
-        page.report
-    );
-    page.assert_relayed("udp");
+    page.assert_relayed("udp", &metrics);
     // Both peer connections allocated over IPv6 and data was relayed.
     assert!(metrics.allocations_created.get() >= 2, "allocations");
     assert!(metrics.bytes_to_client.get() > 0, "relayed bytes");

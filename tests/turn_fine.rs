@@ -329,16 +329,7 @@ async fn peer_policy_follows_the_upstreams() {
     assert!(wait_until(Duration::from_secs(2), || m.permission_denied.get() == 4).await);
 
     // Listed: permission, channel and data flow.
-    assert_eq!(
-        code(
-            &c.request(
-                METHOD_CHANNEL_BIND,
-                &[Attr::Channel(0x4000), Attr::Peer(up)]
-            )
-            .await
-        ),
-        None
-    );
+    bind_channel(&mut c, up).await;
     c.channel_data(0x4000, b"hello").await;
     let mut buf = [0u8; 64];
     let (n, from) = tokio::time::timeout(Duration::from_secs(2), upstream.recv_from(&mut buf))
@@ -537,6 +528,37 @@ async fn an_ended_allocation_frees_its_relay_port_at_once() {
 }
 
 /// The names of this process's threads.
+/// A UDP peer on loopback that answers every datagram to its sender (with `tag`, the
+/// answer starts with the sender's address and `|`): its address and its task.
+async fn udp_echo(tag: bool) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = peer.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut buf = [0u8; 256];
+        while let Ok((n, from)) = peer.recv_from(&mut buf).await {
+            let mut out = if tag {
+                format!("{from}|").into_bytes()
+            } else {
+                Vec::new()
+            };
+            out.extend_from_slice(&buf[..n]);
+            let _ = peer.send_to(&out, from).await;
+        }
+    });
+    (addr, task)
+}
+
+/// Binds channel 0x4000 of `c`'s allocation to `peer`; the binding must succeed.
+async fn bind_channel(c: &mut RawClient, peer: SocketAddr) {
+    let r = c
+        .request(
+            METHOD_CHANNEL_BIND,
+            &[Attr::Channel(0x4000), Attr::Peer(peer)],
+        )
+        .await;
+    assert_eq!(code(&r), None, "channel 0x4000 bound to {peer}");
+}
+
 fn thread_names() -> Vec<String> {
     std::fs::read_dir("/proc/self/task")
         .map(|d| {
@@ -571,28 +593,12 @@ async fn udp_clients_on_every_thread_are_relayed_and_the_threads_end_with_the_se
         shard_threads()
     );
     // One echo peer for all: it answers each relayed address with what it got.
-    let peer = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let peer_addr = peer.local_addr().unwrap();
-    let echo = {
-        let peer = Arc::clone(&peer);
-        tokio::spawn(async move {
-            let mut buf = [0u8; 256];
-            while let Ok((n, from)) = peer.recv_from(&mut buf).await {
-                let _ = peer.send_to(&buf[..n], from).await;
-            }
-        })
-    };
+    let (peer_addr, echo) = udp_echo(false).await;
     let mut clients = Vec::new();
     for _ in 0..40 {
         let mut c = RawClient::udp(gw.udp, USER, PASSWORD).await;
         c.allocate().await;
-        let r = c
-            .request(
-                METHOD_CHANNEL_BIND,
-                &[Attr::Channel(0x4000), Attr::Peer(peer_addr)],
-            )
-            .await;
-        assert_eq!(code(&r), None, "channel bound");
+        bind_channel(&mut c, peer_addr).await;
         clients.push(c);
     }
     for (i, c) in clients.iter_mut().enumerate() {
@@ -627,19 +633,7 @@ async fn concurrent_allocates_each_get_their_own_relay() {
     cfg.relay.threads = 4;
     let gw = Gateway::start(cfg).await;
     // The peer answers every datagram with the address it came from, then the payload.
-    let peer = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let peer_addr = peer.local_addr().unwrap();
-    let echo = {
-        let peer = Arc::clone(&peer);
-        tokio::spawn(async move {
-            let mut buf = [0u8; 256];
-            while let Ok((n, from)) = peer.recv_from(&mut buf).await {
-                let mut out = format!("{from}|").into_bytes();
-                out.extend_from_slice(&buf[..n]);
-                let _ = peer.send_to(&out, from).await;
-            }
-        })
-    };
+    let (peer_addr, echo) = udp_echo(true).await;
     for round in 0..4 {
         // The challenge first, so that the authenticated Allocates all go out together.
         let mut clients = Vec::new();
@@ -669,13 +663,7 @@ async fn concurrent_allocates_each_get_their_own_relay() {
             assert_eq!(code(&r), None, "round {round}, client {i}: allocated");
             let relay = relayed(&r);
             assert!(relays.insert(relay), "round {round}: {relay} given twice");
-            let r = c
-                .request(
-                    METHOD_CHANNEL_BIND,
-                    &[Attr::Channel(0x4000), Attr::Peer(peer_addr)],
-                )
-                .await;
-            assert_eq!(code(&r), None, "channel bound");
+            bind_channel(&mut c, peer_addr).await;
             let msg = format!("round {round} client {i}");
             c.channel_data(0x4000, msg.as_bytes()).await;
             let got = c

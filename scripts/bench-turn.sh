@@ -18,6 +18,14 @@
 #   MG_THREADS=1 ...                            # turn.relay.threads (default 0: one per core)
 #   AT_MAX=1 ...                                # also both servers at coturn's highest lossless
 #                                               # rate: p99 and loss of each there
+#   DROPS=1 ...                                 # where the fixed-rate runs lost datagrams: UDP
+#                                               # receive-buffer drops on the host (the servers'
+#                                               # sockets) and in the generator's namespace, and
+#                                               # the veths' own drop counters
+#   SWEEPS=9 ...                                # each server's highest rate found 9 times, the
+#                                               # servers alternating (who goes first too); the
+#                                               # medians are kept and every value is listed
+#                                               # (one sweep's result moves by up to 1.5x here)
 #   SMOKE=1 scripts/bench-turn.sh               # seconds: 2 allocations, one fixed rate
 #
 # Topology: the generator in a network namespace of its own and the echo peer in another,
@@ -69,6 +77,8 @@ OFFLOAD=${OFFLOAD:-ebpf}
 # turn.relay.threads: mediagate's UDP threads (0: one per core, as coturn's relay threads).
 MG_THREADS=${MG_THREADS:-0}
 AT_MAX=${AT_MAX:-0}
+SWEEPS=${SWEEPS:-1}
+DROPS=${DROPS:-0}
 ECHO=${ECHO:-xdp}
 if [[ $ECHO = xdp ]] && ! command -v clang >/dev/null; then
     echo "clang not found: a user-space echo peer instead of the XDP reflector (ECHO=socket)" >&2
@@ -178,6 +188,32 @@ for p in "$MG_PID" "$CT_PID"; do
     kill -0 "$p" 2>/dev/null || { echo "a server failed to start; see $TMP" >&2; cat "$TMP"/*.err >&2; exit 1; }
 done
 
+# Drop counters, "name=value" each: UDP receive-buffer errors on the host (the servers'
+# sockets; of them, the two servers' listener sockets apart) and in the generator's
+# namespace, and every veth end's rx/tx drops (a veth in NAPI mode drops when its ring is
+# full).
+drop_counters() {
+    local snmp='/^Udp: [0-9]/{print $6}'
+    echo "host_udp_rcvbuf=$(awk "$snmp" /proc/net/snmp)"
+    echo "gen_udp_rcvbuf=$(ip netns exec "$CNS" awk "$snmp" /proc/net/snmp)"
+    # The listeners' own share (/proc/net/udp's last column, summed over a port's sockets).
+    echo "mg_listener=$(awk -v p="$(printf ':%04X' "$MG_PORT")" 'NR > 1 && substr($2, length($2) - 4) == p { d += $NF } END { print d + 0 }' /proc/net/udp)"
+    echo "ct_listener=$(awk -v p="$(printf ':%04X' "$CT_PORT")" 'NR > 1 && substr($2, length($2) - 4) == p { d += $NF } END { print d + 0 }' /proc/net/udp)"
+    local d
+    for d in "$VH" "$CH"; do
+        echo "${d}_rx=$(cat "/sys/class/net/$d/statistics/rx_dropped")"
+        echo "${d}_tx=$(cat "/sys/class/net/$d/statistics/tx_dropped")"
+    done
+    for d in "$VP:$NS" "$CP:$CNS"; do
+        echo "${d%%:*}_rx=$(ip netns exec "${d#*:}" cat "/sys/class/net/${d%%:*}/statistics/rx_dropped")"
+        echo "${d%%:*}_tx=$(ip netns exec "${d#*:}" cat "/sys/class/net/${d%%:*}/statistics/tx_dropped")"
+    done
+}
+# drop_delta BEFORE AFTER: the counters that moved, "name=+N".
+drop_delta() {
+    join -t= <(sort <<<"$1") <(sort <<<"$2") | awk -F= '$3 != $2 { printf "%s=+%d ", $1, $3 - $2 } END { print "" }'
+}
+
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # Busy ticks of the whole machine (all cores; everything but idle and iowait).
 machine_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
@@ -219,7 +255,10 @@ fixed() {
             -o "$TMP/stat-$name-$4-$5-$6.csv" >/dev/null 2>&1 &
         stat_pid=$!
     fi
+    local d0
+    d0=$(drop_counters)
     line=$(gen "$port" "$4" "$5" "$6" --rate "$7")
+    echo "$name $4 n=$5 size=$6 rate=$7 loss=$(field loss "$line") drops: $(drop_delta "$d0" "$(drop_counters)")" >>"$TMP/drops.txt"
     c1=$(cpu_ticks "$pid")
     m1=$(machine_ticks)
     [[ -z "$perf_pid" ]] || { kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; }
@@ -249,6 +288,7 @@ print(kv.get("p50_us", "nan"), kv.get("p99_us", "nan"), f"{cpu:.2f}", kv.get("lo
 EOF
 }
 
+median() { printf '%s\n' "$@" | grep -E '^[0-9.]+$' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
 ratio() { python3 -c "a,b=float('$1' or 0),float('$2' or 0); print(f'{a/b:.2f}' if b>0 else 'n/a')"; }
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load: mediagate-load turn, $THREADS thread pairs, loss < $MAX_LOSS, trials of $DURATION; echo peer: $ECHO; mediagate relay offload: $OFFLOAD" | tee "$TMP/table.txt"
@@ -261,8 +301,22 @@ for tr in $TRANSPORTS; do
             if [[ -n "$FIXED_RATE" ]]; then
                 mg_max=$FIXED_RATE ct_max=$FIXED_RATE
             else
-                mg_max=$(sweep mediagate "$MG_PORT" "$tr" "$n" "$size")
-                ct_max=$(sweep coturn "$CT_PORT" "$tr" "$n" "$size")
+                mg_all_max=() ct_all_max=() ratios=()
+                for ((r = 0; r < SWEEPS; r++)); do
+                    if ((r % 2 == 0)); then
+                        m=$(sweep mediagate "$MG_PORT" "$tr" "$n" "$size")
+                        c=$(sweep coturn "$CT_PORT" "$tr" "$n" "$size")
+                    else
+                        c=$(sweep coturn "$CT_PORT" "$tr" "$n" "$size")
+                        m=$(sweep mediagate "$MG_PORT" "$tr" "$n" "$size")
+                    fi
+                    # A sweep that found nothing (the generator failed: see gen.err) shows as "-".
+                    mg_all_max+=("${m:--}") ct_all_max+=("${c:--}") ratios+=("$(ratio "$m" "$c")")
+                done
+                mg_max=$(median "${mg_all_max[@]}") ct_max=$(median "${ct_all_max[@]}")
+                if ((SWEEPS > 1)); then
+                    echo "  $SWEEPS sweeps ($tr n=$n size=$size): mediagate ${mg_all_max[*]}; coturn ${ct_all_max[*]}; paired ratios ${ratios[*]} (median $(median "${ratios[@]}")); medians below" | tee -a "$TMP/table.txt"
+                fi
             fi
             half=$(( ${ct_max:-0} / 2 ))
             [[ $SMOKE = 1 ]] && half=$FIXED_RATE
@@ -292,6 +346,7 @@ for tr in $TRANSPORTS; do
     done
 done
 echo "half: fixed-rate runs at half of coturn's highest rate (p99 RTT; CPU per relayed packet: the server's own (cpu), the whole machine's (all))" | tee -a "$TMP/table.txt"
+[[ $DROPS = 0 ]] || cat "$TMP/drops.txt"
 if [[ $SMOKE = 1 ]]; then
     for name in mediagate coturn; do
         grep -q "^$name .* fixed .*received=[1-9]" "$TMP/results.txt" \

@@ -34,7 +34,7 @@ run bench-udp-netns-sessions env MODE=sessions scripts/bench-udp-netns.sh
 run bench-tcp scripts/bench-tcp.sh
 run bench-sessions scripts/bench-sessions.sh
 run profile-udp scripts/profile-udp.sh
-run bench-turn scripts/bench-turn.sh
+run bench-turn env DROPS=1 scripts/bench-turn.sh
 run bench-turn-tls scripts/bench-turn-tls.sh
 run bench-failover scripts/bench-failover.sh
 echo "bench smoke: $((SECONDS - total)) s in all"

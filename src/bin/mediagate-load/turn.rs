@@ -128,6 +128,21 @@ fn connect(o: &Options) -> io::Result<(Control, Sock, RawFd)> {
     }
 }
 
+/// A new socket and its allocation. A source port on which the server still holds an
+/// allocation of an earlier run (437: that run's Refresh 0 was lost under load) is left
+/// for another one, a few times.
+fn allocate(o: &Options) -> io::Result<(Allocation, Sock, RawFd)> {
+    let mut tries = 0;
+    loop {
+        let (control, sock, fd) = connect(o)?;
+        match Allocation::new(control, &o.creds) {
+            Ok(a) => return Ok((a, sock, fd)),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && tries < 8 => tries += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 impl TurnGenerator {
     /// Makes every allocation (Allocate, CreatePermission, ChannelBind) before returning.
     pub fn new(opts: Options) -> io::Result<TurnGenerator> {
@@ -142,8 +157,7 @@ impl TurnGenerator {
             let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
             let mut flows = Vec::new();
             for i in base..end {
-                let (control, sock, fd) = connect(&opts)?;
-                let mut a = Allocation::new(control, &opts.creds)
+                let (mut a, sock, fd) = allocate(&opts)
                     .map_err(|e| io::Error::other(format!("allocation {i}: {e}")))?;
                 a.permit(opts.peer)
                     .map_err(|e| io::Error::other(format!("allocation {i}: {e}")))?;
@@ -594,6 +608,108 @@ impl Trial for TurnGenerator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stun::attributes::{ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
+    use stun::error_code::{ErrorCode, ErrorCodeAttribute};
+    use stun::message::{
+        CLASS_ERROR_RESPONSE, CLASS_SUCCESS_RESPONSE, METHOD_ALLOCATE, Message, MessageType, Setter,
+    };
+    use stun::textattrs::TextAttribute;
+
+    /// A TURN server that answers the first `stale` source ports' Allocates with `code`
+    /// (as a server still holding an earlier run's allocation there answers 437), other
+    /// ports' with a 401 challenge, and authenticated Allocates with success. Returns its
+    /// address and the source ports it refused.
+    fn fake_server(stale: usize, code: u16) -> (SocketAddr, std::sync::mpsc::Receiver<u16>) {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = sock.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut refused = Vec::new();
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let mut req = Message::new();
+                req.raw = buf[..n].to_vec();
+                if req.decode().is_err() || req.typ.method != METHOD_ALLOCATE {
+                    continue;
+                }
+                let authenticated = req.contains(ATTR_USERNAME);
+                if !authenticated && (refused.contains(&from.port()) || refused.len() < stale) {
+                    if !refused.contains(&from.port()) {
+                        refused.push(from.port());
+                        let _ = tx.send(from.port());
+                    }
+                }
+                let setters: Vec<Box<dyn Setter>> = if authenticated {
+                    vec![
+                        Box::new(req.clone()),
+                        Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_SUCCESS_RESPONSE)),
+                        Box::new(turn::proto::relayaddr::RelayedAddress {
+                            ip: [127, 0, 0, 1].into(),
+                            port: 40000,
+                        }),
+                    ]
+                } else if refused.contains(&from.port()) {
+                    vec![
+                        Box::new(req.clone()),
+                        Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_ERROR_RESPONSE)),
+                        Box::new(ErrorCodeAttribute {
+                            code: ErrorCode(code),
+                            reason: b"Refused".to_vec(),
+                        }),
+                    ]
+                } else {
+                    vec![
+                        Box::new(req.clone()),
+                        Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_ERROR_RESPONSE)),
+                        Box::new(ErrorCodeAttribute {
+                            code: ErrorCode(401),
+                            reason: b"Unauthorized".to_vec(),
+                        }),
+                        Box::new(TextAttribute::new(ATTR_REALM, "bench".into())),
+                        Box::new(TextAttribute::new(ATTR_NONCE, "n0".into())),
+                    ]
+                };
+                let mut resp = Message::new();
+                resp.build(&setters).unwrap();
+                let _ = sock.send_to(&resp.raw, from);
+            }
+        });
+        (addr, rx)
+    }
+
+    fn options(server: SocketAddr) -> Options {
+        Options {
+            server,
+            tcp: false,
+            allocations: 1,
+            size: 64,
+            peer: "127.0.0.1:9".parse().unwrap(),
+            creds: Credentials {
+                username: "bench".into(),
+                password: "bench".into(),
+            },
+            threads: 1,
+            mode: Mode::Channel,
+            peer_pid: None,
+        }
+    }
+
+    #[test]
+    fn a_port_with_a_leftover_allocation_is_left_for_another() {
+        let (server, refused) = fake_server(2, 437);
+        let (a, _sock, _) = allocate(&options(server)).unwrap();
+        assert_eq!(a.relayed, "127.0.0.1:40000".parse::<SocketAddr>().unwrap());
+        let refused: Vec<u16> = refused.try_iter().collect();
+        assert_eq!(refused.len(), 2, "{refused:?}");
+    }
+
+    #[test]
+    fn another_error_is_named_and_not_retried() {
+        let (server, refused) = fake_server(1, 486);
+        let e = allocate(&options(server)).err().expect("refused");
+        assert!(e.to_string().contains("error 486"), "{e}");
+        assert_eq!(refused.try_iter().count(), 1);
+    }
 
     #[test]
     fn frames_are_cut_from_a_stream() {

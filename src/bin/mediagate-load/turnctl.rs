@@ -143,6 +143,27 @@ impl Allocation {
             Box::new(FINGERPRINT),
         ])?;
         let challenge = control.transact(&first)?;
+        let mut e = ErrorCodeAttribute::default();
+        if challenge.typ.class == CLASS_ERROR_RESPONSE
+            && e.get_from(&challenge).is_ok()
+            && e.code.0 != 401
+        {
+            // 437: the server still holds an allocation of an earlier run on this source
+            // port (its Refresh 0 lost); the caller retries from another port.
+            let kind = if e.code.0 == 437 {
+                io::ErrorKind::AddrInUse
+            } else {
+                io::ErrorKind::Other
+            };
+            return Err(io::Error::new(
+                kind,
+                format!(
+                    "Allocate: error {} {}",
+                    e.code.0,
+                    String::from_utf8_lossy(&e.reason)
+                ),
+            ));
+        }
         let realm = TextAttribute::get_from_as(&challenge, ATTR_REALM)
             .map_err(|_| io::Error::other("Allocate: no REALM in the challenge"))?
             .text;

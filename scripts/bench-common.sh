@@ -87,3 +87,10 @@ smoke_require() {
     exit 1
   fi
 }
+
+# median VALUE...: the median of the numeric values (anything else, such as "-" for a
+# measurement that failed or "n/a", is left out); prints nothing when none is numeric.
+median() {
+  printf '%s\n' "$@" | grep -E '^-?[0-9.]+([eE][-+]?[0-9]+)?$' | sort -g \
+    | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'
+}

@@ -288,7 +288,6 @@ print(kv.get("p50_us", "nan"), kv.get("p99_us", "nan"), f"{cpu:.2f}", kv.get("lo
 EOF
 }
 
-median() { printf '%s\n' "$@" | grep -E '^[0-9.]+$' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
 ratio() { python3 -c "a,b=float('$1' or 0),float('$2' or 0); print(f'{a/b:.2f}' if b>0 else 'n/a')"; }
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load: mediagate-load turn, $THREADS thread pairs, loss < $MAX_LOSS, trials of $DURATION; echo peer: $ECHO; mediagate relay offload: $OFFLOAD" | tee "$TMP/table.txt"

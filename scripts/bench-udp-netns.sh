@@ -203,7 +203,6 @@ TARGETS="direct nginx user fast"
 field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$2"; }
 say() { echo "$*" >&2; }
 ratio() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
-median() { printf '%s\n' "$@" | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
 declare -A MAX P50 P99 HALF COST
 say "machine: $(nproc) CPU ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(uname -r)"
 say "workers: $WORKERS; trial $TRIAL; latency: $ROUNDS rounds of $LAT; echo: $ECHO; pinned: $PIN"

@@ -114,7 +114,6 @@ declare -A MAX P99 P50 P999 SIL HALF WINS PAIRED F50 FMAX
 say() { echo "$*" >&2; }
 ratio() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
 TOTAL_WINS=0; TOTAL_PAIRED=0
-median() { printf '%s\n' "$@" | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
 
 say "machine: $(nproc) CPU ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(uname -r)"
 say "workers: $WORKERS (nginx worker_processes, mediagate UDP threads, echo threads); trial $TRIAL, latency runs $LAT"

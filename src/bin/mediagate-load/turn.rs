@@ -633,11 +633,9 @@ mod tests {
                     continue;
                 }
                 let authenticated = req.contains(ATTR_USERNAME);
-                if !authenticated && (refused.contains(&from.port()) || refused.len() < stale) {
-                    if !refused.contains(&from.port()) {
-                        refused.push(from.port());
-                        let _ = tx.send(from.port());
-                    }
+                if !authenticated && refused.len() < stale && !refused.contains(&from.port()) {
+                    refused.push(from.port());
+                    let _ = tx.send(from.port());
                 }
                 let setters: Vec<Box<dyn Setter>> = if authenticated {
                     vec![

@@ -16,6 +16,7 @@
 #                                               # switches per relayed packet at half rate
 #   MG_BIN=path SKIP_BUILD=1 ...                # another mediagate build (A/B runs)
 #   MG_THREADS=1 ...                            # turn.relay.threads (default 0: one per core)
+#   MG_GSO=false ...                            # turn.relay.udp_gso (default true)
 #   AT_MAX=1 ...                                # also both servers at coturn's highest lossless
 #                                               # rate: p99 and loss of each there
 #   DROPS=1 ...                                 # where the fixed-rate runs lost datagrams: UDP
@@ -76,6 +77,7 @@ NICE=${NICE:--10}
 OFFLOAD=${OFFLOAD:-ebpf}
 # turn.relay.threads: mediagate's UDP threads (0: one per core, as coturn's relay threads).
 MG_THREADS=${MG_THREADS:-0}
+MG_GSO=${MG_GSO:-true}
 AT_MAX=${AT_MAX:-0}
 SWEEPS=${SWEEPS:-1}
 DROPS=${DROPS:-0}
@@ -165,6 +167,7 @@ turn:
     peers: [$PEER_IP/32]
     offload: $OFFLOAD
     threads: $MG_THREADS
+    udp_gso: $MG_GSO
   quota:
     allocations_per_user: 5000
 EOF

@@ -13,6 +13,7 @@ use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// `n` datagram slots of `slot_len` bytes each, with the `iovec`s, addresses and
 /// `mmsghdr`s that `recvmmsg`/`sendmmsg` need, all pointing into this batch's own heap
@@ -315,16 +316,136 @@ impl MsgBatch {
 /// Most datagrams [`send_many_to`] passes to one `sendmmsg` call.
 pub const SEND_MANY: usize = 16;
 
+/// Whether [`send_many_to`] may send a run of equal-sized frames as one segmented send
+/// (`UDP_SEGMENT`); on by default, off by [`set_udp_gso`] or once the kernel said it
+/// does not know the option.
+static UDP_GSO: AtomicBool = AtomicBool::new(true);
+
+/// Turns segmented sends in [`send_many_to`] on or off (for the whole process).
+pub fn set_udp_gso(on: bool) {
+    UDP_GSO.store(on, Ordering::Relaxed);
+}
+
 /// Sends each of `frames` (at most [`SEND_MANY`]; more are not sent) as its own datagram
-/// to `to` on the unconnected socket `fd`, with as few `sendmmsg` calls as the kernel
-/// allows and without copying them; a datagram the kernel refuses is skipped. Returns how
-/// many were sent.
+/// to `to` on the unconnected socket `fd`, in order and without copying them; a datagram
+/// the kernel refuses is skipped. Returns how many were sent.
+///
+/// A run of two or more frames of one size (the run's last may be shorter) leaves with
+/// one `sendmsg` carrying `UDP_SEGMENT` (generic segmentation offload): the kernel
+/// builds one packet train that goes through the stack once and is cut into the same
+/// datagrams at the device, or by the NIC. Receivers see exactly the datagrams they
+/// would otherwise. Where the kernel refuses that (a segment larger than the path's MTU:
+/// `EMSGSIZE`; on older kernels a device without checksum offload: `EIO`), the run goes
+/// out as separate datagrams; other frames go with as few `sendmmsg` calls as the kernel allows.
 pub fn send_many_to(fd: RawFd, frames: &[&[u8]], to: SocketAddr) -> usize {
-    let count = frames.len().min(SEND_MANY);
-    // SAFETY: all-zero is a valid value for these plain C structs.
+    let frames = &frames[..frames.len().min(SEND_MANY)];
+    // SAFETY: all-zero is a valid value for this plain C struct.
     let mut addr: libc::sockaddr_storage = unsafe { zeroed() };
     let namelen = to_storage(to, &mut addr);
+    if !UDP_GSO.load(Ordering::Relaxed) {
+        return send_each(fd, frames, &mut addr, namelen);
+    }
+    let (mut sent, mut at, mut single_from) = (0, 0, 0);
+    while at < frames.len() {
+        let run = gso_run(&frames[at..]);
+        if run < 2 {
+            at += 1;
+            continue;
+        }
+        sent += send_each(fd, &frames[single_from..at], &mut addr, namelen);
+        let train = &frames[at..at + run];
+        sent += match send_segmented(fd, train, &mut addr, namelen) {
+            Ok(()) => run,
+            Err(e) => {
+                if matches!(e.raw_os_error(), Some(libc::ENOPROTOOPT | libc::EOPNOTSUPP)) {
+                    set_udp_gso(false); // a kernel without UDP_SEGMENT (before 4.18)
+                }
+                send_each(fd, train, &mut addr, namelen)
+            }
+        };
+        at += run;
+        single_from = at;
+    }
+    sent + send_each(fd, &frames[single_from..], &mut addr, namelen)
+}
+
+/// How many frames from the first can leave as one segmented send: those of the first
+/// one's size, then at most one shorter (non-empty) frame, which ends the train.
+/// At most [`GSO_BYTES`] in all (one UDP datagram's worth, as the kernel requires).
+fn gso_run(frames: &[&[u8]]) -> usize {
+    let seg = frames[0].len();
+    if seg == 0 {
+        return 1;
+    }
+    let most = (GSO_BYTES / seg).max(1);
+    let same = frames
+        .iter()
+        .take(most)
+        .take_while(|f| f.len() == seg)
+        .count();
+    match frames.get(same) {
+        Some(f) if same < most && !f.is_empty() && f.len() < seg => same + 1,
+        _ => same,
+    }
+}
+
+/// Most payload bytes in one segmented send.
+const GSO_BYTES: usize = 60_000;
+
+/// One `sendmsg` of `train` (frames of `train[0]`'s size, the last maybe shorter) with
+/// `UDP_SEGMENT` set to that size: all of it or nothing is sent.
+fn send_segmented(
+    fd: RawFd,
+    train: &[&[u8]],
+    addr: &mut libc::sockaddr_storage,
+    namelen: libc::socklen_t,
+) -> io::Result<()> {
+    // SAFETY: all-zero is a valid value for these plain C structs.
+    let mut iov: [libc::iovec; SEND_MANY] = unsafe { zeroed() };
+    for (v, f) in iov.iter_mut().zip(train) {
+        v.iov_base = f.as_ptr() as *mut libc::c_void;
+        v.iov_len = f.len();
+    }
+    // Room for one cmsg with a u16, aligned for cmsghdr.
+    let mut control = [0u64; 4];
     // SAFETY: as above.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_name = (addr as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = namelen;
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = train.len().min(SEND_MANY) as _;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as _;
+    // SAFETY: `msg_control` points at `control`, which holds CMSG_SPACE(2) bytes (32 >=
+    // 16 + 8), so CMSG_FIRSTHDR is that buffer's start and CMSG_DATA lies within it.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = libc::UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), train[0].len() as u16);
+    }
+    // SAFETY: `msg` points at `iov` (which points at the frames, only read by the
+    // kernel), `addr` and `control`; all outlive the call.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Sends each of `frames` as its own datagram with as few `sendmmsg` calls as the kernel
+/// allows; a datagram the kernel refuses is skipped. Returns how many were sent.
+fn send_each(
+    fd: RawFd,
+    frames: &[&[u8]],
+    addr: &mut libc::sockaddr_storage,
+    namelen: libc::socklen_t,
+) -> usize {
+    let count = frames.len().min(SEND_MANY);
+    // SAFETY: all-zero is a valid value for these plain C structs.
     let mut iov: [libc::iovec; SEND_MANY] = unsafe { zeroed() };
     let mut hdrs: [libc::mmsghdr; SEND_MANY] = unsafe { zeroed() };
     for i in 0..count {
@@ -332,7 +453,7 @@ pub fn send_many_to(fd: RawFd, frames: &[&[u8]], to: SocketAddr) -> usize {
         iov[i].iov_len = frames[i].len();
         hdrs[i].msg_hdr.msg_iov = &mut iov[i];
         hdrs[i].msg_hdr.msg_iovlen = 1;
-        hdrs[i].msg_hdr.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
+        hdrs[i].msg_hdr.msg_name = (addr as *mut libc::sockaddr_storage).cast();
         hdrs[i].msg_hdr.msg_namelen = namelen;
     }
     let (mut sent, mut at) = (0, 0);
@@ -512,6 +633,111 @@ mod tests {
             assert_eq!(from, tx.local_addr().unwrap());
             assert_eq!(&buf[..n], &want[..]);
         }
+    }
+
+    #[test]
+    fn trains_are_cut_where_sizes_change() {
+        let f = |n: usize| vec![0u8; n];
+        let (a, b, c, e) = (f(100), f(40), f(7), f(0));
+        assert_eq!(gso_run(&[&a, &a, &a, &b, &a]), 4);
+        assert_eq!(gso_run(&[&a, &b, &b]), 2);
+        assert_eq!(gso_run(&[&b, &a]), 1);
+        assert_eq!(gso_run(&[&a, &a, &e]), 2);
+        assert_eq!(gso_run(&[&e, &e]), 1);
+        assert_eq!(gso_run(&[&c]), 1);
+        let big = f(20_000);
+        assert_eq!(gso_run(&[&big, &big, &big, &big]), 3);
+        assert_eq!(gso_run(&[&big, &big, &big, &c]), 3);
+    }
+
+    /// Frames in trains and alone, in the order a relay read hands them over.
+    fn mixed_frames() -> Vec<Vec<u8>> {
+        let sizes = [100, 100, 100, 40, 7, 55, 55, 55, 55, 1200, 3, 3, 1, 9, 9, 2];
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| vec![i as u8; n])
+            .collect()
+    }
+
+    /// Sends `frames` with `send_many_to` on loopback; returns what arrived, in order.
+    fn send_and_receive(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+            .unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let refs: Vec<&[u8]> = frames.iter().map(|f| &f[..]).collect();
+        assert_eq!(
+            send_many_to(tx.as_raw_fd(), &refs, rx.local_addr().unwrap()),
+            frames.len()
+        );
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = rx.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+        got
+    }
+
+    #[test]
+    fn trains_arrive_as_the_datagrams_they_were() {
+        assert!(UDP_GSO.load(Ordering::Relaxed), "on by default");
+        let frames = mixed_frames();
+        assert_eq!(send_and_receive(&frames), frames);
+        set_udp_gso(false);
+        assert_eq!(send_and_receive(&frames), frames);
+    }
+
+    /// A segment larger than the path's MTU makes the kernel refuse a segmented send
+    /// (EMSGSIZE): the train goes out frame by frame (IP fragments them). A network
+    /// namespace of the test's own whose loopback has an MTU of 1000 (root; `ip`).
+    #[test]
+    fn a_refused_train_goes_out_frame_by_frame() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root (a network namespace)");
+            return;
+        }
+        let ns = format!("mgsockio{}", std::process::id());
+        let sh = |cmd: &str| {
+            let ok = std::process::Command::new("sh")
+                .args(["-c", cmd])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "{cmd}");
+        };
+        sh(&format!(
+            "ip netns add {ns} && ip -n {ns} link set lo mtu 1000 up"
+        ));
+        let path = format!("/var/run/netns/{ns}");
+        let mut frames = mixed_frames();
+        frames.splice(2..2, [vec![0xAA; 1200], vec![0xBB; 1200], vec![0xCC; 1100]]);
+        frames.truncate(SEND_MANY);
+        let sent = frames.clone();
+        let got = std::thread::spawn(move || {
+            let f = std::fs::File::open(path).unwrap();
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            // The refusal itself, so that the test knows it tests the fallback.
+            let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            // SAFETY: all-zero is valid.
+            let mut addr: libc::sockaddr_storage = unsafe { zeroed() };
+            let len = to_storage(rx.local_addr().unwrap(), &mut addr);
+            let train: Vec<&[u8]> = sent[2..5].iter().map(|f| &f[..]).collect();
+            let e = send_segmented(tx.as_raw_fd(), &train, &mut addr, len).unwrap_err();
+            assert!(
+                matches!(e.raw_os_error(), Some(libc::EMSGSIZE | libc::EINVAL)),
+                "{e}"
+            );
+            send_and_receive(&sent)
+        })
+        .join();
+        sh(&format!("ip netns del {ns}"));
+        assert_eq!(got.unwrap(), frames);
+        assert!(
+            UDP_GSO.load(Ordering::Relaxed),
+            "EINVAL is the path's, not the kernel's"
+        );
     }
 
     #[test]

@@ -204,6 +204,11 @@ pub struct RelayConfig {
     /// Default 0.
     #[serde(default)]
     pub threads: usize,
+    /// Send a run of equal-sized frames for one UDP client as one segmented send
+    /// (`UDP_SEGMENT`, generic segmentation offload) instead of one datagram each.
+    /// Default true.
+    #[serde(default = "super::values::default_true")]
+    pub udp_gso: bool,
     /// `ebpf`: the kernel fast path relays the channel data of UDP allocations. Default
     /// `none`.
     #[serde(default)]
@@ -459,6 +464,7 @@ impl Default for RelayConfig {
             recv_buffer: default_relay_recv_buffer(),
             listener_buffer: default_listener_buffer(),
             threads: 0,
+            udp_gso: true,
             offload: super::values::Offload::None,
             tcp_buffer: default_tcp_buffer(),
             default_family: DefaultFamily::Ipv4,

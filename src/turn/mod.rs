@@ -223,6 +223,7 @@ impl TurnService {
         } else {
             None
         };
+        crate::sockio::set_udp_gso(cfg.relay.udp_gso);
         let shards = shards::Shards::start(shards::thread_count(cfg.relay.threads))
             .context("turn.relay.threads: cannot start the UDP threads")?;
         let mut listeners = Vec::new();

@@ -1,7 +1,8 @@
 //! Allocation-free wrappers over the batched socket syscalls of the UDP data plane, the
 //! TURN relay and the load generator: `recvmmsg`/`sendmmsg` over a preallocated
-//! [`MsgBatch`], single-datagram `recv`/`send` on raw descriptors, `SocketAddr` <->
-//! `sockaddr` conversion, and binding a `SO_REUSEPORT` group of UDP sockets (one per
+//! [`MsgBatch`], segmented sends (`UDP_SEGMENT`) of equal-sized frames to one address,
+//! single-datagram `recv`/`send` on raw descriptors, `SocketAddr` <-> `sockaddr`
+//! conversion, and binding a `SO_REUSEPORT` group of UDP sockets (one per
 //! thread: the UDP proxy's workers, the TURN service's UDP threads).
 //!
 //! Every buffer is allocated once, when a batch is built; a call only fills in lengths.
@@ -335,8 +336,8 @@ pub fn set_udp_gso(on: bool) {
 /// builds one packet train that goes through the stack once and is cut into the same
 /// datagrams at the device, or by the NIC. Receivers see exactly the datagrams they
 /// would otherwise. Where the kernel refuses that (a segment larger than the path's MTU:
-/// `EMSGSIZE`; on older kernels a device without checksum offload: `EIO`), the run goes
-/// out as separate datagrams; other frames go with as few `sendmmsg` calls as the kernel allows.
+/// `EMSGSIZE`; a device without checksum offload can answer `EIO`), the run goes out as
+/// separate datagrams; other frames go with as few `sendmmsg` calls as the kernel allows.
 pub fn send_many_to(fd: RawFd, frames: &[&[u8]], to: SocketAddr) -> usize {
     let frames = &frames[..frames.len().min(SEND_MANY)];
     // SAFETY: all-zero is a valid value for this plain C struct.

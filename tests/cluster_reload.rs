@@ -225,7 +225,11 @@ fn reload_adds_changes_and_removes_the_cluster_section_live() {
     let st = r2.status();
     assert_eq!(st["cluster"]["address"], peer(&p2));
     assert!(st["config"]["last_reload_error"].as_str().is_some(), "{st}");
-    assert!(alive(&r2, "r1"));
+    // Liveness is gossip's view: a heartbeat late on a loaded machine can flip it for a
+    // moment; a cluster the bad reloads had broken would not come back.
+    wait_until(Duration::from_secs(3), "r2 still sees r1", || {
+        alive(&r2, "r1")
+    });
 
     // 3. A new peers list (r3 instead of r1) and another peer_timeout: r3 learns of r2
     //    and, through it, of r1, and takes the drain.

@@ -506,11 +506,16 @@ upstreams:
         after = usage(&b);
         after.fds <= before.fds + 4
     });
-    let (answered, failed, slowest) = watch.finish().counts();
+    let report = watch.finish();
+    let (answered, failed, slowest) = report.counts();
     eprintln!(
         "admin slowloris: after {after:?}; /healthz ok {answered} failed {failed} slowest {slowest:?}"
     );
-    assert!(answered > 5 && failed == 0, "/healthz answered throughout");
+    assert!(
+        answered > 5 && failed == 0,
+        "/healthz answered throughout: {:?}",
+        report.failures
+    );
     let m = b.metrics();
     assert!(
         metric(

@@ -530,8 +530,13 @@ async fn an_ended_allocation_frees_its_relay_port_at_once() {
 /// The names of this process's threads.
 /// A UDP peer on loopback that answers every datagram to its sender (with `tag`, the
 /// answer starts with the sender's address and `|`): its address and its task.
-async fn udp_echo(tag: bool) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+async fn udp_echo(tag: bool, gw: &Gateway) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    // The gateway's own ports are never peers, whatever the protocol: an ephemeral UDP
+    // port that happens to be its TCP listener's would be refused (403) as a loop.
+    let mut peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    while peer.local_addr().unwrap().port() == gw.tcp.port() {
+        peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    }
     let addr = peer.local_addr().unwrap();
     let task = tokio::spawn(async move {
         let mut buf = [0u8; 256];
@@ -593,7 +598,7 @@ async fn udp_clients_on_every_thread_are_relayed_and_the_threads_end_with_the_se
         shard_threads()
     );
     // One echo peer for all: it answers each relayed address with what it got.
-    let (peer_addr, echo) = udp_echo(false).await;
+    let (peer_addr, echo) = udp_echo(false, &gw).await;
     let mut clients = Vec::new();
     for _ in 0..40 {
         let mut c = RawClient::udp(gw.udp, USER, PASSWORD).await;
@@ -633,7 +638,7 @@ async fn concurrent_allocates_each_get_their_own_relay() {
     cfg.relay.threads = 4;
     let gw = Gateway::start(cfg).await;
     // The peer answers every datagram with the address it came from, then the payload.
-    let (peer_addr, echo) = udp_echo(true).await;
+    let (peer_addr, echo) = udp_echo(true, &gw).await;
     for round in 0..4 {
         // The challenge first, so that the authenticated Allocates all go out together.
         let mut clients = Vec::new();

@@ -141,13 +141,7 @@ async fn requested_address_family_ipv6_gets_an_ipv6_relay_that_relays() {
     // An IPv6 peer: ChannelData both ways through [::1]:relay.
     let peer6 = UdpSocket::bind("[::1]:0").await.unwrap();
     let p6 = peer6.local_addr().unwrap();
-    let r = c
-        .request(
-            METHOD_CHANNEL_BIND,
-            &[Attr::Channel(0x4001), Attr::Peer(p6)],
-        )
-        .await;
-    assert_eq!(code(&r), None, "ChannelBind to an IPv6 peer: {r}");
+    c.bind_channel(0x4001, p6).await;
     c.channel_data(0x4001, b"to-v6").await;
     let (d, from) = peer_recv(&peer6).await;
     assert_eq!((d.as_slice(), from), (&b"to-v6"[..], relay6));
@@ -189,10 +183,7 @@ async fn a_dual_allocation_relays_both_families_and_takes_two_quota_units() {
     assert_eq!(peer_recv(&peer6).await, (b"send-v6".to_vec(), relay6));
     // Channels, one per family.
     for (n, p) in [(0x4000, p4), (0x4001, p6)] {
-        let r = c
-            .request(METHOD_CHANNEL_BIND, &[Attr::Channel(n), Attr::Peer(p)])
-            .await;
-        assert_eq!(code(&r), None, "{r}");
+        c.bind_channel(n, p).await;
     }
     c.channel_data(0x4000, b"cd-v4").await;
     c.channel_data(0x4001, b"cd-v6").await;
@@ -400,13 +391,7 @@ async fn a_dual_allocation_over_tcp_relays_the_ipv6_peer_back_on_the_connection(
     let relay6 = relayed_all(&r)[1];
     let peer6 = UdpSocket::bind("[::1]:0").await.unwrap();
     let p6 = peer6.local_addr().unwrap();
-    let r = c
-        .request(
-            METHOD_CHANNEL_BIND,
-            &[Attr::Channel(0x4002), Attr::Peer(p6)],
-        )
-        .await;
-    assert_eq!(code(&r), None, "{r}");
+    c.bind_channel(0x4002, p6).await;
     c.channel_data(0x4002, b"tcp-v6").await;
     assert_eq!(peer_recv(&peer6).await, (b"tcp-v6".to_vec(), relay6));
     peer6.send_to(b"tcp-back", relay6).await.unwrap();

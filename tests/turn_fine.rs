@@ -329,7 +329,7 @@ async fn peer_policy_follows_the_upstreams() {
     assert!(wait_until(Duration::from_secs(2), || m.permission_denied.get() == 4).await);
 
     // Listed: permission, channel and data flow.
-    bind_channel(&mut c, up).await;
+    c.bind_channel(0x4000, up).await;
     c.channel_data(0x4000, b"hello").await;
     let mut buf = [0u8; 64];
     let (n, from) = tokio::time::timeout(Duration::from_secs(2), upstream.recv_from(&mut buf))
@@ -553,15 +553,17 @@ async fn udp_echo(tag: bool, gw: &Gateway) -> (SocketAddr, tokio::task::JoinHand
     (addr, task)
 }
 
-/// Binds channel 0x4000 of `c`'s allocation to `peer`; the binding must succeed.
-async fn bind_channel(c: &mut RawClient, peer: SocketAddr) {
-    let r = c
-        .request(
-            METHOD_CHANNEL_BIND,
-            &[Attr::Channel(0x4000), Attr::Peer(peer)],
-        )
-        .await;
-    assert_eq!(code(&r), None, "channel 0x4000 bound to {peer}");
+/// Sends `msg` on channel 0x4000 and returns the payload of the ChannelData that comes
+/// back on it within `within`.
+async fn channel_echo(c: &mut RawClient, msg: &str, within: Duration, who: &str) -> String {
+    c.channel_data(0x4000, msg.as_bytes()).await;
+    let got = c
+        .recv_raw(within)
+        .await
+        .unwrap_or_else(|| panic!("{who} gets its echo"));
+    assert_eq!(&got[..2], &[0x40, 0x00], "{who}");
+    let len = u16::from_be_bytes([got[2], got[3]]) as usize;
+    String::from_utf8_lossy(&got[4..4 + len]).into_owned()
 }
 
 fn thread_names() -> Vec<String> {
@@ -603,18 +605,16 @@ async fn udp_clients_on_every_thread_are_relayed_and_the_threads_end_with_the_se
     for _ in 0..40 {
         let mut c = RawClient::udp(gw.udp, USER, PASSWORD).await;
         c.allocate().await;
-        bind_channel(&mut c, peer_addr).await;
+        c.bind_channel(0x4000, peer_addr).await;
         clients.push(c);
     }
     for (i, c) in clients.iter_mut().enumerate() {
         let msg = format!("client {i}");
-        c.channel_data(0x4000, msg.as_bytes()).await;
-        let got = c
-            .recv_raw(Duration::from_secs(2))
-            .await
-            .unwrap_or_else(|| panic!("client {i} gets its echo"));
-        assert_eq!(&got[..2], &[0x40, 0x00]);
-        assert_eq!(&got[4..4 + msg.len()], msg.as_bytes(), "client {i}");
+        let who = format!("client {i}");
+        assert_eq!(
+            channel_echo(c, &msg, Duration::from_secs(2), &who).await,
+            msg
+        );
     }
     assert_eq!(gw.metrics.allocations.get(), 40);
     gw.svc.close().await;
@@ -668,20 +668,13 @@ async fn concurrent_allocates_each_get_their_own_relay() {
             assert_eq!(code(&r), None, "round {round}, client {i}: allocated");
             let relay = relayed(&r);
             assert!(relays.insert(relay), "round {round}: {relay} given twice");
-            bind_channel(&mut c, peer_addr).await;
+            c.bind_channel(0x4000, peer_addr).await;
             let msg = format!("round {round} client {i}");
-            c.channel_data(0x4000, msg.as_bytes()).await;
-            let got = c
-                .recv_raw(Duration::from_secs(3))
-                .await
-                .unwrap_or_else(|| panic!("round {round}, client {i} gets its echo"));
-            let want = format!("{relay}|{msg}");
-            assert_eq!(&got[..2], &[0x40, 0x00]);
-            let len = u16::from_be_bytes([got[2], got[3]]) as usize;
+            let who = format!("round {round}, client {i}");
             assert_eq!(
-                String::from_utf8_lossy(&got[4..4 + len]),
-                want,
-                "round {round}, client {i}: sent from its own relay, answered to it"
+                channel_echo(&mut c, &msg, Duration::from_secs(3), &who).await,
+                format!("{relay}|{msg}"),
+                "{who}: sent from its own relay, answered to it"
             );
         }
     }

@@ -25,6 +25,13 @@
 #   OUT=file         also write the table there (markdown)
 #   PIN=1            pin the proxies to CPU 1, the generator and echo workers to CPU 0
 #   RT=1             run both proxies at real-time priority (SCHED_FIFO 10; needs root)
+#   RT=all           the latency rounds run every process of the benchmark (generator,
+#                    echo workers, nginx, mediagate) at SCHED_RR 10, sweeps as usual: no
+#                    process of the benchmark then waits for a CPU behind the machine's
+#                    other tenants (see README, "The tail at 1000 flows"); needs root
+#   SLOW=µs          each latency run also reports when its replies slower than this
+#                    were sent, per 10 ms window (mediagate-load --slow-us; a stall
+#                    shows as one window with many)
 #   SMOKE=1          a few seconds: 10 flows of 64 B, short trials capped at 20k pps,
 #                    2 latency rounds, debug binaries (proves the script works)
 # Needs: nginx (Debian nginx-light + libnginx-mod-stream). Traffic stays on 127.0.0.1.
@@ -60,6 +67,9 @@ if [[ -n "${PIN:-}" ]]; then PROXY_CPU=(taskset -c 1); CLIENT_CPU=(taskset -c 0)
 # that they never wait for a CPU behind the generator and the echo workers: what is left
 # of their tail is their own work.
 if [[ ${RT:-0} = 1 ]]; then PROXY_CPU=(chrt -f 10 "${PROXY_CPU[@]}"); fi
+LAT_PREFIX=""
+if [[ ${RT:-0} = all ]]; then LAT_PREFIX="chrt -r 10"; fi
+if [[ -n ${SLOW:-} ]]; then LAT_ARGS+=(--slow-us "$SLOW"); fi
 
 find_nginx
 bench_init bench-udp
@@ -105,6 +115,17 @@ wait_ready "$ADMIN" "$TMP/mediagate.log"
 sleep 0.3
 NGINX_PID=$(cat "$TMP/nginx.pid" 2>/dev/null || true)
 
+# RT=all: every thread of the benchmark's long-running processes (echo workers, nginx's
+# master and workers, mediagate) to SCHED_RR 10 for the latency rounds ("rt"), back to
+# SCHED_OTHER for the sweeps ("normal").
+sched_all() {
+  [[ ${RT:-0} = all ]] || return 0
+  local p
+  for p in "${PIDS[@]}" $(pgrep -P "${NGINX_PID:-0}" || true); do
+    if [[ $1 = rt ]]; then chrt -r -a -p 10 "$p" >/dev/null; else chrt -o -a -p 0 "$p" >/dev/null; fi
+  done
+}
+
 declare -A PORT=([direct]=$PRIMARY [nginx]=$NGINX_PORT [mediagate]=$MG_PORT)
 TARGETS="direct nginx mediagate"
 field() { # key line
@@ -113,7 +134,7 @@ field() { # key line
 declare -A MAX P99 P50 P999 SIL HALF WINS PAIRED F50 FMAX
 say() { echo "$*" >&2; }
 ratio() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
-TOTAL_WINS=0; TOTAL_PAIRED=0
+TOTAL_WINS=0; TOTAL_PAIRED=0; SLOW_SEEN=
 
 say "machine: $(nproc) CPU ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(uname -r)"
 say "workers: $WORKERS (nginx worker_processes, mediagate UDP threads, echo threads); trial $TRIAL, latency runs $LAT"
@@ -135,13 +156,17 @@ for flows in $FLOWS; do
     declare -A L50=() L99=() L999=() LSIL=() LF50=() LFMAX=()
     order=($TARGETS)
     wins=0; paired=0; ratios=""
+    sched_all rt
     for ((r = 0; r < ROUNDS; r++)); do
       declare -A R99=()
       for ((j = 0; j < ${#order[@]}; j++)); do
         t=${order[$(((j + r) % ${#order[@]}))]}
         if ((SECONDS > DEADLINE)); then say "time budget spent; stopping"; break 4; fi
-        line=$(timeout 60 $LOAD run --target 127.0.0.1:${PORT[$t]} --flows "$flows" --size "$size" \
-          "${LAT_ARGS[@]}" --rate "$half" --duration "$LAT" 2>/dev/null || true)
+        line=$(timeout 60 $LAT_PREFIX $LOAD run --target 127.0.0.1:${PORT[$t]} --flows "$flows" --size "$size" \
+          "${LAT_ARGS[@]}" --rate "$half" --duration "$LAT" 2>"$TMP/lat.err" || true)
+        if [[ -n ${SLOW:-} ]] && grep -q '^slow_us=' "$TMP/lat.err"; then
+          say "  $(grep '^slow_us=' "$TMP/lat.err")"; SLOW_SEEN=1
+        fi
         L50[$t]+=" $(field p50_us "$line")"; L99[$t]+=" $(field p99_us "$line")"
         L999[$t]+=" $(field p999_us "$line")"; LSIL[$t]+=" $(field max_silence_ms "$line")"
         LF50[$t]+=" $(field first_p50_us "$line")"; LFMAX[$t]+=" $(field first_max_us "$line")"
@@ -155,6 +180,7 @@ for flows in $FLOWS; do
         ratios+=" $(ratio "${R99[nginx]}" "${R99[mediagate]}")"
       fi
     done
+    sched_all normal
     WINS[$k]="$wins/$paired"
     PAIRED[$k]=$(median $ratios)
     TOTAL_WINS=$((TOTAL_WINS + wins)); TOTAL_PAIRED=$((TOTAL_PAIRED + paired))
@@ -180,6 +206,10 @@ done
   echo
   echo "Max pps: highest total rate (replies/s) with < 0.1% loss, $TRIAL trials. Latency: open loop at half of nginx's max rate, median of $ROUNDS rotated runs of $LAT."
   echo "Paired rounds (nginx and mediagate run back to back): mediagate's p99 ≤ nginx's in $TOTAL_WINS of $TOTAL_PAIRED."
+  case ${RT:-0} in
+    all) echo "Latency rounds: every process of the benchmark at SCHED_RR 10 (RT=all)." ;;
+    1) echo "Both proxies at SCHED_FIFO 10 throughout (RT=1)." ;;
+  esac
   if [[ $JOIN = 1 ]]; then
     echo "Mass join (JOIN=1: every latency round opened its sessions at once, idle timeout $IDLE). First datagram of each flow, µs, p50/worst (medians over rounds):"
     for flows in $FLOWS; do
@@ -190,6 +220,7 @@ done
     done
   fi
 } | tee "${OUT:-/dev/null}"
+[[ -z ${SLOW:-} ]] || smoke_require "slow-reply windows (SLOW=$SLOW)" "$SLOW_SEEN"
 for flows in $FLOWS; do
   for size in $SIZES; do
     for t in $TARGETS; do smoke_require "$t max pps (flows=$flows size=$size)" "${MAX[$t,$flows,$size]:-}"; done

@@ -28,7 +28,7 @@ run() { # NAME COMMAND...
   rm -f "$log"
 }
 run bench-udp scripts/bench-udp.sh
-run bench-udp-join env JOIN=1 scripts/bench-udp.sh
+run bench-udp-join env JOIN=1 RT=all SLOW=1000 scripts/bench-udp.sh
 run bench-udp-netns scripts/bench-udp-netns.sh
 run bench-udp-netns-sessions env MODE=sessions scripts/bench-udp-netns.sh
 run bench-tcp scripts/bench-tcp.sh

@@ -203,6 +203,10 @@ pub struct Generator {
     /// Never spin while ahead of schedule: sleep (the wakeups batch a few datagrams), so
     /// the process's CPU time is the work of sending and receiving, not waiting.
     pub sleep_only: bool,
+    /// Report when the slow replies were sent: round trips above this many µs, counted
+    /// per 10 ms window of send time (printed to stderr after a run). A stall of the
+    /// path shows as one window with many; a slow path as slow replies everywhere.
+    pub slow_us: Option<u64>,
 }
 
 impl Generator {
@@ -263,6 +267,7 @@ impl Generator {
             size,
             clock: Instant::now(),
             sleep_only: false,
+            slow_us: None,
         })
     }
 
@@ -339,6 +344,13 @@ impl Generator {
             (sent, secs, recv)
         });
         let recv = recv?;
+        if let Some(us) = self.slow_us {
+            // The run's start on CLOCK_MONOTONIC (what `perf record -k CLOCK_MONOTONIC`
+            // stamps events with), to line the windows up with a trace.
+            let since_start = self.clock.elapsed().as_nanos() as u64 - epoch_ns;
+            let start_s = monotonic_ns().saturating_sub(since_start) as f64 / 1e9;
+            eprintln!("{} start={start_s:.6}", recv.slow.line(us));
+        }
         let cpu_ms = process_cpu_ns().saturating_sub(cpu_before) as f64 / 1e6;
         let sent_total: u64 = sent.iter().sum();
         let us = |ns: u64| ns as f64 / 1000.0;
@@ -433,6 +445,7 @@ impl Generator {
         let mut max_gap = vec![0u64; flows];
         let mut batch = MsgBatch::new(16, 65_536.min(self.size.max(2048) + 256));
         let mut events = vec![EpollEvent::empty(); 1024];
+        let mut slow = SlowWindows::new(self.slow_us);
         while !stop.load(Ordering::Acquire) {
             let n = match self.epoll.wait(&mut events, EpollTimeout::from(10u16)) {
                 Ok(n) => n,
@@ -456,6 +469,7 @@ impl Generator {
                     }
                     received += 1;
                     rtt.record(now.saturating_sub(sent_ns));
+                    slow.record(sent_ns - epoch_ns, now.saturating_sub(sent_ns));
                     if seq == 0 {
                         first.record(now.saturating_sub(sent_ns));
                     }
@@ -469,18 +483,28 @@ impl Generator {
             first,
             received,
             max_silence_ns: max_gap.iter().copied().max().unwrap_or(0),
+            slow,
         })
     }
 }
 
+/// CLOCK_MONOTONIC now, ns (`Instant` reads the same clock but hides its value).
+fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
 /// CPU time of this process so far (all threads), ns.
 pub fn process_cpu_ns() -> u64 {
+    clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -489,6 +513,52 @@ struct Received {
     first: Histogram,
     received: u64,
     max_silence_ns: u64,
+    slow: SlowWindows,
+}
+
+/// Replies slower than a threshold, counted per 10 ms window of their send time (from
+/// the run's start): tells a stall (one window holds most of them) from a path that is
+/// slow throughout. At most one entry per window of a run (runs are ≤ 120 s).
+struct SlowWindows {
+    threshold_ns: u64,
+    /// window index → (replies over the threshold, the slowest of them in ns)
+    windows: std::collections::BTreeMap<u64, (u64, u64)>,
+}
+
+impl SlowWindows {
+    const WINDOW_NS: u64 = 10_000_000;
+
+    fn new(threshold_us: Option<u64>) -> SlowWindows {
+        SlowWindows {
+            threshold_ns: threshold_us.map_or(u64::MAX, |us| us.saturating_mul(1000)),
+            windows: Default::default(),
+        }
+    }
+
+    fn record(&mut self, sent_at_ns: u64, rtt_ns: u64) {
+        if rtt_ns > self.threshold_ns {
+            let w = self
+                .windows
+                .entry(sent_at_ns / Self::WINDOW_NS)
+                .or_default();
+            w.0 += 1;
+            w.1 = w.1.max(rtt_ns);
+        }
+    }
+
+    /// `slow_us=T windows=N max_window=K [START_ms:COUNT<=SLOWEST_us ...]`
+    fn line(&self, threshold_us: u64) -> String {
+        let most = self.windows.values().map(|w| w.0).max().unwrap_or(0);
+        let list: String = self
+            .windows
+            .iter()
+            .map(|(k, (n, max))| format!(" {}ms:{n}<={}us", k * 10, max / 1000))
+            .collect();
+        format!(
+            "slow_us={threshold_us} windows={} max_window={most}{list}",
+            self.windows.len()
+        )
+    }
 }
 
 /// (flow, seq, send time) of a generated datagram, also when an echo worker prefixed it
@@ -629,6 +699,22 @@ pub fn echo(listen: SocketAddr, threads: usize, stop: Arc<AtomicBool>) -> io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slow_windows_group_slow_replies_by_send_time() {
+        let mut w = SlowWindows::new(Some(1000));
+        w.record(5_000_000, 900_000); // fast: not counted
+        w.record(12_000_000, 2_000_000);
+        w.record(19_999_999, 4_500_000);
+        w.record(250_000_000, 1_500_000);
+        assert_eq!(
+            w.line(1000),
+            "slow_us=1000 windows=2 max_window=2 10ms:2<=4500us 250ms:1<=1500us"
+        );
+        let off = SlowWindows::new(None);
+        assert_eq!(off.threshold_ns, u64::MAX);
+        assert_eq!(off.line(5), "slow_us=5 windows=0 max_window=0");
+    }
 
     #[test]
     fn histogram_quantiles_are_close() {

@@ -58,6 +58,10 @@ struct Flows {
     /// then leave in small bursts; the reported cpu_ms is the work, not the waiting).
     #[arg(long)]
     sleep_only: bool,
+    /// After the run, print to stderr when the replies slower than this many µs were
+    /// sent, per 10 ms window (tells a stall from a slow path).
+    #[arg(long)]
+    slow_us: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -223,6 +227,7 @@ fn generator(f: &Flows) -> Result<Generator, String> {
     let mut g = Generator::with_source_ports(f.target, f.flows, f.size, f.src_base)
         .map_err(|e| format!("open flows: {e}"))?;
     g.sleep_only = f.sleep_only;
+    g.slow_us = f.slow_us;
     let answered = g.prime(f.prime).map_err(|e| format!("prime: {e}"))?;
     if answered < f.flows {
         eprintln!(

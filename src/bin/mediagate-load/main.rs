@@ -4,7 +4,9 @@
 //!     reflects every datagram unchanged (recvmmsg/sendmmsg); prints `ready ADDR`.
 //! `mediagate-load run --target 127.0.0.1:5004 --flows 1000 --size 1200 --rate 50000 --duration 5s`
 //!     N flows, each from its own source port, `rate` datagrams/s in total; prints achieved
-//!     packets per second, loss, RTT p50/p99/p99.9 and the longest per-flow silence.
+//!     packets per second, loss, RTT p50/p99/p99.9 and the longest per-flow silence;
+//!     `--slow-us 1500` also prints (stderr) when the replies slower than that were sent,
+//!     per 10 ms window (a stall shows as one window holding most of them).
 //! `mediagate-load sweep --target ... --flows 1000 --size 64 [--max-loss 0.001]`
 //!     the highest rate with loss under `max-loss` (doubling, then bisection).
 //!
@@ -17,6 +19,7 @@
 
 use clap::{Parser, Subcommand};
 mod loadgen;
+mod stats;
 mod turn;
 mod turnctl;
 

@@ -20,7 +20,8 @@
 //! relaying), and a TCP stream is never cut between runs (unsent bytes and partly received
 //! frames carry over), so a later run's frames stay aligned.
 
-use crate::loadgen::{self, HEADER, Histogram, Report, Trial};
+use crate::loadgen::{self, HEADER, Report, Trial};
+use crate::stats::{self, Histogram};
 use crate::turnctl::{self, Allocation, Control, Credentials};
 use mediagate::sockio::{self as sys, MsgBatch};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -537,7 +538,7 @@ impl Trial for TurnGenerator {
         self.drain();
         let drops0 = self.local_drops();
         let peer0 = self.peer_drops();
-        let cpu0 = loadgen::process_cpu_ns();
+        let cpu0 = stats::process_cpu_ns();
         let stop = AtomicBool::new(false);
         let epoch_ns = self.clock.elapsed().as_nanos() as u64;
         let total_flows = self.opts.allocations.max(1) as u64;
@@ -598,7 +599,7 @@ impl Trial for TurnGenerator {
             local_drops: self.local_drops().saturating_sub(drops0),
             peer_drops: self.peer_drops().saturating_sub(peer0),
             max_lag_ms: sends.iter().map(|s| s.1).max().unwrap_or(0) as f64 / 1e6,
-            cpu_ms: loadgen::process_cpu_ns().saturating_sub(cpu0) as f64 / 1e6,
+            cpu_ms: stats::process_cpu_ns().saturating_sub(cpu0) as f64 / 1e6,
             // Allocations are made before the run: no datagram opens anything.
             ..Report::default()
         })

@@ -310,13 +310,7 @@ fn payload(n: usize, seed: u8) -> Vec<u8> {
 
 /// Binds `channel` to `peer`: bound, and installed in the kernel.
 async fn bind_installed(gw: &Gateway, c: &mut RawClient, channel: u16, peer: SocketAddr) {
-    let r = c
-        .request(
-            METHOD_CHANNEL_BIND,
-            &[Attr::Channel(channel), Attr::Peer(peer)],
-        )
-        .await;
-    assert_eq!(code(&r), None, "channel bound");
+    c.bind_channel(channel, peer).await;
     assert_eq!(gw.metrics.offload_channels.get(), 1, "channel installed");
 }
 

@@ -709,7 +709,6 @@ impl RawClient {
         self.send_raw(&m.raw).await;
     }
 
-    /// ChannelData on `channel`.
     /// Binds `channel` to `peer`; the binding must succeed.
     pub async fn bind_channel(&mut self, channel: u16, peer: SocketAddr) {
         let r = self
@@ -721,6 +720,7 @@ impl RawClient {
         assert_eq!(code(&r), None, "channel {channel:#x} bound to {peer}: {r}");
     }
 
+    /// ChannelData on `channel`.
     pub async fn channel_data(&mut self, channel: u16, data: &[u8]) {
         let mut b = channel.to_be_bytes().to_vec();
         b.extend_from_slice(&(data.len() as u16).to_be_bytes());

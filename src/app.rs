@@ -231,8 +231,7 @@ impl App {
             state.cluster.store(Some(c));
         }
 
-        let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
-            .await
+        let admin_listener = admin::conns::bind(config.admin.listen)
             .with_context(|| format!("admin: bind {}", config.admin.listen))?;
         let admin_addr = admin_listener.local_addr()?;
         let mut tasks = vec![tokio::spawn(admin::serve(

@@ -2,8 +2,9 @@
 //! TURN relay and the load generator: `recvmmsg`/`sendmmsg` over a preallocated
 //! [`MsgBatch`], segmented sends (`UDP_SEGMENT`) of equal-sized frames to one address,
 //! single-datagram `recv`/`send` on raw descriptors, `SocketAddr` <-> `sockaddr`
-//! conversion, and binding a `SO_REUSEPORT` group of UDP sockets (one per
-//! thread: the UDP proxy's workers, the TURN service's UDP threads).
+//! conversion, binding a `SO_REUSEPORT` group of UDP sockets (one per thread: the UDP
+//! proxy's workers, the TURN service's UDP threads), and `TCP_DEFER_ACCEPT` on a
+//! listener (the admin API's).
 //!
 //! Every buffer is allocated once, when a batch is built; a call only fills in lengths.
 //! All `unsafe` of the data plane lives here, next to the invariants it relies on. It sits
@@ -500,6 +501,29 @@ pub fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+/// `TCP_DEFER_ACCEPT` on a listening socket: the kernel hands a connection to `accept`
+/// only once its first bytes arrived, or after about `secs` seconds (rounded up to the
+/// next SYN-ACK retransmission) without any. For protocols where the client speaks
+/// first (HTTP): a connection that sends nothing waits in the kernel, not in the process.
+pub fn set_defer_accept(fd: RawFd, secs: u32) -> io::Result<()> {
+    let v = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `v` lives across the call and the length given is its size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&v as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -114,11 +114,21 @@ fn events_need_a_token_survive_a_connection_flood_and_resume_with_last_event_id(
     assert!(seen.data.contains("\"seq\":"), "{seen:?}");
 
     // A flood of idle admin connections (more than max_connections) does not take the
-    // stream away: it is never evicted as idle.
+    // stream away: it is never evicted as idle. (Each sends a request's first byte, which
+    // takes it past the listener's TCP_DEFER_ACCEPT.)
     let flood: Vec<TcpStream> = (0..40)
-        .filter_map(|_| TcpStream::connect(b.admin).ok())
+        .filter_map(|_| {
+            let mut s = TcpStream::connect(b.admin).ok()?;
+            s.write_all(b"G").ok()?;
+            Some(s)
+        })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(Duration::from_secs(10), "idle connections evicted", || {
+        metric_sum(
+            &b.metrics(),
+            "mediagate_admin_connections_closed_total{reason=\"evicted\"}",
+        ) >= 20.0
+    });
     set_state(&b, &w, "maint");
     next_admin(&rx, "maint");
     drop(flood);

@@ -53,11 +53,17 @@ fn lowest_free_fd(pid: u32) -> u64 {
 /// The open-file limit the balancer starts with.
 const HARD: u64 = 512;
 
-/// Opens up to `n` connections to `addr` that send nothing (slowloris), quickly.
+/// Opens up to `n` connections to `addr` that send the first byte of a request and
+/// nothing more (slowloris), quickly. (The byte takes them past the admin listener's
+/// `TCP_DEFER_ACCEPT`, so they hold the balancer's descriptors at once.)
 fn idle_connections(addr: std::net::SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+    use std::io::Write;
     (0..n)
         .filter_map(|_| {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+            let mut s =
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+            s.write_all(b"G").ok()?;
+            Some(s)
         })
         .collect()
 }

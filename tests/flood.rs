@@ -411,15 +411,70 @@ upstreams:
     assert_no_server_down(&b);
 }
 
-/// Opens up to `n` connections to `addr` that send nothing (slowloris), quickly.
-fn idle_connections(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+/// Clients of `/healthz` that wait `delay` between connecting and sending the request,
+/// one after another until finished.
+struct SlowClient {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Result<String, String>>>,
+}
+
+impl SlowClient {
+    fn start(addr: SocketAddr, delay: Duration) -> SlowClient {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let one = || -> std::io::Result<String> {
+                    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+                    std::thread::sleep(delay);
+                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+                    let mut resp = String::new();
+                    s.read_to_string(&mut resp)?;
+                    Ok(resp.split_whitespace().nth(1).unwrap_or("").to_string())
+                };
+                seen.push(one().map_err(|e| e.to_string()));
+            }
+            seen
+        });
+        SlowClient { stop, thread }
+    }
+
+    /// Stops after the request in progress; each request's status code or error.
+    fn finish(self) -> Vec<Result<String, String>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("slow client thread")
+    }
+}
+
+/// Opens up to `n` connections to `addr` that send nothing (slowloris): at most `rate`
+/// per second, or as fast as one thread can.
+fn idle_connections(addr: SocketAddr, n: usize, rate: Option<u32>) -> Vec<TcpStream> {
     let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
+    let start = Instant::now();
+    for i in 0..n {
+        if let Some(r) = rate {
+            let due = start + Duration::from_secs(1) * i as u32 / r;
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
         if let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
             out.push(s);
         }
     }
     out
+}
+
+/// `TcpExtSyncookiesSent` of this network namespace, for the log: beyond the listen
+/// queue, connections are answered with SYN cookies and are not deferred.
+fn syn_cookies_sent() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "SyncookiesSent")?;
+    values.split_whitespace().nth(i)?.parse().ok()
 }
 
 /// How many of `conns` the other side has closed (EOF or reset), checked without waiting
@@ -441,9 +496,13 @@ fn closed_by_peer(conns: &[TcpStream]) -> usize {
         .count()
 }
 
-/// 10,000 connections that send nothing to the admin port: the balancer holds at most
-/// `admin.max_connections` of them, `/healthz` still answers (idle ones are evicted to make
-/// room), the rest are closed after `header_read_timeout`, and descriptors come back.
+/// 10,000 connections that send nothing to the admin port, the first 4,000 paced at
+/// 2,000/s (within the kernel's queue of deferred connections), the rest as fast as one
+/// thread can (beyond it, SYN cookies): the balancer holds at most `admin.max_connections`
+/// of them, `/healthz` answers throughout, a client that sends its request 200 ms after
+/// connecting is answered during the paced part (its connection reaches `accept` with the
+/// request, not as an idle one to evict), the rest are closed after `header_read_timeout`,
+/// and descriptors come back.
 #[test]
 fn admin_slowloris_is_bounded_and_healthz_answers() {
     let pair = UdpPair::start();
@@ -464,19 +523,37 @@ upstreams:
     let b = Balancer::start(&yaml, pair.admin);
     let before = usage(&b);
     let watch = HealthWatch::start(b.admin);
+    let slow = SlowClient::start(b.admin, Duration::from_millis(200));
+    let (t, cookies_0) = (Instant::now(), syn_cookies_sent());
+    let mut conns = idle_connections(b.admin, 4_000, Some(2_000));
+    let (paced, cookies_1) = (t.elapsed(), syn_cookies_sent());
+    let slow = slow.finish();
     let t = Instant::now();
-    let conns = idle_connections(b.admin, 10_000);
+    conns.extend(idle_connections(b.admin, 6_000, None));
+    let (burst, cookies_2) = (t.elapsed(), syn_cookies_sent());
     let during = usage(&b);
+    let delta = |a: Option<u64>, b: Option<u64>| Some(b? - a?);
     eprintln!(
-        "admin slowloris: {} connections opened in {:?}; before {before:?} during {during:?}",
+        "admin slowloris: {} connections opened, 4000 paced in {paced:?} ({:?} SYN cookies \
+         sent on this host meanwhile), the rest in {burst:?} ({:?} SYN cookies); \
+         before {before:?} during {during:?}",
         conns.len(),
-        t.elapsed()
+        delta(cookies_0, cookies_1),
+        delta(cookies_1, cookies_2),
     );
     // 64 admitted, up to 8 evicted ones still closing, and a few short-lived descriptors
     // of the balancer's own (a probe's socket, a timer): far from the 10,000 offered.
     assert!(
         during.fds <= before.fds + 64 + 8 + 4,
         "the balancer held at most max_connections: before {before:?} during {during:?}"
+    );
+    // A client that sends its request a while after connecting (a stalled thread, a slow
+    // link) is not taken for one of the idle connections and evicted.
+    let slow_ok = slow.iter().filter(|r| r.as_deref() == Ok("200")).count();
+    eprintln!("admin slowloris: clients sending 200 ms after connecting: {slow:?}");
+    assert!(
+        slow.len() >= 5 && slow_ok == slow.len(),
+        "every slow-to-send client answered: {slow:?}"
     );
     // A partial request is closed after the header timeout too.
     let mut partial = TcpStream::connect(b.admin).unwrap();
@@ -579,7 +656,7 @@ upstreams:
     };
     let before = usage(&b);
     let watch = HealthWatch::start(b.admin);
-    let conns = idle_connections(addr, 500);
+    let conns = idle_connections(addr, 500, None);
     std::thread::sleep(Duration::from_millis(300));
     let during = usage(&b);
     eprintln!(

@@ -4,6 +4,11 @@
 //! - `admin.header_read_timeout`: a connection must deliver a request's headers within
 //!   this time after it opens or after its previous response, or hyper closes it. A
 //!   client that connects and sends nothing (slowloris) holds its descriptor that long.
+//! - `TCP_DEFER_ACCEPT` on the listener (about `header_read_timeout`): a connection that
+//!   has sent nothing waits in the kernel, so it reaches `accept` with its request and a
+//!   client that sends a moment after connecting is never evicted below as idle. Holds
+//!   for [`ACCEPT_BACKLOG`] such connections; beyond, the kernel's SYN cookies are not
+//!   deferred and eviction alone bounds them.
 //! - `admin.max_connections`: at the cap, the oldest connection with no request in
 //!   progress is closed to make room for the new one (so a liveness probe still gets in
 //!   while idle connections pile up); when every connection is busy, the new one is
@@ -25,6 +30,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,6 +40,26 @@ use tokio_util::sync::CancellationToken;
 /// accept loop keep pace with a flood of connections (a full accept queue delays
 /// everyone's connect, a liveness probe's too) at the cost of a few descriptors.
 const CLOSING_SLACK: usize = 8;
+
+/// Connections the kernel may queue for the admin listener (capped by
+/// `net.core.somaxconn`): deferred ones (see [`serve`]) wait in this queue, so it is
+/// larger than tokio's default of 1024. Beyond it the kernel answers with SYN cookies,
+/// whose connections are not deferred.
+const ACCEPT_BACKLOG: i32 = 4096;
+
+/// Binds the admin listener.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(ACCEPT_BACKLOG)?;
+    tokio::net::TcpListener::from_std(sock.into())
+}
 
 /// The limits of the admin listener.
 #[derive(Debug, Clone, Copy)]
@@ -182,6 +208,12 @@ pub async fn serve(
     metrics: Metrics,
     stop: CancellationToken,
 ) {
+    // Idle connections wait in the kernel first: one whose request comes late (a stalled
+    // client thread) then reaches `accept` with its request, never as an idle one to evict.
+    let defer = limits.header_read_timeout.as_secs_f64().ceil().max(1.0) as u32;
+    if let Err(e) = crate::sockio::set_defer_accept(listener.as_raw_fd(), defer) {
+        tracing::warn!(error = %e, "admin API: TCP_DEFER_ACCEPT not set");
+    }
     let table = Arc::new(Table::default());
     let closed = |reason| child(&metrics.admin_closed, &labels(&[("reason", reason)]));
     let (evicted, refused, timed_out) = (
@@ -265,7 +297,7 @@ pub async fn serve(
             id,
             busy: busy.clone(),
             close: close.clone(),
-            fd: std::os::fd::AsRawFd::as_raw_fd(&stream),
+            fd: stream.as_raw_fd(),
         });
         metrics.admin_connections.inc();
         let svc = TowerToHyperService::new(router.clone());

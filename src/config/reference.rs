@@ -63,7 +63,7 @@ pub const KEYS: &[Key] = &[
     key("admin.events_token_file", "path", Unset("none"), "A file holding `admin.events_token` (one line), re-read when it changes like `admin.token_file`. Not together with `admin.events_token`."),
     key("admin.max_event_streams", "integer", Value("32"), "`GET /events` streams open at once. They are never closed as idle admin connections; beyond this number a new one is refused (503, counted in `mediagate_admin_connections_closed_total{reason=\"event_streams\"}`). Capped at `admin.max_connections - 1`, so streams never take every admin connection."),
     key("admin.max_connections", "integer", Value("128"), "Open admin connections at most. At the cap the oldest connection with no request in progress is closed to make room, or the new one when every connection is busy."),
-    key("admin.header_read_timeout", "duration", Value("5s"), "A connection must deliver a request's headers within this time (also between two requests of a kept-alive connection), or it is closed."),
+    key("admin.header_read_timeout", "duration", Value("5s"), "A connection must deliver a request's headers within this time (also between two requests of a kept-alive connection), or it is closed. A new connection that has sent nothing waits in the kernel for about this long first (`TCP_DEFER_ACCEPT`, rounded up to the kernel's SYN-ACK retransmissions), then gets this time again."),
     // ------------------------------------------------------------------ log
     key("log", "section", Section, "Logging to stderr."),
     key("log.level", "tracing filter", Value("info"), "`off`, `error`, `warn`, `info`, `debug`, `trace`, or a filter such as `info,mediagate::health=debug`. `RUST_LOG` overrides it. Applied live on reload and by `POST /log-level`."),

@@ -11,8 +11,8 @@
 //!   deferred and eviction alone bounds them.
 //! - `admin.max_connections`: at the cap, the oldest connection with no request in
 //!   progress is closed to make room for the new one (so a liveness probe still gets in
-//!   while idle connections pile up); when every connection is busy, the new one is
-//!   closed at once. Either way the process holds at most the cap (plus at most
+//!   while idle connections pile up); when every connection is busy for [`ROOM_WAIT`],
+//!   the new one is closed. Either way the process holds at most the cap (plus at most
 //!   [`CLOSING_SLACK`] evicted connections still closing).
 //!
 //! - Out of descriptors (`accept` fails with EMFILE: something beyond its share, or a
@@ -40,6 +40,10 @@ use tokio_util::sync::CancellationToken;
 /// accept loop keep pace with a flood of connections (a full accept queue delays
 /// everyone's connect, a liveness probe's too) at the cost of a few descriptors.
 const CLOSING_SLACK: usize = 8;
+
+/// How long a new connection waits, at the cap, for one of the open ones to become idle
+/// (or close) before it is refused.
+const ROOM_WAIT: Duration = Duration::from_millis(250);
 
 /// Connections the kernel may queue for the admin listener (capped by
 /// `net.core.somaxconn`): deferred ones (see [`serve`]) wait in this queue, so it is
@@ -255,7 +259,15 @@ pub async fn serve(
                 }
             },
         };
-        match table.make_room(limits.max_connections) {
+        let mut made = table.make_room(limits.max_connections);
+        let give_up = tokio::time::Instant::now() + ROOM_WAIT;
+        while made.is_err() && tokio::time::Instant::now() < give_up {
+            // Connections this loop just accepted may have bytes waiting that their tasks
+            // have not had a turn to read yet: give them one, then look again.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            made = table.make_room(limits.max_connections);
+        }
+        match made {
             Ok(false) => {}
             Ok(true) => {
                 evicted.inc();

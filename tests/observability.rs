@@ -35,7 +35,7 @@ turn:
     users: [{{ username: u, password: p }}]
   relay:
     address: 127.0.0.1
-    port_range: 47000-47049
+    port_range: 63000-63049
     peers: [127.0.0.1/32]
 "#,
         admin = w.admin,

@@ -639,6 +639,9 @@ async fn concurrent_allocates_each_get_their_own_relay() {
     let gw = Gateway::start(cfg).await;
     // The peer answers every datagram with the address it came from, then the payload.
     let (peer_addr, echo) = udp_echo(true, &gw).await;
+    // Every client is kept to the end: a new client bound to the UDP port of an earlier
+    // one would meet that one's allocation (same 5-tuple) instead of a challenge.
+    let mut kept = Vec::new();
     for round in 0..4 {
         // The challenge first, so that the authenticated Allocates all go out together.
         let mut clients = Vec::new();
@@ -676,6 +679,7 @@ async fn concurrent_allocates_each_get_their_own_relay() {
                 format!("{relay}|{msg}"),
                 "{who}: sent from its own relay, answered to it"
             );
+            kept.push(c);
         }
     }
     echo.abort();

@@ -3,8 +3,8 @@
 //! [`MsgBatch`], segmented sends (`UDP_SEGMENT`) of equal-sized frames to one address,
 //! single-datagram `recv`/`send` on raw descriptors, `SocketAddr` <-> `sockaddr`
 //! conversion, binding a `SO_REUSEPORT` group of UDP sockets (one per thread: the UDP
-//! proxy's workers, the TURN service's UDP threads), and `TCP_DEFER_ACCEPT` on a
-//! listener (the admin API's).
+//! proxy's workers, the TURN service's UDP threads), and TCP listen sockets (with
+//! `TCP_DEFER_ACCEPT` for the admin API's).
 //!
 //! Every buffer is allocated once, when a batch is built; a call only fills in lengths.
 //! All `unsafe` of the data plane lives here, next to the invariants it relies on. It sits
@@ -502,6 +502,20 @@ pub fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
     } else {
         Ok(n as usize)
     }
+}
+
+/// A TCP listen socket on `addr` with `SO_REUSEADDR` (dual-stack when `addr` is IPv6)
+/// and a listen queue of `backlog` (the kernel caps it at `net.core.somaxconn`).
+pub fn bind_tcp_listener(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(false).ok();
+    }
+    sock.bind(&addr.into())?;
+    sock.listen(backlog)?;
+    Ok(sock.into())
 }
 
 /// `TCP_DEFER_ACCEPT` on a listening socket: the kernel hands a connection to `accept`

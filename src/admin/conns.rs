@@ -53,16 +53,9 @@ const ACCEPT_BACKLOG: i32 = 4096;
 
 /// Binds the admin listener.
 pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    sock.set_reuse_address(true)?;
+    let sock = crate::sockio::bind_tcp_listener(addr, ACCEPT_BACKLOG)?;
     sock.set_nonblocking(true)?;
-    sock.bind(&addr.into())?;
-    sock.listen(ACCEPT_BACKLOG)?;
-    tokio::net::TcpListener::from_std(sock.into())
+    tokio::net::TcpListener::from_std(sock)
 }
 
 /// The limits of the admin listener.

@@ -401,15 +401,7 @@ async fn idle_watch(idle: Duration, started: Instant, last_io: &AtomicU64) {
 
 /// Binds a TCP listen socket.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let domain = socket2::Domain::for_address(addr);
-    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-    sock.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        sock.set_only_v6(false).ok();
-    }
-    sock.bind(&addr.into())?;
-    sock.listen(1024)?;
-    Ok(sock.into())
+    crate::sockio::bind_tcp_listener(addr, 1024)
 }
 
 /// The connection was aborted: by a reset from one side, or a write that failed.

@@ -246,9 +246,11 @@ fn collect(p: &mut Proc) -> Arc<Mutex<Vec<Value>>> {
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { return };
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                l.lock().unwrap().push(v);
-            }
+            let v = serde_json::from_str::<Value>(&line).unwrap_or_else(|_| {
+                let cut: String = line.chars().take(300).collect();
+                serde_json::json!({"log": "unparsed", "line": cut})
+            });
+            l.lock().unwrap().push(v);
         }
     });
     lines
@@ -298,6 +300,42 @@ impl Viewer {
             .iter()
             .find(|v| v["log"] == what && v["t"].as_f64().unwrap_or(0.0) * 1000.0 > t)
             .cloned()
+    }
+
+    /// What the app and the page said since `t` (ms) that `pick` takes, but the periodic
+    /// reports, a line each with the fields that tell how a run went (and every line
+    /// that was not JSON).
+    fn timeline(&self, t: f64, pick: impl Fn(&Value) -> bool) -> String {
+        const KEYS: [&str; 11] = [
+            "log",
+            "kind",
+            "event",
+            "why",
+            "seq",
+            "upstreams",
+            "reason",
+            "generation",
+            "recreated",
+            "node",
+            "errors",
+        ];
+        let mut out = String::new();
+        for v in self.log.lock().unwrap().iter() {
+            let at = v["t"].as_f64().map(|s| s * 1000.0).unwrap_or(t);
+            let unparsed = v["log"] == "unparsed";
+            if !unparsed
+                && (at < t || (v["log"] == "report" && v.get("event").is_none()) || !pick(v))
+            {
+                continue;
+            }
+            let fields: serde_json::Map<String, Value> = KEYS
+                .iter()
+                .chain(if unparsed { &["line"][..] } else { &[][..] })
+                .filter_map(|k| v.get(*k).map(|x| (k.to_string(), x.clone())))
+                .collect();
+            out.push_str(&format!("\n  +{:.0} ms {}", at - t, Value::Object(fields)));
+        }
+        out
     }
 
     /// Waits until the page shows frames on `node`, the latest one less than 200 ms old.
@@ -432,6 +470,7 @@ fn viewer_survives_node_failures() {
         Failure::JanusKilled,
     ];
     let mut active = 0usize;
+    let t_start = now_ms();
     let mut freezes = Vec::new();
     let mut after = None;
     for (i, failure) in runs.iter().enumerate() {
@@ -472,9 +511,12 @@ fn viewer_survives_node_failures() {
         let freeze = first_at - last_before;
         // The timeline: mediagate's event (its `at`), the app telling the page, the new
         // PeerConnection up, the first frame.
-        let recreate = viewer
-            .app_log_after("recreate", t_fail)
-            .expect("the app saw the failover");
+        let recreate = viewer.app_log_after("recreate", t_fail).unwrap_or_else(|| {
+            panic!(
+                "run {i} ({failure:?}): the app saw no failover; since the failure:{}",
+                viewer.timeline(t_fail - 3000.0, |_| true)
+            )
+        });
         let event_at = humantime::parse_rfc3339(recreate["event_at"].as_str().unwrap_or(""))
             .map(|t| t.duration_since(UNIX_EPOCH).unwrap().as_secs_f64() * 1000.0)
             .unwrap_or(f64::NAN);
@@ -517,7 +559,9 @@ fn viewer_survives_node_failures() {
     assert_eq!(
         latest["recreated"].as_u64(),
         Some(runs.len() as u64),
-        "one re-creation per failure, no page reload: {latest}"
+        "one re-creation per failure, no page reload: {latest}{}",
+        viewer.timeline(t_start, |v| v["log"] == "recreate"
+            || v["event"] == "recreate")
     );
     freezes.sort_by(f64::total_cmp);
     eprintln!(

@@ -41,11 +41,19 @@ ADAPTER_JS = "/usr/share/javascript/webrtc-adapter/adapter.js"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+LOG_LOCK = threading.Lock()
+
+
 def log(what, **fields):
-    """One JSON object per line on stdout."""
+    """One JSON object per line on stdout, written whole: the event thread and the
+    request threads log at the same moments, and print()'s separate writes of a line and
+    its newline would interleave two lines into one that no reader can parse."""
     fields["log"] = what
     fields["t"] = time.time()
-    print(json.dumps(fields), flush=True)
+    line = json.dumps(fields) + "\n"
+    with LOG_LOCK:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 class Pages:
@@ -119,16 +127,19 @@ class App:
 
     def on_event(self, ev):
         kind = ev.get("kind")
+        log("event", kind=kind, seq=ev.get("seq"), event_at=ev.get("at"),
+            upstreams=sorted(str(u) for u in self.moved(ev)))
         if kind in ("failover", "failback"):
             moved = self.moved(ev)
-            if self.args.media_upstream in moved:
-                self.keyframe()
+            # Pages first: the keyframe request waits for the publisher's answer.
             if self.args.session_upstream in moved:
                 n = self.pages.broadcast({"type": "recreate", "kind": kind,
                                           "from": ev.get("from"), "to": ev.get("to"),
                                           "seq": ev.get("seq")})
                 log("recreate", kind=kind, pages=n, seq=ev.get("seq"), event_at=ev.get("at"),
                     reason=ev.get("reason"), frm=ev.get("from"), to=ev.get("to"))
+            if self.args.media_upstream in moved:
+                self.keyframe()
         elif kind == "all_down":
             # mediagate keeps the last servers: sessions still work, nothing to re-create.
             log("all_down", upstream=ev.get("upstream"), seq=ev.get("seq"))
@@ -147,9 +158,9 @@ class App:
         before = self.active.get(name)
         self.active[name] = now
         if before is not None and before != now:
-            self.keyframe()
             n = self.pages.broadcast({"type": "recreate", "kind": "reset", "to": now})
             log("recreate", kind="reset", pages=n, to=now)
+            self.keyframe()
 
     def follow_events(self):
         """Reads /events for ever, reconnecting with Last-Event-ID."""

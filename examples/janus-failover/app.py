@@ -128,7 +128,7 @@ class App:
     def on_event(self, ev):
         kind = ev.get("kind")
         log("event", kind=kind, seq=ev.get("seq"), event_at=ev.get("at"),
-            upstreams=sorted(str(u) for u in self.moved(ev)))
+            upstreams=sorted(u for u in self.moved(ev) if u))
         if kind in ("failover", "failback"):
             moved = self.moved(ev)
             # Pages first: the keyframe request waits for the publisher's answer.

@@ -50,7 +50,7 @@ fn post_head_only(addr: std::net::SocketAddr, path: &str) -> std::io::Result<Str
 fn the_token_is_checked_before_the_body_is_read() {
     let admin = free_tcp_port();
     let b = Balancer::start(
-        &config(admin, free_udp_port(), 61_000 + admin % 4_000),
+        &config(admin, free_udp_port(), relay_range_above_ephemeral(admin)),
         admin,
     );
     for path in ["/upstreams/media/servers/x/state", "/reload"] {
@@ -70,7 +70,11 @@ fn the_token_is_checked_before_the_body_is_read() {
 fn ice_needs_the_admin_token_when_one_is_set() {
     let admin = free_tcp_port();
     let b = Balancer::start(
-        &config(admin, free_udp_port(), 61_000 + (admin + 100) % 4_000),
+        &config(
+            admin,
+            free_udp_port(),
+            relay_range_above_ephemeral(admin + 100),
+        ),
         admin,
     );
     let (code, body) = http(b.admin, "GET", "/ice?username=alice", None).expect("GET /ice");

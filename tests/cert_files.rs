@@ -27,7 +27,7 @@ fn a_certificate_turned_into_a_device_is_refused_without_reading_it() {
     let good = std::fs::read(&cert).unwrap();
     let admin = free_tcp_port();
     let tls = free_tcp_port();
-    let relay = 61_000 + (admin + 700) % 4_000;
+    let relay = relay_range_above_ephemeral(admin + 700);
     let yaml = format!(
         r#"
 admin: {{ listen: "127.0.0.1:{admin}" }}

@@ -301,10 +301,3 @@ turn:
         "the retired secret no longer verifies"
     );
 }
-
-/// The first port of a 21-port relay range above the ephemeral range (32768-60999),
-/// picked by `seed`: a range inside it can be taken whole by the UDP sockets of tests
-/// running beside (a flood's 20,000 sessions), and then every Allocate gets 508.
-fn relay_range_above_ephemeral(seed: u16) -> u16 {
-    61_000 + seed % 4_000
-}

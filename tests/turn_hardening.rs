@@ -41,7 +41,7 @@ impl Gateway {
             (free_udp_and_tcp_port(), free_tcp_port(), free_udp_port());
         let worker_addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
         let w = worker("udp-echo", "w1", worker_addr, None);
-        let relay_first = relay_range_below_ephemeral();
+        let relay_first = turn_support::relay_range_below_ephemeral();
         let yaml = format!(
             r#"
 admin: {{ listen: "127.0.0.1:{admin}" }}
@@ -85,17 +85,6 @@ turn:
 
     fn metric(&self, name: &str) -> f64 {
         metric(&self.b.metrics(), name)
-    }
-}
-
-/// The first port of a 300-port relay range below the ephemeral range (where every other
-/// port of these tests comes from), so that it never overlaps a listener.
-fn relay_range_below_ephemeral() -> u16 {
-    loop {
-        let p = turn_support::free_port_pair();
-        if p + 299 < 32768 {
-            return p;
-        }
     }
 }
 

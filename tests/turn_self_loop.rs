@@ -25,16 +25,6 @@ fn free_udp_and_tcp_port() -> u16 {
     panic!("no port free for both UDP and TCP");
 }
 
-/// A 300-port relay range below the ephemeral range (no listener of the test lands in it).
-fn relay_range_below_ephemeral() -> u16 {
-    loop {
-        let p = turn_support::free_port_pair();
-        if p + 299 < 32768 {
-            return p;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn self_opens_relays_but_never_the_gateways_own_listeners() {
     let (turn_port, admin, udp_proxy, tcp_proxy) = (
@@ -45,7 +35,7 @@ async fn self_opens_relays_but_never_the_gateways_own_listeners() {
     );
     let worker_addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
     let _w = worker("udp-echo", "w1", worker_addr, None);
-    let relay_first = relay_range_below_ephemeral();
+    let relay_first = turn_support::relay_range_below_ephemeral();
     // 127.0.0.0/8 plays the part of `10.0.0.0/8` on a gateway at 10.x: a CIDR that covers
     // the gateway's own address (loopback needs a CIDR inside it to be named at all).
     let yaml = format!(

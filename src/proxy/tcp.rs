@@ -399,9 +399,12 @@ async fn idle_watch(idle: Duration, started: Instant, last_io: &AtomicU64) {
     }
 }
 
+/// Connections the kernel may queue for a TCP listener (tokio's default too).
+const ACCEPT_BACKLOG: i32 = 1024;
+
 /// Binds a TCP listen socket.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    crate::sockio::bind_tcp_listener(addr, 1024)
+    crate::sockio::bind_tcp_listener(addr, ACCEPT_BACKLOG)
 }
 
 /// The connection was aborted: by a reset from one side, or a write that failed.

@@ -44,6 +44,14 @@ pub fn free_tcp_port() -> u16 {
     }
 }
 
+/// The first port of a TURN relay range (up to 21 ports here) above the ephemeral range
+/// (32768-60999), picked by `seed`: a range inside it can be taken whole by the UDP
+/// sockets of tests running beside (a flood's 20,000 sessions), and then every Allocate
+/// gets 508.
+pub fn relay_range_above_ephemeral(seed: u16) -> u16 {
+    61_000 + seed % 4_000
+}
+
 /// Polls `cond` every 10 ms until it holds or `limit` passes; panics with `what` then.
 pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;

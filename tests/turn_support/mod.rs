@@ -305,6 +305,17 @@ pub fn free_port_pair() -> u16 {
     panic!("no free UDP port pair");
 }
 
+/// The first port of a 300-port relay range below the ephemeral range (where the other
+/// ports of the tests come from), so that it never overlaps a listener.
+pub fn relay_range_below_ephemeral() -> u16 {
+    loop {
+        let p = free_port_pair();
+        if p + 299 < 32768 {
+            return p;
+        }
+    }
+}
+
 fn rand_u16() -> u16 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
